@@ -1,0 +1,101 @@
+#pragma once
+// Devices and raw storage. Host headers never include CUDA headers: the CUDA backend
+// (cuda/*.cuh, compiled by nvcc) fills in DeviceHooks at static-initialisation time, and the
+// host code only calls through these function pointers.
+#include <cstddef>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+
+#include "cbq/core/error.hpp"
+
+namespace cbq {
+
+enum class Device { cpu, cuda };
+
+inline const char* device_name(Device d) { return d == Device::cpu ? "cpu" : "cuda"; }
+
+// Copies between any two devices; `kind` tells the backend which side each pointer is on.
+struct DeviceHooks {
+  void* (*alloc)(std::size_t bytes) = nullptr;
+  void (*free)(void* ptr) = nullptr;
+  void (*copy)(void* dst, Device dst_device, const void* src, Device src_device,
+               std::size_t bytes) = nullptr;
+  void (*memset_zero)(void* ptr, std::size_t bytes) = nullptr;
+  void (*synchronize)() = nullptr;
+};
+
+// One instance per program (an inline function's static is shared by all translation units).
+inline DeviceHooks& cuda_hooks() {
+  static DeviceHooks hooks;
+  return hooks;
+}
+
+inline bool cuda_available() { return cuda_hooks().alloc != nullptr; }
+
+inline void require_cuda(const char* what) {
+  CBQ_CHECK(cuda_available(),
+            "{}: a CUDA tensor was used but the CUDA backend is not compiled in (include "
+            "<cbq/cuda.cuh> in a .cu file and build with CBQ_ENABLE_CUDA)",
+            what);
+}
+
+// A block of memory on one device; owned by shared_ptr so that views share it.
+class Storage {
+ public:
+  Storage(std::size_t bytes, Device device) : bytes_(bytes), device_(device) {
+    if (bytes == 0) return;
+    if (device == Device::cpu) {
+      // 64-byte alignment for vector loads; aligned_alloc needs a multiple of the alignment.
+      std::size_t rounded = (bytes + 63) / 64 * 64;
+      data_ = std::aligned_alloc(64, rounded);
+      if (!data_) throw std::bad_alloc();
+    } else {
+      require_cuda("Storage");
+      data_ = cuda_hooks().alloc(bytes);
+    }
+  }
+  ~Storage() {
+    if (!data_) return;
+    if (device_ == Device::cpu) {
+      std::free(data_);
+    } else if (cuda_hooks().free) {
+      cuda_hooks().free(data_);
+    }
+  }
+  Storage(const Storage&) = delete;
+  Storage& operator=(const Storage&) = delete;
+
+  void* data() const { return data_; }
+  std::size_t bytes() const { return bytes_; }
+  Device device() const { return device_; }
+
+ private:
+  void* data_ = nullptr;
+  std::size_t bytes_ = 0;
+  Device device_ = Device::cpu;
+};
+
+inline void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device,
+                       std::size_t bytes) {
+  if (bytes == 0) return;
+  if (dst_device == Device::cpu && src_device == Device::cpu) {
+    std::memcpy(dst, src, bytes);
+    return;
+  }
+  require_cuda("copy");
+  cuda_hooks().copy(dst, dst_device, src, src_device, bytes);
+}
+
+inline void zero_bytes(void* ptr, Device device, std::size_t bytes) {
+  if (bytes == 0) return;
+  if (device == Device::cpu) {
+    std::memset(ptr, 0, bytes);
+    return;
+  }
+  require_cuda("zero");
+  cuda_hooks().memset_zero(ptr, bytes);
+}
+
+}  // namespace cbq

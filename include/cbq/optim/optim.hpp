@@ -1,0 +1,2 @@
+#pragma once
+// Optimisers and learning-rate schedules.
