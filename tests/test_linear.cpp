@@ -39,9 +39,10 @@ TEST_CASE("matmul: gradient check in double for every transpose") {
       const int64_t m = 4, k = 6, n = 3;
       auto A = randn<double>(ta ? Shape{k, m} : Shape{m, k}, 3);
       auto B = randn<double>(tb ? Shape{n, k} : Shape{k, n}, 4);
-      auto r = gradcheck(
-          [&](Tape<double>&, std::vector<Var<double>>& v) { return ops::matmul(v[0], v[1], ta, tb); },
-          {A, B});
+      auto r =
+          gradcheck([&](Tape<double>&,
+                        std::vector<Var<double>>& v) { return ops::matmul(v[0], v[1], ta, tb); },
+                    {A, B});
       CAPTURE(ta);
       CAPTURE(tb);
       CHECK(r.max_rel_error < 1e-6);
@@ -81,6 +82,7 @@ TEST_CASE("linear: a weight that does not match the input is a clear error") {
   Tape<double> tape;
   auto x = tape.constant(randn<double>(Shape{4, 7}, 1));
   auto w = tape.constant(randn<double>(Shape{3, 6}, 2));
-  CHECK_THROWS_WITH_AS(ops::linear(x, w), doctest::Contains("linear: input (4, 7) does not match weight (3, 6)"),
+  CHECK_THROWS_WITH_AS(ops::linear(x, w),
+                       doctest::Contains("linear: input (4, 7) does not match weight (3, 6)"),
                        cbq::Error);
 }

@@ -75,7 +75,7 @@ inline GradcheckResult gradcheck(const Builder& build, std::vector<Tensor<double
   std::vector<Tensor<double>> analytic;
   for (std::size_t i = 0; i < inputs.size(); ++i)
     analytic.push_back(differentiable[i] && vars[i].has_grad() ? vars[i].grad().clone()
-                                                                : Tensor<double>(inputs[i].shape()));
+                                                               : Tensor<double>(inputs[i].shape()));
 
   auto loss_at = [&]() {
     Tape<double> t2;

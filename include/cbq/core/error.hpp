@@ -22,9 +22,9 @@ template <class... Args>
 }  // namespace cbq
 
 // CBQ_CHECK(cond, "op: {} vs {}", a, b) throws cbq::Error with the formatted message.
-#define CBQ_CHECK(cond, ...)     \
-  do {                           \
-    if (!(cond)) {               \
-      ::cbq::fail(__VA_ARGS__);  \
-    }                            \
+#define CBQ_CHECK(cond, ...)    \
+  do {                          \
+    if (!(cond)) {              \
+      ::cbq::fail(__VA_ARGS__); \
+    }                           \
   } while (0)

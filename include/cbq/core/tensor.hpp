@@ -25,7 +25,9 @@ class Tensor {
   Tensor() = default;
 
   // Zero-initialised tensor of `shape` on `device`.
-  explicit Tensor(const Shape& shape, Device device = Device::cpu) { allocate(shape, device, true); }
+  explicit Tensor(const Shape& shape, Device device = Device::cpu) {
+    allocate(shape, device, true);
+  }
 
   static Tensor empty(const Shape& shape, Device device = Device::cpu) {
     Tensor t;
@@ -108,7 +110,8 @@ class Tensor {
   Tensor slice(int dim, int64_t begin, int64_t end) const {
     int d = shape_.normalize(dim);
     CBQ_CHECK(0 <= begin && begin <= end && end <= shape_[d],
-              "slice: range [{}, {}) out of bounds for dimension {} of {}", begin, end, dim, shape_);
+              "slice: range [{}, {}) out of bounds for dimension {} of {}", begin, end, dim,
+              shape_);
     Tensor t = *this;
     t.data_ = data_ + begin * strides_[d];
     t.shape_[d] = end - begin;
@@ -150,7 +153,8 @@ class Tensor {
       Tensor host = device == Device::cpu ? out : empty(shape_);
       int64_t n = 0;
       for_each_index([&](int64_t off) { host.data_[n++] = data_[off]; });
-      if (device != Device::cpu) copy_bytes(out.data_, device, host.data_, Device::cpu, sizeof(T) * numel());
+      if (device != Device::cpu)
+        copy_bytes(out.data_, device, host.data_, Device::cpu, sizeof(T) * numel());
     }
     return out;
   }
@@ -194,7 +198,8 @@ class Tensor {
   void allocate(const Shape& shape, Device device, bool zero_fill) {
     shape_ = shape;
     device_ = device;
-    storage_ = std::make_shared<Storage>(sizeof(T) * static_cast<std::size_t>(shape.numel()), device);
+    storage_ =
+        std::make_shared<Storage>(sizeof(T) * static_cast<std::size_t>(shape.numel()), device);
     data_ = static_cast<T*>(storage_->data());
     set_contiguous_strides();
     if (zero_fill) zero_bytes(data_, device, sizeof(T) * numel());

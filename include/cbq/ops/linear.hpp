@@ -74,8 +74,8 @@ Var<T> linear(Var<T> x, Var<T> w, Var<T> b = Var<T>{}) {
   const bool rg = tape.any_requires_grad({x, w, b});
   Var<T> out = tape.output(out_shape, rg);
   Tensor<T> Y = out.value();
-  gemm<T>(X.device(), false, true, rows, outf, in, T(1), X.data(), in, W.data(), in, T(0),
-          Y.data(), outf);
+  gemm<T>(X.device(), false, true, rows, outf, in, T(1), X.data(), in, W.data(), in, T(0), Y.data(),
+          outf);
   if (b.valid()) {
     const T* bp = b.value().data();
     if (X.device() == Device::cuda) {
