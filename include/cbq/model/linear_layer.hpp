@@ -1,0 +1,63 @@
+#pragma once
+// A named linear layer inside a block, and the hook through which a quantization pass replaces
+// its computation (fake-quantized weights and inputs) without the block knowing about it.
+#include <functional>
+#include <string>
+
+#include "cbq/core/tape.hpp"
+#include "cbq/ops/linear.hpp"
+
+namespace cbq {
+
+template <class T>
+class LinearLayer;
+
+// Installed on a LinearLayer by a quantization pass; computes y from x in place of x·Wᵀ + b.
+template <class T>
+class LinearTransform {
+ public:
+  virtual ~LinearTransform() = default;
+  virtual Var<T> forward(Tape<T>& tape, LinearLayer<T>& layer, Var<T> x) = 0;
+};
+
+template <class T>
+class LinearLayer {
+ public:
+  std::string name;     // the Hugging Face module name inside the block: "q_proj", "fc1", ...
+  Parameter<T> weight;  // (out, in); frozen (not trainable) in the full-precision model
+  Parameter<T> bias;    // (out,) or undefined
+  LinearTransform<T>* transform = nullptr;  // non-owning
+
+  LinearLayer() = default;
+  LinearLayer(std::string name_, Tensor<T> w, Tensor<T> b = Tensor<T>())
+      : name(std::move(name_)),
+        weight(name + ".weight", std::move(w), false),
+        bias(name + ".bias", std::move(b), false) {}
+
+  bool has_bias() const { return bias.value.defined(); }
+  int64_t in_features() const { return weight.value.size(1); }
+  int64_t out_features() const { return weight.value.size(0); }
+
+  // y = x · Wᵀ + b, or whatever the installed transform computes.
+  Var<T> operator()(Tape<T>& tape, Var<T> x) {
+    if (transform) return transform->forward(tape, *this, x);
+    return ops::linear(x, tape.param(weight), has_bias() ? tape.param(bias) : Var<T>{});
+  }
+};
+
+// Per-call context of a block's forward pass.
+template <class T>
+struct BlockContext {
+  int64_t pos0 = 0;  // sequence position of the first row (RoPE, learned positions)
+  // Called with every linear layer's input before the layer runs (calibration statistics:
+  // GPTQ Hessians, CFP channel maxima, activation ranges).
+  std::function<void(const LinearLayer<T>&, const Tensor<T>&)> on_linear_input;
+};
+
+template <class T>
+Var<T> run_linear(Tape<T>& tape, LinearLayer<T>& layer, Var<T> x, const BlockContext<T>& ctx) {
+  if (ctx.on_linear_input) ctx.on_linear_input(layer, x.value());
+  return layer(tape, x);
+}
+
+}  // namespace cbq

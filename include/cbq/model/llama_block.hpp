@@ -1,0 +1,117 @@
+#pragma once
+// The LLaMA block (also llama2.c, Mistral-style configs, and Qwen2-style q/k/v biases):
+//   h = x + o_proj(attn(rope(q_proj(n1)), rope(k_proj(n1)), v_proj(n1))),  n1 = rmsnorm(x)
+//   y = h + down_proj(silu(gate_proj(n2)) ⊙ up_proj(n2)),                   n2 = rmsnorm(h)
+#include <string>
+#include <vector>
+
+#include "cbq/model/block.hpp"
+#include "cbq/model/weights.hpp"
+#include "cbq/ops/add.hpp"
+#include "cbq/ops/attention.hpp"
+#include "cbq/ops/rmsnorm.hpp"
+#include "cbq/ops/rope.hpp"
+#include "cbq/ops/swiglu.hpp"
+
+namespace cbq {
+
+template <class T>
+class LlamaBlock {
+ public:
+  using scalar_type = T;
+
+  Parameter<T> input_layernorm;           // (d,)
+  Parameter<T> post_attention_layernorm;  // (d,)
+  LinearLayer<T> q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj;
+
+  LlamaBlock(const ModelConfig& config, int64_t index, const WeightMap& weights)
+      : config_(config), index_(index) {
+    const int64_t d = config.dim, hd = config.head_dim, f = config.hidden_dim;
+    const int64_t q_out = config.n_heads * hd, kv_out = config.n_kv_heads * hd;
+    const std::string p = "model.layers." + std::to_string(index) + ".";
+    input_layernorm =
+        Parameter<T>(p + "input_layernorm.weight",
+                     take_weight<T>(weights, p + "input_layernorm.weight", {d}), false);
+    post_attention_layernorm =
+        Parameter<T>(p + "post_attention_layernorm.weight",
+                     take_weight<T>(weights, p + "post_attention_layernorm.weight", {d}), false);
+    auto lin = [&](const char* module, const char* name, int64_t out, int64_t in, bool bias) {
+      const std::string base = p + module + "." + name;
+      return LinearLayer<T>(name, take_weight<T>(weights, base + ".weight", {out, in}),
+                            bias ? take_optional<T>(weights, base + ".bias", {out}) : Tensor<T>());
+    };
+    const bool ab = config.attention_bias;
+    q_proj = lin("self_attn", "q_proj", q_out, d, ab);
+    k_proj = lin("self_attn", "k_proj", kv_out, d, ab);
+    v_proj = lin("self_attn", "v_proj", kv_out, d, ab);
+    o_proj = lin("self_attn", "o_proj", d, q_out, false);
+    gate_proj = lin("mlp", "gate_proj", f, d, config.mlp_bias);
+    up_proj = lin("mlp", "up_proj", f, d, config.mlp_bias);
+    down_proj = lin("mlp", "down_proj", d, f, config.mlp_bias);
+  }
+
+  const ModelConfig& config() const { return config_; }
+  int64_t index() const { return index_; }
+
+  // x (T, d) → (T, d)
+  Var<T> forward(Tape<T>& tape, Var<T> x, const BlockContext<T>& ctx) {
+    const ModelConfig& c = config_;
+    Var<T> n1 = ops::rmsnorm(x, tape.param(input_layernorm), c.norm_eps);
+    Var<T> q = run_linear(tape, q_proj, n1, ctx);  // (T, Hq·hd)
+    Var<T> k = run_linear(tape, k_proj, n1, ctx);  // (T, Hkv·hd)
+    Var<T> v = run_linear(tape, v_proj, n1, ctx);  // (T, Hkv·hd)
+    q = ops::rope(q, c.n_heads, c.head_dim, c.rope_layout, c.rope_theta, ctx.pos0);
+    k = ops::rope(k, c.n_kv_heads, c.head_dim, c.rope_layout, c.rope_theta, ctx.pos0);
+    Var<T> a = ops::attention(q, k, v, c.n_heads, c.n_kv_heads, c.head_dim, true);
+    Var<T> h = ops::add(x, run_linear(tape, o_proj, a, ctx));
+    Var<T> n2 = ops::rmsnorm(h, tape.param(post_attention_layernorm), c.norm_eps);
+    Var<T> g =
+        ops::swiglu(run_linear(tape, gate_proj, n2, ctx), run_linear(tape, up_proj, n2, ctx));
+    return ops::add(h, run_linear(tape, down_proj, g, ctx));
+  }
+
+  std::vector<LinearLayer<T>*> linears() {
+    return {&q_proj, &k_proj, &v_proj, &o_proj, &gate_proj, &up_proj, &down_proj};
+  }
+  std::vector<Parameter<T>*> other_parameters() {
+    return {&input_layernorm, &post_attention_layernorm};
+  }
+
+  std::vector<ActivationSite<T>> activation_sites() {
+    const int64_t d = config_.dim, hd = config_.head_dim;
+    const int64_t group = config_.n_heads / config_.n_kv_heads;
+    std::vector<int64_t> o_to_v(static_cast<size_t>(config_.n_heads * hd));
+    for (int64_t h = 0; h < config_.n_heads; ++h)
+      for (int64_t i = 0; i < hd; ++i) o_to_v[h * hd + i] = (h / group) * hd + i;
+    std::vector<ActivationSite<T>> sites;
+    sites.push_back(
+        {"attn_in", {&q_proj, &k_proj, &v_proj}, d, {}, [this](const std::vector<T>& s) {
+           divide_rows<T>(input_layernorm.value, nullptr, s);
+         }});
+    sites.push_back({"o_proj_in",
+                     {&o_proj},
+                     config_.n_kv_heads * hd,
+                     std::move(o_to_v),
+                     [this](const std::vector<T>& s) {
+                       divide_rows(v_proj.weight.value, &v_proj.bias.value, s);
+                     }});
+    sites.push_back({"mlp_in", {&gate_proj, &up_proj}, d, {}, [this](const std::vector<T>& s) {
+                       divide_rows<T>(post_attention_layernorm.value, nullptr, s);
+                     }});
+    // silu(g) ⊙ (u / s) = (silu(g) ⊙ u) / s: scaling up_proj's rows scales down_proj's input.
+    sites.push_back(
+        {"down_proj_in", {&down_proj}, config_.hidden_dim, {}, [this](const std::vector<T>& s) {
+           divide_rows(up_proj.weight.value, &up_proj.bias.value, s);
+         }});
+    return sites;
+  }
+
+ private:
+  ModelConfig config_;
+  int64_t index_ = 0;
+};
+
+static_assert(TransformerBlock<LlamaBlock<float>>);
+static_assert(TransformerBlock<LlamaBlock<double>>);
+
+}  // namespace cbq

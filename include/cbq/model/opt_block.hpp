@@ -1,0 +1,110 @@
+#pragma once
+// The OPT block (pre-LayerNorm variant, all sizes but 350m):
+//   h = x + out_proj(attn(q_proj(n1), k_proj(n1), v_proj(n1))),  n1 = layernorm(x)
+//   y = h + fc2(relu(fc1(n2))),                                   n2 = layernorm(h)
+// Biases everywhere; OPT scales q by head_dim^−1/2 after q_proj, which equals scaling the scores.
+#include <string>
+#include <vector>
+
+#include "cbq/model/block.hpp"
+#include "cbq/model/weights.hpp"
+#include "cbq/ops/activations.hpp"
+#include "cbq/ops/add.hpp"
+#include "cbq/ops/attention.hpp"
+#include "cbq/ops/layernorm.hpp"
+
+namespace cbq {
+
+template <class T>
+class OptBlock {
+ public:
+  using scalar_type = T;
+
+  Parameter<T> self_attn_layer_norm_weight, self_attn_layer_norm_bias;  // (d,)
+  Parameter<T> final_layer_norm_weight, final_layer_norm_bias;          // (d,)
+  LinearLayer<T> q_proj, k_proj, v_proj, out_proj, fc1, fc2;
+
+  OptBlock(const ModelConfig& config, int64_t index, const WeightMap& weights)
+      : config_(config), index_(index) {
+    CBQ_CHECK(config.opt_layer_norm_before,
+              "OPT: post-LayerNorm models (do_layer_norm_before = false, OPT-350m) are not "
+              "supported");
+    const int64_t d = config.dim, f = config.hidden_dim;
+    const std::string p = "model.decoder.layers." + std::to_string(index) + ".";
+    auto param = [&](const std::string& name) {
+      return Parameter<T>(p + name, take_weight<T>(weights, p + name, {d}), false);
+    };
+    self_attn_layer_norm_weight = param("self_attn_layer_norm.weight");
+    self_attn_layer_norm_bias = param("self_attn_layer_norm.bias");
+    final_layer_norm_weight = param("final_layer_norm.weight");
+    final_layer_norm_bias = param("final_layer_norm.bias");
+    auto lin = [&](const std::string& module, const char* name, int64_t out, int64_t in) {
+      const std::string base = p + module;
+      return LinearLayer<T>(name, take_weight<T>(weights, base + ".weight", {out, in}),
+                            config.attention_bias || config.mlp_bias
+                                ? take_weight<T>(weights, base + ".bias", {out})
+                                : Tensor<T>());
+    };
+    q_proj = lin("self_attn.q_proj", "q_proj", d, d);
+    k_proj = lin("self_attn.k_proj", "k_proj", d, d);
+    v_proj = lin("self_attn.v_proj", "v_proj", d, d);
+    out_proj = lin("self_attn.out_proj", "out_proj", d, d);
+    fc1 = lin("fc1", "fc1", f, d);
+    fc2 = lin("fc2", "fc2", d, f);
+  }
+
+  const ModelConfig& config() const { return config_; }
+  int64_t index() const { return index_; }
+
+  // x (T, d) → (T, d)
+  Var<T> forward(Tape<T>& tape, Var<T> x, const BlockContext<T>& ctx) {
+    const ModelConfig& c = config_;
+    Var<T> n1 = ops::layernorm(x, tape.param(self_attn_layer_norm_weight),
+                               tape.param(self_attn_layer_norm_bias), c.norm_eps);
+    Var<T> q = run_linear(tape, q_proj, n1, ctx);
+    Var<T> k = run_linear(tape, k_proj, n1, ctx);
+    Var<T> v = run_linear(tape, v_proj, n1, ctx);
+    Var<T> a = ops::attention(q, k, v, c.n_heads, c.n_heads, c.head_dim, true);
+    Var<T> h = ops::add(x, run_linear(tape, out_proj, a, ctx));
+    Var<T> n2 = ops::layernorm(h, tape.param(final_layer_norm_weight),
+                               tape.param(final_layer_norm_bias), c.norm_eps);
+    Var<T> r = ops::relu(run_linear(tape, fc1, n2, ctx));
+    return ops::add(h, run_linear(tape, fc2, r, ctx));
+  }
+
+  std::vector<LinearLayer<T>*> linears() {
+    return {&q_proj, &k_proj, &v_proj, &out_proj, &fc1, &fc2};
+  }
+  std::vector<Parameter<T>*> other_parameters() {
+    return {&self_attn_layer_norm_weight, &self_attn_layer_norm_bias, &final_layer_norm_weight,
+            &final_layer_norm_bias};
+  }
+
+  std::vector<ActivationSite<T>> activation_sites() {
+    const int64_t d = config_.dim;
+    std::vector<ActivationSite<T>> sites;
+    sites.push_back(
+        {"attn_in", {&q_proj, &k_proj, &v_proj}, d, {}, [this](const std::vector<T>& s) {
+           divide_rows(self_attn_layer_norm_weight.value, &self_attn_layer_norm_bias.value, s);
+         }});
+    sites.push_back({"out_proj_in", {&out_proj}, d, {}, [this](const std::vector<T>& s) {
+                       divide_rows(v_proj.weight.value, &v_proj.bias.value, s);
+                     }});
+    sites.push_back({"fc1_in", {&fc1}, d, {}, [this](const std::vector<T>& s) {
+                       divide_rows(final_layer_norm_weight.value, &final_layer_norm_bias.value, s);
+                     }});
+    // relu(z / s) = relu(z) / s for s > 0: scaling fc1's rows scales fc2's input.
+    sites.push_back({"fc2_in", {&fc2}, config_.hidden_dim, {}, [this](const std::vector<T>& s) {
+                       divide_rows(fc1.weight.value, &fc1.bias.value, s);
+                     }});
+    return sites;
+  }
+
+ private:
+  ModelConfig config_;
+  int64_t index_ = 0;
+};
+
+static_assert(TransformerBlock<OptBlock<float>>);
+
+}  // namespace cbq

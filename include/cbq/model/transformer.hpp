@@ -1,0 +1,158 @@
+#pragma once
+// A whole decoder-only model: token (and, for OPT, learned position) embeddings, a stack of
+// blocks of one family, the final norm and the LM head (tied to the embedding or not).
+#include <algorithm>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cbq/model/block.hpp"
+#include "cbq/model/weights.hpp"
+#include "cbq/ops/add.hpp"
+#include "cbq/ops/embedding.hpp"
+#include "cbq/ops/layernorm.hpp"
+#include "cbq/ops/linear.hpp"
+#include "cbq/ops/rmsnorm.hpp"
+
+namespace cbq {
+
+class Tokenizer;
+
+template <TransformerBlock Block>
+class Transformer {
+ public:
+  using T = typename Block::scalar_type;
+  using block_type = Block;
+
+  ModelConfig config;
+  Parameter<T> embed_tokens;     // (V, d)
+  Parameter<T> embed_positions;  // OPT: (max_seq_len + offset, d); undefined for LLaMA
+  std::vector<Block> blocks;
+  Parameter<T> final_norm_weight;  // (d,)
+  Parameter<T> final_norm_bias;    // (d,), OPT only
+  Parameter<T> lm_head;            // (V, d); undefined when tied to embed_tokens
+  std::shared_ptr<const Tokenizer> tokenizer;
+
+  Transformer(const ModelConfig& cfg, const WeightMap& weights) : config(cfg) {
+    const int64_t V = cfg.vocab_size, d = cfg.dim;
+    const bool opt = cfg.family == Family::opt;
+    const std::string root = opt ? "model.decoder." : "model.";
+    embed_tokens =
+        Parameter<T>(root + "embed_tokens.weight",
+                     take_weight<T>(weights, root + "embed_tokens.weight", {V, d}), false);
+    if (opt) {
+      const std::string n = root + "embed_positions.weight";
+      embed_positions = Parameter<T>(
+          n, take_weight<T>(weights, n, {cfg.max_seq_len + cfg.opt_position_offset, d}), false);
+      final_norm_weight =
+          Parameter<T>("final_norm.weight",
+                       take_weight<T>(weights, root + "final_layer_norm.weight", {d}), false);
+      final_norm_bias = Parameter<T>(
+          "final_norm.bias", take_weight<T>(weights, root + "final_layer_norm.bias", {d}), false);
+    } else {
+      final_norm_weight = Parameter<T>("final_norm.weight",
+                                       take_weight<T>(weights, "model.norm.weight", {d}), false);
+    }
+    if (!cfg.tied_embeddings)
+      lm_head =
+          Parameter<T>("lm_head.weight", take_weight<T>(weights, "lm_head.weight", {V, d}), false);
+    blocks.reserve(static_cast<size_t>(cfg.n_layers));
+    for (int64_t i = 0; i < cfg.n_layers; ++i) blocks.emplace_back(cfg, i, weights);
+    eval_tape_ = std::make_unique<Tape<T>>();
+  }
+
+  int64_t num_blocks() const { return static_cast<int64_t>(blocks.size()); }
+
+  // ---- pieces on a tape ----
+  // tokens at positions pos0, pos0+1, … → (T, d)
+  Var<T> embed(Tape<T>& tape, const std::vector<int32_t>& tokens, int64_t pos0 = 0) {
+    CBQ_CHECK(!tokens.empty(), "model: empty token sequence");
+    CBQ_CHECK(pos0 + static_cast<int64_t>(tokens.size()) <= config.max_seq_len,
+              "model: positions {}..{} exceed the context length {}", pos0,
+              pos0 + static_cast<int64_t>(tokens.size()) - 1, config.max_seq_len);
+    Var<T> x = ops::embedding(tape.param(embed_tokens), tokens);
+    if (config.family == Family::opt) {
+      std::vector<int32_t> positions(tokens.size());
+      for (size_t i = 0; i < tokens.size(); ++i)
+        positions[i] =
+            static_cast<int32_t>(pos0 + static_cast<int64_t>(i) + config.opt_position_offset);
+      x = ops::add(x, ops::embedding(tape.param(embed_positions), positions));
+    }
+    return x;
+  }
+  // hidden (T, d) → logits (T, V)
+  Var<T> head(Tape<T>& tape, Var<T> hidden) {
+    Var<T> n = config.family == Family::opt
+                   ? ops::layernorm(hidden, tape.param(final_norm_weight),
+                                    tape.param(final_norm_bias), config.norm_eps)
+                   : ops::rmsnorm(hidden, tape.param(final_norm_weight), config.norm_eps);
+    return ops::linear(n, tape.param(config.tied_embeddings ? embed_tokens : lm_head));
+  }
+
+  // ---- evaluation (no gradients; a reusable tape, so repeated calls do not allocate) ----
+  // Logits (T, V) of a token sequence starting at position 0. `block_inputs`, if given, receives
+  // a copy of each block's input and finally the last block's output (n_layers + 1 tensors).
+  Tensor<T> logits(const std::vector<int32_t>& tokens,
+                   std::vector<Tensor<T>>* block_inputs = nullptr) {
+    Tape<T>& tape = *eval_tape_;
+    tape.clear();
+    NoGrad<T> no_grad(tape);
+    Var<T> x = embed(tape, tokens);
+    BlockContext<T> ctx;
+    if (block_inputs) block_inputs->clear();
+    for (Block& b : blocks) {
+      if (block_inputs) block_inputs->push_back(x.value().clone());
+      x = b.forward(tape, x, ctx);
+    }
+    if (block_inputs) block_inputs->push_back(x.value().clone());
+    return head(tape, x).value();  // valid until the next evaluation call
+  }
+
+  // The hidden state after embedding, as an owned tensor (the input of block 0).
+  Tensor<T> embed_tensor(const std::vector<int32_t>& tokens) {
+    Tape<T>& tape = *eval_tape_;
+    tape.clear();
+    NoGrad<T> no_grad(tape);
+    return embed(tape, tokens).value().clone();
+  }
+  // Block i applied to x (T, d), as an owned tensor.
+  Tensor<T> run_block(int64_t i, const Tensor<T>& x, const BlockContext<T>& ctx = {}) {
+    Tape<T>& tape = *eval_tape_;
+    tape.clear();
+    NoGrad<T> no_grad(tape);
+    return blocks.at(static_cast<size_t>(i)).forward(tape, tape.constant(x), ctx).value().clone();
+  }
+  // Final norm and LM head applied to hidden states (T, d); valid until the next call.
+  Tensor<T> head_logits(const Tensor<T>& hidden) {
+    Tape<T>& tape = *eval_tape_;
+    tape.clear();
+    NoGrad<T> no_grad(tape);
+    return head(tape, tape.constant(hidden)).value();
+  }
+
+  // Greedy decoding as llama2.c's `run -t 0`: from `prompt` (e.g. {bos}) generate until the
+  // sequence fed to the model holds `steps` positions (clamped to the context length) or the
+  // argmax is one of `stop_ids` (llama2.c stops at BOS). Returns the generated ids.
+  std::vector<int32_t> generate_greedy(std::vector<int32_t> prompt, int64_t steps,
+                                       const std::vector<int32_t>& stop_ids) {
+    CBQ_CHECK(!prompt.empty(), "generate: the prompt must hold at least one token (BOS)");
+    const int64_t limit = std::min<int64_t>(steps, config.max_seq_len);
+    std::vector<int32_t> out;
+    while (static_cast<int64_t>(prompt.size()) <= limit) {
+      Tensor<T> l = logits(prompt);
+      const int64_t V = l.size(1), last = l.size(0) - 1;
+      int32_t best = 0;
+      for (int64_t j = 1; j < V; ++j)
+        if (l[last * V + j] > l[last * V + best]) best = static_cast<int32_t>(j);
+      if (std::find(stop_ids.begin(), stop_ids.end(), best) != stop_ids.end()) break;
+      out.push_back(best);
+      prompt.push_back(best);
+    }
+    return out;
+  }
+
+ private:
+  std::unique_ptr<Tape<T>> eval_tape_;
+};
+
+}  // namespace cbq
