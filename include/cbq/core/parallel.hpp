@@ -27,7 +27,11 @@ class ThreadPool {
     stop();
     threads = std::max(1, threads);
     quit_ = false;
-    for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { worker(i); });
+    // New workers must wait for the *next* job, not replay a finished one (generation_ keeps
+    // counting across resizes; no job is in flight while resize runs).
+    const uint64_t current = generation_;
+    for (int i = 1; i < threads; ++i)
+      workers_.emplace_back([this, i, current] { worker(i, current); });
   }
 
   // Runs job(t) for t in [0, size()) on the pool; the caller runs t = 0. Rethrows the first
@@ -58,8 +62,7 @@ class ThreadPool {
   }
 
  private:
-  void worker(int index) {
-    uint64_t seen = 0;
+  void worker(int index, uint64_t seen) {
     for (;;) {
       std::unique_lock<std::mutex> lock(mutex_);
       start_.wait(lock, [&] { return quit_ || generation_ != seen; });

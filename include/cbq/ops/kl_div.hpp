@@ -1,0 +1,110 @@
+#pragma once
+// kl_softmax: mean over rows of KL(p_r ‖ q_r) with p_r = softmax(a_r / τ) (the target) and
+// q_r = softmax(b_r / τ) (the model), softmax over the last dimension:
+//   L = (1/R) Σ_r Σ_j p_rj (log p_rj − log q_rj).
+// Convention: mean over rows, sum over the last (hidden) dimension, the temperature τ > 0 divides
+// the logits, and there is no τ² factor (Hinton's distillation scaling): at τ = 1, the only value
+// CBQ's reconstruction loss uses, the two agree; callers that sweep τ and want gradient
+// magnitudes independent of it multiply the loss by τ² themselves.
+// Derivative, with d_j = log p_j − log q_j, KL_r = Σ_j p_j d_j and g = d L (the seed):
+//   d a_rj += g / (R τ) · p_j (d_j − KL_r)
+//   d b_rj += g / (R τ) · (q_j − p_j)
+// Identical inputs give exactly zero loss and zero gradients. Stability: log p is formed as
+// (a_j − max a) / τ − shift_a with shift_a = log Σ_k exp((a_k − max a) / τ) ∈ [0, log n], so
+// nothing overflows and float keeps its precision for logits in the hundreds. Saved for backward:
+// shift_a, shift_b and KL_r per row; the row maxima are recomputed.
+#include <algorithm>
+#include <cmath>
+
+#include "cbq/ops/softmax.hpp"
+
+namespace cbq::ops {
+
+template <class T>
+class KlSoftmaxNode final : public Node<T> {
+ public:
+  KlSoftmaxNode(Var<T> a, Var<T> b, T temperature, Tensor<T> saved)
+      : a_(a), b_(b), temperature_(temperature), saved_(std::move(saved)) {}
+  const char* name() const override { return "kl_softmax"; }
+  void backward(Tape<T>& tape) override {
+    const bool grad_a = a_.requires_grad(), grad_b = b_.requires_grad();
+    if (!grad_a && !grad_b) return;
+    const Tensor<T>& va = a_.value();
+    const int64_t n = va.shape().cols(), rows = va.shape().rows();
+    const double inv_tau = 1.0 / static_cast<double>(temperature_);
+    const double coef = static_cast<double>(tape.grad(this->output).data()[0]) * inv_tau /
+                        static_cast<double>(rows);
+    const T* ap = va.data();
+    const T* bp = b_.value().data();
+    const T* saved = saved_.data();  // (R, 3): shift_a, shift_b, KL_r
+    T* da = grad_a ? a_.grad().data() : nullptr;
+    T* db = grad_b ? b_.grad().data() : nullptr;
+    parallel_for(rows, detail::row_grain(n), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* ar = ap + r * n;
+        const T* br = bp + r * n;
+        // The maxima are recomputed; the shifts and KL_r come from the forward pass.
+        const detail::RowShift ra{*std::max_element(ar, ar + n), saved[3 * r]};
+        const detail::RowShift rb{*std::max_element(br, br + n), saved[3 * r + 1]};
+        const double kl = saved[3 * r + 2];
+        for (int64_t j = 0; j < n; ++j) {
+          const double log_p = ra.log_prob(ar[j], inv_tau), log_q = rb.log_prob(br[j], inv_tau);
+          const double p = std::exp(log_p);
+          if (grad_a) da[r * n + j] += static_cast<T>(coef * p * (log_p - log_q - kl));
+          if (grad_b) db[r * n + j] += static_cast<T>(coef * (std::exp(log_q) - p));
+        }
+      }
+    });
+  }
+
+ private:
+  Var<T> a_, b_;
+  T temperature_;
+  Tensor<T> saved_;
+};
+
+// Mean over rows of KL(softmax(a/τ) ‖ softmax(b/τ)) over the last dimension; a is the target.
+template <class T>
+Var<T> kl_softmax(Var<T> a, Var<T> b, T temperature = T(1)) {
+  const Tensor<T>& va = a.value();
+  const Tensor<T>& vb = b.value();
+  check_same_shape("kl_softmax", va, vb);
+  detail::check_rows_input("kl_softmax", va);
+  detail::check_rows_input("kl_softmax", vb);
+  CBQ_CHECK(std::isfinite(static_cast<double>(temperature)) && temperature > T(0),
+            "kl_softmax: temperature must be positive and finite, got {}", temperature);
+  const int64_t n = va.shape().cols(), rows = va.shape().rows();
+  CBQ_CHECK(rows > 0 && n > 0, "kl_softmax: inputs of shape {} are empty", va.shape());
+  const double inv_tau = 1.0 / static_cast<double>(temperature);
+  Tape<T>& tape = a.tape();
+  const bool rg = tape.any_requires_grad({a, b});
+  Tensor<T> saved = tape.scratch(Shape{rows, 3});
+  const T* ap = va.data();
+  const T* bp = vb.data();
+  T* sp = saved.data();
+  parallel_for(rows, detail::row_grain(n), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* ar = ap + r * n;
+      const T* br = bp + r * n;
+      const detail::RowShift ra = detail::row_shift(ar, n, inv_tau);
+      const detail::RowShift rb = detail::row_shift(br, n, inv_tau);
+      double kl = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const double log_p = ra.log_prob(ar[j], inv_tau), log_q = rb.log_prob(br[j], inv_tau);
+        kl += std::exp(log_p) * (log_p - log_q);
+      }
+      sp[3 * r] = static_cast<T>(ra.shift);
+      sp[3 * r + 1] = static_cast<T>(rb.shift);
+      sp[3 * r + 2] = static_cast<T>(kl);
+    }
+  });
+  double total = 0;  // serial over rows: deterministic
+  for (int64_t r = 0; r < rows; ++r) total += static_cast<double>(sp[3 * r + 2]);
+  Var<T> out = tape.output(Shape{1}, rg);
+  Tensor<T> out_value = out.value();  // shares the output\'s storage
+  out_value.data()[0] = static_cast<T>(total / static_cast<double>(rows));
+  if (rg) tape.template record<KlSoftmaxNode<T>>(out, a, b, temperature, saved);
+  return out;
+}
+
+}  // namespace cbq::ops

@@ -1,0 +1,85 @@
+#pragma once
+// Squared-error losses, shape (1,); either operand may be a constant.
+//   mse(a, b)          = (1/N) Σ_i (a_i − b_i)²            N = number of elements
+//   row_sq_error(a, b) = (1/R) Σ_r ‖a_r − b_r‖²  over the last dimension, R rows
+//                      (the L2 term mean_t ‖a_t − b_t‖² of CBQ's reconstruction loss)
+// Both are c · Σ_i (a_i − b_i)² with c = 1/N or 1/R.
+// Derivative: d a_i += 2c · g · (a_i − b_i),  d b_i −= 2c · g · (a_i − b_i).
+// Nothing is saved: backward re-reads a and b, which live on the tape anyway.
+#include "cbq/ops/reduce.hpp"
+
+namespace cbq::ops {
+
+template <class T>
+class SquaredErrorNode final : public Node<T> {
+ public:
+  SquaredErrorNode(Var<T> a, Var<T> b, T coefficient, const char* name)
+      : a_(a), b_(b), coefficient_(coefficient), name_(name) {}
+  const char* name() const override { return name_; }
+  void backward(Tape<T>& tape) override {
+    const T k = T(2) * coefficient_ * tape.grad(this->output).data()[0];
+    const T* x = a_.value().data();
+    const T* y = b_.value().data();
+    const int64_t n = a_.value().numel();
+    auto accumulate_difference = [&](Var<T> dst, T sign) {
+      T* d = dst.grad().data();
+      const T ks = sign * k;
+      parallel_for(n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) d[i] += ks * (x[i] - y[i]);
+      });
+    };
+    if (a_.requires_grad()) accumulate_difference(a_, T(1));
+    if (b_.requires_grad()) accumulate_difference(b_, T(-1));
+  }
+
+ private:
+  Var<T> a_, b_;
+  T coefficient_;
+  const char* name_;
+};
+
+namespace detail {
+// c · Σ (a − b)² with c = 1/N (per_row = false) or 1/R (per_row = true).
+template <class T>
+Var<T> squared_error(const char* op, Var<T> a, Var<T> b, bool per_row) {
+  const Tensor<T>& va = a.value();
+  const Tensor<T>& vb = b.value();
+  check_same_shape(op, va, vb);
+  check_cpu(op, va);
+  check_cpu(op, vb);
+  check_contiguous(op, "a", va);
+  check_contiguous(op, "b", vb);
+  if (per_row) CBQ_CHECK(va.ndim() >= 1, "{}: inputs must have at least one dimension", op);
+  const int64_t count = per_row ? va.shape().rows() : va.numel();
+  CBQ_CHECK(count > 0 && va.numel() > 0, "{}: inputs of shape {} are empty", op, va.shape());
+  const T* x = va.data();
+  const T* y = vb.data();
+  const double total = blocked_sum(va.numel(), [&](int64_t i) {
+    const double diff = static_cast<double>(x[i]) - static_cast<double>(y[i]);
+    return diff * diff;
+  });
+  Tape<T>& tape = a.tape();
+  const bool rg = tape.any_requires_grad({a, b});
+  Var<T> out = tape.output(Shape{1}, rg);
+  Tensor<T> out_value = out.value();  // shares the output\'s storage
+  out_value.data()[0] = static_cast<T>(total / static_cast<double>(count));
+  if (rg)
+    tape.template record<SquaredErrorNode<T>>(out, a, b,
+                                              static_cast<T>(1.0 / static_cast<double>(count)), op);
+  return out;
+}
+}  // namespace detail
+
+// Mean over all elements of (a − b)².
+template <class T>
+Var<T> mse(Var<T> a, Var<T> b) {
+  return detail::squared_error("mse", a, b, false);
+}
+
+// Mean over rows of the squared L2 norm of (a_r − b_r) over the last dimension.
+template <class T>
+Var<T> row_sq_error(Var<T> a, Var<T> b) {
+  return detail::squared_error("row_sq_error", a, b, true);
+}
+
+}  // namespace cbq::ops

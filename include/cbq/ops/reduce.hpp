@@ -1,0 +1,93 @@
+#pragma once
+// sum, mean: reductions over all elements to a tensor of shape (1,).
+// Derivative: sum: d a[i] += d out;  mean: d a[i] += d out / N.
+// Forward sums accumulate in double over fixed blocks, so the result does not depend on the
+// thread count.
+#include <algorithm>
+#include <vector>
+
+#include "cbq/ops/common.hpp"
+
+namespace cbq::ops {
+
+namespace detail {
+
+// Elements per block of the deterministic blocked sum.
+inline constexpr int64_t kSumBlock = 1 << 14;
+
+// Σ_{i<n} term(i) in double: per-block partial sums (in parallel), then combined in block order.
+template <class F>
+double blocked_sum(int64_t n, F&& term) {
+  auto block_sum = [&](int64_t begin, int64_t end) {
+    double s = 0;
+    for (int64_t i = begin; i < end; ++i) s += static_cast<double>(term(i));
+    return s;
+  };
+  if (n <= kSumBlock) return block_sum(0, n);
+  const int64_t blocks = (n + kSumBlock - 1) / kSumBlock;
+  std::vector<double> partial(static_cast<std::size_t>(blocks));
+  parallel_for(blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      partial[b] = block_sum(b * kSumBlock, std::min(n, (b + 1) * kSumBlock));
+  });
+  double total = 0;
+  for (double p : partial) total += p;
+  return total;
+}
+
+// Shared node of sum and mean: d a[i] += coefficient · d out.
+template <class T>
+class SumNode final : public Node<T> {
+ public:
+  SumNode(Var<T> a, T coefficient, const char* name)
+      : a_(a), coefficient_(coefficient), name_(name) {}
+  const char* name() const override { return name_; }
+  void backward(Tape<T>& tape) override {
+    if (!a_.requires_grad()) return;
+    const T g = tape.grad(this->output).data()[0] * coefficient_;
+    T* d = a_.grad().data();
+    parallel_for(a_.value().numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) d[i] += g;
+    });
+  }
+
+ private:
+  Var<T> a_;
+  T coefficient_;
+  const char* name_;
+};
+
+template <class T>
+Var<T> reduce_all(const char* op, Var<T> a, bool divide_by_count) {
+  const Tensor<T>& va = a.value();
+  check_cpu(op, va);
+  check_contiguous(op, "input", va);
+  const int64_t n = va.numel();
+  CBQ_CHECK(!divide_by_count || n > 0, "{}: input of shape {} has no elements", op, va.shape());
+  const T* x = va.data();
+  const double total = blocked_sum(n, [&](int64_t i) { return x[i]; });
+  const double count = divide_by_count ? static_cast<double>(n) : 1.0;
+  Tape<T>& tape = a.tape();
+  const bool rg = tape.any_requires_grad({a});
+  Var<T> out = tape.output(Shape{1}, rg);
+  Tensor<T> out_value = out.value();  // shares the output\'s storage
+  out_value.data()[0] = static_cast<T>(total / count);
+  if (rg) tape.template record<SumNode<T>>(out, a, static_cast<T>(1.0 / count), op);
+  return out;
+}
+
+}  // namespace detail
+
+// Σ_i a[i], shape (1,).
+template <class T>
+Var<T> sum(Var<T> a) {
+  return detail::reduce_all("sum", a, false);
+}
+
+// (1/N) Σ_i a[i], shape (1,); N = a.numel() must be positive.
+template <class T>
+Var<T> mean(Var<T> a) {
+  return detail::reduce_all("mean", a, true);
+}
+
+}  // namespace cbq::ops
