@@ -12,6 +12,7 @@
 // Consequence: tensors obtained from a tape are valid until its next clear(); clone() them to
 // keep them longer.
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <string>
 #include <utility>
@@ -235,7 +236,9 @@ class Tape {
   }
 
   Device device_;
-  std::vector<Entry> entries_;
+  // A deque, so that references returned by value()/grad() stay valid while ops add entries
+  // (an op typically holds `const Tensor<T>& X = x.value()` across tape.output()).
+  std::deque<Entry> entries_;
   std::vector<std::unique_ptr<Node<T>>> nodes_;
   std::vector<Tensor<T>> arena_;
   std::size_t arena_cursor_ = 0;

@@ -1,0 +1,249 @@
+#pragma once
+// attention: multi-head scaled dot-product attention with grouped-query heads and an optional
+// causal mask, in the memory-efficient (flash-attention) form.
+//   q (T, Hq·hd), k (T, Hkv·hd), v (T, Hkv·hd) → o (T, Hq·hd); heads side by side in each row.
+//   Query head h reads kv head g = h / (Hq/Hkv).
+//   S = scale · Q_h K_gᵀ (masked: key j > query i gets −∞ when causal),  P = softmax_rows(S),
+//   O_h = P V_g.
+// Memory stays O(T): forward streams over key tiles with an online softmax per (row, head),
+// keeping a running max m and sum l, and saves only the output and the log-sum-exp
+//   L_i = m_i + log l_i   (shape (T, Hq)).
+// Backward recomputes P = exp(S − L) tile by tile. With dO the output gradient:
+//   D_i = Σ_c dO_ic · O_ic
+//   dV_g += Pᵀ dO,   dP = dO V_gᵀ,   dS = P ⊙ (dP − D)
+//   dQ_h += scale · dS K_g,   dK_g += scale · dSᵀ Q_h
+// Tiles of kBlock × kBlock scores go through GEMM. Forward is parallel over (head, query tile),
+// backward over query heads; under grouped-query attention each query head writes its dK/dV
+// share into its own slot and the shares are summed in a fixed order, so results do not depend
+// on the thread count.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "cbq/ops/matmul.hpp"
+
+namespace cbq::ops {
+
+namespace detail {
+
+// Query and key rows per tile: a 64 × 64 score tile with hd ≤ 64 stays below OpenBLAS's
+// threading threshold, so the GEMMs inside our own parallel_for run single-threaded.
+inline constexpr int64_t kAttentionBlock = 64;
+
+struct AttentionDims {
+  int64_t seq_len, n_heads, n_kv_heads, head_dim;
+  bool causal;
+  double scale;
+  int64_t group() const { return n_heads / n_kv_heads; }
+  int64_t q_stride() const { return n_heads * head_dim; }      // row stride of q, o
+  int64_t kv_stride() const { return n_kv_heads * head_dim; }  // row stride of k, v
+  // Keys a query row i may see inside the key tile starting at j0 with nk keys.
+  int64_t visible_keys(int64_t i, int64_t j0, int64_t nk) const {
+    return causal ? std::clamp<int64_t>(i - j0 + 1, 0, nk) : nk;
+  }
+};
+
+}  // namespace detail
+
+template <class T>
+class AttentionNode final : public Node<T> {
+ public:
+  AttentionNode(Var<T> q, Var<T> k, Var<T> v, Tensor<T> lse, detail::AttentionDims dims)
+      : q_(q), k_(k), v_(v), lse_(std::move(lse)), dims_(dims) {}
+  const char* name() const override { return "attention"; }
+
+  void backward(Tape<T>& tape) override {
+    const detail::AttentionDims& a = dims_;
+    const int64_t n = a.seq_len, hd = a.head_dim, group = a.group();
+    const int64_t ldq = a.q_stride(), ldk = a.kv_stride();
+    constexpr int64_t B = detail::kAttentionBlock;
+    const T scale = static_cast<T>(a.scale);
+    const T* q = q_.value().data();                  // (T, Hq·hd)
+    const T* k = k_.value().data();                  // (T, Hkv·hd)
+    const T* v = v_.value().data();                  // (T, Hkv·hd)
+    const T* o = tape.value(this->output).data();    // (T, Hq·hd)
+    const T* dout = tape.grad(this->output).data();  // (T, Hq·hd)
+    const T* lse = lse_.data();                      // (T, Hq)
+    // Gradient buffers are fetched before the parallel region (tape.grad allocates).
+    T* dq = q_.requires_grad() ? q_.grad().data() : nullptr;
+    T* dk = k_.requires_grad() ? k_.grad().data() : nullptr;
+    T* dv = v_.requires_grad() ? v_.grad().data() : nullptr;
+    // Without grouping each query head owns its kv head's gradient columns and accumulates
+    // straight into them; with grouping, per-query-head shares (T, Hq·hd) are reduced below.
+    const bool shared_kv = group > 1;
+    T* dk_share = dk && shared_kv ? tape.scratch(Shape{n, ldq}, true).data() : dk;
+    T* dv_share = dv && shared_kv ? tape.scratch(Shape{n, ldq}, true).data() : dv;
+    const int64_t ld_share = shared_kv ? ldq : ldk;
+
+    parallel_for(a.n_heads, 1, [&](int64_t h0, int64_t h1) {
+      std::vector<T> probs(B * B), dscores(B * B), row_dot(B);
+      for (int64_t h = h0; h < h1; ++h) {
+        const int64_t g = h / group;
+        const int64_t share_col = (shared_kv ? h : g) * hd;
+        for (int64_t i0 = 0; i0 < n; i0 += B) {
+          const int64_t i1 = std::min(n, i0 + B), nq = i1 - i0;
+          const T* Q = q + i0 * ldq + h * hd;      // (nq, hd), row stride ldq
+          const T* dO = dout + i0 * ldq + h * hd;  // (nq, hd)
+          const T* O = o + i0 * ldq + h * hd;      // (nq, hd)
+          for (int64_t r = 0; r < nq; ++r) {       // D_i = Σ dO_i · O_i
+            T s = 0;
+            for (int64_t c = 0; c < hd; ++c) s += dO[r * ldq + c] * O[r * ldq + c];
+            row_dot[r] = s;
+          }
+          const int64_t kv_end = a.causal ? i1 : n;
+          for (int64_t j0 = 0; j0 < kv_end; j0 += B) {
+            const int64_t nk = std::min(kv_end, j0 + B) - j0;
+            const T* K = k + j0 * ldk + g * hd;  // (nk, hd), row stride ldk
+            const T* V = v + j0 * ldk + g * hd;  // (nk, hd)
+            // P (nq, nk) = exp(scale · Q Kᵀ − L), 0 where masked
+            blas::gemm<T>(false, true, nq, nk, hd, scale, Q, ldq, K, ldk, T(0), probs.data(), B);
+            for (int64_t r = 0; r < nq; ++r) {
+              const int64_t visible = a.visible_keys(i0 + r, j0, nk);
+              const T L = lse[(i0 + r) * a.n_heads + h];
+              T* p = probs.data() + r * B;
+              for (int64_t c = 0; c < visible; ++c) p[c] = std::exp(p[c] - L);
+              for (int64_t c = visible; c < nk; ++c) p[c] = T(0);
+            }
+            if (dv_share)  // dV (nk, hd) += Pᵀ (nk, nq) · dO (nq, hd)
+              blas::gemm<T>(true, false, nk, hd, nq, T(1), probs.data(), B, dO, ldq, T(1),
+                            dv_share + j0 * ld_share + share_col, ld_share);
+            if (!dq && !dk_share) continue;
+            // dP (nq, nk) = dO (nq, hd) · Vᵀ (hd, nk);  dS = P ⊙ (dP − D)
+            blas::gemm<T>(false, true, nq, nk, hd, T(1), dO, ldq, V, ldk, T(0), dscores.data(), B);
+            for (int64_t r = 0; r < nq; ++r) {
+              const T* p = probs.data() + r * B;
+              T* ds = dscores.data() + r * B;
+              for (int64_t c = 0; c < nk; ++c) ds[c] = p[c] * (ds[c] - row_dot[r]);
+            }
+            if (dq)  // dQ (nq, hd) += scale · dS (nq, nk) · K (nk, hd)
+              blas::gemm<T>(false, false, nq, hd, nk, scale, dscores.data(), B, K, ldk, T(1),
+                            dq + i0 * ldq + h * hd, ldq);
+            if (dk_share)  // dK (nk, hd) += scale · dSᵀ (nk, nq) · Q (nq, hd)
+              blas::gemm<T>(true, false, nk, hd, nq, scale, dscores.data(), B, Q, ldq, T(1),
+                            dk_share + j0 * ld_share + share_col, ld_share);
+          }
+        }
+      }
+    });
+
+    if (!shared_kv) return;
+    // dK_g += Σ over the query heads of group g of their shares, in head order.
+    auto reduce = [&](T* dst, const T* share) {
+      parallel_for(n, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(ldq, 1)),
+                   [&](int64_t t0, int64_t t1) {
+                     for (int64_t t = t0; t < t1; ++t)
+                       for (int64_t h = 0; h < a.n_heads; ++h) {
+                         const T* src = share + t * ldq + h * hd;
+                         T* out = dst + t * ldk + (h / group) * hd;
+                         for (int64_t c = 0; c < hd; ++c) out[c] += src[c];
+                       }
+                   });
+    };
+    if (dk) reduce(dk, dk_share);
+    if (dv) reduce(dv, dv_share);
+  }
+
+ private:
+  Var<T> q_, k_, v_;
+  Tensor<T> lse_;  // (T, Hq)
+  detail::AttentionDims dims_;
+};
+
+// `scale` defaults to 1/sqrt(head_dim).
+template <class T>
+Var<T> attention(Var<T> q, Var<T> k, Var<T> v, int64_t n_heads, int64_t n_kv_heads,
+                 int64_t head_dim, bool causal = true, std::optional<double> scale = std::nullopt) {
+  const Tensor<T> Qt = q.value();
+  const Tensor<T> Kt = k.value();
+  const Tensor<T> Vt = v.value();
+  CBQ_CHECK(n_heads > 0 && n_kv_heads > 0 && head_dim > 0,
+            "attention: n_heads {}, n_kv_heads {} and head_dim {} must be positive", n_heads,
+            n_kv_heads, head_dim);
+  CBQ_CHECK(n_heads % n_kv_heads == 0, "attention: n_heads {} is not divisible by n_kv_heads {}",
+            n_heads, n_kv_heads);
+  CBQ_CHECK(Qt.ndim() == 2 && Qt.size(1) == n_heads * head_dim,
+            "attention: q {} does not match {} heads of dimension {} (expected (T, {}))",
+            Qt.shape(), n_heads, head_dim, n_heads * head_dim);
+  const int64_t n = Qt.size(0);
+  CBQ_CHECK(Kt.shape() == Shape({n, n_kv_heads * head_dim}),
+            "attention: k {} does not match q {} with {} kv heads of dimension {} (expected {})",
+            Kt.shape(), Qt.shape(), n_kv_heads, head_dim, Shape({n, n_kv_heads * head_dim}));
+  CBQ_CHECK(Vt.shape() == Kt.shape(), "attention: v {} and k {} differ", Vt.shape(), Kt.shape());
+  const double scale_value = scale.value_or(1.0 / std::sqrt(double(head_dim)));
+  CBQ_CHECK(std::isfinite(scale_value), "attention: scale must be finite, got {}", scale_value);
+  for (const Tensor<T>* t : {&Qt, &Kt, &Vt}) {
+    check_cpu("attention", *t);
+    check_contiguous("attention", "q, k and v", *t);
+  }
+  const detail::AttentionDims a{n, n_heads, n_kv_heads, head_dim, causal, scale_value};
+  const int64_t hd = head_dim, group = a.group(), ldq = a.q_stride(), ldk = a.kv_stride();
+  constexpr int64_t B = detail::kAttentionBlock;
+  Tape<T>& tape = q.tape();
+  const bool rg = tape.any_requires_grad({q, k, v});
+  Var<T> out = tape.output(Qt.shape(), rg);
+  Tensor<T> lse = tape.scratch(Shape{n, n_heads});  // (T, Hq)
+  Tensor<T> O_all = out.value();                    // shares the output's storage
+  T* o = O_all.data();
+  T* L = lse.data();
+  const T* qp = Qt.data();
+  const T* kp = Kt.data();
+  const T* vp = Vt.data();
+  const T sc = static_cast<T>(scale_value);
+  const int64_t n_tiles = (n + B - 1) / B;
+
+  // One work item per (query head, query tile).
+  parallel_for(n_heads * n_tiles, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<T> scores(B * B), running_max(B), running_sum(B);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t h = w / n_tiles, g = h / group;
+      const int64_t i0 = (w % n_tiles) * B, i1 = std::min(n, i0 + B), nq = i1 - i0;
+      const T* Q = qp + i0 * ldq + h * hd;  // (nq, hd), row stride ldq
+      T* O = o + i0 * ldq + h * hd;         // (nq, hd): unnormalised Σ exp(S − m) V, then O
+      for (int64_t r = 0; r < nq; ++r) std::fill(O + r * ldq, O + r * ldq + hd, T(0));
+      std::fill(running_max.begin(), running_max.end(), -std::numeric_limits<T>::infinity());
+      std::fill(running_sum.begin(), running_sum.end(), T(0));
+      const int64_t kv_end = causal ? i1 : n;
+      for (int64_t j0 = 0; j0 < kv_end; j0 += B) {
+        const int64_t nk = std::min(kv_end, j0 + B) - j0;
+        // S (nq, nk) = scale · Q Kᵀ
+        blas::gemm<T>(false, true, nq, nk, hd, sc, Q, ldq, kp + j0 * ldk + g * hd, ldk, T(0),
+                      scores.data(), B);
+        for (int64_t r = 0; r < nq; ++r) {
+          T* s = scores.data() + r * B;
+          const int64_t visible = a.visible_keys(i0 + r, j0, nk);
+          if (visible == 0) {
+            std::fill(s, s + nk, T(0));
+            continue;
+          }
+          const T m_new = std::max(running_max[r], *std::max_element(s, s + visible));
+          // Rescale what was accumulated under the old max: exp(m_old − m_new) (0 at the start).
+          const T correction = std::exp(running_max[r] - m_new);
+          T sum = 0;
+          for (int64_t c = 0; c < visible; ++c) {
+            s[c] = std::exp(s[c] - m_new);
+            sum += s[c];
+          }
+          std::fill(s + visible, s + nk, T(0));
+          running_sum[r] = running_sum[r] * correction + sum;
+          running_max[r] = m_new;
+          if (correction != T(1))
+            for (int64_t c = 0; c < hd; ++c) O[r * ldq + c] *= correction;
+        }
+        // O (nq, hd) += exp(S − m) (nq, nk) · V (nk, hd)
+        blas::gemm<T>(false, false, nq, hd, nk, T(1), scores.data(), B, vp + j0 * ldk + g * hd, ldk,
+                      T(1), O, ldq);
+      }
+      for (int64_t r = 0; r < nq; ++r) {
+        const T inv = T(1) / running_sum[r];
+        for (int64_t c = 0; c < hd; ++c) O[r * ldq + c] *= inv;
+        L[(i0 + r) * n_heads + h] = running_max[r] + std::log(running_sum[r]);
+      }
+    }
+  });
+  if (rg) tape.template record<AttentionNode<T>>(out, q, k, v, lse, a);
+  return out;
+}
+
+}  // namespace cbq::ops

@@ -1,0 +1,58 @@
+#pragma once
+// swiglu: y = silu(gate) ⊙ up, fused (the LLaMA MLP's gate), gate and up of the same shape.
+// With s = σ(gate):
+//   d gate += dy ⊙ up ⊙ s·(1 + gate·(1 − s))
+//   d up   += dy ⊙ gate·s
+// Backward reads gate and up from their variables; nothing else is saved.
+#include "cbq/ops/activations.hpp"
+
+namespace cbq::ops {
+
+template <class T>
+class SwigluNode final : public Node<T> {
+ public:
+  SwigluNode(Var<T> gate, Var<T> up) : gate_(gate), up_(up) {}
+  const char* name() const override { return "swiglu"; }
+  void backward(Tape<T>& tape) override {
+    const T* dy = tape.grad(this->output).data();
+    const T* g = gate_.value().data();
+    const T* u = up_.value().data();
+    T* dg = gate_.requires_grad() ? gate_.grad().data() : nullptr;
+    T* du = up_.requires_grad() ? up_.grad().data() : nullptr;
+    parallel_for(gate_.value().numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const T s = detail::sigmoid(g[i]);
+        if (dg) dg[i] += dy[i] * u[i] * s * (T(1) + g[i] * (T(1) - s));
+        if (du) du[i] += dy[i] * g[i] * s;
+      }
+    });
+  }
+
+ private:
+  Var<T> gate_, up_;
+};
+
+template <class T>
+Var<T> swiglu(Var<T> gate, Var<T> up) {
+  const Tensor<T> G = gate.value();
+  const Tensor<T> U = up.value();
+  check_same_shape("swiglu", G, U);
+  check_cpu("swiglu", G);
+  check_cpu("swiglu", U);
+  check_contiguous("swiglu", "gate", G);
+  check_contiguous("swiglu", "up", U);
+  Tape<T>& tape = gate.tape();
+  const bool rg = tape.any_requires_grad({gate, up});
+  Var<T> out = tape.output(G.shape(), rg);
+  Tensor<T> Y = out.value();  // shares the output's storage
+  T* y = Y.data();
+  const T* g = G.data();
+  const T* u = U.data();
+  parallel_for(G.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) y[i] = g[i] * detail::sigmoid(g[i]) * u[i];
+  });
+  if (rg) tape.template record<SwigluNode<T>>(out, gate, up);
+  return out;
+}
+
+}  // namespace cbq::ops

@@ -1,0 +1,296 @@
+#include <cbq/ops/attention.hpp>
+#include <cbq/ops/rope.hpp>
+
+#include "support/gradcheck.hpp"
+
+using namespace cbq;
+using cbq::testing::gradcheck;
+using cbq::testing::max_abs_diff;
+using cbq::testing::randn;
+
+namespace {
+
+// ---- RoPE reference: rotate each pair by (pos0 + t)·θ^(−2i/hd), pairs chosen by layout ----
+Tensor<double> naive_rope(const Tensor<double>& x, int64_t n_heads, int64_t hd, RopeLayout layout,
+                          double theta, int64_t pos0) {
+  Tensor<double> y(x.shape());
+  for (int64_t t = 0; t < x.size(0); ++t)
+    for (int64_t h = 0; h < n_heads; ++h)
+      for (int64_t i = 0; i < hd / 2; ++i) {
+        const double angle = double(pos0 + t) / std::pow(theta, 2.0 * i / hd);
+        const int64_t a = h * hd + (layout == RopeLayout::interleaved ? 2 * i : i);
+        const int64_t b = h * hd + (layout == RopeLayout::interleaved ? 2 * i + 1 : i + hd / 2);
+        y(t, a) = x(t, a) * std::cos(angle) - x(t, b) * std::sin(angle);
+        y(t, b) = x(t, a) * std::sin(angle) + x(t, b) * std::cos(angle);
+      }
+  return y;
+}
+
+// ---- attention reference: full T×T scores per head, causal mask, plain softmax ----
+Tensor<double> naive_attention(const Tensor<double>& q, const Tensor<double>& k,
+                               const Tensor<double>& v, int64_t hq, int64_t hkv, int64_t hd,
+                               bool causal, double scale) {
+  const int64_t n = q.size(0);
+  Tensor<double> out(q.shape());
+  for (int64_t h = 0; h < hq; ++h) {
+    const int64_t g = h / (hq / hkv);
+    for (int64_t i = 0; i < n; ++i) {
+      std::vector<double> s(n, -std::numeric_limits<double>::infinity());
+      double mx = -std::numeric_limits<double>::infinity();
+      for (int64_t j = 0; j < n; ++j) {
+        if (causal && j > i) continue;
+        double dot = 0;
+        for (int64_t c = 0; c < hd; ++c) dot += q(i, h * hd + c) * k(j, g * hd + c);
+        s[j] = dot * scale;
+        mx = std::max(mx, s[j]);
+      }
+      double sum = 0;
+      for (int64_t j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - mx));
+      for (int64_t c = 0; c < hd; ++c) {
+        double acc = 0;
+        for (int64_t j = 0; j < n; ++j) acc += s[j] / sum * v(j, g * hd + c);
+        out(i, h * hd + c) = acc;
+      }
+    }
+  }
+  return out;
+}
+
+struct AttnCase {
+  int64_t seq_len, hq, hkv, hd;
+  bool causal;
+};
+
+}  // namespace
+
+// ================================ rope ================================
+
+TEST_CASE("rope: forward matches the naive rotation for both layouts, float and double") {
+  for (RopeLayout layout : {RopeLayout::interleaved, RopeLayout::rotate_half})
+    for (int64_t pos0 : {0, 5}) {
+      CAPTURE(int(layout));
+      CAPTURE(pos0);
+      const int64_t n = 7, heads = 3, hd = 6;
+      auto x = randn<double>(Shape{n, heads * hd}, 31);
+      Tape<double> tape;
+      auto y = ops::rope(tape.constant(x), heads, hd, layout, 10000.0, pos0);
+      CHECK(max_abs_diff(y.value(), naive_rope(x, heads, hd, layout, 10000.0, pos0)) < 1e-12);
+      Tape<float> tape_f;
+      auto yf = ops::rope(tape_f.constant(x.cast<float>()), heads, hd, layout, 10000.0, pos0);
+      CHECK(max_abs_diff(yf.value(), naive_rope(x, heads, hd, layout, 10000.0, pos0)) < 1e-5);
+    }
+}
+
+TEST_CASE("rope: position 0 is the identity and every pair keeps its norm") {
+  const int64_t n = 9, heads = 2, hd = 8;
+  auto x = randn<double>(Shape{n, heads * hd}, 32);
+  for (RopeLayout layout : {RopeLayout::interleaved, RopeLayout::rotate_half}) {
+    Tape<double> tape;
+    auto y = ops::rope(tape.constant(x), heads, hd, layout, 500.0, 3).value();
+    auto y0 = ops::rope(tape.constant(x.slice(0, 0, 1).clone()), heads, hd, layout, 500.0).value();
+    CHECK(max_abs_diff(y0, x.slice(0, 0, 1).clone()) == 0.0);
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t h = 0; h < heads; ++h)
+        for (int64_t i = 0; i < hd / 2; ++i) {
+          const int64_t a = h * hd + (layout == RopeLayout::interleaved ? 2 * i : i);
+          const int64_t b = h * hd + (layout == RopeLayout::interleaved ? 2 * i + 1 : i + hd / 2);
+          const double before = std::hypot(x(t, a), x(t, b));
+          const double after = std::hypot(y(t, a), y(t, b));
+          CHECK(after == doctest::Approx(before).epsilon(1e-13));
+        }
+  }
+}
+
+TEST_CASE("rope: a sequence starting at pos0 equals the later rows of a longer sequence") {
+  const int64_t n = 11, heads = 2, hd = 6, pos0 = 4;
+  auto x = randn<double>(Shape{n, heads * hd}, 33);
+  for (RopeLayout layout : {RopeLayout::interleaved, RopeLayout::rotate_half}) {
+    Tape<double> tape;
+    auto full = ops::rope(tape.constant(x), heads, hd, layout, 10000.0).value();
+    auto tail =
+        ops::rope(tape.constant(x.slice(0, pos0, n).clone()), heads, hd, layout, 10000.0, pos0)
+            .value();
+    CHECK(max_abs_diff(tail, full.slice(0, pos0, n).clone()) < 1e-14);
+  }
+}
+
+TEST_CASE("rope: rotate_half on permuted features equals interleaved (HF vs llama2.c)") {
+  // HF checkpoints permute q/k rows so that feature 2i ↦ i and 2i+1 ↦ i + hd/2.
+  const int64_t n = 5, heads = 3, hd = 8;
+  auto x = randn<double>(Shape{n, heads * hd}, 34);
+  auto permute = [&](const Tensor<double>& t) {
+    Tensor<double> p(t.shape());
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t h = 0; h < heads; ++h)
+        for (int64_t i = 0; i < hd / 2; ++i) {
+          p(r, h * hd + i) = t(r, h * hd + 2 * i);
+          p(r, h * hd + i + hd / 2) = t(r, h * hd + 2 * i + 1);
+        }
+    return p;
+  };
+  Tape<double> tape;
+  auto inter = ops::rope(tape.constant(x), heads, hd, RopeLayout::interleaved, 10000.0, 2).value();
+  auto half =
+      ops::rope(tape.constant(permute(x)), heads, hd, RopeLayout::rotate_half, 10000.0, 2).value();
+  CHECK(max_abs_diff(half, permute(inter)) < 1e-14);
+}
+
+TEST_CASE("rope: gradient check in double for both layouts") {
+  auto x = randn<double>(Shape{7, 4 * 6}, 35);
+  for (RopeLayout layout : {RopeLayout::interleaved, RopeLayout::rotate_half}) {
+    CAPTURE(int(layout));
+    auto r = gradcheck(
+        [&](Tape<double>&, std::vector<Var<double>>& v) {
+          return ops::rope(v[0], 4, 6, layout, 100.0, 3);
+        },
+        {x});
+    CHECK(r.max_rel_error < 1e-6);
+  }
+}
+
+TEST_CASE("rope: odd head_dim or a width that is not heads × head_dim names the op") {
+  Tape<double> tape;
+  auto x = tape.constant(randn<double>(Shape{4, 12}, 1));
+  CHECK_THROWS_WITH_AS(ops::rope(x, 4, 3, RopeLayout::interleaved, 1e4),
+                       doctest::Contains("rope: need n_heads > 0 and an even head_dim > 0"),
+                       cbq::Error);
+  CHECK_THROWS_WITH_AS(
+      ops::rope(x, 4, 4, RopeLayout::rotate_half, 1e4),
+      doctest::Contains("rope: input (4, 12) does not match 4 heads of dimension 4"), cbq::Error);
+  CHECK_THROWS_WITH_AS(ops::rope(x, 3, 4, RopeLayout::rotate_half, 1e4, -1),
+                       doctest::Contains("rope: the first position must be non-negative, got -1"),
+                       cbq::Error);
+}
+
+// ============================== attention ==============================
+
+TEST_CASE("attention: forward matches the naive T×T softmax on odd sizes, float and double") {
+  const AttnCase cases[] = {
+      {7, 4, 2, 6, true},     // grouped-query
+      {7, 3, 3, 6, true},     // plain multi-head
+      {7, 4, 2, 6, false},    // no mask
+      {7, 4, 1, 5, true},     // multi-query, odd head_dim
+      {1, 2, 1, 4, true},     // a single token
+      {150, 2, 1, 6, true},   // several 64-row tiles: online softmax rescaling across tiles
+      {133, 3, 3, 4, false},  // several tiles without mask
+  };
+  for (const AttnCase& c : cases) {
+    CAPTURE(c.seq_len);
+    CAPTURE(c.hq);
+    CAPTURE(c.hkv);
+    CAPTURE(c.hd);
+    CAPTURE(c.causal);
+    auto q = randn<double>(Shape{c.seq_len, c.hq * c.hd}, 41, 1.5);
+    auto k = randn<double>(Shape{c.seq_len, c.hkv * c.hd}, 42, 1.5);
+    auto v = randn<double>(Shape{c.seq_len, c.hkv * c.hd}, 43);
+    const double scale = 1.0 / std::sqrt(double(c.hd));
+    auto ref = naive_attention(q, k, v, c.hq, c.hkv, c.hd, c.causal, scale);
+    Tape<double> tape;
+    auto o = ops::attention(tape.constant(q), tape.constant(k), tape.constant(v), c.hq, c.hkv, c.hd,
+                            c.causal);
+    REQUIRE(o.shape() == q.shape());
+    CHECK(max_abs_diff(o.value(), ref) < 1e-12);
+    Tape<float> tape_f;
+    auto of = ops::attention(tape_f.constant(q.cast<float>()), tape_f.constant(k.cast<float>()),
+                             tape_f.constant(v.cast<float>()), c.hq, c.hkv, c.hd, c.causal);
+    CHECK(max_abs_diff(of.value(), ref) < 1e-5);
+  }
+}
+
+TEST_CASE("attention: an explicit scale and huge logits stay finite and match the reference") {
+  const int64_t n = 70, hq = 2, hkv = 1, hd = 4;
+  auto q = randn<double>(Shape{n, hq * hd}, 44, 30.0);
+  auto k = randn<double>(Shape{n, hkv * hd}, 45, 30.0);
+  auto v = randn<double>(Shape{n, hkv * hd}, 46);
+  auto ref = naive_attention(q, k, v, hq, hkv, hd, true, 2.0);
+  Tape<float> tape;
+  auto o = ops::attention(tape.constant(q.cast<float>()), tape.constant(k.cast<float>()),
+                          tape.constant(v.cast<float>()), hq, hkv, hd, true, 2.0);
+  for (int64_t i = 0; i < o.value().numel(); ++i) REQUIRE(std::isfinite(o.value()[i]));
+  CHECK(max_abs_diff(o.value(), ref) < 1e-3);
+}
+
+TEST_CASE("attention: gradient check in double for q, k and v") {
+  const AttnCase cases[] = {
+      {7, 4, 2, 6, true},   {7, 3, 3, 6, true},
+      {7, 4, 2, 6, false},  {70, 2, 1, 4, true},  // crosses a tile boundary; shared kv head
+      {67, 2, 2, 3, false},                       // crosses a tile boundary without mask
+  };
+  for (const AttnCase& c : cases) {
+    CAPTURE(c.seq_len);
+    CAPTURE(c.hq);
+    CAPTURE(c.hkv);
+    CAPTURE(c.causal);
+    auto q = randn<double>(Shape{c.seq_len, c.hq * c.hd}, 51);
+    auto k = randn<double>(Shape{c.seq_len, c.hkv * c.hd}, 52);
+    auto v = randn<double>(Shape{c.seq_len, c.hkv * c.hd}, 53);
+    auto build = [&](Tape<double>&, std::vector<Var<double>>& x) {
+      return ops::attention(x[0], x[1], x[2], c.hq, c.hkv, c.hd, c.causal, 0.7);
+    };
+    CHECK(gradcheck(build, {q, k, v}).max_rel_error < 1e-6);
+    // Each input alone (the others constant) exercises the skipped branches of backward.
+    CHECK(gradcheck(build, {q, k, v}, {true, false, false}).max_rel_error < 1e-6);
+    CHECK(gradcheck(build, {q, k, v}, {false, true, false}).max_rel_error < 1e-6);
+    CHECK(gradcheck(build, {q, k, v}, {false, false, true}).max_rel_error < 1e-6);
+  }
+}
+
+TEST_CASE("attention: gradients do not depend on the thread count") {
+  const int64_t n = 100, hq = 4, hkv = 2, hd = 8;
+  auto q = randn<double>(Shape{n, hq * hd}, 61);
+  auto k = randn<double>(Shape{n, hkv * hd}, 62);
+  auto v = randn<double>(Shape{n, hkv * hd}, 63);
+  auto dout = randn<double>(Shape{n, hq * hd}, 64);
+  auto run = [&]() {
+    Tape<double> tape;
+    auto vq = tape.input(q), vk = tape.input(k), vv = tape.input(v);
+    auto o = ops::attention(vq, vk, vv, hq, hkv, hd);
+    o.grad().copy_from(dout);
+    tape.backward_from_seeded();
+    return std::vector<Tensor<double>>{o.value().clone(), vq.grad().clone(), vk.grad().clone(),
+                                       vv.grad().clone()};
+  };
+  const int before = num_threads();
+  set_num_threads(1);
+  auto single = run();
+  set_num_threads(3);
+  auto multi = run();
+  set_num_threads(before);
+  for (std::size_t i = 0; i < single.size(); ++i) CHECK(max_abs_diff(single[i], multi[i]) == 0.0);
+}
+
+TEST_CASE("attention: memory grows linearly in T, not as T²") {
+  const int64_t n = 400, hq = 2, hkv = 1, hd = 4;
+  Tape<double> tape;
+  auto q = tape.input(randn<double>(Shape{n, hq * hd}, 71));
+  auto k = tape.input(randn<double>(Shape{n, hkv * hd}, 72));
+  auto v = tape.input(randn<double>(Shape{n, hkv * hd}, 73));
+  auto o = ops::attention(q, k, v, hq, hkv, hd);
+  // Forward keeps the output and one log-sum-exp per (row, head).
+  CHECK(tape.arena_bytes() == sizeof(double) * (n * hq * hd + n * hq));
+  o.grad().fill(1.0);
+  tape.backward_from_seeded();
+  // Everything on the tape (gradients, kv shares) is a small multiple of T·Hq·hd; a single
+  // materialised (T, T) score matrix would already exceed it.
+  CHECK(tape.arena_bytes() < sizeof(double) * 10 * n * hq * hd);
+  CHECK(tape.arena_bytes() < sizeof(double) * n * n);
+}
+
+TEST_CASE("attention: mismatched heads and shapes name the op and the numbers") {
+  Tape<double> tape;
+  auto q = tape.constant(randn<double>(Shape{5, 12}, 1));
+  auto k = tape.constant(randn<double>(Shape{5, 6}, 2));
+  auto v = tape.constant(randn<double>(Shape{5, 6}, 3));
+  CHECK_THROWS_WITH_AS(ops::attention(q, k, v, 4, 3, 3),
+                       doctest::Contains("attention: n_heads 4 is not divisible by n_kv_heads 3"),
+                       cbq::Error);
+  CHECK_THROWS_WITH_AS(
+      ops::attention(q, k, v, 3, 1, 3),
+      doctest::Contains("attention: q (5, 12) does not match 3 heads of dimension 3"), cbq::Error);
+  CHECK_THROWS_WITH_AS(ops::attention(q, k, v, 4, 1, 3),
+                       doctest::Contains("attention: k (5, 6) does not match q (5, 12)"),
+                       cbq::Error);
+  auto v_short = tape.constant(randn<double>(Shape{4, 6}, 4));
+  CHECK_THROWS_WITH_AS(ops::attention(q, k, v_short, 4, 2, 3),
+                       doctest::Contains("attention: v (4, 6) and k (5, 6) differ"), cbq::Error);
+}
