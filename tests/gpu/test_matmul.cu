@@ -1,0 +1,215 @@
+// CUDA vs CPU: the cuBLASLt GEMM (raw contract and the matmul op, all four transposes) and the
+// linear op with and without bias, forward and backward, float (fp32 and TF32) and double.
+#include <vector>
+
+#include "gpu/gpu_main.hpp"
+
+using namespace cbq;
+using cbq::gpu_testing::randn;
+using cbq::gpu_testing::rel_error;
+using cbq::gpu_testing::tolerance;
+
+namespace {
+
+struct Dims {
+  int64_t m, k, n;
+};
+// Odd sizes (no multiple of a tile), a degenerate one and one that spans several tiles.
+const Dims kDims[] = {{1, 1, 1}, {7, 13, 5}, {33, 65, 17}, {128, 256, 96}, {257, 300, 129}};
+
+// Naive row-major C = alpha · op(A) · op(B) + beta · C in double.
+template <class T>
+void naive_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha,
+                const std::vector<T>& a, int64_t lda, const std::vector<T>& b, int64_t ldb,
+                double beta, std::vector<double>& c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double s = 0;
+      for (int64_t p = 0; p < k; ++p)
+        s += double(ta ? a[p * lda + i] : a[i * lda + p]) *
+             double(tb ? b[j * ldb + p] : b[p * ldb + j]);
+      double& out = c[i * ldc + j];
+      out = alpha * s + (beta == 0 ? 0.0 : beta * out);
+    }
+}
+
+template <class T>
+struct MatmulResult {
+  Tensor<T> c, da, db;
+};
+
+// C = op(A)·op(B) + op(A)·op(B) (the same product twice, so the backward GEMMs accumulate with
+// beta = 1 into a gradient that already holds a value), seeded with dC = G.
+template <class T>
+MatmulResult<T> run_matmul(Device device, const Tensor<T>& a, const Tensor<T>& b,
+                           const Tensor<T>& g, bool ta, bool tb) {
+  Tape<T> tape(device);
+  Var<T> va = tape.input(a.to(device));
+  Var<T> vb = tape.input(b.to(device));
+  Var<T> c = ops::add(ops::matmul(va, vb, ta, tb), ops::matmul(va, vb, ta, tb));
+  c.grad().copy_from(g);
+  tape.backward_from_seeded();
+  return {c.value().to(Device::cpu), va.grad().to(Device::cpu), vb.grad().to(Device::cpu)};
+}
+
+template <class T>
+void check_matmul(cuda::MathMode mode) {
+  cuda::MathModeGuard guard(mode);
+  const double tol = tolerance<T>(mode);
+  uint64_t seed = 100;
+  for (const Dims& d : kDims)
+    for (bool ta : {false, true})
+      for (bool tb : {false, true}) {
+        CAPTURE(d.m);
+        CAPTURE(d.k);
+        CAPTURE(d.n);
+        CAPTURE(ta);
+        CAPTURE(tb);
+        const Tensor<T> a = randn<T>(ta ? Shape{d.k, d.m} : Shape{d.m, d.k}, seed++);
+        const Tensor<T> b = randn<T>(tb ? Shape{d.n, d.k} : Shape{d.k, d.n}, seed++);
+        const Tensor<T> g = randn<T>(Shape{d.m, d.n}, seed++);
+        const MatmulResult<T> cpu = run_matmul(Device::cpu, a, b, g, ta, tb);
+        const MatmulResult<T> gpu = run_matmul(Device::cuda, a, b, g, ta, tb);
+        CHECK(rel_error(gpu.c, cpu.c) <= tol);
+        CHECK(rel_error(gpu.da, cpu.da) <= tol);
+        CHECK(rel_error(gpu.db, cpu.db) <= tol);
+      }
+}
+
+template <class T>
+struct LinearResult {
+  Tensor<T> y, dx, dw, db;
+};
+
+template <class T>
+LinearResult<T> run_linear(Device device, const Tensor<T>& x, const Tensor<T>& w,
+                           const Tensor<T>* b, const Tensor<T>& g) {
+  Tape<T> tape(device);
+  Var<T> vx = tape.input(x.to(device));
+  Var<T> vw = tape.input(w.to(device));
+  Var<T> vb = b ? tape.input(b->to(device)) : Var<T>{};
+  Var<T> y = ops::linear(vx, vw, vb);
+  y.grad().copy_from(g);
+  tape.backward_from_seeded();
+  LinearResult<T> r{y.value().to(Device::cpu), vx.grad().to(Device::cpu), vw.grad().to(Device::cpu),
+                    Tensor<T>()};
+  if (b) r.db = vb.grad().to(Device::cpu);
+  return r;
+}
+
+template <class T>
+void check_linear(cuda::MathMode mode) {
+  cuda::MathModeGuard guard(mode);
+  const double tol = tolerance<T>(mode);
+  struct Case {
+    Shape x;
+    int64_t out;
+  };
+  // (..., in) inputs: 1-D, 3-D with odd sizes, and many rows for the bias reduction.
+  const Case cases[] = {
+      {Shape{7}, 3}, {Shape{2, 5, 7}, 11}, {Shape{3, 37, 64}, 96}, {Shape{1000, 16}, 40}};
+  uint64_t seed = 200;
+  for (const Case& c : cases)
+    for (bool with_bias : {false, true}) {
+      CAPTURE(c.x.str());
+      CAPTURE(c.out);
+      CAPTURE(with_bias);
+      const int64_t in = c.x[-1];
+      Shape y_shape = c.x;
+      y_shape[-1] = c.out;
+      const Tensor<T> x = randn<T>(c.x, seed++), w = randn<T>(Shape{c.out, in}, seed++);
+      const Tensor<T> b = randn<T>(Shape{c.out}, seed++), g = randn<T>(y_shape, seed++);
+      const Tensor<T>* bias = with_bias ? &b : nullptr;
+      const LinearResult<T> cpu = run_linear(Device::cpu, x, w, bias, g);
+      const LinearResult<T> gpu = run_linear(Device::cuda, x, w, bias, g);
+      CHECK(rel_error(gpu.y, cpu.y) <= tol);
+      CHECK(rel_error(gpu.dx, cpu.dx) <= tol);
+      CHECK(rel_error(gpu.dw, cpu.dw) <= tol);
+      if (with_bias) CHECK(rel_error(gpu.db, cpu.db) <= tol);
+    }
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("gemm: the raw CudaGemm contract against a double reference", T, float, double) {
+  // alpha/beta not in {0, 1}, leading dimensions wider than the matrices, and k = 0
+  // (C = beta · C, which cuBLASLt itself does not accept).
+  uint64_t seed = 1;
+  for (Dims d : {Dims{7, 13, 5}, Dims{33, 65, 17}, Dims{4, 0, 3}})
+    for (bool ta : {false, true})
+      for (bool tb : {false, true}) {
+        CAPTURE(d.m);
+        CAPTURE(d.k);
+        CAPTURE(d.n);
+        CAPTURE(ta);
+        CAPTURE(tb);
+        const int64_t pad = 3;
+        const int64_t a_rows = ta ? d.k : d.m, a_cols = ta ? d.m : d.k;
+        const int64_t b_rows = tb ? d.n : d.k, b_cols = tb ? d.k : d.n;
+        const int64_t lda = a_cols + pad, ldb = b_cols + pad, ldc = d.n + pad;
+        const Tensor<T> a = randn<T>(Shape{std::max<int64_t>(a_rows, 1), lda}, seed++);
+        const Tensor<T> b = randn<T>(Shape{std::max<int64_t>(b_rows, 1), ldb}, seed++);
+        const Tensor<T> c0 = randn<T>(Shape{d.m, ldc}, seed++);
+        const T alpha = T(0.5), beta = T(-1.25);
+
+        std::vector<double> expected(c0.numel());
+        for (int64_t i = 0; i < c0.numel(); ++i) expected[i] = double(c0[i]);
+        naive_gemm<T>(ta, tb, d.m, d.n, d.k, alpha, a.to_vector(), lda, b.to_vector(), ldb, beta,
+                      expected, ldc);
+
+        const Tensor<T> da = a.to(Device::cuda), db = b.to(Device::cuda);
+        Tensor<T> dc = c0.to(Device::cuda);
+        ops::gemm<T>(Device::cuda, ta, tb, d.m, d.n, d.k, alpha, da.data(), lda, db.data(), ldb,
+                     beta, dc.data(), ldc);
+        const std::vector<T> got = dc.to_vector();
+        double diff = 0, scale = 0;
+        for (int64_t i = 0; i < d.m; ++i)
+          for (int64_t j = 0; j < ldc; ++j) {
+            const int64_t idx = i * ldc + j;
+            if (j >= d.n) {  // padding columns are never written
+              CHECK(got[idx] == c0[idx]);
+              continue;
+            }
+            diff = std::max(diff, std::abs(double(got[idx]) - expected[idx]));
+            scale = std::max(scale, std::abs(expected[idx]));
+          }
+        CHECK(diff / scale <= tolerance<T>());
+      }
+}
+
+TEST_CASE("gemm: plans are cached per shape") {
+  const Tensor<float> a = randn<float>(Shape{19, 23}, 1).to(Device::cuda);
+  const Tensor<float> b = randn<float>(Shape{23, 29}, 2).to(Device::cuda);
+  Tensor<float> c(Shape{19, 29}, Device::cuda);
+  cuda::Context& ctx = cuda::default_context();
+  cuda::gemm<float>(ctx, false, false, 19, 29, 23, 1.0f, a.data(), 23, b.data(), 29, 0.0f, c.data(),
+                    29);
+  const std::size_t plans = ctx.num_gemm_plans();
+  for (int i = 0; i < 3; ++i)
+    cuda::gemm<float>(ctx, false, false, 19, 29, 23, 1.0f, a.data(), 23, b.data(), 29, 0.0f,
+                      c.data(), 29);
+  CHECK(ctx.num_gemm_plans() == plans);
+  // A new transpose is a new plan: c2 (23, 29) = aᵀ (23, 19) · c (19, 29).
+  Tensor<float> c2(Shape{23, 29}, Device::cuda);
+  cuda::gemm<float>(ctx, true, false, 23, 29, 19, 1.0f, a.data(), 23, c.data(), 29, 0.0f, c2.data(),
+                    29);
+  CHECK(ctx.num_gemm_plans() == plans + 1);
+  ctx.synchronize();
+}
+
+TEST_CASE_TEMPLATE("matmul: CUDA matches CPU forward and backward, all transposes", T, float,
+                   double) {
+  check_matmul<T>(cuda::MathMode::fp32);
+}
+
+TEST_CASE("matmul: TF32 mode stays within its looser tolerance") {
+  check_matmul<float>(cuda::MathMode::tf32);
+}
+
+TEST_CASE_TEMPLATE("linear: CUDA matches CPU with and without bias", T, float, double) {
+  check_linear<T>(cuda::MathMode::fp32);
+}
+
+TEST_CASE("linear: TF32 mode stays within its looser tolerance") {
+  check_linear<float>(cuda::MathMode::tf32);
+}
