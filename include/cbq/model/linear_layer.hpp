@@ -2,6 +2,7 @@
 // A named linear layer inside a block, and the hook through which a quantization pass replaces
 // its computation (fake-quantized weights and inputs) without the block knowing about it.
 #include <functional>
+#include <memory>
 #include <string>
 
 #include "cbq/core/tape.hpp"
@@ -26,7 +27,8 @@ class LinearLayer {
   std::string name;     // the Hugging Face module name inside the block: "q_proj", "fc1", ...
   Parameter<T> weight;  // (out, in); frozen (not trainable) in the full-precision model
   Parameter<T> bias;    // (out,) or undefined
-  LinearTransform<T>* transform = nullptr;  // non-owning
+  // Set by a quantization pass (shared: the model owns what it evaluates with).
+  std::shared_ptr<LinearTransform<T>> transform;
 
   LinearLayer() = default;
   LinearLayer(std::string name_, Tensor<T> w, Tensor<T> b = Tensor<T>())
@@ -39,8 +41,8 @@ class LinearLayer {
   int64_t out_features() const { return weight.value.size(0); }
 
   // y = x · Wᵀ + b, or whatever the installed transform computes.
-  Var<T> operator()(Tape<T>& tape, Var<T> x) {
-    if (transform) return transform->forward(tape, *this, x);
+  Var<T> operator()(Tape<T>& tape, Var<T> x, bool full_precision = false) {
+    if (transform && !full_precision) return transform->forward(tape, *this, x);
     return ops::linear(x, tape.param(weight), has_bias() ? tape.param(bias) : Var<T>{});
   }
 };
@@ -49,6 +51,8 @@ class LinearLayer {
 template <class T>
 struct BlockContext {
   int64_t pos0 = 0;  // sequence position of the first row (RoPE, learned positions)
+  // Ignore installed transforms: the full-precision path of a model being quantized.
+  bool full_precision = false;
   // Called with every linear layer's input before the layer runs (calibration statistics:
   // GPTQ Hessians, CFP channel maxima, activation ranges).
   std::function<void(const LinearLayer<T>&, const Tensor<T>&)> on_linear_input;
@@ -57,7 +61,7 @@ struct BlockContext {
 template <class T>
 Var<T> run_linear(Tape<T>& tape, LinearLayer<T>& layer, Var<T> x, const BlockContext<T>& ctx) {
   if (ctx.on_linear_input) ctx.on_linear_input(layer, x.value());
-  return layer(tape, x);
+  return layer(tape, x, ctx.full_precision);
 }
 
 }  // namespace cbq
