@@ -1,0 +1,252 @@
+#pragma once
+// Coarse-to-fine pre-processing (CFP, CBQ paper §3.2, Algorithm 1; DESIGN §2): an outlier
+// detector on non-negative values, weight-outlier truncation and activation-outlier channel
+// scaling factors. docs/CFP.md states the conventions; in short:
+//
+//   coarse  x sorted ascending (0-based), Q1 = x[⌊n/4⌋], Q3 = x[⌊3n/4⌋],
+//           T = Q3 + λ1·(Q3 − Q1), candidates O = {x > T} ascending (|O| = N)
+//   fine    for i = 0 … N−1: reserved O[0:i], outliers O[i:N],
+//             M(i) = (O[i] − kept_max(i))² − λ2·Var(O[0:i])
+//           kept_max(i) = O[i−1] for i > 0, and the largest non-candidate value (≤ T) for i = 0;
+//           Var is the population variance of the reserved candidates only (0 for i ≤ 1).
+//           The first i with the largest M wins. i = N (no outliers) is not a split: Min(∅) is
+//           undefined, and M(0) > 0 always (O[0] > T ≥ every non-candidate), so a coarse
+//           candidate set is never rejected wholesale.
+//   result  outliers = every value > kept_max (equal values are never split, see docs),
+//           kept_max = Max(O*) of the paper read as the largest KEPT value.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "cbq/core/error.hpp"
+#include "cbq/core/tensor.hpp"
+
+namespace cbq::quant {
+
+struct CfpOptions {
+  double lambda1 = 1.5;  // IQR multiplier of the coarse threshold
+  double lambda2 = 1.0;  // weight of the reserved set's variance in the fine split metric
+};
+
+// What the detector found on n values.
+struct OutlierSet {
+  int64_t n = 0;
+  double q1 = 0, q3 = 0;          // x[⌊n/4⌋], x[⌊3n/4⌋] of the ascending sort
+  double threshold = 0;           // T = Q3 + λ1·(Q3 − Q1)
+  int64_t candidates = 0;         // |{x > T}|
+  int64_t split = 0;              // chosen i: O[0:i] reserved, O[i:] outliers (0 if no candidates)
+  double score = 0;               // M at the chosen split (0 if no candidates)
+  double kept_max = 0;            // the largest value that is NOT an outlier (the paper's Max(O*))
+  std::vector<int64_t> outliers;  // indices into the input of the outliers, ascending
+
+  int64_t count() const { return static_cast<int64_t>(outliers.size()); }
+};
+
+namespace detail {
+inline void check_cfp_options(const CfpOptions& o, std::string_view what) {
+  CBQ_CHECK(
+      std::isfinite(o.lambda1) && o.lambda1 >= 0 && std::isfinite(o.lambda2) && o.lambda2 >= 0,
+      "cfp({}): λ1 = {} and λ2 = {} must be finite and non-negative", what, o.lambda1, o.lambda2);
+}
+}  // namespace detail
+
+// Runs the coarse-to-fine detector on non-negative finite values. `what` names the tensor in
+// error messages. Throws cbq::Error on an empty input, a negative value or a NaN/inf.
+template <class T>
+OutlierSet detect_outliers(std::span<const T> x, std::string_view what = "values",
+                           const CfpOptions& opt = {}) {
+  detail::check_cfp_options(opt, what);
+  const int64_t n = static_cast<int64_t>(x.size());
+  CBQ_CHECK(n > 0, "cfp({}): outlier detection needs at least one value, got an empty set", what);
+  for (int64_t j = 0; j < n; ++j) {
+    const double v = static_cast<double>(x[static_cast<std::size_t>(j)]);
+    CBQ_CHECK(std::isfinite(v), "cfp({}): value {} at index {} is not finite", what, v, j);
+    CBQ_CHECK(v >= 0, "cfp({}): value {} at index {} is negative; the detector takes magnitudes",
+              what, v, j);
+  }
+  OutlierSet r;
+  r.n = n;
+
+  // Coarse stage. Selection instead of a full sort: x[k] of the sorted order is what
+  // nth_element puts at k, in O(n).
+  std::vector<T> v(x.begin(), x.end());
+  const int64_t i1 = n / 4, i3 = (3 * n) / 4;
+  std::nth_element(v.begin(), v.begin() + i3, v.end());
+  const double q3 = static_cast<double>(v[static_cast<std::size_t>(i3)]);
+  std::nth_element(v.begin(), v.begin() + i1, v.begin() + i3 + 1);
+  const double q1 = static_cast<double>(v[static_cast<std::size_t>(i1)]);
+  r.q1 = q1;
+  r.q3 = q3;
+  r.threshold = q3 + opt.lambda1 * (q3 - q1);
+
+  // Candidates (> T) and the largest non-candidate (≤ T; exists since Q3 ≤ T).
+  std::vector<double> cand;
+  double base_max = -1;
+  for (int64_t j = 0; j < n; ++j) {
+    const double val = static_cast<double>(x[static_cast<std::size_t>(j)]);
+    if (val > r.threshold)
+      cand.push_back(val);
+    else
+      base_max = std::max(base_max, val);
+  }
+  r.candidates = static_cast<int64_t>(cand.size());
+  if (cand.empty()) {
+    r.kept_max = base_max;
+    return r;
+  }
+  std::sort(cand.begin(), cand.end());
+
+  // Fine stage: prefix sums of the candidates shifted by O[0] (less cancellation in the
+  // variance) give Var(O[0:i]) in O(1) per split.
+  const int64_t N = r.candidates;
+  const double shift = cand[0];
+  double s1 = 0, s2 = 0;  // sums over O[0:i] of (o − shift) and (o − shift)²
+  double best = -std::numeric_limits<double>::infinity();
+  int64_t best_i = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    const double kept = i == 0 ? base_max : cand[static_cast<std::size_t>(i - 1)];
+    const double gap = cand[static_cast<std::size_t>(i)] - kept;
+    double var = 0;
+    if (i > 1) {
+      const double mean = s1 / static_cast<double>(i);
+      var = std::max(0.0, s2 / static_cast<double>(i) - mean * mean);
+    }
+    const double m = gap * gap - opt.lambda2 * var;
+    if (m > best) {
+      best = m;
+      best_i = i;
+    }
+    const double y = cand[static_cast<std::size_t>(i)] - shift;
+    s1 += y;
+    s2 += y * y;
+  }
+  r.split = best_i;
+  r.score = best;
+  r.kept_max = best_i == 0 ? base_max : cand[static_cast<std::size_t>(best_i - 1)];
+  // A split between equal values has gap 0 and M ≤ 0 < M(0), so it is never chosen: the
+  // outliers are exactly the values above kept_max.
+  for (int64_t j = 0; j < n; ++j)
+    if (static_cast<double>(x[static_cast<std::size_t>(j)]) > r.kept_max) r.outliers.push_back(j);
+  return r;
+}
+
+template <class T>
+OutlierSet detect_outliers(const std::vector<T>& x, std::string_view what = "values",
+                           const CfpOptions& opt = {}) {
+  return detect_outliers(std::span<const T>(x.data(), x.size()), what, opt);
+}
+
+// Weight-outlier truncation of one layer: runs the detector on |W| and clamps every outlier
+// weight to ±kept_max (its sign kept), in place. Returns the number of clamped weights; the
+// detection is written to `*detection` when given. `layer` names the weight in errors.
+template <class T>
+int64_t truncate_weight_outliers(Tensor<T>& w, std::string_view layer = "weight",
+                                 const CfpOptions& opt = {}, OutlierSet* detection = nullptr) {
+  static_assert(std::is_floating_point_v<T>, "truncate_weight_outliers needs a floating weight");
+  CBQ_CHECK(w.is_cpu() && w.is_contiguous(),
+            "cfp({}): weight truncation needs a contiguous CPU tensor, got shape {}", layer,
+            w.shape());
+  std::vector<T> mag(static_cast<std::size_t>(w.numel()));
+  for (int64_t k = 0; k < w.numel(); ++k) mag[static_cast<std::size_t>(k)] = std::abs(w[k]);
+  OutlierSet d = detect_outliers(std::span<const T>(mag), layer, opt);
+  const T limit = static_cast<T>(d.kept_max);  // exact: kept_max is one of the |w|
+  for (int64_t k : d.outliers) w[k] = std::copysign(limit, w[k]);
+  const int64_t clamped = d.count();
+  if (detection) *detection = std::move(d);
+  return clamped;
+}
+
+// Activation-outlier channel scaling factors from per-channel maxima m_j = max_t |X_tj|:
+// s_j = sqrt(m_j / m*) for the outlier channels, m* = the largest non-outlier maximum; s_j = 1
+// otherwise. Dividing channel j of the activation by s_j (and multiplying column j of the
+// consuming weights by s_j) brings an outlier channel's maximum to sqrt(m_j·m*) ≤ m_j.
+template <class T>
+std::vector<T> activation_outlier_scales(std::span<const T> channel_max,
+                                         std::string_view what = "activation",
+                                         const CfpOptions& opt = {},
+                                         OutlierSet* detection = nullptr) {
+  OutlierSet d = detect_outliers(channel_max, what, opt);
+  std::vector<T> s(channel_max.size(), T(1));
+  if (d.count() > 0) {
+    CBQ_CHECK(d.kept_max > 0,
+              "cfp({}): {} outlier channels but every kept channel maximum is 0 (Q1 = Q3 = 0 "
+              "over {} channels); no finite scaling factor exists",
+              what, d.count(), d.n);
+    for (int64_t j : d.outliers)
+      s[static_cast<std::size_t>(j)] = static_cast<T>(
+          std::sqrt(static_cast<double>(channel_max[static_cast<std::size_t>(j)]) / d.kept_max));
+  }
+  if (detection) *detection = std::move(d);
+  return s;
+}
+
+template <class T>
+std::vector<T> activation_outlier_scales(const std::vector<T>& channel_max,
+                                         std::string_view what = "activation",
+                                         const CfpOptions& opt = {},
+                                         OutlierSet* detection = nullptr) {
+  return activation_outlier_scales(std::span<const T>(channel_max.data(), channel_max.size()), what,
+                                   opt, detection);
+}
+
+// Accumulates m_j = max_t |X_tj| of one linear layer's input over calibration batches. Each batch
+// is a tensor (..., d): every leading index is a token row.
+template <class T = float>
+class ChannelMaxObserver {
+ public:
+  explicit ChannelMaxObserver(int64_t channels, std::string name = "activation")
+      : name_(std::move(name)), max_(static_cast<std::size_t>(channels), T(0)) {
+    CBQ_CHECK(channels > 0, "ChannelMaxObserver({}): needs at least one channel, got {}", name_,
+              channels);
+  }
+
+  void observe(const Tensor<T>& x) {
+    CBQ_CHECK(x.is_cpu(), "ChannelMaxObserver({}): batch {} is not on the CPU", name_, batches_);
+    CBQ_CHECK(x.ndim() >= 1 && x.shape().cols() == channels(),
+              "ChannelMaxObserver({}): batch {} has shape {}, expected (..., {})", name_, batches_,
+              x.shape(), channels());
+    const Tensor<T> c = x.contiguous();
+    const int64_t rows = c.shape().rows(), d = channels();
+    // Check the whole batch before updating, so a bad batch leaves the maxima untouched.
+    for (int64_t t = 0; t < rows; ++t)
+      for (int64_t j = 0; j < d; ++j)
+        CBQ_CHECK(std::isfinite(c[t * d + j]),
+                  "ChannelMaxObserver({}): non-finite value {} at row {} channel {} of batch {}",
+                  name_, static_cast<double>(c[t * d + j]), t, j, batches_);
+    for (int64_t t = 0; t < rows; ++t)
+      for (int64_t j = 0; j < d; ++j) {
+        T& m = max_[static_cast<std::size_t>(j)];
+        m = std::max(m, std::abs(c[t * d + j]));
+      }
+    rows_ += rows;
+    ++batches_;
+  }
+
+  int64_t channels() const { return static_cast<int64_t>(max_.size()); }
+  int64_t rows() const { return rows_; }
+  int64_t batches() const { return batches_; }
+  const std::string& name() const { return name_; }
+  const std::vector<T>& maxima() const { return max_; }
+
+  std::vector<T> scales(const CfpOptions& opt = {}, OutlierSet* detection = nullptr) const {
+    CBQ_CHECK(rows_ > 0, "ChannelMaxObserver({}): no calibration rows observed", name_);
+    return activation_outlier_scales(std::span<const T>(max_), name_, opt, detection);
+  }
+
+  void reset() {
+    std::fill(max_.begin(), max_.end(), T(0));
+    rows_ = batches_ = 0;
+  }
+
+ private:
+  std::string name_;
+  std::vector<T> max_;
+  int64_t rows_ = 0, batches_ = 0;
+};
+
+}  // namespace cbq::quant
