@@ -1,0 +1,265 @@
+#pragma once
+// quant::fake_quant_weight: the uniform fake quantizer of a (rows, cols) weight as an autodiff op.
+//
+//   v = w / s_p,  r = round(v) (half to even),  q = r + z_p,
+//   q_c = clamp(q, qmin, qmax),  ŵ = s_p · (q_c − z_p)
+//
+// with (s_p, z_p) the parameters of the group p that element (i, j) belongs to (grid.hpp).
+// `s` is a learnable Var; `z` is a constant tensor (integer-valued; zeros for symmetric grids).
+//
+// Derivative (straight-through estimator for round, LSQ for the step; G = dŵ):
+//   inside  (qmin ≤ q ≤ qmax):   dw += G,   ds_p += g_p · G · (r − v)
+//   outside (q clamped to B):    dw += 0,   ds_p += g_p · G · (B − z_p)
+// (inside ŵ = s·round(w/s), whose derivative in s with round treated as the identity is
+//  round(v) + s·(−w/s²) = r − v; outside ŵ = s·(B − z), linear in s.)
+// g_p = 1/sqrt(N_p · qmax) (LSQ's gradient scale, N_p = number of elements sharing s_p; the
+// short last group has its own, smaller N_p) when lsq_grad_scale, else 1.
+// An element exactly on a bound (q = qmin or q = qmax) is inside: the clamp does not engage.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "cbq/ops/common.hpp"
+#include "cbq/quant/grid.hpp"
+
+namespace cbq::quant {
+
+namespace detail {
+
+// Calls f(r, k, c0, c1, p) for every group: row r, group k of the row, columns [c0, c1), and
+// the index p of its (s, z) in the parameter tensors.
+template <class F>
+void for_each_group(const GridSpec& g, int64_t rows, int64_t cols, int64_t r, F&& f) {
+  const int64_t gc = std::max<int64_t>(g.group_cols(cols), 1), ng = g.groups_per_row(cols);
+  (void)rows;
+  for (int64_t k = 0; k < ng; ++k) {
+    const int64_t c0 = k * gc, c1 = std::min(cols, (k + 1) * gc);
+    const int64_t p = g.granularity == Granularity::per_tensor ? 0 : r * ng + k;
+    f(k, c0, c1, p);
+  }
+}
+
+// Number of elements that share parameter p of a (rows, cols) weight.
+inline int64_t elements_sharing(const GridSpec& g, int64_t p, int64_t rows, int64_t cols) {
+  switch (g.granularity) {
+    case Granularity::per_tensor:
+      return rows * cols;
+    case Granularity::per_channel:
+      return cols;
+    case Granularity::per_group:
+    default: {
+      const int64_t k = p % g.groups_per_row(cols);
+      return std::min(cols, (k + 1) * g.group_size) - k * g.group_size;
+    }
+  }
+}
+
+// LSQ gradient scale 1/sqrt(N · qmax) (Esser et al. 2019, with Q_P = qmax of the grid).
+template <class T>
+T lsq_scale(bool enabled, int64_t n, const GridSpec& g) {
+  if (!enabled) return T(1);
+  return T(1) / std::sqrt(static_cast<T>(n) * static_cast<T>(g.qmax()));
+}
+
+// Checks a scale / zero-point pair against the expected parameter shape; every step must be
+// positive and finite, zero-points integer-valued, inside [0, qmax], and 0 for symmetric grids.
+template <class T>
+void check_params(const char* op, const Tensor<T>& s, const Tensor<T>& z, const Shape& expected,
+                  const GridSpec& g) {
+  CBQ_CHECK(s.shape() == expected, "{}: scale has shape {}, expected {}", op, s.shape(), expected);
+  ops::check_cpu(op, s);
+  ops::check_contiguous(op, "scale", s);
+  for (int64_t i = 0; i < s.numel(); ++i)
+    CBQ_CHECK(std::isfinite(s[i]) && s[i] > T(0), "{}: scale[{}] = {} is not a positive step", op,
+              i, static_cast<double>(s[i]));
+  if (!z.defined()) return;  // an undefined zero tensor means all zero-points are 0
+  CBQ_CHECK(z.shape() == expected, "{}: zero has shape {}, expected {}", op, z.shape(), expected);
+  ops::check_contiguous(op, "zero", z);
+  for (int64_t i = 0; i < z.numel(); ++i) {
+    const T v = z[i];
+    if (g.symmetric) {
+      CBQ_CHECK(v == T(0), "{}: zero[{}] = {} but a symmetric grid has zero-points 0", op, i,
+                static_cast<double>(v));
+    } else {
+      CBQ_CHECK(v == std::floor(v) && v >= T(0) && v <= static_cast<T>(g.qmax()),
+                "{}: zero[{}] = {} is not an integer in [0, {}]", op, i, static_cast<double>(v),
+                g.qmax());
+    }
+  }
+}
+
+// The saved state and backward of every fake quantizer with a learnable step per group:
+//   dx += G ⊙ pass,   ds_p += g_p · Σ_{i ∈ p} G_i · coef_i
+// pass (1 inside, 0 clamped) and coef (r − v inside, B − z outside) are saved by the forward.
+template <class T>
+class StepQuantNode final : public Node<T> {
+ public:
+  StepQuantNode(const char* name, Var<T> x, Var<T> s, Tensor<T> pass, Tensor<T> coef,
+                Tensor<T> partial, GridSpec g, int64_t rows, int64_t cols, bool lsq, int64_t lsq_n)
+      : name_(name),
+        x_(x),
+        s_(s),
+        pass_(pass),
+        coef_(coef),
+        partial_(partial),
+        g_(g),
+        rows_(rows),
+        cols_(cols),
+        lsq_(lsq),
+        lsq_n_(lsq_n) {}
+  const char* name() const override { return name_; }
+  void backward(Tape<T>& tape) override {
+    const T* G = tape.grad(this->output).data();
+    const T* pass = pass_.data();
+    const T* coef = coef_.data();
+    const int64_t cols = cols_;
+    if (x_.requires_grad()) {  // dx += G ⊙ pass (straight-through inside the clamp range)
+      T* dx = x_.grad().data();
+      parallel_for(rows_ * cols, ops::kElementwiseGrain, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) dx[i] += G[i] * pass[i];
+      });
+    }
+    if (!s_.requires_grad()) return;
+    // Per (row, group) partial sums Σ G·coef, then scatter (per-tensor: sum over rows).
+    const int64_t ng = g_.groups_per_row(cols);
+    T* part = partial_.data();
+    parallel_for(rows_, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for_each_group(g_, rows_, cols, r, [&](int64_t k, int64_t c0, int64_t c1, int64_t) {
+          T acc = 0;
+          for (int64_t c = c0; c < c1; ++c) acc += G[r * cols + c] * coef[r * cols + c];
+          part[r * ng + k] = acc;
+        });
+    });
+    T* ds = s_.grad().data();
+    if (g_.granularity == Granularity::per_tensor) {
+      T acc = 0;
+      for (int64_t r = 0; r < rows_; ++r) acc += part[r];
+      const int64_t n = lsq_n_ > 0 ? lsq_n_ : rows_ * cols;
+      ds[0] += lsq_scale<T>(lsq_, n, g_) * acc;
+    } else {
+      for (int64_t p = 0; p < rows_ * ng; ++p) {
+        const int64_t n = lsq_n_ > 0 ? lsq_n_ : elements_sharing(g_, p, rows_, cols);
+        ds[p] += lsq_scale<T>(lsq_, n, g_) * part[p];
+      }
+    }
+  }
+
+ private:
+  const char* name_;
+  Var<T> x_, s_;
+  Tensor<T> pass_, coef_, partial_;
+  GridSpec g_;
+  int64_t rows_, cols_;
+  bool lsq_;
+  int64_t lsq_n_;
+};
+
+// Shared forward of fake_quant_weight and fake_quant_act_static on a (rows, cols) view.
+// lsq_n > 0 overrides N in the LSQ scale.
+template <class T>
+Var<T> step_quant(const char* op, Var<T> x, Var<T> s, const Tensor<T>& z, const GridSpec& g,
+                  int64_t rows, int64_t cols, const Shape& out_shape, bool lsq, int64_t lsq_n) {
+  Tape<T>& tape = x.tape();
+  const bool rg = tape.any_requires_grad({x, s});
+  Var<T> out = tape.output(out_shape, rg);
+  const T* X = x.value().data();
+  const T* S = s.value().data();
+  const T* Z = z.defined() ? z.data() : nullptr;
+  Tensor<T> yv = out.value();  // shares the output's storage
+  T* Y = yv.data();
+  Tensor<T> pass, coef;
+  if (rg) {
+    pass = tape.scratch(out_shape);
+    coef = tape.scratch(out_shape);
+  }
+  T* P = rg ? pass.data() : nullptr;
+  T* C = rg ? coef.data() : nullptr;
+  const T lo = static_cast<T>(g.qmin()), hi = static_cast<T>(g.qmax());
+  parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
+               [&](int64_t r0, int64_t r1) {
+                 for (int64_t r = r0; r < r1; ++r)
+                   for_each_group(g, rows, cols, r,
+                                  [&](int64_t, int64_t c0, int64_t c1, int64_t p) {
+                                    const T sp = S[p], zp = Z ? Z[p] : T(0);
+                                    for (int64_t c = c0; c < c1; ++c) {
+                                      const int64_t i = r * cols + c;
+                                      const T v = X[i] / sp;
+                                      const T rv = round_even(v);
+                                      const T q = rv + zp;
+                                      const T qc = std::clamp(q, lo, hi);
+                                      Y[i] = sp * (qc - zp);
+                                      if (P) {
+                                        const bool inside = q == qc;
+                                        P[i] = inside ? T(1) : T(0);
+                                        C[i] = inside ? rv - v : qc - zp;
+                                      }
+                                    }
+                                  });
+               });
+  if (rg) {
+    Tensor<T> partial = tape.scratch(Shape{rows, g.groups_per_row(cols)});
+    tape.template record<StepQuantNode<T>>(out, op, x, s, pass, coef, partial, g, rows, cols, lsq,
+                                           lsq_n);
+  }
+  return out;
+}
+
+}  // namespace detail
+
+// Fake-quantizes a (rows, cols) weight with learnable steps `scale` (spec.param_shape(rows,
+// cols)) and constant zero-points `zero` (same shape; pass an undefined tensor for all-zero).
+// Initialise (scale, zero) with init_minmax (RTN).
+template <class T>
+Var<T> fake_quant_weight(Var<T> w, Var<T> scale, const Tensor<T>& zero, const GridSpec& spec,
+                         bool lsq_grad_scale = true) {
+  constexpr const char* op = "quant::fake_quant_weight";
+  spec.validate(op);
+  const Tensor<T>& W = w.value();
+  CBQ_CHECK(W.ndim() == 2, "{}: weight must be 2-D (out, in), got {}", op, W.shape());
+  ops::check_cpu(op, W);
+  ops::check_contiguous(op, "weight", W);
+  const int64_t rows = W.size(0), cols = W.size(1);
+  detail::check_params(op, scale.value(), zero, spec.param_shape(rows, cols), spec);
+  return detail::step_quant(op, w, scale, zero, spec, rows, cols, W.shape(), lsq_grad_scale,
+                            int64_t{0});
+}
+
+// The same quantizer without a tape: ŵ for given (scale, zero), e.g. for evaluation.
+template <class T>
+Tensor<T> fake_quant_weight_value(const Tensor<T>& w, const Tensor<T>& scale, const Tensor<T>& zero,
+                                  const GridSpec& spec) {
+  Tape<T> tape;
+  NoGrad<T> off(tape);
+  return fake_quant_weight(tape.constant(w), tape.constant(scale), zero, spec).value().clone();
+}
+
+// The integer codes of `w` on the grid (scale, zero), as a QuantizedWeight whose dequantize()
+// equals fake_quant_weight's output bit for bit when T = float.
+template <class T>
+QuantizedWeight quantize_weight(const Tensor<T>& w, const Tensor<T>& scale, const Tensor<T>& zero,
+                                const GridSpec& spec) {
+  constexpr const char* op = "quant::quantize_weight";
+  spec.validate(op);
+  CBQ_CHECK(w.ndim() == 2, "{}: weight must be 2-D (out, in), got {}", op, w.shape());
+  ops::check_contiguous(op, "weight", w);
+  const int64_t rows = w.size(0), cols = w.size(1);
+  detail::check_params(op, scale, zero, spec.param_shape(rows, cols), spec);
+  QuantizedWeight qw;
+  qw.spec = spec;
+  qw.codes = Tensor<uint8_t>::empty(w.shape());
+  qw.scale = scale.template cast<float>();
+  qw.zero = zero.defined() ? zero.template cast<float>() : Tensor<float>(scale.shape());
+  const T lo = static_cast<T>(spec.qmin());
+  for (int64_t r = 0; r < rows; ++r)
+    detail::for_each_group(spec, rows, cols, r, [&](int64_t, int64_t c0, int64_t c1, int64_t p) {
+      const T zp = zero.defined() ? zero[p] : T(0);
+      for (int64_t c = c0; c < c1; ++c)
+        qw.codes[r * cols + c] =
+            static_cast<uint8_t>(quantize_code(w[r * cols + c], scale[p], zp, spec) - lo);
+    });
+  return qw;
+}
+
+}  // namespace cbq::quant

@@ -1,0 +1,398 @@
+#pragma once
+// LoRA-Rounding (CBQ §3.3): adaptive rounding of a frozen weight W with a low-rank rounding
+// logit V = A1·A2 (+ V0), as autodiff ops.
+//
+//   v = W/s_p,  h = h(V) = clamp(σ(V)·(ζ − γ) + γ, 0, 1),  ζ = 1.1, γ = −0.1
+//   q = floor(v) + h + z_p,  Ŵ = s_p·(clamp(q, qmin, qmax) − z_p)
+// Symmetric grids use z = 0 and the signed range [−2^(b−1), 2^(b−1) − 1].
+//
+// Derivative (G = dŴ):
+//   inside  (qmin ≤ q ≤ qmax):  dV += G·s·h'(V),   ds_p += g_p·G·((floor(v) + h) − v)
+//   outside (q clamped to B):   dV += 0,           ds_p += g_p·G·(B − z_p)
+//   h'(V) = (ζ − γ)·σ(V)(1 − σ(V)) where 0 < σ(V)(ζ − γ) + γ < 1, else 0 (rectified flat).
+// (inside Ŵ = s·(floor(W/s) + h); with floor treated as the identity — the STE LSQ applies to
+//  round — d/ds = floor(v) + h + s·(−W/s²) = (floor(v) + h) − v.)
+// g_p is LSQ's 1/sqrt(N_p·qmax) when lsq_grad_scale (see fake_quant.hpp). A1 and A2 get their
+// gradients through ops::matmul: dA1 += dV·A2ᵀ, dA2 += A1ᵀ·dV.
+//
+// Rounding regulariser: L_round = k·Σ (1 − |2h − 1|^β), k = 1/N (mean, the default) or 1 (sum).
+//   dL/dV = −k·2β·|2h − 1|^(β−1)·sign(2h − 1)·h'(V)      (β ≥ 1 so that it is finite at h = ½)
+// The mean keeps L_round O(1) whatever the layer size, so γ_r = 0.01 weighs it against a
+// per-token-mean reconstruction loss as intended (summed over 10^5 weights it dominated by
+// 10^3–10^4 in the prototype; DESIGN §2 "Known traps").
+#include <cmath>
+#include <cstdint>
+#include <numbers>
+#include <random>
+#include <string>
+
+#include "cbq/ops/add.hpp"
+#include "cbq/ops/matmul.hpp"
+#include "cbq/quant/act_quant.hpp"
+#include "cbq/quant/fake_quant.hpp"
+
+namespace cbq::quant {
+
+inline constexpr double kRectZeta = 1.1;
+inline constexpr double kRectGamma = -0.1;
+
+// h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1).
+template <class T>
+T rect_sigmoid(T v) {
+  const T u =
+      detail::sigmoid(v) * static_cast<T>(kRectZeta - kRectGamma) + static_cast<T>(kRectGamma);
+  return std::clamp(u, T(0), T(1));
+}
+// h'(V): 0 where the rectification is flat.
+template <class T>
+T rect_sigmoid_grad(T v) {
+  const T sg = detail::sigmoid(v);
+  const T u = sg * static_cast<T>(kRectZeta - kRectGamma) + static_cast<T>(kRectGamma);
+  if (!(u > T(0) && u < T(1))) return T(0);
+  return static_cast<T>(kRectZeta - kRectGamma) * sg * (T(1) - sg);
+}
+// V with h(V) = h, for h in (0, 1) (clamped to [1e-6, 1 − 1e-6] of the sigmoid's range).
+template <class T>
+T rect_sigmoid_inverse(T h) {
+  T p = (h - static_cast<T>(kRectGamma)) / static_cast<T>(kRectZeta - kRectGamma);
+  p = std::clamp(p, T(1e-6), T(1) - T(1e-6));
+  return std::log(p / (T(1) - p));
+}
+
+// soft: h = h(V), differentiable in V. hard: h = [h(V) ≥ ½] ∈ {0, 1} (what harden() stores);
+// V gets no gradient, s keeps its straight-through gradient — for training steps on the grid.
+enum class RoundingMode { soft, hard };
+
+namespace detail {
+template <class T>
+void check_rounding_inputs(const char* op, const Tensor<T>& W, const Tensor<T>& s,
+                           const Tensor<T>& z, const Tensor<T>& V, const GridSpec& g) {
+  g.validate(op);
+  CBQ_CHECK(W.ndim() == 2, "{}: weight must be 2-D (out, in), got {}", op, W.shape());
+  ops::check_cpu(op, W);
+  ops::check_contiguous(op, "weight", W);
+  ops::check_contiguous(op, "V", V);
+  CBQ_CHECK(V.shape() == W.shape(), "{}: rounding logits V {} do not match the weight {}", op,
+            V.shape(), W.shape());
+  check_params(op, s, z, g.param_shape(W.size(0), W.size(1)), g);
+}
+}  // namespace detail
+
+// Ŵ from a frozen weight W, learnable steps s, constant zero-points z and rounding logits V
+// (a Var of W's shape, e.g. lora_v(A1, A2, V0)).
+template <class T>
+Var<T> soft_round_weight(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero, Var<T> V,
+                         const GridSpec& spec, RoundingMode mode = RoundingMode::soft,
+                         bool lsq_grad_scale = true) {
+  constexpr const char* op = "quant::soft_round_weight";
+  detail::check_rounding_inputs(op, W, scale.value(), zero, V.value(), spec);
+  const int64_t rows = W.size(0), cols = W.size(1);
+  Tape<T>& tape = V.tape();
+  const bool rg = tape.any_requires_grad({V, scale});
+  Var<T> out = tape.output(W.shape(), rg);
+  Tensor<T> dvfac, coef;
+  if (rg) {
+    dvfac = tape.scratch(W.shape());
+    coef = tape.scratch(W.shape());
+  }
+  const T* w = W.data();
+  const T* vp = V.value().data();
+  const T* S = scale.value().data();
+  const T* Z = zero.defined() ? zero.data() : nullptr;
+  Tensor<T> yv = out.value();  // shares the output's storage
+  T* y = yv.data();
+  const T lo = static_cast<T>(spec.qmin()), hi = static_cast<T>(spec.qmax());
+  const bool hard = mode == RoundingMode::hard;
+  parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
+               [&](int64_t r0, int64_t r1) {
+                 for (int64_t r = r0; r < r1; ++r)
+                   detail::for_each_group(
+                       spec, rows, cols, r, [&](int64_t, int64_t c0, int64_t c1, int64_t p) {
+                         const T sp = S[p], zp = Z ? Z[p] : T(0);
+                         for (int64_t c = c0; c < c1; ++c) {
+                           const int64_t i = r * cols + c;
+                           const T v = w[i] / sp;
+                           const T f = std::floor(v);
+                           T h = rect_sigmoid(vp[i]);
+                           if (hard) h = h >= T(0.5) ? T(1) : T(0);
+                           const T q = f + h + zp;
+                           const T qc = std::clamp(q, lo, hi);
+                           y[i] = sp * (qc - zp);
+                           if (rg) {
+                             const bool inside = q == qc;
+                             dvfac.data()[i] =
+                                 inside && !hard ? sp * rect_sigmoid_grad(vp[i]) : T(0);
+                             coef.data()[i] = inside ? (f + h) - v : qc - zp;
+                           }
+                         }
+                       });
+               });
+  if (rg) {
+    Tensor<T> partial = tape.scratch(Shape{rows, spec.groups_per_row(cols)});
+    tape.template record<detail::StepQuantNode<T>>(out, op, V, scale, dvfac, coef, partial, spec,
+                                                   rows, cols, lsq_grad_scale, int64_t{0});
+  }
+  return out;
+}
+
+// V = A1·A2 (+ V0): A1 (rows, r), A2 (r, cols), V0 an optional frozen (rows, cols) offset.
+template <class T>
+Var<T> lora_v(Var<T> A1, Var<T> A2, const Tensor<T>* V0 = nullptr) {
+  Var<T> v = ops::matmul(A1, A2);
+  if (V0 && V0->defined()) {
+    CBQ_CHECK(V0->shape() == v.shape(), "quant::lora_v: V0 {} does not match A1·A2 {}", V0->shape(),
+              v.shape());
+    v = ops::add(v, A1.tape().constant(*V0));
+  }
+  return v;
+}
+
+// Ŵ with V = A1·A2 (+ V0); see soft_round_weight.
+template <class T>
+Var<T> lora_soft_weight(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero, Var<T> A1,
+                        Var<T> A2, const Tensor<T>* V0, const GridSpec& spec,
+                        RoundingMode mode = RoundingMode::soft, bool lsq_grad_scale = true) {
+  return soft_round_weight(W, scale, zero, lora_v(A1, A2, V0), spec, mode, lsq_grad_scale);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rounding regulariser
+
+enum class Normalisation { mean, sum };
+
+namespace detail {
+template <class T>
+class RoundRegNode final : public Node<T> {
+ public:
+  RoundRegNode(Var<T> v, T beta, T k) : v_(v), beta_(beta), k_(k) {}
+  const char* name() const override { return "quant::rounding_reg"; }
+  void backward(Tape<T>& tape) override {
+    const T g = tape.grad(this->output).data()[0];
+    const T* v = v_.value().data();
+    T* dv = v_.grad().data();
+    const T kk = -T(2) * k_ * beta_ * g;
+    parallel_for(v_.value().numel(), ops::kElementwiseGrain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const T hp = rect_sigmoid_grad(v[i]);
+        if (hp == T(0)) continue;
+        const T a = T(2) * rect_sigmoid(v[i]) - T(1);
+        const T sgn = a > T(0) ? T(1) : (a < T(0) ? T(-1) : T(0));
+        dv[i] += kk * std::pow(std::abs(a), beta_ - T(1)) * sgn * hp;
+      }
+    });
+  }
+
+ private:
+  Var<T> v_;
+  T beta_, k_;
+};
+}  // namespace detail
+
+// L_round = k·Σ (1 − |2h(V) − 1|^β), shape (1,); k = 1/numel (mean) or 1 (sum).
+template <class T>
+Var<T> rounding_reg(Var<T> V, T beta, Normalisation norm = Normalisation::mean) {
+  constexpr const char* op = "quant::rounding_reg";
+  CBQ_CHECK(std::isfinite(beta) && beta >= T(1),
+            "{}: beta = {} must be at least 1 (the term is not differentiable at h = 1/2 below)",
+            op, static_cast<double>(beta));
+  const Tensor<T>& X = V.value();
+  ops::check_cpu(op, X);
+  ops::check_contiguous(op, "V", X);
+  const int64_t n = X.numel();
+  CBQ_CHECK(n > 0, "{}: V is empty", op);
+  const T k = norm == Normalisation::mean ? T(1) / static_cast<T>(n) : T(1);
+  Tape<T>& tape = V.tape();
+  const bool rg = tape.any_requires_grad({V});
+  Var<T> out = tape.output(Shape{1}, rg);
+  const T* v = X.data();
+  T acc = 0;  // serial: deterministic whatever the thread count
+  for (int64_t i = 0; i < n; ++i)
+    acc += T(1) - std::pow(std::abs(T(2) * rect_sigmoid(v[i]) - T(1)), beta);
+  Tensor<T> yv = out.value();
+  yv.data()[0] = k * acc;
+  if (rg) tape.template record<detail::RoundRegNode<T>>(out, V, beta, k);
+  return out;
+}
+
+template <class T>
+Var<T> lora_round_reg(Var<T> A1, Var<T> A2, const Tensor<T>* V0, T beta,
+                      Normalisation norm = Normalisation::mean) {
+  return rounding_reg(lora_v(A1, A2, V0), beta, norm);
+}
+
+// β schedule of the regulariser: off during the warm-up (the first warmup_fraction of the
+// window's steps), then β anneals from beta_start at the first regularised step to beta_end at
+// the last step (total_steps − 1). Linear by default, as AdaRound's temperature decay; cosine
+// (β = end + (start − end)·(1 + cos πp)/2) on request.
+struct BetaSchedule {
+  enum class Anneal { linear, cosine };
+  int64_t total_steps = 0;
+  double warmup_fraction = 0.2;
+  double beta_start = 20.0;
+  double beta_end = 2.0;
+  Anneal anneal = Anneal::linear;
+
+  void validate() const {
+    CBQ_CHECK(total_steps >= 1, "BetaSchedule: total_steps = {} must be at least 1", total_steps);
+    CBQ_CHECK(warmup_fraction >= 0.0 && warmup_fraction < 1.0,
+              "BetaSchedule: warmup_fraction = {} must be in [0, 1)", warmup_fraction);
+    CBQ_CHECK(beta_start >= 1.0 && beta_end >= 1.0,
+              "BetaSchedule: beta_start = {} and beta_end = {} must be at least 1", beta_start,
+              beta_end);
+  }
+  int64_t warmup_steps() const {
+    return static_cast<int64_t>(std::floor(warmup_fraction * static_cast<double>(total_steps)));
+  }
+  // Whether the regulariser is on at `step` (0-based).
+  bool active(int64_t step) const {
+    validate();
+    return step >= warmup_steps();
+  }
+  // Fraction of the annealing done at `step`: 0 at the first regularised step, 1 at the last.
+  double progress(int64_t step) const {
+    validate();
+    const int64_t w = warmup_steps(), span = total_steps - 1 - w;
+    if (span <= 0) return step >= w ? 1.0 : 0.0;
+    return std::clamp(static_cast<double>(step - w) / static_cast<double>(span), 0.0, 1.0);
+  }
+  // β at `step` (beta_start during the warm-up, where it is unused).
+  double beta(int64_t step) const {
+    const double p = progress(step);
+    if (anneal == Anneal::linear) return beta_start + (beta_end - beta_start) * p;
+    return beta_end + (beta_start - beta_end) * 0.5 * (1.0 + std::cos(std::numbers::pi * p));
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Parameters and initialisation
+
+enum class LoraStart {
+  half,     // V = A1·A2 = 0: h = ½ everywhere (the paper's)
+  adaround  // V = V0 + A1·A2 with frozen V0 = h⁻¹(W/s − floor(W/s)): Ŵ starts at W
+};
+
+struct LoraInit {
+  LoraStart start = LoraStart::half;
+  // Standard deviation of A1's Gaussian entries; 0 means 1/sqrt(rank), which makes V = A1·A2
+  // move at the rate of a full-rank V under Adam (each A2 entry steps by ~lr, V sums r of them
+  // weighted by ~1/sqrt(r)). A1 = 0 as well as A2 = 0 would be a saddle that never trains.
+  double a1_std = 0.0;
+  uint64_t seed = 0;
+};
+
+template <class T>
+struct LoraRoundingParams {
+  Parameter<T> A1;  // (rows, rank), Gaussian
+  Parameter<T> A2;  // (rank, cols), zero
+  Tensor<T> V0;     // (rows, cols) frozen offset, or undefined (LoraStart::half)
+  int64_t rank = 0;
+  const Tensor<T>* v0() const { return V0.defined() ? &V0 : nullptr; }
+};
+
+inline void check_lora_rank(const std::string& layer, int64_t rank, int64_t rows, int64_t cols) {
+  CBQ_CHECK(rank >= 1, "LoraRounding: rank {} must be at least 1 (layer '{}')", rank, layer);
+  CBQ_CHECK(rank <= std::min(rows, cols),
+            "LoraRounding: rank {} exceeds min(rows, cols) = {} of layer '{}' with shape ({}, {})",
+            rank, std::min(rows, cols), layer, rows, cols);
+}
+
+template <class T>
+LoraRoundingParams<T> init_lora_rounding(const std::string& layer, const Tensor<T>& W,
+                                         const Tensor<T>& scale, const Tensor<T>& zero,
+                                         const GridSpec& spec, int64_t rank,
+                                         const LoraInit& init = {}) {
+  const std::string op = "LoraRounding init of '" + layer + "'";
+  CBQ_CHECK(W.ndim() == 2, "{}: weight must be 2-D (out, in), got {}", op, W.shape());
+  const int64_t rows = W.size(0), cols = W.size(1);
+  check_lora_rank(layer, rank, rows, cols);
+  spec.validate(op.c_str());
+  detail::check_params(op.c_str(), scale, zero, spec.param_shape(rows, cols), spec);
+  CBQ_CHECK(init.a1_std >= 0.0, "{}: a1_std = {} is negative", op, init.a1_std);
+  LoraRoundingParams<T> p;
+  p.rank = rank;
+  const double sd = init.a1_std > 0.0 ? init.a1_std : 1.0 / std::sqrt(static_cast<double>(rank));
+  Tensor<T> a1 = Tensor<T>::empty(Shape{rows, rank});
+  std::mt19937_64 rng(init.seed);
+  std::normal_distribution<double> dist(0.0, sd);
+  for (int64_t i = 0; i < a1.numel(); ++i) a1[i] = static_cast<T>(dist(rng));
+  p.A1 = Parameter<T>(layer + ".lora_a1", a1);
+  p.A2 = Parameter<T>(layer + ".lora_a2", Tensor<T>(Shape{rank, cols}));
+  if (init.start == LoraStart::adaround) {
+    p.V0 = Tensor<T>::empty(W.shape());
+    for (int64_t r = 0; r < rows; ++r)
+      detail::for_each_group(spec, rows, cols, r, [&](int64_t, int64_t c0, int64_t c1, int64_t q) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const T v = W[r * cols + c] / scale[q];
+          p.V0[r * cols + c] = rect_sigmoid_inverse(v - std::floor(v));
+        }
+      });
+  }
+  return p;
+}
+
+// V = A1·A2 (+ V0) as a plain tensor (no tape).
+template <class T>
+Tensor<T> lora_v_value(const LoraRoundingParams<T>& p) {
+  const Tensor<T>& A1 = p.A1.value;
+  const Tensor<T>& A2 = p.A2.value;
+  const int64_t rows = A1.size(0), r = A1.size(1), cols = A2.size(1);
+  Tensor<T> v = p.V0.defined() ? p.V0.clone() : Tensor<T>(Shape{rows, cols});
+  ops::gemm<T>(Device::cpu, false, false, rows, cols, r, T(1), A1.data(), r, A2.data(), cols, T(1),
+               v.data(), cols);
+  return v;
+}
+
+// Hard rounding: h := [h(V) ≥ ½]; code = clamp(floor(W/s) + h + z, qmin, qmax). The result's
+// dequantize() equals soft_round_weight(..., RoundingMode::hard) bit for bit when T = float.
+template <class T>
+QuantizedWeight harden(const Tensor<T>& W, const Tensor<T>& scale, const Tensor<T>& zero,
+                       const Tensor<T>& V, const GridSpec& spec) {
+  constexpr const char* op = "quant::harden";
+  detail::check_rounding_inputs(op, W, scale, zero, V, spec);
+  const int64_t rows = W.size(0), cols = W.size(1);
+  QuantizedWeight qw;
+  qw.spec = spec;
+  qw.codes = Tensor<uint8_t>::empty(W.shape());
+  qw.scale = scale.template cast<float>();
+  qw.zero = zero.defined() ? zero.template cast<float>() : Tensor<float>(scale.shape());
+  const T lo = static_cast<T>(spec.qmin()), hi = static_cast<T>(spec.qmax());
+  for (int64_t r = 0; r < rows; ++r)
+    detail::for_each_group(spec, rows, cols, r, [&](int64_t, int64_t c0, int64_t c1, int64_t p) {
+      const T zp = zero.defined() ? zero[p] : T(0);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t i = r * cols + c;
+        const T h = rect_sigmoid(V[i]) >= T(0.5) ? T(1) : T(0);
+        const T q = std::clamp(std::floor(W[i] / scale[p]) + h + zp, lo, hi);
+        qw.codes[i] = static_cast<uint8_t>(q - lo);
+      }
+    });
+  return qw;
+}
+
+template <class T>
+QuantizedWeight harden(const Tensor<T>& W, const Tensor<T>& scale, const Tensor<T>& zero,
+                       const LoraRoundingParams<T>& p, const GridSpec& spec) {
+  return harden(W, scale, zero, lora_v_value(p), spec);
+}
+
+}  // namespace cbq::quant
+
+namespace cbq {
+
+// Compile-time LoRA-Rounding configuration: the rank r of V = A1·A2.
+template <int Rank>
+struct LoraRounding {
+  static_assert(Rank >= 1, "cbq::LoraRounding: Rank must be at least 1");
+  static constexpr int rank = Rank;
+
+  // Parameters for one layer; throws when Rank > min(rows, cols) of that layer.
+  template <class T>
+  static quant::LoraRoundingParams<T> init(const std::string& layer, const Tensor<T>& W,
+                                           const Tensor<T>& scale, const Tensor<T>& zero,
+                                           const quant::GridSpec& spec,
+                                           const quant::LoraInit& options = {}) {
+    return quant::init_lora_rounding(layer, W, scale, zero, spec, int64_t{Rank}, options);
+  }
+};
+
+}  // namespace cbq
