@@ -61,7 +61,9 @@ T rect_sigmoid_inverse(T h) {
 
 // soft: h = h(V), differentiable in V. hard: h = [h(V) ≥ ½] ∈ {0, 1} (what harden() stores);
 // V gets no gradient, s keeps its straight-through gradient — for training steps on the grid.
-enum class RoundingMode { soft, hard };
+// hard_ste: the forward pass of `hard` with the gradient of `soft` (straight through the
+// threshold): training sees the integer weight it will end with while V still learns.
+enum class RoundingMode { soft, hard, hard_ste };
 
 namespace detail {
 template <class T>
@@ -102,7 +104,8 @@ Var<T> soft_round_weight(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero
   Tensor<T> yv = out.value();  // shares the output's storage
   T* y = yv.data();
   const T lo = static_cast<T>(spec.qmin()), hi = static_cast<T>(spec.qmax());
-  const bool hard = mode == RoundingMode::hard;
+  const bool hard = mode != RoundingMode::soft;
+  const bool v_grad = mode != RoundingMode::hard;
   parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
                [&](int64_t r0, int64_t r1) {
                  for (int64_t r = r0; r < r1; ++r)
@@ -121,7 +124,7 @@ Var<T> soft_round_weight(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero
                            if (rg) {
                              const bool inside = q == qc;
                              dvfac.data()[i] =
-                                 inside && !hard ? sp * rect_sigmoid_grad(vp[i]) : T(0);
+                                 inside && v_grad ? sp * rect_sigmoid_grad(vp[i]) : T(0);
                              coef.data()[i] = inside ? (f + h) - v : qc - zp;
                            }
                          }
@@ -296,6 +299,27 @@ inline void check_lora_rank(const std::string& layer, int64_t rank, int64_t rows
             rank, std::min(rows, cols), layer, rows, cols);
 }
 
+// V0 with h(V0) = W/s − floor(W/s) (AdaRound's start: Ŵ = W inside the grid), written into V0.
+// Recomputing it after s changes keeps Ŵ's soft value tied to the current step (see PASS.md).
+template <class T>
+void adaround_offset(const Tensor<T>& W, const Tensor<T>& scale, const GridSpec& spec,
+                     Tensor<T>& V0) {
+  CBQ_CHECK(V0.shape() == W.shape(), "quant::adaround_offset: V0 {} does not match W {}",
+            V0.shape(), W.shape());
+  const int64_t rows = W.size(0), cols = W.size(1);
+  parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
+               [&](int64_t r0, int64_t r1) {
+                 for (int64_t r = r0; r < r1; ++r)
+                   detail::for_each_group(
+                       spec, rows, cols, r, [&](int64_t, int64_t c0, int64_t c1, int64_t q) {
+                         for (int64_t c = c0; c < c1; ++c) {
+                           const T v = W[r * cols + c] / scale[q];
+                           V0[r * cols + c] = rect_sigmoid_inverse(v - std::floor(v));
+                         }
+                       });
+               });
+}
+
 template <class T>
 LoraRoundingParams<T> init_lora_rounding(const std::string& layer, const Tensor<T>& W,
                                          const Tensor<T>& scale, const Tensor<T>& zero,
@@ -319,13 +343,7 @@ LoraRoundingParams<T> init_lora_rounding(const std::string& layer, const Tensor<
   p.A2 = Parameter<T>(layer + ".lora_a2", Tensor<T>(Shape{rank, cols}));
   if (init.start == LoraStart::adaround) {
     p.V0 = Tensor<T>::empty(W.shape());
-    for (int64_t r = 0; r < rows; ++r)
-      detail::for_each_group(spec, rows, cols, r, [&](int64_t, int64_t c0, int64_t c1, int64_t q) {
-        for (int64_t c = c0; c < c1; ++c) {
-          const T v = W[r * cols + c] / scale[q];
-          p.V0[r * cols + c] = rect_sigmoid_inverse(v - std::floor(v));
-        }
-      });
+    adaround_offset(W, scale, spec, p.V0);
   }
   return p;
 }

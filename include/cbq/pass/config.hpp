@@ -1,0 +1,122 @@
+#pragma once
+// Compile-time configuration of a CBQ pass and its run-time options.
+//
+//   using Pass = cbq::Pass<cbq::Quantizer<4, cbq::PerGroup<32>>,   // weights
+//                          cbq::ActQuant<16>,                       // activations (16 = off)
+//                          cbq::SlidingWindow<2, 1>,                // blocks per window, overlap
+//                          cbq::LoraRounding<5>>;                   // rounding
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "cbq/quant/lora_rounding.hpp"
+#include "cbq/quant/quantizer.hpp"
+
+namespace cbq {
+
+// Activation quantization of every linear layer's input. Bits ≥ 16 means none. The default
+// granularity follows the paper: per-tensor static (learned step) at ≥ 8 bits, per-token dynamic
+// (learned clipping factor) below.
+template <int Bits, class Granularity = std::conditional_t<(Bits >= 8), PerTensor, PerToken>>
+struct ActQuant {
+  static_assert(Bits == 4 || Bits == 6 || Bits == 8 || Bits >= 16,
+                "cbq::ActQuant: Bits must be 4, 6, 8, or 16 (no activation quantization)");
+  static_assert(
+      std::is_same_v<Granularity, PerTensor> || std::is_same_v<Granularity, PerToken>,
+      "cbq::ActQuant: activations are quantized PerTensor (static) or PerToken (dynamic)");
+  static constexpr int bits = Bits;
+  static constexpr bool per_token = std::is_same_v<Granularity, PerToken>;
+};
+
+template <int Blocks, int Overlap>
+struct SlidingWindow {
+  static_assert(Blocks >= 1, "cbq::SlidingWindow: a window holds at least one block");
+  static_assert(Overlap >= 0 && Overlap < Blocks,
+                "cbq::SlidingWindow: Overlap must be smaller than Blocks (windows must advance)");
+  static constexpr int blocks = Blocks;
+  static constexpr int overlap = Overlap;
+};
+
+// Rounding ablations beside LoraRounding<Rank>: plain round-to-nearest with learned steps
+// (LSQ), and AdaRound's full-matrix rounding logits V (rows × cols parameters).
+struct NearestRounding {};
+struct FullRounding {};
+
+enum class RoundingKind { nearest, lora, full };
+
+template <class R>
+struct rounding_traits;
+template <int Rank>
+struct rounding_traits<LoraRounding<Rank>> {
+  static constexpr RoundingKind kind = RoundingKind::lora;
+  static constexpr int rank = Rank;
+};
+template <>
+struct rounding_traits<NearestRounding> {
+  static constexpr RoundingKind kind = RoundingKind::nearest;
+  static constexpr int rank = 0;
+};
+template <>
+struct rounding_traits<FullRounding> {
+  static constexpr RoundingKind kind = RoundingKind::full;
+  static constexpr int rank = 0;
+};
+
+template <class R>
+concept RoundingPolicy = requires {
+  rounding_traits<R>::kind;
+};
+
+// CFP (coarse-to-fine pre-processing) and the SmoothQuant-style alternative for the ablation.
+enum class ActivationScaling { none, cfp, smoothquant };
+
+struct PassOptions {
+  // Optimisation (per window): E epochs over the N calibration samples, batch 1.
+  int64_t epochs = 3;
+  double lr_weight_step = 1e-3;  // s_w   (paper: 1e-7 — see docs/RESULTS.md)
+  double lr_act_step = 1e-3;     // s_x or the clipping logit c (paper: 1e-6)
+  double lr_rounding = 1e-2;     // A1, A2 or V (paper: 1e-4)
+  double lr_min_fraction = 0.0;  // cosine annealing down to lr · lr_min_fraction
+  bool lsq_grad_scale = true;
+  // Loss: E(a, b) = l2 · mean_t ‖a_t − b_t‖² + kld · KL(softmax(a_t/τ) ‖ softmax(b_t/τ))
+  bool loss_l2 = true;
+  bool loss_kld = true;
+  bool loss_homologous = true;      // the E(T_fp(X_q), T_q(X_q)) term
+  bool loss_full_precision = true;  // the E(T_fp(X_fp), T_q(X_q)) term
+  double kld_temperature = 1.0;
+  // Rounding regulariser γ_r · L_round, L_round = mean over the window's rounding weights of
+  // (1 − |2h − 1|^β); β anneals from beta_start to beta_end after the warm-up.
+  double gamma_round = 0.01;
+  double beta_start = 20.0;
+  double beta_end = 2.0;
+  double round_warmup = 0.2;
+  quant::LoraStart lora_start = quant::LoraStart::adaround;
+  bool v0_tracks_step = true;  // AdaRound start: V0 follows the learned steps (PASS.md)
+  quant::RoundingMode rounding_mode = quant::RoundingMode::soft;
+  double lora_a1_std = 0.0;  // 0: 1/sqrt(rank)
+  // Which step sizes learn (ablations).
+  bool learn_weight_step = true;
+  bool learn_act_step = true;
+  // Pre-processing.
+  ActivationScaling activation_scaling = ActivationScaling::none;
+  bool cfp_weights = false;  // truncate weight outliers per layer (CFP coarse-to-fine)
+  double smoothquant_alpha = 0.5;
+  // Run.
+  uint64_t seed = 0;
+  bool verbose = true;
+  int64_t max_steps = 0;  // > 0: stop each window after this many steps (smoke tests)
+
+  // The paper's hyper-parameters (Ding et al., §4.1), kept as a named preset. Under Adam the
+  // step-size rates move nothing (DESIGN §2 "Known traps"); docs/RESULTS.md has the evidence.
+  static PassOptions paper() {
+    PassOptions o;
+    o.lr_weight_step = 1e-7;
+    o.lr_act_step = 1e-6;
+    o.lr_rounding = 1e-4;
+    o.lora_start = quant::LoraStart::half;
+    o.v0_tracks_step = false;
+    return o;
+  }
+};
+
+}  // namespace cbq

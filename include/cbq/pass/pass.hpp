@@ -1,0 +1,475 @@
+#pragma once
+// The CBQ pass (Ding et al., arXiv 2312.07950): cross-block reconstruction over a sliding window
+// of transformer blocks, jointly learning weight steps, activation steps / clipping factors and
+// the LoRA-Rounding of every linear layer. DESIGN §2 is the specification; docs/PASS.md explains
+// the implementation choices.
+//
+// Per window [i, k] (window_schedule):
+//   targets   T_fp(X_fp) (the full-precision path) and T_fp(X_q) (homologous: full-precision
+//             blocks fed the quantized path), both constant while the window trains;
+//   loss      E(T_fp(X_fp), T_q(X_q)) + E(T_fp(X_q), T_q(X_q)) + γ·L_round,
+//             E(a, b) = mean_t ‖a_t − b_t‖² + mean_t KL(softmax(a_t) ‖ softmax(b_t));
+//   training  E epochs over the N samples, batch 1, Adam (three parameter groups), cosine LR;
+//   then      blocks leaving their last window are hard-rounded and frozen, and X_q advances.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "cbq/model/transformer.hpp"
+#include "cbq/ops/add.hpp"
+#include "cbq/ops/kl_div.hpp"
+#include "cbq/ops/mse.hpp"
+#include "cbq/ops/scale.hpp"
+#include "cbq/optim/adam.hpp"
+#include "cbq/optim/schedule.hpp"
+#include "cbq/pass/calibration.hpp"
+#include "cbq/pass/config.hpp"
+#include "cbq/pass/preprocess.hpp"
+#include "cbq/pass/quant_linear.hpp"
+#include "cbq/pass/result.hpp"
+#include "cbq/pass/window_schedule.hpp"
+
+namespace cbq {
+
+namespace detail {
+
+inline double seconds_since(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
+
+inline std::string format_duration(double s) {
+  if (s < 60) return fmt::format("{:.1f}s", s);
+  if (s < 3600)
+    return fmt::format("{}m{:02d}s", static_cast<int>(s) / 60, static_cast<int>(s) % 60);
+  return fmt::format("{}h{:02d}m", static_cast<int>(s) / 3600, (static_cast<int>(s) % 3600) / 60);
+}
+
+template <class T>
+void check_finite(const Tensor<T>& t, const std::string& what) {
+  const T* p = t.data();
+  for (int64_t i = 0; i < t.numel(); ++i)
+    CBQ_CHECK(std::isfinite(static_cast<double>(p[i])),
+              "CBQ: {} holds a non-finite value ({}) at element {} (row {}, column {})", what,
+              static_cast<double>(p[i]), i, i / t.shape().cols(), i % t.shape().cols());
+}
+
+}  // namespace detail
+
+// The configuration a pass runs with; Pass<...> builds it from its template arguments, and
+// command-line tools build it at run time.
+struct PassSpec {
+  quant::GridSpec weight;
+  int act_bits = 16;
+  bool act_per_token = false;  // dynamic per-token (else static per-tensor) below 16 bits
+  int64_t window_blocks = 2;
+  int64_t window_overlap = 1;
+  RoundingKind rounding = RoundingKind::lora;
+  int64_t rank = 5;
+
+  std::string describe() const {
+    std::string gran = weight.granularity == quant::Granularity::per_group
+                           ? fmt::format("g{}", weight.group_size)
+                           : (weight.granularity == quant::Granularity::per_channel ? "per-channel"
+                                                                                    : "per-tensor");
+    std::string round = rounding == RoundingKind::lora
+                            ? fmt::format("LoRA-Rounding r{}", rank)
+                            : (rounding == RoundingKind::full ? "full AdaRound" : "nearest");
+    std::string act = act_bits >= 16 ? "" : (act_per_token ? " per-token" : " per-tensor");
+    return fmt::format("W{}A{} {}{}{} window {}/{} {}", weight.bits, act_bits, gran,
+                       weight.symmetric ? " sym" : "", act, window_blocks, window_overlap, round);
+  }
+};
+
+class CbqPass {
+ public:
+  CbqPass(const PassSpec& spec, PassOptions options = {}) : spec_(spec), options_(options) {
+    spec_.weight.validate("CBQ");
+    CBQ_CHECK(spec_.act_bits >= 16 || (spec_.act_bits >= 2 && spec_.act_bits <= 8),
+              "CBQ: {} activation bits is unsupported (2 to 8, or 16 for none)", spec_.act_bits);
+    CBQ_CHECK(spec_.rounding != RoundingKind::lora || spec_.rank >= 1,
+              "CBQ: LoRA-Rounding rank {} must be at least 1", spec_.rank);
+  }
+  const PassOptions& options() const { return options_; }
+  const PassSpec& spec() const { return spec_; }
+
+  // Quantizes `model` in place (installs a QuantLinear on every linear layer, hardened at the
+  // end) and returns the integer weights and statistics.
+  template <TransformerBlock Block>
+  QuantizationResult run(Transformer<Block>& model, const Calibration& calib) {
+    using T = typename Block::scalar_type;
+    CBQ_CHECK(calib.size() >= 1, "CBQ: no calibration samples");
+    std::vector<Tensor<T>> x0;
+    for (int64_t n = 0; n < calib.size(); ++n) x0.push_back(model.embed_tensor(calib.samples[n]));
+    return run_from_hidden(model, std::move(x0));
+  }
+
+  // The same pass from precomputed block-0 inputs (N tensors of shape (L, d)).
+  template <TransformerBlock Block>
+  QuantizationResult run_from_hidden(Transformer<Block>& model,
+                                     std::vector<Tensor<typename Block::scalar_type>> x_fp) {
+    using T = typename Block::scalar_type;
+    const auto start = std::chrono::steady_clock::now();
+    const PassOptions& o = options_;
+    const int64_t K = model.num_blocks(), N = static_cast<int64_t>(x_fp.size());
+    CBQ_CHECK(N >= 1, "CBQ: no calibration samples");
+    CBQ_CHECK(o.epochs >= 1, "CBQ: epochs must be at least 1, got {}", o.epochs);
+    CBQ_CHECK(o.loss_full_precision || o.loss_homologous,
+              "CBQ: both reconstruction terms are switched off; nothing to learn from");
+    CBQ_CHECK(o.loss_l2 || o.loss_kld, "CBQ: both the L2 and the KLD terms are switched off");
+    const auto windows = window_schedule(K, spec_.window_blocks, spec_.window_overlap);
+    for (int64_t n = 0; n < N; ++n) {
+      CBQ_CHECK(x_fp[n].ndim() == 2 && x_fp[n].size(1) == model.config.dim,
+                "CBQ: calibration sample {} has shape {}, expected (L, {})", n, x_fp[n].shape(),
+                model.config.dim);
+      detail::check_finite(x_fp[n], fmt::format("calibration sample {} (block 0 input)", n));
+    }
+    const int64_t L = x_fp[0].size(0), d = model.config.dim;
+
+    QuantizationResult result;
+    result.method = "cbq";
+    result.config = describe();
+    result.activation_bytes = static_cast<std::size_t>(4 * N * L * d) * sizeof(T);
+    if (o.verbose)
+      fmt::print(
+          "CBQ: {} blocks, {} windows of {} (overlap {}), {} samples × {} tokens, {} "
+          "epochs; activations {:.1f} MiB\n",
+          K, windows.size(), spec_.window_blocks, spec_.window_overlap, N, L, o.epochs,
+          static_cast<double>(result.activation_bytes) / (1 << 20));
+
+    // Pre-processing: activation outlier scaling folded into the producers (exact), computed
+    // from the full-precision path on the calibration data.
+    if (o.activation_scaling != ActivationScaling::none)
+      result.preprocess = scale_activation_outliers(model, x_fp, o.activation_scaling,
+                                                    o.smoothquant_alpha, o.verbose);
+
+    std::vector<Tensor<T>> x_q(static_cast<size_t>(N));
+    for (int64_t n = 0; n < N; ++n) x_q[n] = x_fp[n].clone();
+    std::vector<std::vector<std::shared_ptr<QuantLinear<T>>>> qlayers(static_cast<size_t>(K));
+
+    int64_t window_index = 0;
+    for (const Window& w : windows) {
+      ++window_index;
+      const auto wstart = std::chrono::steady_clock::now();
+      // 1. Quantizers for blocks entering their first window.
+      for (int64_t b = w.first; b <= w.last; ++b)
+        if (qlayers[b].empty()) qlayers[b] = install(model, b);
+      // 2. Targets: T_fp(X_fp) with X_fp advanced to the next window start on the way, and the
+      //    homologous T_fp(X_q), whose pass also calibrates static activation steps.
+      std::vector<Tensor<T>> t_fp(static_cast<size_t>(N)), t_hom(static_cast<size_t>(N));
+      std::vector<quant::MinMaxObserver<T>> ranges = observers<T>(model, w);
+      for (int64_t n = 0; n < N; ++n) {
+        Tensor<T> x = x_fp[n], next;
+        for (int64_t b = w.first; b <= w.last; ++b) {
+          x = model.run_block(b, x, fp_context<T>());
+          if (b + 1 == w.finalize) next = x;
+        }
+        t_fp[n] = x;
+        if (w.finalize <= w.last) x_fp[n] = next;  // the FP path enters the next window
+        Tensor<T> h = x_q[n];
+        for (int64_t b = w.first; b <= w.last; ++b) {
+          BlockContext<T> ctx = fp_context<T>();
+          ctx.on_linear_input = [&, b](const LinearLayer<T>& layer, const Tensor<T>& in) {
+            ranges[observer_index(model, w, b, layer)].observe(in);
+          };
+          h = model.run_block(b, h, ctx);
+        }
+        t_hom[n] = h;
+      }
+      init_activation_steps(model, w, qlayers, ranges);
+
+      // 3. Optimise the window.
+      const WindowStats stats = train_window(model, w, qlayers, x_q, t_fp, t_hom, window_index,
+                                             static_cast<int64_t>(windows.size()), start);
+      result.windows.push_back(stats);
+
+      // 4. Blocks leaving their last window: harden, freeze, advance the quantized path.
+      for (int64_t b = w.first; b < w.finalize; ++b) {
+        for (auto& q : qlayers[b]) {
+          const quant::QuantizedWeight& qw = q->harden();
+          result.layers.push_back(
+              LayerResult{q->name(), qw, q->act_scale(), q->act_zero(), q->act_clip_logit()});
+        }
+        for (int64_t n = 0; n < N; ++n) {
+          x_q[n] = model.run_block(b, x_q[n]);
+          detail::check_finite(x_q[n],
+                               fmt::format("the quantized path after block {} (sample {})", b, n));
+        }
+      }
+      if (o.verbose)
+        fmt::print("CBQ: window {}/{} done in {}; blocks {}..{} frozen\n", window_index,
+                   windows.size(), detail::format_duration(detail::seconds_since(wstart)), w.first,
+                   w.finalize - 1);
+    }
+    result.seconds = detail::seconds_since(start);
+    return result;
+  }
+
+  std::string describe() const { return spec_.describe(); }
+
+ private:
+  template <class T>
+  static BlockContext<T> fp_context() {
+    BlockContext<T> ctx;
+    ctx.full_precision = true;
+    return ctx;
+  }
+
+  QuantLinearConfig layer_config(int64_t layer_seed) const {
+    QuantLinearConfig c;
+    c.weight = spec_.weight;
+    c.act_bits = spec_.act_bits;
+    c.act_mode = spec_.act_bits >= 16 ? ActMode::none
+                                      : (spec_.act_per_token ? ActMode::dynamic_per_token
+                                                             : ActMode::static_per_tensor);
+    c.rounding = spec_.rounding;
+    c.rank = spec_.rank;
+    c.lora_init.start = options_.lora_start;
+    c.lora_init.a1_std = options_.lora_a1_std;
+    c.lora_init.seed = options_.seed * 1000003ULL + static_cast<uint64_t>(layer_seed);
+    c.lsq_grad_scale = options_.lsq_grad_scale;
+    c.v0_tracks_step = options_.v0_tracks_step;
+    c.rounding_mode = options_.rounding_mode;
+    return c;
+  }
+
+  template <class Model>
+  auto install(Model& model, int64_t b) {
+    using T = typename Model::T;
+    std::vector<std::shared_ptr<QuantLinear<T>>> out;
+    int64_t j = 0;
+    for (LinearLayer<T>* layer : model.blocks[b].linears()) {
+      const std::string name = fmt::format("layers.{}.{}", b, layer->name);
+      Tensor<T> w = layer->weight.value.clone();
+      if (options_.cfp_weights) quant::truncate_weight_outliers(w, name);
+      auto q = std::make_shared<QuantLinear<T>>(name, w, layer_config(b * 64 + j++));
+      layer->transform = q;
+      out.push_back(q);
+    }
+    return out;
+  }
+
+  template <class T, class Model>
+  static std::vector<quant::MinMaxObserver<T>> observers(Model& model, const Window& w) {
+    std::vector<quant::MinMaxObserver<T>> v;
+    for (int64_t b = w.first; b <= w.last; ++b)
+      for (auto* layer : model.blocks[b].linears())
+        v.push_back(quant::MinMaxObserver<T>{fmt::format("layers.{}.{} input", b, layer->name)});
+    return v;
+  }
+  template <class Model, class Layer>
+  static size_t observer_index(Model& model, const Window& w, int64_t b, const Layer& layer) {
+    size_t i = 0;
+    for (int64_t c = w.first; c <= w.last; ++c)
+      for (auto* l : model.blocks[c].linears()) {
+        if (c == b && l == &layer) return i;
+        ++i;
+      }
+    fail("CBQ: linear layer '{}' of block {} not found", layer.name, b);
+  }
+
+  template <class Model, class Q, class R>
+  void init_activation_steps(Model& model, const Window& w, Q& qlayers, R& ranges) {
+    if (spec_.act_bits >= 16 || spec_.act_per_token) return;
+    size_t i = 0;
+    for (int64_t b = w.first; b <= w.last; ++b) {
+      auto linears = model.blocks[b].linears();
+      for (size_t j = 0; j < linears.size(); ++j, ++i) {
+        auto& q = qlayers[b][j];
+        // Blocks carried over from the previous window keep their learned steps.
+        if (q->hardened() || initialised_.count(q->name())) continue;
+        q->init_activation_range(ranges[i].min, ranges[i].max);
+        initialised_.insert(q->name());
+      }
+    }
+  }
+
+  template <class Model, class Q, class T>
+  WindowStats train_window(Model& model, const Window& w, Q& qlayers,
+                           const std::vector<Tensor<T>>& x_q, const std::vector<Tensor<T>>& t_fp,
+                           const std::vector<Tensor<T>>& t_hom, int64_t window_index,
+                           int64_t num_windows, std::chrono::steady_clock::time_point pass_start) {
+    const PassOptions& o = options_;
+    const int64_t N = static_cast<int64_t>(x_q.size());
+    int64_t total_steps = o.epochs * N;
+    if (o.max_steps > 0) total_steps = std::min(total_steps, o.max_steps);
+
+    // Parameter groups over the window's (not yet frozen) layers.
+    std::vector<Parameter<T>*> steps, acts, rounds;
+    std::vector<QuantLinear<T>*> active;
+    for (int64_t b = w.first; b <= w.last; ++b)
+      for (auto& q : qlayers[b]) {
+        if (q->hardened()) continue;
+        active.push_back(q.get());
+        if (o.learn_weight_step)
+          for (auto* p : q->weight_step_params()) steps.push_back(p);
+        if (o.learn_act_step)
+          for (auto* p : q->act_params()) acts.push_back(p);
+        for (auto* p : q->rounding_params()) rounds.push_back(p);
+      }
+    optim::Adam<T> adam;
+    std::vector<std::pair<int, double>> groups;  // (group, base lr)
+    if (!steps.empty())
+      groups.push_back({adam.add_group("weight steps", steps, o.lr_weight_step), o.lr_weight_step});
+    if (!acts.empty())
+      groups.push_back({adam.add_group("activation steps", acts, o.lr_act_step), o.lr_act_step});
+    if (!rounds.empty())
+      groups.push_back({adam.add_group("rounding", rounds, o.lr_rounding), o.lr_rounding});
+    adam.zero_grad();
+    quant::BetaSchedule beta{total_steps, o.round_warmup, o.beta_start, o.beta_end};
+
+    WindowStats stats;
+    stats.first_block = w.first;
+    stats.last_block = w.last;
+    Tape<T> tape;
+    std::mt19937_64 rng(o.seed * 7919ULL + static_cast<uint64_t>(w.first));
+    std::vector<int64_t> order(static_cast<size_t>(N));
+    std::iota(order.begin(), order.end(), 0);
+    const auto wstart = std::chrono::steady_clock::now();
+    const T tau = static_cast<T>(o.kld_temperature);
+    // The window's loss on sample n: forward of the window's blocks on the quantized path, the
+    // reconstruction terms against both targets, and (when active) the rounding regulariser.
+    auto window_loss = [&](Tape<T>& tape, int64_t n, int64_t step, bool with_reg) {
+      tape.clear();
+      Var<T> y = tape.constant(x_q[n]);
+      BlockContext<T> ctx;
+      for (int64_t b = w.first; b <= w.last; ++b) y = model.blocks[b].forward(tape, y, ctx);
+      LossTerms terms;
+      Var<T> loss;
+      auto add_term = [&](Var<T> term, double& slot) {
+        slot = static_cast<double>(term.value()[0]);
+        loss = loss.valid() ? ops::add(loss, term) : term;
+      };
+      if (o.loss_full_precision) {
+        Var<T> target = tape.constant(t_fp[n]);
+        if (o.loss_l2) add_term(ops::row_sq_error(target, y), terms.l2_fp);
+        if (o.loss_kld) add_term(ops::kl_softmax(target, y, tau), terms.kld_fp);
+      }
+      if (o.loss_homologous) {
+        Var<T> target = tape.constant(t_hom[n]);
+        if (o.loss_l2) add_term(ops::row_sq_error(target, y), terms.l2_hom);
+        if (o.loss_kld) add_term(ops::kl_softmax(target, y, tau), terms.kld_hom);
+      }
+      if (with_reg && o.gamma_round > 0 && beta.active(step)) {
+        Var<T> reg;
+        int64_t count = 0;
+        const T b = static_cast<T>(beta.beta(step));
+        for (QuantLinear<T>* q : active) {
+          Var<T> r = q->rounding_regularizer(tape, b);
+          if (!r.valid()) continue;
+          reg = reg.valid() ? ops::add(reg, r) : r;
+          ++count;
+        }
+        if (reg.valid()) {
+          // Mean over layers of each layer's mean: every layer weighs the same.
+          reg = ops::scale(reg, static_cast<T>(o.gamma_round / static_cast<double>(count)));
+          add_term(reg, terms.round);
+        }
+      }
+      terms.total = static_cast<double>(loss.value()[0]);
+      return std::pair<Var<T>, LossTerms>{loss, terms};
+    };
+    // Mean reconstruction loss over all samples, without gradients (before / after training).
+    auto mean_reconstruction = [&]() {
+      Tape<T> eval_tape;
+      NoGrad<T> off(eval_tape);
+      LossTerms sum;
+      for (int64_t n = 0; n < N; ++n) sum += window_loss(eval_tape, n, 0, false).second;
+      return sum / static_cast<double>(N);
+    };
+    stats.loss_before = mean_reconstruction();
+    int64_t step = 0;
+    LossTerms epoch_sum;
+    for (int64_t epoch = 0; epoch < o.epochs && step < total_steps; ++epoch) {
+      std::shuffle(order.begin(), order.end(), rng);
+      epoch_sum = {};
+      int64_t epoch_steps = 0;
+      for (int64_t i = 0; i < N && step < total_steps; ++i, ++step) {
+        const int64_t n = order[static_cast<size_t>(i)];
+        for (auto [g, base] : groups)
+          adam.set_lr(static_cast<size_t>(g),
+                      optim::CosineSchedule(base, total_steps, base * o.lr_min_fraction).at(step));
+        auto [loss, terms] = window_loss(tape, n, step, true);
+        CBQ_CHECK(
+            std::isfinite(terms.total),
+            "CBQ: the loss is {} in window {} (blocks {}..{}), epoch {}, step {}, calibration "
+            "sample {} (l2 {}, kld {}, homologous l2 {}, kld {}, rounding {})",
+            terms.total, window_index, w.first, w.last, epoch + 1, step, n, terms.l2_fp,
+            terms.kld_fp, terms.l2_hom, terms.kld_hom, terms.round);
+        if (step == 0) stats.initial_loss = terms;
+        tape.backward(loss);
+        adam.step();
+        adam.zero_grad();
+        epoch_sum += terms;
+        ++epoch_steps;
+      }
+      stats.final_loss = epoch_sum / static_cast<double>(std::max<int64_t>(epoch_steps, 1));
+      if (epoch == 0) stats.first_epoch_loss = stats.final_loss;
+      if (o.verbose) {
+        const double el = detail::seconds_since(wstart);
+        const double frac = static_cast<double>(step) / static_cast<double>(total_steps);
+        const double done_windows = static_cast<double>(window_index - 1) + frac;
+        const double pass_el = detail::seconds_since(pass_start);
+        const double eta =
+            pass_el / done_windows * (static_cast<double>(num_windows) - done_windows);
+        const LossTerms& m = stats.final_loss;
+        fmt::print(
+            "  window {}/{} [blocks {}..{}] epoch {}/{}: loss {:.5f} (l2 {:.5f} kld {:.5f} | hom "
+            "l2 {:.5f} kld {:.5f} | round {:.5f})  {} elapsed, ETA {}\n",
+            window_index, num_windows, w.first, w.last, epoch + 1, o.epochs, m.total, m.l2_fp,
+            m.kld_fp, m.l2_hom, m.kld_hom, m.round, detail::format_duration(el),
+            detail::format_duration(eta));
+        std::fflush(stdout);
+      }
+    }
+    stats.loss_after = mean_reconstruction();
+    stats.steps = step;
+    stats.seconds = detail::seconds_since(wstart);
+    return stats;
+  }
+
+  PassSpec spec_;
+  PassOptions options_;
+  std::set<std::string> initialised_;
+};
+
+// The pass configured at compile time:
+//   cbq::Pass<cbq::Quantizer<4, cbq::PerGroup<32>>, cbq::ActQuant<16>, cbq::SlidingWindow<2, 1>,
+//             cbq::LoraRounding<5>> pass(options);
+template <class WeightQ, class ActQ, class WindowPolicy, class Rounding>
+class Pass : public CbqPass {
+  static_assert(is_quantizer<WeightQ>::value,
+                "cbq::Pass: the first argument must be a cbq::Quantizer<Bits, Granularity>");
+  static_assert(RoundingPolicy<Rounding>,
+                "cbq::Pass: the rounding must be LoraRounding<Rank>, NearestRounding or "
+                "FullRounding");
+
+ public:
+  using weight_quantizer = WeightQ;
+  using act_quantizer = ActQ;
+  using window = WindowPolicy;
+  using rounding = Rounding;
+
+  explicit Pass(PassOptions options = {}) : CbqPass(make_spec(), options) {}
+
+  static PassSpec make_spec() {
+    PassSpec s;
+    s.weight = WeightQ::spec();
+    s.act_bits = ActQ::bits;
+    s.act_per_token = ActQ::per_token;
+    s.window_blocks = WindowPolicy::blocks;
+    s.window_overlap = WindowPolicy::overlap;
+    s.rounding = rounding_traits<Rounding>::kind;
+    s.rank = rounding_traits<Rounding>::rank;
+    return s;
+  }
+};
+
+}  // namespace cbq

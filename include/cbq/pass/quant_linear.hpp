@@ -1,0 +1,249 @@
+#pragma once
+// QuantLinear: the LinearTransform a quantization pass installs on every linear layer.
+//   y = Q_x(x) · Ŵᵀ + b
+// Q_x is the activation fake-quantizer (none, static per-tensor with a learned step, or dynamic
+// per-token with a learned clipping factor). Ŵ is
+//   nearest: s·(clamp(round(W/s) + z) − z) with learned steps s (LSQ),
+//   lora:    s·(clamp(floor(W/s) + h(V0 + A1·A2) + z) − z)  (LoRA-Rounding),
+//   full:    s·(clamp(floor(W/s) + h(V) + z) − z), V a full (out, in) matrix (AdaRound),
+// until harden() fixes the rounding: then Ŵ is the constant dequantized integer weight.
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cbq/model/linear_layer.hpp"
+#include "cbq/pass/config.hpp"
+#include "cbq/quant/act_quant.hpp"
+#include "cbq/quant/fake_quant.hpp"
+#include "cbq/quant/lora_rounding.hpp"
+
+namespace cbq {
+
+enum class ActMode { none, static_per_tensor, dynamic_per_token };
+
+struct QuantLinearConfig {
+  quant::GridSpec weight;
+  int act_bits = 16;
+  bool act_symmetric = false;
+  ActMode act_mode = ActMode::none;
+  RoundingKind rounding = RoundingKind::lora;
+  int64_t rank = 5;
+  quant::LoraInit lora_init;
+  bool lsq_grad_scale = true;
+  // AdaRound start only: recompute V0 from the current steps before every forward, so h(V0)
+  // stays the fractional part of W/s while s learns (a frozen V0 encodes the initial s only).
+  bool v0_tracks_step = true;
+  // soft: h(V) in the forward; hard_ste: the integer weight in the forward, gradients of soft.
+  quant::RoundingMode rounding_mode = quant::RoundingMode::soft;
+};
+
+template <class T>
+class QuantLinear final : public LinearTransform<T> {
+ public:
+  // `weight` is the (possibly CFP-truncated) weight to quantize; `name` is unique in the model
+  // ("layers.3.q_proj") and names the parameters in messages.
+  QuantLinear(std::string name, const Tensor<T>& weight, const QuantLinearConfig& config)
+      : name_(std::move(name)), config_(config), W_(weight.clone()) {
+    config_.weight.validate(name_.c_str());
+    Tensor<T> s, z;
+    quant::init_minmax(W_, config_.weight, s, z);
+    w_scale_ = Parameter<T>(name_ + ".w_scale", s);
+    w_zero_ = config_.weight.symmetric ? Tensor<T>() : z;
+    const int64_t rows = W_.size(0), cols = W_.size(1);
+    switch (config_.rounding) {
+      case RoundingKind::lora:
+        lora_ = quant::init_lora_rounding(name_, W_, w_scale_.value, zero_or_zeros(),
+                                          config_.weight, config_.rank, config_.lora_init);
+        break;
+      case RoundingKind::full:
+        // V = V0 + ΔV with ΔV a full (rows, cols) parameter starting at 0; V0 as for LoRA.
+        full_v_ = Parameter<T>(name_ + ".v", Tensor<T>(Shape{rows, cols}));
+        if (config_.lora_init.start == quant::LoraStart::adaround) {
+          full_v0_ = Tensor<T>(Shape{rows, cols});
+          quant::adaround_offset(W_, w_scale_.value, config_.weight, full_v0_);
+        }
+        break;
+      case RoundingKind::nearest:
+        break;
+    }
+    if (config_.act_mode == ActMode::static_per_tensor) {
+      act_scale_ = Parameter<T>(name_ + ".x_scale", Tensor<T>::full(Shape{1}, T(1)));
+      act_zero_ = Tensor<T>(Shape{1});
+    } else if (config_.act_mode == ActMode::dynamic_per_token) {
+      act_clip_ = Parameter<T>(name_ + ".x_clip_logit",
+                               Tensor<T>::full(Shape{1}, static_cast<T>(quant::kDefaultClipLogit)));
+    }
+  }
+
+  const std::string& name() const { return name_; }
+  const QuantLinearConfig& config() const { return config_; }
+  bool hardened() const { return hardened_; }
+
+  // Static activation step from the calibration range of this layer's input.
+  void init_activation_range(T lo, T hi) {
+    if (config_.act_mode != ActMode::static_per_tensor) return;
+    auto p = quant::init_act_static(lo, hi, config_.act_bits, config_.act_symmetric);
+    act_scale_.value[0] = p.scale;
+    act_zero_[0] = p.zero;
+  }
+
+  Var<T> forward(Tape<T>& tape, LinearLayer<T>& layer, Var<T> x) override {
+    Var<T> xq = quantize_input(tape, x);
+    Var<T> w = hardened_ ? tape.constant(W_hard_) : soft_weight(tape);
+    return ops::linear(xq, w, layer.has_bias() ? tape.param(layer.bias) : Var<T>{});
+  }
+
+  // Mean over this layer's weights of (1 − |2h − 1|^β); an invalid Var when there is no
+  // rounding to regularise (nearest, or hardened).
+  Var<T> rounding_regularizer(Tape<T>& tape, T beta) {
+    if (hardened_) return Var<T>{};
+    if (config_.rounding == RoundingKind::lora)
+      return quant::lora_round_reg(tape.param(lora_.A1), tape.param(lora_.A2), lora_.v0(), beta);
+    if (config_.rounding == RoundingKind::full) return quant::rounding_reg(full_v(tape), beta);
+    return Var<T>{};
+  }
+
+  // Trainable parameters by optimiser group.
+  std::vector<Parameter<T>*> weight_step_params() { return {&w_scale_}; }
+  std::vector<Parameter<T>*> act_params() {
+    if (config_.act_mode == ActMode::static_per_tensor) return {&act_scale_};
+    if (config_.act_mode == ActMode::dynamic_per_token) return {&act_clip_};
+    return {};
+  }
+  std::vector<Parameter<T>*> rounding_params() {
+    if (config_.rounding == RoundingKind::lora) return {&lora_.A1, &lora_.A2};
+    if (config_.rounding == RoundingKind::full) return {&full_v_};
+    return {};
+  }
+
+  // Fixes the rounding (h := [h ≥ ½]) and freezes every parameter; the layer then computes with
+  // the integer weight. Returns the codes, scales and zero-points.
+  const quant::QuantizedWeight& harden() {
+    if (hardened_) return result_;
+    const Tensor<T>& s = w_scale_.value;
+    for (int64_t i = 0; i < s.numel(); ++i)
+      CBQ_CHECK(std::isfinite(static_cast<double>(s[i])) && s[i] > T(0),
+                "{}: learned weight step {} is {} (must be positive and finite)", name_, i,
+                static_cast<double>(s[i]));
+    track_step();
+    switch (config_.rounding) {
+      case RoundingKind::lora:
+        result_ = quant::harden(W_, s, zero_or_zeros(), lora_, config_.weight);
+        break;
+      case RoundingKind::full: {
+        Tensor<T> v = full_v_.value.clone();
+        if (full_v0_.defined())
+          for (int64_t i = 0; i < v.numel(); ++i) v[i] += full_v0_[i];
+        result_ = quant::harden(W_, s, zero_or_zeros(), v, config_.weight);
+        break;
+      }
+      case RoundingKind::nearest:
+        result_ = quant::quantize_weight(W_, s, zero_or_zeros(), config_.weight);
+        break;
+    }
+    Tensor<float> deq = result_.dequantize();
+    if constexpr (std::is_same_v<T, float>) {
+      W_hard_ = deq;
+    } else {
+      W_hard_ = deq.template cast<T>();
+    }
+    for (Parameter<T>* p : all_params()) p->trainable = false;
+    lora_ = {};
+    full_v_ = {};
+    full_v0_ = {};
+    hardened_ = true;
+    return result_;
+  }
+  const quant::QuantizedWeight& result() const { return result_; }
+  // The weight the layer computes with now (soft while training, integer after harden()).
+  Tensor<T> current_weight() {
+    if (hardened_) return W_hard_;
+    Tape<T> tape;
+    NoGrad<T> off(tape);
+    return soft_weight(tape).value().clone();
+  }
+  T act_scale() const { return act_scale_.value.defined() ? act_scale_.value[0] : T(0); }
+  T act_zero() const { return act_zero_.defined() ? act_zero_[0] : T(0); }
+  T act_clip_logit() const { return act_clip_.value.defined() ? act_clip_.value[0] : T(0); }
+
+ private:
+  quant::GridSpec act_spec() const {
+    quant::GridSpec g;
+    g.bits = config_.act_bits;
+    g.symmetric = config_.act_symmetric;
+    g.granularity = quant::Granularity::per_tensor;
+    return g;
+  }
+  Tensor<T> zero_or_zeros() const {
+    return w_zero_.defined() ? w_zero_ : Tensor<T>(w_scale_.value.shape());
+  }
+
+  Var<T> quantize_input(Tape<T>& tape, Var<T> x) {
+    switch (config_.act_mode) {
+      case ActMode::static_per_tensor:
+        return quant::fake_quant_act_static(x, tape.param(act_scale_), act_zero_, act_spec(),
+                                            config_.lsq_grad_scale);
+      case ActMode::dynamic_per_token:
+        return quant::fake_quant_act_per_token(x, tape.param(act_clip_), act_spec());
+      case ActMode::none:
+      default:
+        return x;
+    }
+  }
+
+  // Keeps V0 = h⁻¹(W/s − floor(W/s)) in step with the current s (see v0_tracks_step).
+  void track_step() {
+    if (!config_.v0_tracks_step) return;
+    if (config_.rounding == RoundingKind::lora && lora_.V0.defined())
+      quant::adaround_offset(W_, w_scale_.value, config_.weight, lora_.V0);
+    if (config_.rounding == RoundingKind::full && full_v0_.defined())
+      quant::adaround_offset(W_, w_scale_.value, config_.weight, full_v0_);
+  }
+  Var<T> full_v(Tape<T>& tape) {
+    Var<T> dv = tape.param(full_v_);
+    return full_v0_.defined() ? ops::add(tape.constant(full_v0_), dv) : dv;
+  }
+
+  Var<T> soft_weight(Tape<T>& tape) {
+    const Tensor<T> zero = zero_or_zeros();
+    track_step();
+    switch (config_.rounding) {
+      case RoundingKind::lora:
+        return quant::lora_soft_weight(W_, tape.param(w_scale_), zero, tape.param(lora_.A1),
+                                       tape.param(lora_.A2), lora_.v0(), config_.weight,
+                                       config_.rounding_mode, config_.lsq_grad_scale);
+      case RoundingKind::full:
+        return quant::soft_round_weight(W_, tape.param(w_scale_), zero, full_v(tape),
+                                        config_.weight, config_.rounding_mode,
+                                        config_.lsq_grad_scale);
+      case RoundingKind::nearest:
+      default:
+        return quant::fake_quant_weight(tape.constant(W_), tape.param(w_scale_), zero,
+                                        config_.weight, config_.lsq_grad_scale);
+    }
+  }
+
+  std::vector<Parameter<T>*> all_params() {
+    std::vector<Parameter<T>*> all = weight_step_params();
+    for (auto* p : act_params()) all.push_back(p);
+    for (auto* p : rounding_params()) all.push_back(p);
+    return all;
+  }
+
+  std::string name_;
+  QuantLinearConfig config_;
+  Tensor<T> W_;  // (out, in), the weight being quantized
+  Parameter<T> w_scale_;
+  Tensor<T> w_zero_;  // undefined for symmetric grids
+  quant::LoraRoundingParams<T> lora_;
+  Parameter<T> full_v_;  // ΔV for full rounding
+  Tensor<T> full_v0_;
+  Parameter<T> act_scale_;
+  Tensor<T> act_zero_;
+  Parameter<T> act_clip_;
+  bool hardened_ = false;
+  quant::QuantizedWeight result_;
+  Tensor<T> W_hard_;
+};
+
+}  // namespace cbq

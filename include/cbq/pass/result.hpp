@@ -1,0 +1,75 @@
+#pragma once
+// What a quantization pass returns: the integer weights of every linear layer with their scales
+// and zero-points, the learned activation quantizers, and the statistics of the run.
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "cbq/quant/grid.hpp"
+
+namespace cbq {
+
+struct LossTerms {
+  double total = 0, l2_fp = 0, kld_fp = 0, l2_hom = 0, kld_hom = 0, round = 0;
+  LossTerms& operator+=(const LossTerms& o) {
+    total += o.total;
+    l2_fp += o.l2_fp;
+    kld_fp += o.kld_fp;
+    l2_hom += o.l2_hom;
+    kld_hom += o.kld_hom;
+    round += o.round;
+    return *this;
+  }
+  LossTerms operator/(double k) const {
+    return {total / k, l2_fp / k, kld_fp / k, l2_hom / k, kld_hom / k, round / k};
+  }
+  // The reconstruction part (what the window is meant to minimise, without the regulariser).
+  double reconstruction() const { return l2_fp + kld_fp + l2_hom + kld_hom; }
+};
+
+struct WindowStats {
+  int64_t first_block = 0, last_block = 0, steps = 0;
+  double seconds = 0;
+  LossTerms loss_before;       // mean over all samples before the window trains (no regulariser)
+  LossTerms loss_after;        // the same after training, before hard rounding
+  LossTerms initial_loss;      // the first step's loss
+  LossTerms first_epoch_loss;  // mean over the first epoch
+  LossTerms final_loss;        // mean over the last epoch
+};
+
+struct LayerResult {
+  std::string name;  // "layers.3.q_proj"
+  quant::QuantizedWeight weight;
+  double act_scale = 0;  // static per-tensor activation step (0: none)
+  double act_zero = 0;
+  double act_clip_logit = 0;  // per-token clipping factor σ(c) (0 logit: none)
+};
+
+struct SiteScaling {
+  std::string name;  // "layers.0.attn_in"
+  int64_t channels = 0, scaled = 0;
+  double max_before = 0, max_after = 0;  // largest per-channel |activation| maximum
+};
+
+struct PreprocessStats {
+  std::string method;  // "cfp", "smoothquant"
+  std::vector<SiteScaling> sites;
+};
+
+struct QuantizationResult {
+  std::string method;  // "cbq", "rtn", "gptq"
+  std::string config;  // e.g. "W4A16 g32 window 2/1 LoRA-Rounding r5"
+  std::vector<LayerResult> layers;
+  std::vector<WindowStats> windows;
+  PreprocessStats preprocess;
+  double seconds = 0;
+  std::size_t activation_bytes = 0;  // calibration activations held by the pass
+
+  const LayerResult* find(const std::string& name) const {
+    for (const auto& l : layers)
+      if (l.name == name) return &l;
+    return nullptr;
+  }
+};
+
+}  // namespace cbq
