@@ -45,12 +45,13 @@ class Transformer {
       embed_positions = Parameter<T>(
           n, take_weight<T>(weights, n, {cfg.max_seq_len + cfg.opt_position_offset, d}), false);
       final_norm_weight =
-          Parameter<T>("final_norm.weight",
+          Parameter<T>(root + "final_layer_norm.weight",
                        take_weight<T>(weights, root + "final_layer_norm.weight", {d}), false);
-      final_norm_bias = Parameter<T>(
-          "final_norm.bias", take_weight<T>(weights, root + "final_layer_norm.bias", {d}), false);
+      final_norm_bias =
+          Parameter<T>(root + "final_layer_norm.bias",
+                       take_weight<T>(weights, root + "final_layer_norm.bias", {d}), false);
     } else {
-      final_norm_weight = Parameter<T>("final_norm.weight",
+      final_norm_weight = Parameter<T>("model.norm.weight",
                                        take_weight<T>(weights, "model.norm.weight", {d}), false);
     }
     if (!cfg.tied_embeddings)

@@ -155,6 +155,24 @@ class QuantLinear final : public LinearTransform<T> {
     return result_;
   }
   const quant::QuantizedWeight& result() const { return result_; }
+  // Fixes the layer to an integer weight computed elsewhere (RTN, GPTQ).
+  void set_result(quant::QuantizedWeight qw) {
+    CBQ_CHECK(qw.rows() == W_.size(0) && qw.cols() == W_.size(1),
+              "{}: quantized weight ({}, {}) does not match the layer {}", name_, qw.rows(),
+              qw.cols(), W_.shape());
+    result_ = std::move(qw);
+    Tensor<float> deq = result_.dequantize();
+    if constexpr (std::is_same_v<T, float>) {
+      W_hard_ = deq;
+    } else {
+      W_hard_ = deq.template cast<T>();
+    }
+    for (Parameter<T>* p : all_params()) p->trainable = false;
+    lora_ = {};
+    full_v_ = {};
+    full_v0_ = {};
+    hardened_ = true;
+  }
   // The weight the layer computes with now (soft while training, integer after harden()).
   Tensor<T> current_weight() {
     if (hardened_) return W_hard_;
