@@ -32,7 +32,7 @@ QuantizationResult quantize_baseline(Transformer<Block>& model, Baseline method,
             "GPTQ: weight-only (A16) configurations only, got A{}", spec.act_bits);
   QuantizationResult result;
   result.method = method == Baseline::rtn ? "rtn" : "gptq";
-  result.config = spec.describe();
+  result.config = spec.describe_quantizer();
   QuantLinearConfig config;
   config.weight = spec.weight;
   config.act_bits = spec.act_bits;

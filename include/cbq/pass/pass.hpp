@@ -74,6 +74,16 @@ struct PassSpec {
   RoundingKind rounding = RoundingKind::lora;
   int64_t rank = 5;
 
+  // "W4A16 g32" (what RTN and GPTQ share with CBQ).
+  std::string describe_quantizer() const {
+    std::string gran = weight.granularity == quant::Granularity::per_group
+                           ? fmt::format("g{}", weight.group_size)
+                           : (weight.granularity == quant::Granularity::per_channel ? "per-channel"
+                                                                                    : "per-tensor");
+    std::string act = act_bits >= 16 ? "" : (act_per_token ? " per-token" : " per-tensor");
+    return fmt::format("W{}A{} {}{}{}", weight.bits, act_bits, gran, weight.symmetric ? " sym" : "",
+                       act);
+  }
   std::string describe() const {
     std::string gran = weight.granularity == quant::Granularity::per_group
                            ? fmt::format("g{}", weight.group_size)

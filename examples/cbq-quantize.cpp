@@ -1,0 +1,297 @@
+// cbq-quantize: load a model, calibrate, quantize with CBQ (and/or the RTN and GPTQ baselines),
+// evaluate perplexity before and after, print a table and save the quantized model.
+//
+//   cbq-quantize                                   # stories260K from ../shared/data, W4A16 g32
+//   cbq-quantize MODEL --tokenizer TOK --calib TXT --eval TXT --wbits 3 --group 32 --method all
+//   cbq-quantize --help
+#include <sys/resource.h>
+
+#include <cbq/cbq.hpp>
+#include <cbq/eval/perplexity.hpp>
+#include <cbq/io/native.hpp>
+#include <cbq/io/mmap.hpp>
+#include <cbq/model/load.hpp>
+#include <cbq/pass/baselines.hpp>
+#include <cbq/pass/pass.hpp>
+#include <cstdio>
+#include <filesystem>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace fs = std::filesystem;
+
+namespace {
+
+const char* kUsage = R"(usage: cbq-quantize [MODEL] [options]
+
+MODEL is a llama2.c checkpoint (.bin) or a Hugging Face folder (config.json + safetensors).
+Without arguments: stories260K + tok512 and the TinyStories texts from ../shared/data.
+
+model and data
+  --tokenizer PATH      llama2.c tokenizer.bin (default: tokenizer.bin beside the model)
+  --calib PATH          calibration text (default: tinystories_train_excerpt.txt)
+  --eval PATH           evaluation text (default: tinystories_valid_200k.txt)
+  --samples N           calibration segments (default 128)
+  --seq-len L           tokens per segment (default: min(2048, the model's context))
+  --ctx N               evaluation context (default: the model's context)
+  --seed S              calibration and initialisation seed (default 0)
+method
+  --method LIST         comma list of cbq, rtn, gptq, or all (default cbq)
+  --wbits B             weight bits 2, 3, 4, 8 (default 4)
+  --group G             group size, 0 = per-channel (default 32)
+  --sym                 symmetric weight grid
+  --abits B             activation bits 4, 6, 8 or 16 = none (default 16)
+  --act-per-tensor | --act-per-token   activation granularity (default: per-tensor at 8 bits)
+cbq
+  --window B --overlap O          sliding window (default 2, 1)
+  --rounding lora|nearest|full    rounding (default lora), --rank R (default 5)
+  --epochs E                      (default 3)
+  --lr-step X --lr-act X --lr-round X   learning rates (defaults 1e-3, 1e-3, 1e-2)
+  --gamma X                       rounding regulariser weight (default 0.01)
+  --preset paper                  the paper's learning rates and V = 0 start
+  --start half|adaround           LoRA-Rounding start (default adaround)
+  --frozen-v0                     keep V0 at its initial value (default: tracks the step)
+  --hard                          train on hard-rounded weights (straight-through)
+  --no-l2 --no-kld --no-hom --no-fp   switch loss terms off
+  --cfp | --smoothquant           activation outlier scaling; --cfp-weights truncates weights
+  --max-steps N                   cap the steps per window (smoke runs)
+output
+  --out PATH            save the quantized model (native safetensors; with several methods the
+                        method name is appended)
+  --threads N           CPU threads (default: all)
+  --quiet               no per-window progress
+)";
+
+struct Args {
+  std::string model, tokenizer, calib, eval, out;
+  std::vector<std::string> methods{"cbq"};
+  int64_t samples = 128, seq_len = 0, ctx = 0, threads = 0;
+  cbq::PassSpec spec;
+  cbq::PassOptions options;
+  bool act_granularity_set = false;
+};
+
+[[noreturn]] void usage_error(const std::string& msg) {
+  std::fprintf(stderr, "cbq-quantize: %s\n\n%s", msg.c_str(), kUsage);
+  std::exit(2);
+}
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, sep))
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+Args parse(int argc, char** argv) {
+  Args a;
+  a.spec.weight.bits = 4;
+  a.spec.weight.group_size = 32;
+  a.spec.weight.granularity = cbq::quant::Granularity::per_group;
+  std::vector<std::string> positional;
+  for (int i = 1; i < argc; ++i) {
+    const std::string k = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) usage_error(k + " needs a value");
+      return argv[++i];
+    };
+    auto number = [&]() -> double {
+      const std::string v = value();
+      try {
+        size_t used = 0;
+        double d = std::stod(v, &used);
+        if (used != v.size()) throw std::invalid_argument(v);
+        return d;
+      } catch (const std::exception&) {
+        usage_error(k + " expects a number, got '" + v + "'");
+      }
+    };
+    if (k == "--help" || k == "-h") {
+      std::fputs(kUsage, stdout);
+      std::exit(0);
+    } else if (k == "--tokenizer") a.tokenizer = value();
+    else if (k == "--calib") a.calib = value();
+    else if (k == "--eval") a.eval = value();
+    else if (k == "--out") a.out = value();
+    else if (k == "--samples") a.samples = static_cast<int64_t>(number());
+    else if (k == "--seq-len") a.seq_len = static_cast<int64_t>(number());
+    else if (k == "--ctx") a.ctx = static_cast<int64_t>(number());
+    else if (k == "--seed") a.options.seed = static_cast<uint64_t>(number());
+    else if (k == "--threads") a.threads = static_cast<int64_t>(number());
+    else if (k == "--method") {
+      a.methods = split(value(), ',');
+      if (a.methods.size() == 1 && a.methods[0] == "all") a.methods = {"rtn", "gptq", "cbq"};
+      for (const auto& m : a.methods)
+        if (m != "cbq" && m != "rtn" && m != "gptq") usage_error("unknown method '" + m + "'");
+    } else if (k == "--wbits") a.spec.weight.bits = static_cast<int>(number());
+    else if (k == "--group") {
+      const int64_t g = static_cast<int64_t>(number());
+      a.spec.weight.granularity =
+          g == 0 ? cbq::quant::Granularity::per_channel : cbq::quant::Granularity::per_group;
+      a.spec.weight.group_size = g == 0 ? 128 : g;
+    } else if (k == "--sym") a.spec.weight.symmetric = true;
+    else if (k == "--abits") a.spec.act_bits = static_cast<int>(number());
+    else if (k == "--act-per-token") { a.spec.act_per_token = true; a.act_granularity_set = true; }
+    else if (k == "--act-per-tensor") { a.spec.act_per_token = false; a.act_granularity_set = true; }
+    else if (k == "--window") a.spec.window_blocks = static_cast<int64_t>(number());
+    else if (k == "--overlap") a.spec.window_overlap = static_cast<int64_t>(number());
+    else if (k == "--rounding") {
+      const std::string r = value();
+      if (r == "lora") a.spec.rounding = cbq::RoundingKind::lora;
+      else if (r == "nearest") a.spec.rounding = cbq::RoundingKind::nearest;
+      else if (r == "full") a.spec.rounding = cbq::RoundingKind::full;
+      else usage_error("unknown rounding '" + r + "'");
+    } else if (k == "--rank") a.spec.rank = static_cast<int64_t>(number());
+    else if (k == "--epochs") a.options.epochs = static_cast<int64_t>(number());
+    else if (k == "--lr-step") a.options.lr_weight_step = number();
+    else if (k == "--lr-act") a.options.lr_act_step = number();
+    else if (k == "--lr-round") a.options.lr_rounding = number();
+    else if (k == "--gamma") a.options.gamma_round = number();
+    else if (k == "--preset") {
+      const std::string p = value();
+      if (p != "paper") usage_error("unknown preset '" + p + "'");
+      const auto keep = a.options;
+      a.options = cbq::PassOptions::paper();
+      a.options.epochs = keep.epochs;
+      a.options.seed = keep.seed;
+    } else if (k == "--start") {
+      const std::string s = value();
+      if (s == "half") a.options.lora_start = cbq::quant::LoraStart::half;
+      else if (s == "adaround") a.options.lora_start = cbq::quant::LoraStart::adaround;
+      else usage_error("unknown start '" + s + "'");
+    } else if (k == "--frozen-v0") a.options.v0_tracks_step = false;
+    else if (k == "--hard") a.options.rounding_mode = cbq::quant::RoundingMode::hard_ste;
+    else if (k == "--no-l2") a.options.loss_l2 = false;
+    else if (k == "--no-kld") a.options.loss_kld = false;
+    else if (k == "--no-hom") a.options.loss_homologous = false;
+    else if (k == "--no-fp") a.options.loss_full_precision = false;
+    else if (k == "--cfp") a.options.activation_scaling = cbq::ActivationScaling::cfp;
+    else if (k == "--smoothquant") a.options.activation_scaling = cbq::ActivationScaling::smoothquant;
+    else if (k == "--cfp-weights") a.options.cfp_weights = true;
+    else if (k == "--max-steps") a.options.max_steps = static_cast<int64_t>(number());
+    else if (k == "--quiet") a.options.verbose = false;
+    else if (!k.empty() && k[0] == '-') usage_error("unknown option " + k);
+    else positional.push_back(k);
+  }
+  if (positional.size() > 1) usage_error("more than one model path");
+  if (!a.act_granularity_set) a.spec.act_per_token = a.spec.act_bits < 8;
+  const fs::path data = CBQ_DATA_DIR;
+  if (positional.empty()) {
+    const fs::path m = data / "models" / "stories260K.bin";
+    if (!fs::exists(m)) {
+      std::fprintf(stderr,
+                   "cbq-quantize: no model given and the default %s does not exist.\n"
+                   "Pass a llama2.c checkpoint or a Hugging Face folder, e.g.\n"
+                   "  cbq-quantize stories15M.bin --tokenizer tokenizer.bin --calib train.txt "
+                   "--eval valid.txt\n\n%s",
+                   m.string().c_str(), kUsage);
+      std::exit(2);
+    }
+    a.model = m.string();
+    if (a.tokenizer.empty()) a.tokenizer = (data / "models" / "tok512.bin").string();
+  } else {
+    a.model = positional[0];
+  }
+  if (a.calib.empty()) a.calib = (data / "text" / "tinystories_train_excerpt.txt").string();
+  if (a.eval.empty()) a.eval = (data / "text" / "tinystories_valid_200k.txt").string();
+  return a;
+}
+
+double peak_rss_mib() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_maxrss) / 1024.0;
+}
+
+struct Row {
+  std::string method, config;
+  double ppl = 0, seconds = 0, rss = 0;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Args args = parse(argc, argv);
+  try {
+    if (args.threads > 0) cbq::set_num_threads(static_cast<int>(args.threads));
+    cbq::AnyModel any = cbq::load_model(args.model, args.tokenizer);
+    std::printf("%s\n", cbq::describe(any).c_str());
+    CBQ_CHECK(any.tokenizer(), "cbq-quantize: {} has no tokenizer; pass --tokenizer", args.model);
+    const cbq::Tokenizer& tok = *any.tokenizer();
+    const cbq::ModelConfig cfg = any.config();
+    const int64_t ctx = args.ctx > 0 ? args.ctx : cfg.max_seq_len;
+    const int64_t seq_len = args.seq_len > 0 ? args.seq_len : std::min<int64_t>(2048, cfg.max_seq_len);
+    CBQ_CHECK(ctx <= cfg.max_seq_len && seq_len <= cfg.max_seq_len,
+              "cbq-quantize: context {} / segment length {} exceed the model's context {}", ctx,
+              seq_len, cfg.max_seq_len);
+
+    const std::string calib_text = cbq::io::read_text_file(args.calib);
+    const std::string eval_text = cbq::io::read_text_file(args.eval);
+    const auto calib_tokens = tok.encode(calib_text, true, false);
+    const auto eval_tokens = tok.encode(eval_text, true, false);
+    const cbq::Calibration calib =
+        cbq::sample_calibration(calib_tokens, args.samples, seq_len, args.options.seed);
+    std::printf("calibration: %lld × %lld tokens from %s (%zu tokens); evaluation: %s (%zu tokens, "
+                "ctx %lld)\n",
+                static_cast<long long>(args.samples), static_cast<long long>(seq_len),
+                args.calib.c_str(), calib_tokens.size(), args.eval.c_str(), eval_tokens.size(),
+                static_cast<long long>(ctx));
+    const double act_mib = 4.0 * static_cast<double>(args.samples * seq_len * cfg.dim) * 4 / (1 << 20);
+    std::printf("memory: the CBQ pass holds 4 activation sets of %lld × %lld × %lld floats "
+                "(%.1f MiB) beside the model\n",
+                static_cast<long long>(args.samples), static_cast<long long>(seq_len),
+                static_cast<long long>(cfg.dim), act_mib);
+
+    std::vector<Row> rows;
+    const auto fp = any.visit([&](auto& m) { return cbq::eval::perplexity_gptq(m, eval_tokens, ctx); });
+    rows.push_back({"fp32", "full precision", fp.perplexity, fp.seconds, peak_rss_mib()});
+    std::printf("FP perplexity %.4f (%lld windows × %lld, %.0f tokens/s)\n", fp.perplexity,
+                static_cast<long long>(fp.windows), static_cast<long long>(ctx), fp.tokens_per_second);
+
+    for (const std::string& method : args.methods) {
+      cbq::AnyModel m = method == args.methods.front() ? std::move(any)
+                                                       : cbq::load_model(args.model, args.tokenizer);
+      Row row;
+      row.method = method;
+      cbq::QuantizationResult result = m.visit([&](auto& model) {
+        if (method == "cbq") {
+          cbq::CbqPass pass(args.spec, args.options);
+          return pass.run(model, calib);
+        }
+        std::vector<cbq::Tensor<float>> x;
+        for (const auto& s : calib.samples) x.push_back(model.embed_tensor(s));
+        return cbq::quantize_baseline(model, method == "rtn" ? cbq::Baseline::rtn : cbq::Baseline::gptq,
+                                      args.spec, std::move(x), {}, args.options.verbose);
+      });
+      row.config = result.config;
+      row.seconds = result.seconds;
+      row.ppl = m.visit([&](auto& model) { return cbq::eval::perplexity_gptq(model, eval_tokens, ctx).perplexity; });
+      row.rss = peak_rss_mib();
+      std::printf("%s: perplexity %.4f (%.1fs)\n", method.c_str(), row.ppl, row.seconds);
+      rows.push_back(row);
+      if (!args.out.empty()) {
+        std::string out = args.out;
+        if (args.methods.size() > 1) {
+          const fs::path p(args.out);
+          out = (p.parent_path() / (p.stem().string() + "-" + method + p.extension().string())).string();
+        }
+        m.visit([&](auto& model) { cbq::io::save_native(out, model, result); });
+        std::printf("saved %s\n", out.c_str());
+      }
+    }
+
+    std::printf("\n| method | configuration | perplexity | vs FP | time | peak RSS |\n");
+    std::printf("|---|---|---|---|---|---|\n");
+    for (const Row& r : rows)
+      std::printf("| %s | %s | %.4f | %+.2f%% | %.1fs | %.0f MiB |\n", r.method.c_str(),
+                  r.config.c_str(), r.ppl, 100.0 * (r.ppl / fp.perplexity - 1.0), r.seconds, r.rss);
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "cbq-quantize: %s\n", e.what());
+    return 1;
+  }
+}
