@@ -8,8 +8,8 @@
 
 #include <cbq/cbq.hpp>
 #include <cbq/eval/perplexity.hpp>
-#include <cbq/io/native.hpp>
 #include <cbq/io/mmap.hpp>
+#include <cbq/io/native.hpp>
 #include <cbq/model/load.hpp>
 #include <cbq/pass/baselines.hpp>
 #include <cbq/pass/pass.hpp>
@@ -48,12 +48,12 @@ cbq
   --window B --overlap O          sliding window (default 2, 1)
   --rounding lora|nearest|full    rounding (default lora), --rank R (default 5)
   --epochs E                      (default 3)
-  --lr-step X --lr-act X --lr-round X   learning rates (defaults 1e-3, 1e-3, 1e-2)
+  --lr-step X --lr-act X --lr-round X   learning rates (defaults 1e-2 relative, 1e-2, 1e-2)
   --gamma X                       rounding regulariser weight (default 0.01)
   --preset paper                  the paper's learning rates and V = 0 start
   --start half|adaround           LoRA-Rounding start (default adaround)
   --frozen-v0                     keep V0 at its initial value (default: tracks the step)
-  --hard                          train on hard-rounded weights (straight-through)
+  --soft                          train on soft h(V) weights (default: hard, straight-through)
   --no-l2 --no-kld --no-hom --no-fp   switch loss terms off
   --cfp | --smoothquant           activation outlier scaling; --cfp-weights truncates weights
   --max-steps N                   cap the steps per window (smoke runs)
@@ -113,44 +113,72 @@ Args parse(int argc, char** argv) {
     if (k == "--help" || k == "-h") {
       std::fputs(kUsage, stdout);
       std::exit(0);
-    } else if (k == "--tokenizer") a.tokenizer = value();
-    else if (k == "--calib") a.calib = value();
-    else if (k == "--eval") a.eval = value();
-    else if (k == "--out") a.out = value();
-    else if (k == "--samples") a.samples = static_cast<int64_t>(number());
-    else if (k == "--seq-len") a.seq_len = static_cast<int64_t>(number());
-    else if (k == "--ctx") a.ctx = static_cast<int64_t>(number());
-    else if (k == "--seed") a.options.seed = static_cast<uint64_t>(number());
-    else if (k == "--threads") a.threads = static_cast<int64_t>(number());
+    } else if (k == "--tokenizer")
+      a.tokenizer = value();
+    else if (k == "--calib")
+      a.calib = value();
+    else if (k == "--eval")
+      a.eval = value();
+    else if (k == "--out")
+      a.out = value();
+    else if (k == "--samples")
+      a.samples = static_cast<int64_t>(number());
+    else if (k == "--seq-len")
+      a.seq_len = static_cast<int64_t>(number());
+    else if (k == "--ctx")
+      a.ctx = static_cast<int64_t>(number());
+    else if (k == "--seed")
+      a.options.seed = static_cast<uint64_t>(number());
+    else if (k == "--threads")
+      a.threads = static_cast<int64_t>(number());
     else if (k == "--method") {
       a.methods = split(value(), ',');
       if (a.methods.size() == 1 && a.methods[0] == "all") a.methods = {"rtn", "gptq", "cbq"};
       for (const auto& m : a.methods)
         if (m != "cbq" && m != "rtn" && m != "gptq") usage_error("unknown method '" + m + "'");
-    } else if (k == "--wbits") a.spec.weight.bits = static_cast<int>(number());
+    } else if (k == "--wbits")
+      a.spec.weight.bits = static_cast<int>(number());
     else if (k == "--group") {
       const int64_t g = static_cast<int64_t>(number());
       a.spec.weight.granularity =
           g == 0 ? cbq::quant::Granularity::per_channel : cbq::quant::Granularity::per_group;
       a.spec.weight.group_size = g == 0 ? 128 : g;
-    } else if (k == "--sym") a.spec.weight.symmetric = true;
-    else if (k == "--abits") a.spec.act_bits = static_cast<int>(number());
-    else if (k == "--act-per-token") { a.spec.act_per_token = true; a.act_granularity_set = true; }
-    else if (k == "--act-per-tensor") { a.spec.act_per_token = false; a.act_granularity_set = true; }
-    else if (k == "--window") a.spec.window_blocks = static_cast<int64_t>(number());
-    else if (k == "--overlap") a.spec.window_overlap = static_cast<int64_t>(number());
+    } else if (k == "--sym")
+      a.spec.weight.symmetric = true;
+    else if (k == "--abits")
+      a.spec.act_bits = static_cast<int>(number());
+    else if (k == "--act-per-token") {
+      a.spec.act_per_token = true;
+      a.act_granularity_set = true;
+    } else if (k == "--act-per-tensor") {
+      a.spec.act_per_token = false;
+      a.act_granularity_set = true;
+    } else if (k == "--window")
+      a.spec.window_blocks = static_cast<int64_t>(number());
+    else if (k == "--overlap")
+      a.spec.window_overlap = static_cast<int64_t>(number());
     else if (k == "--rounding") {
       const std::string r = value();
-      if (r == "lora") a.spec.rounding = cbq::RoundingKind::lora;
-      else if (r == "nearest") a.spec.rounding = cbq::RoundingKind::nearest;
-      else if (r == "full") a.spec.rounding = cbq::RoundingKind::full;
-      else usage_error("unknown rounding '" + r + "'");
-    } else if (k == "--rank") a.spec.rank = static_cast<int64_t>(number());
-    else if (k == "--epochs") a.options.epochs = static_cast<int64_t>(number());
-    else if (k == "--lr-step") a.options.lr_weight_step = number();
-    else if (k == "--lr-act") a.options.lr_act_step = number();
-    else if (k == "--lr-round") a.options.lr_rounding = number();
-    else if (k == "--gamma") a.options.gamma_round = number();
+      if (r == "lora")
+        a.spec.rounding = cbq::RoundingKind::lora;
+      else if (r == "nearest")
+        a.spec.rounding = cbq::RoundingKind::nearest;
+      else if (r == "full")
+        a.spec.rounding = cbq::RoundingKind::full;
+      else
+        usage_error("unknown rounding '" + r + "'");
+    } else if (k == "--rank")
+      a.spec.rank = static_cast<int64_t>(number());
+    else if (k == "--epochs")
+      a.options.epochs = static_cast<int64_t>(number());
+    else if (k == "--lr-step")
+      a.options.lr_weight_step = number();
+    else if (k == "--lr-act")
+      a.options.lr_act_step = number();
+    else if (k == "--lr-round")
+      a.options.lr_rounding = number();
+    else if (k == "--gamma")
+      a.options.gamma_round = number();
     else if (k == "--preset") {
       const std::string p = value();
       if (p != "paper") usage_error("unknown preset '" + p + "'");
@@ -160,22 +188,40 @@ Args parse(int argc, char** argv) {
       a.options.seed = keep.seed;
     } else if (k == "--start") {
       const std::string s = value();
-      if (s == "half") a.options.lora_start = cbq::quant::LoraStart::half;
-      else if (s == "adaround") a.options.lora_start = cbq::quant::LoraStart::adaround;
-      else usage_error("unknown start '" + s + "'");
-    } else if (k == "--frozen-v0") a.options.v0_tracks_step = false;
-    else if (k == "--hard") a.options.rounding_mode = cbq::quant::RoundingMode::hard_ste;
-    else if (k == "--no-l2") a.options.loss_l2 = false;
-    else if (k == "--no-kld") a.options.loss_kld = false;
-    else if (k == "--no-hom") a.options.loss_homologous = false;
-    else if (k == "--no-fp") a.options.loss_full_precision = false;
-    else if (k == "--cfp") a.options.activation_scaling = cbq::ActivationScaling::cfp;
-    else if (k == "--smoothquant") a.options.activation_scaling = cbq::ActivationScaling::smoothquant;
-    else if (k == "--cfp-weights") a.options.cfp_weights = true;
-    else if (k == "--max-steps") a.options.max_steps = static_cast<int64_t>(number());
-    else if (k == "--quiet") a.options.verbose = false;
-    else if (!k.empty() && k[0] == '-') usage_error("unknown option " + k);
-    else positional.push_back(k);
+      if (s == "half")
+        a.options.lora_start = cbq::quant::LoraStart::half;
+      else if (s == "adaround")
+        a.options.lora_start = cbq::quant::LoraStart::adaround;
+      else
+        usage_error("unknown start '" + s + "'");
+    } else if (k == "--frozen-v0")
+      a.options.v0_tracks_step = false;
+    else if (k == "--hard")
+      a.options.rounding_mode = cbq::quant::RoundingMode::hard_ste;
+    else if (k == "--soft")
+      a.options.rounding_mode = cbq::quant::RoundingMode::soft;
+    else if (k == "--no-l2")
+      a.options.loss_l2 = false;
+    else if (k == "--no-kld")
+      a.options.loss_kld = false;
+    else if (k == "--no-hom")
+      a.options.loss_homologous = false;
+    else if (k == "--no-fp")
+      a.options.loss_full_precision = false;
+    else if (k == "--cfp")
+      a.options.activation_scaling = cbq::ActivationScaling::cfp;
+    else if (k == "--smoothquant")
+      a.options.activation_scaling = cbq::ActivationScaling::smoothquant;
+    else if (k == "--cfp-weights")
+      a.options.cfp_weights = true;
+    else if (k == "--max-steps")
+      a.options.max_steps = static_cast<int64_t>(number());
+    else if (k == "--quiet")
+      a.options.verbose = false;
+    else if (!k.empty() && k[0] == '-')
+      usage_error("unknown option " + k);
+    else
+      positional.push_back(k);
   }
   if (positional.size() > 1) usage_error("more than one model path");
   if (!a.act_granularity_set) a.spec.act_per_token = a.spec.act_bits < 8;
@@ -224,7 +270,8 @@ int main(int argc, char** argv) {
     const cbq::Tokenizer& tok = *any.tokenizer();
     const cbq::ModelConfig cfg = any.config();
     const int64_t ctx = args.ctx > 0 ? args.ctx : cfg.max_seq_len;
-    const int64_t seq_len = args.seq_len > 0 ? args.seq_len : std::min<int64_t>(2048, cfg.max_seq_len);
+    const int64_t seq_len =
+        args.seq_len > 0 ? args.seq_len : std::min<int64_t>(2048, cfg.max_seq_len);
     CBQ_CHECK(ctx <= cfg.max_seq_len && seq_len <= cfg.max_seq_len,
               "cbq-quantize: context {} / segment length {} exceed the model's context {}", ctx,
               seq_len, cfg.max_seq_len);
@@ -235,26 +282,31 @@ int main(int argc, char** argv) {
     const auto eval_tokens = tok.encode(eval_text, true, false);
     const cbq::Calibration calib =
         cbq::sample_calibration(calib_tokens, args.samples, seq_len, args.options.seed);
-    std::printf("calibration: %lld × %lld tokens from %s (%zu tokens); evaluation: %s (%zu tokens, "
-                "ctx %lld)\n",
-                static_cast<long long>(args.samples), static_cast<long long>(seq_len),
-                args.calib.c_str(), calib_tokens.size(), args.eval.c_str(), eval_tokens.size(),
-                static_cast<long long>(ctx));
-    const double act_mib = 4.0 * static_cast<double>(args.samples * seq_len * cfg.dim) * 4 / (1 << 20);
-    std::printf("memory: the CBQ pass holds 4 activation sets of %lld × %lld × %lld floats "
-                "(%.1f MiB) beside the model\n",
-                static_cast<long long>(args.samples), static_cast<long long>(seq_len),
-                static_cast<long long>(cfg.dim), act_mib);
+    std::printf(
+        "calibration: %lld × %lld tokens from %s (%zu tokens); evaluation: %s (%zu tokens, "
+        "ctx %lld)\n",
+        static_cast<long long>(args.samples), static_cast<long long>(seq_len), args.calib.c_str(),
+        calib_tokens.size(), args.eval.c_str(), eval_tokens.size(), static_cast<long long>(ctx));
+    const double act_mib =
+        4.0 * static_cast<double>(args.samples * seq_len * cfg.dim) * 4 / (1 << 20);
+    std::printf(
+        "memory: the CBQ pass holds 4 activation sets of %lld × %lld × %lld floats "
+        "(%.1f MiB) beside the model\n",
+        static_cast<long long>(args.samples), static_cast<long long>(seq_len),
+        static_cast<long long>(cfg.dim), act_mib);
 
     std::vector<Row> rows;
-    const auto fp = any.visit([&](auto& m) { return cbq::eval::perplexity_gptq(m, eval_tokens, ctx); });
+    const auto fp =
+        any.visit([&](auto& m) { return cbq::eval::perplexity_gptq(m, eval_tokens, ctx); });
     rows.push_back({"fp32", "full precision", fp.perplexity, fp.seconds, peak_rss_mib()});
     std::printf("FP perplexity %.4f (%lld windows × %lld, %.0f tokens/s)\n", fp.perplexity,
-                static_cast<long long>(fp.windows), static_cast<long long>(ctx), fp.tokens_per_second);
+                static_cast<long long>(fp.windows), static_cast<long long>(ctx),
+                fp.tokens_per_second);
 
     for (const std::string& method : args.methods) {
-      cbq::AnyModel m = method == args.methods.front() ? std::move(any)
-                                                       : cbq::load_model(args.model, args.tokenizer);
+      cbq::AnyModel m = method == args.methods.front()
+                            ? std::move(any)
+                            : cbq::load_model(args.model, args.tokenizer);
       Row row;
       row.method = method;
       cbq::QuantizationResult result = m.visit([&](auto& model) {
@@ -264,12 +316,15 @@ int main(int argc, char** argv) {
         }
         std::vector<cbq::Tensor<float>> x;
         for (const auto& s : calib.samples) x.push_back(model.embed_tensor(s));
-        return cbq::quantize_baseline(model, method == "rtn" ? cbq::Baseline::rtn : cbq::Baseline::gptq,
+        return cbq::quantize_baseline(model,
+                                      method == "rtn" ? cbq::Baseline::rtn : cbq::Baseline::gptq,
                                       args.spec, std::move(x), {}, args.options.verbose);
       });
       row.config = result.config;
       row.seconds = result.seconds;
-      row.ppl = m.visit([&](auto& model) { return cbq::eval::perplexity_gptq(model, eval_tokens, ctx).perplexity; });
+      row.ppl = m.visit([&](auto& model) {
+        return cbq::eval::perplexity_gptq(model, eval_tokens, ctx).perplexity;
+      });
       row.rss = peak_rss_mib();
       std::printf("%s: perplexity %.4f (%.1fs)\n", method.c_str(), row.ppl, row.seconds);
       rows.push_back(row);
@@ -277,7 +332,8 @@ int main(int argc, char** argv) {
         std::string out = args.out;
         if (args.methods.size() > 1) {
           const fs::path p(args.out);
-          out = (p.parent_path() / (p.stem().string() + "-" + method + p.extension().string())).string();
+          out = (p.parent_path() / (p.stem().string() + "-" + method + p.extension().string()))
+                    .string();
         }
         m.visit([&](auto& model) { cbq::io::save_native(out, model, result); });
         std::printf("saved %s\n", out.c_str());

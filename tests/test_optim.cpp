@@ -61,3 +61,17 @@ TEST_CASE("cosine schedule: endpoints, midpoint and clamping beyond the end") {
   CHECK(s.at(1000) == doctest::Approx(1e-5));
   CHECK_THROWS_AS(optim::CosineSchedule(1.0, 0), cbq::Error);
 }
+
+TEST_CASE("adam: a per-element learning-rate scale makes updates relative") {
+  // The first Adam step moves each element by lr·scale·sign(g) (up to ε).
+  Parameter<double> s("s", Tensor<double>::from({0.5, 0.002, 3.0}, Shape{3}));
+  optim::Adam<double> adam;
+  adam.add_group("steps", {&s}, 0.1, {Tensor<double>::from({0.5, 0.002, 3.0}, Shape{3})});
+  s.grad.fill(1.0);
+  adam.step();
+  CHECK(s.value[0] == doctest::Approx(0.5 * 0.9).epsilon(1e-6));
+  CHECK(s.value[1] == doctest::Approx(0.002 * 0.9).epsilon(1e-6));
+  CHECK(s.value[2] == doctest::Approx(3.0 * 0.9).epsilon(1e-6));
+  CHECK_THROWS_WITH_AS(adam.add_group("bad", {&s}, 0.1, {Tensor<double>(Shape{2})}),
+                       doctest::Contains("does not match parameter 's'"), cbq::Error);
+}

@@ -35,6 +35,7 @@ class Adam {
   struct Slot {
     Parameter<T>* param;
     Tensor<T> m, v;
+    Tensor<T> lr_scale;  // optional per-element learning-rate factor (undefined: 1)
   };
   struct Group {
     std::string name;
@@ -45,14 +46,29 @@ class Adam {
   explicit Adam(AdamOptions options = {}) : options_(options) {}
 
   // Adds a group; returns its index. Parameters must be trainable and outlive the optimiser.
-  int add_group(std::string name, const std::vector<Parameter<T>*>& params, double lr) {
+  // `lr_scales[i]`, if given, multiplies the update of params[i] elementwise: with a step size's
+  // initial value as its scale the update becomes relative (lr = fraction of the step per update),
+  // which keeps one learning rate meaningful from 2-bit to 8-bit steps.
+  int add_group(std::string name, const std::vector<Parameter<T>*>& params, double lr,
+                const std::vector<Tensor<T>>& lr_scales = {}) {
+    CBQ_CHECK(lr_scales.empty() || lr_scales.size() == params.size(),
+              "Adam: group '{}' has {} parameters but {} learning-rate scales", name, params.size(),
+              lr_scales.size());
     CBQ_CHECK(lr >= 0 && std::isfinite(lr), "Adam: learning rate of group '{}' is {}", name, lr);
     Group g{std::move(name), lr, {}};
-    for (Parameter<T>* p : params) {
+    for (size_t i = 0; i < params.size(); ++i) {
+      Parameter<T>* p = params[i];
       CBQ_CHECK(p && p->trainable, "Adam: parameter '{}' in group '{}' is not trainable",
                 p ? p->name : "(null)", g.name);
+      Tensor<T> scale;
+      if (!lr_scales.empty()) {
+        scale = lr_scales[i];
+        CBQ_CHECK(scale.shape() == p->value.shape(),
+                  "Adam: learning-rate scale {} does not match parameter '{}' {}", scale.shape(),
+                  p->name, p->value.shape());
+      }
       g.slots.push_back(Slot{p, Tensor<T>(p->value.shape(), p->value.device()),
-                             Tensor<T>(p->value.shape(), p->value.device())});
+                             Tensor<T>(p->value.shape(), p->value.device()), scale});
     }
     groups_.push_back(std::move(g));
     return static_cast<int>(groups_.size()) - 1;
@@ -82,6 +98,7 @@ class Adam {
         const int64_t n = p.numel();
         if (p.device() == Device::cuda) {
           CBQ_CHECK(CudaAdam<T>::step, "Adam: CUDA kernel not registered");
+          CBQ_CHECK(!s.lr_scale.defined(), "Adam: per-element learning-rate scales need the CPU");
           CudaAdam<T>::step(p.data(), s.m.data(), s.v.data(), grad.data(), n, lr, b1, b2, eps, bc1,
                             bc2);
           continue;
@@ -90,11 +107,13 @@ class Adam {
         T* m = s.m.data();
         T* v = s.v.data();
         const T* gp = grad.data();
+        const T* ls = s.lr_scale.defined() ? s.lr_scale.data() : nullptr;
         parallel_for(n, 1 << 14, [&](int64_t i0, int64_t i1) {
           for (int64_t i = i0; i < i1; ++i) {
             m[i] = b1 * m[i] + (1 - b1) * gp[i];
             v[i] = b2 * v[i] + (1 - b2) * gp[i] * gp[i];
-            pp[i] -= lr * (m[i] / bc1) / (std::sqrt(v[i] / bc2) + eps);
+            const T update = lr * (m[i] / bc1) / (std::sqrt(v[i] / bc2) + eps);
+            pp[i] -= ls ? ls[i] * update : update;
           }
         });
       }

@@ -73,8 +73,9 @@ enum class ActivationScaling { none, cfp, smoothquant };
 struct PassOptions {
   // Optimisation (per window): E epochs over the N calibration samples, batch 1.
   int64_t epochs = 3;
-  double lr_weight_step = 1e-3;  // s_w   (paper: 1e-7 — see docs/RESULTS.md)
-  double lr_act_step = 1e-3;     // s_x or the clipping logit c (paper: 1e-6)
+  // Step-size rates are relative: an update moves a step by about lr × its initial (RTN) value.
+  double lr_weight_step = 1e-2;  // s_w   (paper: 1e-7 — see docs/RESULTS.md)
+  double lr_act_step = 1e-2;     // s_x, or the clipping logit c (absolute) (paper: 1e-6)
   double lr_rounding = 1e-2;     // A1, A2 or V (paper: 1e-4)
   double lr_min_fraction = 0.0;  // cosine annealing down to lr · lr_min_fraction
   bool lsq_grad_scale = true;
@@ -92,7 +93,8 @@ struct PassOptions {
   double round_warmup = 0.2;
   quant::LoraStart lora_start = quant::LoraStart::adaround;
   bool v0_tracks_step = true;  // AdaRound start: V0 follows the learned steps (PASS.md)
-  quant::RoundingMode rounding_mode = quant::RoundingMode::soft;
+  // hard_ste: train on the integer weights (straight-through); soft: the paper's h(V) forward.
+  quant::RoundingMode rounding_mode = quant::RoundingMode::hard_ste;
   double lora_a1_std = 0.0;  // 0: 1/sqrt(rank)
   // Which step sizes learn (ablations).
   bool learn_weight_step = true;
@@ -115,6 +117,7 @@ struct PassOptions {
     o.lr_rounding = 1e-4;
     o.lora_start = quant::LoraStart::half;
     o.v0_tracks_step = false;
+    o.rounding_mode = quant::RoundingMode::soft;
     return o;
   }
 };

@@ -313,23 +313,30 @@ class CbqPass {
 
     // Parameter groups over the window's (not yet frozen) layers.
     std::vector<Parameter<T>*> steps, acts, rounds;
+    std::vector<Tensor<T>> step_scales, act_scales;
     std::vector<QuantLinear<T>*> active;
     for (int64_t b = w.first; b <= w.last; ++b)
       for (auto& q : qlayers[b]) {
         if (q->hardened()) continue;
         active.push_back(q.get());
-        if (o.learn_weight_step)
+        if (o.learn_weight_step) {
           for (auto* p : q->weight_step_params()) steps.push_back(p);
-        if (o.learn_act_step)
+          for (auto& t : q->weight_step_lr_scales()) step_scales.push_back(t);
+        }
+        if (o.learn_act_step) {
           for (auto* p : q->act_params()) acts.push_back(p);
+          for (auto& t : q->act_lr_scales()) act_scales.push_back(t);
+        }
         for (auto* p : q->rounding_params()) rounds.push_back(p);
       }
     optim::Adam<T> adam;
     std::vector<std::pair<int, double>> groups;  // (group, base lr)
     if (!steps.empty())
-      groups.push_back({adam.add_group("weight steps", steps, o.lr_weight_step), o.lr_weight_step});
+      groups.push_back(
+          {adam.add_group("weight steps", steps, o.lr_weight_step, step_scales), o.lr_weight_step});
     if (!acts.empty())
-      groups.push_back({adam.add_group("activation steps", acts, o.lr_act_step), o.lr_act_step});
+      groups.push_back(
+          {adam.add_group("activation steps", acts, o.lr_act_step, act_scales), o.lr_act_step});
     if (!rounds.empty())
       groups.push_back({adam.add_group("rounding", rounds, o.lr_rounding), o.lr_rounding});
     adam.zero_grad();
@@ -417,6 +424,7 @@ class CbqPass {
         tape.backward(loss);
         adam.step();
         adam.zero_grad();
+        for (QuantLinear<T>* q : active) q->project_steps();
         epoch_sum += terms;
         ++epoch_steps;
       }

@@ -48,6 +48,9 @@ class QuantLinear final : public LinearTransform<T> {
     Tensor<T> s, z;
     quant::init_minmax(W_, config_.weight, s, z);
     w_scale_ = Parameter<T>(name_ + ".w_scale", s);
+    w_scale_init_ = s.clone();
+    w_scale_floor_ = s.clone();
+    for (int64_t i = 0; i < s.numel(); ++i) w_scale_floor_[i] *= static_cast<T>(kMinStepFraction);
     w_zero_ = config_.weight.symmetric ? Tensor<T>() : z;
     const int64_t rows = W_.size(0), cols = W_.size(1);
     switch (config_.rounding) {
@@ -85,6 +88,26 @@ class QuantLinear final : public LinearTransform<T> {
     auto p = quant::init_act_static(lo, hi, config_.act_bits, config_.act_symmetric);
     act_scale_.value[0] = p.scale;
     act_zero_[0] = p.zero;
+    act_scale_floor_ = p.scale * static_cast<T>(kMinStepFraction);
+    act_scale_init_ = Tensor<T>::full(Shape{1}, p.scale);
+  }
+  // Per-element learning-rate scales for the step parameters: their initial values, so that
+  // Adam's updates are relative to each step (see optim/adam.hpp).
+  std::vector<Tensor<T>> weight_step_lr_scales() const { return {w_scale_init_}; }
+  std::vector<Tensor<T>> act_lr_scales() const {
+    if (config_.act_mode == ActMode::static_per_tensor)
+      return {act_scale_init_.defined() ? act_scale_init_ : Tensor<T>::full(Shape{1}, T(1))};
+    if (config_.act_mode == ActMode::dynamic_per_token) return {Tensor<T>::full(Shape{1}, T(1))};
+    return {};
+  }
+
+  // Keeps learned steps positive after an optimiser update: no step goes below
+  // kMinStepFraction of its min/max (RTN) value, which would clip 95 % of the range anyway.
+  void project_steps() {
+    for (int64_t i = 0; i < w_scale_.value.numel(); ++i)
+      w_scale_.value[i] = std::max(w_scale_.value[i], w_scale_floor_[i]);
+    if (act_scale_.value.defined())
+      act_scale_.value[0] = std::max(act_scale_.value[0], act_scale_floor_);
   }
 
   Var<T> forward(Tape<T>& tape, LinearLayer<T>& layer, Var<T> x) override {
@@ -251,7 +274,11 @@ class QuantLinear final : public LinearTransform<T> {
   std::string name_;
   QuantLinearConfig config_;
   Tensor<T> W_;  // (out, in), the weight being quantized
+  static constexpr double kMinStepFraction = 0.05;
   Parameter<T> w_scale_;
+  Tensor<T> w_scale_floor_, w_scale_init_;
+  Tensor<T> act_scale_init_;
+  T act_scale_floor_ = T(0);
   Tensor<T> w_zero_;  // undefined for symmetric grids
   quant::LoraRoundingParams<T> lora_;
   Parameter<T> full_v_;  // ΔV for full rounding
