@@ -327,6 +327,13 @@ int main(int argc, char** argv) {
       });
       row.rss = peak_rss_mib();
       std::printf("%s: perplexity %.4f (%.1fs)\n", method.c_str(), row.ppl, row.seconds);
+      if (method == "cbq") {
+        const auto [change, flips] = result.learning_summary();
+        std::printf(
+            "cbq: weight steps moved %.3f%% from RTN on average; %.3f%% of the codes differ "
+            "from round-to-nearest\n",
+            100 * change, 100 * flips);
+      }
       rows.push_back(row);
       if (!args.out.empty()) {
         std::string out = args.out;

@@ -170,6 +170,7 @@ class QuantLinear final : public LinearTransform<T> {
     } else {
       W_hard_ = deq.template cast<T>();
     }
+    measure_learning(s);
     for (Parameter<T>* p : all_params()) p->trainable = false;
     lora_ = {};
     full_v_ = {};
@@ -177,6 +178,11 @@ class QuantLinear final : public LinearTransform<T> {
     hardened_ = true;
     return result_;
   }
+  // How far learning moved this layer (set by harden()): the mean relative change of the weight
+  // steps from their RTN values, and the fraction of codes that differ from round-to-nearest
+  // with the final steps (the rounding decisions the method changed).
+  double step_change() const { return step_change_; }
+  double rounding_flips() const { return rounding_flips_; }
   const quant::QuantizedWeight& result() const { return result_; }
   // Fixes the layer to an integer weight computed elsewhere (RTN, GPTQ).
   void set_result(quant::QuantizedWeight qw) {
@@ -264,6 +270,20 @@ class QuantLinear final : public LinearTransform<T> {
     }
   }
 
+  void measure_learning(const Tensor<T>& s) {
+    double change = 0;
+    for (int64_t i = 0; i < s.numel(); ++i)
+      change += std::abs(static_cast<double>(s[i] - w_scale_init_[i])) /
+                static_cast<double>(w_scale_init_[i]);
+    step_change_ = change / static_cast<double>(s.numel());
+    const quant::QuantizedWeight nearest =
+        quant::quantize_weight(W_, s, zero_or_zeros(), config_.weight);
+    int64_t flips = 0;
+    for (int64_t i = 0; i < nearest.codes.numel(); ++i)
+      flips += nearest.codes[i] != result_.codes[i];
+    rounding_flips_ = static_cast<double>(flips) / static_cast<double>(nearest.codes.numel());
+  }
+
   std::vector<Parameter<T>*> all_params() {
     std::vector<Parameter<T>*> all = weight_step_params();
     for (auto* p : act_params()) all.push_back(p);
@@ -287,6 +307,7 @@ class QuantLinear final : public LinearTransform<T> {
   Tensor<T> act_zero_;
   Parameter<T> act_clip_;
   bool hardened_ = false;
+  double step_change_ = 0, rounding_flips_ = 0;
   quant::QuantizedWeight result_;
   Tensor<T> W_hard_;
 };

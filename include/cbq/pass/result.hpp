@@ -1,8 +1,10 @@
 #pragma once
 // What a quantization pass returns: the integer weights of every linear layer with their scales
 // and zero-points, the learned activation quantizers, and the statistics of the run.
+#include <algorithm>
 #include <cstddef>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cbq/quant/grid.hpp"
@@ -43,6 +45,8 @@ struct LayerResult {
   double act_scale = 0;  // static per-tensor activation step (0: none)
   double act_zero = 0;
   double act_clip_logit = 0;  // per-token clipping factor σ(c) (0 logit: none)
+  double step_change = 0;     // CBQ: mean |s − s_RTN| / s_RTN at the end
+  double rounding_flips = 0;  // CBQ: fraction of codes that differ from round-to-nearest
 };
 
 struct SiteScaling {
@@ -65,6 +69,16 @@ struct QuantizationResult {
   double seconds = 0;
   std::size_t activation_bytes = 0;  // calibration activations held by the pass
 
+  // Means over layers of step_change and rounding_flips.
+  std::pair<double, double> learning_summary() const {
+    double a = 0, b = 0;
+    for (const auto& l : layers) {
+      a += l.step_change;
+      b += l.rounding_flips;
+    }
+    const double n = std::max<double>(1.0, static_cast<double>(layers.size()));
+    return {a / n, b / n};
+  }
   const LayerResult* find(const std::string& name) const {
     for (const auto& l : layers)
       if (l.name == name) return &l;
