@@ -67,7 +67,7 @@ ModelConfig small_config(bool tied) {
   return c;
 }
 
-WeightMap random_weights(const ModelConfig& c, uint64_t seed) {
+WeightMap llama2c_random_weights(const ModelConfig& c, uint64_t seed) {
   WeightMap w;
   const int64_t d = c.dim, h = c.hidden_dim, kv = c.n_kv_heads * c.head_dim;
   auto add = [&](const std::string& name, Shape s) { w[name] = testing::randn<float>(s, seed++); };
@@ -161,7 +161,7 @@ TEST_CASE("llama2c: synthetic checkpoints round trip (tied, untied, GQA)") {
   TempDir dir("llama2c_rt");
   for (bool tied : {true, false}) {
     ModelConfig c = small_config(tied);
-    WeightMap w = random_weights(c, tied ? 10 : 20);
+    WeightMap w = llama2c_random_weights(c, tied ? 10 : 20);
     const std::string path = dir.file(tied ? "tied.bin" : "untied.bin");
     io::save_llama2c(path, c, w);
     CHECK_FALSE(fs::exists(path + ".tmp"));
@@ -180,7 +180,7 @@ TEST_CASE("llama2c: synthetic checkpoints round trip (tied, untied, GQA)") {
 TEST_CASE("llama2c: version 1 export (256-byte header, norms first) loads like legacy") {
   TempDir dir("llama2c_v1");
   ModelConfig c = small_config(false);
-  WeightMap w = random_weights(c, 77);
+  WeightMap w = llama2c_random_weights(c, 77);
   std::string bytes;
   auto put = [&](const void* p, std::size_t n) { bytes.append(static_cast<const char*>(p), n); };
   uint32_t magic = io::kLlama2cMagic;
