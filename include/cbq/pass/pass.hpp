@@ -204,8 +204,9 @@ class CbqPass {
       for (int64_t b = w.first; b < w.finalize; ++b) {
         for (auto& q : qlayers[b]) {
           const quant::QuantizedWeight& qw = q->harden();
-          result.layers.push_back(
-              LayerResult{q->name(), qw, q->act_scale(), q->act_zero(), q->act_clip_logit()});
+          result.layers.push_back(LayerResult{q->name(), qw, q->act_scale(), q->act_zero(),
+                                              q->act_clip_logit(), q->step_change(),
+                                              q->rounding_flips()});
         }
         for (int64_t n = 0; n < N; ++n) {
           x_q[n] = model.run_block(b, x_q[n]);
