@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "support/files.hpp"
 #include "support/gradcheck.hpp"
 
 namespace fs = std::filesystem;
@@ -16,21 +17,10 @@ using namespace cbq;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag) {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           fmt::format("cbq_{}_{}_{}", tag, static_cast<long>(::getpid()), counter++);
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
+using cbq::testing::error_of;
+using cbq::testing::read_all;
+using cbq::testing::TempDir;
+using cbq::testing::write_all;
 
 std::vector<char> read_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -41,15 +31,6 @@ void write_bytes(const std::string& path, const char* data, std::size_t n) {
   out.write(data, static_cast<std::streamsize>(n));
 }
 std::string model_path() { return cbq::testing::data_dir() + "/models/stories260K.bin"; }
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const cbq::Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
 
 ModelConfig small_config(bool tied) {
   ModelConfig c;

@@ -11,6 +11,7 @@
 #include <sstream>
 #include <string>
 
+#include "support/files.hpp"
 #include "support/gradcheck.hpp"
 
 namespace fs = std::filesystem;
@@ -18,40 +19,10 @@ using namespace cbq;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag) {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           fmt::format("cbq_{}_{}_{}", tag, static_cast<long>(::getpid()), counter++);
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
-
-void write_all(const std::string& path, const std::string& s) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(s.data(), static_cast<std::streamsize>(s.size()));
-}
-std::string read_all(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const cbq::Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
+using cbq::testing::error_of;
+using cbq::testing::read_all;
+using cbq::testing::TempDir;
+using cbq::testing::write_all;
 
 // A safetensors file from a header string and a data section.
 std::string make_file(const std::string& header, const std::string& data, int64_t length = -1) {

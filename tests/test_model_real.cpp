@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "support/files.hpp"
 #include "support/gradcheck.hpp"
 
 using namespace cbq;
@@ -19,16 +20,14 @@ using json = nlohmann::json;
 
 namespace {
 
+using cbq::testing::error_of;
+using cbq::testing::read_all;
+using cbq::testing::TempDir;
+using cbq::testing::write_all;
+
 fs::path models_dir() { return fs::path(cbq::testing::data_dir()) / "models"; }
 fs::path text_dir() { return fs::path(cbq::testing::data_dir()) / "text"; }
 fs::path fixtures_dir() { return fs::path(CBQ_SOURCE_DIR) / "tests" / "fixtures"; }
-
-std::string read_all(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
 
 bool have(std::initializer_list<fs::path> files) {
   for (const auto& f : files)
@@ -38,30 +37,6 @@ bool have(std::initializer_list<fs::path> files) {
     }
   return true;
 }
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const cbq::Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
-
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag) {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           fmt::format("cbq_{}_{}_{}", tag, static_cast<long>(::getpid()), counter++);
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
 
 // llama2.c's generate loop: decode(prev, next) then safe_printf, which drops single
 // non-printable, non-whitespace bytes.

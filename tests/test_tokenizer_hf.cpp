@@ -10,6 +10,7 @@
 #include <sstream>
 #include <string>
 
+#include "support/files.hpp"
 #include "support/gradcheck.hpp"
 
 namespace fs = std::filesystem;
@@ -19,14 +20,10 @@ using Ids = std::vector<int32_t>;
 
 namespace {
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const cbq::Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
+using cbq::testing::error_of;
+using cbq::testing::read_all;
+using cbq::testing::TempDir;
+using cbq::testing::write_all;
 
 // GPT-2 style: "Ġ" is the byte-level image of ' ', "Ċ" of '\n'.
 json gpt2_json() {

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "support/files.hpp"
 #include "support/gradcheck.hpp"
 
 namespace fs = std::filesystem;
@@ -17,40 +18,11 @@ using namespace cbq;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag) {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           fmt::format("cbq_{}_{}_{}", tag, static_cast<long>(::getpid()), counter++);
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
+using cbq::testing::error_of;
+using cbq::testing::read_all;
+using cbq::testing::TempDir;
+using cbq::testing::write_all;
 
-std::string read_all(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-void write_all(const std::string& path, const std::string& s) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(s.data(), static_cast<std::streamsize>(s.size()));
-}
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const cbq::Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
 std::string models() { return cbq::testing::data_dir() + "/models/"; }
 
 // llama2.c's encode(), transcribed literally (quadratic merge scan, strict '>' against -1e10).
