@@ -97,3 +97,44 @@ TEST_CASE("cbq pass: a window larger than the model is a clear run-time error") 
   // SlidingWindow<2, 2> does not compile: "Overlap must be smaller than Blocks".
   static_assert(SlidingWindow<2, 1>::overlap == 1);
 }
+
+TEST_CASE("cbq pass: window targets follow the full-precision path for every window shape") {
+  // With nothing learning and nearest rounding the pass reduces to RTN, so each window's initial
+  // L2 term must equal the error between the FP model's output of that window (from the FP
+  // input) and the RTN-quantized window applied to the quantized path's input.
+  ModelConfig c = tiny_llama_config();  // 3 blocks
+  for (auto [B, O] : {std::pair<int64_t, int64_t>{1, 0}, {2, 0}, {2, 1}}) {
+    CAPTURE(B);
+    CAPTURE(O);
+    Transformer<LlamaBlock<float>> model(c, random_weights(c, 6));
+    PassOptions o = quiet_options();
+    o.epochs = 1;
+    o.lr_weight_step = 0;
+    o.loss_kld = false;
+    PassSpec spec;
+    spec.weight = W3::spec();
+    spec.window_blocks = B;
+    spec.window_overlap = O;
+    spec.rounding = RoundingKind::nearest;
+    auto x0 = hidden_inputs(3, 8, c.dim, 17);
+    auto result = CbqPass(spec, o).run_from_hidden(model, x0);
+    const auto windows = window_schedule(model.num_blocks(), B, O);
+    REQUIRE(result.windows.size() == windows.size());
+    BlockContext<float> fp;
+    fp.full_precision = true;
+    for (size_t wi = 0; wi < windows.size(); ++wi) {
+      double expected = 0;
+      for (const auto& x : x0) {
+        Tensor<float> target = x, y = x;
+        for (int64_t b = 0; b <= windows[wi].last; ++b) {
+          target = model.run_block(b, target, fp);
+          y = model.run_block(b, y);  // quantized (hardened RTN) blocks
+        }
+        Tape<float> tape;
+        expected += ops::row_sq_error(tape.constant(target), tape.constant(y)).value()[0];
+      }
+      expected /= static_cast<double>(x0.size());
+      CHECK(result.windows[wi].loss_before.l2_fp == doctest::Approx(expected).epsilon(1e-4));
+    }
+  }
+}

@@ -182,7 +182,7 @@ class CbqPass {
           if (b + 1 == w.finalize) next = x;
         }
         t_fp[n] = x;
-        if (w.finalize <= w.last) x_fp[n] = next;  // the FP path enters the next window
+        x_fp[n] = next;  // the FP path enters the next window (at block w.finalize)
         Tensor<T> h = x_q[n];
         for (int64_t b = w.first; b <= w.last; ++b) {
           BlockContext<T> ctx = fp_context<T>();
