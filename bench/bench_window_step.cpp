@@ -64,16 +64,18 @@ void BM_CbqWindowStep(benchmark::State& state) {
   qc.rounding_mode = state.range(0) ? quant::RoundingMode::hard_ste : quant::RoundingMode::soft;
   std::vector<std::shared_ptr<QuantLinear<float>>> layers;
   std::vector<Parameter<float>*> steps, rounds;
+  std::vector<Tensor<float>> step_scales;
   for (auto& b : model.blocks)
     for (auto* l : b.linears()) {
       auto q = std::make_shared<QuantLinear<float>>(l->name, l->weight.value, qc);
       l->transform = q;
       layers.push_back(q);
       for (auto* p : q->weight_step_params()) steps.push_back(p);
+      for (auto& t : q->weight_step_lr_scales()) step_scales.push_back(t);
       for (auto* p : q->rounding_params()) rounds.push_back(p);
     }
   optim::Adam<float> adam;
-  adam.add_group("steps", steps, 1e-2);
+  adam.add_group("steps", steps, 1e-2, step_scales);  // relative, as the pass does
   adam.add_group("rounding", rounds, 1e-2);
   std::vector<int32_t> tokens(kT);
   for (int64_t i = 0; i < kT; ++i) tokens[i] = static_cast<int32_t>((i * 7) % c.vocab_size);
@@ -93,6 +95,7 @@ void BM_CbqWindowStep(benchmark::State& state) {
     tape.backward(loss);
     adam.step();
     adam.zero_grad();
+    for (auto& q : layers) q->project_steps();
     benchmark::DoNotOptimize(loss.value().data());
   }
   state.counters["GFLOP/s"] =
