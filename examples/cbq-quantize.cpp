@@ -288,7 +288,7 @@ int main(int argc, char** argv) {
         static_cast<long long>(args.samples), static_cast<long long>(seq_len), args.calib.c_str(),
         calib_tokens.size(), args.eval.c_str(), eval_tokens.size(), static_cast<long long>(ctx));
     const double act_mib =
-        4.0 * static_cast<double>(args.samples * seq_len * cfg.dim) * 4 / (1 << 20);
+        static_cast<double>(cbq::pass_activation_bytes(args.samples, seq_len, cfg.dim)) / (1 << 20);
     std::printf(
         "memory: the CBQ pass holds 4 activation sets of %lld × %lld × %lld floats "
         "(%.1f MiB) beside the model\n",

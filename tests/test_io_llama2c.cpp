@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include <cbq/model/random.hpp>
+
 #include "support/files.hpp"
 #include "support/gradcheck.hpp"
 
@@ -46,28 +48,6 @@ ModelConfig small_config(bool tied) {
   c.rope_layout = RopeLayout::interleaved;
   c.tied_embeddings = tied;
   return c;
-}
-
-WeightMap llama2c_random_weights(const ModelConfig& c, uint64_t seed) {
-  WeightMap w;
-  const int64_t d = c.dim, h = c.hidden_dim, kv = c.n_kv_heads * c.head_dim;
-  auto add = [&](const std::string& name, Shape s) { w[name] = testing::randn<float>(s, seed++); };
-  add("model.embed_tokens.weight", {c.vocab_size, d});
-  for (int64_t i = 0; i < c.n_layers; ++i) {
-    const std::string p = fmt::format("model.layers.{}.", i);
-    add(p + "input_layernorm.weight", {d});
-    add(p + "post_attention_layernorm.weight", {d});
-    add(p + "self_attn.q_proj.weight", {d, d});
-    add(p + "self_attn.k_proj.weight", {kv, d});
-    add(p + "self_attn.v_proj.weight", {kv, d});
-    add(p + "self_attn.o_proj.weight", {d, d});
-    add(p + "mlp.gate_proj.weight", {h, d});
-    add(p + "mlp.down_proj.weight", {d, h});
-    add(p + "mlp.up_proj.weight", {h, d});
-  }
-  add("model.norm.weight", {d});
-  if (!c.tied_embeddings) add("lm_head.weight", {c.vocab_size, d});
-  return w;
 }
 
 void check_equal(const WeightMap& a, const WeightMap& b) {
@@ -142,7 +122,7 @@ TEST_CASE("llama2c: synthetic checkpoints round trip (tied, untied, GQA)") {
   TempDir dir("llama2c_rt");
   for (bool tied : {true, false}) {
     ModelConfig c = small_config(tied);
-    WeightMap w = llama2c_random_weights(c, tied ? 10 : 20);
+    WeightMap w = random_weights(c, tied ? 10 : 20);
     const std::string path = dir.file(tied ? "tied.bin" : "untied.bin");
     io::save_llama2c(path, c, w);
     CHECK_FALSE(fs::exists(path + ".tmp"));
@@ -161,7 +141,7 @@ TEST_CASE("llama2c: synthetic checkpoints round trip (tied, untied, GQA)") {
 TEST_CASE("llama2c: version 1 export (256-byte header, norms first) loads like legacy") {
   TempDir dir("llama2c_v1");
   ModelConfig c = small_config(false);
-  WeightMap w = llama2c_random_weights(c, 77);
+  WeightMap w = random_weights(c, 77);
   std::string bytes;
   auto put = [&](const void* p, std::size_t n) { bytes.append(static_cast<const char*>(p), n); };
   uint32_t magic = io::kLlama2cMagic;

@@ -83,8 +83,6 @@ TEST_CASE("activation sites: folding channel scales keeps the block's function (
 
 TEST_CASE("transformer: logits equal embed, blocks and head run one by one") {
   for (ModelConfig cfg : {tiny_llama_config(), tiny_opt_config()}) {
-    Transformer<LlamaBlock<float>>* unused = nullptr;
-    (void)unused;
     auto run = [&](auto& model) {
       auto tokens = some_tokens(9, cfg.vocab_size, 4);
       std::vector<Tensor<float>> hidden;

@@ -19,6 +19,16 @@
 
 namespace cbq::testing {
 
+// A weight grid spec in one call (group size used only for per-group).
+inline quant::GridSpec make_spec(int bits, bool sym, quant::Granularity gr, int64_t group = 16) {
+  quant::GridSpec g;
+  g.bits = bits;
+  g.symmetric = sym;
+  g.granularity = gr;
+  g.group_size = group;
+  return g;
+}
+
 using Forward = std::function<Tensor<double>(const std::vector<Tensor<double>>&)>;
 using Regions = std::function<std::vector<int>(const std::vector<Tensor<double>>&)>;
 

@@ -6,19 +6,11 @@
 using namespace cbq;
 using cbq::quant::Granularity;
 using cbq::quant::GridSpec;
+using cbq::testing::make_spec;
 using cbq::testing::randn;
 using cbq::testing::surrogate_check;
 
 namespace {
-
-GridSpec make_spec(int bits, bool sym, Granularity gr, int64_t group = 16) {
-  GridSpec g;
-  g.bits = bits;
-  g.symmetric = sym;
-  g.granularity = gr;
-  g.group_size = group;
-  return g;
-}
 
 // The surrogate of fake_quant_weight: round(v) replaced by v + δ with δ = round(v0) − v0 frozen
 // at the evaluation point (w0, s0); the clamp region decided by the real rule at (w, s).

@@ -9,19 +9,12 @@
 using namespace cbq;
 using cbq::quant::Granularity;
 using cbq::quant::GridSpec;
+using cbq::testing::make_spec;
 using cbq::testing::max_abs_diff;
 using cbq::testing::randn;
 using cbq::testing::surrogate_check;
 
 namespace {
-GridSpec make_spec(int bits, bool sym, Granularity gr, int64_t group = 16) {
-  GridSpec g;
-  g.bits = bits;
-  g.symmetric = sym;
-  g.granularity = gr;
-  g.group_size = group;
-  return g;
-}
 double rect(double v) { return std::clamp(1.2 / (1.0 + std::exp(-v)) - 0.1, 0.0, 1.0); }
 
 Tensor<double> naive_v(const Tensor<double>& A1, const Tensor<double>& A2,

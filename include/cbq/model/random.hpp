@@ -89,17 +89,10 @@ inline ModelConfig tiny_llama_config() {
   return c;
 }
 inline ModelConfig tiny_opt_config() {
-  ModelConfig c;
+  ModelConfig c = tiny_llama_config();
   c.family = Family::opt;
   c.architecture = "test-opt";
-  c.dim = 16;
-  c.hidden_dim = 28;
-  c.n_layers = 3;
-  c.n_heads = 4;
-  c.n_kv_heads = 4;
-  c.head_dim = 4;
-  c.vocab_size = 37;
-  c.max_seq_len = 32;
+  c.n_kv_heads = c.n_heads;
   c.tied_embeddings = true;
   c.attention_bias = true;
   c.mlp_bias = true;

@@ -33,13 +33,8 @@ QuantizationResult quantize_baseline(Transformer<Block>& model, Baseline method,
   QuantizationResult result;
   result.method = method == Baseline::rtn ? "rtn" : "gptq";
   result.config = spec.describe_quantizer();
-  QuantLinearConfig config;
-  config.weight = spec.weight;
-  config.act_bits = spec.act_bits;
-  config.act_mode = spec.act_bits >= 16 ? ActMode::none
-                                        : (spec.act_per_token ? ActMode::dynamic_per_token
-                                                              : ActMode::static_per_tensor);
-  config.rounding = RoundingKind::nearest;
+  QuantLinearConfig config = spec.layer_config();
+  config.rounding = RoundingKind::nearest;  // the weights come from RTN / GPTQ
   const bool need_data = method == Baseline::gptq || config.act_mode == ActMode::static_per_tensor;
   CBQ_CHECK(!need_data || !x.empty(), "{}: calibration data is required", result.method);
   for (int64_t b = 0; b < model.num_blocks(); ++b) {

@@ -74,6 +74,20 @@ struct PassSpec {
   RoundingKind rounding = RoundingKind::lora;
   int64_t rank = 5;
 
+  ActMode act_mode() const {
+    if (act_bits >= 16) return ActMode::none;
+    return act_per_token ? ActMode::dynamic_per_token : ActMode::static_per_tensor;
+  }
+  // The per-layer quantizer configuration (weights, activations, rounding) of this spec.
+  QuantLinearConfig layer_config() const {
+    QuantLinearConfig c;
+    c.weight = weight;
+    c.act_bits = act_bits;
+    c.act_mode = act_mode();
+    c.rounding = rounding;
+    c.rank = rank;
+    return c;
+  }
   // "W4A16 g32" (what RTN and GPTQ share with CBQ).
   std::string describe_quantizer() const {
     std::string gran = weight.granularity == quant::Granularity::per_group
@@ -84,19 +98,21 @@ struct PassSpec {
     return fmt::format("W{}A{} {}{}{}", weight.bits, act_bits, gran, weight.symmetric ? " sym" : "",
                        act);
   }
+  // "W4A16 g32 window 2/1 LoRA-Rounding r5".
   std::string describe() const {
-    std::string gran = weight.granularity == quant::Granularity::per_group
-                           ? fmt::format("g{}", weight.group_size)
-                           : (weight.granularity == quant::Granularity::per_channel ? "per-channel"
-                                                                                    : "per-tensor");
     std::string round = rounding == RoundingKind::lora
                             ? fmt::format("LoRA-Rounding r{}", rank)
                             : (rounding == RoundingKind::full ? "full AdaRound" : "nearest");
-    std::string act = act_bits >= 16 ? "" : (act_per_token ? " per-token" : " per-tensor");
-    return fmt::format("W{}A{} {}{}{} window {}/{} {}", weight.bits, act_bits, gran,
-                       weight.symmetric ? " sym" : "", act, window_blocks, window_overlap, round);
+    return fmt::format("{} window {}/{} {}", describe_quantizer(), window_blocks, window_overlap,
+                       round);
   }
 };
+
+// Bytes of calibration activations the pass holds: X_fp, X_q and the two targets, N × L × d each.
+inline std::size_t pass_activation_bytes(int64_t samples, int64_t seq_len, int64_t dim,
+                                         std::size_t scalar_bytes = sizeof(float)) {
+  return 4 * static_cast<std::size_t>(samples * seq_len * dim) * scalar_bytes;
+}
 
 class CbqPass {
  public:
@@ -146,7 +162,7 @@ class CbqPass {
     QuantizationResult result;
     result.method = "cbq";
     result.config = describe();
-    result.activation_bytes = static_cast<std::size_t>(4 * N * L * d) * sizeof(T);
+    result.activation_bytes = pass_activation_bytes(N, L, d, sizeof(T));
     if (o.verbose)
       fmt::print(
           "CBQ: {} blocks, {} windows of {} (overlap {}), {} samples × {} tokens, {} "
@@ -234,14 +250,7 @@ class CbqPass {
   }
 
   QuantLinearConfig layer_config(int64_t layer_seed) const {
-    QuantLinearConfig c;
-    c.weight = spec_.weight;
-    c.act_bits = spec_.act_bits;
-    c.act_mode = spec_.act_bits >= 16 ? ActMode::none
-                                      : (spec_.act_per_token ? ActMode::dynamic_per_token
-                                                             : ActMode::static_per_tensor);
-    c.rounding = spec_.rounding;
-    c.rank = spec_.rank;
+    QuantLinearConfig c = spec_.layer_config();
     c.lora_init.start = options_.lora_start;
     c.lora_init.a1_std = options_.lora_a1_std;
     c.lora_init.seed = options_.seed * 1000003ULL + static_cast<uint64_t>(layer_seed);
@@ -331,15 +340,17 @@ class CbqPass {
         for (auto* p : q->rounding_params()) rounds.push_back(p);
       }
     optim::Adam<T> adam;
-    std::vector<std::pair<int, double>> groups;  // (group, base lr)
-    if (!steps.empty())
-      groups.push_back(
-          {adam.add_group("weight steps", steps, o.lr_weight_step, step_scales), o.lr_weight_step});
-    if (!acts.empty())
-      groups.push_back(
-          {adam.add_group("activation steps", acts, o.lr_act_step, act_scales), o.lr_act_step});
-    if (!rounds.empty())
-      groups.push_back({adam.add_group("rounding", rounds, o.lr_rounding), o.lr_rounding});
+    // (group, its cosine-annealed learning rate over the window's steps)
+    std::vector<std::pair<int, optim::CosineSchedule>> groups;
+    auto add_group = [&](const char* name, const std::vector<Parameter<T>*>& params, double lr,
+                         const std::vector<Tensor<T>>& scales) {
+      if (params.empty()) return;
+      groups.emplace_back(adam.add_group(name, params, lr, scales),
+                          optim::CosineSchedule(lr, total_steps, lr * o.lr_min_fraction));
+    };
+    add_group("weight steps", steps, o.lr_weight_step, step_scales);
+    add_group("activation steps", acts, o.lr_act_step, act_scales);
+    add_group("rounding", rounds, o.lr_rounding, {});
     adam.zero_grad();
     quant::BetaSchedule beta{total_steps, o.round_warmup, o.beta_start, o.beta_end};
 
@@ -411,9 +422,8 @@ class CbqPass {
       int64_t epoch_steps = 0;
       for (int64_t i = 0; i < N && step < total_steps; ++i, ++step) {
         const int64_t n = order[static_cast<size_t>(i)];
-        for (auto [g, base] : groups)
-          adam.set_lr(static_cast<size_t>(g),
-                      optim::CosineSchedule(base, total_steps, base * o.lr_min_fraction).at(step));
+        for (const auto& [g, schedule] : groups)
+          adam.set_lr(static_cast<size_t>(g), schedule.at(step));
         auto [loss, terms] = window_loss(tape, n, step, true);
         CBQ_CHECK(
             std::isfinite(terms.total),
@@ -421,7 +431,6 @@ class CbqPass {
             "sample {} (l2 {}, kld {}, homologous l2 {}, kld {}, rounding {})",
             terms.total, window_index, w.first, w.last, epoch + 1, step, n, terms.l2_fp,
             terms.kld_fp, terms.l2_hom, terms.kld_hom, terms.round);
-        if (step == 0) stats.initial_loss = terms;
         tape.backward(loss);
         adam.step();
         adam.zero_grad();

@@ -29,19 +29,22 @@ PreprocessStats scale_activation_outliers(Model& model, const std::vector<Tensor
   if (mode == ActivationScaling::none) return stats;
   // Per (block, site): channel maxima of the site's input over all calibration tokens.
   const int64_t K = model.num_blocks();
+  // The sites of every block, built once (they point into the blocks, which do not move here).
+  std::vector<std::vector<ActivationSite<T>>> sites(static_cast<size_t>(K));
   std::vector<std::vector<std::vector<double>>> maxima(static_cast<size_t>(K));
-  for (int64_t b = 0; b < K; ++b)
-    for (auto& site : model.blocks[b].activation_sites())
+  for (int64_t b = 0; b < K; ++b) {
+    sites[b] = model.blocks[b].activation_sites();
+    for (auto& site : sites[b])
       maxima[b].emplace_back(static_cast<size_t>(site.consumers.front()->in_features()), 0.0);
+  }
   for (const Tensor<T>& sample : x0) {
     Tensor<T> x = sample;
     for (int64_t b = 0; b < K; ++b) {
-      auto sites = model.blocks[b].activation_sites();
       BlockContext<T> ctx;
       ctx.full_precision = true;
       ctx.on_linear_input = [&](const LinearLayer<T>& layer, const Tensor<T>& in) {
-        for (size_t s = 0; s < sites.size(); ++s) {
-          if (sites[s].consumers.front() != &layer) continue;
+        for (size_t s = 0; s < sites[b].size(); ++s) {
+          if (sites[b][s].consumers.front() != &layer) continue;
           auto& m = maxima[b][s];
           const int64_t d = in.shape().cols(), rows = in.shape().rows();
           for (int64_t r = 0; r < rows; ++r)
@@ -53,9 +56,8 @@ PreprocessStats scale_activation_outliers(Model& model, const std::vector<Tensor
     }
   }
   for (int64_t b = 0; b < K; ++b) {
-    auto sites = model.blocks[b].activation_sites();
-    for (size_t s = 0; s < sites.size(); ++s) {
-      ActivationSite<T>& site = sites[s];
+    for (size_t s = 0; s < sites[b].size(); ++s) {
+      ActivationSite<T>& site = sites[b][s];
       const auto& m = maxima[b][s];
       // Reduce consumer channels to producer channels (GQA: several query heads per value head).
       std::vector<double> mp(static_cast<size_t>(site.producer_channels), 0.0);

@@ -51,12 +51,12 @@ class QuantLinear final : public LinearTransform<T> {
     w_scale_init_ = s.clone();
     w_scale_floor_ = s.clone();
     for (int64_t i = 0; i < s.numel(); ++i) w_scale_floor_[i] *= static_cast<T>(kMinStepFraction);
-    w_zero_ = config_.weight.symmetric ? Tensor<T>() : z;
+    w_zero_ = config_.weight.symmetric ? Tensor<T>(s.shape()) : z;  // all-zero when symmetric
     const int64_t rows = W_.size(0), cols = W_.size(1);
     switch (config_.rounding) {
       case RoundingKind::lora:
-        lora_ = quant::init_lora_rounding(name_, W_, w_scale_.value, zero_or_zeros(),
-                                          config_.weight, config_.rank, config_.lora_init);
+        lora_ = quant::init_lora_rounding(name_, W_, w_scale_.value, w_zero_, config_.weight,
+                                          config_.rank, config_.lora_init);
         break;
       case RoundingKind::full:
         // V = V0 + ΔV with ΔV a full (rows, cols) parameter starting at 0; V0 as for LoRA.
@@ -151,31 +151,21 @@ class QuantLinear final : public LinearTransform<T> {
     track_step();
     switch (config_.rounding) {
       case RoundingKind::lora:
-        result_ = quant::harden(W_, s, zero_or_zeros(), lora_, config_.weight);
+        result_ = quant::harden(W_, s, w_zero_, lora_, config_.weight);
         break;
       case RoundingKind::full: {
         Tensor<T> v = full_v_.value.clone();
         if (full_v0_.defined())
           for (int64_t i = 0; i < v.numel(); ++i) v[i] += full_v0_[i];
-        result_ = quant::harden(W_, s, zero_or_zeros(), v, config_.weight);
+        result_ = quant::harden(W_, s, w_zero_, v, config_.weight);
         break;
       }
       case RoundingKind::nearest:
-        result_ = quant::quantize_weight(W_, s, zero_or_zeros(), config_.weight);
+        result_ = quant::quantize_weight(W_, s, w_zero_, config_.weight);
         break;
     }
-    Tensor<float> deq = result_.dequantize();
-    if constexpr (std::is_same_v<T, float>) {
-      W_hard_ = deq;
-    } else {
-      W_hard_ = deq.template cast<T>();
-    }
     measure_learning(s);
-    for (Parameter<T>* p : all_params()) p->trainable = false;
-    lora_ = {};
-    full_v_ = {};
-    full_v0_ = {};
-    hardened_ = true;
+    freeze();
     return result_;
   }
   // How far learning moved this layer (set by harden()): the mean relative change of the weight
@@ -190,17 +180,7 @@ class QuantLinear final : public LinearTransform<T> {
               "{}: quantized weight ({}, {}) does not match the layer {}", name_, qw.rows(),
               qw.cols(), W_.shape());
     result_ = std::move(qw);
-    Tensor<float> deq = result_.dequantize();
-    if constexpr (std::is_same_v<T, float>) {
-      W_hard_ = deq;
-    } else {
-      W_hard_ = deq.template cast<T>();
-    }
-    for (Parameter<T>* p : all_params()) p->trainable = false;
-    lora_ = {};
-    full_v_ = {};
-    full_v0_ = {};
-    hardened_ = true;
+    freeze();
   }
   // The weight the layer computes with now (soft while training, integer after harden()).
   Tensor<T> current_weight() {
@@ -220,9 +200,6 @@ class QuantLinear final : public LinearTransform<T> {
     g.symmetric = config_.act_symmetric;
     g.granularity = quant::Granularity::per_tensor;
     return g;
-  }
-  Tensor<T> zero_or_zeros() const {
-    return w_zero_.defined() ? w_zero_ : Tensor<T>(w_scale_.value.shape());
   }
 
   Var<T> quantize_input(Tape<T>& tape, Var<T> x) {
@@ -252,7 +229,7 @@ class QuantLinear final : public LinearTransform<T> {
   }
 
   Var<T> soft_weight(Tape<T>& tape) {
-    const Tensor<T> zero = zero_or_zeros();
+    const Tensor<T>& zero = w_zero_;
     track_step();
     switch (config_.rounding) {
       case RoundingKind::lora:
@@ -270,14 +247,28 @@ class QuantLinear final : public LinearTransform<T> {
     }
   }
 
+  // Computes with result_'s integer weight from now on; nothing trains any more.
+  void freeze() {
+    Tensor<float> deq = result_.dequantize();
+    if constexpr (std::is_same_v<T, float>) {
+      W_hard_ = deq;
+    } else {
+      W_hard_ = deq.template cast<T>();
+    }
+    for (Parameter<T>* p : all_params()) p->trainable = false;
+    lora_ = {};
+    full_v_ = {};
+    full_v0_ = {};
+    hardened_ = true;
+  }
+
   void measure_learning(const Tensor<T>& s) {
     double change = 0;
     for (int64_t i = 0; i < s.numel(); ++i)
       change += std::abs(static_cast<double>(s[i] - w_scale_init_[i])) /
                 static_cast<double>(w_scale_init_[i]);
     step_change_ = change / static_cast<double>(s.numel());
-    const quant::QuantizedWeight nearest =
-        quant::quantize_weight(W_, s, zero_or_zeros(), config_.weight);
+    const quant::QuantizedWeight nearest = quant::quantize_weight(W_, s, w_zero_, config_.weight);
     int64_t flips = 0;
     for (int64_t i = 0; i < nearest.codes.numel(); ++i)
       flips += nearest.codes[i] != result_.codes[i];
@@ -299,7 +290,7 @@ class QuantLinear final : public LinearTransform<T> {
   Tensor<T> w_scale_floor_, w_scale_init_;
   Tensor<T> act_scale_init_;
   T act_scale_floor_ = T(0);
-  Tensor<T> w_zero_;  // undefined for symmetric grids
+  Tensor<T> w_zero_;  // zero-points, all 0 for symmetric grids
   quant::LoraRoundingParams<T> lora_;
   Parameter<T> full_v_;  // ΔV for full rounding
   Tensor<T> full_v0_;

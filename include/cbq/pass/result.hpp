@@ -34,7 +34,6 @@ struct WindowStats {
   double seconds = 0;
   LossTerms loss_before;       // mean over all samples before the window trains (no regulariser)
   LossTerms loss_after;        // the same after training, before hard rounding
-  LossTerms initial_loss;      // the first step's loss
   LossTerms first_epoch_loss;  // mean over the first epoch
   LossTerms final_loss;        // mean over the last epoch
 };
