@@ -138,3 +138,30 @@ TEST_CASE("cbq pass: window targets follow the full-precision path for every win
     }
   }
 }
+
+TEST_CASE("cbq pass: learned steps need a V0 that tracks them (a frozen V0 makes the loss rise)") {
+  // The literal AdaRound start freezes V0 = h⁻¹(W/s0 − floor(W/s0)). Once s moves, the soft
+  // weight floor(W/s) + h(V0) drifts away from W/s while the straight-through gradient does not
+  // see it: training the steps alone makes the window loss worse. Recomputing V0 from the current
+  // step (the default) makes the same training reduce it. docs/PASS.md quotes these numbers.
+  ModelConfig c = tiny_llama_config();
+  auto x0 = hidden_inputs(6, 12, c.dim, 7);
+  double rise = 0, fall = 0;
+  for (bool track : {false, true}) {
+    Transformer<LlamaBlock<float>> model(c, random_weights(c, 1));
+    PassOptions o = quiet_options();
+    o.epochs = 8;
+    o.lr_rounding = 0;  // steps only
+    o.rounding_mode = quant::RoundingMode::soft;
+    o.v0_tracks_step = track;
+    auto r =
+        Pass<W3, ActQuant<16>, SlidingWindow<2, 1>, LoraRounding<2>>(o).run_from_hidden(model, x0);
+    const auto& w = r.windows.front();
+    MESSAGE(std::string(track ? "tracking" : "frozen")
+            << " V0: window 1 loss " << w.loss_before.reconstruction() << " -> "
+            << w.loss_after.reconstruction());
+    (track ? fall : rise) = w.loss_after.reconstruction() / w.loss_before.reconstruction();
+  }
+  CHECK(rise > 1.0);
+  CHECK(fall < 1.0);
+}
