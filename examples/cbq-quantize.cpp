@@ -57,6 +57,9 @@ cbq
   --no-l2 --no-kld --no-hom --no-fp   switch loss terms off
   --cfp | --smoothquant           activation outlier scaling; --cfp-weights truncates weights
   --max-steps N                   cap the steps per window (smoke runs)
+  --checkpoint DIR                write a checkpoint after every window (atomic)
+  --resume DIR                    continue from DIR's checkpoint if there is one (same model,
+                                  data and options; else refused), and keep checkpointing there
 output
   --out PATH            save the quantized model (native safetensors; with several methods the
                         method name is appended)
@@ -218,7 +221,12 @@ Args parse(int argc, char** argv) {
       a.options.max_steps = static_cast<int64_t>(number());
     else if (k == "--quiet")
       a.options.verbose = false;
-    else if (!k.empty() && k[0] == '-')
+    else if (k == "--checkpoint")
+      a.options.checkpoint_dir = value();
+    else if (k == "--resume") {
+      a.options.checkpoint_dir = value();
+      a.options.resume = true;
+    } else if (!k.empty() && k[0] == '-')
       usage_error("unknown option " + k);
     else
       positional.push_back(k);

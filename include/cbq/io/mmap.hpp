@@ -147,9 +147,19 @@ inline std::string read_text_file(const std::string& path) {
   return std::string(reinterpret_cast<const char*>(f.data()), f.size());
 }
 
-// Writes a file atomically: `write(out)` fills `path + ".tmp"`, which is flushed, closed and
-// then renamed onto `path`. On any failure (including an exception from `write`) the temporary
-// is removed and `path` is left untouched.
+// fsync of a file or directory (durability of atomic writes); errors name the path.
+inline void sync_path(const std::string& path, bool directory) {
+  const int fd = ::open(path.c_str(), directory ? (O_RDONLY | O_DIRECTORY) : O_RDONLY);
+  if (fd < 0) fail("{}: cannot open to sync: {}", path, std::strerror(errno));
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  if (rc != 0) fail("{}: fsync failed: {}", path, std::strerror(err));
+}
+
+// Writes `path` atomically and durably: `write(out)` fills path + ".tmp", which is flushed,
+// closed, fsynced and renamed onto `path`, then the directory is fsynced. On any failure
+// (including an exception from `write`) the temporary is removed and `path` is left untouched.
 inline void write_file_atomic(const std::string& path,
                               const std::function<void(std::ofstream&)>& write) {
   const std::string tmp = path + ".tmp";
@@ -163,9 +173,13 @@ inline void write_file_atomic(const std::string& path,
       out.close();
       if (out.fail()) fail("{}: close failed: {}", tmp, std::strerror(errno));
     }
+    sync_path(tmp, false);
     std::error_code ec;
     std::filesystem::rename(tmp, path, ec);
     if (ec) fail("{}: cannot rename {} onto it: {}", path, tmp, ec.message());
+    // Make the rename itself durable: a crash after this returns keeps the new file.
+    const auto parent = std::filesystem::path(path).parent_path();
+    sync_path(parent.empty() ? std::string(".") : parent.string(), true);
   } catch (...) {
     std::error_code ec;
     std::filesystem::remove(tmp, ec);

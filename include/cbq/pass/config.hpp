@@ -6,6 +6,7 @@
 //                          cbq::SlidingWindow<2, 1>,                // blocks per window, overlap
 //                          cbq::LoraRounding<5>>;                   // rounding
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <type_traits>
 
@@ -107,6 +108,13 @@ struct PassOptions {
   uint64_t seed = 0;
   bool verbose = true;
   int64_t max_steps = 0;  // > 0: stop each window after this many steps (smoke tests)
+  // Checkpoints (pass/checkpoint.hpp): non-empty → write DIR/cbq-checkpoint.safetensors after
+  // every window; with resume, continue from it when it exists (fingerprints must match).
+  std::string checkpoint_dir;
+  bool resume = false;
+  // Called after every optimiser step with (window index from 1, step within the window); tests
+  // use it to kill the process mid-window.
+  std::function<void(int64_t, int64_t)> on_step;
 
   // The paper's hyper-parameters (Ding et al., §4.1), kept as a named preset. Under Adam the
   // step-size rates move nothing (DESIGN §2 "Known traps"); docs/RESULTS.md has the evidence.

@@ -14,11 +14,14 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <filesystem>
 #include <memory>
 #include <numeric>
 #include <random>
 #include <set>
 #include <string>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <fmt/format.h>
@@ -31,6 +34,7 @@
 #include "cbq/optim/adam.hpp"
 #include "cbq/optim/schedule.hpp"
 #include "cbq/pass/calibration.hpp"
+#include "cbq/pass/checkpoint.hpp"
 #include "cbq/pass/config.hpp"
 #include "cbq/pass/preprocess.hpp"
 #include "cbq/pass/quant_linear.hpp"
@@ -50,6 +54,14 @@ inline std::string format_duration(double s) {
   if (s < 3600)
     return fmt::format("{}m{:02d}s", static_cast<int>(s) / 60, static_cast<int>(s) % 60);
   return fmt::format("{}h{:02d}m", static_cast<int>(s) / 3600, (static_cast<int>(s) % 3600) / 60);
+}
+
+template <class T>
+bool all_finite(const Tensor<T>& t) {
+  const T* p = t.data();
+  for (int64_t i = 0; i < t.numel(); ++i)
+    if (!std::isfinite(static_cast<double>(p[i]))) return false;
+  return true;
 }
 
 template <class T>
@@ -158,6 +170,20 @@ class CbqPass {
       detail::check_finite(x_fp[n], fmt::format("calibration sample {} (block 0 input)", n));
     }
     const int64_t L = x_fp[0].size(0), d = model.config.dim;
+    for (int64_t b = 0; b < K; ++b)
+      for (auto* layer : model.blocks[b].linears())
+        detail::check_finite(
+            layer->weight.value,
+            fmt::format("the weight of layers.{}.{} (block {})", b, layer->name, b));
+    const bool checkpointing = !o.checkpoint_dir.empty();
+    PassFingerprint fingerprint;
+    if (checkpointing) {
+      CBQ_CHECK((std::is_same_v<T, float>),
+                "CBQ: checkpoints need a float32 model (this one computes in {}-byte scalars)",
+                sizeof(T));
+      fingerprint = {model_fingerprint(model), data_fingerprint(x_fp),
+                     config_fingerprint(describe(), o)};
+    }
 
     QuantizationResult result;
     result.method = "cbq";
@@ -180,9 +206,18 @@ class CbqPass {
     for (int64_t n = 0; n < N; ++n) x_q[n] = x_fp[n].clone();
     std::vector<std::vector<std::shared_ptr<QuantLinear<T>>>> qlayers(static_cast<size_t>(K));
 
+    int64_t windows_done = 0;
+    if (checkpointing && o.resume && std::filesystem::exists(checkpoint_path(o.checkpoint_dir))) {
+      if constexpr (std::is_same_v<T, float>) {
+        windows_done =
+            resume_from_checkpoint(model, windows, fingerprint, x_fp, x_q, qlayers, result);
+      }
+    }
+
     int64_t window_index = 0;
     for (const Window& w : windows) {
       ++window_index;
+      if (window_index <= windows_done) continue;  // restored from the checkpoint
       const auto wstart = std::chrono::steady_clock::now();
       // 1. Quantizers for blocks entering their first window.
       for (int64_t b = w.first; b <= w.last; ++b)
@@ -195,6 +230,9 @@ class CbqPass {
         Tensor<T> x = x_fp[n], next;
         for (int64_t b = w.first; b <= w.last; ++b) {
           x = model.run_block(b, x, fp_context<T>());
+          detail::check_finite(x, fmt::format("the full-precision path after block {} (window {}, "
+                                              "calibration sample {})",
+                                              b, window_index, n));
           if (b + 1 == w.finalize) next = x;
         }
         t_fp[n] = x;
@@ -226,8 +264,23 @@ class CbqPass {
         }
         for (int64_t n = 0; n < N; ++n) {
           x_q[n] = model.run_block(b, x_q[n]);
-          detail::check_finite(x_q[n],
-                               fmt::format("the quantized path after block {} (sample {})", b, n));
+          detail::check_finite(x_q[n], fmt::format("the quantized path after block {} (window {}, "
+                                                   "calibration sample {})",
+                                                   b, window_index, n));
+        }
+      }
+      if (checkpointing) {
+        if constexpr (std::is_same_v<T, float>) {
+          PassCheckpoint<T> ck;
+          ck.windows_done = window_index;
+          ck.x_fp = x_fp;
+          ck.x_q = x_q;
+          ck.windows = result.windows;
+          ck.initialised.assign(initialised_.begin(), initialised_.end());
+          std::vector<const QuantLinear<T>*> installed;
+          for (int64_t b = 0; b <= w.last; ++b)
+            for (auto& q : qlayers[b]) installed.push_back(q.get());
+          save_pass_checkpoint(o.checkpoint_dir, fingerprint, ck, installed);
         }
       }
       if (o.verbose)
@@ -242,6 +295,45 @@ class CbqPass {
   std::string describe() const { return spec_.describe(); }
 
  private:
+  // Restores the state after the checkpoint's last window; returns how many windows it covers.
+  template <class Model, class T>
+  int64_t resume_from_checkpoint(Model& model, const std::vector<Window>& windows,
+                                 const PassFingerprint& fingerprint, std::vector<Tensor<T>>& x_fp,
+                                 std::vector<Tensor<T>>& x_q,
+                                 std::vector<std::vector<std::shared_ptr<QuantLinear<T>>>>& qlayers,
+                                 QuantizationResult& result) {
+    PassCheckpoint<T> ck = load_pass_checkpoint<T>(options_.checkpoint_dir, fingerprint);
+    const std::string path = checkpoint_path(options_.checkpoint_dir);
+    CBQ_CHECK(ck.windows_done >= 1 && ck.windows_done <= static_cast<int64_t>(windows.size()),
+              "{}: {} windows done, but this pass has {}", path, ck.windows_done, windows.size());
+    CBQ_CHECK(ck.x_fp.size() == x_fp.size(), "{}: {} samples, expected {}", path, ck.x_fp.size(),
+              x_fp.size());
+    x_fp = std::move(ck.x_fp);
+    x_q = std::move(ck.x_q);
+    result.windows = ck.windows;
+    initialised_ = std::set<std::string>(ck.initialised.begin(), ck.initialised.end());
+    const Window& last = windows[static_cast<size_t>(ck.windows_done - 1)];
+    for (int64_t b = 0; b <= last.last; ++b) {
+      qlayers[b] = install(model, b);
+      for (auto& q : qlayers[b]) {
+        auto it = ck.layers.find(q->name());
+        CBQ_CHECK(it != ck.layers.end(), "{}: no state for layer {}", path, q->name());
+        q->restore(it->second);
+        if (b < last.finalize) {
+          CBQ_CHECK(q->hardened(), "{}: layer {} should be frozen after window {}", path, q->name(),
+                    ck.windows_done);
+          result.layers.push_back(LayerResult{q->name(), q->result(), q->act_scale(), q->act_zero(),
+                                              q->act_clip_logit(), q->step_change(),
+                                              q->rounding_flips()});
+        }
+      }
+    }
+    if (options_.verbose)
+      fmt::print("CBQ: resumed from {} after window {}/{} (blocks 0..{} frozen)\n", path,
+                 ck.windows_done, windows.size(), last.finalize - 1);
+    return ck.windows_done;
+  }
+
   template <class T>
   static BlockContext<T> fp_context() {
     BlockContext<T> ctx;
@@ -309,6 +401,41 @@ class CbqPass {
         initialised_.insert(q->name());
       }
     }
+  }
+
+  // Where a non-finite loss comes from: a learned parameter, or the first linear input / block
+  // output along the window's forward on this sample.
+  template <class Model, class T>
+  static std::string locate_non_finite(Model& model, const Window& w, const Tensor<T>& x,
+                                       const std::vector<QuantLinear<T>*>& active) {
+    for (QuantLinear<T>* q : active) {
+      std::vector<Parameter<T>*> params = q->weight_step_params();
+      for (auto* p : q->act_params()) params.push_back(p);
+      for (auto* p : q->rounding_params()) params.push_back(p);
+      for (auto* p : params)
+        if (!detail::all_finite(p->value))
+          return fmt::format("the learned parameter {} of layer {}", p->name, q->name());
+    }
+    Tape<T> tape;
+    NoGrad<T> off(tape);
+    std::string where;
+    int64_t block = w.first;
+    BlockContext<T> ctx;
+    ctx.on_linear_input = [&](const LinearLayer<T>& layer, const Tensor<T>& in) {
+      if (where.empty() && !detail::all_finite(in))
+        where = fmt::format("the input of layer layers.{}.{} (block {})", block, layer.name, block);
+    };
+    if (!detail::all_finite(x)) return "the window's input (the quantized path)";
+    Var<T> y = tape.constant(x);
+    for (; block <= w.last && where.empty(); ++block) {
+      y = model.blocks[block].forward(tape, y, ctx);
+      if (where.empty() && !detail::all_finite(y.value()))
+        where = fmt::format("the output of block {}", block);
+    }
+    return where.empty()
+               ? std::string(
+                     "none in the block outputs (the squared error or the KL term overflowed)")
+               : where;
   }
 
   template <class Model, class Q, class T>
@@ -424,17 +551,30 @@ class CbqPass {
         const int64_t n = order[static_cast<size_t>(i)];
         for (const auto& [g, schedule] : groups)
           adam.set_lr(static_cast<size_t>(g), schedule.at(step));
-        auto [loss, terms] = window_loss(tape, n, step, true);
-        CBQ_CHECK(
-            std::isfinite(terms.total),
-            "CBQ: the loss is {} in window {} (blocks {}..{}), epoch {}, step {}, calibration "
-            "sample {} (l2 {}, kld {}, homologous l2 {}, kld {}, rounding {})",
-            terms.total, window_index, w.first, w.last, epoch + 1, step, n, terms.l2_fp,
-            terms.kld_fp, terms.l2_hom, terms.kld_hom, terms.round);
+        Var<T> loss;
+        LossTerms terms;
+        try {
+          std::tie(loss, terms) = window_loss(tape, n, step, true);
+        } catch (const Error& e) {
+          fail(
+              "{} (window {}, blocks {}..{}, epoch {}, step {}, calibration sample {}; first "
+              "non-finite value: {})",
+              e.what(), window_index, w.first, w.last, epoch + 1, step, n,
+              locate_non_finite(model, w, x_q[n], active));
+        }
+        if (!std::isfinite(terms.total))
+          fail(
+              "CBQ: the loss is {} in window {} (blocks {}..{}), epoch {}, step {}, calibration "
+              "sample {} (l2 {}, kld {}, homologous l2 {}, kld {}, rounding {}); first non-finite "
+              "value: {}",
+              terms.total, window_index, w.first, w.last, epoch + 1, step, n, terms.l2_fp,
+              terms.kld_fp, terms.l2_hom, terms.kld_hom, terms.round,
+              locate_non_finite(model, w, x_q[n], active));
         tape.backward(loss);
         adam.step();
         adam.zero_grad();
         for (QuantLinear<T>* q : active) q->project_steps();
+        if (o.on_step) o.on_step(window_index, step);
         epoch_sum += terms;
         ++epoch_steps;
       }

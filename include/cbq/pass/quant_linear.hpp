@@ -7,6 +7,7 @@
 //   lora:    s·(clamp(floor(W/s) + h(V0 + A1·A2) + z) − z)  (LoRA-Rounding),
 //   full:    s·(clamp(floor(W/s) + h(V) + z) − z), V a full (out, in) matrix (AdaRound),
 // until harden() fixes the rounding: then Ŵ is the constant dequantized integer weight.
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -189,6 +190,106 @@ class QuantLinear final : public LinearTransform<T> {
     NoGrad<T> off(tape);
     return soft_weight(tape).value().clone();
   }
+  // Everything that defines the layer between two optimiser steps, for checkpoints
+  // (pass/checkpoint.hpp): tensors and scalars by name. Restoring it into a layer constructed
+  // with the same weight and configuration reproduces the layer bit for bit.
+  struct State {
+    std::map<std::string, Tensor<T>> tensors;
+    std::map<std::string, double> scalars;
+  };
+  State state() const {
+    State st;
+    auto put = [&](const char* key, const Tensor<T>& t) {
+      if (t.defined()) st.tensors[key] = t.clone();
+    };
+    put("w_scale", w_scale_.value);
+    put("w_scale_init", w_scale_init_);
+    put("w_scale_floor", w_scale_floor_);
+    put("w_zero", w_zero_);
+    put("act_scale", act_scale_.value);
+    put("act_scale_init", act_scale_init_);
+    put("act_zero", act_zero_);
+    put("act_clip", act_clip_.value);
+    put("lora_a1", lora_.A1.value);
+    put("lora_a2", lora_.A2.value);
+    put("lora_v0", lora_.V0);
+    put("full_v", full_v_.value);
+    put("full_v0", full_v0_);
+    st.scalars["hardened"] = hardened_ ? 1 : 0;
+    st.scalars["act_scale_floor"] = static_cast<double>(act_scale_floor_);
+    st.scalars["step_change"] = step_change_;
+    st.scalars["rounding_flips"] = rounding_flips_;
+    if (hardened_) {
+      st.tensors["codes"] = result_.codes.template cast<T>();
+      st.tensors["q_scale"] = cast_from_float(result_.scale);
+      st.tensors["q_zero"] = cast_from_float(result_.zero);
+      if (!result_.group_index.empty()) {
+        Tensor<T> g = Tensor<T>::empty(Shape{static_cast<int64_t>(result_.group_index.size())});
+        for (size_t i = 0; i < result_.group_index.size(); ++i)
+          g[static_cast<int64_t>(i)] = static_cast<T>(result_.group_index[i]);
+        st.tensors["g_idx"] = g;
+      }
+    }
+    return st;
+  }
+  void restore(const State& st) {
+    auto get = [&](const char* key) -> const Tensor<T>* {
+      auto it = st.tensors.find(key);
+      return it == st.tensors.end() ? nullptr : &it->second;
+    };
+    auto scalar = [&](const char* key) {
+      auto it = st.scalars.find(key);
+      CBQ_CHECK(it != st.scalars.end(), "{}: checkpoint state lacks '{}'", name_, key);
+      return it->second;
+    };
+    auto load = [&](const char* key, Tensor<T>& dst) {
+      const Tensor<T>* src = get(key);
+      CBQ_CHECK((src != nullptr) == dst.defined(),
+                "{}: checkpoint state {} '{}' but the layer {} (different configuration?)", name_,
+                src ? "has" : "lacks", key, dst.defined() ? "has it" : "does not");
+      if (!src) return;
+      CBQ_CHECK(src->shape() == dst.shape(), "{}: checkpoint tensor '{}' has shape {}, expected {}",
+                name_, key, src->shape(), dst.shape());
+      dst = src->clone();
+    };
+    load("w_scale", w_scale_.value);
+    load("w_scale_init", w_scale_init_);
+    load("w_scale_floor", w_scale_floor_);
+    load("w_zero", w_zero_);
+    load("act_scale", act_scale_.value);
+    if (const Tensor<T>* t = get("act_scale_init")) act_scale_init_ = t->clone();
+    load("act_zero", act_zero_);
+    load("act_clip", act_clip_.value);
+    act_scale_floor_ = static_cast<T>(scalar("act_scale_floor"));
+    if (scalar("hardened") != 0) {
+      const Tensor<T>* codes = get("codes");
+      const Tensor<T>* qs = get("q_scale");
+      const Tensor<T>* qz = get("q_zero");
+      CBQ_CHECK(codes && qs && qz, "{}: checkpoint of a hardened layer lacks its integer weight",
+                name_);
+      CBQ_CHECK(codes->shape() == W_.shape(), "{}: checkpoint codes {} do not match the weight {}",
+                name_, codes->shape(), W_.shape());
+      quant::QuantizedWeight qw;
+      qw.spec = config_.weight;
+      qw.codes = Tensor<uint8_t>::empty(codes->shape());
+      for (int64_t i = 0; i < codes->numel(); ++i) qw.codes[i] = static_cast<uint8_t>((*codes)[i]);
+      qw.scale = qs->template cast<float>();
+      qw.zero = qz->template cast<float>();
+      if (const Tensor<T>* g = get("g_idx"))
+        for (int64_t i = 0; i < g->numel(); ++i)
+          qw.group_index.push_back(static_cast<int32_t>((*g)[i]));
+      set_result(std::move(qw));
+      step_change_ = scalar("step_change");
+      rounding_flips_ = scalar("rounding_flips");
+      return;
+    }
+    load("lora_a1", lora_.A1.value);
+    load("lora_a2", lora_.A2.value);
+    load("lora_v0", lora_.V0);
+    load("full_v", full_v_.value);
+    load("full_v0", full_v0_);
+  }
+
   T act_scale() const { return act_scale_.value.defined() ? act_scale_.value[0] : T(0); }
   T act_zero() const { return act_zero_.defined() ? act_zero_[0] : T(0); }
   T act_clip_logit() const { return act_clip_.value.defined() ? act_clip_.value[0] : T(0); }
@@ -200,6 +301,14 @@ class QuantLinear final : public LinearTransform<T> {
     g.symmetric = config_.act_symmetric;
     g.granularity = quant::Granularity::per_tensor;
     return g;
+  }
+
+  static Tensor<T> cast_from_float(const Tensor<float>& t) {
+    if constexpr (std::is_same_v<T, float>) {
+      return t.clone();
+    } else {
+      return t.template cast<T>();
+    }
   }
 
   Var<T> quantize_input(Tape<T>& tape, Var<T> x) {

@@ -1,0 +1,227 @@
+// Checkpoints and resume of the CBQ pass (pass/checkpoint.hpp), NaN reporting, determinism.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cbq/model/llama_block.hpp>
+#include <cbq/model/random.hpp>
+#include <cbq/pass/pass.hpp>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <string>
+
+#include "support/child_process.hpp"
+#include "support/files.hpp"
+#include "support/gradcheck.hpp"
+
+using namespace cbq;
+
+namespace {
+
+using ResumeQ = Quantizer<4, PerGroup<8>>;
+using ResumePass = Pass<ResumeQ, ActQuant<8>, SlidingWindow<2, 1>, LoraRounding<2>>;
+constexpr int64_t kKillWindow = 2, kKillStep = 3;
+
+ModelConfig resume_config() {
+  ModelConfig c = tiny_llama_config();
+  c.n_layers = 4;  // windows [0,1] [1,2] [2,3]
+  return c;
+}
+std::vector<Tensor<float>> resume_inputs(int64_t d) {
+  std::vector<Tensor<float>> x;
+  for (int64_t i = 0; i < 5; ++i) x.push_back(cbq::testing::randn<float>(Shape{9, d}, 40 + i));
+  return x;
+}
+PassOptions resume_options(const std::string& dir) {
+  PassOptions o;
+  o.verbose = false;
+  o.epochs = 2;
+  o.checkpoint_dir = dir;
+  o.resume = !dir.empty();
+  return o;
+}
+
+struct Run {
+  QuantizationResult result;
+  Tensor<float> logits;  // the quantized model's output on fixed tokens
+};
+
+Run run_pass(const PassOptions& o) {
+  const ModelConfig c = resume_config();
+  Transformer<LlamaBlock<float>> model(c, random_weights(c, 11));
+  ResumePass pass(o);
+  Run r;
+  r.result = pass.run_from_hidden(model, resume_inputs(c.dim));
+  r.logits = model.logits({1, 5, 9, 2, 7}).clone();
+  return r;
+}
+
+bool same_bits(const Tensor<float>& a, const Tensor<float>& b) {
+  return a.shape() == b.shape() &&
+         std::memcmp(a.data(), b.data(), static_cast<size_t>(a.numel()) * sizeof(float)) == 0;
+}
+
+void check_identical(const Run& a, const Run& b) {
+  REQUIRE(a.result.layers.size() == b.result.layers.size());
+  for (size_t i = 0; i < a.result.layers.size(); ++i) {
+    const LayerResult& x = a.result.layers[i];
+    const LayerResult& y = b.result.layers[i];
+    CAPTURE(x.name);
+    CHECK(x.name == y.name);
+    CHECK(std::memcmp(x.weight.codes.data(), y.weight.codes.data(),
+                      static_cast<size_t>(x.weight.codes.numel())) == 0);
+    CHECK(same_bits(x.weight.scale, y.weight.scale));
+    CHECK(same_bits(x.weight.zero, y.weight.zero));
+    CHECK(x.act_scale == y.act_scale);
+    CHECK(x.act_zero == y.act_zero);
+  }
+  CHECK(same_bits(a.logits, b.logits));
+  REQUIRE(a.result.windows.size() == b.result.windows.size());
+  for (size_t i = 0; i < a.result.windows.size(); ++i)
+    CHECK(a.result.windows[i].loss_after.total == b.result.windows[i].loss_after.total);
+}
+
+}  // namespace
+
+// The child: runs the pass with checkpoints and kills itself (SIGKILL: no destructor, no flush)
+// in the middle of window kKillWindow.
+CBQ_TEST_CHILD_PROCESS(resume_kill_child) {
+  PassOptions o = resume_options(cbq::testing::child_arg());
+  o.on_step = [](int64_t window, int64_t step) {
+    if (window == kKillWindow && step == kKillStep) ::kill(::getpid(), SIGKILL);
+  };
+  run_pass(o);
+  return 3;  // not reached
+}
+
+TEST_CASE("resume: a run killed with SIGKILL mid-window resumes to a bit-identical result") {
+  cbq::testing::TempDir dir("resume-kill");
+  const Run uninterrupted = run_pass(resume_options(""));
+  const int status = cbq::testing::spawn_self("resume_kill_child", dir.path.string());
+  REQUIRE(WIFSIGNALED(status));
+  CHECK(WTERMSIG(status) == SIGKILL);
+  // The checkpoint of the last finished window is there; nothing half-written is left.
+  const std::string ck = checkpoint_path(dir.path.string());
+  REQUIRE(std::filesystem::exists(ck));
+  CHECK_FALSE(std::filesystem::exists(ck + ".tmp"));
+  {
+    io::SafetensorsFile f(ck);
+    CHECK(f.metadata().at("windows_done") == std::to_string(kKillWindow - 1));
+  }
+  const Run resumed = run_pass(resume_options(dir.path.string()));
+  check_identical(uninterrupted, resumed);
+  // Resuming a finished run restores everything and reproduces the result again.
+  const Run again = run_pass(resume_options(dir.path.string()));
+  check_identical(uninterrupted, again);
+}
+
+TEST_CASE("resume: an exception mid-window, then resume, equals an uninterrupted run") {
+  cbq::testing::TempDir dir("resume-throw");
+  const Run uninterrupted = run_pass(resume_options(""));
+  PassOptions o = resume_options(dir.path.string());
+  o.on_step = [](int64_t window, int64_t step) {
+    if (window == 3 && step == 1) throw std::runtime_error("simulated crash");
+  };
+  CHECK_THROWS_WITH(run_pass(o), "simulated crash");
+  const Run resumed = run_pass(resume_options(dir.path.string()));
+  check_identical(uninterrupted, resumed);
+}
+
+TEST_CASE("resume: a changed model, data or configuration is refused with a message") {
+  cbq::testing::TempDir dir("resume-mismatch");
+  PassOptions o = resume_options(dir.path.string());
+  o.on_step = [](int64_t window, int64_t) {
+    if (window == 2) throw std::runtime_error("stop");
+  };
+  CHECK_THROWS(run_pass(o));
+  const ModelConfig c = resume_config();
+  auto message = [&](auto&& f) {
+    try {
+      f();
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  // Another configuration (more epochs).
+  PassOptions more = resume_options(dir.path.string());
+  more.epochs = 3;
+  std::string m = message([&] { run_pass(more); });
+  CHECK(m.find("refusing to resume") != std::string::npos);
+  CHECK(m.find("pass configuration") != std::string::npos);
+  // Other weights.
+  m = message([&] {
+    Transformer<LlamaBlock<float>> model(c, random_weights(c, 12));
+    ResumePass(resume_options(dir.path.string())).run_from_hidden(model, resume_inputs(c.dim));
+  });
+  CHECK(m.find("model's weights") != std::string::npos);
+  // Other calibration data.
+  m = message([&] {
+    Transformer<LlamaBlock<float>> model(c, random_weights(c, 11));
+    auto x = resume_inputs(c.dim);
+    x[2][0] += 1.0f;
+    ResumePass(resume_options(dir.path.string())).run_from_hidden(model, x);
+  });
+  CHECK(m.find("calibration data") != std::string::npos);
+}
+
+TEST_CASE("determinism: the same seed, data and threads give bit-identical results") {
+  PassOptions o = resume_options("");
+  check_identical(run_pass(o), run_pass(o));
+}
+
+TEST_CASE("nan: a non-finite weight is reported with its layer before the pass starts") {
+  const ModelConfig c = resume_config();
+  Transformer<LlamaBlock<float>> model(c, random_weights(c, 11));
+  model.blocks[2].up_proj.weight.value[17] = std::numeric_limits<float>::infinity();
+  ResumePass pass(resume_options(""));
+  CHECK_THROWS_WITH_AS(pass.run_from_hidden(model, resume_inputs(c.dim)),
+                       doctest::Contains("the weight of layers.2.up_proj (block 2)"), Error);
+}
+
+TEST_CASE("nan: a learned parameter that turns non-finite is named with the window and sample") {
+  const ModelConfig c = resume_config();
+  Transformer<LlamaBlock<float>> model(c, random_weights(c, 11));
+  PassOptions o = resume_options("");
+  o.on_step = [&](int64_t window, int64_t step) {
+    if (window != 2 || step != 1) return;
+    auto q = std::dynamic_pointer_cast<QuantLinear<float>>(model.blocks[2].v_proj.transform);
+    REQUIRE(q);
+    q->weight_step_params()[0]->value[3] = std::numeric_limits<float>::quiet_NaN();
+  };
+  ResumePass pass(o);
+  std::string m;
+  try {
+    pass.run_from_hidden(model, resume_inputs(c.dim));
+  } catch (const Error& e) {
+    m = e.what();
+  }
+  CAPTURE(m);
+  CHECK(m.find("window 2, blocks 1..2") != std::string::npos);
+  CHECK(m.find("calibration sample") != std::string::npos);
+  CHECK(m.find("the learned parameter layers.2.v_proj.w_scale of layer layers.2.v_proj") !=
+        std::string::npos);
+}
+
+TEST_CASE("nan: an overflow in the full-precision path names the block, window and sample") {
+  const ModelConfig c = resume_config();
+  Transformer<LlamaBlock<float>> model(c, random_weights(c, 11));
+  // Overflow inside block 1's MLP: the weights are finite but the product is not.
+  Tensor<float>& w = model.blocks[1].down_proj.weight.value;
+  for (int64_t i = 0; i < w.numel(); ++i) w[i] = 3e38f;
+  ResumePass pass(resume_options(""));
+  std::string m;
+  try {
+    pass.run_from_hidden(model, resume_inputs(c.dim));
+  } catch (const Error& e) {
+    m = e.what();
+  }
+  CAPTURE(m);
+  // Caught by the full-precision target pass (block 1's output) before training starts.
+  CHECK(m.find("block 1") != std::string::npos);
+  CHECK(m.find("window 1") != std::string::npos);
+  CHECK(m.find("calibration sample 0") != std::string::npos);
+}
