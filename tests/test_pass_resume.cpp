@@ -225,3 +225,16 @@ TEST_CASE("nan: an overflow in the full-precision path names the block, window a
   CHECK(m.find("window 1") != std::string::npos);
   CHECK(m.find("calibration sample 0") != std::string::npos);
 }
+
+TEST_CASE("determinism: one and two threads give bit-identical results") {
+  // Every parallel loop splits independent outputs and each reduction runs on one thread in a
+  // fixed order; OpenBLAS partitions GEMM outputs, not the summed dimension (RELIABILITY.md).
+  const int before = num_threads();
+  PassOptions o = resume_options("");
+  set_num_threads(1);
+  const Run one = run_pass(o);
+  set_num_threads(2);
+  const Run two = run_pass(o);
+  set_num_threads(before);
+  check_identical(one, two);
+}
