@@ -60,6 +60,8 @@ cbq
   --checkpoint DIR                write a checkpoint after every window (atomic)
   --resume DIR                    continue from DIR's checkpoint if there is one (same model,
                                   data and options; else refused), and keep checkpointing there
+  --offload-dir DIR               keep the calibration activations in file mappings in DIR
+                                  (paged to disk when they do not fit in memory)
 output
   --out PATH            save the quantized model (native safetensors; with several methods the
                         method name is appended)
@@ -221,6 +223,8 @@ Args parse(int argc, char** argv) {
       a.options.max_steps = static_cast<int64_t>(number());
     else if (k == "--quiet")
       a.options.verbose = false;
+    else if (k == "--offload-dir")
+      a.options.activation_dir = value();
     else if (k == "--checkpoint")
       a.options.checkpoint_dir = value();
     else if (k == "--resume") {

@@ -238,3 +238,24 @@ TEST_CASE("determinism: one and two threads give bit-identical results") {
   set_num_threads(before);
   check_identical(one, two);
 }
+
+TEST_CASE("activation store: file-backed activations give the same result as host memory") {
+  cbq::testing::TempDir dir("activations");
+  PassOptions o = resume_options("");
+  const Run host = run_pass(o);
+  o.activation_dir = dir.path.string();
+  const Run mapped = run_pass(o);
+  check_identical(host, mapped);
+  // The backing files are unlinked as soon as they are mapped: nothing is left behind.
+  CHECK(std::filesystem::is_empty(dir.path));
+}
+
+TEST_CASE("activation store: samples view disjoint parts of one mapping") {
+  cbq::testing::TempDir dir("activations-views");
+  ActivationSet<float> set(3, 4, 5, dir.path.string(), "test");
+  for (int64_t i = 0; i < 3; ++i) set[i].fill(static_cast<float>(i + 1));
+  for (int64_t i = 0; i < 3; ++i)
+    for (int64_t j = 0; j < 20; ++j) REQUIRE(set[i][j] == static_cast<float>(i + 1));
+  CHECK_THROWS_WITH_AS(ActivationSet<float>(1, 2, 2, "/proc/cbq-no-such-dir", "X_q"),
+                       doctest::Contains("X_q"), Error);
+}

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <new>
 
@@ -56,7 +57,15 @@ class Storage {
       data_ = cuda_hooks().alloc(bytes);
     }
   }
+  // Memory owned elsewhere (e.g. a file mapping); `release` runs when the last tensor viewing it
+  // goes away.
+  Storage(void* data, std::size_t bytes, Device device, std::function<void()> release)
+      : data_(data), bytes_(bytes), device_(device), release_(std::move(release)) {}
   ~Storage() {
+    if (release_) {
+      release_();
+      return;
+    }
     if (!data_) return;
     if (device_ == Device::cpu) {
       std::free(data_);
@@ -75,6 +84,7 @@ class Storage {
   void* data_ = nullptr;
   std::size_t bytes_ = 0;
   Device device_ = Device::cpu;
+  std::function<void()> release_;
 };
 
 inline void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device,

@@ -188,6 +188,22 @@ class Tensor {
     return std::vector<T>(c.data_, c.data_ + c.numel());
   }
 
+  // A contiguous tensor of `shape` viewing `storage` from byte `offset` (e.g. one sample of a
+  // file-backed activation set).
+  static Tensor view_of(std::shared_ptr<Storage> storage, const Shape& shape, std::size_t offset) {
+    CBQ_CHECK(offset % alignof(T) == 0 &&
+                  offset + sizeof(T) * static_cast<std::size_t>(shape.numel()) <= storage->bytes(),
+              "Tensor::view_of: shape {} at byte {} does not fit a storage of {} bytes", shape,
+              offset, storage->bytes());
+    Tensor t;
+    t.shape_ = shape;
+    t.device_ = storage->device();
+    t.data_ = reinterpret_cast<T*>(static_cast<std::byte*>(storage->data()) + offset);
+    t.storage_ = std::move(storage);
+    t.set_contiguous_strides();
+    return t;
+  }
+
   // True when both tensors view the same storage (used by the tape's aliasing checks).
   bool shares_storage(const Tensor& other) const { return storage_ && storage_ == other.storage_; }
 

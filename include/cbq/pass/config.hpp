@@ -111,6 +111,9 @@ struct PassOptions {
   // Checkpoints (pass/checkpoint.hpp): non-empty → write DIR/cbq-checkpoint.safetensors after
   // every window; with resume, continue from it when it exists (fingerprints must match).
   std::string checkpoint_dir;
+  // Non-empty: keep the calibration activation sets in file mappings in this directory, paged
+  // to disk by the kernel when they do not fit in memory (pass/activation_store.hpp).
+  std::string activation_dir;
   bool resume = false;
   // Called after every optimiser step with (window index from 1, step within the window); tests
   // use it to kill the process mid-window.

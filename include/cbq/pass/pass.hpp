@@ -33,6 +33,7 @@
 #include "cbq/ops/scale.hpp"
 #include "cbq/optim/adam.hpp"
 #include "cbq/optim/schedule.hpp"
+#include "cbq/pass/activation_store.hpp"
 #include "cbq/pass/calibration.hpp"
 #include "cbq/pass/checkpoint.hpp"
 #include "cbq/pass/config.hpp"
@@ -152,24 +153,24 @@ class CbqPass {
   // The same pass from precomputed block-0 inputs (N tensors of shape (L, d)).
   template <TransformerBlock Block>
   QuantizationResult run_from_hidden(Transformer<Block>& model,
-                                     std::vector<Tensor<typename Block::scalar_type>> x_fp) {
+                                     std::vector<Tensor<typename Block::scalar_type>> inputs) {
     using T = typename Block::scalar_type;
     const auto start = std::chrono::steady_clock::now();
     const PassOptions& o = options_;
-    const int64_t K = model.num_blocks(), N = static_cast<int64_t>(x_fp.size());
+    const int64_t K = model.num_blocks(), N = static_cast<int64_t>(inputs.size());
     CBQ_CHECK(N >= 1, "CBQ: no calibration samples");
     CBQ_CHECK(o.epochs >= 1, "CBQ: epochs must be at least 1, got {}", o.epochs);
     CBQ_CHECK(o.loss_full_precision || o.loss_homologous,
               "CBQ: both reconstruction terms are switched off; nothing to learn from");
     CBQ_CHECK(o.loss_l2 || o.loss_kld, "CBQ: both the L2 and the KLD terms are switched off");
     const auto windows = window_schedule(K, spec_.window_blocks, spec_.window_overlap);
+    const int64_t L = inputs[0].ndim() == 2 ? inputs[0].size(0) : 0, d = model.config.dim;
     for (int64_t n = 0; n < N; ++n) {
-      CBQ_CHECK(x_fp[n].ndim() == 2 && x_fp[n].size(1) == model.config.dim,
-                "CBQ: calibration sample {} has shape {}, expected (L, {})", n, x_fp[n].shape(),
-                model.config.dim);
-      detail::check_finite(x_fp[n], fmt::format("calibration sample {} (block 0 input)", n));
+      CBQ_CHECK(inputs[n].ndim() == 2 && inputs[n].size(0) == L && inputs[n].size(1) == d,
+                "CBQ: calibration sample {} has shape {}, expected ({}, {}) like sample 0", n,
+                inputs[n].shape(), L, d);
+      detail::check_finite(inputs[n], fmt::format("calibration sample {} (block 0 input)", n));
     }
-    const int64_t L = x_fp[0].size(0), d = model.config.dim;
     for (int64_t b = 0; b < K; ++b)
       for (auto* layer : model.blocks[b].linears())
         detail::check_finite(
@@ -181,7 +182,7 @@ class CbqPass {
       CBQ_CHECK((std::is_same_v<T, float>),
                 "CBQ: checkpoints need a float32 model (this one computes in {}-byte scalars)",
                 sizeof(T));
-      fingerprint = {model_fingerprint(model), data_fingerprint(x_fp),
+      fingerprint = {model_fingerprint(model), data_fingerprint(inputs),
                      config_fingerprint(describe(), o)};
     }
 
@@ -195,6 +196,22 @@ class CbqPass {
           "epochs; activations {:.1f} MiB\n",
           K, windows.size(), spec_.window_blocks, spec_.window_overlap, N, L, o.epochs,
           static_cast<double>(result.activation_bytes) / (1 << 20));
+    if (o.verbose && !o.activation_dir.empty())
+      fmt::print("CBQ: activations live in file mappings in {} (paged to disk as needed)\n",
+                 o.activation_dir);
+
+    // The four activation sets (host memory, or file-backed in activation_dir).
+    ActivationSet<T> fp_set(N, L, d, o.activation_dir, "X_fp"),
+        q_set(N, L, d, o.activation_dir, "X_q"),
+        fp_target_set(N, L, d, o.activation_dir, "T_fp(X_fp)"),
+        hom_target_set(N, L, d, o.activation_dir, "T_fp(X_q)");
+    std::vector<Tensor<T>> x_fp = fp_set.tensors(), x_q = q_set.tensors();
+    std::vector<Tensor<T>> t_fp = fp_target_set.tensors(), t_hom = hom_target_set.tensors();
+    for (int64_t n = 0; n < N; ++n) {
+      x_fp[n].copy_from(inputs[n]);
+      x_q[n].copy_from(inputs[n]);
+    }
+    inputs.clear();
 
     // Pre-processing: activation outlier scaling folded into the producers (exact), computed
     // from the full-precision path on the calibration data.
@@ -202,8 +219,6 @@ class CbqPass {
       result.preprocess = scale_activation_outliers(model, x_fp, o.activation_scaling,
                                                     o.smoothquant_alpha, o.verbose);
 
-    std::vector<Tensor<T>> x_q(static_cast<size_t>(N));
-    for (int64_t n = 0; n < N; ++n) x_q[n] = x_fp[n].clone();
     std::vector<std::vector<std::shared_ptr<QuantLinear<T>>>> qlayers(static_cast<size_t>(K));
 
     int64_t windows_done = 0;
@@ -224,7 +239,6 @@ class CbqPass {
         if (qlayers[b].empty()) qlayers[b] = install(model, b);
       // 2. Targets: T_fp(X_fp) with X_fp advanced to the next window start on the way, and the
       //    homologous T_fp(X_q), whose pass also calibrates static activation steps.
-      std::vector<Tensor<T>> t_fp(static_cast<size_t>(N)), t_hom(static_cast<size_t>(N));
       std::vector<quant::MinMaxObserver<T>> ranges = observers<T>(model, w);
       for (int64_t n = 0; n < N; ++n) {
         Tensor<T> x = x_fp[n], next;
@@ -235,8 +249,8 @@ class CbqPass {
                                               b, window_index, n));
           if (b + 1 == w.finalize) next = x;
         }
-        t_fp[n] = x;
-        x_fp[n] = next;  // the FP path enters the next window (at block w.finalize)
+        t_fp[n].copy_from(x);
+        x_fp[n].copy_from(next);  // the FP path enters the next window (at block w.finalize)
         Tensor<T> h = x_q[n];
         for (int64_t b = w.first; b <= w.last; ++b) {
           BlockContext<T> ctx = fp_context<T>();
@@ -245,7 +259,7 @@ class CbqPass {
           };
           h = model.run_block(b, h, ctx);
         }
-        t_hom[n] = h;
+        t_hom[n].copy_from(h);
       }
       init_activation_steps(model, w, qlayers, ranges);
 
@@ -263,7 +277,7 @@ class CbqPass {
                                               q->rounding_flips()});
         }
         for (int64_t n = 0; n < N; ++n) {
-          x_q[n] = model.run_block(b, x_q[n]);
+          x_q[n].copy_from(model.run_block(b, x_q[n]));
           detail::check_finite(x_q[n], fmt::format("the quantized path after block {} (window {}, "
                                                    "calibration sample {})",
                                                    b, window_index, n));
@@ -308,8 +322,10 @@ class CbqPass {
               "{}: {} windows done, but this pass has {}", path, ck.windows_done, windows.size());
     CBQ_CHECK(ck.x_fp.size() == x_fp.size(), "{}: {} samples, expected {}", path, ck.x_fp.size(),
               x_fp.size());
-    x_fp = std::move(ck.x_fp);
-    x_q = std::move(ck.x_q);
+    for (size_t n = 0; n < x_fp.size(); ++n) {
+      x_fp[n].copy_from(ck.x_fp[n]);
+      x_q[n].copy_from(ck.x_q[n]);
+    }
     result.windows = ck.windows;
     initialised_ = std::set<std::string>(ck.initialised.begin(), ck.initialised.end());
     const Window& last = windows[static_cast<size_t>(ck.windows_done - 1)];
