@@ -44,6 +44,8 @@ method
   --sym                 symmetric weight grid
   --abits B             activation bits 4, 6, 8 or 16 = none (default 16)
   --act-per-tensor | --act-per-token   activation granularity (default: per-tensor at 8 bits)
+  --act-layers LIST     quantize only these linear layers' inputs (e.g. q_proj,k_proj,v_proj;
+                        default: all)
 cbq
   --window B --overlap O          sliding window (default 2, 1)
   --rounding lora|nearest|full    rounding (default lora), --rank R (default 5)
@@ -223,6 +225,8 @@ Args parse(int argc, char** argv) {
       a.options.max_steps = static_cast<int64_t>(number());
     else if (k == "--quiet")
       a.options.verbose = false;
+    else if (k == "--act-layers")
+      a.spec.act_layers = split(value(), ',');
     else if (k == "--offload-dir")
       a.options.activation_dir = value();
     else if (k == "--checkpoint")

@@ -1,6 +1,7 @@
 #include <cbq/model/llama_block.hpp>
 #include <cbq/model/opt_block.hpp>
 #include <cbq/model/random.hpp>
+#include <cbq/pass/baselines.hpp>
 #include <cbq/pass/pass.hpp>
 
 #include "support/gradcheck.hpp"
@@ -164,4 +165,35 @@ TEST_CASE("cbq pass: learned steps need a V0 that tracks them (a frozen V0 makes
   }
   CHECK(rise > 1.0);
   CHECK(fall < 1.0);
+}
+
+TEST_CASE("cbq pass: activation quantization only on the chosen linear layers") {
+  ModelConfig c = tiny_llama_config();
+  Transformer<LlamaBlock<float>> model(c, random_weights(c, 21));
+  PassSpec spec;
+  spec.weight.bits = 4;
+  spec.weight.granularity = quant::Granularity::per_group;
+  spec.weight.group_size = 8;
+  spec.act_bits = 8;
+  spec.act_layers = {"q_proj", "down_proj"};
+  PassOptions o = quiet_options();
+  o.epochs = 1;
+  CbqPass pass(spec, o);
+  auto result = pass.run_from_hidden(model, hidden_inputs(3, 10, c.dim, 5));
+  CHECK(result.config.find("inputs of q_proj,down_proj") != std::string::npos);
+  for (const LayerResult& l : result.layers) {
+    CAPTURE(l.name);
+    const bool chosen = l.name.ends_with(".q_proj") || l.name.ends_with(".down_proj");
+    CHECK((l.act_scale > 0) == chosen);
+  }
+  // The baselines honour the same choice.
+  Transformer<LlamaBlock<float>> model2(c, random_weights(c, 21));
+  auto rtn =
+      quantize_baseline(model2, Baseline::rtn, spec, hidden_inputs(3, 10, c.dim, 5), {}, false);
+  for (const LayerResult& l : rtn.layers)
+    CHECK((l.act_scale > 0) == (l.name.ends_with(".q_proj") || l.name.ends_with(".down_proj")));
+  // An unknown name is refused with the names that exist.
+  spec.act_layers = {"qkv_proj"};
+  CHECK_THROWS_WITH_AS(CbqPass(spec, o).run_from_hidden(model2, hidden_inputs(2, 6, c.dim, 1)),
+                       doctest::Contains("no linear layer named 'qkv_proj'"), Error);
 }

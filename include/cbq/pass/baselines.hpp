@@ -36,6 +36,7 @@ QuantizationResult quantize_baseline(Transformer<Block>& model, Baseline method,
   QuantLinearConfig config = spec.layer_config();
   config.rounding = RoundingKind::nearest;  // the weights come from RTN / GPTQ
   const bool need_data = method == Baseline::gptq || config.act_mode == ActMode::static_per_tensor;
+  if (model.num_blocks() > 0) spec.check_act_layers(model.blocks[0]);
   CBQ_CHECK(!need_data || !x.empty(), "{}: calibration data is required", result.method);
   for (int64_t b = 0; b < model.num_blocks(); ++b) {
     auto linears = model.blocks[b].linears();
@@ -62,14 +63,19 @@ QuantizationResult quantize_baseline(Transformer<Block>& model, Baseline method,
     for (size_t j = 0; j < linears.size(); ++j) {
       LinearLayer<T>* layer = linears[j];
       const std::string name = fmt::format("layers.{}.{}", b, layer->name);
-      auto q = std::make_shared<QuantLinear<T>>(name, layer->weight.value, config);
+      QuantLinearConfig layer_config = config;
+      if (!spec.quantizes_input_of(layer->name)) {
+        layer_config.act_bits = 16;
+        layer_config.act_mode = ActMode::none;
+      }
+      auto q = std::make_shared<QuantLinear<T>>(name, layer->weight.value, layer_config);
       Tensor<float> w = layer->weight.value.template cast<float>();
       if (method == Baseline::rtn) {
         q->set_result(quant::rtn_quantize(w, spec.weight, name));
       } else {
         q->set_result(quant::gptq_quantize(w, hessians[j], spec.weight, gptq).weight);
       }
-      if (config.act_mode == ActMode::static_per_tensor)
+      if (layer_config.act_mode == ActMode::static_per_tensor)
         q->init_activation_range(ranges[j].min, ranges[j].max);
       layer->transform = q;
       result.layers.push_back(

@@ -86,6 +86,9 @@ struct PassSpec {
   int64_t window_overlap = 1;
   RoundingKind rounding = RoundingKind::lora;
   int64_t rank = 5;
+  // Which linear layers' inputs are quantized below 16 bits, by the block's names (q_proj,
+  // down_proj, fc1, ...); empty: all of them.
+  std::vector<std::string> act_layers;
 
   ActMode act_mode() const {
     if (act_bits >= 16) return ActMode::none;
@@ -101,6 +104,31 @@ struct PassSpec {
     c.rank = rank;
     return c;
   }
+  // The configuration of the linear layer named `linear` (its activations may stay unquantized).
+  QuantLinearConfig layer_config(const std::string& linear) const {
+    QuantLinearConfig c = layer_config();
+    if (!quantizes_input_of(linear)) {
+      c.act_bits = 16;
+      c.act_mode = ActMode::none;
+    }
+    return c;
+  }
+  bool quantizes_input_of(const std::string& linear) const {
+    return act_layers.empty() ||
+           std::find(act_layers.begin(), act_layers.end(), linear) != act_layers.end();
+  }
+  // Every name in act_layers must be a linear layer of the model's blocks.
+  template <class Block>
+  void check_act_layers(Block& block) const {
+    std::string known;
+    for (auto* l : block.linears()) known += (known.empty() ? "" : ", ") + l->name;
+    for (const std::string& name : act_layers) {
+      bool found = false;
+      for (auto* l : block.linears()) found = found || l->name == name;
+      CBQ_CHECK(found, "activation quantization: no linear layer named '{}' in a block (it has {})",
+                name, known);
+    }
+  }
   // "W4A16 g32" (what RTN and GPTQ share with CBQ).
   std::string describe_quantizer() const {
     std::string gran = weight.granularity == quant::Granularity::per_group
@@ -108,6 +136,11 @@ struct PassSpec {
                            : (weight.granularity == quant::Granularity::per_channel ? "per-channel"
                                                                                     : "per-tensor");
     std::string act = act_bits >= 16 ? "" : (act_per_token ? " per-token" : " per-tensor");
+    if (act_bits < 16 && !act_layers.empty()) {
+      std::string list;
+      for (const auto& n : act_layers) list += (list.empty() ? "" : ",") + n;
+      act += " inputs of " + list;
+    }
     return fmt::format("W{}A{} {}{}{}", weight.bits, act_bits, gran, weight.symmetric ? " sym" : "",
                        act);
   }
@@ -164,6 +197,7 @@ class CbqPass {
               "CBQ: both reconstruction terms are switched off; nothing to learn from");
     CBQ_CHECK(o.loss_l2 || o.loss_kld, "CBQ: both the L2 and the KLD terms are switched off");
     const auto windows = window_schedule(K, spec_.window_blocks, spec_.window_overlap);
+    if (K > 0) spec_.check_act_layers(model.blocks[0]);
     const int64_t L = inputs[0].ndim() == 2 ? inputs[0].size(0) : 0, d = model.config.dim;
     for (int64_t n = 0; n < N; ++n) {
       CBQ_CHECK(inputs[n].ndim() == 2 && inputs[n].size(0) == L && inputs[n].size(1) == d,
@@ -357,8 +391,8 @@ class CbqPass {
     return ctx;
   }
 
-  QuantLinearConfig layer_config(int64_t layer_seed) const {
-    QuantLinearConfig c = spec_.layer_config();
+  QuantLinearConfig layer_config(int64_t layer_seed, const std::string& linear) const {
+    QuantLinearConfig c = spec_.layer_config(linear);
     c.lora_init.start = options_.lora_start;
     c.lora_init.a1_std = options_.lora_a1_std;
     c.lora_init.seed = options_.seed * 1000003ULL + static_cast<uint64_t>(layer_seed);
@@ -377,7 +411,7 @@ class CbqPass {
       const std::string name = fmt::format("layers.{}.{}", b, layer->name);
       Tensor<T> w = layer->weight.value.clone();
       if (options_.cfp_weights) quant::truncate_weight_outliers(w, name);
-      auto q = std::make_shared<QuantLinear<T>>(name, w, layer_config(b * 64 + j++));
+      auto q = std::make_shared<QuantLinear<T>>(name, w, layer_config(b * 64 + j++, layer->name));
       layer->transform = q;
       out.push_back(q);
     }
