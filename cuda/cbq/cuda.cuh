@@ -35,3 +35,5 @@
 #include "cbq/cuda/launch.cuh"
 #include "cbq/cuda/linear.cuh"
 #include "cbq/cuda/memory.cuh"
+#include "cbq/cuda/ops_core.cuh"
+#include "cbq/cuda/ops_quant.cuh"

@@ -61,6 +61,19 @@ struct Gelu {
   }
 };
 
+}  // namespace detail
+
+// CUDA kernels of activation F (detail::Silu, Relu, Gelu); cuda/cbq/cuda/activations.cuh.
+template <class T, class F>
+struct CudaActivation {
+  // y[i] = F(x[i]), i < n
+  static inline void (*forward)(T* y, const T* x, int64_t n) = nullptr;
+  // dx[i] += dy[i] · F'(x[i]), i < n
+  static inline void (*backward)(T* dx, const T* dy, const T* x, int64_t n) = nullptr;
+};
+
+namespace detail {
+
 template <class T, class F>
 class ActivationNode final : public Node<T> {
  public:
@@ -68,9 +81,15 @@ class ActivationNode final : public Node<T> {
   const char* name() const override { return F::name; }
   void backward(Tape<T>& tape) override {
     if (!x_.requires_grad()) return;
-    const T* dy = tape.grad(this->output).data();
+    const Tensor<T>& grad = tape.grad(this->output);
+    const T* dy = grad.data();
     const T* x = x_.value().data();
     T* dx = x_.grad().data();
+    if (grad.device() == Device::cuda) {
+      CBQ_CHECK((CudaActivation<T, F>::backward), "{}: CUDA kernel not registered", F::name);
+      CudaActivation<T, F>::backward(dx, dy, x, x_.value().numel());
+      return;
+    }
     parallel_for(x_.value().numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) dx[i] += dy[i] * F::derivative(x[i]);
     });
@@ -83,17 +102,23 @@ class ActivationNode final : public Node<T> {
 template <class F, class T>
 Var<T> activation(Var<T> x) {
   const Tensor<T> X = x.value();
-  check_cpu(F::name, X);
   check_contiguous(F::name, "input", X);
   Tape<T>& tape = x.tape();
   const bool rg = tape.any_requires_grad({x});
   Var<T> out = tape.output(X.shape(), rg);
-  Tensor<T> Y = out.value();  // shares the output's storage
+  Tensor<T> Y = out.value();         // shares the output's storage
+  check_same_device(F::name, Y, X);  // the tape allocates on its own device
   T* y = Y.data();
   const T* xp = X.data();
-  parallel_for(X.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) y[i] = F::value(xp[i]);
-  });
+  if (X.device() == Device::cuda) {
+    require_cuda(F::name);
+    CBQ_CHECK((CudaActivation<T, F>::forward), "{}: CUDA kernel not registered", F::name);
+    CudaActivation<T, F>::forward(y, xp, X.numel());
+  } else {
+    parallel_for(X.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) y[i] = F::value(xp[i]);
+    });
+  }
   if (rg) tape.template record<ActivationNode<T, F>>(out, x);
   return out;
 }

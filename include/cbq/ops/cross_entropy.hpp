@@ -6,11 +6,27 @@
 // exp((x_j − x_r[t_r]) − nll_r), which stays accurate in float for logits in the hundreds.
 // Derivative: d x_r[j] += (g / R) · (softmax(x_r)_j − [j = t_r]).
 // token_nll: the same per-row negative log-likelihoods without a tape, in double (perplexity).
+// CUDA (cuda/cbq/cuda/cross_entropy.cuh): one block per row, the same double log-sum-exp; the
+// mean over rows is a fixed-order reduction in double; targets are copied to the device.
 #include <vector>
 
 #include "cbq/ops/softmax.hpp"
 
 namespace cbq::ops {
+
+template <class T>
+struct CudaCrossEntropy {
+  // nll (rows,) = T(lse(x_r) − x_r[t_r]), out[0] = T(Σ_r nll_r / rows) (double sums);
+  // logits (rows, n), targets (rows,) on the device
+  static inline void (*forward)(T* out, T* nll, const T* logits, const int32_t* targets,
+                                int64_t rows, int64_t n) = nullptr;
+  // dx (rows, n) += (g[0] / rows) · (softmax(x_r) − onehot(t_r)), softmax from the saved nll
+  static inline void (*backward)(T* dx, const T* g, const T* logits, const int32_t* targets,
+                                 const T* nll, int64_t rows, int64_t n) = nullptr;
+  // nll_host (rows,) = lse(x_r) − x_r[t_r] in double; logits on the device, targets on the host
+  static inline void (*token_nll)(double* nll_host, const T* logits, const int32_t* targets_host,
+                                  int64_t rows, int64_t n) = nullptr;
+};
 
 namespace detail {
 template <class T>
@@ -30,14 +46,25 @@ void check_targets(const char* op, const Tensor<T>& logits, const std::vector<in
 template <class T>
 class CrossEntropyNode final : public Node<T> {
  public:
-  CrossEntropyNode(Var<T> logits, std::vector<int32_t> targets, Tensor<T> nll)
-      : logits_(logits), targets_(std::move(targets)), nll_(std::move(nll)) {}
+  CrossEntropyNode(Var<T> logits, std::vector<int32_t> targets, Tensor<T> nll,
+                   Tensor<int32_t> device_targets = {})
+      : logits_(logits),
+        targets_(std::move(targets)),
+        nll_(std::move(nll)),
+        device_targets_(std::move(device_targets)) {}
   const char* name() const override { return "cross_entropy"; }
   void backward(Tape<T>& tape) override {
     if (!logits_.requires_grad()) return;
     const Tensor<T>& x = logits_.value();
     const int64_t n = x.shape().cols(), rows = x.shape().rows();
-    const T g = tape.grad(this->output).data()[0] / static_cast<T>(rows);
+    const Tensor<T>& grad = tape.grad(this->output);
+    if (grad.device() == Device::cuda) {
+      CBQ_CHECK(CudaCrossEntropy<T>::backward, "cross_entropy: CUDA kernel not registered");
+      CudaCrossEntropy<T>::backward(logits_.grad().data(), grad.data(), x.data(),
+                                    device_targets_.data(), nll_.data(), rows, n);
+      return;
+    }
+    const T g = grad.data()[0] / static_cast<T>(rows);
     const T* xp = x.data();
     const T* nll = nll_.data();
     T* dx = logits_.grad().data();
@@ -58,7 +85,8 @@ class CrossEntropyNode final : public Node<T> {
  private:
   Var<T> logits_;
   std::vector<int32_t> targets_;
-  Tensor<T> nll_;  // (R,) per-row loss
+  Tensor<T> nll_;                   // (R,) per-row loss
+  Tensor<int32_t> device_targets_;  // CUDA only: targets_ on the device
 };
 
 // Mean negative log-likelihood of `targets` under softmax(logits) over the last dimension.
@@ -70,9 +98,22 @@ Var<T> cross_entropy(Var<T> logits, const std::vector<int32_t>& targets) {
   CBQ_CHECK(rows > 0, "cross_entropy: logits of shape {} have no rows", x.shape());
   Tape<T>& tape = logits.tape();
   const bool rg = tape.any_requires_grad({logits});
-  Tensor<T> nll = tape.scratch(Shape{rows});  // (R,)
+  Tensor<T> nll = tape.scratch(Shape{rows});   // (R,)
+  check_same_device("cross_entropy", nll, x);  // the tape allocates on its own device
   const T* xp = x.data();
   T* np = nll.data();
+  if (x.device() == Device::cuda) {
+    require_cuda("cross_entropy");
+    CBQ_CHECK(CudaCrossEntropy<T>::forward, "cross_entropy: CUDA kernel not registered");
+    Var<T> out = tape.output(Shape{1}, rg);
+    Tensor<T> out_value = out.value();  // shares the output's storage
+    Tensor<int32_t> device_targets = Tensor<int32_t>::from(targets, Shape{rows}).to(Device::cuda);
+    CudaCrossEntropy<T>::forward(out_value.data(), np, xp, device_targets.data(), rows, n);
+    if (rg)
+      tape.template record<CrossEntropyNode<T>>(out, logits, targets, nll,
+                                                std::move(device_targets));
+    return out;
+  }
   parallel_for(rows, detail::row_grain(n), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       np[r] = static_cast<T>(-detail::row_shift(xp + r * n, n).log_prob(xp[r * n + targets[r]]));
@@ -80,7 +121,7 @@ Var<T> cross_entropy(Var<T> logits, const std::vector<int32_t>& targets) {
   double total = 0;  // serial over rows: deterministic
   for (int64_t r = 0; r < rows; ++r) total += static_cast<double>(np[r]);
   Var<T> out = tape.output(Shape{1}, rg);
-  Tensor<T> out_value = out.value();  // shares the output\'s storage
+  Tensor<T> out_value = out.value();  // shares the output's storage
   out_value.data()[0] = static_cast<T>(total / static_cast<double>(rows));
   if (rg) tape.template record<CrossEntropyNode<T>>(out, logits, targets, nll);
   return out;
@@ -93,6 +134,12 @@ std::vector<double> token_nll(const Tensor<T>& logits, const std::vector<int32_t
   const int64_t n = logits.shape().cols(), rows = logits.shape().rows();
   std::vector<double> nll(static_cast<std::size_t>(rows));
   const T* xp = logits.data();
+  if (logits.device() == Device::cuda) {
+    require_cuda("token_nll");
+    CBQ_CHECK(CudaCrossEntropy<T>::token_nll, "token_nll: CUDA kernel not registered");
+    CudaCrossEntropy<T>::token_nll(nll.data(), xp, targets.data(), rows, n);
+    return nll;
+  }
   parallel_for(rows, detail::row_grain(n), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       nll[r] = -detail::row_shift(xp + r * n, n).log_prob(xp[r * n + targets[r]]);

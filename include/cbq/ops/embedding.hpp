@@ -3,7 +3,12 @@
 // Derivative: d table[ids[t], :] += d out[t, :] (a scatter-add; repeated ids accumulate).
 // The scatter is split over the d columns, each chunk walking the tokens in order, so no two
 // threads touch the same element and the sum order is fixed.
+// CUDA: the ids are copied to the device; for backward the forward pass also uploads the tokens
+// grouped by id (a CSR index built on the host, tokens in order inside a group), so that one
+// thread owns each (id, column) and adds its tokens in token order: no atomics, and the same
+// additions in the same order as the CPU (bitwise equal results).
 #include <algorithm>
+#include <numeric>
 #include <vector>
 
 #include "cbq/ops/common.hpp"
@@ -11,16 +16,67 @@
 namespace cbq::ops {
 
 template <class T>
+struct CudaEmbedding {
+  // out (tokens, d) = table[ids[t], :]; ids (tokens,) on the device
+  static inline void (*forward)(T* out, const T* table, const int32_t* ids, int64_t tokens,
+                                int64_t d) = nullptr;
+  // dtable[unique[u], :] += Σ g[t, :] over the tokens t with ids[t] == unique[u], in token
+  // order. index (device) = [unique (U) | offsets (U + 1) | token positions grouped by id (tokens)]
+  static inline void (*backward)(T* dtable, const T* g, const int32_t* index, int64_t num_unique,
+                                 int64_t tokens, int64_t d) = nullptr;
+};
+
+namespace detail {
+// The CSR index of CudaEmbedding::backward, on the host: [unique | offsets | positions].
+inline std::vector<int32_t> embedding_token_groups(const std::vector<int32_t>& ids,
+                                                   int64_t& num_unique) {
+  const int64_t tokens = static_cast<int64_t>(ids.size());
+  std::vector<int32_t> order(ids.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t a, int32_t b) { return ids[a] < ids[b]; });
+  std::vector<int32_t> unique, offsets;
+  for (int64_t k = 0; k < tokens; ++k)
+    if (k == 0 || ids[order[k]] != ids[order[k - 1]]) {
+      unique.push_back(ids[order[k]]);
+      offsets.push_back(static_cast<int32_t>(k));
+    }
+  offsets.push_back(static_cast<int32_t>(tokens));
+  num_unique = static_cast<int64_t>(unique.size());
+  std::vector<int32_t> index = std::move(unique);
+  index.insert(index.end(), offsets.begin(), offsets.end());
+  index.insert(index.end(), order.begin(), order.end());
+  return index;
+}
+
+// A host vector as a device tensor (a synchronous copy).
+inline Tensor<int32_t> to_device(const std::vector<int32_t>& values) {
+  return Tensor<int32_t>::from(values, Shape{static_cast<int64_t>(values.size())}).to(Device::cuda);
+}
+}  // namespace detail
+
+template <class T>
 class EmbeddingNode final : public Node<T> {
  public:
-  EmbeddingNode(Var<T> table, std::vector<int32_t> ids) : table_(table), ids_(std::move(ids)) {}
+  EmbeddingNode(Var<T> table, std::vector<int32_t> ids, Tensor<int32_t> device_index = {},
+                int64_t num_unique = 0)
+      : table_(table),
+        ids_(std::move(ids)),
+        device_index_(std::move(device_index)),
+        num_unique_(num_unique) {}
   const char* name() const override { return "embedding"; }
   void backward(Tape<T>& tape) override {
     if (!table_.requires_grad()) return;
-    const T* g = tape.grad(this->output).data();  // (T, d)
-    T* dtable = table_.grad().data();             // (V, d)
+    const Tensor<T>& grad = tape.grad(this->output);
+    const T* g = grad.data();          // (T, d)
+    T* dtable = table_.grad().data();  // (V, d)
     const int64_t d = table_.value().size(1);
     const int64_t tokens = static_cast<int64_t>(ids_.size());
+    if (grad.device() == Device::cuda) {
+      CBQ_CHECK(CudaEmbedding<T>::backward, "embedding: CUDA kernel not registered");
+      CudaEmbedding<T>::backward(dtable, g, device_index_.data(), num_unique_, tokens, d);
+      return;
+    }
     const int64_t column_grain =
         std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(tokens, 1));
     parallel_for(d, column_grain, [&](int64_t j0, int64_t j1) {
@@ -35,13 +91,14 @@ class EmbeddingNode final : public Node<T> {
  private:
   Var<T> table_;
   std::vector<int32_t> ids_;
+  Tensor<int32_t> device_index_;  // CUDA only: the CSR index of CudaEmbedding::backward
+  int64_t num_unique_;
 };
 
 template <class T>
 Var<T> embedding(Var<T> table, const std::vector<int32_t>& ids) {
   const Tensor<T>& W = table.value();
   CBQ_CHECK(W.ndim() == 2, "embedding: table must be 2-D (V, d), got {}", W.shape());
-  check_cpu("embedding", W);
   check_contiguous("embedding", "table", W);
   const int64_t vocab = W.size(0), d = W.size(1);
   const int64_t tokens = static_cast<int64_t>(ids.size());
@@ -52,9 +109,22 @@ Var<T> embedding(Var<T> table, const std::vector<int32_t>& ids) {
   Tape<T>& tape = table.tape();
   const bool rg = tape.any_requires_grad({table});
   Var<T> out = tape.output(Shape{tokens, d}, rg);
-  Tensor<T> out_value = out.value();  // shares the output\'s storage
+  Tensor<T> out_value = out.value();             // shares the output's storage
+  check_same_device("embedding", out_value, W);  // the tape allocates on its own device
   T* o = out_value.data();
   const T* w = W.data();
+  if (W.device() == Device::cuda) {
+    require_cuda("embedding");
+    CBQ_CHECK(CudaEmbedding<T>::forward, "embedding: CUDA kernel not registered");
+    const Tensor<int32_t> device_ids = detail::to_device(ids);
+    CudaEmbedding<T>::forward(o, w, device_ids.data(), tokens, d);
+    if (rg) {
+      int64_t num_unique = 0;
+      Tensor<int32_t> index = detail::to_device(detail::embedding_token_groups(ids, num_unique));
+      tape.template record<EmbeddingNode<T>>(out, table, ids, std::move(index), num_unique);
+    }
+    return out;
+  }
   parallel_for(tokens, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(d, 1)),
                [&](int64_t t0, int64_t t1) {
                  for (int64_t t = t0; t < t1; ++t)

@@ -13,12 +13,25 @@
 // (a_j − max a) / τ − shift_a with shift_a = log Σ_k exp((a_k − max a) / τ) ∈ [0, log n], so
 // nothing overflows and float keeps its precision for logits in the hundreds. Saved for backward:
 // shift_a, shift_b and KL_r per row; the row maxima are recomputed.
+// CUDA (cuda/cbq/cuda/kl_div.cuh): one block per row, the same double formulas; the mean over
+// rows is a fixed-order reduction in double.
 #include <algorithm>
 #include <cmath>
 
 #include "cbq/ops/softmax.hpp"
 
 namespace cbq::ops {
+
+template <class T>
+struct CudaKlSoftmax {
+  // saved (rows, 3) = shift_a, shift_b, KL_r (rounded to T), out[0] = T(Σ_r KL_r / rows) (double
+  // sums); a, b (rows, n), inv_tau = 1 / τ
+  static inline void (*forward)(T* out, T* saved, const T* a, const T* b, int64_t rows, int64_t n,
+                                double inv_tau) = nullptr;
+  // da, db (rows, n) += the derivatives above with g = g[0] (on the device); either may be null
+  static inline void (*backward)(T* da, T* db, const T* g, const T* a, const T* b, const T* saved,
+                                 int64_t rows, int64_t n, double inv_tau) = nullptr;
+};
 
 template <class T>
 class KlSoftmaxNode final : public Node<T> {
@@ -32,6 +45,14 @@ class KlSoftmaxNode final : public Node<T> {
     const Tensor<T>& va = a_.value();
     const int64_t n = va.shape().cols(), rows = va.shape().rows();
     const double inv_tau = 1.0 / static_cast<double>(temperature_);
+    const Tensor<T>& grad = tape.grad(this->output);
+    if (grad.device() == Device::cuda) {
+      CBQ_CHECK(CudaKlSoftmax<T>::backward, "kl_softmax: CUDA kernel not registered");
+      CudaKlSoftmax<T>::backward(grad_a ? a_.grad().data() : nullptr,
+                                 grad_b ? b_.grad().data() : nullptr, grad.data(), va.data(),
+                                 b_.value().data(), saved_.data(), rows, n, inv_tau);
+      return;
+    }
     const double coef = static_cast<double>(tape.grad(this->output).data()[0]) * inv_tau /
                         static_cast<double>(rows);
     const T* ap = va.data();
@@ -69,6 +90,7 @@ Var<T> kl_softmax(Var<T> a, Var<T> b, T temperature = T(1)) {
   const Tensor<T>& va = a.value();
   const Tensor<T>& vb = b.value();
   check_same_shape("kl_softmax", va, vb);
+  check_same_device("kl_softmax", va, vb);
   detail::check_rows_input("kl_softmax", va);
   detail::check_rows_input("kl_softmax", vb);
   CBQ_CHECK(std::isfinite(static_cast<double>(temperature)) && temperature > T(0),
@@ -79,9 +101,19 @@ Var<T> kl_softmax(Var<T> a, Var<T> b, T temperature = T(1)) {
   Tape<T>& tape = a.tape();
   const bool rg = tape.any_requires_grad({a, b});
   Tensor<T> saved = tape.scratch(Shape{rows, 3});
+  check_same_device("kl_softmax", saved, va);  // the tape allocates on its own device
   const T* ap = va.data();
   const T* bp = vb.data();
   T* sp = saved.data();
+  if (va.device() == Device::cuda) {
+    require_cuda("kl_softmax");
+    CBQ_CHECK(CudaKlSoftmax<T>::forward, "kl_softmax: CUDA kernel not registered");
+    Var<T> out = tape.output(Shape{1}, rg);
+    Tensor<T> out_value = out.value();  // shares the output's storage
+    CudaKlSoftmax<T>::forward(out_value.data(), sp, ap, bp, rows, n, inv_tau);
+    if (rg) tape.template record<KlSoftmaxNode<T>>(out, a, b, temperature, saved);
+    return out;
+  }
   parallel_for(rows, detail::row_grain(n), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* ar = ap + r * n;
@@ -101,7 +133,7 @@ Var<T> kl_softmax(Var<T> a, Var<T> b, T temperature = T(1)) {
   double total = 0;  // serial over rows: deterministic
   for (int64_t r = 0; r < rows; ++r) total += static_cast<double>(sp[3 * r + 2]);
   Var<T> out = tape.output(Shape{1}, rg);
-  Tensor<T> out_value = out.value();  // shares the output\'s storage
+  Tensor<T> out_value = out.value();  // shares the output's storage
   out_value.data()[0] = static_cast<T>(total / static_cast<double>(rows));
   if (rg) tape.template record<KlSoftmaxNode<T>>(out, a, b, temperature, saved);
   return out;

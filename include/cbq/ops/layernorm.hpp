@@ -6,12 +6,26 @@
 //   dx += r · (g − mean(g) − x̂ · mean(g ⊙ x̂))
 //   dw += Σ_rows dy ⊙ x̂,   db += Σ_rows dy
 // Forward saves μ and r per row; backward rebuilds x̂ from x. Row reductions accumulate in double.
+// CUDA (cuda/cbq/cuda/layernorm.cuh): one block per row; dw, db by deterministic column sums.
 #include <algorithm>
 #include <cmath>
 
 #include "cbq/ops/common.hpp"
 
 namespace cbq::ops {
+
+template <class T>
+struct CudaLayerNorm {
+  // y (rows, d) = x̂ ⊙ w (+ b), writing mean μ and inv_std r (rows,); b may be null
+  static inline void (*forward)(T* y, T* mean, T* inv_std, const T* x, const T* w, const T* b,
+                                int64_t rows, int64_t d, double eps) = nullptr;
+  // dx (rows, d) += r · (g − mean(g) − x̂ · mean(g ⊙ x̂)) with g = dy ⊙ w
+  static inline void (*backward_x)(T* dx, const T* dy, const T* x, const T* w, const T* mean,
+                                   const T* inv_std, int64_t rows, int64_t d) = nullptr;
+  // dw (d,) += Σ_rows dy ⊙ x̂ and db (d,) += Σ_rows dy; either may be null
+  static inline void (*backward_wb)(T* dw, T* db, const T* dy, const T* x, const T* mean,
+                                    const T* inv_std, int64_t rows, int64_t d) = nullptr;
+};
 
 template <class T>
 class LayerNormNode final : public Node<T> {
@@ -33,6 +47,16 @@ class LayerNormNode final : public Node<T> {
     const T* mu = mean_.data();                    // (rows,)
     const T* r = inv_std_.data();                  // (rows,)
     const int64_t d = dim_;
+    if (inv_std_.device() == Device::cuda) {
+      CBQ_CHECK(CudaLayerNorm<T>::backward_x && CudaLayerNorm<T>::backward_wb,
+                "layernorm: CUDA kernel not registered");
+      if (x_.requires_grad())
+        CudaLayerNorm<T>::backward_x(x_.grad().data(), dy, x, w, mu, r, rows_, d);
+      T* dw = w_.requires_grad() ? w_.grad().data() : nullptr;
+      T* db = b_.valid() && b_.requires_grad() ? b_.grad().data() : nullptr;
+      if (dw || db) CudaLayerNorm<T>::backward_wb(dw, db, dy, x, mu, r, rows_, d);
+      return;
+    }
     if (x_.requires_grad()) {
       T* dx = x_.grad().data();
       parallel_for(rows_, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(d, 1)),
@@ -91,8 +115,7 @@ Var<T> layernorm(Var<T> x, Var<T> weight, Var<T> bias, double eps) {
             "layernorm: weight {} does not match input {} (expected ({},))", W.shape(), X.shape(),
             d);
   CBQ_CHECK(eps >= 0, "layernorm: eps must be non-negative, got {}", eps);
-  check_cpu("layernorm", X);
-  check_cpu("layernorm", W);
+  check_same_device("layernorm", X, W);
   check_contiguous("layernorm", "input", X);
   check_contiguous("layernorm", "weight", W);
   const T* b = nullptr;
@@ -101,7 +124,7 @@ Var<T> layernorm(Var<T> x, Var<T> weight, Var<T> bias, double eps) {
     CBQ_CHECK(B.ndim() == 1 && B.size(0) == d,
               "layernorm: bias {} does not match input {} (expected ({},))", B.shape(), X.shape(),
               d);
-    check_cpu("layernorm", B);
+    check_same_device("layernorm", X, B);
     check_contiguous("layernorm", "bias", B);
     b = B.data();
   }
@@ -111,11 +134,19 @@ Var<T> layernorm(Var<T> x, Var<T> weight, Var<T> bias, double eps) {
   Tensor<T> mean = tape.scratch(Shape{rows});     // (rows,)
   Tensor<T> inv_std = tape.scratch(Shape{rows});  // (rows,)
   Tensor<T> Y = out.value();                      // shares the output's storage
+  check_same_device("layernorm", Y, X);           // the tape allocates on its own device
   T* y = Y.data();
   const T* xp = X.data();
   const T* w = W.data();
   T* mu = mean.data();
   T* r = inv_std.data();
+  if (X.device() == Device::cuda) {
+    require_cuda("layernorm");
+    CBQ_CHECK(CudaLayerNorm<T>::forward, "layernorm: CUDA kernel not registered");
+    CudaLayerNorm<T>::forward(y, mu, r, xp, w, b, rows, d, eps);
+    if (rg) tape.template record<LayerNormNode<T>>(out, x, weight, bias, mean, inv_std, rows, d);
+    return out;
+  }
   parallel_for(rows, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(d, 1)),
                [&](int64_t r0, int64_t r1) {
                  for (int64_t row = r0; row < r1; ++row) {

@@ -83,6 +83,7 @@ Var<T> matmul(Var<T> a, Var<T> b, bool trans_a = false, bool trans_b = false) {
   const bool rg = tape.any_requires_grad({a, b});
   Var<T> out = tape.output(Shape{m, n}, rg);
   Tensor<T> C = out.value();
+  check_same_device("matmul", C, A);  // the tape allocates on its own device
   gemm<T>(A.device(), trans_a, trans_b, m, n, k, T(1), A.data(), A.size(1), B.data(), B.size(1),
           T(0), C.data(), n);
   if (rg) tape.template record<MatmulNode<T>>(out, a, b, trans_a, trans_b, m, n, k);

@@ -11,18 +11,34 @@
 namespace cbq::ops {
 
 template <class T>
+struct CudaSquaredError {
+  // out[0] = T(Σ_i (a[i] − b[i])² / divisor), accumulated in double; out on the device
+  static inline void (*forward)(T* out, const T* a, const T* b, int64_t n,
+                                double divisor) = nullptr;
+  // d[i] += sign · (2 · coefficient · g[0]) · (a[i] − b[i]); g (1,) on the device
+  static inline void (*backward)(T* d, const T* g, const T* a, const T* b, T coefficient, T sign,
+                                 int64_t n) = nullptr;
+};
+
+template <class T>
 class SquaredErrorNode final : public Node<T> {
  public:
   SquaredErrorNode(Var<T> a, Var<T> b, T coefficient, const char* name)
       : a_(a), b_(b), coefficient_(coefficient), name_(name) {}
   const char* name() const override { return name_; }
   void backward(Tape<T>& tape) override {
-    const T k = T(2) * coefficient_ * tape.grad(this->output).data()[0];
+    const Tensor<T>& grad = tape.grad(this->output);
     const T* x = a_.value().data();
     const T* y = b_.value().data();
     const int64_t n = a_.value().numel();
     auto accumulate_difference = [&](Var<T> dst, T sign) {
       T* d = dst.grad().data();
+      if (grad.device() == Device::cuda) {
+        CBQ_CHECK(CudaSquaredError<T>::backward, "{}: CUDA kernel not registered", name_);
+        CudaSquaredError<T>::backward(d, grad.data(), x, y, coefficient_, sign, n);
+        return;
+      }
+      const T k = T(2) * coefficient_ * grad.data()[0];
       const T ks = sign * k;
       parallel_for(n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) d[i] += ks * (x[i] - y[i]);
@@ -45,8 +61,7 @@ Var<T> squared_error(const char* op, Var<T> a, Var<T> b, bool per_row) {
   const Tensor<T>& va = a.value();
   const Tensor<T>& vb = b.value();
   check_same_shape(op, va, vb);
-  check_cpu(op, va);
-  check_cpu(op, vb);
+  check_same_device(op, va, vb);
   check_contiguous(op, "a", va);
   check_contiguous(op, "b", vb);
   if (per_row) CBQ_CHECK(va.ndim() >= 1, "{}: inputs must have at least one dimension", op);
@@ -54,15 +69,22 @@ Var<T> squared_error(const char* op, Var<T> a, Var<T> b, bool per_row) {
   CBQ_CHECK(count > 0 && va.numel() > 0, "{}: inputs of shape {} are empty", op, va.shape());
   const T* x = va.data();
   const T* y = vb.data();
-  const double total = blocked_sum(va.numel(), [&](int64_t i) {
-    const double diff = static_cast<double>(x[i]) - static_cast<double>(y[i]);
-    return diff * diff;
-  });
   Tape<T>& tape = a.tape();
   const bool rg = tape.any_requires_grad({a, b});
   Var<T> out = tape.output(Shape{1}, rg);
-  Tensor<T> out_value = out.value();  // shares the output\'s storage
-  out_value.data()[0] = static_cast<T>(total / static_cast<double>(count));
+  Tensor<T> out_value = out.value();     // shares the output's storage
+  check_same_device(op, out_value, va);  // the tape allocates on its own device
+  if (va.device() == Device::cuda) {
+    require_cuda(op);
+    CBQ_CHECK(CudaSquaredError<T>::forward, "{}: CUDA kernel not registered", op);
+    CudaSquaredError<T>::forward(out_value.data(), x, y, va.numel(), static_cast<double>(count));
+  } else {
+    const double total = blocked_sum(va.numel(), [&](int64_t i) {
+      const double diff = static_cast<double>(x[i]) - static_cast<double>(y[i]);
+      return diff * diff;
+    });
+    out_value.data()[0] = static_cast<T>(total / static_cast<double>(count));
+  }
   if (rg)
     tape.template record<SquaredErrorNode<T>>(out, a, b,
                                               static_cast<T>(1.0 / static_cast<double>(count)), op);

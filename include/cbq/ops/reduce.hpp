@@ -2,13 +2,21 @@
 // sum, mean: reductions over all elements to a tensor of shape (1,).
 // Derivative: sum: d a[i] += d out;  mean: d a[i] += d out / N.
 // Forward sums accumulate in double over fixed blocks, so the result does not depend on the
-// thread count.
+// thread count (on CUDA: fixed per-block partials added in order, cuda/cbq/cuda/reduce.cuh).
 #include <algorithm>
 #include <vector>
 
 #include "cbq/ops/common.hpp"
 
 namespace cbq::ops {
+
+template <class T>
+struct CudaReduce {
+  // out[0] = T(Σ_i x[i] / divisor), accumulated in double; out on the device
+  static inline void (*sum)(T* out, const T* x, int64_t n, double divisor) = nullptr;
+  // d[i] += g[0] · coefficient, i < n; g (1,) on the device
+  static inline void (*sum_backward)(T* d, const T* g, T coefficient, int64_t n) = nullptr;
+};
 
 namespace detail {
 
@@ -44,8 +52,14 @@ class SumNode final : public Node<T> {
   const char* name() const override { return name_; }
   void backward(Tape<T>& tape) override {
     if (!a_.requires_grad()) return;
-    const T g = tape.grad(this->output).data()[0] * coefficient_;
+    const Tensor<T>& grad = tape.grad(this->output);
     T* d = a_.grad().data();
+    if (grad.device() == Device::cuda) {
+      CBQ_CHECK(CudaReduce<T>::sum_backward, "{}: CUDA kernel not registered", name_);
+      CudaReduce<T>::sum_backward(d, grad.data(), coefficient_, a_.value().numel());
+      return;
+    }
+    const T g = grad.data()[0] * coefficient_;
     parallel_for(a_.value().numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) d[i] += g;
     });
@@ -60,18 +74,24 @@ class SumNode final : public Node<T> {
 template <class T>
 Var<T> reduce_all(const char* op, Var<T> a, bool divide_by_count) {
   const Tensor<T>& va = a.value();
-  check_cpu(op, va);
   check_contiguous(op, "input", va);
   const int64_t n = va.numel();
   CBQ_CHECK(!divide_by_count || n > 0, "{}: input of shape {} has no elements", op, va.shape());
   const T* x = va.data();
-  const double total = blocked_sum(n, [&](int64_t i) { return x[i]; });
   const double count = divide_by_count ? static_cast<double>(n) : 1.0;
   Tape<T>& tape = a.tape();
   const bool rg = tape.any_requires_grad({a});
   Var<T> out = tape.output(Shape{1}, rg);
-  Tensor<T> out_value = out.value();  // shares the output\'s storage
-  out_value.data()[0] = static_cast<T>(total / count);
+  Tensor<T> out_value = out.value();     // shares the output's storage
+  check_same_device(op, out_value, va);  // the tape allocates on its own device
+  if (va.device() == Device::cuda) {
+    require_cuda(op);
+    CBQ_CHECK(CudaReduce<T>::sum, "{}: CUDA kernel not registered", op);
+    CudaReduce<T>::sum(out_value.data(), x, n, count);
+  } else {
+    const double total = blocked_sum(n, [&](int64_t i) { return x[i]; });
+    out_value.data()[0] = static_cast<T>(total / count);
+  }
   if (rg) tape.template record<SumNode<T>>(out, a, static_cast<T>(1.0 / count), op);
   return out;
 }

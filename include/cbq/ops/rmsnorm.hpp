@@ -5,12 +5,26 @@
 //   dw_j += Σ_rows dy_j·x_j·r
 // Forward saves r per row; backward reads x from its variable. Row reductions accumulate in
 // double so that float results do not depend on the feature count's rounding drift.
+// CUDA (cuda/cbq/cuda/rmsnorm.cuh): one block per row; dw by a deterministic column sum in double.
 #include <algorithm>
 #include <cmath>
 
 #include "cbq/ops/common.hpp"
 
 namespace cbq::ops {
+
+template <class T>
+struct CudaRmsNorm {
+  // y (rows, d) = x · r ⊙ w with r = inv_rms (rows,), written too; x (rows, d), w (d,)
+  static inline void (*forward)(T* y, T* inv_rms, const T* x, const T* w, int64_t rows, int64_t d,
+                                double eps) = nullptr;
+  // dx (rows, d) += r·g − r³·x·(Σ g·x)/d with g = dy ⊙ w
+  static inline void (*backward_x)(T* dx, const T* dy, const T* x, const T* w, const T* inv_rms,
+                                   int64_t rows, int64_t d) = nullptr;
+  // dw (d,) += Σ_rows dy ⊙ x · r
+  static inline void (*backward_w)(T* dw, const T* dy, const T* x, const T* inv_rms, int64_t rows,
+                                   int64_t d) = nullptr;
+};
 
 template <class T>
 class RmsNormNode final : public Node<T> {
@@ -24,6 +38,13 @@ class RmsNormNode final : public Node<T> {
     const T* w = w_.value().data();                // (d,)
     const T* r = inv_rms_.data();                  // (rows,)
     const int64_t d = dim_;
+    if (inv_rms_.device() == Device::cuda) {
+      CBQ_CHECK(CudaRmsNorm<T>::backward_x && CudaRmsNorm<T>::backward_w,
+                "rmsnorm: CUDA kernel not registered");
+      if (x_.requires_grad()) CudaRmsNorm<T>::backward_x(x_.grad().data(), dy, x, w, r, rows_, d);
+      if (w_.requires_grad()) CudaRmsNorm<T>::backward_w(w_.grad().data(), dy, x, r, rows_, d);
+      return;
+    }
     if (x_.requires_grad()) {
       T* dx = x_.grad().data();
       parallel_for(rows_, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(d, 1)),
@@ -70,8 +91,7 @@ Var<T> rmsnorm(Var<T> x, Var<T> weight, double eps) {
             "rmsnorm: weight {} does not match input {} (expected ({},))", W.shape(), X.shape(),
             X.size(-1));
   CBQ_CHECK(eps >= 0, "rmsnorm: eps must be non-negative, got {}", eps);
-  check_cpu("rmsnorm", X);
-  check_cpu("rmsnorm", W);
+  check_same_device("rmsnorm", X, W);
   check_contiguous("rmsnorm", "input", X);
   check_contiguous("rmsnorm", "weight", W);
   const int64_t d = X.size(-1), rows = X.shape().rows();
@@ -80,10 +100,18 @@ Var<T> rmsnorm(Var<T> x, Var<T> weight, double eps) {
   Var<T> out = tape.output(X.shape(), rg);
   Tensor<T> inv_rms = tape.scratch(Shape{rows});  // (rows,)
   Tensor<T> Y = out.value();                      // shares the output's storage
+  check_same_device("rmsnorm", Y, X);             // the tape allocates on its own device
   T* y = Y.data();
   const T* xp = X.data();
   const T* w = W.data();
   T* r = inv_rms.data();
+  if (X.device() == Device::cuda) {
+    require_cuda("rmsnorm");
+    CBQ_CHECK(CudaRmsNorm<T>::forward, "rmsnorm: CUDA kernel not registered");
+    CudaRmsNorm<T>::forward(y, r, xp, w, rows, d, eps);
+    if (rg) tape.template record<RmsNormNode<T>>(out, x, weight, inv_rms, rows, d);
+    return out;
+  }
   parallel_for(rows, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(d, 1)),
                [&](int64_t r0, int64_t r1) {
                  for (int64_t row = r0; row < r1; ++row) {

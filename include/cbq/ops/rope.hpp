@@ -9,12 +9,25 @@
 //   dx_a += dy_a·cos φ + dy_b·sin φ,   dx_b += −dy_a·sin φ + dy_b·cos φ
 // q and k are rotated by separate calls (their head counts differ under grouped-query
 // attention). cos/sin are computed in double, then cast to T, and saved for backward.
+// CUDA (cuda/cbq/cuda/rope.cuh): the tables are computed on the device (CUDA's double pow/cos/sin,
+// within 2 ulp of glibc's), one thread per rotated pair.
 #include <cmath>
 
 #include "cbq/model/config.hpp"
 #include "cbq/ops/common.hpp"
 
 namespace cbq::ops {
+
+template <class T>
+struct CudaRope {
+  // cos_table, sin_table (seq_len, hd/2): cos/sin of φ(t, i) = (pos0 + t) · θ^(−2i/hd)
+  static inline void (*tables)(T* cos_table, T* sin_table, int64_t seq_len, int64_t head_dim,
+                               double theta, int64_t pos0) = nullptr;
+  // out (seq_len, H·hd) = or += every pair of `in` rotated by (cos φ, sign · sin φ)
+  static inline void (*apply)(T* out, const T* in, const T* cos_table, const T* sin_table,
+                              int64_t seq_len, int64_t n_heads, int64_t head_dim, RopeLayout layout,
+                              T sign, bool accumulate) = nullptr;
+};
 
 namespace detail {
 
@@ -80,6 +93,12 @@ class RopeNode final : public Node<T> {
     if (!x_.requires_grad()) return;
     const Tensor<T>& dy = tape.grad(this->output);  // (T, H·hd)
     // dx += R(φ)ᵀ dy = R(−φ) dy
+    if (dy.device() == Device::cuda) {
+      CBQ_CHECK(CudaRope<T>::apply, "rope: CUDA kernel not registered");
+      CudaRope<T>::apply(x_.grad().data(), dy.data(), cos_.data(), sin_.data(), dy.size(0),
+                         n_heads_, head_dim_, layout_, T(-1), true);
+      return;
+    }
     detail::rope_apply(x_.grad().data(), dy.data(), cos_.data(), sin_.data(), dy.size(0), n_heads_,
                        head_dim_, layout_, T(-1), true);
   }
@@ -103,7 +122,6 @@ Var<T> rope(Var<T> x, int64_t n_heads, int64_t head_dim, RopeLayout layout, doub
             n_heads, head_dim, n_heads * head_dim);
   CBQ_CHECK(theta > 0, "rope: theta must be positive, got {}", theta);
   CBQ_CHECK(pos0 >= 0, "rope: the first position must be non-negative, got {}", pos0);
-  check_cpu("rope", X);
   check_contiguous("rope", "input", X);
   const int64_t seq_len = X.size(0), half = head_dim / 2;
   Tape<T>& tape = x.tape();
@@ -111,6 +129,18 @@ Var<T> rope(Var<T> x, int64_t n_heads, int64_t head_dim, RopeLayout layout, doub
   Var<T> out = tape.output(X.shape(), rg);
   Tensor<T> cos_table = tape.scratch(Shape{seq_len, half});  // (T, hd/2)
   Tensor<T> sin_table = tape.scratch(Shape{seq_len, half});  // (T, hd/2)
+  Tensor<T> Y = out.value();                                 // shares the output's storage
+  check_same_device("rope", Y, X);                           // the tape allocates on its own device
+  if (X.device() == Device::cuda) {
+    require_cuda("rope");
+    CBQ_CHECK(CudaRope<T>::tables && CudaRope<T>::apply, "rope: CUDA kernel not registered");
+    CudaRope<T>::tables(cos_table.data(), sin_table.data(), seq_len, head_dim, theta, pos0);
+    CudaRope<T>::apply(Y.data(), X.data(), cos_table.data(), sin_table.data(), seq_len, n_heads,
+                       head_dim, layout, T(1), false);
+    if (rg)
+      tape.template record<RopeNode<T>>(out, x, cos_table, sin_table, n_heads, head_dim, layout);
+    return out;
+  }
   for (int64_t i = 0; i < half; ++i) {
     const double freq = std::pow(theta, -2.0 * double(i) / double(head_dim));
     for (int64_t t = 0; t < seq_len; ++t) {
@@ -119,7 +149,6 @@ Var<T> rope(Var<T> x, int64_t n_heads, int64_t head_dim, RopeLayout layout, doub
       sin_table[t * half + i] = static_cast<T>(std::sin(angle));
     }
   }
-  Tensor<T> Y = out.value();  // shares the output's storage
   detail::rope_apply(Y.data(), X.data(), cos_table.data(), sin_table.data(), seq_len, n_heads,
                      head_dim, layout, T(1), false);
   if (rg)

@@ -6,12 +6,22 @@
 //   log_softmax: y_j = x_j − lse(x),  lse(x) = m + log Σ_k exp(x_k − m)
 //     derivative: d x_j += g_j − exp(y_j) · Σ_k g_k
 // Row sums accumulate in double. The row kernels in `detail` are shared with the losses.
+// CUDA (cuda/cbq/cuda/softmax.cuh): one block per row, the same double accumulation.
 #include <algorithm>
 #include <cmath>
 
 #include "cbq/ops/common.hpp"
 
 namespace cbq::ops {
+
+template <class T>
+struct CudaSoftmax {
+  // y (rows, n) = softmax(x) or log_softmax(x) per row, x (rows, n)
+  static inline void (*forward)(T* y, const T* x, int64_t rows, int64_t n, bool log) = nullptr;
+  // dx (rows, n) += the derivative above from the saved output y and g = dy, both (rows, n)
+  static inline void (*backward)(T* dx, const T* y, const T* g, int64_t rows, int64_t n,
+                                 bool log) = nullptr;
+};
 
 namespace detail {
 
@@ -43,7 +53,6 @@ RowShift row_shift(const T* x, int64_t n, double scale = 1.0) {
 template <class T>
 void check_rows_input(const char* op, const Tensor<T>& x) {
   CBQ_CHECK(x.ndim() >= 1, "{}: input must have at least one dimension, got {}", op, x.shape());
-  check_cpu(op, x);
   check_contiguous(op, "input", x);
 }
 
@@ -61,6 +70,11 @@ class SoftmaxNode final : public Node<T> {
     const T* g = tape.grad(this->output).data();
     T* dx = x_.grad().data();
     const int64_t n = y.shape().cols(), rows = y.shape().rows();
+    if (y.device() == Device::cuda) {
+      CBQ_CHECK(CudaSoftmax<T>::backward, "{}: CUDA kernel not registered", name());
+      CudaSoftmax<T>::backward(dx, yp, g, rows, n, log_);
+      return;
+    }
     parallel_for(rows, detail::row_grain(n), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const T* yr = yp + r * n;
@@ -94,10 +108,15 @@ Var<T> softmax_impl(Var<T> x, bool log) {
   Tape<T>& tape = x.tape();
   const bool rg = tape.any_requires_grad({x});
   Var<T> out = tape.output(vx.shape(), rg);
-  Tensor<T> out_value = out.value();  // shares the output\'s storage
+  Tensor<T> out_value = out.value();     // shares the output's storage
+  check_same_device(op, out_value, vx);  // the tape allocates on its own device
   T* y = out_value.data();
   const T* xp = vx.data();
-  if (n > 0) {
+  if (vx.device() == Device::cuda) {
+    require_cuda(op);
+    CBQ_CHECK(CudaSoftmax<T>::forward, "{}: CUDA kernel not registered", op);
+    CudaSoftmax<T>::forward(y, xp, rows, n, log);
+  } else if (n > 0) {
     parallel_for(rows, row_grain(n), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const T* xr = xp + r * n;

@@ -9,16 +9,31 @@
 namespace cbq::ops {
 
 template <class T>
+struct CudaSwiglu {
+  // y[i] = gate[i] · σ(gate[i]) · up[i], i < n
+  static inline void (*forward)(T* y, const T* gate, const T* up, int64_t n) = nullptr;
+  // d gate and d up as above; either may be null (no gradient wanted)
+  static inline void (*backward)(T* dgate, T* dup, const T* dy, const T* gate, const T* up,
+                                 int64_t n) = nullptr;
+};
+
+template <class T>
 class SwigluNode final : public Node<T> {
  public:
   SwigluNode(Var<T> gate, Var<T> up) : gate_(gate), up_(up) {}
   const char* name() const override { return "swiglu"; }
   void backward(Tape<T>& tape) override {
-    const T* dy = tape.grad(this->output).data();
+    const Tensor<T>& grad = tape.grad(this->output);
+    const T* dy = grad.data();
     const T* g = gate_.value().data();
     const T* u = up_.value().data();
     T* dg = gate_.requires_grad() ? gate_.grad().data() : nullptr;
     T* du = up_.requires_grad() ? up_.grad().data() : nullptr;
+    if (grad.device() == Device::cuda) {
+      CBQ_CHECK(CudaSwiglu<T>::backward, "swiglu: CUDA kernel not registered");
+      CudaSwiglu<T>::backward(dg, du, dy, g, u, gate_.value().numel());
+      return;
+    }
     parallel_for(gate_.value().numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const T s = detail::sigmoid(g[i]);
@@ -37,20 +52,26 @@ Var<T> swiglu(Var<T> gate, Var<T> up) {
   const Tensor<T> G = gate.value();
   const Tensor<T> U = up.value();
   check_same_shape("swiglu", G, U);
-  check_cpu("swiglu", G);
-  check_cpu("swiglu", U);
+  check_same_device("swiglu", G, U);
   check_contiguous("swiglu", "gate", G);
   check_contiguous("swiglu", "up", U);
   Tape<T>& tape = gate.tape();
   const bool rg = tape.any_requires_grad({gate, up});
   Var<T> out = tape.output(G.shape(), rg);
-  Tensor<T> Y = out.value();  // shares the output's storage
+  Tensor<T> Y = out.value();          // shares the output's storage
+  check_same_device("swiglu", Y, G);  // the tape allocates on its own device
   T* y = Y.data();
   const T* g = G.data();
   const T* u = U.data();
-  parallel_for(G.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) y[i] = g[i] * detail::sigmoid(g[i]) * u[i];
-  });
+  if (G.device() == Device::cuda) {
+    require_cuda("swiglu");
+    CBQ_CHECK(CudaSwiglu<T>::forward, "swiglu: CUDA kernel not registered");
+    CudaSwiglu<T>::forward(y, g, u, G.numel());
+  } else {
+    parallel_for(G.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) y[i] = g[i] * detail::sigmoid(g[i]) * u[i];
+    });
+  }
   if (rg) tape.template record<SwigluNode<T>>(out, gate, up);
   return out;
 }

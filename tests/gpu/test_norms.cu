@@ -1,0 +1,100 @@
+// CUDA vs CPU: rmsnorm and layernorm (with and without bias), forward and backward (dx, dw, db),
+// float and double, on row shapes with 1, 7, 64, 257 and 1031 columns; plus the errors for mixed
+// devices and the determinism of the weight gradients.
+//
+// Tolerances (rel_error = max |gpu − cpu| / max |cpu|): tolerance<T>(), i.e. 1e-12 (double) and
+// 1e-5 (float). The row statistics are double sums on both devices (only the order differs) and
+// the per-element formulas are the CPU's, in the same type and order. dw and db are summed over
+// rows in double on the GPU and in T on the CPU: for float that is the CPU's own rounding,
+// ~sqrt(rows) · 6e-8 relative for the row counts here.
+#include "gpu/parity.hpp"
+
+using namespace cbq;
+using cbq::gpu_testing::check_parity;
+using cbq::gpu_testing::contains;
+using cbq::gpu_testing::error_message;
+using cbq::gpu_testing::GraphFn;
+using cbq::gpu_testing::randn;
+using cbq::gpu_testing::randn_scaled;
+using cbq::gpu_testing::row_shapes;
+using cbq::gpu_testing::run_graph;
+using cbq::gpu_testing::tolerance;
+
+namespace {
+std::vector<Shape> norm_shapes() {
+  std::vector<Shape> shapes = cbq::gpu_testing::row_shapes();
+  shapes.push_back(Shape{300, 96});  // more rows than the 16 row phases of the column sums
+  return shapes;
+}
+}  // namespace
+
+TEST_CASE_TEMPLATE("rmsnorm: CUDA matches CPU forward and backward", T, float, double) {
+  uint64_t seed = 1;
+  for (const Shape& shape : norm_shapes()) {
+    CAPTURE(shape.str());
+    const int64_t d = shape[-1];
+    // A row offset, so that mean(x²) is not ~1 everywhere.
+    const std::vector<Tensor<T>> inputs{randn_scaled<T>(shape, seed++, 2.0, 0.3),
+                                        randn_scaled<T>(Shape{d}, seed++, 0.5, 1.0)};
+    const GraphFn<T> f = [](std::vector<Var<T>>& v) { return ops::rmsnorm(v[0], v[1], 1e-5); };
+    check_parity<T>(inputs, f, tolerance<T>(), seed++);
+    check_parity<T>(inputs, f, tolerance<T>(), seed++, {true, false});  // frozen weight
+    check_parity<T>(inputs, f, tolerance<T>(), seed++, {false, true});  // weight only
+  }
+}
+
+TEST_CASE_TEMPLATE("layernorm: CUDA matches CPU forward and backward, with and without bias", T,
+                   float, double) {
+  uint64_t seed = 100;
+  for (const Shape& shape : norm_shapes()) {
+    CAPTURE(shape.str());
+    const int64_t d = shape[-1];
+    // A large mean (the two-pass variance must not cancel).
+    const std::vector<Tensor<T>> inputs{randn_scaled<T>(shape, seed++, 1.5, 20.0),
+                                        randn_scaled<T>(Shape{d}, seed++, 0.5, 1.0),
+                                        randn<T>(Shape{d}, seed++)};
+    const GraphFn<T> with_bias = [](std::vector<Var<T>>& v) {
+      return ops::layernorm(v[0], v[1], v[2], 1e-5);
+    };
+    const GraphFn<T> without_bias = [](std::vector<Var<T>>& v) {
+      return ops::layernorm(v[0], v[1], Var<T>{}, 1e-5);
+    };
+    check_parity<T>(inputs, with_bias, tolerance<T>(), seed++);
+    check_parity<T>(inputs, with_bias, tolerance<T>(), seed++, {true, false, true});
+    check_parity<T>(inputs, with_bias, tolerance<T>(), seed++, {false, false, true});
+    check_parity<T>({inputs[0], inputs[1]}, without_bias, tolerance<T>(), seed++);
+  }
+}
+
+TEST_CASE("norms: the weight gradients are deterministic on CUDA") {
+  const std::vector<Tensor<float>> inputs{randn<float>(Shape{1000, 257}, 1),
+                                          randn<float>(Shape{257}, 2), randn<float>(Shape{257}, 3)};
+  const GraphFn<float> rms = [](std::vector<Var<float>>& v) {
+    return ops::rmsnorm(v[0], v[1], 1e-6);
+  };
+  const GraphFn<float> ln = [](std::vector<Var<float>>& v) {
+    return ops::layernorm(v[0], v[1], v[2], 1e-6);
+  };
+  for (const GraphFn<float>& f : {rms, ln}) {
+    const auto first = run_graph<float>(Device::cuda, inputs, f, 7);
+    const auto second = run_graph<float>(Device::cuda, inputs, f, 7);
+    for (std::size_t i = 0; i < first.grads.size(); ++i) {
+      if (!first.grads[i].defined()) continue;
+      CHECK(first.grads[i].to_vector() == second.grads[i].to_vector());
+    }
+  }
+}
+
+TEST_CASE("norms: CPU and CUDA operands mixed give a clear error") {
+  Tape<float> tape(Device::cuda);
+  Var<float> x = tape.input(randn<float>(Shape{3, 8}, 1).to(Device::cuda));
+  Var<float> w_cpu = tape.input(randn<float>(Shape{8}, 2));
+  Var<float> w_gpu = tape.input(randn<float>(Shape{8}, 2).to(Device::cuda));
+  Var<float> b_cpu = tape.input(randn<float>(Shape{8}, 3));
+  const std::string rms = error_message([&] { ops::rmsnorm(x, w_cpu, 1e-5); });
+  CHECK(contains(rms, "rmsnorm"));
+  CHECK(contains(rms, "different devices"));
+  const std::string ln = error_message([&] { ops::layernorm(x, w_gpu, b_cpu, 1e-5); });
+  CHECK(contains(ln, "layernorm"));
+  CHECK(contains(ln, "different devices"));
+}
