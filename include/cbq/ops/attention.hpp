@@ -16,6 +16,12 @@
 // backward over query heads; under grouped-query attention each query head writes its dK/dV
 // share into its own slot and the shares are summed in a fixed order, so results do not depend
 // on the thread count.
+//
+// CUDA (CudaAttention, cuda/cbq/cuda/attention.cuh): the same algorithm as flash-attention
+// kernels in shared memory — forward: one block per (query tile, head) streaming key tiles with
+// the online softmax, saving L; backward: D = rowsum(dO ⊙ O), then one block per (key tile,
+// kv head) accumulating dK, dV over the query tiles of every head of its group, and one block per
+// (query tile, head) accumulating dQ; P is recomputed from L. No atomics: deterministic.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -25,6 +31,20 @@
 #include "cbq/ops/matmul.hpp"
 
 namespace cbq::ops {
+
+template <class T>
+struct CudaAttention {
+  // o (T, Hq·hd), lse (T, Hq) from q (T, Hq·hd), k, v (T, Hkv·hd).
+  static inline void (*forward)(T* o, T* lse, const T* q, const T* k, const T* v, int64_t seq_len,
+                                int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, bool causal,
+                                T scale) = nullptr;
+  // dq (T, Hq·hd), dk, dv (T, Hkv·hd) += the gradients (each may be null); row_dot (T, Hq) is
+  // scratch for D = rowsum(dO ⊙ O).
+  static inline void (*backward)(T* dq, T* dk, T* dv, T* row_dot, const T* q, const T* k,
+                                 const T* v, const T* o, const T* dout, const T* lse,
+                                 int64_t seq_len, int64_t n_heads, int64_t n_kv_heads,
+                                 int64_t head_dim, bool causal, T scale) = nullptr;
+};
 
 namespace detail {
 
@@ -70,6 +90,14 @@ class AttentionNode final : public Node<T> {
     T* dq = q_.requires_grad() ? q_.grad().data() : nullptr;
     T* dk = k_.requires_grad() ? k_.grad().data() : nullptr;
     T* dv = v_.requires_grad() ? v_.grad().data() : nullptr;
+    if (q_.value().device() == Device::cuda) {
+      require_cuda("attention");
+      CBQ_CHECK(CudaAttention<T>::backward, "attention: CUDA kernel not registered");
+      Tensor<T> row_dot = tape.scratch(Shape{n, a.n_heads});
+      CudaAttention<T>::backward(dq, dk, dv, row_dot.data(), q, k, v, o, dout, lse, n, a.n_heads,
+                                 a.n_kv_heads, hd, a.causal, scale);
+      return;
+    }
     // Without grouping each query head owns its kv head's gradient columns and accumulates
     // straight into them; with grouping, per-query-head shares (T, Hq·hd) are reduced below.
     const bool shared_kv = group > 1;
@@ -174,8 +202,8 @@ Var<T> attention(Var<T> q, Var<T> k, Var<T> v, int64_t n_heads, int64_t n_kv_hea
   const double scale_value = scale.value_or(1.0 / std::sqrt(double(head_dim)));
   CBQ_CHECK(std::isfinite(scale_value), "attention: scale must be finite, got {}", scale_value);
   for (const Tensor<T>* t : {&Qt, &Kt, &Vt}) {
-    check_cpu("attention", *t);
     check_contiguous("attention", "q, k and v", *t);
+    check_same_device("attention", Qt, *t);
   }
   const detail::AttentionDims a{n, n_heads, n_kv_heads, head_dim, causal, scale_value};
   const int64_t hd = head_dim, group = a.group(), ldq = a.q_stride(), ldk = a.kv_stride();
@@ -192,6 +220,13 @@ Var<T> attention(Var<T> q, Var<T> k, Var<T> v, int64_t n_heads, int64_t n_kv_hea
   const T* vp = Vt.data();
   const T sc = static_cast<T>(scale_value);
   const int64_t n_tiles = (n + B - 1) / B;
+  if (Qt.device() == Device::cuda) {
+    require_cuda("attention");
+    CBQ_CHECK(CudaAttention<T>::forward, "attention: CUDA kernel not registered");
+    CudaAttention<T>::forward(o, L, qp, kp, vp, n, n_heads, n_kv_heads, head_dim, causal, sc);
+    if (rg) tape.template record<AttentionNode<T>>(out, q, k, v, lse, a);
+    return out;
+  }
 
   // One work item per (query head, query tile).
   parallel_for(n_heads * n_tiles, 1, [&](int64_t w0, int64_t w1) {

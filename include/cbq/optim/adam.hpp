@@ -16,11 +16,15 @@
 
 namespace cbq::optim {
 
+// CUDA kernel (cuda/cbq/cuda/adam.cuh): one fused update per element, the same expressions in
+// the same order with IEEE round-to-nearest operations (no FMA contraction), so parameters and
+// moments equal the CPU's bit for bit.
 template <class T>
 struct CudaAdam {
-  // One Adam update of n elements with precomputed bias corrections.
-  static inline void (*step)(T* param, T* m, T* v, const T* grad, int64_t n, T lr, T beta1, T beta2,
-                             T eps, T bias_correction1, T bias_correction2) = nullptr;
+  // One Adam update of n elements with precomputed bias corrections; lr_scale (n) may be null.
+  static inline void (*step)(T* param, T* m, T* v, const T* grad, const T* lr_scale, int64_t n,
+                             T lr, T beta1, T beta2, T eps, T bias_correction1,
+                             T bias_correction2) = nullptr;
 };
 
 struct AdamOptions {
@@ -62,10 +66,13 @@ class Adam {
                 p ? p->name : "(null)", g.name);
       Tensor<T> scale;
       if (!lr_scales.empty()) {
-        scale = lr_scales[i];
-        CBQ_CHECK(scale.shape() == p->value.shape(),
-                  "Adam: learning-rate scale {} does not match parameter '{}' {}", scale.shape(),
-                  p->name, p->value.shape());
+        CBQ_CHECK(lr_scales[i].shape() == p->value.shape(),
+                  "Adam: learning-rate scale {} does not match parameter '{}' {}",
+                  lr_scales[i].shape(), p->name, p->value.shape());
+        // Kept contiguous on the parameter's device (a copy when it lives elsewhere).
+        scale = lr_scales[i].device() == p->value.device() && lr_scales[i].is_contiguous()
+                    ? lr_scales[i]
+                    : lr_scales[i].contiguous().to(p->value.device());
       }
       g.slots.push_back(Slot{p, Tensor<T>(p->value.shape(), p->value.device()),
                              Tensor<T>(p->value.shape(), p->value.device()), scale});
@@ -97,10 +104,14 @@ class Adam {
         const Tensor<T>& grad = s.param->grad;
         const int64_t n = p.numel();
         if (p.device() == Device::cuda) {
+          require_cuda("Adam");
           CBQ_CHECK(CudaAdam<T>::step, "Adam: CUDA kernel not registered");
-          CBQ_CHECK(!s.lr_scale.defined(), "Adam: per-element learning-rate scales need the CPU");
-          CudaAdam<T>::step(p.data(), s.m.data(), s.v.data(), grad.data(), n, lr, b1, b2, eps, bc1,
-                            bc2);
+          CBQ_CHECK(grad.device() == Device::cuda,
+                    "Adam: parameter '{}' is on cuda but its gradient is on the cpu",
+                    s.param->name);
+          CudaAdam<T>::step(p.data(), s.m.data(), s.v.data(), grad.data(),
+                            s.lr_scale.defined() ? s.lr_scale.data() : nullptr, n, lr, b1, b2, eps,
+                            bc1, bc2);
           continue;
         }
         T* pp = p.data();

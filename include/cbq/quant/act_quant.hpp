@@ -32,6 +32,12 @@
 //     (see docs/QUANTIZATION.md); a constant row (hi = lo) gets the minimum step and no
 //     s / z gradients. No LSQ gradient scale here: c is a clipping logit shared by all tokens,
 //     not a step size, so LSQ's balancing argument does not apply.
+//
+// CUDA: (a) runs on CudaStepQuant (fake_quant.hpp); (b) on CudaActQuant below, one warp per token.
+// α = σ(c) is computed on the host as for the CPU, and the device repeats every expression of the
+// token grid with IEEE round-to-nearest operations (no FMA), with the same first-occurrence rule
+// for the argmax / argmin, so steps, zero-points and codes equal the CPU's bit for bit; the row
+// sums of the backward are reduced in a different (fixed) order.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -40,6 +46,20 @@
 #include "cbq/quant/fake_quant.hpp"
 
 namespace cbq::quant {
+
+// CUDA kernels of the dynamic per-token quantizer (registered by the CUDA backend).
+template <class T>
+struct CudaActQuant {
+  // x (rows, d) → y (rows, d); pass, coef (rows, d) and rowsave (rows, kTokenSaved) are saved
+  // for backward and may all be null. alpha = σ(clip logit).
+  static inline void (*per_token_forward)(T* y, T* pass, T* coef, T* rowsave, const T* x,
+                                          int64_t rows, int64_t d, T alpha,
+                                          const GridSpec& spec) = nullptr;
+  // dx (rows, d) += ... (may be null), dc[0] += Σ_rows partial, partial (rows) scratch.
+  static inline void (*per_token_backward)(T* dx, T* dc, T* partial, const T* g, const T* pass,
+                                           const T* coef, const T* rowsave, int64_t rows, int64_t d,
+                                           bool symmetric) = nullptr;
+};
 
 // True when `bits` means "keep the activation in floating point".
 inline bool is_identity_bits(int bits) { return bits >= 16; }
@@ -133,8 +153,8 @@ Var<T> fake_quant_act_static(Var<T> x, Var<T> scale, const Tensor<T>& zero, Grid
   if (is_identity_bits(spec.bits)) return x;
   spec.granularity = Granularity::per_tensor;
   const Tensor<T>& X = x.value();
-  ops::check_cpu(op, X);
   ops::check_contiguous(op, "input", X);
+  ops::check_same_device(op, X, scale.value());
   CBQ_CHECK(X.ndim() >= 1, "{}: input must have at least one dimension", op);
   CBQ_CHECK(scale.value().numel() == 1 && scale.value().ndim() == 1,
             "{}: scale must have shape (1,), got {}", op, scale.shape());
@@ -241,13 +261,21 @@ class PerTokenNode final : public Node<T> {
         symmetric_(symmetric) {}
   const char* name() const override { return "quant::fake_quant_act_per_token"; }
   void backward(Tape<T>& tape) override {
-    const T* G = tape.grad(this->output).data();
+    const Tensor<T>& grad_out = tape.grad(this->output);
+    const T* G = grad_out.data();
     const T* pass = pass_.data();
     const T* coef = coef_.data();
     const T* rs = rowsave_.data();
     T* dx = x_.requires_grad() ? x_.grad().data() : nullptr;
     T* part = partial_.data();
     const int64_t d = d_;
+    if (grad_out.device() == Device::cuda) {
+      require_cuda(name());
+      CBQ_CHECK(CudaActQuant<T>::per_token_backward, "{}: CUDA kernel not registered", name());
+      T* dc = c_.requires_grad() ? c_.grad().data() : nullptr;
+      CudaActQuant<T>::per_token_backward(dx, dc, part, G, pass, coef, rs, rows_, d, symmetric_);
+      return;
+    }
     parallel_for(rows_, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(d, 1)),
                  [&](int64_t r0, int64_t r1) {
                    for (int64_t r = r0; r < r1; ++r) {
@@ -294,12 +322,13 @@ Var<T> fake_quant_act_per_token(Var<T> x, Var<T> clip_logit, const GridSpec& spe
   validate_act_bits(op, spec.bits);
   if (is_identity_bits(spec.bits)) return x;
   const Tensor<T>& X = x.value();
-  ops::check_cpu(op, X);
   ops::check_contiguous(op, "input", X);
+  ops::check_same_device(op, X, clip_logit.value());
   CBQ_CHECK(X.ndim() >= 1, "{}: input must have at least one dimension", op);
   CBQ_CHECK(clip_logit.value().ndim() == 1 && clip_logit.value().numel() == 1,
             "{}: clip_logit must have shape (1,), got {}", op, clip_logit.shape());
-  const T c = clip_logit.value()[0];
+  const T c =
+      clip_logit.value().is_cpu() ? clip_logit.value()[0] : clip_logit.value().to(Device::cpu)[0];
   CBQ_CHECK(std::isfinite(c), "{}: clip_logit = {} is not finite", op, static_cast<double>(c));
   const int64_t d = X.size(-1), rows = d == 0 ? 0 : X.numel() / d;
   CBQ_CHECK(d < (int64_t{1} << 24), "{}: {} features per token exceed 2^24", op, d);
@@ -317,36 +346,43 @@ Var<T> fake_quant_act_per_token(Var<T> x, Var<T> clip_logit, const GridSpec& spe
   Tensor<T> yv = out.value();  // shares the output's storage
   T* y = yv.data();
   const T qlo = static_cast<T>(spec.qmin()), qhi = static_cast<T>(spec.qmax());
-  parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(d, 1)),
-               [&](int64_t r0, int64_t r1) {
-                 for (int64_t r = r0; r < r1; ++r) {
-                   const T* xr = xp + r * d;
-                   const detail::TokenGrid<T> t = detail::token_grid(xr, d, alpha, spec);
-                   for (int64_t i = 0; i < d; ++i) {
-                     const T v = xr[i] / t.s;
-                     const T rv = round_even(v);
-                     const T q = rv + t.z;
-                     const T qc = std::clamp(q, qlo, qhi);
-                     y[r * d + i] = t.s * (qc - t.z);
+  if (X.device() == Device::cuda) {
+    require_cuda(op);
+    CBQ_CHECK(CudaActQuant<T>::per_token_forward, "{}: CUDA kernel not registered", op);
+    CudaActQuant<T>::per_token_forward(y, rg ? pass.data() : nullptr, rg ? coef.data() : nullptr,
+                                       rg ? rowsave.data() : nullptr, xp, rows, d, alpha, spec);
+  } else {
+    parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(d, 1)),
+                 [&](int64_t r0, int64_t r1) {
+                   for (int64_t r = r0; r < r1; ++r) {
+                     const T* xr = xp + r * d;
+                     const detail::TokenGrid<T> t = detail::token_grid(xr, d, alpha, spec);
+                     for (int64_t i = 0; i < d; ++i) {
+                       const T v = xr[i] / t.s;
+                       const T rv = round_even(v);
+                       const T q = rv + t.z;
+                       const T qc = std::clamp(q, qlo, qhi);
+                       y[r * d + i] = t.s * (qc - t.z);
+                       if (rg) {
+                         const bool inside = q == qc;
+                         pass[r * d + i] = inside ? T(1) : T(0);
+                         coef[r * d + i] = inside ? rv - v : qc - t.z;
+                       }
+                     }
                      if (rg) {
-                       const bool inside = q == qc;
-                       pass[r * d + i] = inside ? T(1) : T(0);
-                       coef[r * d + i] = inside ? rv - v : qc - t.z;
+                       T* sv = rowsave.data() + r * detail::kTokenSaved;
+                       sv[0] = t.ds_dc;
+                       sv[1] = t.ds_dhi;
+                       sv[2] = t.ds_dlo;
+                       sv[3] = t.dz_dhi;
+                       sv[4] = t.dz_dlo;
+                       sv[5] = t.s;
+                       sv[6] = static_cast<T>(t.ihi);
+                       sv[7] = static_cast<T>(t.ilo);
                      }
                    }
-                   if (rg) {
-                     T* sv = rowsave.data() + r * detail::kTokenSaved;
-                     sv[0] = t.ds_dc;
-                     sv[1] = t.ds_dhi;
-                     sv[2] = t.ds_dlo;
-                     sv[3] = t.dz_dhi;
-                     sv[4] = t.dz_dlo;
-                     sv[5] = t.s;
-                     sv[6] = static_cast<T>(t.ihi);
-                     sv[7] = static_cast<T>(t.ilo);
-                   }
-                 }
-               });
+                 });
+  }
   if (rg) {
     Tensor<T> partial = tape.scratch(Shape{std::max<int64_t>(rows, 1)});
     tape.template record<detail::PerTokenNode<T>>(out, x, clip_logit, pass, coef, rowsave, partial,

@@ -15,6 +15,11 @@
 // g_p = 1/sqrt(N_p · qmax) (LSQ's gradient scale, N_p = number of elements sharing s_p; the
 // short last group has its own, smaller N_p) when lsq_grad_scale, else 1.
 // An element exactly on a bound (q = qmin or q = qmax) is inside: the clamp does not engage.
+//
+// CUDA (CudaStepQuant, cuda/cbq/cuda/fake_quant.cuh): the forward evaluates the same expressions
+// in the same order with IEEE round-to-nearest operations (no FMA contraction) and rint, so
+// values, codes and clamp decisions equal the CPU's bit for bit. The step gradient is reduced per
+// group by one warp in a fixed order, then per tensor by one block: deterministic.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -24,6 +29,22 @@
 #include "cbq/quant/grid.hpp"
 
 namespace cbq::quant {
+
+// CUDA kernels of the fake quantizers with a learnable step (registered by the CUDA backend).
+template <class T>
+struct CudaStepQuant {
+  // Forward of a (rows, cols) view: y = x̂; pass and coef (saved for backward) may both be null.
+  // scale, zero: spec.param_shape(rows, cols); zero may be null (all 0).
+  static inline void (*forward)(T* y, T* pass, T* coef, const T* x, const T* scale, const T* zero,
+                                int64_t rows, int64_t cols, const GridSpec& spec) = nullptr;
+  // dx[i] += g[i] · pass[i], i < n
+  static inline void (*backward_input)(T* dx, const T* g, const T* pass, int64_t n) = nullptr;
+  // partial (rows, groups per row) = Σ_{i ∈ group} g_i · coef_i, then ds_p += lsq_p · partial_p
+  // (per-tensor: ds_0 += lsq · Σ_rows partial). lsq_n > 0 overrides N in the LSQ scale.
+  static inline void (*backward_scale)(T* ds, T* partial, const T* g, const T* coef, int64_t rows,
+                                       int64_t cols, const GridSpec& spec, bool lsq,
+                                       int64_t lsq_n) = nullptr;
+};
 
 namespace detail {
 
@@ -64,18 +85,23 @@ T lsq_scale(bool enabled, int64_t n, const GridSpec& g) {
 
 // Checks a scale / zero-point pair against the expected parameter shape; every step must be
 // positive and finite, zero-points integer-valued, inside [0, qmax], and 0 for symmetric grids.
+// Parameters on the GPU are copied to the host for the check (they are small).
 template <class T>
-void check_params(const char* op, const Tensor<T>& s, const Tensor<T>& z, const Shape& expected,
-                  const GridSpec& g) {
-  CBQ_CHECK(s.shape() == expected, "{}: scale has shape {}, expected {}", op, s.shape(), expected);
-  ops::check_cpu(op, s);
-  ops::check_contiguous(op, "scale", s);
+void check_params(const char* op, const Tensor<T>& scale, const Tensor<T>& zero,
+                  const Shape& expected, const GridSpec& g) {
+  CBQ_CHECK(scale.shape() == expected, "{}: scale has shape {}, expected {}", op, scale.shape(),
+            expected);
+  ops::check_contiguous(op, "scale", scale);
+  if (zero.defined()) ops::check_same_device(op, scale, zero);
+  const Tensor<T> s = scale.is_cpu() ? scale : scale.to(Device::cpu);
   for (int64_t i = 0; i < s.numel(); ++i)
     CBQ_CHECK(std::isfinite(s[i]) && s[i] > T(0), "{}: scale[{}] = {} is not a positive step", op,
               i, static_cast<double>(s[i]));
-  if (!z.defined()) return;  // an undefined zero tensor means all zero-points are 0
-  CBQ_CHECK(z.shape() == expected, "{}: zero has shape {}, expected {}", op, z.shape(), expected);
-  ops::check_contiguous(op, "zero", z);
+  if (!zero.defined()) return;  // an undefined zero tensor means all zero-points are 0
+  CBQ_CHECK(zero.shape() == expected, "{}: zero has shape {}, expected {}", op, zero.shape(),
+            expected);
+  ops::check_contiguous(op, "zero", zero);
+  const Tensor<T> z = zero.is_cpu() ? zero : zero.to(Device::cpu);
   for (int64_t i = 0; i < z.numel(); ++i) {
     const T v = z[i];
     if (g.symmetric) {
@@ -110,10 +136,22 @@ class StepQuantNode final : public Node<T> {
         lsq_n_(lsq_n) {}
   const char* name() const override { return name_; }
   void backward(Tape<T>& tape) override {
-    const T* G = tape.grad(this->output).data();
+    const Tensor<T>& grad_out = tape.grad(this->output);
+    const T* G = grad_out.data();
     const T* pass = pass_.data();
     const T* coef = coef_.data();
     const int64_t cols = cols_;
+    if (grad_out.device() == Device::cuda) {
+      require_cuda(name_);
+      CBQ_CHECK(CudaStepQuant<T>::backward_input && CudaStepQuant<T>::backward_scale,
+                "{}: CUDA kernels not registered", name_);
+      if (x_.requires_grad())
+        CudaStepQuant<T>::backward_input(x_.grad().data(), G, pass, rows_ * cols);
+      if (s_.requires_grad())
+        CudaStepQuant<T>::backward_scale(s_.grad().data(), partial_.data(), G, coef, rows_, cols,
+                                         g_, lsq_, lsq_n_);
+      return;
+    }
     if (x_.requires_grad()) {  // dx += G ⊙ pass (straight-through inside the clamp range)
       T* dx = x_.grad().data();
       parallel_for(rows_ * cols, ops::kElementwiseGrain, [&](int64_t b, int64_t e) {
@@ -177,27 +215,33 @@ Var<T> step_quant(const char* op, Var<T> x, Var<T> s, const Tensor<T>& z, const 
   T* P = rg ? pass.data() : nullptr;
   T* C = rg ? coef.data() : nullptr;
   const T lo = static_cast<T>(g.qmin()), hi = static_cast<T>(g.qmax());
-  parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
-               [&](int64_t r0, int64_t r1) {
-                 for (int64_t r = r0; r < r1; ++r)
-                   for_each_group(g, rows, cols, r,
-                                  [&](int64_t, int64_t c0, int64_t c1, int64_t p) {
-                                    const T sp = S[p], zp = Z ? Z[p] : T(0);
-                                    for (int64_t c = c0; c < c1; ++c) {
-                                      const int64_t i = r * cols + c;
-                                      const T v = X[i] / sp;
-                                      const T rv = round_even(v);
-                                      const T q = rv + zp;
-                                      const T qc = std::clamp(q, lo, hi);
-                                      Y[i] = sp * (qc - zp);
-                                      if (P) {
-                                        const bool inside = q == qc;
-                                        P[i] = inside ? T(1) : T(0);
-                                        C[i] = inside ? rv - v : qc - zp;
+  if (x.value().device() == Device::cuda) {
+    require_cuda(op);
+    CBQ_CHECK(CudaStepQuant<T>::forward, "{}: CUDA kernel not registered", op);
+    CudaStepQuant<T>::forward(Y, P, C, X, S, Z, rows, cols, g);
+  } else {
+    parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
+                 [&](int64_t r0, int64_t r1) {
+                   for (int64_t r = r0; r < r1; ++r)
+                     for_each_group(g, rows, cols, r,
+                                    [&](int64_t, int64_t c0, int64_t c1, int64_t p) {
+                                      const T sp = S[p], zp = Z ? Z[p] : T(0);
+                                      for (int64_t c = c0; c < c1; ++c) {
+                                        const int64_t i = r * cols + c;
+                                        const T v = X[i] / sp;
+                                        const T rv = round_even(v);
+                                        const T q = rv + zp;
+                                        const T qc = std::clamp(q, lo, hi);
+                                        Y[i] = sp * (qc - zp);
+                                        if (P) {
+                                          const bool inside = q == qc;
+                                          P[i] = inside ? T(1) : T(0);
+                                          C[i] = inside ? rv - v : qc - zp;
+                                        }
                                       }
-                                    }
-                                  });
-               });
+                                    });
+                 });
+  }
   if (rg) {
     Tensor<T> partial = tape.scratch(Shape{rows, g.groups_per_row(cols)});
     tape.template record<StepQuantNode<T>>(out, op, x, s, pass, coef, partial, g, rows, cols, lsq,
@@ -218,9 +262,9 @@ Var<T> fake_quant_weight(Var<T> w, Var<T> scale, const Tensor<T>& zero, const Gr
   spec.validate(op);
   const Tensor<T>& W = w.value();
   CBQ_CHECK(W.ndim() == 2, "{}: weight must be 2-D (out, in), got {}", op, W.shape());
-  ops::check_cpu(op, W);
   ops::check_contiguous(op, "weight", W);
   const int64_t rows = W.size(0), cols = W.size(1);
+  ops::check_same_device(op, W, scale.value());
   detail::check_params(op, scale.value(), zero, spec.param_shape(rows, cols), spec);
   return detail::step_quant(op, w, scale, zero, spec, rows, cols, W.shape(), lsq_grad_scale,
                             int64_t{0});
@@ -230,7 +274,7 @@ Var<T> fake_quant_weight(Var<T> w, Var<T> scale, const Tensor<T>& zero, const Gr
 template <class T>
 Tensor<T> fake_quant_weight_value(const Tensor<T>& w, const Tensor<T>& scale, const Tensor<T>& zero,
                                   const GridSpec& spec) {
-  Tape<T> tape;
+  Tape<T> tape(w.device());
   NoGrad<T> off(tape);
   return fake_quant_weight(tape.constant(w), tape.constant(scale), zero, spec).value().clone();
 }
@@ -241,6 +285,10 @@ template <class T>
 QuantizedWeight quantize_weight(const Tensor<T>& w, const Tensor<T>& scale, const Tensor<T>& zero,
                                 const GridSpec& spec) {
   constexpr const char* op = "quant::quantize_weight";
+  if (!w.is_cpu() || !scale.is_cpu() ||
+      (zero.defined() && !zero.is_cpu()))  // codes live on the host
+    return quantize_weight(w.to(Device::cpu), scale.to(Device::cpu),
+                           zero.defined() ? zero.to(Device::cpu) : zero, spec);
   spec.validate(op);
   CBQ_CHECK(w.ndim() == 2, "{}: weight must be 2-D (out, in), got {}", op, w.shape());
   ops::check_contiguous(op, "weight", w);

@@ -94,15 +94,36 @@ inline void minmax_params(T lo, T hi, const GridSpec& g, T& scale, T& zero) {
   }
 }
 
-// RTN initialisation of (scale, zero) for a (rows, cols) weight. Outputs have param_shape().
+// CUDA kernel of init_minmax (registered by the CUDA backend, cuda/cbq/cuda/grid_stats.cuh): one
+// warp per group (a two-stage block reduction for per-tensor) finds the group's min and max, and
+// minmax_params is evaluated with the same IEEE operations, so (scale, zero) equal the CPU's.
+template <class T>
+struct CudaGrid {
+  // scale, zero: spec.param_shape(rows, cols), from w (rows, cols)
+  static inline void (*init_minmax)(T* scale, T* zero, const T* w, int64_t rows, int64_t cols,
+                                    const GridSpec& spec) = nullptr;
+};
+
+// RTN initialisation of (scale, zero) for a (rows, cols) weight. Outputs have param_shape() and
+// live on w's device.
 template <class T>
 void init_minmax(const Tensor<T>& w, const GridSpec& g, Tensor<T>& scale, Tensor<T>& zero) {
   g.validate("init_minmax");
   CBQ_CHECK(w.ndim() == 2, "init_minmax: weight must be 2-D, got {}", w.shape());
+  CBQ_CHECK(w.is_contiguous(), "init_minmax: weight of shape {} must be contiguous", w.shape());
   const int64_t rows = w.size(0), cols = w.size(1);
   const Shape ps = g.param_shape(rows, cols);
-  if (!(scale.defined() && scale.shape() == ps)) scale = Tensor<T>(ps);
-  if (!(zero.defined() && zero.shape() == ps)) zero = Tensor<T>(ps);
+  const Device dev = w.device();
+  if (!(scale.defined() && scale.shape() == ps && scale.device() == dev && scale.is_contiguous()))
+    scale = Tensor<T>(ps, dev);
+  if (!(zero.defined() && zero.shape() == ps && zero.device() == dev && zero.is_contiguous()))
+    zero = Tensor<T>(ps, dev);
+  if (dev == Device::cuda) {
+    require_cuda("init_minmax");
+    CBQ_CHECK(CudaGrid<T>::init_minmax, "init_minmax: CUDA kernel not registered");
+    CudaGrid<T>::init_minmax(scale.data(), zero.data(), w.data(), rows, cols, g);
+    return;
+  }
   const T* p = w.data();
   if (g.granularity == Granularity::per_tensor) {
     auto [lo, hi] = std::minmax_element(p, p + w.numel());

@@ -20,6 +20,13 @@
 // The mean keeps L_round O(1) whatever the layer size, so γ_r = 0.01 weighs it against a
 // per-token-mean reconstruction loss as intended (summed over 10^5 weights it dominated by
 // 10^3–10^4 in the prototype; DESIGN §2 "Known traps").
+//
+// CUDA (CudaLoraRounding, cuda/cbq/cuda/lora_rounding.cuh): the soft weight, the regulariser and
+// the AdaRound offset run as kernels; A1·A2 goes through the GEMM hook (ops::matmul) and the
+// backward through the shared step-quantizer kernels. W/s, floor and the clamp are exact; h(V)
+// uses the device's exp, so values differ from the CPU by a few ulps of h (and a hard code can
+// differ only where h(V) lies within those ulps of ½). The regulariser's sum is a deterministic
+// two-stage reduction.
 #include <cmath>
 #include <cstdint>
 #include <numbers>
@@ -59,6 +66,25 @@ T rect_sigmoid_inverse(T h) {
   return std::log(p / (T(1) - p));
 }
 
+// CUDA kernels of LoRA-Rounding (registered by the CUDA backend).
+template <class T>
+struct CudaLoraRounding {
+  // Ŵ (rows, cols) from W, V (rows, cols), scale / zero (spec.param_shape; zero may be null).
+  // dvfac and coef (saved for backward) may both be null. hard: h := [h ≥ ½]; v_grad: dvfac holds
+  // s·h'(V) inside the grid (else 0).
+  static inline void (*soft_forward)(T* y, T* dvfac, T* coef, const T* w, const T* v,
+                                     const T* scale, const T* zero, int64_t rows, int64_t cols,
+                                     const GridSpec& spec, bool hard, bool v_grad) = nullptr;
+  // out[0] = k · Σ_i (1 − |2h(v_i) − 1|^β), v (n)
+  static inline void (*reg_forward)(T* out, const T* v, int64_t n, T beta, T k) = nullptr;
+  // dv (n) += −2kβ·g[0]·|2h − 1|^(β−1)·sign(2h − 1)·h'(v), g the (device) output gradient
+  static inline void (*reg_backward)(T* dv, const T* g, const T* v, int64_t n, T beta,
+                                     T k) = nullptr;
+  // v0 (rows, cols) = h⁻¹(W/s − floor(W/s))
+  static inline void (*adaround_offset)(T* v0, const T* w, const T* scale, int64_t rows,
+                                        int64_t cols, const GridSpec& spec) = nullptr;
+};
+
 // soft: h = h(V), differentiable in V. hard: h = [h(V) ≥ ½] ∈ {0, 1} (what harden() stores);
 // V gets no gradient, s keeps its straight-through gradient — for training steps on the grid.
 // hard_ste: the forward pass of `hard` with the gradient of `soft` (straight through the
@@ -71,9 +97,10 @@ void check_rounding_inputs(const char* op, const Tensor<T>& W, const Tensor<T>& 
                            const Tensor<T>& z, const Tensor<T>& V, const GridSpec& g) {
   g.validate(op);
   CBQ_CHECK(W.ndim() == 2, "{}: weight must be 2-D (out, in), got {}", op, W.shape());
-  ops::check_cpu(op, W);
   ops::check_contiguous(op, "weight", W);
   ops::check_contiguous(op, "V", V);
+  ops::check_same_device(op, W, V);
+  ops::check_same_device(op, W, s);
   CBQ_CHECK(V.shape() == W.shape(), "{}: rounding logits V {} do not match the weight {}", op,
             V.shape(), W.shape());
   check_params(op, s, z, g.param_shape(W.size(0), W.size(1)), g);
@@ -106,30 +133,37 @@ Var<T> soft_round_weight(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero
   const T lo = static_cast<T>(spec.qmin()), hi = static_cast<T>(spec.qmax());
   const bool hard = mode != RoundingMode::soft;
   const bool v_grad = mode != RoundingMode::hard;
-  parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
-               [&](int64_t r0, int64_t r1) {
-                 for (int64_t r = r0; r < r1; ++r)
-                   detail::for_each_group(
-                       spec, rows, cols, r, [&](int64_t, int64_t c0, int64_t c1, int64_t p) {
-                         const T sp = S[p], zp = Z ? Z[p] : T(0);
-                         for (int64_t c = c0; c < c1; ++c) {
-                           const int64_t i = r * cols + c;
-                           const T v = w[i] / sp;
-                           const T f = std::floor(v);
-                           T h = rect_sigmoid(vp[i]);
-                           if (hard) h = h >= T(0.5) ? T(1) : T(0);
-                           const T q = f + h + zp;
-                           const T qc = std::clamp(q, lo, hi);
-                           y[i] = sp * (qc - zp);
-                           if (rg) {
-                             const bool inside = q == qc;
-                             dvfac.data()[i] =
-                                 inside && v_grad ? sp * rect_sigmoid_grad(vp[i]) : T(0);
-                             coef.data()[i] = inside ? (f + h) - v : qc - zp;
+  if (W.device() == Device::cuda) {
+    require_cuda(op);
+    CBQ_CHECK(CudaLoraRounding<T>::soft_forward, "{}: CUDA kernel not registered", op);
+    CudaLoraRounding<T>::soft_forward(y, rg ? dvfac.data() : nullptr, rg ? coef.data() : nullptr, w,
+                                      vp, S, Z, rows, cols, spec, hard, v_grad);
+  } else {
+    parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
+                 [&](int64_t r0, int64_t r1) {
+                   for (int64_t r = r0; r < r1; ++r)
+                     detail::for_each_group(
+                         spec, rows, cols, r, [&](int64_t, int64_t c0, int64_t c1, int64_t p) {
+                           const T sp = S[p], zp = Z ? Z[p] : T(0);
+                           for (int64_t c = c0; c < c1; ++c) {
+                             const int64_t i = r * cols + c;
+                             const T v = w[i] / sp;
+                             const T f = std::floor(v);
+                             T h = rect_sigmoid(vp[i]);
+                             if (hard) h = h >= T(0.5) ? T(1) : T(0);
+                             const T q = f + h + zp;
+                             const T qc = std::clamp(q, lo, hi);
+                             y[i] = sp * (qc - zp);
+                             if (rg) {
+                               const bool inside = q == qc;
+                               dvfac.data()[i] =
+                                   inside && v_grad ? sp * rect_sigmoid_grad(vp[i]) : T(0);
+                               coef.data()[i] = inside ? (f + h) - v : qc - zp;
+                             }
                            }
-                         }
-                       });
-               });
+                         });
+                 });
+  }
   if (rg) {
     Tensor<T> partial = tape.scratch(Shape{rows, spec.groups_per_row(cols)});
     tape.template record<detail::StepQuantNode<T>>(out, op, V, scale, dvfac, coef, partial, spec,
@@ -170,9 +204,16 @@ class RoundRegNode final : public Node<T> {
   RoundRegNode(Var<T> v, T beta, T k) : v_(v), beta_(beta), k_(k) {}
   const char* name() const override { return "quant::rounding_reg"; }
   void backward(Tape<T>& tape) override {
-    const T g = tape.grad(this->output).data()[0];
+    const Tensor<T>& grad_out = tape.grad(this->output);
     const T* v = v_.value().data();
     T* dv = v_.grad().data();
+    if (grad_out.device() == Device::cuda) {
+      require_cuda(name());
+      CBQ_CHECK(CudaLoraRounding<T>::reg_backward, "{}: CUDA kernel not registered", name());
+      CudaLoraRounding<T>::reg_backward(dv, grad_out.data(), v, v_.value().numel(), beta_, k_);
+      return;
+    }
+    const T g = grad_out.data()[0];
     const T kk = -T(2) * k_ * beta_ * g;
     parallel_for(v_.value().numel(), ops::kElementwiseGrain, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
@@ -199,7 +240,6 @@ Var<T> rounding_reg(Var<T> V, T beta, Normalisation norm = Normalisation::mean) 
             "{}: beta = {} must be at least 1 (the term is not differentiable at h = 1/2 below)",
             op, static_cast<double>(beta));
   const Tensor<T>& X = V.value();
-  ops::check_cpu(op, X);
   ops::check_contiguous(op, "V", X);
   const int64_t n = X.numel();
   CBQ_CHECK(n > 0, "{}: V is empty", op);
@@ -208,11 +248,17 @@ Var<T> rounding_reg(Var<T> V, T beta, Normalisation norm = Normalisation::mean) 
   const bool rg = tape.any_requires_grad({V});
   Var<T> out = tape.output(Shape{1}, rg);
   const T* v = X.data();
-  T acc = 0;  // serial: deterministic whatever the thread count
-  for (int64_t i = 0; i < n; ++i)
-    acc += T(1) - std::pow(std::abs(T(2) * rect_sigmoid(v[i]) - T(1)), beta);
   Tensor<T> yv = out.value();
-  yv.data()[0] = k * acc;
+  if (X.device() == Device::cuda) {
+    require_cuda(op);
+    CBQ_CHECK(CudaLoraRounding<T>::reg_forward, "{}: CUDA kernel not registered", op);
+    CudaLoraRounding<T>::reg_forward(yv.data(), v, n, beta, k);
+  } else {
+    T acc = 0;  // serial: deterministic whatever the thread count
+    for (int64_t i = 0; i < n; ++i)
+      acc += T(1) - std::pow(std::abs(T(2) * rect_sigmoid(v[i]) - T(1)), beta);
+    yv.data()[0] = k * acc;
+  }
   if (rg) tape.template record<detail::RoundRegNode<T>>(out, V, beta, k);
   return out;
 }
@@ -307,6 +353,15 @@ void adaround_offset(const Tensor<T>& W, const Tensor<T>& scale, const GridSpec&
   CBQ_CHECK(V0.shape() == W.shape(), "quant::adaround_offset: V0 {} does not match W {}",
             V0.shape(), W.shape());
   const int64_t rows = W.size(0), cols = W.size(1);
+  ops::check_same_device("quant::adaround_offset", W, V0);
+  ops::check_same_device("quant::adaround_offset", W, scale);
+  if (W.device() == Device::cuda) {
+    require_cuda("quant::adaround_offset");
+    CBQ_CHECK(CudaLoraRounding<T>::adaround_offset,
+              "quant::adaround_offset: CUDA kernel not registered");
+    CudaLoraRounding<T>::adaround_offset(V0.data(), W.data(), scale.data(), rows, cols, spec);
+    return;
+  }
   parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
                [&](int64_t r0, int64_t r1) {
                  for (int64_t r = r0; r < r1; ++r)
@@ -339,10 +394,10 @@ LoraRoundingParams<T> init_lora_rounding(const std::string& layer, const Tensor<
   std::mt19937_64 rng(init.seed);
   std::normal_distribution<double> dist(0.0, sd);
   for (int64_t i = 0; i < a1.numel(); ++i) a1[i] = static_cast<T>(dist(rng));
-  p.A1 = Parameter<T>(layer + ".lora_a1", a1);
-  p.A2 = Parameter<T>(layer + ".lora_a2", Tensor<T>(Shape{rank, cols}));
+  p.A1 = Parameter<T>(layer + ".lora_a1", a1.to(W.device()));
+  p.A2 = Parameter<T>(layer + ".lora_a2", Tensor<T>(Shape{rank, cols}, W.device()));
   if (init.start == LoraStart::adaround) {
-    p.V0 = Tensor<T>::empty(W.shape());
+    p.V0 = Tensor<T>::empty(W.shape(), W.device());
     adaround_offset(W, scale, spec, p.V0);
   }
   return p;
@@ -354,8 +409,8 @@ Tensor<T> lora_v_value(const LoraRoundingParams<T>& p) {
   const Tensor<T>& A1 = p.A1.value;
   const Tensor<T>& A2 = p.A2.value;
   const int64_t rows = A1.size(0), r = A1.size(1), cols = A2.size(1);
-  Tensor<T> v = p.V0.defined() ? p.V0.clone() : Tensor<T>(Shape{rows, cols});
-  ops::gemm<T>(Device::cpu, false, false, rows, cols, r, T(1), A1.data(), r, A2.data(), cols, T(1),
+  Tensor<T> v = p.V0.defined() ? p.V0.clone() : Tensor<T>(Shape{rows, cols}, A1.device());
+  ops::gemm<T>(A1.device(), false, false, rows, cols, r, T(1), A1.data(), r, A2.data(), cols, T(1),
                v.data(), cols);
   return v;
 }
@@ -366,6 +421,9 @@ template <class T>
 QuantizedWeight harden(const Tensor<T>& W, const Tensor<T>& scale, const Tensor<T>& zero,
                        const Tensor<T>& V, const GridSpec& spec) {
   constexpr const char* op = "quant::harden";
+  if (!W.is_cpu())  // the codes live on the host; the same CPU loop keeps them bit-identical
+    return harden(W.to(Device::cpu), scale.to(Device::cpu),
+                  zero.defined() ? zero.to(Device::cpu) : zero, V.to(Device::cpu), spec);
   detail::check_rounding_inputs(op, W, scale, zero, V, spec);
   const int64_t rows = W.size(0), cols = W.size(1);
   QuantizedWeight qw;
