@@ -18,6 +18,7 @@
 #include <map>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace fs = std::filesystem;
@@ -67,6 +68,10 @@ cbq
 output
   --out PATH            save the quantized model (native safetensors; with several methods the
                         method name is appended)
+  --export gguf|gptq PATH   also write it for other tools: a llama.cpp GGUF file (Q4_0/Q4_1/Q8_0
+                        blocks; W4 or W8 sym, groups of a multiple of 32) or a GPTQ-format
+                        Hugging Face folder; scales are rounded to fp16 first and the perplexity
+                        of exactly what is exported is printed
   --threads N           CPU threads (default: all)
   --quiet               no per-window progress
 )";
@@ -78,6 +83,7 @@ struct Args {
   cbq::PassSpec spec;
   cbq::PassOptions options;
   bool act_granularity_set = false;
+  std::string export_format, export_path;
 };
 
 [[noreturn]] void usage_error(const std::string& msg) {
@@ -126,7 +132,12 @@ Args parse(int argc, char** argv) {
       a.calib = value();
     else if (k == "--eval")
       a.eval = value();
-    else if (k == "--out")
+    else if (k == "--export") {
+      a.export_format = value();
+      a.export_path = value();
+      if (a.export_format != "gguf" && a.export_format != "gptq")
+        usage_error("--export takes gguf or gptq, got '" + a.export_format + "'");
+    } else if (k == "--out")
       a.out = value();
     else if (k == "--samples")
       a.samples = static_cast<int64_t>(number());
@@ -269,6 +280,41 @@ double peak_rss_mib() {
   return static_cast<double>(u.ru_maxrss) / 1024.0;
 }
 
+// Writes `result` for other tools (--export) and prints the perplexity of exactly what was
+// written: both formats store fp16 scales, so the result's scales are rounded first (GPTQ: the
+// nearest fp16; GGUF: the nearest fp16 that keeps Q4_1's minimum exact, docs/GGUF.md).
+template <class Model>
+void export_model(const Args& args, Model& model, cbq::QuantizationResult& result,
+                  const std::string& path, const std::vector<int32_t>& eval_tokens, int64_t ctx) {
+  if (args.export_format == "gptq") {
+    const auto snap = cbq::io::snap_scales_to_f16(model, result);
+    cbq::io::GptqExportOptions o;
+    if (fs::is_directory(args.model)) o.source_dir = args.model;
+    o.tokenizer_file = args.tokenizer;
+    const auto s = cbq::io::save_gptq(path, model, result, o);
+    std::printf("export: wrote GPTQ folder %s (checkpoint_format %s)\n", path.c_str(),
+                s.checkpoint_format.c_str());
+    for (const auto& note : s.notes) std::printf("export: %s\n", note.c_str());
+    const double ppl = cbq::eval::perplexity_gptq(model, eval_tokens, ctx).perplexity;
+    std::printf(
+        "export: perplexity with the exported fp16 scales %.4f (largest scale change %.2e)\n", ppl,
+        snap.max_relative_change);
+    return;
+  }
+  if constexpr (std::is_same_v<Model, cbq::Transformer<cbq::LlamaBlock<float>>>) {
+    const auto report = cbq::io::export_gguf(path, model, model.tokenizer.get(), &result);
+    std::printf("export: %s\n", report.summary().c_str());
+    auto back = cbq::io::load_gguf_llama(path);
+    const double ppl = cbq::eval::perplexity_gptq(back, eval_tokens, ctx).perplexity;
+    std::printf("export: perplexity of %s read back %.4f\n", path.c_str(), ppl);
+  } else {
+    cbq::fail(
+        "--export gguf: llama.cpp's GGUF export is for LLaMA-family models; use --export "
+        "gptq for {}",
+        model.config.architecture);
+  }
+}
+
 struct Row {
   std::string method, config;
   double ppl = 0, seconds = 0, rss = 0;
@@ -285,6 +331,13 @@ int main(int argc, char** argv) {
     CBQ_CHECK(any.tokenizer(), "cbq-quantize: {} has no tokenizer; pass --tokenizer", args.model);
     const cbq::Tokenizer& tok = *any.tokenizer();
     const cbq::ModelConfig cfg = any.config();
+    if (args.export_format == "gguf") {  // refuse before hours of work, not after
+      cbq::io::gguf_weight_type(args.spec.weight, "(all layers, --export gguf)");
+      CBQ_CHECK(cfg.family == cbq::Family::llama,
+                "--export gguf: llama.cpp's GGUF export is for LLaMA-family models; use --export "
+                "gptq for {}",
+                cfg.architecture);
+    }
     const int64_t ctx = args.ctx > 0 ? args.ctx : cfg.max_seq_len;
     const int64_t seq_len =
         args.seq_len > 0 ? args.seq_len : std::min<int64_t>(2048, cfg.max_seq_len);
@@ -360,6 +413,15 @@ int main(int argc, char** argv) {
         }
         m.visit([&](auto& model) { cbq::io::save_native(out, model, result); });
         std::printf("saved %s\n", out.c_str());
+      }
+      if (!args.export_format.empty()) {
+        std::string path = args.export_path;
+        if (args.methods.size() > 1) {
+          const fs::path p(args.export_path);
+          path = (p.parent_path() / (p.stem().string() + "-" + method + p.extension().string()))
+                     .string();
+        }
+        m.visit([&](auto& model) { export_model(args, model, result, path, eval_tokens, ctx); });
       }
     }
 

@@ -10,6 +10,7 @@
 #include "cbq/core/tape.hpp"
 #include "cbq/core/tensor.hpp"
 #include "cbq/eval/perplexity.hpp"
+#include "cbq/io/gguf_export.hpp"
 #include "cbq/io/gptq_format.hpp"
 #include "cbq/io/native.hpp"
 #include "cbq/model/load.hpp"

@@ -18,6 +18,7 @@
 #include <variant>
 
 #include "cbq/core/error.hpp"
+#include "cbq/io/gguf_export.hpp"
 #include "cbq/io/hf_config.hpp"
 #include "cbq/io/llama2c.hpp"
 #include "cbq/model/llama_block.hpp"
@@ -228,11 +229,15 @@ inline AnyModel load_model(const std::string& path, const std::string& tokenizer
   } else {
     CBQ_CHECK(fs::is_regular_file(st), "load_model: {} is not a regular file or a folder", path);
     const std::string magic = detail::file_magic(p, 4);
-    if (magic == "GGUF")
-      fail(
-          "load_model: {} is a GGUF file; reading GGUF models is not supported (pass a llama2.c "
-          ".bin file or a Hugging Face folder)",
-          path);
+    if (magic == "GGUF") {
+      io::GgufModel g = io::load_gguf(path);
+      AnyModel m = detail::from_weights(g.config, g.weights, path);
+      if (!tokenizer_path.empty())
+        m.set_tokenizer(detail::load_tokenizer_file(tokenizer_path, g.config.vocab_size));
+      else if (g.tokenizer)
+        m.set_tokenizer(g.tokenizer);
+      return m;
+    }
     if (!magic.empty() && (magic[0] == '{' || magic[0] == '['))
       fail(
           "load_model: {} looks like a JSON file, not a model (pass the Hugging Face folder "
