@@ -6,6 +6,7 @@
 #include <cbq/io/gguf_export.hpp>
 #include <cbq/model/load.hpp>
 #include <cbq/pass/baselines.hpp>
+#include <cbq/pass/pass.hpp>
 #include <filesystem>
 #include <random>
 
@@ -753,7 +754,8 @@ TEST_CASE("GGUF export: stories260K in F32 holds the model tensor by tensor and 
   for (int64_t i = 0; i < gate.numel(); ++i) CHECK(gate[i] == f16_to_float(float_to_f16(gate0[i])));
 }
 
-TEST_CASE("GGUF export: RTN W4 g32 (Q4_0, Q4_1) and W8 (Q8_0) re-read equal the snapped result") {
+TEST_CASE(
+    "GGUF export: RTN and CBQ W4 g32 (Q4_0, Q4_1) and W8 (Q8_0) re-read equal the snapped result") {
   const fs::path bin = models_dir() / "stories260K.bin", tok = models_dir() / "tok512.bin";
   if (!have({bin, tok})) return;
   AnyModel any = load_model(bin.string(), tok.string());
@@ -767,13 +769,15 @@ TEST_CASE("GGUF export: RTN W4 g32 (Q4_0, Q4_1) and W8 (Q8_0) re-read equal the 
     quant::Granularity g;
     int64_t group;
     GgmlType type;
+    bool cbq = false;  // a (short) CBQ run instead of RTN
   };
   for (const Case& k : {Case{4, true, quant::Granularity::per_group, 32, GgmlType::q4_0},
                         Case{4, false, quant::Granularity::per_group, 32, GgmlType::q4_1},
                         Case{4, false, quant::Granularity::per_group, 64, GgmlType::q4_1},
-                        Case{8, true, quant::Granularity::per_channel, 0, GgmlType::q8_0}}) {
-    INFO(fmt::format("W{} {} {} g{}", k.bits, k.sym ? "sym" : "asym", ggml_type_name(k.type),
-                     k.group));
+                        Case{8, true, quant::Granularity::per_channel, 0, GgmlType::q8_0},
+                        Case{4, false, quant::Granularity::per_group, 32, GgmlType::q4_1, true}}) {
+    INFO(fmt::format("{} W{} {} {} g{}", k.cbq ? "CBQ" : "RTN", k.bits, k.sym ? "sym" : "asym",
+                     ggml_type_name(k.type), k.group));
     AnyModel fresh = load_model(bin.string(), tok.string());
     auto& model = fresh.llama();
     PassSpec spec;
@@ -781,7 +785,17 @@ TEST_CASE("GGUF export: RTN W4 g32 (Q4_0, Q4_1) and W8 (Q8_0) re-read equal the 
     spec.weight.symmetric = k.sym;
     spec.weight.granularity = k.g;
     spec.weight.group_size = k.group > 0 ? k.group : 128;
-    const auto result = quantize_baseline(model, Baseline::rtn, spec, {}, {}, false);
+    QuantizationResult result;
+    if (k.cbq) {
+      PassOptions o;
+      o.verbose = false;
+      o.epochs = 1;
+      CbqPass pass(spec, o);
+      result = pass.run(model, sample_calibration(tokens, 8, 64, 0));
+      CHECK(result.learning_summary().second > 0);  // the rounding really moved off nearest
+    } else {
+      result = quantize_baseline(model, Baseline::rtn, spec, {}, {}, false);
+    }
     clear_quantization(model);
     GgufSnapStats stats;
     const auto snapped = snap_result_for_gguf(result, &stats);
