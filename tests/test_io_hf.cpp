@@ -334,3 +334,27 @@ TEST_CASE("llama2c: fixture llama2c.bin equals the HF weights with q/k un-permut
     CHECK(worst == 0);
   }
 }
+
+TEST_CASE("safetensors: load_hf rejects more layers than the checkpoint has tensors") {
+  // Found reviewing load_hf for fuzz/fuzz_hf_config, confirmed by it: num_hidden_layers =
+  // 2000000000 made load_hf build the expected-name table for every layer before looking at the
+  // checkpoint (a hang, then OOM).
+  ModelConfig cfg = io::parse_hf_config(llama_json(), "config.json");
+  std::map<std::string, io::TensorToWrite> out;
+  for (const auto& [name, t] : random_for(cfg, 400)) out[name] = io::TensorToWrite::f32(t);
+  TempDir dir("hf_layers");
+  io::write_safetensors(dir.file("model.safetensors"), out);
+  json j = llama_json();
+  j["num_hidden_layers"] = 2000000000;
+  write_all(dir.file("config.json"), j.dump());
+  const std::string msg = error_of([&] { io::load_hf(dir.path.string()); });
+  CHECK_MESSAGE(msg.find(fmt::format("config.json has 2000000000 layers but the checkpoint holds "
+                                     "only {} tensors",
+                                     out.size())) != std::string::npos,
+                msg);
+  // One more layer than stored is still reported as the missing tensors of that layer.
+  j["num_hidden_layers"] = 3;
+  write_all(dir.file("config.json"), j.dump());
+  CHECK(error_of([&] { io::load_hf(dir.path.string()); }).find("missing tensor model.layers.2.") !=
+        std::string::npos);
+}

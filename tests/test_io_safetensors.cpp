@@ -286,3 +286,31 @@ TEST_CASE("safetensors: random corruption of a valid file loads or throws cbq::E
   CHECK(loaded + rejected == 400);
   CHECK(rejected > 100);
 }
+
+TEST_CASE("safetensors: a zero dimension cannot hide an int64 overflow of the others") {
+  // Found reviewing the parser for fuzz/fuzz_safetensors, confirmed by it: shape [0, 2^32, 2^32]
+  // holds no elements, so the byte count check passed, but the contiguous strides (2^32 * 2^32)
+  // overflowed int64 when the tensor was created (undefined behaviour); [2^31, 2^32, 0] overflowed
+  // Shape::numel the same way.
+  TempDir dir("st_zero_dim");
+  const std::string path = dir.file("z.safetensors");
+  const std::pair<const char*, const char*> cases[] = {
+      {"[0,4294967296,4294967296]", "tensor z: size overflows 64 bits (4294967296 x 4294967296)"},
+      {"[2147483648,4294967296,0]", "tensor z: shape dimensions multiply to more than 2^63 - 1"}};
+  for (const auto& [shape, expected] : cases) {
+    write_all(path,
+              make_file(fmt::format(R"({{"z":{{"dtype":"F32","shape":{},"data_offsets":[0,0]}}}})",
+                                    shape),
+                        ""));
+    std::string msg = error_of([&] { io::SafetensorsFile f(path); });
+    CHECK_MESSAGE(msg.find(expected) != std::string::npos, msg);
+  }
+  // The largest allowed: non-zero dimensions multiplying to 2^62 with a zero.
+  write_all(
+      path,
+      make_file(R"({"z":{"dtype":"F32","shape":[4611686018427387904,0],"data_offsets":[0,0]}})",
+                ""));
+  io::SafetensorsFile f(path);
+  CHECK(f.to_float("z").numel() == 0);
+  CHECK(f.info("z").shape == Shape{int64_t{1} << 62, 0});
+}

@@ -353,3 +353,63 @@ TEST_CASE("tokenizer: hf truncated or corrupted tokenizer.json loads or throws c
     }
   }
 }
+
+TEST_CASE("tokenizer: hf missing nested fields and huge ids throw cbq::Error (fuzz regressions)") {
+  // Found reviewing the parser for fuzz/fuzz_hf_tokenizer, confirmed by it: a Sequence without its
+  // list, or a Prepend/Replace without its strings, read a missing key through const operator[] (an
+  // assertion failure, undefined behaviour with NDEBUG); a vocabulary id near 2^30 resized the id
+  // tables to 2^30 strings.
+  auto expect = [](const json& j, const std::string& part) {
+    std::string msg = error_of([&] { HfTokenizer t(j.dump(), "/x/tokenizer.json"); });
+    CHECK_MESSAGE(msg.find("/x/tokenizer.json") != std::string::npos, msg);
+    CHECK_MESSAGE(msg.find(part) != std::string::npos, msg);
+  };
+  const std::string missing = "unexpected tokenizer.json structure";
+  json j = spm_json(false);
+  j["normalizer"] = {{"type", "Sequence"}};
+  expect(j, missing);
+  j["normalizer"] = {{"type", "Prepend"}};
+  expect(j, missing);
+  j["normalizer"] = {{"type", "Replace"}, {"content", "x"}};
+  expect(j, missing);
+  j["normalizer"] = {{"type", "Replace"}, {"pattern", {{"String", "x"}}}};
+  expect(j, missing);
+  j = gpt2_json();
+  j["pre_tokenizer"] = {{"type", "Sequence"}};
+  expect(j, missing);
+  j = gpt2_json();
+  j["decoder"] = {{"type", "Sequence"}};
+  expect(j, missing);
+  // 24 vocabulary entries + "far" + 1 added token = 26: ids up to 2 * 26 - 1 = 51 are accepted.
+  j = gpt2_json();
+  j["model"]["vocab"]["far"] = 51;
+  CHECK_NOTHROW(HfTokenizer(j.dump(), "/x/tokenizer.json"));
+  j["model"]["vocab"]["far"] = 52;
+  expect(j, "id 52 of \"far\" out of range: the file defines 26 tokens, ids must be below 52");
+  j["model"]["vocab"]["far"] = (int64_t{1} << 30) - 1;
+  expect(j, "out of range");
+  j = gpt2_json();
+  j["added_tokens"][0]["id"] = 1000000000;
+  expect(j, "added_tokens: id 1000000000 of \"</s>\" out of range");
+}
+
+TEST_CASE("tokenizer: hf a normalizer chain cannot grow the text without bound") {
+  // Found reviewing the parser for fuzz/fuzz_hf_tokenizer, confirmed by it: four Replace "a" -> 64
+  // x "a" turn 200 bytes into 200 * 64^4 = 3.4 GB. The growth is capped at 64 x the segment + 4096
+  // bytes.
+  json j = spm_json(false);
+  const json grow = {
+      {"type", "Replace"}, {"pattern", {{"String", "a"}}}, {"content", std::string(64, 'a')}};
+  j["normalizer"] = {{"type", "Sequence"}, {"normalizers", {grow, grow, grow, grow}}};
+  HfTokenizer tok(j.dump(), "/x/tokenizer.json");
+  const std::string msg = error_of([&] { tok.encode(std::string(200, 'a'), false, false); });
+  CHECK_MESSAGE(msg.find("/x/tokenizer.json: the normalizer grows a 200-byte text beyond 16896 "
+                         "bytes") != std::string::npos,
+                msg);
+  // One step of growth (200 -> 12800 bytes) is within the cap: 12800 "a" pieces, no merges of a+a.
+  j["normalizer"] = grow;
+  HfTokenizer one(j.dump(), "/x/tokenizer.json");
+  const auto ids = one.encode(std::string(200, 'a'), false, false);
+  CHECK(ids.size() == 12800);
+  CHECK(std::all_of(ids.begin(), ids.end(), [&](int32_t id) { return id == one.find("a"); }));
+}

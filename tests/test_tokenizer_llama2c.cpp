@@ -283,3 +283,28 @@ TEST_CASE("tokenizer: llama2c fixture tokenizer.bin matches the recorded encodin
   }
   CHECK(n > 0);
 }
+
+TEST_CASE("tokenizer: llama2c encode with BOS or EOS beyond a tiny vocabulary throws") {
+  // Found by fuzz/fuzz_llama2c_tokenizer: a one-token file; BOS (id 1) was pushed and then read
+  // by the merge loop as pieces_[1], past the end of the vocabulary.
+  TempDir dir("tok_one");
+  std::string bytes(4, '\0');  // max_token_length 0
+  const float score = 0.f;
+  const int32_t len = 1;
+  bytes.append(reinterpret_cast<const char*>(&score), 4);
+  bytes.append(reinterpret_cast<const char*>(&len), 4);
+  bytes += "a";
+  const std::string path = dir.file("one.bin");
+  write_all(path, bytes);
+  Llama2cTokenizer tok(path);
+  REQUIRE(tok.vocab_size() == 1);
+  std::string msg = error_of([&] { tok.encode("aa", true, false); });
+  CHECK_MESSAGE(msg.find("BOS needs token 1 but the vocabulary has 1 tokens") != std::string::npos,
+                msg);
+  msg = error_of([&] { tok.encode("", false, true); });
+  CHECK_MESSAGE(msg.find("EOS needs token 2 but the vocabulary has 1 tokens") != std::string::npos,
+                msg);
+  // Without BOS/EOS the unknown space falls back to byte token 0x20 + 3 = 35, also missing.
+  msg = error_of([&] { tok.encode("a", false, false); });
+  CHECK_MESSAGE(msg.find("byte fallback for 0x20") != std::string::npos, msg);
+}

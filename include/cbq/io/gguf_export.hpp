@@ -767,6 +767,10 @@ inline GgufModel load_gguf(const std::string& path) {
   }
   CBQ_CHECK(c.head_dim > 0 && c.head_dim % 2 == 0, "{}: head size {} must be even and positive",
             path, c.head_dim);
+  // Products of these (heads × head size, FFN × embedding) are formed before any tensor shape is
+  // compared: bound them so that they cannot overflow int64.
+  for (int64_t v : {c.dim, c.hidden_dim, c.n_heads, c.n_kv_heads, c.head_dim, c.max_seq_len})
+    CBQ_CHECK(v <= INT32_MAX, "{}: dimension {} is too large (at most 2^31 - 1)", path, v);
   const int64_t rot = f.get_or<int64_t>(key("rope.dimension_count"), c.head_dim);
   CBQ_CHECK(rot == c.head_dim,
             "{}: rope.dimension_count {} differs from the head size {} (partial rotary embeddings "

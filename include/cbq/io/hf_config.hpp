@@ -293,6 +293,10 @@ inline HfModel load_hf(const std::string& dir) {
          bin ? " (PyTorch .bin checkpoints are not supported: convert them to safetensors)" : "");
   }
   SafetensorsCheckpoint ckpt(dir);
+  // Every layer stores several tensors: a bound before the per-layer name table is built.
+  CBQ_CHECK(static_cast<uint64_t>(m.config.n_layers) <= ckpt.names().size(),
+            "{}: config.json has {} layers but the checkpoint holds only {} tensors",
+            ckpt.source_path(), m.config.n_layers, ckpt.names().size());
   for (const auto& [name, shape] : expected_weight_shapes(m.config)) {
     std::string stored = name;
     if (!ckpt.contains(stored) && name.rfind("model.", 0) == 0 && ckpt.contains(name.substr(6)))

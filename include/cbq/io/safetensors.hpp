@@ -236,11 +236,16 @@ class SafetensorsFile {
     CBQ_CHECK(e["shape"].size() <= static_cast<std::size_t>(kMaxDims),
               "{}: shape has {} dimensions, at most {} are supported", where, e["shape"].size(),
               kMaxDims);
-    uint64_t numel = 1;
+    uint64_t numel = 1, nonzero = 1;
     for (const auto& d : e["shape"]) {
       uint64_t v = detail::json_uint(d, where + " shape");
       CBQ_CHECK(v <= static_cast<uint64_t>(INT64_MAX), "{}: dimension {} too large", where, v);
       numel = checked_mul(numel, v, where);
+      // Strides and element counts are int64 products of the dimensions; with a zero dimension
+      // the others can still overflow them.
+      nonzero = checked_mul(nonzero, std::max<uint64_t>(v, 1), where);
+      CBQ_CHECK(nonzero <= static_cast<uint64_t>(INT64_MAX),
+                "{}: shape dimensions multiply to more than 2^63 - 1", where);
       t.shape.push_back(static_cast<int64_t>(v));
     }
     t.begin = detail::json_uint(e["data_offsets"][0], where + " data_offsets");

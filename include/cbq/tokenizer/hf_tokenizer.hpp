@@ -314,10 +314,17 @@ class HfTokenizer : public Tokenizer {
 
     CBQ_CHECK(m.contains("vocab") && m["vocab"].is_object(), "{}: missing \"model.vocab\" object",
               source_);
+    // Ids index dense tables: bound them by the number of tokens the file defines (gaps are
+    // allowed while at least half the ids are used), so a huge id cannot force a huge allocation.
+    const bool has_added = j.contains("added_tokens") && j["added_tokens"].is_array();
+    const int64_t id_limit =
+        2 * static_cast<int64_t>(m["vocab"].size() + (has_added ? j["added_tokens"].size() : 0));
     int64_t size = 0;
     auto add_piece = [&](const std::string& piece, int64_t id, const char* field) {
-      CBQ_CHECK(id >= 0 && id < (int64_t{1} << 30), "{}: {}: id {} of \"{}\" out of range", source_,
-                field, id, piece);
+      CBQ_CHECK(id >= 0 && id < id_limit,
+                "{}: {}: id {} of \"{}\" out of range: the file defines {} tokens, ids must be "
+                "below {}",
+                source_, field, id, piece, id_limit / 2, id_limit);
       size = std::max(size, id + 1);
       vocab_.emplace(piece, static_cast<int32_t>(id));
       if (static_cast<int64_t>(pieces_.size()) <= id) {
@@ -412,15 +419,16 @@ class HfTokenizer : public Tokenizer {
     if (n.is_null()) return;
     const std::string type = n.value("type", std::string());
     if (type == "Sequence") {
-      for (std::size_t i = 0; i < n["normalizers"].size(); ++i)
-        parse_normalizer(n["normalizers"][i], fmt::format("{}.normalizers[{}]", field, i));
+      for (std::size_t i = 0; i < n.at("normalizers").size(); ++i)
+        parse_normalizer(n.at("normalizers")[i], fmt::format("{}.normalizers[{}]", field, i));
     } else if (type == "Prepend") {
-      norm_ops_.push_back({true, "", n["prepend"].get<std::string>()});
+      norm_ops_.push_back({true, "", n.at("prepend").get<std::string>()});
     } else if (type == "Replace") {
-      const auto& p = n["pattern"];
+      const auto& p = n.at("pattern");
       if (!p.contains("String"))
         unsupported(field + ".pattern", "only String patterns are supported (not Regex)");
-      norm_ops_.push_back({false, p["String"].get<std::string>(), n["content"].get<std::string>()});
+      norm_ops_.push_back(
+          {false, p["String"].get<std::string>(), n.at("content").get<std::string>()});
       CBQ_CHECK(!norm_ops_.back().from.empty(), "{}: {}: empty Replace pattern", source_, field);
     } else {
       unsupported(field, fmt::format("normalizer \"{}\" is not supported (Prepend, Replace, "
@@ -433,8 +441,9 @@ class HfTokenizer : public Tokenizer {
     if (p.is_null()) return;
     const std::string type = p.value("type", std::string());
     if (type == "Sequence") {
-      for (std::size_t i = 0; i < p["pretokenizers"].size(); ++i)
-        parse_pre_tokenizer(p["pretokenizers"][i], fmt::format("{}.pretokenizers[{}]", field, i));
+      for (std::size_t i = 0; i < p.at("pretokenizers").size(); ++i)
+        parse_pre_tokenizer(p.at("pretokenizers")[i],
+                            fmt::format("{}.pretokenizers[{}]", field, i));
     } else if (type == "ByteLevel") {
       byte_level_ = true;
       add_prefix_space_ = p.value("add_prefix_space", false);
@@ -462,8 +471,8 @@ class HfTokenizer : public Tokenizer {
     if (d.is_null()) return;
     const std::string type = d.value("type", std::string());
     if (type == "Sequence") {
-      for (std::size_t i = 0; i < d["decoders"].size(); ++i)
-        parse_decoder(d["decoders"][i], fmt::format("{}.decoders[{}]", field, i));
+      for (std::size_t i = 0; i < d.at("decoders").size(); ++i)
+        parse_decoder(d.at("decoders")[i], fmt::format("{}.decoders[{}]", field, i));
     } else if (type == "Strip") {
       if (d.value("content", std::string(" ")) == " " && d.value("start", 0) > 0)
         strip_leading_space_ = true;
@@ -559,15 +568,24 @@ class HfTokenizer : public Tokenizer {
 
   void encode_segment(std::string_view seg, bool first_segment, std::vector<int32_t>& ids) const {
     std::string s(seg);
+    // Chained Replace ops can grow the text exponentially ("a" -> "aa...", repeated): cap the
+    // growth far above what real normalizers (Prepend "▁", Replace " " -> "▁") need.
+    const std::size_t max_size = 64 * seg.size() + 4096;
+    auto check_size = [&](std::size_t n) {
+      CBQ_CHECK(n <= max_size, "{}: the normalizer grows a {}-byte text beyond {} bytes", source_,
+                seg.size(), max_size);
+    };
     for (const auto& op : norm_ops_) {
       if (s.empty()) break;
       if (op.prepend) {
+        check_size(s.size() + op.to.size());
         s = op.to + s;
       } else {
         std::string r;
         for (std::size_t i = 0; i < s.size();) {
           if (s.compare(i, op.from.size(), op.from) == 0) {
             r += op.to;
+            check_size(r.size());
             i += op.from.size();
           } else {
             r += s[i++];

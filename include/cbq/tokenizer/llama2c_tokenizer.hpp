@@ -9,6 +9,7 @@
 #include <queue>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <unordered_map>
 #include <vector>
 
@@ -58,6 +59,11 @@ class Llama2cTokenizer : public Tokenizer {
   }
 
   std::vector<int32_t> encode(std::string_view text, bool bos, bool eos) const override {
+    // BOS takes part in the merges (as in llama2.c), so it must exist; so must EOS if asked for.
+    for (auto [wanted, id, name] : {std::tuple{bos, kBos, "BOS"}, std::tuple{eos, kEos, "EOS"}})
+      CBQ_CHECK(!wanted || id < vocab_size(),
+                "{}: encode with {} needs token {} but the vocabulary has {} tokens", path_, name,
+                id, vocab_size());
     std::vector<int32_t> tokens;
     tokens.reserve(text.size() + 3);
     if (bos) tokens.push_back(kBos);
