@@ -4,8 +4,12 @@
 //   cbq-quantize                                   # stories260K from ../shared/data, W4A16 g32
 //   cbq-quantize MODEL --tokenizer TOK --calib TXT --eval TXT --wbits 3 --group 32 --method all
 //   cbq-quantize --help
+//   cbq-quantize MODEL ... --device cuda           # CBQ and the evaluations on the GPU
 #include <sys/resource.h>
 
+#ifdef __CUDACC__  // built as CUDA (CBQ_ENABLE_CUDA): the backend registers itself
+#include <cbq/cuda.cuh>
+#endif
 #include <cbq/cbq.hpp>
 #include <cbq/eval/perplexity.hpp>
 #include <cbq/io/mmap.hpp>
@@ -65,6 +69,12 @@ cbq
                                   data and options; else refused), and keep checkpointing there
   --offload-dir DIR               keep the calibration activations in file mappings in DIR
                                   (paged to disk when they do not fit in memory)
+device
+  --device cpu|cuda     where CBQ and the perplexity evaluations run (default cpu); RTN and
+                        GPTQ run on the CPU. cuda needs a build with CBQ_ENABLE_CUDA
+  --tf32                cuda: float GEMMs on TF32 tensor cores (faster, ~1e-3 relative error)
+  --activations auto|gpu|host   cuda: where the calibration activations live (default auto:
+                        GPU memory when they fit)
 output
   --out PATH            save the quantized model (native safetensors; with several methods the
                         method name is appended)
@@ -84,6 +94,7 @@ struct Args {
   cbq::PassOptions options;
   bool act_granularity_set = false;
   std::string export_format, export_path;
+  bool tf32 = false;
 };
 
 [[noreturn]] void usage_error(const std::string& msg) {
@@ -245,6 +256,26 @@ Args parse(int argc, char** argv) {
     else if (k == "--resume") {
       a.options.checkpoint_dir = value();
       a.options.resume = true;
+    } else if (k == "--device") {
+      const std::string d = value();
+      if (d == "cpu")
+        a.options.device = cbq::Device::cpu;
+      else if (d == "cuda")
+        a.options.device = cbq::Device::cuda;
+      else
+        usage_error("unknown device '" + d + "' (cpu or cuda)");
+    } else if (k == "--tf32")
+      a.tf32 = true;
+    else if (k == "--activations") {
+      const std::string p = value();
+      if (p == "auto")
+        a.options.activation_placement = cbq::ActivationPlacement::automatic;
+      else if (p == "gpu")
+        a.options.activation_placement = cbq::ActivationPlacement::device;
+      else if (p == "host")
+        a.options.activation_placement = cbq::ActivationPlacement::host;
+      else
+        usage_error("unknown activation placement '" + p + "' (auto, gpu or host)");
     } else if (!k.empty() && k[0] == '-')
       usage_error("unknown option " + k);
     else
@@ -252,6 +283,13 @@ Args parse(int argc, char** argv) {
   }
   if (positional.size() > 1) usage_error("more than one model path");
   if (!a.act_granularity_set) a.spec.act_per_token = a.spec.act_bits < 8;
+  if (a.options.device == cbq::Device::cuda && !cbq::cuda_available()) {
+    std::fprintf(stderr,
+                 "cbq-quantize: --device cuda: this build has no CUDA backend (configure with "
+                 "-DCBQ_ENABLE_CUDA=ON on a machine with the CUDA toolkit)\n");
+    std::exit(2);
+  }
+  if (a.tf32 && a.options.device != cbq::Device::cuda) usage_error("--tf32 needs --device cuda");
   const fs::path data = CBQ_DATA_DIR;
   if (positional.empty()) {
     const fs::path m = data / "models" / "stories260K.bin";
@@ -326,6 +364,19 @@ int main(int argc, char** argv) {
   Args args = parse(argc, argv);
   try {
     if (args.threads > 0) cbq::set_num_threads(static_cast<int>(args.threads));
+    const cbq::Device device = args.options.device;
+#ifdef __CUDACC__
+    if (device == cbq::Device::cuda) {
+      int gpu = 0;
+      cudaDeviceProp prop{};
+      CBQ_CUDA_CHECK(cudaGetDevice(&gpu));
+      CBQ_CUDA_CHECK(cudaGetDeviceProperties(&prop, gpu));
+      if (args.tf32) cbq::cuda::default_context().set_math_mode(cbq::cuda::MathMode::tf32);
+      std::printf("device: %s (%.1f GiB), %s GEMMs\n", prop.name,
+                  static_cast<double>(prop.totalGlobalMem) / (1 << 30),
+                  args.tf32 ? "TF32" : "fp32");
+    }
+#endif
     cbq::AnyModel any = cbq::load_model(args.model, args.tokenizer);
     std::printf("%s\n", cbq::describe(any).c_str());
     CBQ_CHECK(any.tokenizer(), "cbq-quantize: {} has no tokenizer; pass --tokenizer", args.model);
@@ -365,6 +416,7 @@ int main(int argc, char** argv) {
         static_cast<long long>(cfg.dim), act_mib);
 
     std::vector<Row> rows;
+    if (device != cbq::Device::cpu) any.visit([&](auto& m) { m.to(device); });
     const auto fp =
         any.visit([&](auto& m) { return cbq::eval::perplexity_gptq(m, eval_tokens, ctx); });
     rows.push_back({"fp32", "full precision", fp.perplexity, fp.seconds, peak_rss_mib()});
@@ -378,6 +430,8 @@ int main(int argc, char** argv) {
                             : cbq::load_model(args.model, args.tokenizer);
       Row row;
       row.method = method;
+      // CBQ moves the model to args.options.device itself; the baselines run on the CPU.
+      if (method != "cbq") m.visit([](auto& model) { model.to(cbq::Device::cpu); });
       cbq::QuantizationResult result = m.visit([&](auto& model) {
         if (method == "cbq") {
           cbq::CbqPass pass(args.spec, args.options);
@@ -430,6 +484,12 @@ int main(int argc, char** argv) {
     for (const Row& r : rows)
       std::printf("| %s | %s | %.4f | %+.2f%% | %.1fs | %.0f MiB |\n", r.method.c_str(),
                   r.config.c_str(), r.ppl, 100.0 * (r.ppl / fp.perplexity - 1.0), r.seconds, r.rss);
+#ifdef __CUDACC__
+    if (device == cbq::Device::cuda)
+      std::printf(
+          "peak GPU memory: %.0f MiB (cbq's allocator)\n",
+          static_cast<double>(cbq::cuda::allocator().stats().peak_bytes_in_use) / (1 << 20));
+#endif
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "cbq-quantize: %s\n", e.what());

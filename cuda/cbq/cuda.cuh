@@ -37,3 +37,4 @@
 #include "cbq/cuda/memory.cuh"
 #include "cbq/cuda/ops_core.cuh"
 #include "cbq/cuda/ops_quant.cuh"
+#include "cbq/cuda/pass.cuh"

@@ -1,27 +1,54 @@
 #pragma once
 // Row-major GEMM through a CBLAS (OpenBLAS in our builds), for float and double.
 // C (M, N) = alpha * op(A) (M, K) * op(B) (K, N) + beta * C.
+//
+// Threads: cbq's pool (parallel.hpp) owns the CPU. On first use OpenBLAS is set to one thread,
+// and a GEMM large enough to share is split into one block of C per pool thread (along the
+// larger of M and N), each block a single-threaded OpenBLAS call. OpenBLAS's own workers spin
+// with sched_yield for a long while after every call; beside a second pool on a small machine
+// they took a third of the CPU time of a CBQ step. Inside a parallel region (attention tiles,
+// per-row kernels) every GEMM runs on the calling thread. Each element of C is computed by one
+// single-threaded call whatever the split, so results do not depend on the thread count beyond
+// OpenBLAS's own kernel choice for the block shape.
+// With a CBLAS other than OpenBLAS (no openblas_set_num_threads) nothing is split: that library
+// threads its own GEMMs.
 #include <cblas.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
 #include "cbq/core/error.hpp"
 #include "cbq/core/parallel.hpp"
 
-// Weak, so that a CBLAS other than OpenBLAS still links; then only our pool is resized.
+// Weak, so that a CBLAS other than OpenBLAS still links.
 extern "C" __attribute__((weak)) void openblas_set_num_threads(int);
 
 namespace cbq {
 
 namespace blas {
 
+namespace detail {
+
+// Multiply-adds (m·n·k) from which a GEMM is split over the pool: below it one call is faster
+// than the hand-off (a 64³ GEMM takes a few microseconds).
+inline constexpr double kParallelGemmWork = 64.0 * 64.0 * 64.0;
+// Split points are multiples of this many rows or columns (whole SIMD registers and cache lines).
+inline constexpr int64_t kSplitAlign = 16;
+
+// True when OpenBLAS has been set to one thread, so that cbq may split GEMMs itself.
+inline bool owns_blas_threads() {
+  static const bool owned = [] {
+    if (!openblas_set_num_threads) return false;
+    openblas_set_num_threads(1);
+    return true;
+  }();
+  return owned;
+}
+
 template <class T>
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
-          int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
-                "cbq::blas::gemm supports float and double");
-  if (m == 0 || n == 0) return;
+void gemm_call(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+               int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   const auto ta = trans_a ? CblasTrans : CblasNoTrans;
   const auto tb = trans_b ? CblasTrans : CblasNoTrans;
   if constexpr (std::is_same_v<T, float>) {
@@ -35,12 +62,48 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   }
 }
 
+}  // namespace detail
+
+template <class T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+          int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                "cbq::blas::gemm supports float and double");
+  if (m == 0 || n == 0) return;
+  const bool owned = detail::owns_blas_threads();
+  const int threads = cbq::detail::in_parallel_region ? 1 : num_threads();
+  const bool split_rows = m >= n;
+  const int64_t extent = split_rows ? m : n;
+  const int64_t parts = std::min<int64_t>(threads, extent / detail::kSplitAlign);
+  if (!owned || parts < 2 ||
+      static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k) <
+          detail::kParallelGemmWork) {
+    detail::gemm_call(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  const int64_t units = (extent + detail::kSplitAlign - 1) / detail::kSplitAlign;
+  parallel_for(parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t begin = std::min(extent, units * p / parts * detail::kSplitAlign);
+      const int64_t end = std::min(extent, units * (p + 1) / parts * detail::kSplitAlign);
+      if (begin >= end) continue;
+      if (split_rows)  // rows [begin, end) of op(A) and C
+        detail::gemm_call(trans_a, trans_b, end - begin, n, k, alpha,
+                          trans_a ? a + begin : a + begin * lda, lda, b, ldb, beta, c + begin * ldc,
+                          ldc);
+      else  // columns [begin, end) of op(B) and C
+        detail::gemm_call(trans_a, trans_b, m, end - begin, k, alpha, a, lda,
+                          trans_b ? b + begin * ldb : b + begin, ldb, beta, c + begin, ldc);
+    }
+  });
+}
+
 }  // namespace blas
 
-// Sets the number of CPU threads for both cbq's pool and OpenBLAS.
+// Sets the number of CPU threads cbq uses (its pool; OpenBLAS stays at one thread, see above).
 inline void set_num_threads(int threads) {
   set_pool_threads(threads);
-  if (openblas_set_num_threads) openblas_set_num_threads(threads);
+  if (blas::detail::owns_blas_threads()) openblas_set_num_threads(1);
 }
 
 }  // namespace cbq

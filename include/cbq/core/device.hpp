@@ -25,6 +25,9 @@ struct DeviceHooks {
                std::size_t bytes) = nullptr;
   void (*memset_zero)(void* ptr, std::size_t bytes) = nullptr;
   void (*synchronize)() = nullptr;
+  // Bytes the device can still hand out (the driver's free memory plus what the backend holds
+  // cached for reuse) and its total memory.
+  void (*memory_info)(std::size_t* free_bytes, std::size_t* total_bytes) = nullptr;
 };
 
 // One instance per program (an inline function's static is shared by all translation units).

@@ -167,6 +167,11 @@ class Tensor {
   }
 
   void fill(T value) {
+    if (device_ != Device::cpu) {  // rare on the device: fill on the host, then one copy
+      CBQ_CHECK(is_contiguous(), "fill: tensor of shape {} is not contiguous", shape_);
+      copy_from(full(shape_, value));
+      return;
+    }
     check_dense_cpu("fill");
     std::fill(data_, data_ + numel(), value);
   }
@@ -175,8 +180,10 @@ class Tensor {
     zero_bytes(data_, device_, sizeof(T) * numel());
   }
 
+  // Elementwise static_cast, on this tensor's device (a device tensor goes through the host).
   template <class U>
   Tensor<U> cast() const {
+    if (device_ != Device::cpu) return to(Device::cpu).template cast<U>().to(device_);
     check_dense_cpu("cast");
     Tensor<U> out = Tensor<U>::empty(shape_);
     for (int64_t i = 0; i < numel(); ++i) out.data()[i] = static_cast<U>(data_[i]);

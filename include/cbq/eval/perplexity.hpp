@@ -9,6 +9,10 @@
 // llama.cpp protocol (`llama-perplexity -c n_ctx`): the text tokenized with one BOS prepended,
 // cut into chunks of n_ctx tokens; the first token of each chunk is replaced by BOS; only the
 // second half is scored: logits at positions n_ctx/2 … n_ctx−2 predict the next token.
+//
+// Either protocol runs on the model's device: for a model moved to the GPU the logits stay there
+// and ops::token_nll computes the negative log-likelihoods with its CUDA kernel (the same double
+// log-sum-exp), so only one double per scored token comes back to the host.
 #include <chrono>
 #include <cmath>
 #include <cstdint>

@@ -1,6 +1,9 @@
 #pragma once
 // A whole decoder-only model: token (and, for OPT, learned position) embeddings, a stack of
 // blocks of one family, the final norm and the LM head (tied to the embedding or not).
+// to(Device::cuda) moves every parameter to the GPU; the evaluation helpers (embed_tensor,
+// run_block, logits, head_logits) then compute there and return device tensors, and accept
+// inputs on either device.
 #include <algorithm>
 #include <memory>
 #include <string>
@@ -63,6 +66,40 @@ class Transformer {
   }
 
   int64_t num_blocks() const { return static_cast<int64_t>(blocks.size()); }
+  Device device() const { return device_; }
+
+  // Moves every parameter (embeddings, each block's linear layers and other parameters, the
+  // final norm and the head) to `device`, in place. Quantization transforms hold tensors of
+  // their own, so a model with one installed cannot move: move it before quantizing.
+  Transformer& to(Device device) {
+    if (device == device_) return *this;
+    if (device == Device::cuda) require_cuda("Transformer::to");
+    for (Block& b : blocks)
+      for (LinearLayer<T>* l : b.linears())
+        CBQ_CHECK(!l->transform,
+                  "Transformer::to({}): layer {} of block {} has a quantization transform "
+                  "installed; move the model before quantizing it",
+                  device_name(device), l->name, b.index());
+    auto move = [device](Parameter<T>& p) {
+      if (p.value.defined()) p.value = p.value.to(device);
+      if (p.grad.defined()) p.grad = p.grad.to(device);
+    };
+    move(embed_tokens);
+    move(embed_positions);
+    for (Block& b : blocks) {
+      for (LinearLayer<T>* l : b.linears()) {
+        move(l->weight);
+        move(l->bias);
+      }
+      for (Parameter<T>* p : b.other_parameters()) move(*p);
+    }
+    move(final_norm_weight);
+    move(final_norm_bias);
+    move(lm_head);
+    device_ = device;
+    eval_tape_ = std::make_unique<Tape<T>>(device);
+    return *this;
+  }
 
   // ---- pieces on a tape ----
   // tokens at positions pos0, pos0+1, … → (T, d)
@@ -121,14 +158,17 @@ class Transformer {
     Tape<T>& tape = *eval_tape_;
     tape.clear();
     NoGrad<T> no_grad(tape);
-    return blocks.at(static_cast<size_t>(i)).forward(tape, tape.constant(x), ctx).value().clone();
+    return blocks.at(static_cast<size_t>(i))
+        .forward(tape, tape.constant(on_device(x)), ctx)
+        .value()
+        .clone();
   }
   // Final norm and LM head applied to hidden states (T, d); valid until the next call.
   Tensor<T> head_logits(const Tensor<T>& hidden) {
     Tape<T>& tape = *eval_tape_;
     tape.clear();
     NoGrad<T> no_grad(tape);
-    return head(tape, tape.constant(hidden)).value();
+    return head(tape, tape.constant(on_device(hidden))).value();
   }
 
   // Greedy decoding as llama2.c's `run -t 0`: from `prompt` (e.g. {bos}) generate until the
@@ -141,6 +181,7 @@ class Transformer {
     std::vector<int32_t> out;
     while (static_cast<int64_t>(prompt.size()) <= limit) {
       Tensor<T> l = logits(prompt);
+      if (!l.is_cpu()) l = l.slice(0, l.size(0) - 1, l.size(0)).to(Device::cpu);  // the last row
       const int64_t V = l.size(1), last = l.size(0) - 1;
       int32_t best = 0;
       for (int64_t j = 1; j < V; ++j)
@@ -153,7 +194,13 @@ class Transformer {
   }
 
  private:
+  // `x` on the model's device (a copy when it lives elsewhere).
+  Tensor<T> on_device(const Tensor<T>& x) const {
+    return x.device() == device_ ? x : x.to(device_);
+  }
+
   std::unique_ptr<Tape<T>> eval_tape_;
+  Device device_ = Device::cpu;
 };
 
 }  // namespace cbq

@@ -8,8 +8,10 @@
 // approximation. Backward reads x from the input variable; nothing else is saved.
 #include <cmath>
 #include <numbers>
+#include <type_traits>
 
 #include "cbq/ops/common.hpp"
+#include "cbq/ops/cpu_kernels.hpp"
 
 namespace cbq::ops {
 
@@ -91,7 +93,11 @@ class ActivationNode final : public Node<T> {
       return;
     }
     parallel_for(x_.value().numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) dx[i] += dy[i] * F::derivative(x[i]);
+      if constexpr (std::is_same_v<F, Silu>) {  // vectorized (ops/cpu_kernels.hpp)
+        CBQ_SIMD_DISPATCH(simd::isa_for<T>(), silu_backward<T>(dx, dy, x, begin, end));
+      } else {
+        for (int64_t i = begin; i < end; ++i) dx[i] += dy[i] * F::derivative(x[i]);
+      }
     });
   }
 
@@ -116,7 +122,11 @@ Var<T> activation(Var<T> x) {
     CudaActivation<T, F>::forward(y, xp, X.numel());
   } else {
     parallel_for(X.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) y[i] = F::value(xp[i]);
+      if constexpr (std::is_same_v<F, Silu>) {  // vectorized (ops/cpu_kernels.hpp)
+        CBQ_SIMD_DISPATCH(simd::isa_for<T>(), silu_forward<T>(y, xp, begin, end));
+      } else {
+        for (int64_t i = begin; i < end; ++i) y[i] = F::value(xp[i]);
+      }
     });
   }
   if (rg) tape.template record<ActivationNode<T, F>>(out, x);

@@ -28,6 +28,7 @@
 #include <optional>
 #include <vector>
 
+#include "cbq/ops/cpu_kernels.hpp"
 #include "cbq/ops/matmul.hpp"
 
 namespace cbq::ops {
@@ -64,6 +65,14 @@ struct AttentionDims {
     return causal ? std::clamp<int64_t>(i - j0 + 1, 0, nk) : nk;
   }
 };
+
+// A per-thread buffer of at least n values (grown once; no allocation in the steady state).
+template <class T>
+T* attention_buffer(int64_t n) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(static_cast<std::size_t>(n));
+  return buffer.data();
+}
 
 }  // namespace detail
 
@@ -106,7 +115,9 @@ class AttentionNode final : public Node<T> {
     const int64_t ld_share = shared_kv ? ldq : ldk;
 
     parallel_for(a.n_heads, 1, [&](int64_t h0, int64_t h1) {
-      std::vector<T> probs(B * B), dscores(B * B), row_dot(B);
+      T* probs = detail::attention_buffer<T>(2 * B * B + B);  // per thread, allocated once
+      T* dscores = probs + B * B;
+      T* row_dot = dscores + B * B;
       for (int64_t h = h0; h < h1; ++h) {
         const int64_t g = h / group;
         const int64_t share_col = (shared_kv ? h : g) * hd;
@@ -126,30 +137,28 @@ class AttentionNode final : public Node<T> {
             const T* K = k + j0 * ldk + g * hd;  // (nk, hd), row stride ldk
             const T* V = v + j0 * ldk + g * hd;  // (nk, hd)
             // P (nq, nk) = exp(scale · Q Kᵀ − L), 0 where masked
-            blas::gemm<T>(false, true, nq, nk, hd, scale, Q, ldq, K, ldk, T(0), probs.data(), B);
-            for (int64_t r = 0; r < nq; ++r) {
-              const int64_t visible = a.visible_keys(i0 + r, j0, nk);
-              const T L = lse[(i0 + r) * a.n_heads + h];
-              T* p = probs.data() + r * B;
-              for (int64_t c = 0; c < visible; ++c) p[c] = std::exp(p[c] - L);
-              for (int64_t c = visible; c < nk; ++c) p[c] = T(0);
-            }
+            blas::gemm<T>(false, true, nq, nk, hd, scale, Q, ldq, K, ldk, T(0), probs, B);
+            int64_t visible[B];
+            for (int64_t r = 0; r < nq; ++r) visible[r] = a.visible_keys(i0 + r, j0, nk);
+            CBQ_SIMD_DISPATCH(simd::isa_for<T>(),
+                              attention_probs_tile<T>(probs, B, nq, nk, visible,
+                                                      lse + i0 * a.n_heads + h, a.n_heads));
             if (dv_share)  // dV (nk, hd) += Pᵀ (nk, nq) · dO (nq, hd)
-              blas::gemm<T>(true, false, nk, hd, nq, T(1), probs.data(), B, dO, ldq, T(1),
+              blas::gemm<T>(true, false, nk, hd, nq, T(1), probs, B, dO, ldq, T(1),
                             dv_share + j0 * ld_share + share_col, ld_share);
             if (!dq && !dk_share) continue;
             // dP (nq, nk) = dO (nq, hd) · Vᵀ (hd, nk);  dS = P ⊙ (dP − D)
-            blas::gemm<T>(false, true, nq, nk, hd, T(1), dO, ldq, V, ldk, T(0), dscores.data(), B);
+            blas::gemm<T>(false, true, nq, nk, hd, T(1), dO, ldq, V, ldk, T(0), dscores, B);
             for (int64_t r = 0; r < nq; ++r) {
-              const T* p = probs.data() + r * B;
-              T* ds = dscores.data() + r * B;
+              const T* p = probs + r * B;
+              T* ds = dscores + r * B;
               for (int64_t c = 0; c < nk; ++c) ds[c] = p[c] * (ds[c] - row_dot[r]);
             }
             if (dq)  // dQ (nq, hd) += scale · dS (nq, nk) · K (nk, hd)
-              blas::gemm<T>(false, false, nq, hd, nk, scale, dscores.data(), B, K, ldk, T(1),
+              blas::gemm<T>(false, false, nq, hd, nk, scale, dscores, B, K, ldk, T(1),
                             dq + i0 * ldq + h * hd, ldq);
             if (dk_share)  // dK (nk, hd) += scale · dSᵀ (nk, nq) · Q (nq, hd)
-              blas::gemm<T>(true, false, nk, hd, nq, scale, dscores.data(), B, Q, ldq, T(1),
+              blas::gemm<T>(true, false, nk, hd, nq, scale, dscores, B, Q, ldq, T(1),
                             dk_share + j0 * ld_share + share_col, ld_share);
           }
         }
@@ -230,45 +239,31 @@ Var<T> attention(Var<T> q, Var<T> k, Var<T> v, int64_t n_heads, int64_t n_kv_hea
 
   // One work item per (query head, query tile).
   parallel_for(n_heads * n_tiles, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<T> scores(B * B), running_max(B), running_sum(B);
+    T* scores = detail::attention_buffer<T>(B * B + 2 * B);  // per thread, allocated once
+    T* running_max = scores + B * B;
+    T* running_sum = running_max + B;
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t h = w / n_tiles, g = h / group;
       const int64_t i0 = (w % n_tiles) * B, i1 = std::min(n, i0 + B), nq = i1 - i0;
       const T* Q = qp + i0 * ldq + h * hd;  // (nq, hd), row stride ldq
       T* O = o + i0 * ldq + h * hd;         // (nq, hd): unnormalised Σ exp(S − m) V, then O
       for (int64_t r = 0; r < nq; ++r) std::fill(O + r * ldq, O + r * ldq + hd, T(0));
-      std::fill(running_max.begin(), running_max.end(), -std::numeric_limits<T>::infinity());
-      std::fill(running_sum.begin(), running_sum.end(), T(0));
+      std::fill(running_max, running_max + B, -std::numeric_limits<T>::infinity());
+      std::fill(running_sum, running_sum + B, T(0));
       const int64_t kv_end = causal ? i1 : n;
       for (int64_t j0 = 0; j0 < kv_end; j0 += B) {
         const int64_t nk = std::min(kv_end, j0 + B) - j0;
         // S (nq, nk) = scale · Q Kᵀ
         blas::gemm<T>(false, true, nq, nk, hd, sc, Q, ldq, kp + j0 * ldk + g * hd, ldk, T(0),
-                      scores.data(), B);
-        for (int64_t r = 0; r < nq; ++r) {
-          T* s = scores.data() + r * B;
-          const int64_t visible = a.visible_keys(i0 + r, j0, nk);
-          if (visible == 0) {
-            std::fill(s, s + nk, T(0));
-            continue;
-          }
-          const T m_new = std::max(running_max[r], *std::max_element(s, s + visible));
-          // Rescale what was accumulated under the old max: exp(m_old − m_new) (0 at the start).
-          const T correction = std::exp(running_max[r] - m_new);
-          T sum = 0;
-          for (int64_t c = 0; c < visible; ++c) {
-            s[c] = std::exp(s[c] - m_new);
-            sum += s[c];
-          }
-          std::fill(s + visible, s + nk, T(0));
-          running_sum[r] = running_sum[r] * correction + sum;
-          running_max[r] = m_new;
-          if (correction != T(1))
-            for (int64_t c = 0; c < hd; ++c) O[r * ldq + c] *= correction;
-        }
+                      scores, B);
+        int64_t visible[B];
+        for (int64_t r = 0; r < nq; ++r) visible[r] = a.visible_keys(i0 + r, j0, nk);
+        CBQ_SIMD_DISPATCH(simd::isa_for<T>(),
+                          attention_softmax_tile<T>(scores, B, nq, nk, visible, running_max,
+                                                    running_sum, O, ldq, hd));
         // O (nq, hd) += exp(S − m) (nq, nk) · V (nk, hd)
-        blas::gemm<T>(false, false, nq, hd, nk, T(1), scores.data(), B, vp + j0 * ldk + g * hd, ldk,
-                      T(1), O, ldq);
+        blas::gemm<T>(false, false, nq, hd, nk, T(1), scores, B, vp + j0 * ldk + g * hd, ldk, T(1),
+                      O, ldq);
       }
       for (int64_t r = 0; r < nq; ++r) {
         const T inv = T(1) / running_sum[r];

@@ -13,11 +13,15 @@
 // (a_j − max a) / τ − shift_a with shift_a = log Σ_k exp((a_k − max a) / τ) ∈ [0, log n], so
 // nothing overflows and float keeps its precision for logits in the hundreds. Saved for backward:
 // shift_a, shift_b and KL_r per row; the row maxima are recomputed.
+// CPU: the same double formulas in vectors (ops/cpu_kernels.hpp: exp within 2 ulp of double's,
+// sums over a row in lanes), so float results agree with a scalar evaluation to their last bit
+// but for rare roundings.
 // CUDA (cuda/cbq/cuda/kl_div.cuh): one block per row, the same double formulas; the mean over
 // rows is a fixed-order reduction in double.
 #include <algorithm>
 #include <cmath>
 
+#include "cbq/ops/cpu_kernels.hpp"
 #include "cbq/ops/softmax.hpp"
 
 namespace cbq::ops {
@@ -60,21 +64,10 @@ class KlSoftmaxNode final : public Node<T> {
     const T* saved = saved_.data();  // (R, 3): shift_a, shift_b, KL_r
     T* da = grad_a ? a_.grad().data() : nullptr;
     T* db = grad_b ? b_.grad().data() : nullptr;
+    // The maxima are recomputed; the shifts and KL_r come from the forward pass.
     parallel_for(rows, detail::row_grain(n), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* ar = ap + r * n;
-        const T* br = bp + r * n;
-        // The maxima are recomputed; the shifts and KL_r come from the forward pass.
-        const detail::RowShift ra{*std::max_element(ar, ar + n), saved[3 * r]};
-        const detail::RowShift rb{*std::max_element(br, br + n), saved[3 * r + 1]};
-        const double kl = saved[3 * r + 2];
-        for (int64_t j = 0; j < n; ++j) {
-          const double log_p = ra.log_prob(ar[j], inv_tau), log_q = rb.log_prob(br[j], inv_tau);
-          const double p = std::exp(log_p);
-          if (grad_a) da[r * n + j] += static_cast<T>(coef * p * (log_p - log_q - kl));
-          if (grad_b) db[r * n + j] += static_cast<T>(coef * (std::exp(log_q) - p));
-        }
-      }
+      CBQ_SIMD_DISPATCH(simd::isa_for<T>(),
+                        kl_backward_rows<T>(da, db, ap, bp, saved, r0, r1, n, inv_tau, coef));
     });
   }
 
@@ -115,20 +108,7 @@ Var<T> kl_softmax(Var<T> a, Var<T> b, T temperature = T(1)) {
     return out;
   }
   parallel_for(rows, detail::row_grain(n), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* ar = ap + r * n;
-      const T* br = bp + r * n;
-      const detail::RowShift ra = detail::row_shift(ar, n, inv_tau);
-      const detail::RowShift rb = detail::row_shift(br, n, inv_tau);
-      double kl = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        const double log_p = ra.log_prob(ar[j], inv_tau), log_q = rb.log_prob(br[j], inv_tau);
-        kl += std::exp(log_p) * (log_p - log_q);
-      }
-      sp[3 * r] = static_cast<T>(ra.shift);
-      sp[3 * r + 1] = static_cast<T>(rb.shift);
-      sp[3 * r + 2] = static_cast<T>(kl);
-    }
+    CBQ_SIMD_DISPATCH(simd::isa_for<T>(), kl_forward_rows<T>(ap, bp, sp, r0, r1, n, inv_tau));
   });
   double total = 0;  // serial over rows: deterministic
   for (int64_t r = 0; r < rows; ++r) total += static_cast<double>(sp[3 * r + 2]);

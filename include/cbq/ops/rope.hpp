@@ -8,10 +8,15 @@
 // Derivative: the Jacobian is a rotation, so dx is the inverse rotation of dy:
 //   dx_a += dy_a·cos φ + dy_b·sin φ,   dx_b += −dy_a·sin φ + dy_b·cos φ
 // q and k are rotated by separate calls (their head counts differ under grouped-query
-// attention). cos/sin are computed in double, then cast to T, and saved for backward.
+// attention). cos/sin are computed in double, then cast to T, cached per shape (rope_tables) and
+// saved for backward.
 // CUDA (cuda/cbq/cuda/rope.cuh): the tables are computed on the device (CUDA's double pow/cos/sin,
 // within 2 ulp of glibc's), one thread per rotated pair.
+#include <algorithm>
 #include <cmath>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 #include "cbq/model/config.hpp"
 #include "cbq/ops/common.hpp"
@@ -42,12 +47,34 @@ inline void rope_pair(RopeLayout layout, int64_t head_dim, int64_t i, int64_t& a
   }
 }
 
+// One head of one row: out = or += rotate(in) for pairs (a_i, b_i) = (xa[i·stride], xb[i·stride]).
+// Branch-free inner loops, so that the compiler vectorizes them.
+template <class T, bool Accumulate>
+void rope_rotate_head(T* ya, T* yb, const T* xa, const T* xb, int64_t stride, const T* c,
+                      const T* s, int64_t half, T sign) {
+  for (int64_t i = 0; i < half; ++i) {
+    const T sn = sign * s[i];
+    const T va = xa[i * stride] * c[i] - xb[i * stride] * sn;
+    const T vb = xa[i * stride] * sn + xb[i * stride] * c[i];
+    if constexpr (Accumulate) {
+      ya[i * stride] += va;
+      yb[i * stride] += vb;
+    } else {
+      ya[i * stride] = va;
+      yb[i * stride] = vb;
+    }
+  }
+}
+
 // Rotates every pair of every head by (cos, sin) tables of shape (T, hd/2); `sign` = −1 applies
 // the inverse rotation. out += rotate(in) when accumulate, else out = rotate(in).
 template <class T>
 void rope_apply(T* out, const T* in, const T* cos_table, const T* sin_table, int64_t seq_len,
                 int64_t n_heads, int64_t head_dim, RopeLayout layout, T sign, bool accumulate) {
   const int64_t half = head_dim / 2, width = n_heads * head_dim;
+  int64_t a0, b0;
+  rope_pair(layout, head_dim, 0, a0, b0);
+  const int64_t stride = layout == RopeLayout::interleaved ? 2 : 1;  // of a pair's members
   parallel_for(seq_len, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(width, 1)),
                [&](int64_t t0, int64_t t1) {
                  for (int64_t t = t0; t < t1; ++t) {
@@ -56,23 +83,56 @@ void rope_apply(T* out, const T* in, const T* cos_table, const T* sin_table, int
                    for (int64_t h = 0; h < n_heads; ++h) {
                      const T* xi = in + t * width + h * head_dim;
                      T* yo = out + t * width + h * head_dim;
-                     for (int64_t i = 0; i < half; ++i) {
-                       int64_t a, b;
-                       rope_pair(layout, head_dim, i, a, b);
-                       const T sn = sign * s[i];
-                       const T ya = xi[a] * c[i] - xi[b] * sn;
-                       const T yb = xi[a] * sn + xi[b] * c[i];
-                       if (accumulate) {
-                         yo[a] += ya;
-                         yo[b] += yb;
-                       } else {
-                         yo[a] = ya;
-                         yo[b] = yb;
-                       }
-                     }
+                     if (accumulate)
+                       rope_rotate_head<T, true>(yo + a0, yo + b0, xi + a0, xi + b0, stride, c, s,
+                                                 half, sign);
+                     else
+                       rope_rotate_head<T, false>(yo + a0, yo + b0, xi + a0, xi + b0, stride, c, s,
+                                                  half, sign);
                    }
                  }
                });
+}
+
+// cos/sin tables (seq_len, hd/2) of φ(t, i) = (pos0 + t)·θ^(−2i/hd), computed in double and
+// cached: the most recent kRopeCacheSize distinct (seq_len, hd, θ, pos0) keys are kept (a tensor
+// handed out stays valid after its entry is evicted; it is shared, never written again).
+inline constexpr std::size_t kRopeCacheSize = 16;
+
+template <class T>
+std::pair<Tensor<T>, Tensor<T>> rope_tables(int64_t seq_len, int64_t head_dim, double theta,
+                                            int64_t pos0) {
+  struct Entry {
+    int64_t seq_len, head_dim, pos0;
+    double theta;
+    Tensor<T> cos, sin;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> cache;  // most recently used last
+  std::lock_guard<std::mutex> lock(mutex);
+  for (std::size_t k = 0; k < cache.size(); ++k) {
+    const Entry& e = cache[k];
+    if (e.seq_len == seq_len && e.head_dim == head_dim && e.pos0 == pos0 && e.theta == theta) {
+      if (k + 1 != cache.size())
+        std::rotate(cache.begin() + static_cast<std::ptrdiff_t>(k),
+                    cache.begin() + static_cast<std::ptrdiff_t>(k) + 1, cache.end());
+      return {cache.back().cos, cache.back().sin};
+    }
+  }
+  const int64_t half = head_dim / 2;
+  Tensor<T> cos_table = Tensor<T>::empty(Shape{seq_len, half});
+  Tensor<T> sin_table = Tensor<T>::empty(Shape{seq_len, half});
+  for (int64_t i = 0; i < half; ++i) {
+    const double freq = std::pow(theta, -2.0 * double(i) / double(head_dim));
+    for (int64_t t = 0; t < seq_len; ++t) {
+      const double angle = double(pos0 + t) * freq;
+      cos_table[t * half + i] = static_cast<T>(std::cos(angle));
+      sin_table[t * half + i] = static_cast<T>(std::sin(angle));
+    }
+  }
+  if (cache.size() >= kRopeCacheSize) cache.erase(cache.begin());
+  cache.push_back(Entry{seq_len, head_dim, pos0, theta, cos_table, sin_table});
+  return {cos_table, sin_table};
 }
 
 }  // namespace detail
@@ -127,11 +187,11 @@ Var<T> rope(Var<T> x, int64_t n_heads, int64_t head_dim, RopeLayout layout, doub
   Tape<T>& tape = x.tape();
   const bool rg = tape.any_requires_grad({x});
   Var<T> out = tape.output(X.shape(), rg);
-  Tensor<T> cos_table = tape.scratch(Shape{seq_len, half});  // (T, hd/2)
-  Tensor<T> sin_table = tape.scratch(Shape{seq_len, half});  // (T, hd/2)
-  Tensor<T> Y = out.value();                                 // shares the output's storage
-  check_same_device("rope", Y, X);                           // the tape allocates on its own device
+  Tensor<T> Y = out.value();        // shares the output's storage
+  check_same_device("rope", Y, X);  // the tape allocates on its own device
   if (X.device() == Device::cuda) {
+    Tensor<T> cos_table = tape.scratch(Shape{seq_len, half});  // (T, hd/2)
+    Tensor<T> sin_table = tape.scratch(Shape{seq_len, half});  // (T, hd/2)
     require_cuda("rope");
     CBQ_CHECK(CudaRope<T>::tables && CudaRope<T>::apply, "rope: CUDA kernel not registered");
     CudaRope<T>::tables(cos_table.data(), sin_table.data(), seq_len, head_dim, theta, pos0);
@@ -141,18 +201,14 @@ Var<T> rope(Var<T> x, int64_t n_heads, int64_t head_dim, RopeLayout layout, doub
       tape.template record<RopeNode<T>>(out, x, cos_table, sin_table, n_heads, head_dim, layout);
     return out;
   }
-  for (int64_t i = 0; i < half; ++i) {
-    const double freq = std::pow(theta, -2.0 * double(i) / double(head_dim));
-    for (int64_t t = 0; t < seq_len; ++t) {
-      const double angle = double(pos0 + t) * freq;
-      cos_table[t * half + i] = static_cast<T>(std::cos(angle));
-      sin_table[t * half + i] = static_cast<T>(std::sin(angle));
-    }
-  }
-  detail::rope_apply(Y.data(), X.data(), cos_table.data(), sin_table.data(), seq_len, n_heads,
-                     head_dim, layout, T(1), false);
+  // The tables depend only on (T, hd, θ, pos0): computed once and shared (a training step
+  // would otherwise spend thousands of double sin/cos calls per call).
+  const auto tables = detail::rope_tables<T>(seq_len, head_dim, theta, pos0);
+  detail::rope_apply(Y.data(), X.data(), tables.first.data(), tables.second.data(), seq_len,
+                     n_heads, head_dim, layout, T(1), false);
   if (rg)
-    tape.template record<RopeNode<T>>(out, x, cos_table, sin_table, n_heads, head_dim, layout);
+    tape.template record<RopeNode<T>>(out, x, tables.first, tables.second, n_heads, head_dim,
+                                      layout);
   return out;
 }
 

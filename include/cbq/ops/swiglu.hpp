@@ -3,8 +3,10 @@
 // With s = σ(gate):
 //   d gate += dy ⊙ up ⊙ s·(1 + gate·(1 − s))
 //   d up   += dy ⊙ gate·s
-// Backward reads gate and up from their variables; nothing else is saved.
+// Backward reads gate and up from their variables; nothing else is saved. The CPU loops are
+// vectorized (ops/cpu_kernels.hpp; exp within 1 ulp of the C library's).
 #include "cbq/ops/activations.hpp"
+#include "cbq/ops/cpu_kernels.hpp"
 
 namespace cbq::ops {
 
@@ -35,11 +37,7 @@ class SwigluNode final : public Node<T> {
       return;
     }
     parallel_for(gate_.value().numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const T s = detail::sigmoid(g[i]);
-        if (dg) dg[i] += dy[i] * u[i] * s * (T(1) + g[i] * (T(1) - s));
-        if (du) du[i] += dy[i] * g[i] * s;
-      }
+      CBQ_SIMD_DISPATCH(simd::isa_for<T>(), swiglu_backward<T>(dg, du, dy, g, u, begin, end));
     });
   }
 
@@ -69,7 +67,7 @@ Var<T> swiglu(Var<T> gate, Var<T> up) {
     CudaSwiglu<T>::forward(y, g, u, G.numel());
   } else {
     parallel_for(G.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) y[i] = g[i] * detail::sigmoid(g[i]) * u[i];
+      CBQ_SIMD_DISPATCH(simd::isa_for<T>(), swiglu_forward<T>(y, g, u, begin, end));
     });
   }
   if (rg) tape.template record<SwigluNode<T>>(out, gate, up);

@@ -4,6 +4,7 @@
 // directory, in a file mapping there (MAP_SHARED on an unlinked temporary file), so the kernel
 // pages the sets to disk when they do not fit in RAM — a 7B model at 128 × 2048 tokens needs
 // 4 × 4 GiB. The file is unlinked at once, so nothing is left behind, even after a crash.
+// A pass on the GPU may keep a set in device memory instead (one allocation for the N samples).
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -24,14 +25,19 @@ template <class T>
 class ActivationSet {
  public:
   ActivationSet() = default;
-  // N tensors of (L, d); `dir` empty → host memory, else a file-backed mapping in `dir`.
-  ActivationSet(int64_t n, int64_t L, int64_t d, const std::string& dir, const std::string& what)
+  // N tensors of (L, d); `dir` empty → memory on `device`, else a file-backed mapping in `dir`
+  // (host memory: `device` must be the CPU then).
+  ActivationSet(int64_t n, int64_t L, int64_t d, const std::string& dir, const std::string& what,
+                Device device = Device::cpu)
       : n_(n) {
     const std::size_t per_sample = static_cast<std::size_t>(L * d) * sizeof(T);
     const std::size_t bytes = per_sample * static_cast<std::size_t>(n);
     std::shared_ptr<Storage> storage;
+    CBQ_CHECK(dir.empty() || device == Device::cpu,
+              "activation store: {} cannot be both on {} and file-backed in {}", what,
+              device_name(device), dir);
     if (dir.empty()) {
-      storage = std::make_shared<Storage>(bytes, Device::cpu);
+      storage = std::make_shared<Storage>(bytes, device);
     } else {
       storage = map_file(dir, bytes, what);
     }
@@ -40,6 +46,7 @@ class ActivationSet {
           Tensor<T>::view_of(storage, Shape{L, d}, per_sample * static_cast<std::size_t>(i)));
   }
   int64_t size() const { return n_; }
+  Device device() const { return samples_.empty() ? Device::cpu : samples_.front().device(); }
   // Sample i; write with copy_from (the tensor views the set's memory).
   Tensor<T>& operator[](int64_t i) { return samples_[static_cast<std::size_t>(i)]; }
   const Tensor<T>& operator[](int64_t i) const { return samples_[static_cast<std::size_t>(i)]; }

@@ -71,6 +71,11 @@ concept RoundingPolicy = requires {
 // CFP (coarse-to-fine pre-processing) and the SmoothQuant-style alternative for the ablation.
 enum class ActivationScaling { none, cfp, smoothquant };
 
+// Where a pass on the GPU keeps its four calibration activation sets: automatic puts them in GPU
+// memory when they fit beside the model and the window's working set, else in host memory (each
+// sample is then copied to the GPU when a step uses it).
+enum class ActivationPlacement { automatic, device, host };
+
 struct PassOptions {
   // Optimisation (per window): E epochs over the N calibration samples, batch 1.
   int64_t epochs = 3;
@@ -105,6 +110,10 @@ struct PassOptions {
   bool cfp_weights = false;  // truncate weight outliers per layer (CFP coarse-to-fine)
   double smoothquant_alpha = 0.5;
   // Run.
+  // Where the pass computes: cuda moves the model to the GPU (it stays there afterwards) and
+  // trains every window there; the result (codes, scales) is on the host either way.
+  Device device = Device::cpu;
+  ActivationPlacement activation_placement = ActivationPlacement::automatic;
   uint64_t seed = 0;
   bool verbose = true;
   int64_t max_steps = 0;  // > 0: stop each window after this many steps (smoke tests)

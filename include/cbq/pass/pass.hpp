@@ -11,6 +11,11 @@
 //             E(a, b) = mean_t ‖a_t − b_t‖² + mean_t KL(softmax(a_t) ‖ softmax(b_t));
 //   training  E epochs over the N samples, batch 1, Adam (three parameter groups), cosine LR;
 //   then      blocks leaving their last window are hard-rounded and frozen, and X_q advances.
+//
+// On the GPU (PassOptions::device = cuda) the model moves to the device and every forward,
+// backward and optimiser step runs there; the activation sets live in GPU memory when they fit
+// (else in host memory, one sample copied up per use), and the codes and scales of the result
+// are on the host. docs/CUDA.md, "The pass on the GPU".
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -37,6 +42,7 @@
 #include "cbq/pass/calibration.hpp"
 #include "cbq/pass/checkpoint.hpp"
 #include "cbq/pass/config.hpp"
+#include "cbq/pass/device_support.hpp"
 #include "cbq/pass/preprocess.hpp"
 #include "cbq/pass/quant_linear.hpp"
 #include "cbq/pass/result.hpp"
@@ -59,6 +65,7 @@ inline std::string format_duration(double s) {
 
 template <class T>
 bool all_finite(const Tensor<T>& t) {
+  if (!t.is_cpu()) return scan_values(t, "CBQ").first_non_finite < 0;
   const T* p = t.data();
   for (int64_t i = 0; i < t.numel(); ++i)
     if (!std::isfinite(static_cast<double>(p[i]))) return false;
@@ -67,11 +74,45 @@ bool all_finite(const Tensor<T>& t) {
 
 template <class T>
 void check_finite(const Tensor<T>& t, const std::string& what) {
+  if (!t.is_cpu()) {  // a reduction on the device; only a bad element comes back
+    const int64_t i = scan_values(t, "CBQ").first_non_finite;
+    if (i >= 0)
+      fail("CBQ: {} holds a non-finite value ({}) at element {} (row {}, column {})", what,
+           static_cast<double>(element_at(t, i)), i, i / t.shape().cols(), i % t.shape().cols());
+    return;
+  }
   const T* p = t.data();
   for (int64_t i = 0; i < t.numel(); ++i)
     CBQ_CHECK(std::isfinite(static_cast<double>(p[i])),
               "CBQ: {} holds a non-finite value ({}) at element {} (row {}, column {})", what,
               static_cast<double>(p[i]), i, i / t.shape().cols(), i % t.shape().cols());
+}
+
+// obs.observe(x) for a tensor on any device (MinMaxObserver reads host memory).
+template <class T>
+void observe(quant::MinMaxObserver<T>& obs, const Tensor<T>& x) {
+  if (x.is_cpu()) {
+    obs.observe(x);
+    return;
+  }
+  const ValueScan<T> s = scan_values(x, "MinMaxObserver");
+  if (s.first_non_finite >= 0)
+    fail("MinMaxObserver '{}': element {} of a calibration tensor of shape {} is {}", obs.name,
+         s.first_non_finite, x.shape(), static_cast<double>(element_at(x, s.first_non_finite)));
+  obs.min = std::min(obs.min, s.min);
+  obs.max = std::max(obs.max, s.max);
+  obs.count += x.numel();
+}
+
+// The tensors themselves when they are all on the host, else host copies (checkpoints).
+template <class T>
+std::vector<Tensor<T>> on_host(const std::vector<Tensor<T>>& v) {
+  bool host = true;
+  for (const Tensor<T>& t : v) host = host && t.is_cpu();
+  if (host) return v;
+  std::vector<Tensor<T>> out;
+  for (const Tensor<T>& t : v) out.push_back(t.to(Device::cpu));
+  return out;
 }
 
 }  // namespace detail
@@ -178,6 +219,9 @@ class CbqPass {
   QuantizationResult run(Transformer<Block>& model, const Calibration& calib) {
     using T = typename Block::scalar_type;
     CBQ_CHECK(calib.size() >= 1, "CBQ: no calibration samples");
+    // Embed on the pass's device (pre-processing runs on the host: the model moves later then).
+    if (model.device() != options_.device && options_.activation_scaling == ActivationScaling::none)
+      model.to(options_.device);
     std::vector<Tensor<T>> x0;
     for (int64_t n = 0; n < calib.size(); ++n) x0.push_back(model.embed_tensor(calib.samples[n]));
     return run_from_hidden(model, std::move(x0));
@@ -234,11 +278,21 @@ class CbqPass {
       fmt::print("CBQ: activations live in file mappings in {} (paged to disk as needed)\n",
                  o.activation_dir);
 
-    // The four activation sets (host memory, or file-backed in activation_dir).
-    ActivationSet<T> fp_set(N, L, d, o.activation_dir, "X_fp"),
-        q_set(N, L, d, o.activation_dir, "X_q"),
-        fp_target_set(N, L, d, o.activation_dir, "T_fp(X_fp)"),
-        hom_target_set(N, L, d, o.activation_dir, "T_fp(X_q)");
+    // On the GPU, pre-processing (host loops over the model's weights) runs first, on the host.
+    const bool preprocess_on_host = o.device != Device::cpu;
+    if (preprocess_on_host && o.activation_scaling != ActivationScaling::none) {
+      if (model.device() != Device::cpu) model.to(Device::cpu);
+      result.preprocess = scale_activation_outliers(
+          model, detail::on_host(inputs), o.activation_scaling, o.smoothquant_alpha, o.verbose);
+    }
+    if (model.device() != o.device) model.to(o.device);
+
+    // The four activation sets (host memory, file-backed in activation_dir, or GPU memory).
+    const Device act_device = activation_device(model, result.activation_bytes, L);
+    ActivationSet<T> fp_set(N, L, d, o.activation_dir, "X_fp", act_device),
+        q_set(N, L, d, o.activation_dir, "X_q", act_device),
+        fp_target_set(N, L, d, o.activation_dir, "T_fp(X_fp)", act_device),
+        hom_target_set(N, L, d, o.activation_dir, "T_fp(X_q)", act_device);
     std::vector<Tensor<T>> x_fp = fp_set.tensors(), x_q = q_set.tensors();
     std::vector<Tensor<T>> t_fp = fp_target_set.tensors(), t_hom = hom_target_set.tensors();
     for (int64_t n = 0; n < N; ++n) {
@@ -249,7 +303,7 @@ class CbqPass {
 
     // Pre-processing: activation outlier scaling folded into the producers (exact), computed
     // from the full-precision path on the calibration data.
-    if (o.activation_scaling != ActivationScaling::none)
+    if (!preprocess_on_host && o.activation_scaling != ActivationScaling::none)
       result.preprocess = scale_activation_outliers(model, x_fp, o.activation_scaling,
                                                     o.smoothquant_alpha, o.verbose);
 
@@ -289,7 +343,7 @@ class CbqPass {
         for (int64_t b = w.first; b <= w.last; ++b) {
           BlockContext<T> ctx = fp_context<T>();
           ctx.on_linear_input = [&, b](const LinearLayer<T>& layer, const Tensor<T>& in) {
-            ranges[observer_index(model, w, b, layer)].observe(in);
+            detail::observe(ranges[observer_index(model, w, b, layer)], in);
           };
           h = model.run_block(b, h, ctx);
         }
@@ -321,8 +375,8 @@ class CbqPass {
         if constexpr (std::is_same_v<T, float>) {
           PassCheckpoint<T> ck;
           ck.windows_done = window_index;
-          ck.x_fp = x_fp;
-          ck.x_q = x_q;
+          ck.x_fp = detail::on_host(x_fp);
+          ck.x_q = detail::on_host(x_q);
           ck.windows = result.windows;
           ck.initialised.assign(initialised_.begin(), initialised_.end());
           std::vector<const QuantLinear<T>*> installed;
@@ -382,6 +436,45 @@ class CbqPass {
       fmt::print("CBQ: resumed from {} after window {}/{} (blocks 0..{} frozen)\n", path,
                  ck.windows_done, windows.size(), last.finalize - 1);
     return ck.windows_done;
+  }
+
+  // Where the activation sets live: the host unless the model is on the GPU and they fit there
+  // (see ActivationPlacement) beside a rough estimate of the window's working set: per block,
+  // 10 weight-sized tensors (the layer's copy of W, V0, the soft weight, its saved factors and
+  // gradients) and 48 activations of L × (d + hidden).
+  template <class Model>
+  Device activation_device(Model& model, std::size_t activation_bytes, int64_t L) const {
+    using T = typename Model::T;
+    const PassOptions& o = options_;
+    if (model.device() == Device::cpu) return Device::cpu;
+    CBQ_CHECK(o.activation_placement != ActivationPlacement::device || o.activation_dir.empty(),
+              "CBQ: activations cannot be both on the GPU and file-backed in {}", o.activation_dir);
+    if (o.activation_placement == ActivationPlacement::device) return model.device();
+    if (o.activation_placement == ActivationPlacement::host || !o.activation_dir.empty()) {
+      if (o.verbose) fmt::print("CBQ: activations in host memory, copied to the GPU per use\n");
+      return Device::cpu;
+    }
+    std::size_t block_bytes = 0;
+    if (model.num_blocks() > 0)
+      for (auto* layer : model.blocks[0].linears())
+        block_bytes += sizeof(T) * static_cast<std::size_t>(layer->weight.value.numel());
+    const std::size_t per_block =
+        10 * block_bytes +
+        48 * sizeof(T) * static_cast<std::size_t>(L * (model.config.dim + model.config.hidden_dim));
+    const std::size_t working =
+        static_cast<std::size_t>(std::min(spec_.window_blocks, model.num_blocks())) * per_block;
+    std::size_t free_bytes = 0, total_bytes = 0;
+    const bool known = detail::device_memory(free_bytes, total_bytes);
+    const bool fits = known && activation_bytes + working <= free_bytes;
+    if (o.verbose)
+      fmt::print(
+          "CBQ: activations {} ({:.1f} MiB; the window needs about {:.1f} MiB more; {:.1f} of "
+          "{:.1f} MiB free)\n",
+          fits ? "in GPU memory" : "in host memory, copied to the GPU per use",
+          static_cast<double>(activation_bytes) / (1 << 20),
+          static_cast<double>(working) / (1 << 20), static_cast<double>(free_bytes) / (1 << 20),
+          static_cast<double>(total_bytes) / (1 << 20));
+    return fits ? model.device() : Device::cpu;
   }
 
   template <class T>
@@ -466,7 +559,7 @@ class CbqPass {
         if (!detail::all_finite(p->value))
           return fmt::format("the learned parameter {} of layer {}", p->name, q->name());
     }
-    Tape<T> tape;
+    Tape<T> tape(model.device());
     NoGrad<T> off(tape);
     std::string where;
     int64_t block = w.first;
@@ -476,7 +569,7 @@ class CbqPass {
         where = fmt::format("the input of layer layers.{}.{} (block {})", block, layer.name, block);
     };
     if (!detail::all_finite(x)) return "the window's input (the quantized path)";
-    Var<T> y = tape.constant(x);
+    Var<T> y = tape.constant(x.device() == model.device() ? x : x.to(model.device()));
     for (; block <= w.last && where.empty(); ++block) {
       y = model.blocks[block].forward(tape, y, ctx);
       if (where.empty() && !detail::all_finite(y.value()))
@@ -534,7 +627,17 @@ class CbqPass {
     WindowStats stats;
     stats.first_block = w.first;
     stats.last_block = w.last;
-    Tape<T> tape;
+    const Device device = model.device();
+    Tape<T> tape(device);
+    // Activation sets kept in host memory while the model is on the GPU: each use copies the
+    // sample into one of these device buffers.
+    Tensor<T> staged_x, staged_fp, staged_hom;
+    auto staged = [&](const Tensor<T>& t, Tensor<T>& buffer) -> const Tensor<T>& {
+      if (t.device() == device) return t;
+      if (!buffer.defined()) buffer = Tensor<T>::empty(t.shape(), device);
+      buffer.copy_from(t);
+      return buffer;
+    };
     std::mt19937_64 rng(o.seed * 7919ULL + static_cast<uint64_t>(w.first));
     std::vector<int64_t> order(static_cast<size_t>(N));
     std::iota(order.begin(), order.end(), 0);
@@ -544,22 +647,22 @@ class CbqPass {
     // reconstruction terms against both targets, and (when active) the rounding regulariser.
     auto window_loss = [&](Tape<T>& tape, int64_t n, int64_t step, bool with_reg) {
       tape.clear();
-      Var<T> y = tape.constant(x_q[n]);
+      Var<T> y = tape.constant(staged(x_q[n], staged_x));
       BlockContext<T> ctx;
       for (int64_t b = w.first; b <= w.last; ++b) y = model.blocks[b].forward(tape, y, ctx);
       LossTerms terms;
       Var<T> loss;
       auto add_term = [&](Var<T> term, double& slot) {
-        slot = static_cast<double>(term.value()[0]);
+        slot = static_cast<double>(detail::element_at(term.value(), 0));
         loss = loss.valid() ? ops::add(loss, term) : term;
       };
       if (o.loss_full_precision) {
-        Var<T> target = tape.constant(t_fp[n]);
+        Var<T> target = tape.constant(staged(t_fp[n], staged_fp));
         if (o.loss_l2) add_term(ops::row_sq_error(target, y), terms.l2_fp);
         if (o.loss_kld) add_term(ops::kl_softmax(target, y, tau), terms.kld_fp);
       }
       if (o.loss_homologous) {
-        Var<T> target = tape.constant(t_hom[n]);
+        Var<T> target = tape.constant(staged(t_hom[n], staged_hom));
         if (o.loss_l2) add_term(ops::row_sq_error(target, y), terms.l2_hom);
         if (o.loss_kld) add_term(ops::kl_softmax(target, y, tau), terms.kld_hom);
       }
@@ -579,12 +682,12 @@ class CbqPass {
           add_term(reg, terms.round);
         }
       }
-      terms.total = static_cast<double>(loss.value()[0]);
+      terms.total = static_cast<double>(detail::element_at(loss.value(), 0));
       return std::pair<Var<T>, LossTerms>{loss, terms};
     };
     // Mean reconstruction loss over all samples, without gradients (before / after training).
     auto mean_reconstruction = [&]() {
-      Tape<T> eval_tape;
+      Tape<T> eval_tape(device);
       NoGrad<T> off(eval_tape);
       LossTerms sum;
       for (int64_t n = 0; n < N; ++n) sum += window_loss(eval_tape, n, 0, false).second;

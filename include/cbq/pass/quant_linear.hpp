@@ -14,6 +14,7 @@
 
 #include "cbq/model/linear_layer.hpp"
 #include "cbq/pass/config.hpp"
+#include "cbq/pass/device_support.hpp"
 #include "cbq/quant/act_quant.hpp"
 #include "cbq/quant/fake_quant.hpp"
 #include "cbq/quant/lora_rounding.hpp"
@@ -50,9 +51,11 @@ class QuantLinear final : public LinearTransform<T> {
     quant::init_minmax(W_, config_.weight, s, z);
     w_scale_ = Parameter<T>(name_ + ".w_scale", s);
     w_scale_init_ = s.clone();
-    w_scale_floor_ = s.clone();
+    w_scale_floor_ = s.to(Device::cpu);  // every tensor below lives on the weight's device
     for (int64_t i = 0; i < s.numel(); ++i) w_scale_floor_[i] *= static_cast<T>(kMinStepFraction);
-    w_zero_ = config_.weight.symmetric ? Tensor<T>(s.shape()) : z;  // all-zero when symmetric
+    if (!W_.is_cpu()) w_scale_floor_ = w_scale_floor_.to(W_.device());
+    // all-zero when symmetric
+    w_zero_ = config_.weight.symmetric ? Tensor<T>(s.shape(), W_.device()) : z;
     const int64_t rows = W_.size(0), cols = W_.size(1);
     switch (config_.rounding) {
       case RoundingKind::lora:
@@ -61,9 +64,9 @@ class QuantLinear final : public LinearTransform<T> {
         break;
       case RoundingKind::full:
         // V = V0 + ΔV with ΔV a full (rows, cols) parameter starting at 0; V0 as for LoRA.
-        full_v_ = Parameter<T>(name_ + ".v", Tensor<T>(Shape{rows, cols}));
+        full_v_ = Parameter<T>(name_ + ".v", Tensor<T>(Shape{rows, cols}, W_.device()));
         if (config_.lora_init.start == quant::LoraStart::adaround) {
-          full_v0_ = Tensor<T>(Shape{rows, cols});
+          full_v0_ = Tensor<T>(Shape{rows, cols}, W_.device());
           quant::adaround_offset(W_, w_scale_.value, config_.weight, full_v0_);
         }
         break;
@@ -71,11 +74,13 @@ class QuantLinear final : public LinearTransform<T> {
         break;
     }
     if (config_.act_mode == ActMode::static_per_tensor) {
-      act_scale_ = Parameter<T>(name_ + ".x_scale", Tensor<T>::full(Shape{1}, T(1)));
-      act_zero_ = Tensor<T>(Shape{1});
+      act_scale_ =
+          Parameter<T>(name_ + ".x_scale", Tensor<T>::full(Shape{1}, T(1)).to(W_.device()));
+      act_zero_ = Tensor<T>(Shape{1}, W_.device());
     } else if (config_.act_mode == ActMode::dynamic_per_token) {
-      act_clip_ = Parameter<T>(name_ + ".x_clip_logit",
-                               Tensor<T>::full(Shape{1}, static_cast<T>(quant::kDefaultClipLogit)));
+      act_clip_ = Parameter<T>(
+          name_ + ".x_clip_logit",
+          Tensor<T>::full(Shape{1}, static_cast<T>(quant::kDefaultClipLogit)).to(W_.device()));
     }
   }
 
@@ -87,10 +92,10 @@ class QuantLinear final : public LinearTransform<T> {
   void init_activation_range(T lo, T hi) {
     if (config_.act_mode != ActMode::static_per_tensor) return;
     auto p = quant::init_act_static(lo, hi, config_.act_bits, config_.act_symmetric);
-    act_scale_.value[0] = p.scale;
-    act_zero_[0] = p.zero;
+    detail::set_element(act_scale_.value, 0, p.scale);
+    detail::set_element(act_zero_, 0, p.zero);
     act_scale_floor_ = p.scale * static_cast<T>(kMinStepFraction);
-    act_scale_init_ = Tensor<T>::full(Shape{1}, p.scale);
+    act_scale_init_ = Tensor<T>::full(Shape{1}, p.scale).to(W_.device());
   }
   // Per-element learning-rate scales for the step parameters: their initial values, so that
   // Adam's updates are relative to each step (see optim/adam.hpp).
@@ -105,6 +110,13 @@ class QuantLinear final : public LinearTransform<T> {
   // Keeps learned steps positive after an optimiser update: no step goes below
   // kMinStepFraction of its min/max (RTN) value, which would clip 95 % of the range anyway.
   void project_steps() {
+    if (!W_.is_cpu()) {  // one kernel per tensor, no copy
+      detail::clamp_min(w_scale_.value, w_scale_floor_, T(0), "QuantLinear::project_steps");
+      if (act_scale_.value.defined())
+        detail::clamp_min(act_scale_.value, Tensor<T>(), act_scale_floor_,
+                          "QuantLinear::project_steps");
+      return;
+    }
     for (int64_t i = 0; i < w_scale_.value.numel(); ++i)
       w_scale_.value[i] = std::max(w_scale_.value[i], w_scale_floor_[i]);
     if (act_scale_.value.defined())
@@ -121,6 +133,9 @@ class QuantLinear final : public LinearTransform<T> {
   // rounding to regularise (nearest, or hardened).
   Var<T> rounding_regularizer(Tape<T>& tape, T beta) {
     if (hardened_) return Var<T>{};
+    if (config_.rounding == RoundingKind::lora && lora_tracks())
+      return quant::lora_round_reg_tracked(W_, w_scale_.value, config_.weight,
+                                           tape.param(lora_.A1), tape.param(lora_.A2), beta);
     if (config_.rounding == RoundingKind::lora)
       return quant::lora_round_reg(tape.param(lora_.A1), tape.param(lora_.A2), lora_.v0(), beta);
     if (config_.rounding == RoundingKind::full) return quant::rounding_reg(full_v(tape), beta);
@@ -144,7 +159,8 @@ class QuantLinear final : public LinearTransform<T> {
   // the integer weight. Returns the codes, scales and zero-points.
   const quant::QuantizedWeight& harden() {
     if (hardened_) return result_;
-    const Tensor<T>& s = w_scale_.value;
+    // The checks and the codes are computed on the host (a copy of the steps on the GPU).
+    const Tensor<T> s = w_scale_.value.is_cpu() ? w_scale_.value : w_scale_.value.to(Device::cpu);
     for (int64_t i = 0; i < s.numel(); ++i)
       CBQ_CHECK(std::isfinite(static_cast<double>(s[i])) && s[i] > T(0),
                 "{}: learned weight step {} is {} (must be positive and finite)", name_, i,
@@ -152,12 +168,14 @@ class QuantLinear final : public LinearTransform<T> {
     track_step();
     switch (config_.rounding) {
       case RoundingKind::lora:
-        result_ = quant::harden(W_, s, w_zero_, lora_, config_.weight);
+        result_ = quant::harden(W_, s, w_zero_, lora_, config_.weight, lora_tracks());
         break;
       case RoundingKind::full: {
-        Tensor<T> v = full_v_.value.clone();
-        if (full_v0_.defined())
-          for (int64_t i = 0; i < v.numel(); ++i) v[i] += full_v0_[i];
+        Tensor<T> v = full_v_.value.to(Device::cpu);
+        if (full_v0_.defined()) {
+          const Tensor<T> v0 = full_v0_.is_cpu() ? full_v0_ : full_v0_.to(Device::cpu);
+          for (int64_t i = 0; i < v.numel(); ++i) v[i] += v0[i];
+        }
         result_ = quant::harden(W_, s, w_zero_, v, config_.weight);
         break;
       }
@@ -186,13 +204,14 @@ class QuantLinear final : public LinearTransform<T> {
   // The weight the layer computes with now (soft while training, integer after harden()).
   Tensor<T> current_weight() {
     if (hardened_) return W_hard_;
-    Tape<T> tape;
+    Tape<T> tape(W_.device());
     NoGrad<T> off(tape);
     return soft_weight(tape).value().clone();
   }
   // Everything that defines the layer between two optimiser steps, for checkpoints
   // (pass/checkpoint.hpp): tensors and scalars by name. Restoring it into a layer constructed
-  // with the same weight and configuration reproduces the layer bit for bit.
+  // with the same weight and configuration reproduces the layer bit for bit. The state's tensors
+  // are on the host; restore() puts them on the layer's device.
   struct State {
     std::map<std::string, Tensor<T>> tensors;
     std::map<std::string, double> scalars;
@@ -200,7 +219,7 @@ class QuantLinear final : public LinearTransform<T> {
   State state() const {
     State st;
     auto put = [&](const char* key, const Tensor<T>& t) {
-      if (t.defined()) st.tensors[key] = t.clone();
+      if (t.defined()) st.tensors[key] = t.to(Device::cpu);
     };
     put("w_scale", w_scale_.value);
     put("w_scale_init", w_scale_init_);
@@ -250,14 +269,14 @@ class QuantLinear final : public LinearTransform<T> {
       if (!src) return;
       CBQ_CHECK(src->shape() == dst.shape(), "{}: checkpoint tensor '{}' has shape {}, expected {}",
                 name_, key, src->shape(), dst.shape());
-      dst = src->clone();
+      dst = src->to(W_.device());
     };
     load("w_scale", w_scale_.value);
     load("w_scale_init", w_scale_init_);
     load("w_scale_floor", w_scale_floor_);
     load("w_zero", w_zero_);
     load("act_scale", act_scale_.value);
-    if (const Tensor<T>* t = get("act_scale_init")) act_scale_init_ = t->clone();
+    if (const Tensor<T>* t = get("act_scale_init")) act_scale_init_ = t->to(W_.device());
     load("act_zero", act_zero_);
     load("act_clip", act_clip_.value);
     act_scale_floor_ = static_cast<T>(scalar("act_scale_floor"));
@@ -290,9 +309,13 @@ class QuantLinear final : public LinearTransform<T> {
     load("full_v0", full_v0_);
   }
 
-  T act_scale() const { return act_scale_.value.defined() ? act_scale_.value[0] : T(0); }
-  T act_zero() const { return act_zero_.defined() ? act_zero_[0] : T(0); }
-  T act_clip_logit() const { return act_clip_.value.defined() ? act_clip_.value[0] : T(0); }
+  T act_scale() const {
+    return act_scale_.value.defined() ? detail::element_at(act_scale_.value, 0) : T(0);
+  }
+  T act_zero() const { return act_zero_.defined() ? detail::element_at(act_zero_, 0) : T(0); }
+  T act_clip_logit() const {
+    return act_clip_.value.defined() ? detail::element_at(act_clip_.value, 0) : T(0);
+  }
 
  private:
   quant::GridSpec act_spec() const {
@@ -324,6 +347,8 @@ class QuantLinear final : public LinearTransform<T> {
     }
   }
 
+  // LoRA with V0 following the steps: the kernels recompute V0 from s themselves.
+  bool lora_tracks() const { return config_.v0_tracks_step && lora_.V0.defined(); }
   // Keeps V0 = h⁻¹(W/s − floor(W/s)) in step with the current s (see v0_tracks_step).
   void track_step() {
     if (!config_.v0_tracks_step) return;
@@ -339,9 +364,14 @@ class QuantLinear final : public LinearTransform<T> {
 
   Var<T> soft_weight(Tape<T>& tape) {
     const Tensor<T>& zero = w_zero_;
-    track_step();
+    if (config_.rounding == RoundingKind::full) track_step();  // LoRA's is fused in its kernel
     switch (config_.rounding) {
       case RoundingKind::lora:
+        if (lora_tracks())
+          return quant::lora_soft_weight_tracked(W_, tape.param(w_scale_), zero,
+                                                 tape.param(lora_.A1), tape.param(lora_.A2),
+                                                 config_.weight, config_.rounding_mode,
+                                                 config_.lsq_grad_scale);
         return quant::lora_soft_weight(W_, tape.param(w_scale_), zero, tape.param(lora_.A1),
                                        tape.param(lora_.A2), lora_.v0(), config_.weight,
                                        config_.rounding_mode, config_.lsq_grad_scale);
@@ -364,6 +394,7 @@ class QuantLinear final : public LinearTransform<T> {
     } else {
       W_hard_ = deq.template cast<T>();
     }
+    if (!W_.is_cpu()) W_hard_ = W_hard_.to(W_.device());
     for (Parameter<T>* p : all_params()) p->trainable = false;
     lora_ = {};
     full_v_ = {};
@@ -371,11 +402,11 @@ class QuantLinear final : public LinearTransform<T> {
     hardened_ = true;
   }
 
-  void measure_learning(const Tensor<T>& s) {
+  void measure_learning(const Tensor<T>& s) {  // s on the host
+    const Tensor<T> init = w_scale_init_.is_cpu() ? w_scale_init_ : w_scale_init_.to(Device::cpu);
     double change = 0;
     for (int64_t i = 0; i < s.numel(); ++i)
-      change += std::abs(static_cast<double>(s[i] - w_scale_init_[i])) /
-                static_cast<double>(w_scale_init_[i]);
+      change += std::abs(static_cast<double>(s[i] - init[i])) / static_cast<double>(init[i]);
     step_change_ = change / static_cast<double>(s.numel());
     const quant::QuantizedWeight nearest = quant::quantize_weight(W_, s, w_zero_, config_.weight);
     int64_t flips = 0;

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 
 #include "cbq/ops/common.hpp"
@@ -94,7 +95,13 @@ void check_params(const char* op, const Tensor<T>& scale, const Tensor<T>& zero,
   ops::check_contiguous(op, "scale", scale);
   if (zero.defined()) ops::check_same_device(op, scale, zero);
   const Tensor<T> s = scale.is_cpu() ? scale : scale.to(Device::cpu);
-  for (int64_t i = 0; i < s.numel(); ++i)
+  // A branch-free scan first (these run on every step for every layer); the loop that names the
+  // offending element only when it finds one.
+  const T* sp = s.data();
+  const T largest = std::numeric_limits<T>::max();
+  int64_t bad = 0;
+  for (int64_t i = 0; i < s.numel(); ++i) bad += !((sp[i] > T(0)) & (sp[i] <= largest));
+  for (int64_t i = 0; bad && i < s.numel(); ++i)
     CBQ_CHECK(std::isfinite(s[i]) && s[i] > T(0), "{}: scale[{}] = {} is not a positive step", op,
               i, static_cast<double>(s[i]));
   if (!zero.defined()) return;  // an undefined zero tensor means all zero-points are 0
@@ -102,7 +109,12 @@ void check_params(const char* op, const Tensor<T>& scale, const Tensor<T>& zero,
             expected);
   ops::check_contiguous(op, "zero", zero);
   const Tensor<T> z = zero.is_cpu() ? zero : zero.to(Device::cpu);
-  for (int64_t i = 0; i < z.numel(); ++i) {
+  const T* zp = z.data();
+  const T zmax = g.symmetric ? T(0) : static_cast<T>(g.qmax());
+  bad = 0;
+  for (int64_t i = 0; i < z.numel(); ++i)
+    bad += !((zp[i] == std::floor(zp[i])) & (zp[i] >= T(0)) & (zp[i] <= zmax));
+  for (int64_t i = 0; bad && i < z.numel(); ++i) {
     const T v = z[i];
     if (g.symmetric) {
       CBQ_CHECK(v == T(0), "{}: zero[{}] = {} but a symmetric grid has zero-points 0", op, i,
@@ -112,6 +124,30 @@ void check_params(const char* op, const Tensor<T>& scale, const Tensor<T>& zero,
                 "{}: zero[{}] = {} is not an integer in [0, {}]", op, i, static_cast<double>(v),
                 g.qmax());
     }
+  }
+}
+
+// ds_p += g_p · partial_p from the per-(row, group) partial sums Σ G·coef (partial: rows × groups
+// per row; per-tensor: summed over rows first). lsq_n > 0 overrides N in the LSQ scale.
+template <class T>
+void scatter_step_partials(const GridSpec& g, int64_t rows, int64_t cols, const T* part, T* ds,
+                           bool lsq, int64_t lsq_n) {
+  if (g.granularity == Granularity::per_tensor) {
+    T acc = 0;
+    for (int64_t r = 0; r < rows; ++r) acc += part[r];
+    const int64_t n = lsq_n > 0 ? lsq_n : rows * cols;
+    ds[0] += lsq_scale<T>(lsq, n, g) * acc;
+    return;
+  }
+  const int64_t ng = g.groups_per_row(cols);
+  // Only the last group of a row can be short: two scales serve every group.
+  const T full = lsq_scale<T>(lsq, lsq_n > 0 ? lsq_n : elements_sharing(g, 0, rows, cols), g);
+  const T last = lsq_scale<T>(lsq, lsq_n > 0 ? lsq_n : elements_sharing(g, ng - 1, rows, cols), g);
+  for (int64_t r = 0; r < rows; ++r) {
+    T* d = ds + r * ng;
+    const T* pr = part + r * ng;
+    for (int64_t k = 0; k + 1 < ng; ++k) d[k] += full * pr[k];
+    d[ng - 1] += last * pr[ng - 1];
   }
 }
 
@@ -170,18 +206,7 @@ class StepQuantNode final : public Node<T> {
           part[r * ng + k] = acc;
         });
     });
-    T* ds = s_.grad().data();
-    if (g_.granularity == Granularity::per_tensor) {
-      T acc = 0;
-      for (int64_t r = 0; r < rows_; ++r) acc += part[r];
-      const int64_t n = lsq_n_ > 0 ? lsq_n_ : rows_ * cols;
-      ds[0] += lsq_scale<T>(lsq_, n, g_) * acc;
-    } else {
-      for (int64_t p = 0; p < rows_ * ng; ++p) {
-        const int64_t n = lsq_n_ > 0 ? lsq_n_ : elements_sharing(g_, p, rows_, cols);
-        ds[p] += lsq_scale<T>(lsq_, n, g_) * part[p];
-      }
-    }
+    scatter_step_partials(g_, rows_, cols, part, s_.grad().data(), lsq_, lsq_n_);
   }
 
  private:

@@ -27,14 +27,17 @@
 // uses the device's exp, so values differ from the CPU by a few ulps of h (and a hard code can
 // differ only where h(V) lies within those ulps of ½). The regulariser's sum is a deterministic
 // two-stage reduction.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <numbers>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "cbq/ops/add.hpp"
 #include "cbq/ops/matmul.hpp"
+#include "cbq/ops/vectorize.hpp"
 #include "cbq/quant/act_quant.hpp"
 #include "cbq/quant/fake_quant.hpp"
 
@@ -184,14 +187,6 @@ Var<T> lora_v(Var<T> A1, Var<T> A2, const Tensor<T>* V0 = nullptr) {
   return v;
 }
 
-// Ŵ with V = A1·A2 (+ V0); see soft_round_weight.
-template <class T>
-Var<T> lora_soft_weight(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero, Var<T> A1,
-                        Var<T> A2, const Tensor<T>* V0, const GridSpec& spec,
-                        RoundingMode mode = RoundingMode::soft, bool lsq_grad_scale = true) {
-  return soft_round_weight(W, scale, zero, lora_v(A1, A2, V0), spec, mode, lsq_grad_scale);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Rounding regulariser
 
@@ -264,9 +259,378 @@ Var<T> rounding_reg(Var<T> V, T beta, Normalisation norm = Normalisation::mean) 
 }
 
 template <class T>
+void adaround_offset(const Tensor<T>& W, const Tensor<T>& scale, const GridSpec& spec,
+                     Tensor<T>& V0);
+
+// ---------------------------------------------------------------------------------------------
+// Fused LoRA-Rounding (CPU): Ŵ and the regulariser straight from (W, s, z, A1, A2), one pass
+// over the weight each way.
+//
+// The composed form (V = matmul(A1, A2), add V0, soft_round_weight; V0 recomputed with a log
+// per element before every forward when it tracks the step) makes five passes over (rows, cols)
+// tensors forward and five backward, with two libm calls per element. Here one row kernel
+// computes Δ = A1[r]·A2 in registers, V and σ(V), Ŵ and the saved factors; backward computes
+// dV = G·s·h'(V) per row and contracts it at once into dA1 (per row), dA2 (per block of rows,
+// summed in block order: the result does not depend on the thread count) and the step
+// gradient. Elementwise math runs in vectors (ops/vectorize.hpp).
+//
+// V0 tracking the step: V0 = h⁻¹(frac(W/s)) = logit(p) with p = clamp((frac − γ)/(ζ − γ),
+// 10⁻⁶, 1 − 10⁻⁶) (rect_sigmoid_inverse). Then σ(V0 + Δ) = p·e^Δ / (p·e^Δ + 1 − p), formed with
+// e = e^−|Δ| as p / (p + (1 − p)·e) for Δ ≥ 0 and p·e / (p·e + 1 − p) below: one exp, no log,
+// no overflow. Without V0 or with a frozen one, σ(V) = 1/(1 + e) or e/(1 + e) with e = e^−|V|,
+// detail::sigmoid's two forms. The same kernel gives harden()'s codes, so the hard forward and
+// the hardened weight agree bit for bit. V0 is a constant in either case (no gradient to s
+// through it), as in the composed form.
+// Bits: Δ is summed in rank order (the composed form's GEMM may order or fuse it differently)
+// and exp is ops/vectorize.hpp's (within 1 ulp, like glibc's): values agree with the composed
+// form to float rounding. In double the kernel runs scalar with the C library's exp and log.
+
+namespace detail {
+
+// Where V0 comes from in V = V0 + A1·A2.
+enum class V0Source { none, tensor, tracks_step };
+
+// Rows per block of the dA2 partial sums (fixed, so results do not depend on the thread count).
+inline constexpr int64_t kLoraRowBlock = 32;
+// Rank entries kept in registers at once by the backward contraction.
+inline constexpr int64_t kLoraRankChunk = 8;
+
+// Per-thread row buffers (steps and zero-points expanded to one per column, products), grown once.
+template <class T>
+struct LoraRowBuffers {
+  std::vector<T> s, z, prod;
+  void reserve(int64_t cols) {
+    if (static_cast<int64_t>(s.size()) >= cols) return;
+    s.resize(static_cast<size_t>(cols));
+    z.resize(static_cast<size_t>(cols));
+    prod.resize(static_cast<size_t>(cols));
+  }
+};
+template <class T>
+LoraRowBuffers<T>& lora_row_buffers(int64_t cols) {
+  thread_local LoraRowBuffers<T> b;
+  b.reserve(cols);
+  return b;
+}
+
+template <class T>
+void expand_row_params(const GridSpec& spec, int64_t rows, int64_t cols, int64_t r, const T* S,
+                       const T* Z, T* s, T* z) {
+  for_each_group(spec, rows, cols, r, [&](int64_t, int64_t c0, int64_t c1, int64_t p) {
+    const T sp = S[p], zp = Z ? Z[p] : T(0);
+    for (int64_t c = c0; c < c1; ++c) {
+      s[c] = sp;
+      z[c] = zp;
+    }
+  });
+}
+
+// What the row kernels read: the weight, the LoRA factors, V0 and the grid.
+template <class T>
+struct LoraInputs {
+  const T* w = nullptr;      // (rows, cols); null: not read (regulariser, V0 not tracked)
+  const T* a1 = nullptr;     // (rows, rank)
+  const T* a2 = nullptr;     // (rank, cols)
+  const T* v0 = nullptr;     // (rows, cols) when source == tensor
+  const T* scale = nullptr;  // spec.param_shape(rows, cols); with w
+  const T* zero = nullptr;   // may be null (all 0)
+  V0Source source = V0Source::none;
+  int64_t rows = 0, cols = 0, rank = 0;
+  GridSpec spec;
+};
+
+}  // namespace detail
+}  // namespace cbq::quant
+
+#define CBQ_SIMD_KERNELS "cbq/quant/lora_kernels.inc"
+#include "cbq/ops/simd_kernels.inc"
+
+namespace cbq::quant {
+namespace detail {
+
+// Backward shared by the weight and the regulariser: contracts dV = G·fac (or g·fac) into the
+// gradients of A1 and A2, and (weight) the per-group partial sums Σ G·coef into ds.
+template <class T>
+void lora_backward(const LoraInputs<T>& in, const T* G, T g, const T* fac, const T* coef, T* da1,
+                   T* da2, T* da2_blocks, T* part) {
+  const int64_t rows = in.rows, cols = in.cols, rank = in.rank;
+  const int64_t blocks = (rows + kLoraRowBlock - 1) / kLoraRowBlock;
+  parallel_for(blocks, 1, [&](int64_t b0, int64_t b1) {
+    LoraRowBuffers<T>& buf = lora_row_buffers<T>(cols);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * kLoraRowBlock, r1 = std::min(rows, r0 + kLoraRowBlock);
+      T* block = da2 ? da2_blocks + b * rank * cols : nullptr;
+      CBQ_SIMD_DISPATCH(simd::isa_for<T>(), lora_backward_rows<T>(in, r0, r1, G, g, fac, coef, da1,
+                                                                  block, part, buf.prod.data()));
+    }
+  });
+  if (!da2) return;
+  // dA2 += Σ_blocks partial, in block order, split over columns.
+  parallel_for(rank * cols, ops::kElementwiseGrain, [&](int64_t i0, int64_t i1) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const T* src = da2_blocks + b * rank * cols;
+      for (int64_t i = i0; i < i1; ++i) da2[i] += src[i];
+    }
+  });
+}
+
+template <class T>
+class LoraWeightNode final : public Node<T> {
+ public:
+  LoraWeightNode(LoraInputs<T> in, Var<T> scale, Var<T> a1, Var<T> a2, Tensor<T> dvfac,
+                 Tensor<T> coef, Tensor<T> partial, Tensor<T> da2_blocks, bool lsq)
+      : in_(in),
+        scale_(scale),
+        a1_(a1),
+        a2_(a2),
+        dvfac_(std::move(dvfac)),
+        coef_(std::move(coef)),
+        partial_(std::move(partial)),
+        da2_blocks_(std::move(da2_blocks)),
+        lsq_(lsq) {}
+  const char* name() const override { return "quant::lora_soft_weight"; }
+  void backward(Tape<T>& tape) override {
+    const T* G = tape.grad(this->output).data();
+    // Gradient buffers are fetched before the parallel region (tape.grad allocates).
+    T* da1 = a1_.requires_grad() ? a1_.grad().data() : nullptr;
+    T* da2 = a2_.requires_grad() ? a2_.grad().data() : nullptr;
+    const bool ds = scale_.requires_grad();
+    T* part = ds ? partial_.data() : nullptr;
+    lora_backward(in_, G, T(0), dvfac_.data(), ds ? coef_.data() : nullptr, da1, da2,
+                  da2_blocks_.data(), part);
+    if (ds)
+      scatter_step_partials(in_.spec, in_.rows, in_.cols, part, scale_.grad().data(), lsq_,
+                            int64_t{0});
+  }
+
+ private:
+  LoraInputs<T> in_;
+  Var<T> scale_, a1_, a2_;
+  Tensor<T> dvfac_, coef_, partial_, da2_blocks_;
+  bool lsq_;
+};
+
+template <class T>
+class LoraRegNode final : public Node<T> {
+ public:
+  LoraRegNode(LoraInputs<T> in, Var<T> a1, Var<T> a2, Tensor<T> local, Tensor<T> da2_blocks, T k)
+      : in_(in),
+        a1_(a1),
+        a2_(a2),
+        local_(std::move(local)),
+        da2_blocks_(std::move(da2_blocks)),
+        k_(k) {}
+  const char* name() const override { return "quant::lora_round_reg"; }
+  void backward(Tape<T>& tape) override {
+    const T g = tape.grad(this->output).data()[0] * k_;
+    T* da1 = a1_.requires_grad() ? a1_.grad().data() : nullptr;
+    T* da2 = a2_.requires_grad() ? a2_.grad().data() : nullptr;
+    lora_backward(in_, static_cast<const T*>(nullptr), g, local_.data(),
+                  static_cast<const T*>(nullptr), da1, da2, da2_blocks_.data(),
+                  static_cast<T*>(nullptr));
+  }
+
+ private:
+  LoraInputs<T> in_;
+  Var<T> a1_, a2_;
+  Tensor<T> local_, da2_blocks_;
+  T k_;
+};
+
+// The factors' part of the kernel inputs: A1 (rows, r), A2 (r, cols), V0 (rows, cols) when
+// source == tensor.
+template <class T>
+LoraInputs<T> lora_factor_inputs(const char* op, const Tensor<T>& A1, const Tensor<T>& A2,
+                                 const Tensor<T>* V0, V0Source source) {
+  CBQ_CHECK(A1.ndim() == 2 && A2.ndim() == 2 && A1.size(1) == A2.size(0),
+            "{}: LoRA factors A1 {} and A2 {} do not chain (expected (rows, r) and (r, cols))", op,
+            A1.shape(), A2.shape());
+  ops::check_contiguous(op, "A1", A1);
+  ops::check_contiguous(op, "A2", A2);
+  ops::check_cpu(op, A1);
+  ops::check_cpu(op, A2);
+  LoraInputs<T> in;
+  in.a1 = A1.data();
+  in.a2 = A2.data();
+  in.rows = A1.size(0);
+  in.cols = A2.size(1);
+  in.rank = A1.size(1);
+  in.source = source;
+  if (source == V0Source::tensor) {
+    CBQ_CHECK(V0 && V0->defined() && V0->shape() == Shape({in.rows, in.cols}),
+              "{}: V0 {} does not match A1·A2 ({}, {})", op, V0 ? V0->shape() : Shape{}, in.rows,
+              in.cols);
+    ops::check_contiguous(op, "V0", *V0);
+    ops::check_cpu(op, *V0);
+    in.v0 = V0->data();
+  }
+  return in;
+}
+
+// Adds the weight and its grid (scale, zero) to the inputs.
+template <class T>
+void lora_weight_inputs(const char* op, LoraInputs<T>& in, const Tensor<T>& W,
+                        const Tensor<T>& scale, const Tensor<T>& zero, const GridSpec& spec) {
+  spec.validate(op);
+  CBQ_CHECK(W.ndim() == 2 && W.size(0) == in.rows && W.size(1) == in.cols,
+            "{}: weight {} does not match A1·A2 ({}, {})", op, W.shape(), in.rows, in.cols);
+  ops::check_contiguous(op, "weight", W);
+  ops::check_cpu(op, W);
+  ops::check_cpu(op, scale);
+  check_params(op, scale, zero, spec.param_shape(in.rows, in.cols), spec);
+  in.w = W.data();
+  in.scale = scale.data();
+  in.zero = zero.defined() ? zero.data() : nullptr;
+  in.spec = spec;
+}
+
+template <class T>
+V0Source v0_source(const Tensor<T>* V0, bool tracks) {
+  if (tracks) return V0Source::tracks_step;
+  return V0 && V0->defined() ? V0Source::tensor : V0Source::none;
+}
+
+// Ŵ (see above); the composed ops on CUDA.
+template <class T>
+Var<T> lora_weight(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero, Var<T> A1, Var<T> A2,
+                   const Tensor<T>* V0, V0Source source, const GridSpec& spec, RoundingMode mode,
+                   bool lsq_grad_scale) {
+  constexpr const char* op = "quant::lora_soft_weight";
+  Tape<T>& tape = A1.tape();
+  if (W.device() == Device::cuda) {
+    Tensor<T> tracked;
+    if (source == V0Source::tracks_step) {
+      tracked = tape.scratch(W.shape());
+      adaround_offset(W, scale.value(), spec, tracked);
+      V0 = &tracked;
+    }
+    return soft_round_weight(W, scale, zero,
+                             lora_v(A1, A2, source == V0Source::none ? nullptr : V0), spec, mode,
+                             lsq_grad_scale);
+  }
+  LoraInputs<T> in = lora_factor_inputs(op, A1.value(), A2.value(), V0, source);
+  lora_weight_inputs(op, in, W, scale.value(), zero, spec);
+  const bool rg = tape.any_requires_grad({scale, A1, A2});
+  Var<T> out = tape.output(W.shape(), rg);
+  Tensor<T> dvfac, coef;
+  if (rg) {
+    dvfac = tape.scratch(W.shape());
+    coef = tape.scratch(W.shape());
+  }
+  Tensor<T> yv = out.value();  // shares the output's storage
+  T* y = yv.data();
+  T* fac = rg ? dvfac.data() : nullptr;
+  T* cf = rg ? coef.data() : nullptr;
+  const bool hard = mode != RoundingMode::soft, v_grad = mode != RoundingMode::hard;
+  const int64_t rows = in.rows, cols = in.cols;
+  parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
+               [&](int64_t r0, int64_t r1) {
+                 LoraRowBuffers<T>& buf = lora_row_buffers<T>(cols);
+                 CBQ_SIMD_DISPATCH(simd::isa_for<T>(),
+                                   lora_forward_rows<T>(in, r0, r1, hard, v_grad, y, fac, cf,
+                                                        static_cast<uint8_t*>(nullptr),
+                                                        buf.s.data(), buf.z.data()));
+               });
+  if (rg) {
+    const int64_t blocks = (rows + kLoraRowBlock - 1) / kLoraRowBlock;
+    Tensor<T> partial = tape.scratch(Shape{rows, spec.groups_per_row(cols)});
+    Tensor<T> da2_blocks = tape.scratch(Shape{blocks * in.rank, cols});
+    tape.template record<LoraWeightNode<T>>(out, in, scale, A1, A2, dvfac, coef, partial,
+                                            da2_blocks, lsq_grad_scale);
+  }
+  return out;
+}
+
+// L_round over V = V0 + A1·A2 (see above); the composed ops on CUDA.
+template <class T>
+Var<T> lora_reg(const Tensor<T>& W, const Tensor<T>& scale, Var<T> A1, Var<T> A2,
+                const Tensor<T>* V0, V0Source source, const GridSpec& spec, T beta,
+                Normalisation norm) {
+  constexpr const char* op = "quant::lora_round_reg";
+  CBQ_CHECK(std::isfinite(beta) && beta >= T(1),
+            "quant::rounding_reg: beta = {} must be at least 1 (the term is not differentiable at "
+            "h = 1/2 below)",
+            static_cast<double>(beta));
+  Tape<T>& tape = A1.tape();
+  if (A1.value().device() == Device::cuda) {
+    Tensor<T> tracked;
+    if (source == V0Source::tracks_step) {
+      tracked = tape.scratch(W.shape());
+      adaround_offset(W, scale, spec, tracked);
+      V0 = &tracked;
+    }
+    return rounding_reg(lora_v(A1, A2, source == V0Source::none ? nullptr : V0), beta, norm);
+  }
+  LoraInputs<T> in = lora_factor_inputs(op, A1.value(), A2.value(), V0, source);
+  if (source == V0Source::tracks_step) lora_weight_inputs(op, in, W, scale, Tensor<T>(), spec);
+  const int64_t rows = in.rows, cols = in.cols;
+  const int64_t n = rows * cols;
+  CBQ_CHECK(n > 0, "{}: V is empty", op);
+  const T k = norm == Normalisation::mean ? T(1) / static_cast<T>(n) : T(1);
+  const bool rg = tape.any_requires_grad({A1, A2});
+  Var<T> out = tape.output(Shape{1}, rg);
+  Tensor<T> local = rg ? tape.scratch(Shape{rows, cols}) : Tensor<T>();
+  T* lp = rg ? local.data() : nullptr;
+  Tensor<T> row_sums = tape.scratch(Shape{rows});
+  T* sums = row_sums.data();
+  parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
+               [&](int64_t r0, int64_t r1) {
+                 LoraRowBuffers<T>& buf = lora_row_buffers<T>(cols);
+                 CBQ_SIMD_DISPATCH(
+                     simd::isa_for<T>(),
+                     lora_reg_rows<T>(in, r0, r1, beta, lp, sums, buf.s.data(), buf.z.data()));
+               });
+  double total = 0;  // rows in order: deterministic whatever the thread count
+  for (int64_t r = 0; r < rows; ++r) total += static_cast<double>(sums[r]);
+  Tensor<T> yv = out.value();
+  yv.data()[0] = static_cast<T>(static_cast<double>(k) * total);
+  if (rg) {
+    const int64_t blocks = (rows + kLoraRowBlock - 1) / kLoraRowBlock;
+    Tensor<T> da2_blocks = tape.scratch(Shape{blocks * in.rank, cols});
+    tape.template record<LoraRegNode<T>>(out, in, A1, A2, local, da2_blocks, k);
+  }
+  return out;
+}
+
+}  // namespace detail
+
+// Ŵ with V = A1·A2 (+ V0, a frozen offset): soft_round_weight of lora_v(A1, A2, V0), fused on
+// the CPU (see above).
+template <class T>
+Var<T> lora_soft_weight(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero, Var<T> A1,
+                        Var<T> A2, const Tensor<T>* V0, const GridSpec& spec,
+                        RoundingMode mode = RoundingMode::soft, bool lsq_grad_scale = true) {
+  return detail::lora_weight(W, scale, zero, A1, A2, V0, detail::v0_source(V0, false), spec, mode,
+                             lsq_grad_scale);
+}
+
+// Ŵ with V = V0 + A1·A2 where V0 = h⁻¹(W/s − floor(W/s)) follows the current steps s (as if
+// adaround_offset ran before every forward; no gradient flows to s through V0).
+template <class T>
+Var<T> lora_soft_weight_tracked(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero, Var<T> A1,
+                                Var<T> A2, const GridSpec& spec,
+                                RoundingMode mode = RoundingMode::soft,
+                                bool lsq_grad_scale = true) {
+  return detail::lora_weight(W, scale, zero, A1, A2, static_cast<const Tensor<T>*>(nullptr),
+                             detail::V0Source::tracks_step, spec, mode, lsq_grad_scale);
+}
+
+// rounding_reg of V = A1·A2 (+ V0), fused on the CPU.
+template <class T>
 Var<T> lora_round_reg(Var<T> A1, Var<T> A2, const Tensor<T>* V0, T beta,
                       Normalisation norm = Normalisation::mean) {
-  return rounding_reg(lora_v(A1, A2, V0), beta, norm);
+  return detail::lora_reg(Tensor<T>(), Tensor<T>(), A1, A2, V0, detail::v0_source(V0, false),
+                          GridSpec{}, beta, norm);
+}
+
+// rounding_reg of V = V0 + A1·A2 with V0 following the steps `scale` of W's grid (see
+// lora_soft_weight_tracked).
+template <class T>
+Var<T> lora_round_reg_tracked(const Tensor<T>& W, const Tensor<T>& scale, const GridSpec& spec,
+                              Var<T> A1, Var<T> A2, T beta,
+                              Normalisation norm = Normalisation::mean) {
+  return detail::lora_reg(W, scale, A1, A2, static_cast<const Tensor<T>*>(nullptr),
+                          detail::V0Source::tracks_step, spec, beta, norm);
 }
 
 // β schedule of the regulariser: off during the warm-up (the first warmup_fraction of the
@@ -445,10 +809,44 @@ QuantizedWeight harden(const Tensor<T>& W, const Tensor<T>& scale, const Tensor<
   return qw;
 }
 
+// The codes of LoRA-Rounding: the same row kernel as lora_soft_weight (or, with
+// v0_tracks_step, lora_soft_weight_tracked, ignoring p.V0), so dequantize() equals their hard
+// forward bit for bit.
 template <class T>
 QuantizedWeight harden(const Tensor<T>& W, const Tensor<T>& scale, const Tensor<T>& zero,
-                       const LoraRoundingParams<T>& p, const GridSpec& spec) {
-  return harden(W, scale, zero, lora_v_value(p), spec);
+                       const LoraRoundingParams<T>& p, const GridSpec& spec,
+                       bool v0_tracks_step = false) {
+  constexpr const char* op = "quant::harden";
+  auto host = [](const Tensor<T>& t) { return t.defined() && !t.is_cpu() ? t.to(Device::cpu) : t; };
+  if (!W.is_cpu() || !scale.is_cpu() || !p.A1.value.is_cpu()) {  // the codes live on the host
+    LoraRoundingParams<T> hp;
+    hp.A1 = Parameter<T>(p.A1.name, host(p.A1.value), false);
+    hp.A2 = Parameter<T>(p.A2.name, host(p.A2.value), false);
+    hp.V0 = host(p.V0);
+    hp.rank = p.rank;
+    return harden(host(W), host(scale), host(zero), hp, spec, v0_tracks_step);
+  }
+  detail::LoraInputs<T> in = detail::lora_factor_inputs(op, p.A1.value, p.A2.value, p.v0(),
+                                                        detail::v0_source(p.v0(), v0_tracks_step));
+  detail::lora_weight_inputs(op, in, W, scale, zero, spec);
+  QuantizedWeight qw;
+  qw.spec = spec;
+  qw.codes = Tensor<uint8_t>::empty(W.shape());
+  qw.scale = scale.template cast<float>();
+  qw.zero = zero.defined() ? zero.template cast<float>() : Tensor<float>(scale.shape());
+  uint8_t* codes = qw.codes.data();
+  const int64_t rows = in.rows, cols = in.cols;
+  parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
+               [&](int64_t r0, int64_t r1) {
+                 detail::LoraRowBuffers<T>& buf = detail::lora_row_buffers<T>(cols);
+                 using namespace detail;
+                 CBQ_SIMD_DISPATCH(
+                     simd::isa_for<T>(),
+                     lora_forward_rows<T>(in, r0, r1, true, false, static_cast<T*>(nullptr),
+                                          static_cast<T*>(nullptr), static_cast<T*>(nullptr), codes,
+                                          buf.s.data(), buf.z.data()));
+               });
+  return qw;
 }
 
 }  // namespace cbq::quant
