@@ -15,6 +15,8 @@
 #include <cstdio>
 #include <string>
 
+#include "common.cuh"
+
 namespace {
 
 using cbq::Device;
@@ -127,21 +129,4 @@ BENCHMARK_CAPTURE(BM_dgemm, fp64_forward_NT, false, true)
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  int count = 0;
-  const cudaError_t status = cudaGetDeviceCount(&count);
-  if (status != cudaSuccess || count == 0) {
-    std::fprintf(stderr, "%s: no CUDA device (%s); nothing to measure\n", argv[0],
-                 status != cudaSuccess ? cudaGetErrorString(status) : "0 devices");
-    return 0;
-  }
-  cudaDeviceProp prop{};
-  CBQ_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-  benchmark::AddCustomContext("gpu", prop.name);
-  benchmark::AddCustomContext("cuda_runtime", std::to_string(CUDART_VERSION));
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return cbq_bench::run_benchmarks(argc, argv); }

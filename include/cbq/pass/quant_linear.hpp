@@ -134,8 +134,8 @@ class QuantLinear final : public LinearTransform<T> {
   Var<T> rounding_regularizer(Tape<T>& tape, T beta) {
     if (hardened_) return Var<T>{};
     if (config_.rounding == RoundingKind::lora && lora_tracks())
-      return quant::lora_round_reg_tracked(W_, w_scale_.value, config_.weight,
-                                           tape.param(lora_.A1), tape.param(lora_.A2), beta);
+      return quant::lora_round_reg_tracked(W_, w_scale_.value, config_.weight, tape.param(lora_.A1),
+                                           tape.param(lora_.A2), beta);
     if (config_.rounding == RoundingKind::lora)
       return quant::lora_round_reg(tape.param(lora_.A1), tape.param(lora_.A2), lora_.v0(), beta);
     if (config_.rounding == RoundingKind::full) return quant::rounding_reg(full_v(tape), beta);
@@ -368,10 +368,9 @@ class QuantLinear final : public LinearTransform<T> {
     switch (config_.rounding) {
       case RoundingKind::lora:
         if (lora_tracks())
-          return quant::lora_soft_weight_tracked(W_, tape.param(w_scale_), zero,
-                                                 tape.param(lora_.A1), tape.param(lora_.A2),
-                                                 config_.weight, config_.rounding_mode,
-                                                 config_.lsq_grad_scale);
+          return quant::lora_soft_weight_tracked(
+              W_, tape.param(w_scale_), zero, tape.param(lora_.A1), tape.param(lora_.A2),
+              config_.weight, config_.rounding_mode, config_.lsq_grad_scale);
         return quant::lora_soft_weight(W_, tape.param(w_scale_), zero, tape.param(lora_.A1),
                                        tape.param(lora_.A2), lora_.v0(), config_.weight,
                                        config_.rounding_mode, config_.lsq_grad_scale);
