@@ -60,6 +60,11 @@ cbq
   --preset paper                  the paper's learning rates and V = 0 start
   --start half|adaround           LoRA-Rounding start (default adaround)
   --frozen-v0                     keep V0 at its initial value (default: tracks the step)
+  --init rtn|gptq                 where steps and rounding start: round-to-nearest (default) or
+                                  GPTQ's solution (--gptq-damp X, default 0.01)
+  --output-kld X                  the last window also minimises X · KL of the model's output
+                                  distribution (final norm + LM head; default 0 = off)
+  --learn-norms                   also learn the window's norm weights (--lr-norm X, default 1e-3)
   --soft                          train on soft h(V) weights (default: hard, straight-through)
   --no-l2 --no-kld --no-hom --no-fp   switch loss terms off
   --cfp | --smoothquant           activation outlier scaling; --cfp-weights truncates weights
@@ -223,7 +228,25 @@ Args parse(int argc, char** argv) {
         a.options.lora_start = cbq::quant::LoraStart::adaround;
       else
         usage_error("unknown start '" + s + "'");
-    } else if (k == "--frozen-v0")
+    } else if (k == "--init") {
+      const std::string s = value();
+      if (s == "rtn")
+        a.options.weight_init = cbq::WeightInit::rtn;
+      else if (s == "gptq")
+        a.options.weight_init = cbq::WeightInit::gptq;
+      else
+        usage_error("unknown --init '" + s + "' (rtn or gptq)");
+    } else if (k == "--output-kld")
+      a.options.output_kld = number();
+    else if (k == "--output-kld-all")
+      a.options.output_kld_all = true;
+    else if (k == "--learn-norms")
+      a.options.learn_norms = true;
+    else if (k == "--lr-norm")
+      a.options.lr_norm = number();
+    else if (k == "--gptq-damp")
+      a.options.gptq_percdamp = number();
+    else if (k == "--frozen-v0")
       a.options.v0_tracks_step = false;
     else if (k == "--hard")
       a.options.rounding_mode = cbq::quant::RoundingMode::hard_ste;

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cbq/quant/fake_quant.hpp>
 #include <cbq/quant/gptq.hpp>
 #include <cbq/quant/rtn.hpp>
 #include <cmath>
@@ -493,4 +494,32 @@ TEST_CASE("gptq: non-PD Hessian, mismatched sizes and empty inputs are clear err
   bad.block_size = 0;
   CHECK_THROWS_WITH_AS(gptq_quantize(w, h, GridSpec{}, bad, "wv"),
                        doctest::Contains("block size must be positive, got 0"), cbq::Error);
+}
+
+TEST_CASE("gptq: round-to-nearest of the compensated weight reproduces GPTQ's codes") {
+  const int64_t rows = 12, cols = 48;
+  Tensor<float> x = correlated_inputs(150, cols, 71);
+  Tensor<float> w = randn<float>(Shape{rows, cols}, 72, 0.3f);
+  Tensor<double> h = hessian_of(x);
+  for (int bits : {2, 3, 4, 8})
+    for (Granularity gr : {Granularity::per_channel, Granularity::per_group}) {
+      GridSpec g{bits, false, gr, 16};
+      GptqOptions opt;
+      opt.block_size = 20;  // groups start inside blocks too
+      GptqResult res = gptq_quantize(w, h, g, opt, "fc");
+      CAPTURE(bits);
+      CAPTURE(static_cast<int>(gr));
+      REQUIRE(res.updated.shape() == w.shape());
+      // The compensated weight differs from the original (the error feedback moved it)...
+      double moved = 0;
+      for (int64_t i = 0; i < w.numel(); ++i) moved += std::abs(res.updated[i] - w[i]);
+      CHECK(moved > 0);
+      // ...and rounding it to nearest under GPTQ's own grid gives GPTQ's codes.
+      const QuantizedWeight nearest =
+          quantize_weight(res.updated, res.weight.scale, res.weight.zero, g);
+      int64_t differ = 0;
+      for (int64_t i = 0; i < nearest.codes.numel(); ++i)
+        differ += nearest.codes[i] != res.weight.codes[i];
+      CHECK(differ == 0);
+    }
 }

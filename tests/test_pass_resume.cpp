@@ -130,6 +130,30 @@ TEST_CASE("resume: an exception mid-window, then resume, equals an uninterrupted
   check_identical(uninterrupted, resumed);
 }
 
+TEST_CASE("resume: GPTQ start, learned norms and the output loss resume bit-identically") {
+  // The checkpoint keeps what these options add: the compensated weights the unfrozen layers
+  // round, and the learned norm values beside the originals the full-precision path uses.
+  auto with_options = [](PassOptions o) {
+    o.weight_init = WeightInit::gptq;
+    o.learn_norms = true;
+    o.output_kld = 2;
+    o.output_kld_all = true;
+    return o;
+  };
+  cbq::testing::TempDir dir("resume-extensions");
+  const Run uninterrupted = run_pass(with_options(resume_options("")));
+  PassOptions o = with_options(resume_options(dir.path.string()));
+  o.on_step = [](int64_t window, int64_t step) {
+    if (window == 3 && step == 2) throw std::runtime_error("simulated crash");
+  };
+  CHECK_THROWS_WITH(run_pass(o), "simulated crash");
+  const Run resumed = run_pass(with_options(resume_options(dir.path.string())));
+  check_identical(uninterrupted, resumed);
+  // The same checkpoint is refused by a run without the options (a different configuration).
+  CHECK_THROWS_WITH_AS(run_pass(resume_options(dir.path.string())),
+                       doctest::Contains("pass configuration"), Error);
+}
+
 TEST_CASE("resume: a changed model, data or configuration is refused with a message") {
   cbq::testing::TempDir dir("resume-mismatch");
   PassOptions o = resume_options(dir.path.string());

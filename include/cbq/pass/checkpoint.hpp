@@ -79,13 +79,15 @@ inline std::string describe_options(const PassOptions& o) {
   return fmt::format(
       "epochs={} lr_w={:a} lr_x={:a} lr_r={:a} lr_min={:a} lsq={} l2={} kld={} hom={} fp={} "
       "tau={:a} gamma={:a} beta={:a}/{:a} warmup={:a} start={} v0_tracks={} mode={} a1_std={:a} "
-      "learn_w={} learn_x={} scaling={} cfp_w={} sq_alpha={:a} seed={} max_steps={}",
+      "learn_w={} learn_x={} scaling={} cfp_w={} sq_alpha={:a} seed={} max_steps={} init={} "
+      "damp={:a} norms={} lr_norm={:a} out_kld={:a} out_all={}",
       o.epochs, o.lr_weight_step, o.lr_act_step, o.lr_rounding, o.lr_min_fraction, o.lsq_grad_scale,
       o.loss_l2, o.loss_kld, o.loss_homologous, o.loss_full_precision, o.kld_temperature,
       o.gamma_round, o.beta_start, o.beta_end, o.round_warmup, static_cast<int>(o.lora_start),
       o.v0_tracks_step, static_cast<int>(o.rounding_mode), o.lora_a1_std, o.learn_weight_step,
       o.learn_act_step, static_cast<int>(o.activation_scaling), o.cfp_weights, o.smoothquant_alpha,
-      o.seed, o.max_steps);
+      o.seed, o.max_steps, static_cast<int>(o.weight_init), o.gptq_percdamp, o.learn_norms,
+      o.lr_norm, o.output_kld, o.output_kld_all);
 }
 
 template <TransformerBlock Block>
@@ -129,11 +131,16 @@ inline uint64_t config_fingerprint(const std::string& spec, const PassOptions& o
 namespace detail {
 
 inline nlohmann::json to_json(const LossTerms& l) {
-  return {l.total, l.l2_fp, l.kld_fp, l.l2_hom, l.kld_hom, l.round};
+  return {l.total, l.l2_fp, l.kld_fp, l.l2_hom, l.kld_hom, l.round, l.output_kld};
 }
 inline LossTerms loss_from_json(const nlohmann::json& j) {
-  return {j.at(0).get<double>(), j.at(1).get<double>(), j.at(2).get<double>(),
-          j.at(3).get<double>(), j.at(4).get<double>(), j.at(5).get<double>()};
+  return {j.at(0).get<double>(),
+          j.at(1).get<double>(),
+          j.at(2).get<double>(),
+          j.at(3).get<double>(),
+          j.at(4).get<double>(),
+          j.at(5).get<double>(),
+          j.size() > 6 ? j.at(6).get<double>() : 0.0};
 }
 
 inline std::vector<WindowStats> parse_window_stats(const std::string& text) {
@@ -170,6 +177,7 @@ struct PassCheckpoint {
   std::vector<WindowStats> windows;
   std::vector<std::string> initialised;  // layers whose static activation steps were set
   std::map<std::string, typename QuantLinear<T>::State> layers;
+  std::map<std::string, Tensor<T>> norms;  // learned norm parameters (learn_norms), by name
 };
 
 inline std::string checkpoint_path(const std::string& dir) {
@@ -190,6 +198,8 @@ void save_pass_checkpoint(const std::string& dir, const PassFingerprint& fp,
     tensors[fmt::format("x_fp.{}", n)] = io::TensorToWrite::f32(ck.x_fp[n]);
     tensors[fmt::format("x_q.{}", n)] = io::TensorToWrite::f32(ck.x_q[n]);
   }
+  for (const auto& [name, t] : ck.norms)
+    tensors[fmt::format("norm.{}", name)] = io::TensorToWrite::f32(t);
   nlohmann::json scalars = nlohmann::json::object();
   for (const QuantLinear<T>* q : layers) {
     const auto st = q->state();
@@ -268,8 +278,12 @@ PassCheckpoint<T> load_pass_checkpoint(const std::string& dir, const PassFingerp
   } catch (const std::logic_error& e) {
     fail("{}: malformed checkpoint metadata: {}", path, e.what());
   }
-  const std::string prefix = "layer.";
+  const std::string prefix = "layer.", norm_prefix = "norm.";
   for (const std::string& name : file.names()) {
+    if (name.rfind(norm_prefix, 0) == 0) {
+      ck.norms[name.substr(norm_prefix.size())] = file.to_float(name);
+      continue;
+    }
     if (name.rfind(prefix, 0) != 0) continue;
     const auto dot = name.rfind('.');
     const std::string layer = name.substr(prefix.size(), dot - prefix.size());

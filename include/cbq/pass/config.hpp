@@ -76,6 +76,12 @@ enum class ActivationScaling { none, cfp, smoothquant };
 // sample is then copied to the GPU when a step uses it).
 enum class ActivationPlacement { automatic, device, host };
 
+// Where the learned quantizer of a layer starts: round-to-nearest of the layer's weight with
+// min/max steps (the paper), or GPTQ's solution — the error-compensated weight GPTQ rounded, with
+// its steps and zero-points, Hessians from the quantized path — so the learned rounding starts
+// at GPTQ's codes (docs/PASS.md, "GPTQ start").
+enum class WeightInit { rtn, gptq };
+
 struct PassOptions {
   // Optimisation (per window): E epochs over the N calibration samples, batch 1.
   int64_t epochs = 3;
@@ -91,6 +97,11 @@ struct PassOptions {
   bool loss_homologous = true;      // the E(T_fp(X_q), T_q(X_q)) term
   bool loss_full_precision = true;  // the E(T_fp(X_fp), T_q(X_q)) term
   double kld_temperature = 1.0;
+  // > 0: the window that ends at the model's last block also minimises this weight times
+  // KL(softmax(head(T_fp(X_fp))) ‖ softmax(head(T_q(X_q)))), the model's output distribution
+  // (final norm and LM head in full precision) — what perplexity measures (docs/PASS.md).
+  double output_kld = 0.0;
+  bool output_kld_all = false;  // every window, through the later blocks in full precision
   // Rounding regulariser γ_r · L_round, L_round = mean over the window's rounding weights of
   // (1 − |2h − 1|^β); β anneals from beta_start to beta_end after the warm-up.
   double gamma_round = 0.01;
@@ -102,6 +113,13 @@ struct PassOptions {
   // hard_ste: train on the integer weights (straight-through); soft: the paper's h(V) forward.
   quant::RoundingMode rounding_mode = quant::RoundingMode::hard_ste;
   double lora_a1_std = 0.0;  // 0: 1/sqrt(rank)
+  WeightInit weight_init = WeightInit::rtn;
+  // Also learn the window's normalisation parameters (RMSNorm / LayerNorm weights and biases),
+  // the non-quantized parameters that scale every quantized layer's input channels; the full-
+  // precision targets keep the original values (docs/PASS.md, "Learned norms").
+  bool learn_norms = false;
+  double lr_norm = 1e-3;        // absolute (the parameters are O(1))
+  double gptq_percdamp = 0.01;  // GPTQ start: dampening, λ = percdamp · mean(diag H)
   // Which step sizes learn (ablations).
   bool learn_weight_step = true;
   bool learn_act_step = true;

@@ -47,6 +47,7 @@
 #include "cbq/pass/quant_linear.hpp"
 #include "cbq/pass/result.hpp"
 #include "cbq/pass/window_schedule.hpp"
+#include "cbq/quant/gptq.hpp"
 
 namespace cbq {
 
@@ -308,12 +309,18 @@ class CbqPass {
                                                     o.smoothquant_alpha, o.verbose);
 
     std::vector<std::vector<std::shared_ptr<QuantLinear<T>>>> qlayers(static_cast<size_t>(K));
+    // Learned norms: (parameter, the value it does not hold now). Swapped around every full-
+    // precision computation, so the full-precision path keeps the model's original values.
+    std::vector<std::pair<Parameter<T>*, Tensor<T>>> fp_norms;
+    auto swap_norms = [&] {
+      for (auto& [p, other] : fp_norms) std::swap(p->value, other);
+    };
 
     int64_t windows_done = 0;
     if (checkpointing && o.resume && std::filesystem::exists(checkpoint_path(o.checkpoint_dir))) {
       if constexpr (std::is_same_v<T, float>) {
-        windows_done =
-            resume_from_checkpoint(model, windows, fingerprint, x_fp, x_q, qlayers, result);
+        windows_done = resume_from_checkpoint(model, windows, fingerprint, x_fp, x_q, qlayers,
+                                              result, fp_norms);
       }
     }
 
@@ -324,10 +331,24 @@ class CbqPass {
       const auto wstart = std::chrono::steady_clock::now();
       // 1. Quantizers for blocks entering their first window.
       for (int64_t b = w.first; b <= w.last; ++b)
-        if (qlayers[b].empty()) qlayers[b] = install(model, b);
+        if (qlayers[b].empty()) {
+          if (o.learn_norms)  // learn in a copy: the original may be a read-only mapping
+            for (Parameter<T>* p : model.blocks[b].other_parameters()) {
+              fp_norms.emplace_back(p, p->value);
+              p->value = p->value.clone();
+            }
+          if (o.weight_init == WeightInit::gptq) {
+            swap_norms();
+            auto hessians = block_hessians(model, w, b, x_q);
+            swap_norms();
+            qlayers[b] = install(model, b, hessians);
+          } else
+            qlayers[b] = install(model, b);
+        }
       // 2. Targets: T_fp(X_fp) with X_fp advanced to the next window start on the way, and the
       //    homologous T_fp(X_q), whose pass also calibrates static activation steps.
       std::vector<quant::MinMaxObserver<T>> ranges = observers<T>(model, w);
+      swap_norms();  // the full-precision values
       for (int64_t n = 0; n < N; ++n) {
         Tensor<T> x = x_fp[n], next;
         for (int64_t b = w.first; b <= w.last; ++b) {
@@ -349,6 +370,7 @@ class CbqPass {
         }
         t_hom[n].copy_from(h);
       }
+      swap_norms();  // the learned values
       init_activation_steps(model, w, qlayers, ranges);
 
       // 3. Optimise the window.
@@ -358,6 +380,10 @@ class CbqPass {
 
       // 4. Blocks leaving their last window: harden, freeze, advance the quantized path.
       for (int64_t b = w.first; b < w.finalize; ++b) {
+        for (Parameter<T>* p : model.blocks[b].other_parameters()) {
+          p->trainable = false;
+          p->grad = Tensor<T>();
+        }
         for (auto& q : qlayers[b]) {
           const quant::QuantizedWeight& qw = q->harden();
           result.layers.push_back(LayerResult{q->name(), qw, q->act_scale(), q->act_zero(),
@@ -379,6 +405,7 @@ class CbqPass {
           ck.x_q = detail::on_host(x_q);
           ck.windows = result.windows;
           ck.initialised.assign(initialised_.begin(), initialised_.end());
+          for (auto& [p, other] : fp_norms) ck.norms[p->name] = p->value.to(Device::cpu);
           std::vector<const QuantLinear<T>*> installed;
           for (int64_t b = 0; b <= w.last; ++b)
             for (auto& q : qlayers[b]) installed.push_back(q.get());
@@ -403,7 +430,8 @@ class CbqPass {
                                  const PassFingerprint& fingerprint, std::vector<Tensor<T>>& x_fp,
                                  std::vector<Tensor<T>>& x_q,
                                  std::vector<std::vector<std::shared_ptr<QuantLinear<T>>>>& qlayers,
-                                 QuantizationResult& result) {
+                                 QuantizationResult& result,
+                                 std::vector<std::pair<Parameter<T>*, Tensor<T>>>& fp_norms) {
     PassCheckpoint<T> ck = load_pass_checkpoint<T>(options_.checkpoint_dir, fingerprint);
     const std::string path = checkpoint_path(options_.checkpoint_dir);
     CBQ_CHECK(ck.windows_done >= 1 && ck.windows_done <= static_cast<int64_t>(windows.size()),
@@ -418,6 +446,15 @@ class CbqPass {
     initialised_ = std::set<std::string>(ck.initialised.begin(), ck.initialised.end());
     const Window& last = windows[static_cast<size_t>(ck.windows_done - 1)];
     for (int64_t b = 0; b <= last.last; ++b) {
+      if (options_.learn_norms)
+        for (Parameter<T>* p : model.blocks[b].other_parameters()) {
+          auto it = ck.norms.find(p->name);
+          CBQ_CHECK(it != ck.norms.end() && it->second.shape() == p->value.shape(),
+                    "{}: no learned value of shape {} for the norm parameter {}", path,
+                    p->value.shape(), p->name);
+          fp_norms.emplace_back(p, p->value);
+          p->value = it->second.to(p->value.device()).clone();
+        }
       qlayers[b] = install(model, b);
       for (auto& q : qlayers[b]) {
         auto it = ck.layers.find(q->name());
@@ -495,8 +532,10 @@ class CbqPass {
     return c;
   }
 
+  // Installs a QuantLinear on every linear layer of block b. With Hessians (the GPTQ start) each
+  // layer starts from GPTQ's solution: the compensated weight it rounded, its steps and zeros.
   template <class Model>
-  auto install(Model& model, int64_t b) {
+  auto install(Model& model, int64_t b, const std::vector<quant::HessianAccumulator>& gptq = {}) {
     using T = typename Model::T;
     std::vector<std::shared_ptr<QuantLinear<T>>> out;
     int64_t j = 0;
@@ -504,11 +543,49 @@ class CbqPass {
       const std::string name = fmt::format("layers.{}.{}", b, layer->name);
       Tensor<T> w = layer->weight.value.clone();
       if (options_.cfp_weights) quant::truncate_weight_outliers(w, name);
-      auto q = std::make_shared<QuantLinear<T>>(name, w, layer_config(b * 64 + j++, layer->name));
+      const QuantLinearConfig config = layer_config(b * 64 + j, layer->name);
+      std::shared_ptr<QuantLinear<T>> q;
+      if (!gptq.empty()) {
+        quant::GptqOptions go;
+        go.percdamp = options_.gptq_percdamp;
+        const Tensor<float> wf = (w.is_cpu() ? w : w.to(Device::cpu)).template cast<float>();
+        quant::GptqResult g =
+            quant::gptq_quantize(wf, gptq.at(static_cast<size_t>(j)), config.weight, go);
+        Tensor<T> start = g.updated.template cast<T>();
+        if (!w.is_cpu()) start = start.to(w.device());
+        q = std::make_shared<QuantLinear<T>>(name, start, config, &g.weight, true);
+      } else {
+        q = std::make_shared<QuantLinear<T>>(name, w, config);
+      }
+      ++j;
       layer->transform = q;
       out.push_back(q);
     }
     return out;
+  }
+
+  // GPTQ Hessians of block b's linear inputs: the calibration samples on the quantized path
+  // (x_q enters window w; the window's earlier blocks compute with their current quantizers),
+  // then block b in full precision, every layer from the same block input (as the baseline).
+  template <class Model, class T>
+  static std::vector<quant::HessianAccumulator> block_hessians(Model& model, const Window& w,
+                                                               int64_t b,
+                                                               const std::vector<Tensor<T>>& x_q) {
+    auto linears = model.blocks[b].linears();
+    std::vector<quant::HessianAccumulator> acc;
+    for (auto* l : linears)
+      acc.emplace_back(l->in_features(), fmt::format("layers.{}.{}", b, l->name));
+    BlockContext<T> ctx = fp_context<T>();
+    ctx.on_linear_input = [&](const LinearLayer<T>& layer, const Tensor<T>& in) {
+      for (size_t j = 0; j < linears.size(); ++j)
+        if (linears[j] == &layer) acc[j].add_batch(in.is_cpu() ? in : in.to(Device::cpu));
+    };
+    for (const Tensor<T>& x : x_q) {
+      Tensor<T> h = x;
+      for (int64_t c = w.first; c < b; ++c) h = model.run_block(c, h);
+      model.run_block(b, h, ctx);
+    }
+    return acc;
   }
 
   template <class T, class Model>
@@ -621,6 +698,15 @@ class CbqPass {
     add_group("weight steps", steps, o.lr_weight_step, step_scales);
     add_group("activation steps", acts, o.lr_act_step, act_scales);
     add_group("rounding", rounds, o.lr_rounding, {});
+    std::vector<Parameter<T>*> norms;
+    if (o.learn_norms)
+      for (int64_t b = w.first; b <= w.last; ++b)
+        for (Parameter<T>* p : model.blocks[b].other_parameters()) {
+          p->trainable = true;
+          if (!p->grad.defined()) p->grad = Tensor<T>(p->value.shape(), p->value.device());
+          norms.push_back(p);
+        }
+    add_group("norms", norms, o.lr_norm, {});
     adam.zero_grad();
     quant::BetaSchedule beta{total_steps, o.round_warmup, o.beta_start, o.beta_end};
 
@@ -643,6 +729,8 @@ class CbqPass {
     std::iota(order.begin(), order.end(), 0);
     const auto wstart = std::chrono::steady_clock::now();
     const T tau = static_cast<T>(o.kld_temperature);
+    const bool output_loss =
+        o.output_kld > 0 && (o.output_kld_all || w.last + 1 == model.num_blocks());
     // The window's loss on sample n: forward of the window's blocks on the quantized path, the
     // reconstruction terms against both targets, and (when active) the rounding regulariser.
     auto window_loss = [&](Tape<T>& tape, int64_t n, int64_t step, bool with_reg) {
@@ -665,6 +753,20 @@ class CbqPass {
         Var<T> target = tape.constant(staged(t_hom[n], staged_hom));
         if (o.loss_l2) add_term(ops::row_sq_error(target, y), terms.l2_hom);
         if (o.loss_kld) add_term(ops::kl_softmax(target, y, tau), terms.kld_hom);
+      }
+      if (output_loss) {
+        // Earlier windows reach the output through the later blocks in full precision.
+        BlockContext<T> fp;
+        fp.full_precision = true;
+        Var<T> t = tape.constant(staged(t_fp[n], staged_fp)), q = y;
+        for (int64_t b = w.last + 1; b < model.num_blocks(); ++b) {
+          t = model.blocks[b].forward(tape, t, fp);
+          q = model.blocks[b].forward(tape, q, fp);
+        }
+        Var<T> target = model.head(tape, t);
+        Var<T> out = ops::scale(ops::kl_softmax(target, model.head(tape, q), T(1)),
+                                static_cast<T>(o.output_kld));
+        add_term(out, terms.output_kld);
       }
       if (with_reg && o.gamma_round > 0 && beta.active(step)) {
         Var<T> reg;
@@ -743,10 +845,11 @@ class CbqPass {
         const LossTerms& m = stats.final_loss;
         fmt::print(
             "  window {}/{} [blocks {}..{}] epoch {}/{}: loss {:.5f} (l2 {:.5f} kld {:.5f} | hom "
-            "l2 {:.5f} kld {:.5f} | round {:.5f})  {} elapsed, ETA {}\n",
+            "l2 {:.5f} kld {:.5f} | round {:.5f}{})  {} elapsed, ETA {}\n",
             window_index, num_windows, w.first, w.last, epoch + 1, o.epochs, m.total, m.l2_fp,
-            m.kld_fp, m.l2_hom, m.kld_hom, m.round, detail::format_duration(el),
-            detail::format_duration(eta));
+            m.kld_fp, m.l2_hom, m.kld_hom, m.round,
+            output_loss ? fmt::format(" | output kld {:.5f}", m.output_kld) : std::string(),
+            detail::format_duration(el), detail::format_duration(eta));
         std::fflush(stdout);
       }
     }

@@ -43,12 +43,35 @@ template <class T>
 class QuantLinear final : public LinearTransform<T> {
  public:
   // `weight` is the (possibly CFP-truncated) weight to quantize; `name` is unique in the model
-  // ("layers.3.q_proj") and names the parameters in messages.
-  QuantLinear(std::string name, const Tensor<T>& weight, const QuantLinearConfig& config)
-      : name_(std::move(name)), config_(config), W_(weight.clone()) {
+  // ("layers.3.q_proj") and names the parameters in messages. The steps and zero-points start
+  // at min/max of `weight`, or at `start`'s (a GPTQ solution whose `weight` is the compensated
+  // weight GPTQ rounded; `weight_replaced` marks it so checkpoints keep it).
+  QuantLinear(std::string name, const Tensor<T>& weight, const QuantLinearConfig& config,
+              const quant::QuantizedWeight* start = nullptr, bool weight_replaced = false)
+      : name_(std::move(name)),
+        config_(config),
+        W_(weight.clone()),
+        weight_replaced_(weight_replaced) {
     config_.weight.validate(name_.c_str());
     Tensor<T> s, z;
-    quant::init_minmax(W_, config_.weight, s, z);
+    if (start) {
+      const Shape grid = config_.weight.param_shape(W_.size(0), W_.size(1));
+      CBQ_CHECK(start->scale.shape() == grid && start->zero.shape() == grid,
+                "{}: starting steps {} / zero-points {} do not match the grid {} of weight {}",
+                name_, start->scale.shape(), start->zero.shape(), grid, W_.shape());
+      s = cast_from_float(start->scale);
+      z = cast_from_float(start->zero);
+      for (int64_t i = 0; i < s.numel(); ++i)
+        CBQ_CHECK(std::isfinite(static_cast<double>(s[i])) && s[i] > T(0),
+                  "{}: starting step {} is {} (must be positive and finite)", name_, i,
+                  static_cast<double>(s[i]));
+      if (!W_.is_cpu()) {
+        s = s.to(W_.device());
+        z = z.to(W_.device());
+      }
+    } else {
+      quant::init_minmax(W_, config_.weight, s, z);
+    }
     w_scale_ = Parameter<T>(name_ + ".w_scale", s);
     w_scale_init_ = s.clone();
     w_scale_floor_ = s.to(Device::cpu);  // every tensor below lives on the weight's device
@@ -234,6 +257,7 @@ class QuantLinear final : public LinearTransform<T> {
     put("lora_v0", lora_.V0);
     put("full_v", full_v_.value);
     put("full_v0", full_v0_);
+    if (weight_replaced_ && !hardened_) put("weight", W_);
     st.scalars["hardened"] = hardened_ ? 1 : 0;
     st.scalars["act_scale_floor"] = static_cast<double>(act_scale_floor_);
     st.scalars["step_change"] = step_change_;
@@ -307,6 +331,12 @@ class QuantLinear final : public LinearTransform<T> {
     load("lora_v0", lora_.V0);
     load("full_v", full_v_.value);
     load("full_v0", full_v0_);
+    if (const Tensor<T>* w = get("weight")) {  // a replaced (GPTQ-compensated) weight
+      CBQ_CHECK(w->shape() == W_.shape(), "{}: checkpoint weight {} does not match the layer's {}",
+                name_, w->shape(), W_.shape());
+      W_ = w->to(W_.device());
+      weight_replaced_ = true;
+    }
   }
 
   T act_scale() const {
@@ -423,7 +453,8 @@ class QuantLinear final : public LinearTransform<T> {
 
   std::string name_;
   QuantLinearConfig config_;
-  Tensor<T> W_;  // (out, in), the weight being quantized
+  Tensor<T> W_;                   // (out, in), the weight being quantized
+  bool weight_replaced_ = false;  // W_ is not the model's weight (GPTQ start)
   static constexpr double kMinStepFraction = 0.05;
   Parameter<T> w_scale_;
   Tensor<T> w_scale_floor_, w_scale_init_;

@@ -13,6 +13,7 @@ namespace cbq {
 
 struct LossTerms {
   double total = 0, l2_fp = 0, kld_fp = 0, l2_hom = 0, kld_hom = 0, round = 0;
+  double output_kld = 0;  // the last window's KL of the model's output distribution (option)
   LossTerms& operator+=(const LossTerms& o) {
     total += o.total;
     l2_fp += o.l2_fp;
@@ -20,13 +21,14 @@ struct LossTerms {
     l2_hom += o.l2_hom;
     kld_hom += o.kld_hom;
     round += o.round;
+    output_kld += o.output_kld;
     return *this;
   }
   LossTerms operator/(double k) const {
-    return {total / k, l2_fp / k, kld_fp / k, l2_hom / k, kld_hom / k, round / k};
+    return {total / k, l2_fp / k, kld_fp / k, l2_hom / k, kld_hom / k, round / k, output_kld / k};
   }
   // The reconstruction part (what the window is meant to minimise, without the regulariser).
-  double reconstruction() const { return l2_fp + kld_fp + l2_hom + kld_hom; }
+  double reconstruction() const { return l2_fp + kld_fp + l2_hom + kld_hom + output_kld; }
 };
 
 struct WindowStats {

@@ -117,6 +117,9 @@ struct GptqOptions {
 struct GptqResult {
   QuantizedWeight weight;     // codes (original column order), scales, zero-points, g_idx
   Tensor<float> dequantized;  // (rows, cols), == weight.dequantize() exactly
+  // (rows, cols): the error-compensated weight each column was rounded from (round-to-nearest of
+  // it under weight's grid gives weight's codes); a starting point for learned rounding.
+  Tensor<float> updated;
   double loss = 0;            // Σ (w − q)² / U_jj² / 2, the reference's "error"
   double damp = 0;            // λ added to the diagonal
   int64_t dead_columns = 0;   // columns with H_ii = 0 (zeroed)
@@ -255,6 +258,7 @@ inline GptqResult gptq_quantize(const Tensor<float>& w_in, const Tensor<double>&
   std::vector<double> err(static_cast<std::size_t>(rows * B));
   std::vector<float> deq(static_cast<std::size_t>(rows * cols));  // permuted order
   std::vector<uint8_t> codes(static_cast<std::size_t>(rows * cols));
+  std::vector<float> rounded_from(static_cast<std::size_t>(rows * cols));  // permuted order
   std::vector<double> row_loss(static_cast<std::size_t>(rows), 0.0);
   const float qmin = static_cast<float>(spec.qmin());
   const bool dynamic_groups = grouped && !opt.static_groups;
@@ -310,6 +314,7 @@ inline GptqResult gptq_quantize(const Tensor<float>& w_in, const Tensor<double>&
           const float xq = dequantize_code(qf, s, z);  // == QuantizedWeight::value()
           codes[static_cast<std::size_t>(r * cols + j)] = static_cast<uint8_t>(qf - qmin);
           deq[static_cast<std::size_t>(r * cols + j)] = xq;
+          rounded_from[static_cast<std::size_t>(r * cols + j)] = static_cast<float>(x);
           const double d = U[j * cols + j];
           const double e = (x - static_cast<double>(xq)) / d;
           row_loss[static_cast<std::size_t>(r)] += e * e / 2;
@@ -327,11 +332,13 @@ inline GptqResult gptq_quantize(const Tensor<float>& w_in, const Tensor<double>&
 
   // Un-permute into the result.
   res.dequantized = Tensor<float>::empty(Shape{rows, cols});
+  res.updated = Tensor<float>::empty(Shape{rows, cols});
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t k = 0; k < cols; ++k) {
       const int64_t c = perm[static_cast<std::size_t>(k)];
       qw.codes[r * cols + c] = codes[static_cast<std::size_t>(r * cols + k)];
       res.dequantized[r * cols + c] = deq[static_cast<std::size_t>(r * cols + k)];
+      res.updated[r * cols + c] = rounded_from[static_cast<std::size_t>(r * cols + k)];
     }
   if (opt.act_order && dynamic_groups) {
     qw.group_index.assign(static_cast<std::size_t>(cols), 0);
