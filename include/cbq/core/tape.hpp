@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cbq/core/error.hpp"
+#include "cbq/core/parallel.hpp"
 #include "cbq/core/tensor.hpp"
 
 namespace cbq {
@@ -60,6 +61,9 @@ class Var {
   bool requires_grad() const { return tape_->requires_grad(id_); }
   // The gradient buffer, zero-initialised on first access.
   Tensor<T>& grad() const { return tape_->grad(id_); }
+  // For an op that writes its whole contribution in one pass (a GEMM with β): the buffer and the
+  // β to use — 0 when the buffer is new this step (not zeroed: the op overwrites it), else 1.
+  std::pair<Tensor<T>*, T> grad_for_write() const { return tape_->grad_for_write(id_); }
   bool has_grad() const { return tape_->has_grad(id_); }
 
  private:
@@ -146,6 +150,13 @@ class Tape {
     return e.grad;
   }
 
+  std::pair<Tensor<T>*, T> grad_for_write(int id) {
+    Entry& e = entries_.at(check_id(id));
+    if (e.grad.defined() || e.param) return {&grad(id), T(1)};  // accumulate
+    e.grad = arena_take(e.value.shape(), false);
+    return {&e.grad, T(0)};
+  }
+
   // ---- differentiation ----
   // Seeds d(loss) = seed (loss must hold one element) and runs every node backward.
   void backward(Var<T> loss, T seed = T(1)) {
@@ -216,14 +227,28 @@ class Tape {
     return Var<T>(this, static_cast<int>(entries_.size()) - 1);
   }
 
+  // Zero-fills t; large host buffers in parallel (gradients are zeroed on the step's critical
+  // path, between parallel regions).
+  static void zero_fill(Tensor<T>& t) {
+    constexpr int64_t kParallelBytes = 256 << 10;
+    const int64_t n = t.numel();
+    if (!t.is_cpu() || n * static_cast<int64_t>(sizeof(T)) < kParallelBytes) {
+      t.zero();
+      return;
+    }
+    T* p = t.data();
+    parallel_for(n, kParallelBytes / static_cast<int64_t>(sizeof(T)) / 4,
+                 [p](int64_t a, int64_t b) { std::fill(p + a, p + b, T(0)); });
+  }
+
   Tensor<T> arena_take(const Shape& shape, bool zero) {
     Tensor<T> t;
     if (arena_cursor_ < arena_.size() && arena_[arena_cursor_].numel() == shape.numel()) {
       t = arena_[arena_cursor_].reshape(shape);
-      if (zero) t.zero();
+      if (zero) zero_fill(t);
     } else {
       t = Tensor<T>::empty(shape, device_);
-      if (zero) t.zero();
+      if (zero) zero_fill(t);
       ++arena_allocations_;
       if (arena_cursor_ < arena_.size()) {
         arena_[arena_cursor_] = t;

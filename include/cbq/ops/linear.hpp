@@ -23,12 +23,16 @@ class LinearNode final : public Node<T> {
   void backward(Tape<T>& tape) override {
     const Tensor<T>& g = tape.grad(this->output);  // (rows, out)
     const Device dev = g.device();
-    if (x_.requires_grad())  // dx (rows, in) += G (rows, out) · W (out, in)
+    if (x_.requires_grad()) {  // dx (rows, in) += G (rows, out) · W (out, in)
+      auto [dx, beta] = x_.grad_for_write();
       gemm<T>(dev, false, false, rows_, in_, out_, T(1), g.data(), out_, w_.value().data(), in_,
-              T(1), x_.grad().data(), in_);
-    if (w_.requires_grad())  // dW (out, in) += Gᵀ (out, rows) · x (rows, in)
+              beta, dx->data(), in_);
+    }
+    if (w_.requires_grad()) {  // dW (out, in) += Gᵀ (out, rows) · x (rows, in)
+      auto [dw, beta] = w_.grad_for_write();
       gemm<T>(dev, true, false, out_, in_, rows_, T(1), g.data(), out_, x_.value().data(), in_,
-              T(1), w_.grad().data(), in_);
+              beta, dw->data(), in_);
+    }
     if (b_.valid() && b_.requires_grad()) {
       T* db = b_.grad().data();
       if (dev == Device::cuda) {
