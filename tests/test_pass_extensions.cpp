@@ -79,6 +79,7 @@ TEST_CASE("gptq start: the pass starts at GPTQ's solution and its windows improv
   o.weight_init = WeightInit::gptq;
   TinyPass pass(o);
   auto result = pass.run_from_hidden(model, inputs(6, 12, c.dim, 3));
+  CHECK(result.config == pass.describe() + " + GPTQ start");  // labels say how it was made
   REQUIRE(result.windows.size() == 2);
   for (const auto& w : result.windows) {
     CAPTURE(w.first_block);
@@ -185,6 +186,8 @@ TEST_CASE("output loss and learned norms run on OPT blocks (LayerNorm weights an
   o.output_kld = 5;
   o.output_kld_all = true;
   auto result = TinyPass(o).run_from_hidden(model, x);
+  CHECK(result.config.find("+ learned norms (lr 0.001) + output KL x5 (every window)") !=
+        std::string::npos);
   for (const auto& w : result.windows) {
     CHECK(w.loss_after.total < w.loss_before.total);
     CHECK(w.loss_after.output_kld > 0);

@@ -267,7 +267,7 @@ class CbqPass {
 
     QuantizationResult result;
     result.method = "cbq";
-    result.config = describe();
+    result.config = describe() + describe_extensions(o);
     result.activation_bytes = pass_activation_bytes(N, L, d, sizeof(T));
     if (o.verbose)
       fmt::print(
@@ -422,6 +422,16 @@ class CbqPass {
   }
 
   std::string describe() const { return spec_.describe(); }
+  // The options beyond the paper that are on (PASS.md), for result labels: "" when none.
+  static std::string describe_extensions(const PassOptions& o) {
+    std::string s;
+    if (o.weight_init == WeightInit::gptq) s += " + GPTQ start";
+    if (o.learn_norms) s += fmt::format(" + learned norms (lr {:g})", o.lr_norm);
+    if (o.output_kld > 0)
+      s += fmt::format(" + output KL x{:g} ({})", o.output_kld,
+                       o.output_kld_all ? "every window" : "last window");
+    return s;
+  }
 
  private:
   // Restores the state after the checkpoint's last window; returns how many windows it covers.
