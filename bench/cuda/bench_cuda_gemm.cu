@@ -24,27 +24,7 @@ using cbq::Shape;
 using cbq::Tensor;
 using cbq::cuda::MathMode;
 
-// x[i] = uniform in [-1, 1) from a hash of (i, seed): cheap device-side initialisation.
-template <class T>
-__global__ void fill_uniform_kernel(T* x, int64_t n, uint64_t seed) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    uint64_t h = (static_cast<uint64_t>(i) + 1) * 0x9E3779B97F4A7C15ull ^ seed;
-    h ^= h >> 31;
-    h *= 0xBF58476D1CE4E5B9ull;
-    h ^= h >> 29;
-    x[i] = static_cast<T>(static_cast<double>(h >> 11) * 0x1.0p-52 - 1.0);
-  }
-}
-
-template <class T>
-Tensor<T> random_device_tensor(const Shape& shape, uint64_t seed) {
-  Tensor<T> t = Tensor<T>::empty(shape, Device::cuda);
-  fill_uniform_kernel<<<1024, 256, 0, cbq::cuda::default_context().stream()>>>(t.data(), t.numel(),
-                                                                               seed);
-  CBQ_CUDA_CHECK_LAUNCH("fill_uniform_kernel");
-  return t;
-}
+using cbq_bench::random_device_tensor;
 
 template <class T>
 void BM_gemm(benchmark::State& state, MathMode mode, bool trans_a, bool trans_b) {
