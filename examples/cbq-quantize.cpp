@@ -430,12 +430,14 @@ int main(int argc, char** argv) {
         "ctx %lld)\n",
         static_cast<long long>(args.samples), static_cast<long long>(seq_len), args.calib.c_str(),
         calib_tokens.size(), args.eval.c_str(), eval_tokens.size(), static_cast<long long>(ctx));
-    const double act_mib =
-        static_cast<double>(cbq::pass_activation_bytes(args.samples, seq_len, cfg.dim)) / (1 << 20);
+    const int act_sets = cbq::pass_activation_sets(args.options);
+    const double act_mib = static_cast<double>(cbq::pass_activation_bytes(
+                               args.samples, seq_len, cfg.dim, sizeof(float), act_sets)) /
+                           (1 << 20);
     std::printf(
-        "memory: the CBQ pass holds 4 activation sets of %lld × %lld × %lld floats "
+        "memory: the CBQ pass holds %d activation sets of %lld × %lld × %lld floats "
         "(%.1f MiB) beside the model\n",
-        static_cast<long long>(args.samples), static_cast<long long>(seq_len),
+        act_sets, static_cast<long long>(args.samples), static_cast<long long>(seq_len),
         static_cast<long long>(cfg.dim), act_mib);
 
     std::vector<Row> rows;

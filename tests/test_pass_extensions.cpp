@@ -7,6 +7,7 @@
 #include <cbq/quant/gptq.hpp>
 #include <cstring>
 
+#include "support/files.hpp"
 #include "support/gradcheck.hpp"
 
 using namespace cbq;
@@ -145,6 +146,37 @@ TEST_CASE("learned norms: the full-precision path keeps the original values") {
       CHECK_FALSE(now[i]->trainable);
     }
   }
+}
+
+TEST_CASE("learned norms: the full-precision path after learning equals the untouched model's") {
+  // The last checkpoint holds X_fp advanced through every block in full precision, block 1 after
+  // window 1 learned its norms: with the originals swapped in it equals a run without learning.
+  ModelConfig c = tiny_llama_config();
+  const auto x = inputs(4, 10, c.dim, 17);
+  auto final_fp_path = [&](bool learn, const std::string& tag) {
+    cbq::testing::TempDir dir(tag);
+    Transformer<LlamaBlock<float>> model(c, random_weights(c, 5));
+    PassOptions o = quiet(2);
+    o.learn_norms = learn;
+    o.lr_norm = 3e-2;
+    o.checkpoint_dir = dir.path.string();
+    TinyPass(o).run_from_hidden(model, x);
+    io::SafetensorsFile f(checkpoint_path(o.checkpoint_dir));
+    std::vector<Tensor<float>> out;
+    for (size_t n = 0; n < x.size(); ++n) out.push_back(f.to_float(fmt::format("x_fp.{}", n)));
+    // The learned values are in the checkpoint too, different from the originals.
+    if (learn) {
+      const Tensor<float> learned =
+          f.to_float("norm." + model.blocks[1].other_parameters()[0]->name);
+      Transformer<LlamaBlock<float>> original(c, random_weights(c, 5));
+      CHECK_FALSE(same_bits(learned, original.blocks[1].other_parameters()[0]->value));
+    }
+    return out;
+  };
+  const auto plain = final_fp_path(false, "norms-plain");
+  const auto learned = final_fp_path(true, "norms-learned");
+  REQUIRE(plain.size() == learned.size());
+  for (size_t n = 0; n < plain.size(); ++n) CHECK(same_bits(plain[n], learned[n]));
 }
 
 TEST_CASE("output loss: the model's output KL is reported, weighted and reduced by training") {

@@ -196,10 +196,16 @@ struct PassSpec {
   }
 };
 
-// Bytes of calibration activations the pass holds: X_fp, X_q and the two targets, N × L × d each.
+// How many N × L × d activation sets the pass holds: X_fp, X_q and the two targets, and with the
+// output loss in every window the full-precision model's last hidden states.
+inline int pass_activation_sets(const PassOptions& o) {
+  return o.output_kld > 0 && o.output_kld_all ? 5 : 4;
+}
+// Bytes of those sets.
 inline std::size_t pass_activation_bytes(int64_t samples, int64_t seq_len, int64_t dim,
-                                         std::size_t scalar_bytes = sizeof(float)) {
-  return 4 * static_cast<std::size_t>(samples * seq_len * dim) * scalar_bytes;
+                                         std::size_t scalar_bytes = sizeof(float), int sets = 4) {
+  return static_cast<std::size_t>(sets) * static_cast<std::size_t>(samples * seq_len * dim) *
+         scalar_bytes;
 }
 
 class CbqPass {
@@ -268,7 +274,7 @@ class CbqPass {
     QuantizationResult result;
     result.method = "cbq";
     result.config = describe() + describe_extensions(o);
-    result.activation_bytes = pass_activation_bytes(N, L, d, sizeof(T));
+    result.activation_bytes = pass_activation_bytes(N, L, d, sizeof(T), pass_activation_sets(o));
     if (o.verbose)
       fmt::print(
           "CBQ: {} blocks, {} windows of {} (overlap {}), {} samples × {} tokens, {} "
@@ -307,6 +313,21 @@ class CbqPass {
     if (!preprocess_on_host && o.activation_scaling != ActivationScaling::none)
       result.preprocess = scale_activation_outliers(model, x_fp, o.activation_scaling,
                                                     o.smoothquant_alpha, o.verbose);
+
+    // Output loss in every window: the full-precision model's last hidden state of each sample,
+    // the target all windows share, computed once here instead of in every step.
+    ActivationSet<T> fp_output_set;
+    std::vector<Tensor<T>> t_out;
+    if (pass_activation_sets(o) == 5) {
+      fp_output_set =
+          ActivationSet<T>(N, L, d, o.activation_dir, "T_fp(X) at the last block", act_device);
+      t_out = fp_output_set.tensors();
+      for (int64_t n = 0; n < N; ++n) {
+        Tensor<T> x = x_fp[n];
+        for (int64_t b = 0; b < K; ++b) x = model.run_block(b, x, fp_context<T>());
+        t_out[n].copy_from(x);
+      }
+    }
 
     std::vector<std::vector<std::shared_ptr<QuantLinear<T>>>> qlayers(static_cast<size_t>(K));
     // Learned norms: (parameter, the value it does not hold now). Swapped around every full-
@@ -374,8 +395,9 @@ class CbqPass {
       init_activation_steps(model, w, qlayers, ranges);
 
       // 3. Optimise the window.
-      const WindowStats stats = train_window(model, w, qlayers, x_q, t_fp, t_hom, window_index,
-                                             static_cast<int64_t>(windows.size()), start);
+      const WindowStats stats =
+          train_window(model, w, qlayers, x_q, t_fp, t_hom, t_out, window_index,
+                       static_cast<int64_t>(windows.size()), start);
       result.windows.push_back(stats);
 
       // 4. Blocks leaving their last window: harden, freeze, advance the quantized path.
@@ -671,8 +693,9 @@ class CbqPass {
   template <class Model, class Q, class T>
   WindowStats train_window(Model& model, const Window& w, Q& qlayers,
                            const std::vector<Tensor<T>>& x_q, const std::vector<Tensor<T>>& t_fp,
-                           const std::vector<Tensor<T>>& t_hom, int64_t window_index,
-                           int64_t num_windows, std::chrono::steady_clock::time_point pass_start) {
+                           const std::vector<Tensor<T>>& t_hom, const std::vector<Tensor<T>>& t_out,
+                           int64_t window_index, int64_t num_windows,
+                           std::chrono::steady_clock::time_point pass_start) {
     const PassOptions& o = options_;
     const int64_t N = static_cast<int64_t>(x_q.size());
     int64_t total_steps = o.epochs * N;
@@ -727,7 +750,7 @@ class CbqPass {
     Tape<T> tape(device);
     // Activation sets kept in host memory while the model is on the GPU: each use copies the
     // sample into one of these device buffers.
-    Tensor<T> staged_x, staged_fp, staged_hom;
+    Tensor<T> staged_x, staged_fp, staged_hom, staged_out;
     auto staged = [&](const Tensor<T>& t, Tensor<T>& buffer) -> const Tensor<T>& {
       if (t.device() == device) return t;
       if (!buffer.defined()) buffer = Tensor<T>::empty(t.shape(), device);
@@ -765,15 +788,16 @@ class CbqPass {
         if (o.loss_kld) add_term(ops::kl_softmax(target, y, tau), terms.kld_hom);
       }
       if (output_loss) {
-        // Earlier windows reach the output through the later blocks in full precision.
+        // Earlier windows reach the output through the later blocks in full precision; the
+        // last window's T_fp(X_fp) is the model's last hidden state itself.
         BlockContext<T> fp;
         fp.full_precision = true;
-        Var<T> t = tape.constant(staged(t_fp[n], staged_fp)), q = y;
-        for (int64_t b = w.last + 1; b < model.num_blocks(); ++b) {
-          t = model.blocks[b].forward(tape, t, fp);
+        Var<T> q = y;
+        for (int64_t b = w.last + 1; b < model.num_blocks(); ++b)
           q = model.blocks[b].forward(tape, q, fp);
-        }
-        Var<T> target = model.head(tape, t);
+        const bool last = w.last + 1 == model.num_blocks();
+        Var<T> target = model.head(
+            tape, tape.constant(last ? staged(t_fp[n], staged_fp) : staged(t_out[n], staged_out)));
         Var<T> out = ops::scale(ops::kl_softmax(target, model.head(tape, q), T(1)),
                                 static_cast<T>(o.output_kld));
         add_term(out, terms.output_kld);
