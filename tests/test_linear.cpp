@@ -86,3 +86,101 @@ TEST_CASE("linear: a weight that does not match the input is a clear error") {
                        doctest::Contains("linear: input (4, 7) does not match weight (3, 6)"),
                        cbq::Error);
 }
+
+TEST_CASE("blas::gemm_batch: each GEMM equals the naive product, 1 to 3 threads, every transpose") {
+  const int saved = num_threads();
+  struct Dims {
+    int64_t m, n, k;
+  };
+  // Above and below the split threshold, odd sizes, k = 0 (C = β·C), M > N and N > M.
+  const std::vector<Dims> dims = {{100, 90, 70}, {37, 130, 80}, {5, 3, 4},
+                                  {64, 64, 64},  {90, 17, 0},   {200, 48, 33}};
+  for (int threads : {1, 2, 3})
+    for (std::size_t count : {std::size_t{2}, std::size_t{3}, std::size_t{6}})
+      for (double beta : {0.0, 0.5}) {
+        set_num_threads(threads);
+        std::vector<Tensor<double>> A, B, C, ref;
+        std::vector<blas::GemmArgs<double>> gemms;
+        for (std::size_t i = 0; i < count; ++i) {
+          const Dims d = dims[i];
+          const bool ta = i % 2 == 1, tb = i % 3 == 0;
+          A.push_back(randn<double>(ta ? Shape{d.k, d.m} : Shape{d.m, d.k}, 10 + i));
+          B.push_back(randn<double>(tb ? Shape{d.n, d.k} : Shape{d.k, d.n}, 20 + i));
+          C.push_back(randn<double>(Shape{d.m, d.n}, 30 + i));
+          Tensor<double> r = C.back().clone();
+          Tensor<double> prod = naive_matmul(A.back(), B.back(), ta, tb);
+          for (int64_t e = 0; e < r.numel(); ++e) r[e] = 1.5 * prod[e] + beta * r[e];
+          ref.push_back(r);
+        }
+        for (std::size_t i = 0; i < count; ++i) {
+          const Dims d = dims[i];
+          const bool ta = i % 2 == 1, tb = i % 3 == 0;
+          gemms.push_back(blas::gemm_args(ta, tb, d.m, d.n, d.k, 1.5, A[i].data(), A[i].size(1),
+                                          B[i].data(), B[i].size(1), beta, C[i].data(), d.n));
+        }
+        blas::gemm_batch(gemms.data(), static_cast<int>(count));
+        for (std::size_t i = 0; i < count; ++i) {
+          CAPTURE(threads);
+          CAPTURE(i);
+          CAPTURE(beta);
+          CHECK(max_abs_diff(C[i], ref[i]) < 1e-11);
+        }
+      }
+  set_num_threads(saved);
+}
+
+TEST_CASE("linear_batch: the values and gradients of linear on each in turn (gradient check)") {
+  const int saved = num_threads();
+  auto x = randn<double>(Shape{70, 40}, 1);
+  const std::vector<Tensor<double>> w = {randn<double>(Shape{90, 40}, 2),
+                                         randn<double>(Shape{33, 40}, 3),
+                                         randn<double>(Shape{90, 40}, 4)};
+  auto b = randn<double>(Shape{33}, 5);
+  for (int threads : {1, 2}) {
+    set_num_threads(threads);
+    Tensor<double> y_one[3], y_batch[3], dx[2], dw[2][3], db[2];
+    for (int batched = 0; batched < 2; ++batched) {
+      Tape<double> tape;
+      Parameter<double> px("x", x.clone()), pb("b", b.clone());
+      std::vector<Parameter<double>> pw;
+      for (int i = 0; i < 3; ++i) pw.emplace_back("w", w[i].clone());
+      Var<double> vx = tape.param(px);
+      Var<double> y[3];
+      if (batched) {
+        ops::LinearArgs<double> args[3] = {{vx, tape.param(pw[0]), Var<double>{}},
+                                           {vx, tape.param(pw[1]), tape.param(pb)},
+                                           {vx, tape.param(pw[2]), Var<double>{}}};
+        ops::linear_batch(args, 3, y);
+      } else {
+        y[0] = ops::linear(vx, tape.param(pw[0]));
+        y[1] = ops::linear(vx, tape.param(pw[1]), tape.param(pb));
+        y[2] = ops::linear(vx, tape.param(pw[2]));
+      }
+      Var<double> loss = ops::add(ops::add(ops::sum(y[0]), ops::sum(ops::mul(y[1], y[1]))),
+                                  ops::sum(ops::scale(y[2], 3.0)));
+      tape.backward(loss);
+      for (int i = 0; i < 3; ++i) (batched ? y_batch : y_one)[i] = y[i].value().clone();
+      dx[batched] = px.grad.clone();
+      for (int i = 0; i < 3; ++i) dw[batched][i] = pw[static_cast<std::size_t>(i)].grad.clone();
+      db[batched] = pb.grad.clone();
+    }
+    CAPTURE(threads);
+    for (int i = 0; i < 3; ++i) {
+      CHECK(max_abs_diff(y_one[i], y_batch[i]) < 1e-12);
+      CHECK(max_abs_diff(dw[0][i], dw[1][i]) < 1e-10);
+    }
+    CHECK(max_abs_diff(dx[0], dx[1]) < 1e-10);
+    CHECK(max_abs_diff(db[0], db[1]) < 1e-10);
+  }
+  set_num_threads(saved);
+  auto check = gradcheck(
+      [](Tape<double>&, std::vector<Var<double>>& v) {
+        ops::LinearArgs<double> args[2] = {{v[0], v[1], v[3]}, {v[0], v[2], Var<double>{}}};
+        Var<double> y[2];
+        ops::linear_batch(args, 2, y);
+        return ops::add(ops::sum(ops::mul(y[0], y[0])), ops::sum(y[1]));
+      },
+      {randn<double>(Shape{6, 5}, 6), randn<double>(Shape{4, 5}, 7), randn<double>(Shape{3, 5}, 8),
+       randn<double>(Shape{4}, 9)});
+  CHECK(check.max_rel_error < 1e-6);
+}

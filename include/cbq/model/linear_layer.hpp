@@ -1,8 +1,10 @@
 #pragma once
 // A named linear layer inside a block, and the hook through which a quantization pass replaces
 // its computation (fake-quantized weights and inputs) without the block knowing about it.
+#include <array>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "cbq/core/tape.hpp"
@@ -19,6 +21,11 @@ class LinearTransform {
  public:
   virtual ~LinearTransform() = default;
   virtual Var<T> forward(Tape<T>& tape, LinearLayer<T>& layer, Var<T> x) = 0;
+  // When forward is ops::linear of some (input, weight, bias): those, so that run_linears can
+  // compute several layers' products side by side. The default (none) makes it call forward.
+  virtual std::optional<ops::LinearArgs<T>> linear_args(Tape<T>&, LinearLayer<T>&, Var<T>) {
+    return std::nullopt;
+  }
 };
 
 template <class T>
@@ -45,6 +52,13 @@ class LinearLayer {
     if (transform && !full_precision) return transform->forward(tape, *this, x);
     return ops::linear(x, tape.param(weight), has_bias() ? tape.param(bias) : Var<T>{});
   }
+  // The arguments of the ops::linear that operator() computes, or none when the transform does
+  // not say (then call operator()).
+  std::optional<ops::LinearArgs<T>> linear_args(Tape<T>& tape, Var<T> x,
+                                                bool full_precision = false) {
+    if (transform && !full_precision) return transform->linear_args(tape, *this, x);
+    return ops::LinearArgs<T>{x, tape.param(weight), has_bias() ? tape.param(bias) : Var<T>{}};
+  }
 };
 
 // Per-call context of a block's forward pass.
@@ -62,6 +76,33 @@ template <class T>
 Var<T> run_linear(Tape<T>& tape, LinearLayer<T>& layer, Var<T> x, const BlockContext<T>& ctx) {
   if (ctx.on_linear_input) ctx.on_linear_input(layer, x.value());
   return layer(tape, x, ctx.full_precision);
+}
+
+// Several layers reading the same input (Q, K, V; gate and up): what run_linear gives for each
+// in turn, with the products computed side by side (ops::linear_batch). Every layer's input
+// hook runs before any of them computes.
+template <class T, size_t N>
+std::array<Var<T>, N> run_linears(Tape<T>& tape, const std::array<LinearLayer<T>*, N>& layers,
+                                  Var<T> x, const BlockContext<T>& ctx) {
+  std::array<Var<T>, N> out;
+  std::array<ops::LinearArgs<T>, N> args;
+  std::array<size_t, N> slot{};
+  int batched = 0;
+  for (size_t i = 0; i < N; ++i) {
+    LinearLayer<T>& layer = *layers[i];
+    if (ctx.on_linear_input) ctx.on_linear_input(layer, x.value());
+    if (std::optional<ops::LinearArgs<T>> a = layer.linear_args(tape, x, ctx.full_precision)) {
+      args[static_cast<size_t>(batched)] = *a;
+      slot[static_cast<size_t>(batched++)] = i;
+    } else {
+      out[i] = layer(tape, x, ctx.full_precision);
+    }
+  }
+  std::array<Var<T>, N> results;
+  ops::linear_batch(args.data(), batched, results.data());
+  for (int j = 0; j < batched; ++j)
+    out[slot[static_cast<size_t>(j)]] = results[static_cast<size_t>(j)];
+  return out;
 }
 
 }  // namespace cbq

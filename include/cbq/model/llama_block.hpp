@@ -57,16 +57,15 @@ class LlamaBlock {
   Var<T> forward(Tape<T>& tape, Var<T> x, const BlockContext<T>& ctx) {
     const ModelConfig& c = config_;
     Var<T> n1 = ops::rmsnorm(x, tape.param(input_layernorm), c.norm_eps);
-    Var<T> q = run_linear(tape, q_proj, n1, ctx);  // (T, Hq·hd)
-    Var<T> k = run_linear(tape, k_proj, n1, ctx);  // (T, Hkv·hd)
-    Var<T> v = run_linear(tape, v_proj, n1, ctx);  // (T, Hkv·hd)
+    // q (T, Hq·hd), k and v (T, Hkv·hd)
+    auto [q, k, v] = run_linears<T, 3>(tape, {&q_proj, &k_proj, &v_proj}, n1, ctx);
     q = ops::rope(q, c.n_heads, c.head_dim, c.rope_layout, c.rope_theta, ctx.pos0);
     k = ops::rope(k, c.n_kv_heads, c.head_dim, c.rope_layout, c.rope_theta, ctx.pos0);
     Var<T> a = ops::attention(q, k, v, c.n_heads, c.n_kv_heads, c.head_dim, true);
     Var<T> h = ops::add(x, run_linear(tape, o_proj, a, ctx));
     Var<T> n2 = ops::rmsnorm(h, tape.param(post_attention_layernorm), c.norm_eps);
-    Var<T> g =
-        ops::swiglu(run_linear(tape, gate_proj, n2, ctx), run_linear(tape, up_proj, n2, ctx));
+    auto [gate, up] = run_linears<T, 2>(tape, {&gate_proj, &up_proj}, n2, ctx);
+    Var<T> g = ops::swiglu(gate, up);
     return ops::add(h, run_linear(tape, down_proj, g, ctx));
   }
 

@@ -61,9 +61,7 @@ class OptBlock {
     const ModelConfig& c = config_;
     Var<T> n1 = ops::layernorm(x, tape.param(self_attn_layer_norm_weight),
                                tape.param(self_attn_layer_norm_bias), c.norm_eps);
-    Var<T> q = run_linear(tape, q_proj, n1, ctx);
-    Var<T> k = run_linear(tape, k_proj, n1, ctx);
-    Var<T> v = run_linear(tape, v_proj, n1, ctx);
+    auto [q, k, v] = run_linears<T, 3>(tape, {&q_proj, &k_proj, &v_proj}, n1, ctx);
     Var<T> a = ops::attention(q, k, v, c.n_heads, c.n_heads, c.head_dim, true);
     Var<T> h = ops::add(x, run_linear(tape, out_proj, a, ctx));
     Var<T> n2 = ops::layernorm(h, tape.param(final_layer_norm_weight),

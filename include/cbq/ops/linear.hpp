@@ -23,15 +23,27 @@ class LinearNode final : public Node<T> {
   void backward(Tape<T>& tape) override {
     const Tensor<T>& g = tape.grad(this->output);  // (rows, out)
     const Device dev = g.device();
-    if (x_.requires_grad()) {  // dx (rows, in) += G (rows, out) · W (out, in)
+    // dx (rows, in) += G (rows, out) · W (out, in);  dW (out, in) += Gᵀ (out, rows) · x (rows, in)
+    blas::GemmArgs<T> gemms[2];
+    int count = 0;
+    if (x_.requires_grad()) {
       auto [dx, beta] = x_.grad_for_write();
-      gemm<T>(dev, false, false, rows_, in_, out_, T(1), g.data(), out_, w_.value().data(), in_,
-              beta, dx->data(), in_);
+      gemms[count++] = blas::gemm_args(false, false, rows_, in_, out_, T(1), g.data(), out_,
+                                       w_.value().data(), in_, beta, dx->data(), in_);
     }
-    if (w_.requires_grad()) {  // dW (out, in) += Gᵀ (out, rows) · x (rows, in)
+    if (w_.requires_grad()) {
       auto [dw, beta] = w_.grad_for_write();
-      gemm<T>(dev, true, false, out_, in_, rows_, T(1), g.data(), out_, x_.value().data(), in_,
-              beta, dw->data(), in_);
+      gemms[count++] = blas::gemm_args(true, false, out_, in_, rows_, T(1), g.data(), out_,
+                                       x_.value().data(), in_, beta, dw->data(), in_);
+    }
+    if (dev == Device::cpu) {
+      blas::gemm_batch(gemms, count);  // side by side on the pool (core/blas.hpp)
+    } else {
+      for (int i = 0; i < count; ++i) {
+        const blas::GemmArgs<T>& a = gemms[i];
+        gemm<T>(dev, a.trans_a, a.trans_b, a.m, a.n, a.k, a.alpha, a.a, a.lda, a.b, a.ldb, a.beta,
+                a.c, a.ldc);
+      }
     }
     if (b_.valid() && b_.requires_grad()) {
       T* db = b_.grad().data();
@@ -53,11 +65,28 @@ class LinearNode final : public Node<T> {
   int64_t rows_, in_, out_;
 };
 
-// `b` may be an invalid Var (Var<T>{}) for no bias.
+// The arguments of one linear: x (..., in), W (out, in), b (out,) or an invalid Var.
 template <class T>
-Var<T> linear(Var<T> x, Var<T> w, Var<T> b = Var<T>{}) {
+struct LinearArgs {
+  Var<T> x, w, b;
+};
+
+namespace detail {
+
+// Checks one linear's arguments and makes its output; the product is computed by the caller.
+template <class T>
+struct LinearPlan {
+  Var<T> out;
+  int64_t rows = 0, in = 0, outf = 0;
+  bool rg = false;
+};
+
+template <class T>
+LinearPlan<T> plan_linear(const LinearArgs<T>& args) {
+  const Var<T>& x = args.x;
+  const Var<T>& b = args.b;
   const Tensor<T>& X = x.value();
-  const Tensor<T>& W = w.value();
+  const Tensor<T>& W = args.w.value();
   CBQ_CHECK(W.ndim() == 2, "linear: weight must be 2-D (out, in), got {}", W.shape());
   CBQ_CHECK(X.ndim() >= 1 && X.size(-1) == W.size(1),
             "linear: input {} does not match weight {} (last dimension must be {})", X.shape(),
@@ -65,24 +94,33 @@ Var<T> linear(Var<T> x, Var<T> w, Var<T> b = Var<T>{}) {
   check_contiguous("linear", "input", X);
   check_contiguous("linear", "weight", W);
   check_same_device("linear", X, W);
-  const int64_t in = W.size(1), outf = W.size(0), rows = X.numel() / std::max<int64_t>(in, 1);
+  LinearPlan<T> plan;
+  plan.in = W.size(1);
+  plan.outf = W.size(0);
+  plan.rows = X.numel() / std::max<int64_t>(plan.in, 1);
   if (b.valid()) {
-    CBQ_CHECK(b.value().ndim() == 1 && b.value().size(0) == outf,
+    CBQ_CHECK(b.value().ndim() == 1 && b.value().size(0) == plan.outf,
               "linear: bias {} does not match weight {} (expected ({},))", b.shape(), W.shape(),
-              outf);
+              plan.outf);
     check_same_device("linear", X, b.value());
   }
   Shape out_shape = X.shape();
-  out_shape[-1] = outf;
+  out_shape[-1] = plan.outf;
   Tape<T>& tape = x.tape();
-  const bool rg = tape.any_requires_grad({x, w, b});
-  Var<T> out = tape.output(out_shape, rg);
-  Tensor<T> Y = out.value();
-  gemm<T>(X.device(), false, true, rows, outf, in, T(1), X.data(), in, W.data(), in, T(0), Y.data(),
-          outf);
+  plan.rg = tape.any_requires_grad({x, args.w, b});
+  plan.out = tape.output(out_shape, plan.rg);
+  return plan;
+}
+
+// Adds the bias to the product and records the node.
+template <class T>
+void finish_linear(const LinearArgs<T>& args, const LinearPlan<T>& plan) {
+  const Var<T>& b = args.b;
+  Tensor<T> Y = plan.out.value();
+  const int64_t rows = plan.rows, outf = plan.outf;
   if (b.valid()) {
     const T* bp = b.value().data();
-    if (X.device() == Device::cuda) {
+    if (Y.device() == Device::cuda) {
       CBQ_CHECK(CudaLinear<T>::bias_forward, "linear: CUDA bias kernel not registered");
       CudaLinear<T>::bias_forward(Y.data(), bp, rows, outf);
     } else {
@@ -93,8 +131,54 @@ Var<T> linear(Var<T> x, Var<T> w, Var<T> b = Var<T>{}) {
       });
     }
   }
-  if (rg) tape.template record<LinearNode<T>>(out, x, w, b, rows, in, outf);
-  return out;
+  if (plan.rg)
+    args.x.tape().template record<LinearNode<T>>(plan.out, args.x, args.w, b, rows, plan.in, outf);
+}
+
+template <class T>
+blas::GemmArgs<T> forward_gemm(const LinearArgs<T>& args, const LinearPlan<T>& plan) {
+  Tensor<T> y = plan.out.value();  // shares the output's storage
+  return blas::gemm_args(false, true, plan.rows, plan.outf, plan.in, T(1), args.x.value().data(),
+                         plan.in, args.w.value().data(), plan.in, T(0), y.data(), plan.outf);
+}
+
+}  // namespace detail
+
+// `b` may be an invalid Var (Var<T>{}) for no bias.
+template <class T>
+Var<T> linear(Var<T> x, Var<T> w, Var<T> b = Var<T>{}) {
+  const LinearArgs<T> args{x, w, b};
+  const detail::LinearPlan<T> plan = detail::plan_linear(args);
+  const blas::GemmArgs<T> g = detail::forward_gemm(args, plan);
+  gemm<T>(x.value().device(), g.trans_a, g.trans_b, g.m, g.n, g.k, g.alpha, g.a, g.lda, g.b, g.ldb,
+          g.beta, g.c, g.ldc);
+  detail::finish_linear(args, plan);
+  return plan.out;
+}
+
+// Several independent linears (Q, K and V of one input; gate and up): the same values and nodes
+// as linear() on each in turn, with the products computed side by side on the CPU
+// (blas::gemm_batch). out[i] receives args[i]'s result.
+template <class T>
+void linear_batch(const LinearArgs<T>* args, int count, Var<T>* out) {
+  constexpr int kMax = 8;
+  bool cpu = count >= 2 && count <= kMax;
+  for (int i = 0; i < count && cpu; ++i) cpu = args[i].x.value().device() == Device::cpu;
+  if (!cpu) {
+    for (int i = 0; i < count; ++i) out[i] = linear(args[i].x, args[i].w, args[i].b);
+    return;
+  }
+  detail::LinearPlan<T> plans[kMax];
+  blas::GemmArgs<T> gemms[kMax];
+  for (int i = 0; i < count; ++i) {
+    plans[i] = detail::plan_linear(args[i]);
+    gemms[i] = detail::forward_gemm(args[i], plans[i]);
+  }
+  blas::gemm_batch(gemms, count);
+  for (int i = 0; i < count; ++i) {
+    detail::finish_linear(args[i], plans[i]);
+    out[i] = plans[i].out;
+  }
 }
 
 }  // namespace cbq::ops

@@ -9,6 +9,7 @@
 // until harden() fixes the rounding: then Ŵ is the constant dequantized integer weight.
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -147,9 +148,14 @@ class QuantLinear final : public LinearTransform<T> {
   }
 
   Var<T> forward(Tape<T>& tape, LinearLayer<T>& layer, Var<T> x) override {
+    const ops::LinearArgs<T> a = *linear_args(tape, layer, x);
+    return ops::linear(a.x, a.w, a.b);
+  }
+  std::optional<ops::LinearArgs<T>> linear_args(Tape<T>& tape, LinearLayer<T>& layer,
+                                                Var<T> x) override {
     Var<T> xq = quantize_input(tape, x);
     Var<T> w = hardened_ ? tape.constant(W_hard_) : soft_weight(tape);
-    return ops::linear(xq, w, layer.has_bias() ? tape.param(layer.bias) : Var<T>{});
+    return ops::LinearArgs<T>{xq, w, layer.has_bias() ? tape.param(layer.bias) : Var<T>{}};
   }
 
   // Mean over this layer's weights of (1 − |2h − 1|^β); an invalid Var when there is no
