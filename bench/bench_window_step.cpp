@@ -9,7 +9,8 @@
 //
 // Arguments: threads (cbq's pool; OpenBLAS runs single-threaded under it, core/blas.hpp),
 // hard (1: hard_ste rounding in the forward, the pass's default; 0: soft), reg (1: with the
-// rounding regulariser, as every step after the warm-up; 0: without).
+// rounding regulariser, as every step after the warm-up, computed in the weights' kernels as the
+// pass does (QuantLinear::expect_rounding_regularizer); 0: without).
 //
 // FLOPs counted from the shapes (multiply-add = 2), per block, T tokens, P = weights of the
 // block's linear layers (d·in·out summed), r the LoRA rank:
@@ -166,6 +167,8 @@ void run_window_step(benchmark::State& state, const ModelConfig& c) {
   Tape<float> tape;
   auto step = [&] {
     tape.clear();
+    if (with_reg)  // computed in the weights' kernels, as the pass does
+      for (auto& q : layers) q->expect_rounding_regularizer(10.f);
     Var<float> y = tape.constant(x);
     for (auto& b : model.blocks) y = b.forward(tape, y, {});
     Var<float> a = tape.constant(t_fp), h = tape.constant(t_hom);

@@ -229,3 +229,112 @@ TEST_CASE("fused lora: results do not depend on the thread count") {
   CHECK(one.reg == three.reg);
   CHECK(max_abs_diff(one.rda2, three.rda2) == 0.0);
 }
+
+namespace {
+
+// Which outputs reach the loss: the weight (through G), the regulariser (through 7·r), or both.
+enum class Reach { weight, reg, both };
+
+template <class T>
+struct WeightRegRun {
+  Tensor<T> y, ds, da1, da2;
+  T reg = 0;
+};
+
+// Ŵ and the regulariser of the same V: from one kernel (fused = true, LoraRegRequest) or from
+// lora_soft_weight and lora_round_reg separately; gradients seeded on the outputs that reach.
+template <class T>
+WeightRegRun<T> run_weight_reg(bool fused, const Case& c, Source src, RoundingMode mode,
+                               Reach reach, uint64_t seed) {
+  const GridSpec& g = c.spec;
+  Tensor<T> W = randn<T>(Shape{c.rows, c.cols}, seed, T(0.1));
+  Tensor<T> s, z;
+  quant::init_minmax(W, g, s, z);
+  Tensor<T> V0 = randn<T>(W.shape(), seed + 4, T(0.8));
+  Tensor<T> G = randn<T>(W.shape(), seed + 3);
+  Tape<T> tape;
+  Parameter<T> ps("s", s.clone()), p1("a1", randn<T>(Shape{c.rows, c.rank}, seed + 1, T(0.6))),
+      p2("a2", randn<T>(Shape{c.rank, c.cols}, seed + 2, T(0.6)));
+  const T beta = T(3.5);
+  quant::LoraRegRequest<T> request;
+  request.beta = beta;
+  quant::LoraRegRequest<T>* req = fused ? &request : nullptr;
+  const Tensor<T>* v0 = src == Source::tensor ? &V0 : nullptr;
+  Var<T> y = src == Source::tracked
+                 ? quant::lora_soft_weight_tracked(W, tape.param(ps), z, tape.param(p1),
+                                                   tape.param(p2), g, mode, true, req)
+                 : quant::lora_soft_weight(W, tape.param(ps), z, tape.param(p1), tape.param(p2), v0,
+                                           g, mode, true, req);
+  Var<T> r =
+      fused ? request.out
+            : (src == Source::tracked
+                   ? quant::lora_round_reg_tracked(W, s, g, tape.param(p1), tape.param(p2), beta)
+                   : quant::lora_round_reg(tape.param(p1), tape.param(p2), v0, beta));
+  if (reach != Reach::reg) y.grad().copy_from(G);
+  if (reach != Reach::weight) r.grad()[0] = T(7);
+  tape.backward_from_seeded();
+  return {y.value().clone(), ps.grad.clone(), p1.grad.clone(), p2.grad.clone(), r.value()[0]};
+}
+
+template <class T>
+void check_weight_reg(double tolerance, uint64_t seed) {
+  for (const Case& c : cases())
+    for (Source src : {Source::none, Source::tensor, Source::tracked})
+      for (RoundingMode mode : {RoundingMode::soft, RoundingMode::hard_ste})
+        for (Reach reach : {Reach::weight, Reach::reg, Reach::both}) {
+          CAPTURE(c.rows);
+          CAPTURE(c.cols);
+          CAPTURE(static_cast<int>(src));
+          CAPTURE(static_cast<int>(mode));
+          CAPTURE(static_cast<int>(reach));
+          const WeightRegRun<T> f = run_weight_reg<T>(true, c, src, mode, reach, seed);
+          const WeightRegRun<T> r = run_weight_reg<T>(false, c, src, mode, reach, seed);
+          CHECK(max_abs_diff(f.y, r.y) == 0.0);  // the same kernel, the same σ
+          CHECK(f.reg == r.reg);
+          // One contraction of G·fac + g·local instead of two: rounding of the sum only
+          CHECK(rel(f.da1, r.da1) < tolerance);
+          CHECK(rel(f.da2, r.da2) < tolerance);
+          if (reach == Reach::reg) {  // no gradient to s from the regulariser
+            CHECK(max_abs_diff(f.ds, r.ds) == 0.0);
+          } else {
+            CHECK(rel(f.ds, r.ds) < tolerance);
+          }
+        }
+}
+
+}  // namespace
+
+TEST_CASE(
+    "fused lora: the regulariser from the weight's kernel equals lora_round_reg, in value "
+    "and gradients, whichever outputs reach the loss") {
+  check_weight_reg<double>(1e-12, 61);
+  check_weight_reg<float>(2e-5, 62);
+}
+
+TEST_CASE("fused lora: weight and regulariser from one kernel (gradcheck in A1, A2)") {
+  for (Source src : {Source::none, Source::tensor, Source::tracked}) {
+    const Case c{6, 37, 3, make_spec(4, false, Granularity::per_group, 16)};
+    Tensor<double> W = randn<double>(Shape{c.rows, c.cols}, 71, 0.1);
+    Tensor<double> s, z;
+    quant::init_minmax(W, c.spec, s, z);
+    Tensor<double> V0 = randn<double>(W.shape(), 72, 0.8);
+    Tensor<double> R = randn<double>(W.shape(), 73);
+    auto result = testing::gradcheck(
+        [&](Tape<double>& tape, std::vector<Var<double>>& v) {
+          quant::LoraRegRequest<double> req;
+          req.beta = 2.5;
+          Var<double> y = src == Source::tracked
+                              ? quant::lora_soft_weight_tracked(W, v[0], z, v[1], v[2], c.spec,
+                                                                RoundingMode::soft, true, &req)
+                              : quant::lora_soft_weight(W, v[0], z, v[1], v[2],
+                                                        src == Source::tensor ? &V0 : nullptr,
+                                                        c.spec, RoundingMode::soft, true, &req);
+          return ops::add(ops::sum(ops::mul(y, tape.constant(R))), ops::scale(req.out, 5.0));
+        },
+        {s, randn<double>(Shape{c.rows, c.rank}, 74, 0.6),
+         randn<double>(Shape{c.rank, c.cols}, 75, 0.6)},
+        {false, true, true});
+    CAPTURE(static_cast<int>(src));
+    CHECK(result.max_rel_error < 1e-6);
+  }
+}

@@ -190,7 +190,10 @@ class Tape {
     entries_.clear();
     nodes_.clear();
     arena_cursor_ = 0;
+    ++generation_;
   }
+  // Counts clear() calls: a Var kept from an earlier generation no longer names its variable.
+  std::uint64_t generation() const { return generation_; }
 
   bool grad_enabled() const { return grad_enabled_; }
   void set_grad_enabled(bool enabled) { grad_enabled_ = enabled; }
@@ -208,6 +211,7 @@ class Tape {
   std::size_t arena_allocations() const { return arena_allocations_; }
 
  private:
+  std::uint64_t generation_ = 0;
   struct Entry {
     Tensor<T> value;
     Tensor<T> grad;

@@ -768,6 +768,10 @@ class CbqPass {
     // reconstruction terms against both targets, and (when active) the rounding regulariser.
     auto window_loss = [&](Tape<T>& tape, int64_t n, int64_t step, bool with_reg) {
       tape.clear();
+      const bool reg_on = with_reg && o.gamma_round > 0 && beta.active(step);
+      if (reg_on)  // computed in the weights' kernels (QuantLinear::expect_rounding_regularizer)
+        for (QuantLinear<T>* q : active)
+          q->expect_rounding_regularizer(static_cast<T>(beta.beta(step)));
       Var<T> y = tape.constant(staged(x_q[n], staged_x));
       BlockContext<T> ctx;
       for (int64_t b = w.first; b <= w.last; ++b) y = model.blocks[b].forward(tape, y, ctx);
@@ -802,7 +806,7 @@ class CbqPass {
                                 static_cast<T>(o.output_kld));
         add_term(out, terms.output_kld);
       }
-      if (with_reg && o.gamma_round > 0 && beta.active(step)) {
+      if (reg_on) {
         Var<T> reg;
         int64_t count = 0;
         const T b = static_cast<T>(beta.beta(step));

@@ -158,10 +158,22 @@ class QuantLinear final : public LinearTransform<T> {
     return ops::LinearArgs<T>{xq, w, layer.has_bias() ? tape.param(layer.bias) : Var<T>{}};
   }
 
+  // Says that rounding_regularizer(tape, beta) will be asked for after the next forward on the
+  // tape: LoRA-Rounding then computes it in the weight's kernel (quant::LoraRegRequest), from
+  // the σ(V) the weight needs anyway, and contracts both gradients in one pass.
+  void expect_rounding_regularizer(T beta) { reg_request_ = beta; }
+
   // Mean over this layer's weights of (1 − |2h − 1|^β); an invalid Var when there is no
   // rounding to regularise (nearest, or hardened).
   Var<T> rounding_regularizer(Tape<T>& tape, T beta) {
     if (hardened_) return Var<T>{};
+    if (fused_reg_.out.valid()) {  // computed by this step's forward (expect_rounding_regularizer)
+      Var<T> r = fused_reg_.out;
+      const bool same = &r.tape() == &tape && fused_reg_generation_ == tape.generation() &&
+                        fused_reg_.beta == beta;
+      fused_reg_.out = Var<T>{};
+      if (same) return r;
+    }
     if (config_.rounding == RoundingKind::lora && lora_tracks())
       return quant::lora_round_reg_tracked(W_, w_scale_.value, config_.weight, tape.param(lora_.A1),
                                            tape.param(lora_.A2), beta);
@@ -402,14 +414,23 @@ class QuantLinear final : public LinearTransform<T> {
     const Tensor<T>& zero = w_zero_;
     if (config_.rounding == RoundingKind::full) track_step();  // LoRA's is fused in its kernel
     switch (config_.rounding) {
-      case RoundingKind::lora:
+      case RoundingKind::lora: {
+        quant::LoraRegRequest<T>* reg = nullptr;
+        fused_reg_ = {};
+        if (reg_request_) {
+          fused_reg_.beta = *reg_request_;
+          fused_reg_generation_ = tape.generation();
+          reg = &fused_reg_;
+          reg_request_.reset();
+        }
         if (lora_tracks())
           return quant::lora_soft_weight_tracked(
               W_, tape.param(w_scale_), zero, tape.param(lora_.A1), tape.param(lora_.A2),
-              config_.weight, config_.rounding_mode, config_.lsq_grad_scale);
+              config_.weight, config_.rounding_mode, config_.lsq_grad_scale, reg);
         return quant::lora_soft_weight(W_, tape.param(w_scale_), zero, tape.param(lora_.A1),
                                        tape.param(lora_.A2), lora_.v0(), config_.weight,
-                                       config_.rounding_mode, config_.lsq_grad_scale);
+                                       config_.rounding_mode, config_.lsq_grad_scale, reg);
+      }
       case RoundingKind::full:
         return quant::soft_round_weight(W_, tape.param(w_scale_), zero, full_v(tape),
                                         config_.weight, config_.rounding_mode,
@@ -477,6 +498,9 @@ class QuantLinear final : public LinearTransform<T> {
   double step_change_ = 0, rounding_flips_ = 0;
   quant::QuantizedWeight result_;
   Tensor<T> W_hard_;
+  std::optional<T> reg_request_;        // expect_rounding_regularizer's β, for the next forward
+  quant::LoraRegRequest<T> fused_reg_;  // the regulariser that forward computed
+  std::uint64_t fused_reg_generation_ = 0;
 };
 
 }  // namespace cbq

@@ -192,6 +192,17 @@ Var<T> lora_v(Var<T> A1, Var<T> A2, const Tensor<T>* V0 = nullptr) {
 
 enum class Normalisation { mean, sum };
 
+// Asks lora_soft_weight[_tracked] for the rounding regulariser of the same V as well: the value
+// lora_round_reg[_tracked] gives (bit for bit), computed from the σ(V) the weight needs anyway,
+// with its gradient contracted together with the weight's (one backward pass over the weights
+// instead of two). `out` receives it. (On the GPU: lora_round_reg, separately.)
+template <class T>
+struct LoraRegRequest {
+  T beta = T(2);
+  Normalisation norm = Normalisation::mean;
+  Var<T> out;
+};
+
 namespace detail {
 template <class T>
 class RoundRegNode final : public Node<T> {
@@ -348,11 +359,12 @@ struct LoraInputs {
 namespace cbq::quant {
 namespace detail {
 
-// Backward shared by the weight and the regulariser: contracts dV = G·fac (or g·fac) into the
-// gradients of A1 and A2, and (weight) the per-group partial sums Σ G·coef into ds.
+// Backward shared by the weight and the regulariser: contracts dV = G·fac (or g·fac), plus
+// g2·fac2 when given (both at once), into the gradients of A1 and A2, and (weight) the per-group
+// partial sums Σ G·coef into ds.
 template <class T>
-void lora_backward(const LoraInputs<T>& in, const T* G, T g, const T* fac, const T* coef, T* da1,
-                   T* da2, T* da2_blocks, T* part) {
+void lora_backward(const LoraInputs<T>& in, const T* G, T g, const T* fac, const T* fac2, T g2,
+                   const T* coef, T* da1, T* da2, T* da2_blocks, T* part) {
   const int64_t rows = in.rows, cols = in.cols, rank = in.rank;
   const int64_t blocks = (rows + kLoraRowBlock - 1) / kLoraRowBlock;
   parallel_for(blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -360,8 +372,9 @@ void lora_backward(const LoraInputs<T>& in, const T* G, T g, const T* fac, const
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * kLoraRowBlock, r1 = std::min(rows, r0 + kLoraRowBlock);
       T* block = da2 ? da2_blocks + b * rank * cols : nullptr;
-      CBQ_SIMD_DISPATCH(simd::isa_for<T>(), lora_backward_rows<T>(in, r0, r1, G, g, fac, coef, da1,
-                                                                  block, part, buf.prod.data()));
+      CBQ_SIMD_DISPATCH(simd::isa_for<T>(),
+                        lora_backward_rows<T>(in, r0, r1, G, g, fac, fac2, g2, coef, da1, block,
+                                              part, buf.prod.data()));
     }
   });
   if (!da2) return;
@@ -374,11 +387,24 @@ void lora_backward(const LoraInputs<T>& in, const T* G, T g, const T* fac, const
   });
 }
 
+// What the weight's node leaves for the regulariser computed in the same kernel (lora_weight
+// with a LoraRegRequest). The regulariser's node is recorded before the weight's, so it runs
+// after it in backward: when the regulariser has a gradient, the weight's node leaves its G here
+// and the regulariser's node contracts both parts of dV in one pass.
+template <class T>
+struct LoraFusedReg {
+  int reg_output = -1;
+  Tensor<T> local;       // the regulariser's dV factor (rows, cols)
+  T k = T(1);            // its normalisation
+  const T* G = nullptr;  // set by the weight's node when it defers to the regulariser's
+};
+
 template <class T>
 class LoraWeightNode final : public Node<T> {
  public:
   LoraWeightNode(LoraInputs<T> in, Var<T> scale, Var<T> a1, Var<T> a2, Tensor<T> dvfac,
-                 Tensor<T> coef, Tensor<T> partial, Tensor<T> da2_blocks, bool lsq)
+                 Tensor<T> coef, Tensor<T> partial, Tensor<T> da2_blocks, bool lsq,
+                 std::shared_ptr<LoraFusedReg<T>> fused)
       : in_(in),
         scale_(scale),
         a1_(a1),
@@ -387,16 +413,26 @@ class LoraWeightNode final : public Node<T> {
         coef_(std::move(coef)),
         partial_(std::move(partial)),
         da2_blocks_(std::move(da2_blocks)),
-        lsq_(lsq) {}
+        lsq_(lsq),
+        fused_(std::move(fused)) {}
   const char* name() const override { return "quant::lora_soft_weight"; }
   void backward(Tape<T>& tape) override {
     const T* G = tape.grad(this->output).data();
+    if (fused_ && tape.has_grad(fused_->reg_output)) {
+      fused_->G = G;  // the regulariser's node, next, contracts both
+      return;
+    }
+    run(tape, G, nullptr, T(0));
+  }
+  // dV = G·dvfac (+ g2·fac2) into dA1, dA2 and ds.
+  void run(Tape<T>& tape, const T* G, const T* fac2, T g2) {
+    (void)tape;
     // Gradient buffers are fetched before the parallel region (tape.grad allocates).
     T* da1 = a1_.requires_grad() ? a1_.grad().data() : nullptr;
     T* da2 = a2_.requires_grad() ? a2_.grad().data() : nullptr;
     const bool ds = scale_.requires_grad();
     T* part = ds ? partial_.data() : nullptr;
-    lora_backward(in_, G, T(0), dvfac_.data(), ds ? coef_.data() : nullptr, da1, da2,
+    lora_backward(in_, G, T(0), dvfac_.data(), fac2, g2, ds ? coef_.data() : nullptr, da1, da2,
                   da2_blocks_.data(), part);
     if (ds)
       scatter_step_partials(in_.spec, in_.rows, in_.cols, part, scale_.grad().data(), lsq_,
@@ -408,6 +444,36 @@ class LoraWeightNode final : public Node<T> {
   Var<T> scale_, a1_, a2_;
   Tensor<T> dvfac_, coef_, partial_, da2_blocks_;
   bool lsq_;
+  std::shared_ptr<LoraFusedReg<T>> fused_;
+};
+
+// The regulariser computed by the weight's kernel (see LoraFusedReg).
+template <class T>
+class LoraFusedRegNode final : public Node<T> {
+ public:
+  LoraFusedRegNode(std::shared_ptr<LoraFusedReg<T>> fused, LoraInputs<T> in, Var<T> a1, Var<T> a2,
+                   Tensor<T> da2_blocks)
+      : fused_(std::move(fused)), in_(in), a1_(a1), a2_(a2), da2_blocks_(std::move(da2_blocks)) {}
+  const char* name() const override { return "quant::lora_round_reg"; }
+  void backward(Tape<T>& tape) override {
+    const T g = tape.grad(this->output).data()[0] * fused_->k;
+    if (fused_->G) {  // the weight's node deferred to this one
+      weight_->run(tape, fused_->G, fused_->local.data(), g);
+      return;
+    }
+    T* da1 = a1_.requires_grad() ? a1_.grad().data() : nullptr;
+    T* da2 = a2_.requires_grad() ? a2_.grad().data() : nullptr;
+    lora_backward(in_, static_cast<const T*>(nullptr), g, fused_->local.data(),
+                  static_cast<const T*>(nullptr), T(0), static_cast<const T*>(nullptr), da1, da2,
+                  da2_blocks_.data(), static_cast<T*>(nullptr));
+  }
+  LoraWeightNode<T>* weight_ = nullptr;  // set when the weight's node is recorded
+
+ private:
+  std::shared_ptr<LoraFusedReg<T>> fused_;
+  LoraInputs<T> in_;
+  Var<T> a1_, a2_;
+  Tensor<T> da2_blocks_;
 };
 
 template <class T>
@@ -426,8 +492,8 @@ class LoraRegNode final : public Node<T> {
     T* da1 = a1_.requires_grad() ? a1_.grad().data() : nullptr;
     T* da2 = a2_.requires_grad() ? a2_.grad().data() : nullptr;
     lora_backward(in_, static_cast<const T*>(nullptr), g, local_.data(),
-                  static_cast<const T*>(nullptr), da1, da2, da2_blocks_.data(),
-                  static_cast<T*>(nullptr));
+                  static_cast<const T*>(nullptr), T(0), static_cast<const T*>(nullptr), da1, da2,
+                  da2_blocks_.data(), static_cast<T*>(nullptr));
   }
 
  private:
@@ -490,13 +556,40 @@ V0Source v0_source(const Tensor<T>* V0, bool tracks) {
   return V0 && V0->defined() ? V0Source::tensor : V0Source::none;
 }
 
-// Ŵ (see above); the composed ops on CUDA.
+// k · Σ row sums, rows in order: deterministic whatever the thread count.
+template <class T>
+T reg_total(const T* sums, int64_t rows, T k) {
+  double total = 0;
+  for (int64_t r = 0; r < rows; ++r) total += static_cast<double>(sums[r]);
+  return static_cast<T>(static_cast<double>(k) * total);
+}
+
+template <class T>
+void check_reg_beta(T beta) {
+  CBQ_CHECK(std::isfinite(beta) && beta >= T(1),
+            "quant::rounding_reg: beta = {} must be at least 1 (the term is not differentiable at "
+            "h = 1/2 below)",
+            static_cast<double>(beta));
+}
+
+template <class T>
+Var<T> lora_reg(const Tensor<T>& W, const Tensor<T>& scale, Var<T> A1, Var<T> A2,
+                const Tensor<T>* V0, V0Source source, const GridSpec& spec, T beta,
+                Normalisation norm);
+
+// Ŵ (see above); the composed ops on CUDA. With `reg`, also the rounding regulariser of the same
+// V into reg->out (on the CPU from the same kernel; see LoraRegRequest).
 template <class T>
 Var<T> lora_weight(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero, Var<T> A1, Var<T> A2,
                    const Tensor<T>* V0, V0Source source, const GridSpec& spec, RoundingMode mode,
-                   bool lsq_grad_scale) {
+                   bool lsq_grad_scale, LoraRegRequest<T>* reg = nullptr) {
   constexpr const char* op = "quant::lora_soft_weight";
   Tape<T>& tape = A1.tape();
+  if (reg) check_reg_beta(reg->beta);
+  if (reg && W.device() == Device::cuda) {
+    reg->out = lora_reg(W, scale.value(), A1, A2, V0, source, spec, reg->beta, reg->norm);
+    reg = nullptr;
+  }
   if (W.device() == Device::cuda) {
     Tensor<T> tracked;
     if (source == V0Source::tracks_step) {
@@ -523,20 +616,47 @@ Var<T> lora_weight(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero, Var<
   T* cf = rg ? coef.data() : nullptr;
   const bool hard = mode != RoundingMode::soft, v_grad = mode != RoundingMode::hard;
   const int64_t rows = in.rows, cols = in.cols;
+  // The regulariser from the same σ: its row sums and (when it trains) its dV factor.
+  const bool reg_rg = reg && tape.any_requires_grad({A1, A2});
+  Tensor<T> reg_sums, reg_local;
+  if (reg) reg_sums = tape.scratch(Shape{rows});
+  if (reg_rg) reg_local = tape.scratch(W.shape());
+  T* sums = reg ? reg_sums.data() : nullptr;
+  T* local = reg_rg ? reg_local.data() : nullptr;
+  const T reg_beta = reg ? reg->beta : T(0);
   parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
                [&](int64_t r0, int64_t r1) {
                  LoraRowBuffers<T>& buf = lora_row_buffers<T>(cols);
-                 CBQ_SIMD_DISPATCH(simd::isa_for<T>(),
-                                   lora_forward_rows<T>(in, r0, r1, hard, v_grad, y, fac, cf,
-                                                        static_cast<uint8_t*>(nullptr),
-                                                        buf.s.data(), buf.z.data()));
+                 CBQ_SIMD_DISPATCH(
+                     simd::isa_for<T>(),
+                     lora_forward_rows<T>(in, r0, r1, hard, v_grad, y, fac, cf,
+                                          static_cast<uint8_t*>(nullptr), buf.s.data(),
+                                          buf.z.data(), reg_beta, local, sums));
                });
+  const int64_t blocks = (rows + kLoraRowBlock - 1) / kLoraRowBlock;
+  Tensor<T> da2_blocks;
+  if (rg || reg_rg) da2_blocks = tape.scratch(Shape{blocks * in.rank, cols});
+  std::shared_ptr<LoraFusedReg<T>> fused;
+  LoraFusedRegNode<T>* reg_node = nullptr;
+  if (reg) {
+    const T k = reg->norm == Normalisation::mean ? T(1) / static_cast<T>(rows * cols) : T(1);
+    reg->out = tape.output(Shape{1}, reg_rg);
+    Tensor<T> rv = reg->out.value();
+    rv.data()[0] = reg_total(sums, rows, k);
+    if (reg_rg) {  // recorded before the weight's node, so that it runs after it (LoraFusedReg)
+      fused = std::make_shared<LoraFusedReg<T>>();
+      fused->reg_output = reg->out.id();
+      fused->local = reg_local;
+      fused->k = k;
+      reg_node =
+          &tape.template record<LoraFusedRegNode<T>>(reg->out, fused, in, A1, A2, da2_blocks);
+    }
+  }
   if (rg) {
-    const int64_t blocks = (rows + kLoraRowBlock - 1) / kLoraRowBlock;
     Tensor<T> partial = tape.scratch(Shape{rows, spec.groups_per_row(cols)});
-    Tensor<T> da2_blocks = tape.scratch(Shape{blocks * in.rank, cols});
-    tape.template record<LoraWeightNode<T>>(out, in, scale, A1, A2, dvfac, coef, partial,
-                                            da2_blocks, lsq_grad_scale);
+    LoraWeightNode<T>& node = tape.template record<LoraWeightNode<T>>(
+        out, in, scale, A1, A2, dvfac, coef, partial, da2_blocks, lsq_grad_scale, fused);
+    if (reg_node) reg_node->weight_ = &node;
   }
   return out;
 }
@@ -547,10 +667,7 @@ Var<T> lora_reg(const Tensor<T>& W, const Tensor<T>& scale, Var<T> A1, Var<T> A2
                 const Tensor<T>* V0, V0Source source, const GridSpec& spec, T beta,
                 Normalisation norm) {
   constexpr const char* op = "quant::lora_round_reg";
-  CBQ_CHECK(std::isfinite(beta) && beta >= T(1),
-            "quant::rounding_reg: beta = {} must be at least 1 (the term is not differentiable at "
-            "h = 1/2 below)",
-            static_cast<double>(beta));
+  check_reg_beta(beta);
   Tape<T>& tape = A1.tape();
   if (A1.value().device() == Device::cuda) {
     Tensor<T> tracked;
@@ -580,10 +697,8 @@ Var<T> lora_reg(const Tensor<T>& W, const Tensor<T>& scale, Var<T> A1, Var<T> A2
                      simd::isa_for<T>(),
                      lora_reg_rows<T>(in, r0, r1, beta, lp, sums, buf.s.data(), buf.z.data()));
                });
-  double total = 0;  // rows in order: deterministic whatever the thread count
-  for (int64_t r = 0; r < rows; ++r) total += static_cast<double>(sums[r]);
   Tensor<T> yv = out.value();
-  yv.data()[0] = static_cast<T>(static_cast<double>(k) * total);
+  yv.data()[0] = reg_total(sums, rows, k);
   if (rg) {
     const int64_t blocks = (rows + kLoraRowBlock - 1) / kLoraRowBlock;
     Tensor<T> da2_blocks = tape.scratch(Shape{blocks * in.rank, cols});
@@ -599,9 +714,10 @@ Var<T> lora_reg(const Tensor<T>& W, const Tensor<T>& scale, Var<T> A1, Var<T> A2
 template <class T>
 Var<T> lora_soft_weight(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero, Var<T> A1,
                         Var<T> A2, const Tensor<T>* V0, const GridSpec& spec,
-                        RoundingMode mode = RoundingMode::soft, bool lsq_grad_scale = true) {
+                        RoundingMode mode = RoundingMode::soft, bool lsq_grad_scale = true,
+                        LoraRegRequest<T>* reg = nullptr) {
   return detail::lora_weight(W, scale, zero, A1, A2, V0, detail::v0_source(V0, false), spec, mode,
-                             lsq_grad_scale);
+                             lsq_grad_scale, reg);
 }
 
 // Ŵ with V = V0 + A1·A2 where V0 = h⁻¹(W/s − floor(W/s)) follows the current steps s (as if
@@ -609,10 +725,10 @@ Var<T> lora_soft_weight(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero,
 template <class T>
 Var<T> lora_soft_weight_tracked(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero, Var<T> A1,
                                 Var<T> A2, const GridSpec& spec,
-                                RoundingMode mode = RoundingMode::soft,
-                                bool lsq_grad_scale = true) {
+                                RoundingMode mode = RoundingMode::soft, bool lsq_grad_scale = true,
+                                LoraRegRequest<T>* reg = nullptr) {
   return detail::lora_weight(W, scale, zero, A1, A2, static_cast<const Tensor<T>*>(nullptr),
-                             detail::V0Source::tracks_step, spec, mode, lsq_grad_scale);
+                             detail::V0Source::tracks_step, spec, mode, lsq_grad_scale, reg);
 }
 
 // rounding_reg of V = A1·A2 (+ V0), fused on the CPU.
@@ -844,7 +960,8 @@ QuantizedWeight harden(const Tensor<T>& W, const Tensor<T>& scale, const Tensor<
                      simd::isa_for<T>(),
                      lora_forward_rows<T>(in, r0, r1, true, false, static_cast<T*>(nullptr),
                                           static_cast<T*>(nullptr), static_cast<T*>(nullptr), codes,
-                                          buf.s.data(), buf.z.data()));
+                                          buf.s.data(), buf.z.data(), T(0),
+                                          static_cast<T*>(nullptr), static_cast<T*>(nullptr)));
                });
   return qw;
 }
