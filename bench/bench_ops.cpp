@@ -92,6 +92,79 @@ void BM_RmsNormForwardBackward(benchmark::State& state) {
 }
 BENCHMARK(BM_RmsNormForwardBackward)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
+// A linear layer's backward GEMMs at the LLaMA window step's shapes (T = 256; in × out = 288 ×
+// 288, 288 × 768, 768 × 288): dx = G·W and dW = Gᵀ·x, either one after the other, each split over
+// the pool (batched = 0), or side by side as one blas::gemm_batch (1). Arguments: in, out, threads.
+void BM_LinearBackwardGemms(benchmark::State& state) {
+  const int64_t in = state.range(0), out = state.range(1);
+  const bool batched = state.range(2) != 0;
+  const int saved = num_threads();
+  set_num_threads(static_cast<int>(state.range(3)));
+  Tensor<float> x = random({kT, in}, 13), w = random({out, in}, 14), g = random({kT, out}, 15);
+  Tensor<float> dx(Shape{kT, in}), dw(Shape{out, in});
+  const blas::GemmArgs<float> gemms[2] = {blas::gemm_args(false, false, kT, in, out, 1.f, g.data(),
+                                                          out, w.data(), in, 0.f, dx.data(), in),
+                                          blas::gemm_args(true, false, out, in, kT, 1.f, g.data(),
+                                                          out, x.data(), in, 0.f, dw.data(), in)};
+  for (auto _ : state) {
+    if (batched) {
+      blas::gemm_batch(gemms, 2);
+    } else {
+      for (const auto& a : gemms)
+        blas::gemm<float>(a.trans_a, a.trans_b, a.m, a.n, a.k, a.alpha, a.a, a.lda, a.b, a.ldb,
+                          a.beta, a.c, a.ldc);
+    }
+    benchmark::DoNotOptimize(dw.data());
+  }
+  set_flops(state, 2 * 2.0 * kT * in * out);
+  set_num_threads(saved);
+}
+BENCHMARK(BM_LinearBackwardGemms)
+    ->ArgNames({"in", "out", "batched", "threads"})
+    ->ArgsProduct({{288, 768}, {288, 768}, {0, 1}, {1, 2}})
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+
+// The fused LoRA-Rounding weight kernel alone, at the LLaMA window step's size (2 M weights as
+// one 2048 × 1024 matrix): W4 g32, rank 5, V0 tracking the step, hard_ste forward; forward only
+// (Ŵ and the saved gradient factors) or forward + backward (dA1, dA2, ds). Arguments: backward,
+// threads.
+void BM_LoraWeightKernels(benchmark::State& state) {
+  const bool backward = state.range(0) != 0;
+  const int saved = num_threads();
+  set_num_threads(static_cast<int>(state.range(1)));
+  const int64_t rows = 2048, cols = 1024, rank = 5;
+  const quant::GridSpec spec{4, false, quant::Granularity::per_group, 32};
+  Tensor<float> W = random({rows, cols}, 16);
+  for (int64_t i = 0; i < W.numel(); ++i) W[i] *= 0.05f;
+  Tensor<float> s, z;
+  quant::init_minmax(W, spec, s, z);
+  Parameter<float> ps("s", s), a1("a1", random({rows, rank}, 17)),
+      a2("a2", random({rank, cols}, 18));
+  for (int64_t i = 0; i < a2.value.numel(); ++i) a2.value[i] *= 0.1f;
+  Tensor<float> seed = random({rows, cols}, 19);
+  Tape<float> tape;
+  for (auto _ : state) {
+    tape.clear();
+    Var<float> y = quant::lora_soft_weight_tracked(
+        W, tape.param(ps), z, tape.param(a1), tape.param(a2), spec, quant::RoundingMode::hard_ste);
+    if (backward) {
+      y.grad().copy_from(seed);
+      tape.backward_from_seeded();
+    }
+    benchmark::DoNotOptimize(y.value().data());
+  }
+  state.counters["ns/weight"] = benchmark::Counter(
+      static_cast<double>(rows * cols) * 1e-9,
+      benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+  set_num_threads(saved);
+}
+BENCHMARK(BM_LoraWeightKernels)
+    ->ArgNames({"backward", "threads"})
+    ->ArgsProduct({{0, 1}, {1, 2}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
 }  // namespace
 
 BENCHMARK_MAIN();

@@ -123,10 +123,10 @@ GemmArgs<T> gemm_args(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t 
 // Independent GEMMs (no C overlaps another's inputs or C) run side by side: their work is laid
 // end to end and cut into one equal share per pool thread at multiples of kSplitAlign rows or
 // columns, so a thread runs whole GEMMs where the shares allow (two equal GEMMs on two threads:
-// one each, as one-thread calls) and a block of one otherwise. Small GEMMs concurrently waste
-// less than each split in two: every block packs the shared operand again and the halves of a
-// 288 × 288 × 256 GEMM reach 60 % of two threads' rate. Falls back to gemm() one by one when
-// the pool is not cbq's to use (inside a parallel region, one thread, no OpenBLAS).
+// one each, as one-thread calls) and a block of one otherwise. Small GEMMs side by side waste
+// less than each split in two, where every block packs the shared operand again and waits for
+// the other (docs/PERFORMANCE.md, change 6). Falls back to gemm() one by one when the pool is
+// not cbq's to use (inside a parallel region, one thread, no OpenBLAS).
 template <class T>
 void gemm_batch(const GemmArgs<T>* gemms, int count) {
   auto one_by_one = [&] {
