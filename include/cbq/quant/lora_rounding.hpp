@@ -422,11 +422,10 @@ class LoraWeightNode final : public Node<T> {
       fused_->G = G;  // the regulariser's node, next, contracts both
       return;
     }
-    run(tape, G, nullptr, T(0));
+    run(G, nullptr, T(0));
   }
   // dV = G·dvfac (+ g2·fac2) into dA1, dA2 and ds.
-  void run(Tape<T>& tape, const T* G, const T* fac2, T g2) {
-    (void)tape;
+  void run(const T* G, const T* fac2, T g2) {
     // Gradient buffers are fetched before the parallel region (tape.grad allocates).
     T* da1 = a1_.requires_grad() ? a1_.grad().data() : nullptr;
     T* da2 = a2_.requires_grad() ? a2_.grad().data() : nullptr;
@@ -458,7 +457,7 @@ class LoraFusedRegNode final : public Node<T> {
   void backward(Tape<T>& tape) override {
     const T g = tape.grad(this->output).data()[0] * fused_->k;
     if (fused_->G) {  // the weight's node deferred to this one
-      weight_->run(tape, fused_->G, fused_->local.data(), g);
+      weight_->run(fused_->G, fused_->local.data(), g);
       return;
     }
     T* da1 = a1_.requires_grad() ? a1_.grad().data() : nullptr;
