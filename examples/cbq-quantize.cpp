@@ -19,10 +19,12 @@
 #include <cbq/pass/pass.hpp>
 #include <cstdio>
 #include <filesystem>
+#include <initializer_list>
 #include <map>
 #include <sstream>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace fs = std::filesystem;
@@ -105,6 +107,18 @@ struct Args {
 [[noreturn]] void usage_error(const std::string& msg) {
   std::fprintf(stderr, "cbq-quantize: %s\n\n%s", msg.c_str(), kUsage);
   std::exit(2);
+}
+
+// The value of `option` among named choices; anything else is a usage error that lists them.
+template <class E>
+E choice(const std::string& option, const std::string& v,
+         std::initializer_list<std::pair<const char*, E>> choices) {
+  std::string names;
+  for (const auto& [name, e] : choices) {
+    if (v == name) return e;
+    names += (names.empty() ? "" : ", ") + std::string(name);
+  }
+  usage_error(option + ": unknown value '" + v + "' (" + names + ")");
 }
 
 std::vector<std::string> split(const std::string& s, char sep) {
@@ -191,17 +205,12 @@ Args parse(int argc, char** argv) {
       a.spec.window_blocks = static_cast<int64_t>(number());
     else if (k == "--overlap")
       a.spec.window_overlap = static_cast<int64_t>(number());
-    else if (k == "--rounding") {
-      const std::string r = value();
-      if (r == "lora")
-        a.spec.rounding = cbq::RoundingKind::lora;
-      else if (r == "nearest")
-        a.spec.rounding = cbq::RoundingKind::nearest;
-      else if (r == "full")
-        a.spec.rounding = cbq::RoundingKind::full;
-      else
-        usage_error("unknown rounding '" + r + "'");
-    } else if (k == "--rank")
+    else if (k == "--rounding")
+      a.spec.rounding = choice<cbq::RoundingKind>(k, value(),
+                                                  {{"lora", cbq::RoundingKind::lora},
+                                                   {"nearest", cbq::RoundingKind::nearest},
+                                                   {"full", cbq::RoundingKind::full}});
+    else if (k == "--rank")
       a.spec.rank = static_cast<int64_t>(number());
     else if (k == "--epochs")
       a.options.epochs = static_cast<int64_t>(number());
@@ -220,23 +229,14 @@ Args parse(int argc, char** argv) {
       a.options = cbq::PassOptions::paper();
       a.options.epochs = keep.epochs;
       a.options.seed = keep.seed;
-    } else if (k == "--start") {
-      const std::string s = value();
-      if (s == "half")
-        a.options.lora_start = cbq::quant::LoraStart::half;
-      else if (s == "adaround")
-        a.options.lora_start = cbq::quant::LoraStart::adaround;
-      else
-        usage_error("unknown start '" + s + "'");
-    } else if (k == "--init") {
-      const std::string s = value();
-      if (s == "rtn")
-        a.options.weight_init = cbq::WeightInit::rtn;
-      else if (s == "gptq")
-        a.options.weight_init = cbq::WeightInit::gptq;
-      else
-        usage_error("unknown --init '" + s + "' (rtn or gptq)");
-    } else if (k == "--output-kld")
+    } else if (k == "--start")
+      a.options.lora_start = choice<cbq::quant::LoraStart>(
+          k, value(),
+          {{"half", cbq::quant::LoraStart::half}, {"adaround", cbq::quant::LoraStart::adaround}});
+    else if (k == "--init")
+      a.options.weight_init = choice<cbq::WeightInit>(
+          k, value(), {{"rtn", cbq::WeightInit::rtn}, {"gptq", cbq::WeightInit::gptq}});
+    else if (k == "--output-kld")
       a.options.output_kld = number();
     else if (k == "--output-kld-all")
       a.options.output_kld_all = true;
@@ -279,27 +279,18 @@ Args parse(int argc, char** argv) {
     else if (k == "--resume") {
       a.options.checkpoint_dir = value();
       a.options.resume = true;
-    } else if (k == "--device") {
-      const std::string d = value();
-      if (d == "cpu")
-        a.options.device = cbq::Device::cpu;
-      else if (d == "cuda")
-        a.options.device = cbq::Device::cuda;
-      else
-        usage_error("unknown device '" + d + "' (cpu or cuda)");
-    } else if (k == "--tf32")
+    } else if (k == "--device")
+      a.options.device =
+          choice<cbq::Device>(k, value(), {{"cpu", cbq::Device::cpu}, {"cuda", cbq::Device::cuda}});
+    else if (k == "--tf32")
       a.tf32 = true;
-    else if (k == "--activations") {
-      const std::string p = value();
-      if (p == "auto")
-        a.options.activation_placement = cbq::ActivationPlacement::automatic;
-      else if (p == "gpu")
-        a.options.activation_placement = cbq::ActivationPlacement::device;
-      else if (p == "host")
-        a.options.activation_placement = cbq::ActivationPlacement::host;
-      else
-        usage_error("unknown activation placement '" + p + "' (auto, gpu or host)");
-    } else if (!k.empty() && k[0] == '-')
+    else if (k == "--activations")
+      a.options.activation_placement =
+          choice<cbq::ActivationPlacement>(k, value(),
+                                           {{"auto", cbq::ActivationPlacement::automatic},
+                                            {"gpu", cbq::ActivationPlacement::device},
+                                            {"host", cbq::ActivationPlacement::host}});
+    else if (!k.empty() && k[0] == '-')
       usage_error("unknown option " + k);
     else
       positional.push_back(k);
