@@ -110,9 +110,7 @@ void BM_LinearBackwardGemms(benchmark::State& state) {
     if (batched) {
       blas::gemm_batch(gemms, 2);
     } else {
-      for (const auto& a : gemms)
-        blas::gemm<float>(a.trans_a, a.trans_b, a.m, a.n, a.k, a.alpha, a.a, a.lda, a.b, a.ldb,
-                          a.beta, a.c, a.ldc);
+      for (const auto& a : gemms) blas::gemm(a);
     }
     benchmark::DoNotOptimize(dw.data());
   }

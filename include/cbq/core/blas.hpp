@@ -114,6 +114,14 @@ struct GemmArgs {
   int64_t ldc = 0;
 };
 
+// Most GEMMs one gemm_batch call takes.
+inline constexpr int kMaxGemmBatch = 8;
+
+template <class T>
+void gemm(const GemmArgs<T>& g) {
+  gemm<T>(g.trans_a, g.trans_b, g.m, g.n, g.k, g.alpha, g.a, g.lda, g.b, g.ldb, g.beta, g.c, g.ldc);
+}
+
 template <class T>
 GemmArgs<T> gemm_args(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha,
                       const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
@@ -130,18 +138,13 @@ GemmArgs<T> gemm_args(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t 
 template <class T>
 void gemm_batch(const GemmArgs<T>* gemms, int count) {
   auto one_by_one = [&] {
-    for (int i = 0; i < count; ++i) {
-      const GemmArgs<T>& g = gemms[i];
-      gemm<T>(g.trans_a, g.trans_b, g.m, g.n, g.k, g.alpha, g.a, g.lda, g.b, g.ldb, g.beta, g.c,
-              g.ldc);
-    }
+    for (int i = 0; i < count; ++i) gemm(gemms[i]);
   };
   const int threads = cbq::detail::in_parallel_region ? 1 : num_threads();
   if (count < 2 || threads < 2 || !detail::owns_blas_threads()) return one_by_one();
-  constexpr int kMaxBatch = 8;
-  CBQ_CHECK(count <= kMaxBatch, "blas::gemm_batch: {} GEMMs, at most {}", count, kMaxBatch);
-  double start[kMaxBatch + 1] = {0};
-  int64_t units[kMaxBatch];
+  CBQ_CHECK(count <= kMaxGemmBatch, "blas::gemm_batch: {} GEMMs, at most {}", count, kMaxGemmBatch);
+  double start[kMaxGemmBatch + 1] = {0};
+  int64_t units[kMaxGemmBatch];
   for (int i = 0; i < count; ++i) {
     const GemmArgs<T>& g = gemms[i];
     const double work =

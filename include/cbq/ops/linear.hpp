@@ -36,15 +36,7 @@ class LinearNode final : public Node<T> {
       gemms[count++] = blas::gemm_args(true, false, out_, in_, rows_, T(1), g.data(), out_,
                                        x_.value().data(), in_, beta, dw->data(), in_);
     }
-    if (dev == Device::cpu) {
-      blas::gemm_batch(gemms, count);  // side by side on the pool (core/blas.hpp)
-    } else {
-      for (int i = 0; i < count; ++i) {
-        const blas::GemmArgs<T>& a = gemms[i];
-        gemm<T>(dev, a.trans_a, a.trans_b, a.m, a.n, a.k, a.alpha, a.a, a.lda, a.b, a.ldb, a.beta,
-                a.c, a.ldc);
-      }
-    }
+    gemm_batch(dev, gemms, count);  // side by side on the CPU pool (core/blas.hpp)
     if (b_.valid() && b_.requires_grad()) {
       T* db = b_.grad().data();
       if (dev == Device::cuda) {
@@ -144,41 +136,39 @@ blas::GemmArgs<T> forward_gemm(const LinearArgs<T>& args, const LinearPlan<T>& p
 
 }  // namespace detail
 
-// `b` may be an invalid Var (Var<T>{}) for no bias.
-template <class T>
-Var<T> linear(Var<T> x, Var<T> w, Var<T> b = Var<T>{}) {
-  const LinearArgs<T> args{x, w, b};
-  const detail::LinearPlan<T> plan = detail::plan_linear(args);
-  const blas::GemmArgs<T> g = detail::forward_gemm(args, plan);
-  gemm<T>(x.value().device(), g.trans_a, g.trans_b, g.m, g.n, g.k, g.alpha, g.a, g.lda, g.b, g.ldb,
-          g.beta, g.c, g.ldc);
-  detail::finish_linear(args, plan);
-  return plan.out;
-}
-
 // Several independent linears (Q, K and V of one input; gate and up): the same values and nodes
 // as linear() on each in turn, with the products computed side by side on the CPU
 // (blas::gemm_batch). out[i] receives args[i]'s result.
 template <class T>
 void linear_batch(const LinearArgs<T>* args, int count, Var<T>* out) {
-  constexpr int kMax = 8;
-  bool cpu = count >= 2 && count <= kMax;
-  for (int i = 0; i < count && cpu; ++i) cpu = args[i].x.value().device() == Device::cpu;
-  if (!cpu) {
-    for (int i = 0; i < count; ++i) out[i] = linear(args[i].x, args[i].w, args[i].b);
+  if (count <= 0) return;
+  const Device device = args[0].x.value().device();
+  bool together = count <= blas::kMaxGemmBatch;
+  for (int i = 1; i < count && together; ++i) together = args[i].x.value().device() == device;
+  if (!together) {
+    for (int i = 0; i < count; ++i) linear_batch(args + i, 1, out + i);
     return;
   }
-  detail::LinearPlan<T> plans[kMax];
-  blas::GemmArgs<T> gemms[kMax];
+  detail::LinearPlan<T> plans[blas::kMaxGemmBatch];
+  blas::GemmArgs<T> gemms[blas::kMaxGemmBatch];
   for (int i = 0; i < count; ++i) {
     plans[i] = detail::plan_linear(args[i]);
     gemms[i] = detail::forward_gemm(args[i], plans[i]);
   }
-  blas::gemm_batch(gemms, count);
+  gemm_batch(device, gemms, count);
   for (int i = 0; i < count; ++i) {
     detail::finish_linear(args[i], plans[i]);
     out[i] = plans[i].out;
   }
+}
+
+// `b` may be an invalid Var (Var<T>{}) for no bias.
+template <class T>
+Var<T> linear(Var<T> x, Var<T> w, Var<T> b = Var<T>{}) {
+  const LinearArgs<T> args{x, w, b};
+  Var<T> out;
+  linear_batch(&args, 1, &out);
+  return out;
 }
 
 }  // namespace cbq::ops

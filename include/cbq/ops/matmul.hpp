@@ -30,6 +30,17 @@ void gemm(Device device, bool trans_a, bool trans_b, int64_t m, int64_t n, int64
   }
 }
 
+// Independent GEMMs on `device`: side by side on the CPU (blas::gemm_batch), in turn on the GPU.
+template <class T>
+void gemm_batch(Device device, const blas::GemmArgs<T>* gemms, int count) {
+  if (device == Device::cpu) return blas::gemm_batch(gemms, count);
+  for (int i = 0; i < count; ++i) {
+    const blas::GemmArgs<T>& g = gemms[i];
+    gemm<T>(device, g.trans_a, g.trans_b, g.m, g.n, g.k, g.alpha, g.a, g.lda, g.b, g.ldb, g.beta,
+            g.c, g.ldc);
+  }
+}
+
 template <class T>
 class MatmulNode final : public Node<T> {
  public:

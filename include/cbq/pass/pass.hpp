@@ -769,9 +769,9 @@ class CbqPass {
     auto window_loss = [&](Tape<T>& tape, int64_t n, int64_t step, bool with_reg) {
       tape.clear();
       const bool reg_on = with_reg && o.gamma_round > 0 && beta.active(step);
+      const T reg_beta = reg_on ? static_cast<T>(beta.beta(step)) : T(0);
       if (reg_on)  // computed in the weights' kernels (QuantLinear::expect_rounding_regularizer)
-        for (QuantLinear<T>* q : active)
-          q->expect_rounding_regularizer(static_cast<T>(beta.beta(step)));
+        for (QuantLinear<T>* q : active) q->expect_rounding_regularizer(reg_beta);
       Var<T> y = tape.constant(staged(x_q[n], staged_x));
       BlockContext<T> ctx;
       for (int64_t b = w.first; b <= w.last; ++b) y = model.blocks[b].forward(tape, y, ctx);
@@ -809,9 +809,8 @@ class CbqPass {
       if (reg_on) {
         Var<T> reg;
         int64_t count = 0;
-        const T b = static_cast<T>(beta.beta(step));
         for (QuantLinear<T>* q : active) {
-          Var<T> r = q->rounding_regularizer(tape, b);
+          Var<T> r = q->rounding_regularizer(tape, reg_beta);
           if (!r.valid()) continue;
           reg = reg.valid() ? ops::add(reg, r) : r;
           ++count;

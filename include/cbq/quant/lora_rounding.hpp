@@ -394,8 +394,6 @@ void lora_backward(const LoraInputs<T>& in, const T* G, T g, const T* fac, const
 template <class T>
 struct LoraFusedReg {
   int reg_output = -1;
-  Tensor<T> local;       // the regulariser's dV factor (rows, cols)
-  T k = T(1);            // its normalisation
   const T* G = nullptr;  // set by the weight's node when it defers to the regulariser's
 };
 
@@ -446,60 +444,41 @@ class LoraWeightNode final : public Node<T> {
   std::shared_ptr<LoraFusedReg<T>> fused_;
 };
 
-// The regulariser computed by the weight's kernel (see LoraFusedReg).
-template <class T>
-class LoraFusedRegNode final : public Node<T> {
- public:
-  LoraFusedRegNode(std::shared_ptr<LoraFusedReg<T>> fused, LoraInputs<T> in, Var<T> a1, Var<T> a2,
-                   Tensor<T> da2_blocks)
-      : fused_(std::move(fused)), in_(in), a1_(a1), a2_(a2), da2_blocks_(std::move(da2_blocks)) {}
-  const char* name() const override { return "quant::lora_round_reg"; }
-  void backward(Tape<T>& tape) override {
-    const T g = tape.grad(this->output).data()[0] * fused_->k;
-    if (fused_->G) {  // the weight's node deferred to this one
-      weight_->run(fused_->G, fused_->local.data(), g);
-      return;
-    }
-    T* da1 = a1_.requires_grad() ? a1_.grad().data() : nullptr;
-    T* da2 = a2_.requires_grad() ? a2_.grad().data() : nullptr;
-    lora_backward(in_, static_cast<const T*>(nullptr), g, fused_->local.data(),
-                  static_cast<const T*>(nullptr), T(0), static_cast<const T*>(nullptr), da1, da2,
-                  da2_blocks_.data(), static_cast<T*>(nullptr));
-  }
-  LoraWeightNode<T>* weight_ = nullptr;  // set when the weight's node is recorded
-
- private:
-  std::shared_ptr<LoraFusedReg<T>> fused_;
-  LoraInputs<T> in_;
-  Var<T> a1_, a2_;
-  Tensor<T> da2_blocks_;
-};
-
+// The regulariser's node: contracts g·local into dA1, dA2; when it came from the weight's kernel
+// and the weight's node deferred (LoraFusedReg), contracts G·fac + g·local through that node.
 template <class T>
 class LoraRegNode final : public Node<T> {
  public:
-  LoraRegNode(LoraInputs<T> in, Var<T> a1, Var<T> a2, Tensor<T> local, Tensor<T> da2_blocks, T k)
+  LoraRegNode(LoraInputs<T> in, Var<T> a1, Var<T> a2, Tensor<T> local, Tensor<T> da2_blocks, T k,
+              std::shared_ptr<LoraFusedReg<T>> fused = nullptr)
       : in_(in),
         a1_(a1),
         a2_(a2),
         local_(std::move(local)),
         da2_blocks_(std::move(da2_blocks)),
-        k_(k) {}
+        k_(k),
+        fused_(std::move(fused)) {}
   const char* name() const override { return "quant::lora_round_reg"; }
   void backward(Tape<T>& tape) override {
     const T g = tape.grad(this->output).data()[0] * k_;
+    if (fused_ && fused_->G) {  // the weight's node deferred to this one
+      weight_->run(fused_->G, local_.data(), g);
+      return;
+    }
     T* da1 = a1_.requires_grad() ? a1_.grad().data() : nullptr;
     T* da2 = a2_.requires_grad() ? a2_.grad().data() : nullptr;
     lora_backward(in_, static_cast<const T*>(nullptr), g, local_.data(),
                   static_cast<const T*>(nullptr), T(0), static_cast<const T*>(nullptr), da1, da2,
                   da2_blocks_.data(), static_cast<T*>(nullptr));
   }
+  LoraWeightNode<T>* weight_ = nullptr;  // with fused_: set when the weight's node is recorded
 
  private:
   LoraInputs<T> in_;
   Var<T> a1_, a2_;
   Tensor<T> local_, da2_blocks_;
   T k_;
+  std::shared_ptr<LoraFusedReg<T>> fused_;
 };
 
 // The factors' part of the kernel inputs: A1 (rows, r), A2 (r, cols), V0 (rows, cols) when
@@ -636,7 +615,7 @@ Var<T> lora_weight(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero, Var<
   Tensor<T> da2_blocks;
   if (rg || reg_rg) da2_blocks = tape.scratch(Shape{blocks * in.rank, cols});
   std::shared_ptr<LoraFusedReg<T>> fused;
-  LoraFusedRegNode<T>* reg_node = nullptr;
+  LoraRegNode<T>* reg_node = nullptr;
   if (reg) {
     const T k = reg->norm == Normalisation::mean ? T(1) / static_cast<T>(rows * cols) : T(1);
     reg->out = tape.output(Shape{1}, reg_rg);
@@ -645,10 +624,8 @@ Var<T> lora_weight(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero, Var<
     if (reg_rg) {  // recorded before the weight's node, so that it runs after it (LoraFusedReg)
       fused = std::make_shared<LoraFusedReg<T>>();
       fused->reg_output = reg->out.id();
-      fused->local = reg_local;
-      fused->k = k;
-      reg_node =
-          &tape.template record<LoraFusedRegNode<T>>(reg->out, fused, in, A1, A2, da2_blocks);
+      reg_node = &tape.template record<LoraRegNode<T>>(reg->out, in, A1, A2, reg_local, da2_blocks,
+                                                       k, fused);
     }
   }
   if (rg) {
