@@ -21,7 +21,7 @@
 #include <vector>
 
 #ifndef CBQ_DATA_DIR
-#define CBQ_DATA_DIR "../shared/data"
+#define CBQ_DATA_DIR "data"
 #endif
 
 namespace fs = std::filesystem;

@@ -1,7 +1,7 @@
 // cbq-quantize: load a model, calibrate, quantize with CBQ (and/or the RTN and GPTQ baselines),
 // evaluate perplexity before and after, print a table and save the quantized model.
 //
-//   cbq-quantize                                   # stories260K from ../shared/data, W4A16 g32
+//   cbq-quantize                                   # stories260K from data/ (shipped), W4A16 g32
 //   cbq-quantize MODEL --tokenizer TOK --calib TXT --eval TXT --wbits 3 --group 32 --method all
 //   cbq-quantize --help
 //   cbq-quantize MODEL ... --device cuda           # CBQ and the evaluations on the GPU
@@ -34,7 +34,7 @@ namespace {
 const char* kUsage = R"(usage: cbq-quantize [MODEL] [options]
 
 MODEL is a llama2.c checkpoint (.bin) or a Hugging Face folder (config.json + safetensors).
-Without arguments: stories260K + tok512 and the TinyStories texts from ../shared/data.
+Without arguments: stories260K + tok512 and the TinyStories texts shipped in data/.
 
 model and data
   --tokenizer PATH      llama2.c tokenizer.bin (default: tokenizer.bin beside the model)

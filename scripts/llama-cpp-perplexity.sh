@@ -54,7 +54,7 @@ if [[ "$1" == "--build-only" ]]; then
 fi
 
 model="$1"
-text="${2:-$here/../shared/data/text/tinystories_valid_200k.txt}"
+text="${2:-$here/data/text/tinystories_valid_200k.txt}"
 ctx="${3:-512}"
 [[ -f "$model" ]] || { echo "no such model file: $model" >&2; exit 1; }
 [[ -f "$text" ]] || { echo "no such text file: $text (pass it as the second argument)" >&2; exit 1; }

@@ -12,9 +12,19 @@
 
 namespace cbq::testing {
 
+// The small real files shipped in data/ (always present).
 inline std::string data_dir() {
   if (const char* env = std::getenv("CBQ_DATA_DIR")) return env;
   return CBQ_DATA_DIR;
+}
+// Optional larger files (../shared/data by default): tests that need them skip with a message.
+inline std::string extra_data_dir() {
+  if (const char* env = std::getenv("CBQ_EXTRA_DATA_DIR")) return env;
+#ifdef CBQ_EXTRA_DATA_DIR
+  return CBQ_EXTRA_DATA_DIR;
+#else
+  return "../shared/data";
+#endif
 }
 
 template <class T>
