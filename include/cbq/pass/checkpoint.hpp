@@ -80,14 +80,16 @@ inline std::string describe_options(const PassOptions& o) {
       "epochs={} lr_w={:a} lr_x={:a} lr_r={:a} lr_min={:a} lsq={} l2={} kld={} hom={} fp={} "
       "tau={:a} gamma={:a} beta={:a}/{:a} warmup={:a} start={} v0_tracks={} mode={} a1_std={:a} "
       "learn_w={} learn_x={} scaling={} cfp_w={} sq_alpha={:a} seed={} max_steps={} init={} "
-      "damp={:a} norms={} lr_norm={:a} out_kld={:a} out_all={}",
+      "damp={:a} norms={} lr_norm={:a} out_kld={:a} out_all={} scale={} keep={} hold={:a}/{} "
+      "grid={}",
       o.epochs, o.lr_weight_step, o.lr_act_step, o.lr_rounding, o.lr_min_fraction, o.lsq_grad_scale,
       o.loss_l2, o.loss_kld, o.loss_homologous, o.loss_full_precision, o.kld_temperature,
       o.gamma_round, o.beta_start, o.beta_end, o.round_warmup, static_cast<int>(o.lora_start),
       o.v0_tracks_step, static_cast<int>(o.rounding_mode), o.lora_a1_std, o.learn_weight_step,
       o.learn_act_step, static_cast<int>(o.activation_scaling), o.cfp_weights, o.smoothquant_alpha,
       o.seed, o.max_steps, static_cast<int>(o.weight_init), o.gptq_percdamp, o.learn_norms,
-      o.lr_norm, o.output_kld, o.output_kld_all);
+      o.lr_norm, o.output_kld, o.output_kld_all, static_cast<int>(o.loss_scale), o.keep_better,
+      o.holdout_fraction, o.holdout_min, static_cast<int>(o.fixed_grid()));
 }
 
 template <TransformerBlock Block>
@@ -155,6 +157,21 @@ inline std::vector<WindowStats> parse_window_stats(const std::string& text) {
     s.loss_after = loss_from_json(w.at("after"));
     s.first_epoch_loss = loss_from_json(w.at("first_epoch"));
     s.final_loss = loss_from_json(w.at("final"));
+    // Added with the loss balance and the start-vs-trained rule (absent in older checkpoints).
+    if (w.contains("hard")) s.loss_hard = loss_from_json(w.at("hard"));
+    if (w.contains("energy")) {
+      s.energy_fp = w.at("energy").at(0).get<double>();
+      s.energy_hom = w.at("energy").at(1).get<double>();
+    }
+    if (w.contains("judged")) {
+      s.judged = w.at("judged").get<bool>();
+      s.heldout = w.at("heldout").get<int64_t>();
+      s.heldout_start = loss_from_json(w.at("heldout_start"));
+      s.heldout_trained = loss_from_json(w.at("heldout_trained"));
+      s.kept_start = w.at("kept_start").get<bool>();
+    }
+    if (w.contains("curve"))
+      for (const auto& c : w.at("curve")) s.curve.push_back(loss_from_json(c));
     out.push_back(s);
   }
   return out;
@@ -208,7 +225,9 @@ void save_pass_checkpoint(const std::string& dir, const PassFingerprint& fp,
     scalars[q->name()] = st.scalars;
   }
   nlohmann::json windows = nlohmann::json::array();
-  for (const WindowStats& w : ck.windows)
+  for (const WindowStats& w : ck.windows) {
+    nlohmann::json curve = nlohmann::json::array();
+    for (const LossTerms& c : w.curve) curve.push_back(detail::to_json(c));
     windows.push_back({{"first", w.first_block},
                        {"last", w.last_block},
                        {"steps", w.steps},
@@ -216,7 +235,16 @@ void save_pass_checkpoint(const std::string& dir, const PassFingerprint& fp,
                        {"before", detail::to_json(w.loss_before)},
                        {"after", detail::to_json(w.loss_after)},
                        {"first_epoch", detail::to_json(w.first_epoch_loss)},
-                       {"final", detail::to_json(w.final_loss)}});
+                       {"final", detail::to_json(w.final_loss)},
+                       {"hard", detail::to_json(w.loss_hard)},
+                       {"energy", {w.energy_fp, w.energy_hom}},
+                       {"judged", w.judged},
+                       {"heldout", w.heldout},
+                       {"heldout_start", detail::to_json(w.heldout_start)},
+                       {"heldout_trained", detail::to_json(w.heldout_trained)},
+                       {"kept_start", w.kept_start},
+                       {"curve", curve}});
+  }
   std::map<std::string, std::string> meta;
   meta["format"] = kCheckpointFormat;
   meta["fingerprint.model"] = fmt::format("{:016x}", fp.model);
