@@ -17,10 +17,12 @@
 #include <cbq/model/load.hpp>
 #include <cbq/pass/baselines.hpp>
 #include <cbq/pass/pass.hpp>
+#include <cbq/report/report.hpp>
 #include <cstdio>
 #include <filesystem>
 #include <initializer_list>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -59,7 +61,15 @@ cbq
   --epochs E                      (default 3)
   --lr-step X --lr-act X --lr-round X   learning rates (defaults 1e-2 relative, 1e-2, 1e-2)
   --gamma X                       rounding regulariser weight (default 0.01)
-  --preset paper                  the paper's learning rates and V = 0 start
+  --preset paper|classic          the paper's learning rates and V = 0 start, or cbq's defaults
+                                  before the loss balance (unscaled terms, no held-out check)
+  --loss-scale token|window|absolute   reconstruction terms relative to each token's target
+                                  energy (default), to the window's, or unscaled (the paper)
+  --no-keep-better                keep every window's trained state (default: the better of
+                                  start and trained on held-out samples, --holdout N, default 4
+                                  or 10 % of the samples)
+  --grid auto|fixed|learned       whether learned steps re-round the weights (default auto:
+                                  fixed for --init gptq)
   --start half|adaround           LoRA-Rounding start (default adaround)
   --frozen-v0                     keep V0 at its initial value (default: tracks the step)
   --init rtn|gptq                 where steps and rounding start: round-to-nearest (default) or
@@ -83,6 +93,8 @@ device
   --activations auto|gpu|host   cuda: where the calibration activations live (default auto:
                         GPU memory when they fit)
 output
+  --report DIR          write the run as JSON (loss terms per window and step, decisions,
+                        per-layer and per-block errors, perplexity) and SVG charts into DIR
   --out PATH            save the quantized model (native safetensors; with several methods the
                         method name is appended)
   --export gguf|gptq PATH   also write it for other tools: a llama.cpp GGUF file (Q4_0/Q4_1/Q8_0
@@ -94,7 +106,7 @@ output
 )";
 
 struct Args {
-  std::string model, tokenizer, calib, eval, out;
+  std::string model, tokenizer, calib, eval, out, report_dir;
   std::vector<std::string> methods{"cbq"};
   int64_t samples = 128, seq_len = 0, ctx = 0, threads = 0;
   cbq::PassSpec spec;
@@ -224,9 +236,9 @@ Args parse(int argc, char** argv) {
       a.options.gamma_round = number();
     else if (k == "--preset") {
       const std::string p = value();
-      if (p != "paper") usage_error("unknown preset '" + p + "'");
+      if (p != "paper" && p != "classic") usage_error("unknown preset '" + p + "'");
       const auto keep = a.options;
-      a.options = cbq::PassOptions::paper();
+      a.options = p == "paper" ? cbq::PassOptions::paper() : cbq::PassOptions::classic();
       a.options.epochs = keep.epochs;
       a.options.seed = keep.seed;
     } else if (k == "--start")
@@ -236,6 +248,22 @@ Args parse(int argc, char** argv) {
     else if (k == "--init")
       a.options.weight_init = choice<cbq::WeightInit>(
           k, value(), {{"rtn", cbq::WeightInit::rtn}, {"gptq", cbq::WeightInit::gptq}});
+    else if (k == "--loss-scale")
+      a.options.loss_scale = choice<cbq::LossScale>(k, value(),
+                                                    {{"token", cbq::LossScale::token},
+                                                     {"window", cbq::LossScale::window},
+                                                     {"absolute", cbq::LossScale::absolute}});
+    else if (k == "--no-keep-better")
+      a.options.keep_better = false;
+    else if (k == "--holdout")
+      a.options.holdout_min = static_cast<int64_t>(number());
+    else if (k == "--grid")
+      a.options.grid = choice<cbq::GridMode>(k, value(),
+                                             {{"auto", cbq::GridMode::automatic},
+                                              {"fixed", cbq::GridMode::fixed},
+                                              {"learned", cbq::GridMode::learned}});
+    else if (k == "--report")
+      a.report_dir = value();
     else if (k == "--output-kld")
       a.options.output_kld = number();
     else if (k == "--output-kld-all")
@@ -432,10 +460,20 @@ int main(int argc, char** argv) {
         static_cast<long long>(cfg.dim), act_mib);
 
     std::vector<Row> rows;
+    std::optional<cbq::report::RunReport> report;
+    if (!args.report_dir.empty()) {
+      report.emplace(args.report_dir,
+                     fmt::format("{}-{}-seed{}", fs::path(args.model).stem().string(),
+                                 args.spec.describe_quantizer(), args.options.seed),
+                     fs::path(args.model).filename().string());
+      report->set_settings(args.spec, args.options.seed, args.samples, seq_len);
+      any.visit([&](auto& m) { report->capture_fp(m, calib); });
+    }
     if (device != cbq::Device::cpu) any.visit([&](auto& m) { m.to(device); });
     const auto fp =
         any.visit([&](auto& m) { return cbq::eval::perplexity_gptq(m, eval_tokens, ctx); });
     rows.push_back({"fp32", "full precision", fp.perplexity, fp.seconds, peak_rss_mib()});
+    if (report) report->set_fp(fp.perplexity);
     std::printf("FP perplexity %.4f (%lld windows × %lld, %.0f tokens/s)\n", fp.perplexity,
                 static_cast<long long>(fp.windows), static_cast<long long>(ctx),
                 fp.tokens_per_second);
@@ -465,13 +503,15 @@ int main(int argc, char** argv) {
         return cbq::eval::perplexity_gptq(model, eval_tokens, ctx).perplexity;
       });
       row.rss = peak_rss_mib();
+      if (report) m.visit([&](auto& model) { report->add(method, result, row.ppl, model); });
       std::printf("%s: perplexity %.4f (%.1fs)\n", method.c_str(), row.ppl, row.seconds);
       if (method == "cbq") {
         const auto [change, flips] = result.learning_summary();
         std::printf(
             "cbq: weight steps moved %.3f%% from RTN on average; %.3f%% of the codes differ "
-            "from round-to-nearest\n",
-            100 * change, 100 * flips);
+            "from round-to-nearest; %lld of %zu windows kept their start\n",
+            100 * change, 100 * flips, static_cast<long long>(result.windows_kept_start()),
+            result.windows.size());
       }
       rows.push_back(row);
       if (!args.out.empty()) {
@@ -500,6 +540,8 @@ int main(int argc, char** argv) {
     for (const Row& r : rows)
       std::printf("| %s | %s | %.4f | %+.2f%% | %.1fs | %.0f MiB |\n", r.method.c_str(),
                   r.config.c_str(), r.ppl, 100.0 * (r.ppl / fp.perplexity - 1.0), r.seconds, r.rss);
+    if (report)
+      for (const std::string& f : report->write()) std::printf("report: wrote %s\n", f.c_str());
 #ifdef __CUDACC__
     if (device == cbq::Device::cuda)
       std::printf(

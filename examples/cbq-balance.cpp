@@ -1,0 +1,223 @@
+// cbq-balance: runs the CBQ pass on any model from token ids (or text) and prints the balance of
+// the window loss terms: at the start and end of every window the L2 and KL terms and γ·L_round,
+// the change the final hard rounding makes, and the start-vs-trained decision
+// (docs/RESULTS.md, "Loss balance"). For models cbq cannot tokenize yet, the ids come from
+// another tokenizer, e.g.
+//
+//   scripts/llama-cpp.sh llama-tokenize -m MODEL.gguf -f TEXT --ids --log-disable > ids.txt
+//   cbq-balance MODEL.gguf --ids ids.txt --samples 16 --seq-len 512 --epochs 1 --wbits 4 --group
+//   128
+//
+// Options: --ids FILE | --text FILE (--tokenizer TOK), --eval-ids FILE --eval-tokens N (FP and
+// CBQ perplexity on the first N ids), --samples N, --seq-len L, --seed S, --epochs E, --wbits B,
+// --group G (0 per-channel), --rounding lora|full|nearest, --loss-scale token|window|absolute,
+// --gamma X, --no-kld, --no-keep-better, --init gptq, --soft, --preset paper|classic,
+// --max-steps N, --threads N, --report DIR, --quiet.
+#include <cbq/cbq.hpp>
+#include <cbq/eval/perplexity.hpp>
+#include <cbq/io/mmap.hpp>
+#include <cbq/model/load.hpp>
+#include <cbq/pass/pass.hpp>
+#include <cbq/report/report.hpp>
+#include <cctype>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace {
+
+// Integers in a file, whatever separates them ("[1, 2, 3]" as llama-tokenize --ids prints).
+std::vector<int32_t> read_ids(const std::string& path) {
+  std::ifstream f(path);
+  CBQ_CHECK(f.good(), "cbq-balance: cannot read {}", path);
+  const std::string s((std::istreambuf_iterator<char>(f)), {});
+  std::vector<int32_t> ids;
+  std::string cur;
+  for (char c : s + " ") {
+    if (std::isdigit(static_cast<unsigned char>(c))) {
+      cur += c;
+    } else if (!cur.empty()) {
+      ids.push_back(static_cast<int32_t>(std::stol(cur)));
+      cur.clear();
+    }
+  }
+  CBQ_CHECK(!ids.empty(), "cbq-balance: no token ids in {}", path);
+  return ids;
+}
+
+[[noreturn]] void usage(const std::string& msg) {
+  std::fprintf(stderr, "cbq-balance: %s (see the comment at the top of examples/cbq-balance.cpp)\n",
+               msg.c_str());
+  std::exit(2);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string model_path, ids_path, text_path, tokenizer, eval_ids_path, report_dir;
+  int64_t samples = 16, seq_len = 512, eval_tokens = 0, threads = 0;
+  cbq::PassSpec spec;
+  spec.weight = cbq::quant::GridSpec{4, false, cbq::quant::Granularity::per_group, 128};
+  cbq::PassOptions o;
+  o.epochs = 1;
+  for (int i = 1; i < argc; ++i) {
+    const std::string k = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) usage(k + " needs a value");
+      return argv[++i];
+    };
+    auto number = [&] { return std::stod(value()); };
+    if (k == "--ids")
+      ids_path = value();
+    else if (k == "--text")
+      text_path = value();
+    else if (k == "--tokenizer")
+      tokenizer = value();
+    else if (k == "--eval-ids")
+      eval_ids_path = value();
+    else if (k == "--eval-tokens")
+      eval_tokens = static_cast<int64_t>(number());
+    else if (k == "--samples")
+      samples = static_cast<int64_t>(number());
+    else if (k == "--seq-len")
+      seq_len = static_cast<int64_t>(number());
+    else if (k == "--seed")
+      o.seed = static_cast<uint64_t>(number());
+    else if (k == "--epochs")
+      o.epochs = static_cast<int64_t>(number());
+    else if (k == "--wbits")
+      spec.weight.bits = static_cast<int>(number());
+    else if (k == "--group") {
+      const auto g = static_cast<int64_t>(number());
+      spec.weight.granularity =
+          g == 0 ? cbq::quant::Granularity::per_channel : cbq::quant::Granularity::per_group;
+      spec.weight.group_size = g == 0 ? 128 : g;
+    } else if (k == "--rounding") {
+      const std::string r = value();
+      spec.rounding = r == "full"      ? cbq::RoundingKind::full
+                      : r == "nearest" ? cbq::RoundingKind::nearest
+                                       : cbq::RoundingKind::lora;
+    } else if (k == "--loss-scale") {
+      const std::string v = value();
+      if (v != "token" && v != "window" && v != "absolute") usage("--loss-scale " + v);
+      o.loss_scale = v == "token"    ? cbq::LossScale::token
+                     : v == "window" ? cbq::LossScale::window
+                                     : cbq::LossScale::absolute;
+    } else if (k == "--gamma")
+      o.gamma_round = number();
+    else if (k == "--no-kld")
+      o.loss_kld = false;
+    else if (k == "--no-keep-better")
+      o.keep_better = false;
+    else if (k == "--init")
+      o.weight_init = value() == "gptq" ? cbq::WeightInit::gptq : cbq::WeightInit::rtn;
+    else if (k == "--soft")
+      o.rounding_mode = cbq::quant::RoundingMode::soft;
+    else if (k == "--preset") {
+      const std::string p = value();
+      const auto keep = o;
+      o = p == "paper" ? cbq::PassOptions::paper() : cbq::PassOptions::classic();
+      o.epochs = keep.epochs;
+      o.seed = keep.seed;
+    } else if (k == "--max-steps")
+      o.max_steps = static_cast<int64_t>(number());
+    else if (k == "--threads")
+      threads = static_cast<int64_t>(number());
+    else if (k == "--report")
+      report_dir = value();
+    else if (k == "--quiet")
+      o.verbose = false;
+    else if (!k.empty() && k[0] == '-')
+      usage("unknown option " + k);
+    else
+      model_path = k;
+  }
+  if (model_path.empty() || (ids_path.empty() && text_path.empty()))
+    usage("needs a model and --ids FILE or --text FILE");
+  try {
+    if (threads > 0) cbq::set_num_threads(static_cast<int>(threads));
+    cbq::AnyModel any = cbq::load_model(model_path, tokenizer);
+    std::printf("%s\n", cbq::describe(any).c_str());
+    std::vector<int32_t> ids;
+    if (!ids_path.empty()) {
+      ids = read_ids(ids_path);
+    } else {
+      CBQ_CHECK(any.tokenizer(), "cbq-balance: {} has no tokenizer; pass --tokenizer or --ids",
+                model_path);
+      ids = any.tokenizer()->encode(cbq::io::read_text_file(text_path), true, false);
+    }
+    const cbq::Calibration calib = cbq::sample_calibration(ids, samples, seq_len, o.seed);
+    std::vector<int32_t> eval;
+    if (!eval_ids_path.empty()) {
+      eval = read_ids(eval_ids_path);
+      if (eval_tokens > 0 && static_cast<int64_t>(eval.size()) > eval_tokens)
+        eval.resize(eval_tokens);
+    }
+    std::printf("calibration: %lld × %lld tokens of %zu; %s\n", static_cast<long long>(samples),
+                static_cast<long long>(seq_len), ids.size(), spec.describe().c_str());
+    std::optional<cbq::report::RunReport> report;
+    if (!report_dir.empty()) {
+      report.emplace(report_dir,
+                     std::filesystem::path(model_path).stem().string() + "-" +
+                         spec.describe_quantizer() + "-seed" + std::to_string(o.seed),
+                     std::filesystem::path(model_path).filename().string());
+      report->set_settings(spec, o.seed, samples, seq_len);
+    }
+    any.visit([&](auto& model) {
+      if (report) report->capture_fp(model, calib);
+      double fp_ppl = 0;
+      if (!eval.empty()) {
+        fp_ppl = cbq::eval::perplexity_gptq(model, eval, seq_len).perplexity;
+        std::printf("FP perplexity %.4f (%zu tokens, ctx %lld)\n", fp_ppl, eval.size(),
+                    static_cast<long long>(seq_len));
+        if (report) report->set_fp(fp_ppl);
+      }
+      cbq::CbqPass pass(spec, o);
+      const cbq::QuantizationResult r = pass.run(model, calib);
+      double ppl = 0;
+      if (!eval.empty()) {
+        ppl = cbq::eval::perplexity_gptq(model, eval, seq_len).perplexity;
+        std::printf("CBQ perplexity %.4f (%+.2f%%)\n", ppl, 100 * (ppl / fp_ppl - 1));
+      }
+      std::printf(
+          "\n| window | blocks | energy | start l2 | start kld | start γ·round | end l2 | end kld "
+          "| end γ·round | Δ hard | held-out start → trained | keeps |\n");
+      std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+      for (size_t i = 0; i < r.windows.size(); ++i) {
+        const cbq::WindowStats& w = r.windows[i];
+        const auto l2 = [](const cbq::LossTerms& l) { return l.l2_fp + l.l2_hom; };
+        const auto kld = [](const cbq::LossTerms& l) { return l.kld_fp + l.kld_hom; };
+        std::printf(
+            "| %zu | %lld..%lld | %.4g | %.4g | %.4g | %.4g | %.4g | %.4g | %.4g | %+.2g | %s | %s "
+            "|\n",
+            i + 1, static_cast<long long>(w.first_block), static_cast<long long>(w.last_block),
+            w.energy_fp, l2(w.loss_before), kld(w.loss_before), w.loss_before.round,
+            l2(w.loss_after), kld(w.loss_after), w.loss_after.round,
+            w.loss_hard.reconstruction() - w.loss_after.reconstruction(),
+            w.judged ? fmt::format("{:.4g} → {:.4g}", w.heldout_start.reconstruction(),
+                                   w.heldout_trained.reconstruction())
+                           .c_str()
+                     : "—",
+            w.judged ? (w.kept_start ? "start" : "trained") : "trained");
+      }
+      const auto [change, flips] = r.learning_summary();
+      std::printf(
+          "\nsteps moved %.3f%%, codes differing from round-to-nearest %.3f%%, %lld of %zu "
+          "windows kept their start, %.1fs\n",
+          100 * change, 100 * flips, static_cast<long long>(r.windows_kept_start()),
+          r.windows.size(), r.seconds);
+      if (report) {
+        report->add("cbq", r, eval.empty() ? std::nan("") : ppl, model);
+        for (const std::string& f : report->write()) std::printf("report: wrote %s\n", f.c_str());
+      }
+    });
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "cbq-balance: %s\n", e.what());
+    return 1;
+  }
+}
