@@ -13,6 +13,8 @@
 // --group G (0 per-channel), --rounding lora|full|nearest, --loss-scale token|window|absolute,
 // --gamma X, --no-kld, --no-keep-better, --init gptq, --soft, --preset paper|classic,
 // --max-steps N, --threads N, --report DIR, --quiet.
+// `cbq-balance --from-report FILE.json` prints the balance table of every CBQ run in a saved
+// report (cbq-quantize --report) without running anything.
 #include <cbq/cbq.hpp>
 #include <cbq/eval/perplexity.hpp>
 #include <cbq/io/mmap.hpp>
@@ -64,6 +66,22 @@ int main(int argc, char** argv) {
   spec.weight = cbq::quant::GridSpec{4, false, cbq::quant::Granularity::per_group, 128};
   cbq::PassOptions o;
   o.epochs = 1;
+  if (argc == 3 && std::string(argv[1]) == "--from-report") {
+    try {
+      std::ifstream in(argv[2]);
+      CBQ_CHECK(in.good(), "cbq-balance: cannot read {}", argv[2]);
+      const nlohmann::json run = nlohmann::json::parse(in);
+      for (const auto& m : run.at("methods"))
+        if (!m.at("windows").empty())
+          std::printf("%s (%s, perplexity %s)\n\n%s\n", m.at("method").get<std::string>().c_str(),
+                      m.at("config").get<std::string>().c_str(), m.at("perplexity").dump().c_str(),
+                      cbq::report::balance_table(m).c_str());
+      return 0;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "cbq-balance: %s\n", e.what());
+      return 1;
+    }
+  }
   for (int i = 1; i < argc; ++i) {
     const std::string k = argv[i];
     auto value = [&]() -> std::string {
@@ -183,27 +201,8 @@ int main(int argc, char** argv) {
         ppl = cbq::eval::perplexity_gptq(model, eval, seq_len).perplexity;
         std::printf("CBQ perplexity %.4f (%+.2f%%)\n", ppl, 100 * (ppl / fp_ppl - 1));
       }
-      std::printf(
-          "\n| window | blocks | energy | start l2 | start kld | start γ·round | end l2 | end kld "
-          "| end γ·round | Δ hard | held-out start → trained | keeps |\n");
-      std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
-      for (size_t i = 0; i < r.windows.size(); ++i) {
-        const cbq::WindowStats& w = r.windows[i];
-        const auto l2 = [](const cbq::LossTerms& l) { return l.l2_fp + l.l2_hom; };
-        const auto kld = [](const cbq::LossTerms& l) { return l.kld_fp + l.kld_hom; };
-        std::printf(
-            "| %zu | %lld..%lld | %.4g | %.4g | %.4g | %.4g | %.4g | %.4g | %.4g | %+.2g | %s | %s "
-            "|\n",
-            i + 1, static_cast<long long>(w.first_block), static_cast<long long>(w.last_block),
-            w.energy_fp, l2(w.loss_before), kld(w.loss_before), w.loss_before.round,
-            l2(w.loss_after), kld(w.loss_after), w.loss_after.round,
-            w.loss_hard.reconstruction() - w.loss_after.reconstruction(),
-            w.judged ? fmt::format("{:.4g} → {:.4g}", w.heldout_start.reconstruction(),
-                                   w.heldout_trained.reconstruction())
-                           .c_str()
-                     : "—",
-            w.judged ? (w.kept_start ? "start" : "trained") : "trained");
-      }
+      std::printf("\n%s",
+                  cbq::report::balance_table(cbq::report::method_json("cbq", r, ppl)).c_str());
       const auto [change, flips] = r.learning_summary();
       std::printf(
           "\nsteps moved %.3f%%, codes differing from round-to-nearest %.3f%%, %lld of %zu "

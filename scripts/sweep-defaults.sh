@@ -20,6 +20,8 @@
 #   default        the current defaults
 #   window         loss relative to the window's target energy
 #   nokeep         current defaults without the held-out start-vs-trained rule
+#   nokld          current defaults without the KL terms (L2 only)
+#   absolute       current defaults with the paper's unscaled loss terms
 #   full           full-matrix AdaRound rounding
 #   gptq           GPTQ start (fixed grid)
 #   gptq-full      GPTQ start, full-matrix rounding
@@ -70,6 +72,8 @@ candidate_args() {
     default) echo "" ;;
     window) echo "--loss-scale window" ;;
     nokeep) echo "--no-keep-better" ;;
+    nokld) echo "--no-kld" ;;
+    absolute) echo "--loss-scale absolute" ;;
     full) echo "--rounding full" ;;
     gptq) echo "--init gptq" ;;
     gptq-full) echo "--init gptq --rounding full" ;;

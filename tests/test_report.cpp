@@ -122,6 +122,11 @@ TEST_CASE("report: JSON of RTN and CBQ runs, block errors, charts in the directo
     CHECK(w0.at("heldout") == q.windows[0].heldout);
     CHECK(cbqm.at("layers").size() == q.layers.size());
     CHECK(cbqm.at("layers")[0].at("output_error") == q.layers[0].output_error);
+    // The balance table: a header, a separator and one row per window, with its decision.
+    const std::string table = report::balance_table(cbqm);
+    CHECK(count(table, "\n") == q.windows.size() + 2);
+    CHECK(count(table, " held out |") == q.windows.size());
+    CHECK(table.find(q.windows[0].kept_start ? "| start |" : "| trained |") != std::string::npos);
     // Written: the JSON, the loss curves and block errors of this run, the chart across runs.
     const std::string label = report::slug(fmt::format("tiny W3 seed{}", seed));
     CHECK(std::filesystem::exists(dir.file(label + ".json")));

@@ -174,6 +174,69 @@ class BlockErrors {
   std::vector<std::vector<Tensor<float>>> outputs_;  // [block][sample]
 };
 
+// A method's entry of the report without the block errors (RunReport::add measures those).
+inline nlohmann::json method_json(const std::string& method, const QuantizationResult& r,
+                                  double perplexity) {
+  nlohmann::json m = {
+      {"method", method},     {"config", r.config}, {"perplexity", perplexity},
+      {"seconds", r.seconds}, {"kl", nullptr},      {"windows_kept_start", r.windows_kept_start()}};
+  m["block_error"] = nlohmann::json::array();
+  m["block_error_energy"] = nlohmann::json::array();
+  nlohmann::json layers = nlohmann::json::array();
+  for (const LayerResult& l : r.layers)
+    layers.push_back({{"name", l.name},
+                      {"step_change", l.step_change},
+                      {"rounding_flips", l.rounding_flips},
+                      {"codes_changed", l.codes_changed},
+                      {"output_error_start", l.output_error_start},
+                      {"output_error", l.output_error}});
+  m["layers"] = layers;
+  nlohmann::json windows = nlohmann::json::array();
+  for (const WindowStats& w : r.windows) windows.push_back(window_json(w));
+  m["windows"] = windows;
+  return m;
+}
+
+// The balance of a CBQ run's window loss terms as a Markdown table: per window the targets'
+// energy, the L2 and KL terms (both targets summed) and γ·L_round at the start and end, the
+// change the hard rounding makes, and the start-vs-trained decision.
+inline std::string balance_table(const nlohmann::json& method) {
+  std::string s =
+      "| window | blocks | energy | start l2 | start kld | start γ·round | end l2 | end kld | "
+      "end γ·round | Δ hard | judged on | start → trained | keeps |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+  int index = 0;
+  for (const auto& w : method.at("windows")) {
+    auto term = [&](const char* when, const char* a, const char* b) {
+      return w.at(when).at(a).get<double>() + w.at(when).at(b).get<double>();
+    };
+    auto reconstruction = [&](const char* when) {
+      const auto& l = w.at(when);
+      return l.at("l2_fp").get<double>() + l.at("kld_fp").get<double>() +
+             l.at("l2_hom").get<double>() + l.at("kld_hom").get<double>() +
+             l.at("output_kld").get<double>();
+    };
+    const bool judged = w.at("judged").get<bool>();
+    const int64_t heldout = w.at("heldout").get<int64_t>();
+    s += fmt::format(
+        "| {} | {}..{} | {:.4g} | {:.4g} | {:.4g} | {:.4g} | {:.4g} | {:.4g} | {:.4g} | {:+.2g} | "
+        "{} | "
+        "{} | {} |\n",
+        ++index, w.at("first").get<int64_t>(), w.at("last").get<int64_t>(),
+        w.at("energy").at(0).get<double>(), term("before", "l2_fp", "l2_hom"),
+        term("before", "kld_fp", "kld_hom"), w.at("before").at("round").get<double>(),
+        term("after", "l2_fp", "l2_hom"), term("after", "kld_fp", "kld_hom"),
+        w.at("after").at("round").get<double>(), reconstruction("hard") - reconstruction("after"),
+        judged ? (heldout > 0 ? fmt::format("{} held out", heldout) : std::string("training"))
+               : std::string("—"),
+        judged ? fmt::format("{:.4g} → {:.4g}", reconstruction("heldout_start"),
+                             reconstruction("heldout_trained"))
+               : std::string("—"),
+        judged && w.at("kept_start").get<bool>() ? "start" : "trained");
+  }
+  return s;
+}
+
 // The charts of one report (its JSON), and the perplexity-vs-bits chart over several.
 inline std::string loss_curves_svg(const nlohmann::json& run) {
   std::vector<LineChart> charts;
@@ -390,28 +453,11 @@ class RunReport {
   template <class Model>
   void add(const std::string& method, const QuantizationResult& r, double perplexity,
            Model& model) {
-    nlohmann::json m = {{"method", method},
-                        {"config", r.config},
-                        {"perplexity", perplexity},
-                        {"seconds", r.seconds},
-                        {"kl", nullptr},
-                        {"windows_kept_start", r.windows_kept_start()}};
+    nlohmann::json m = method_json(method, r, perplexity);
     std::vector<double> token, energy;
     if (errors_.captured()) std::tie(token, energy) = errors_.measure(model);
     m["block_error"] = token;
     m["block_error_energy"] = energy;
-    nlohmann::json layers = nlohmann::json::array();
-    for (const LayerResult& l : r.layers)
-      layers.push_back({{"name", l.name},
-                        {"step_change", l.step_change},
-                        {"rounding_flips", l.rounding_flips},
-                        {"codes_changed", l.codes_changed},
-                        {"output_error_start", l.output_error_start},
-                        {"output_error", l.output_error}});
-    m["layers"] = layers;
-    nlohmann::json windows = nlohmann::json::array();
-    for (const WindowStats& w : r.windows) windows.push_back(window_json(w));
-    m["windows"] = windows;
     json_["methods"].push_back(std::move(m));
   }
   // The KL-divergence statistics of a method (mean, median, p99, top-1 agreement, RMS Δp…),
