@@ -12,9 +12,11 @@
 // CBQ perplexity on the first N ids), --samples N, --seq-len L, --seed S, --epochs E, --wbits B,
 // --group G (0 per-channel), --rounding lora|full|nearest, --loss-scale token|window|absolute,
 // --gamma X, --no-kld, --no-keep-better, --init gptq, --soft, --preset paper|classic,
-// --max-steps N, --threads N, --report DIR, --quiet.
+// --max-steps N, --threads N, --report DIR, --quiet, --activations (first print the FP residual
+// stream's statistics after every block on the calibration samples).
 // `cbq-balance --from-report FILE.json` prints the balance table of every CBQ run in a saved
 // report (cbq-quantize --report) without running anything.
+#include <algorithm>
 #include <cbq/cbq.hpp>
 #include <cbq/eval/perplexity.hpp>
 #include <cbq/io/mmap.hpp>
@@ -22,6 +24,7 @@
 #include <cbq/pass/pass.hpp>
 #include <cbq/report/report.hpp>
 #include <cctype>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -51,6 +54,53 @@ std::vector<int32_t> read_ids(const std::string& path) {
   return ids;
 }
 
+// The full-precision residual stream after every block on the calibration samples: the mean and
+// largest token energy ‖h_t‖², the share of all energy in each sample's first token, the share
+// in the 4 channels with most energy, and the largest |h|.
+template <class Model>
+void print_activations(Model& model, const cbq::Calibration& calib) {
+  const int64_t d = model.config.dim;
+  std::vector<cbq::Tensor<float>> x;
+  for (const auto& s : calib.samples) x.push_back(model.embed_tensor(s));
+  std::printf(
+      "\n| block | mean ‖h_t‖² | median | max | first-token share | top-4-channel share | max |h| "
+      "|\n"
+      "|---|---|---|---|---|---|---|\n");
+  cbq::BlockContext<float> fp;
+  fp.full_precision = true;
+  for (int64_t b = 0; b < model.num_blocks(); ++b) {
+    std::vector<double> channel(static_cast<size_t>(d), 0), token;
+    double total = 0, first = 0, largest = 0;
+    for (auto& t : x) {
+      t = model.run_block(b, t, fp);
+      for (int64_t r = 0; r < t.size(0); ++r) {
+        double e = 0;
+        for (int64_t c = 0; c < d; ++c) {
+          const double v = t(r, c);
+          e += v * v;
+          channel[static_cast<size_t>(c)] += v * v;
+          largest = std::max(largest, std::abs(v));
+        }
+        token.push_back(e);
+        total += e;
+        if (r == 0) first += e;
+      }
+    }
+    std::sort(channel.rbegin(), channel.rend());
+    auto top4 = [](const std::vector<double>& v) {
+      double sum = 0;
+      for (size_t i = 0; i < v.size() && i < 4; ++i) sum += v[i];
+      return sum;
+    };
+    std::vector<double> sorted = token;
+    std::sort(sorted.begin(), sorted.end());
+    std::printf("| %lld | %.4g | %.4g | %.4g | %.3f | %.3f | %.4g |\n", static_cast<long long>(b),
+                total / static_cast<double>(token.size()), sorted[sorted.size() / 2], sorted.back(),
+                first / total, top4(channel) / total, largest);
+  }
+  std::printf("\n");
+}
+
 [[noreturn]] void usage(const std::string& msg) {
   std::fprintf(stderr, "cbq-balance: %s (see the comment at the top of examples/cbq-balance.cpp)\n",
                msg.c_str());
@@ -61,6 +111,7 @@ std::vector<int32_t> read_ids(const std::string& path) {
 
 int main(int argc, char** argv) {
   std::string model_path, ids_path, text_path, tokenizer, eval_ids_path, report_dir;
+  bool activations = false;
   int64_t samples = 16, seq_len = 512, eval_tokens = 0, threads = 0;
   cbq::PassSpec spec;
   spec.weight = cbq::quant::GridSpec{4, false, cbq::quant::Granularity::per_group, 128};
@@ -186,6 +237,7 @@ int main(int argc, char** argv) {
       report->set_settings(spec, o.seed, samples, seq_len);
     }
     any.visit([&](auto& model) {
+      if (activations) print_activations(model, calib);
       if (report) report->capture_fp(model, calib);
       double fp_ppl = 0;
       if (!eval.empty()) {
