@@ -32,21 +32,14 @@
 #include "cbq/model/llama_block.hpp"
 #include "cbq/model/transformer.hpp"
 #include "cbq/pass/result.hpp"
+#include "cbq/tokenizer/byte_level_bpe.hpp"
 #include "cbq/tokenizer/hf_tokenizer.hpp"
 #include "cbq/tokenizer/llama2c_tokenizer.hpp"
 
 namespace cbq::io {
 
 // llama.cpp's llama_token_type.
-enum class GgufTokenType : int32_t {
-  undefined = 0,
-  normal = 1,
-  unknown = 2,
-  control = 3,
-  user_defined = 4,
-  unused = 5,
-  byte = 6
-};
+using GgufTokenType = TokenType;
 
 // ---- quantized weights → llama.cpp block types ----
 
@@ -722,13 +715,66 @@ inline std::shared_ptr<const Tokenizer> gguf_llama2c_tokenizer(const GgufFile& f
   return std::make_shared<Llama2cTokenizer>(tmp.string(), vocab);
 }
 
+// The byte-level BPE vocabulary of a GGUF with tokenizer.ggml.model = "gpt2", as llama.cpp reads
+// it: tokens, token types, merges, pre-tokenizer name; BOS/EOS default to 11 (llama.cpp's gpt2
+// defaults) unless the file names them; add_bos defaults to the pre-tokenizer's (true for
+// llama-bpe and tekken). Throws a cbq::Error naming the file for a vocabulary cbq cannot run.
+inline BpeVocabulary gguf_bpe_vocabulary(const GgufFile& f) {
+  BpeVocabulary v;
+  v.source = f.path();
+  try {
+    v.tokens = f.at("tokenizer.ggml.tokens").array<std::string>();
+    CBQ_CHECK(f.find("tokenizer.ggml.merges"), "metadata key 'tokenizer.ggml.merges' is missing");
+    v.merges = f.at("tokenizer.ggml.merges").array<std::string>();
+    if (const GgufValue* t = f.find("tokenizer.ggml.token_type")) v.types = t->array<int32_t>();
+  } catch (const Error& e) {
+    fail("{}: byte-level (gpt2) vocabulary: {}", f.path(), e.what());
+  }
+  v.pre = f.get_or<std::string>("tokenizer.ggml.pre", "");
+  auto pre = llama_cpp_pre_tokenizer(v.pre);
+  CBQ_CHECK(pre.has_value(),
+            "{}: pre-tokenizer '{}' (tokenizer.ggml.pre) is not supported; cbq knows: {}", f.path(),
+            v.pre, kLlamaCppPreNames);
+  const int64_t n = static_cast<int64_t>(v.tokens.size());
+  auto id_of = [&](const char* key, int32_t fallback) -> int32_t {
+    if (!f.find(key)) return fallback;
+    const int64_t id = f.get<int64_t>(key);
+    // llama.cpp keeps its default for an id outside the vocabulary.
+    return id >= 0 && id < n ? static_cast<int32_t>(id) : fallback;
+  };
+  const int32_t dflt = n > 11 ? 11 : -1;
+  v.bos = id_of("tokenizer.ggml.bos_token_id", pre->no_bos ? -1 : dflt);
+  v.eos = id_of("tokenizer.ggml.eos_token_id", dflt);
+  v.unk = id_of("tokenizer.ggml.unknown_token_id", -1);
+  v.pad = id_of("tokenizer.ggml.padding_token_id", -1);
+  v.add_bos = f.get_or<bool>("tokenizer.ggml.add_bos_token", pre->add_bos);
+  v.add_eos = f.get_or<bool>("tokenizer.ggml.add_eos_token", false);
+  return v;
+}
+
+// The file's tokenizer: llama2.c layout of a SentencePiece ('llama') vocabulary, or byte-level
+// BPE ('gpt2'); null with the reason in `why_not` for other vocabularies (and none). A 'gpt2'
+// vocabulary cbq cannot run is an error, not a silent "no tokenizer".
+inline std::shared_ptr<const Tokenizer> gguf_tokenizer(const GgufFile& f, int64_t vocab,
+                                                       std::string& why_not) {
+  const GgufValue* model = f.find("tokenizer.ggml.model");
+  if (model && model->type() == GgufType::string && model->as_string() == "gpt2") {
+    auto tok = std::make_shared<ByteLevelBpeTokenizer>(gguf_bpe_vocabulary(f));
+    CBQ_CHECK(tok->vocab_size() <= vocab,
+              "{}: the vocabulary has {} tokens but token_embd.weight only {} rows", f.path(),
+              tok->vocab_size(), vocab);
+    return tok;
+  }
+  return gguf_llama2c_tokenizer(f, vocab, why_not);
+}
+
 }  // namespace detail
 
 // Reads a GGUF LLaMA (architecture "llama": as written by export_gguf, llama.cpp's converters or
 // llama-quantize with F32/F16/BF16/Q4_0/Q4_1/Q8_0 tensors) into a config and float weights under
 // Hugging Face names, RoPE layout interleaved. FFN padding written by export_gguf is removed
 // again (cbq.feed_forward_length_unpadded) when the padded entries are zero.
-inline GgufModel load_gguf(const std::string& path) {
+inline GgufModel load_gguf(const std::string& path, bool read_tokenizer = true) {
   GgufFile f(path);
   const std::string arch = f.get<std::string>("general.architecture");
   CBQ_CHECK(arch == "llama",
@@ -875,9 +921,11 @@ inline GgufModel load_gguf(const std::string& path) {
     }
   }
 
-  std::string why_not;
-  out.tokenizer = detail::gguf_llama2c_tokenizer(f, V, why_not);
-  if (!out.tokenizer) out.notes.push_back("no tokenizer: " + why_not);
+  if (read_tokenizer) {
+    std::string why_not;
+    out.tokenizer = detail::gguf_tokenizer(f, V, why_not);
+    if (!out.tokenizer) out.notes.push_back("no tokenizer: " + why_not);
+  }
   return out;
 }
 

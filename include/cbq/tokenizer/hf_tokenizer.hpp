@@ -23,7 +23,7 @@
 #include "cbq/core/error.hpp"
 #include "cbq/io/mmap.hpp"
 #include "cbq/tokenizer/tokenizer.hpp"
-#include "cbq/tokenizer/unicode_tables.hpp"
+#include "cbq/tokenizer/unicode.hpp"
 
 namespace cbq {
 
@@ -77,9 +77,9 @@ inline std::vector<std::string_view> gpt2_split(std::string_view s) {
   enum Cls { letter, number, space, other };
   auto cls = [&](std::size_t k) {
     char32_t c = cps[k].cp;
-    if (unicode::is_letter(c)) return letter;
-    if (unicode::is_number(c)) return number;
-    if (unicode::is_whitespace(c)) return space;
+    if (unicode::in(c, unicode::kLetter)) return letter;
+    if (unicode::in(c, unicode::kNumber)) return number;
+    if (unicode::is_white_space(c)) return space;
     return other;
   };
   std::vector<std::string_view> out;
