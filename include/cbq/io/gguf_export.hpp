@@ -168,7 +168,12 @@ struct GgufVocab {
   std::vector<std::string> tokens;
   std::vector<float> scores;
   std::vector<int32_t> types;  // GgufTokenType
-  int32_t bos = -1, eos = -1, unk = -1;
+  int32_t bos = -1, eos = -1, unk = -1, pad = -1;
+  // Byte-level ("gpt2") vocabularies: merges "a b" in rank order and the pre-tokenizer name;
+  // they have no scores.
+  std::vector<std::string> merges;
+  std::string pre;
+  bool add_bos = true, add_eos = false;
 };
 
 // GGUF's view of a tokenizer, padded with unused "[PAD{id}]" tokens to `model_vocab_size`.
@@ -179,14 +184,47 @@ struct GgufVocab {
 //    "▁"), score −(rank + 1) of the merge that makes a token (0 for base tokens), so llama.cpp's
 //    highest-score-first merging follows the merge ranks; "<0xXX>" byte, special added tokens
 //    control, "<unk>" unknown.
-//  * byte-level BPE (GPT-2 style) is not converted (llama.cpp needs its merges list and a
-//    pre-tokenizer name): a cbq::Error says so.
+//  * byte-level BPE (a GGUF "gpt2" vocabulary read back, or a byte-level tokenizer.json whose
+//    pre-tokenizer llama.cpp has a name for): model "gpt2", tokens as stored, token types,
+//    merges, pre-tokenizer name, BOS/EOS/UNK/PAD and add_bos/add_eos, no scores; other
+//    byte-level tokenizer.json files are a cbq::Error naming what has no llama.cpp equivalent.
 inline GgufVocab gguf_vocab(const Tokenizer& tok, int64_t model_vocab_size) {
   GgufVocab v;
   const int32_t n = tok.vocab_size();
   CBQ_CHECK(n <= model_vocab_size,
             "GGUF export: the tokenizer has {} tokens but the model's vocabulary only {}", n,
             model_vocab_size);
+  auto from_bpe = [&](const BpeVocabulary& b) {
+    v.model = "gpt2";
+    v.tokens = b.tokens;
+    v.types = b.types;
+    if (v.types.empty()) v.types.assign(v.tokens.size(), static_cast<int32_t>(TokenType::normal));
+    v.merges = b.merges;
+    v.pre = b.pre.empty() ? "default" : b.pre;
+    v.bos = b.bos;
+    v.eos = b.eos;
+    v.unk = b.unk;
+    v.pad = b.pad;
+    v.add_bos = b.add_bos;
+    v.add_eos = b.add_eos;
+  };
+  const auto* hf_tok = dynamic_cast<const HfTokenizer*>(&tok);
+  if (const auto* bl = dynamic_cast<const ByteLevelBpeTokenizer*>(&tok)) {
+    from_bpe(bl->vocabulary());
+  } else if (hf_tok && hf_tok->kind() == HfTokenizer::Kind::byte_level) {
+    try {
+      from_bpe(hf_tok->gguf_vocabulary());
+    } catch (const Error& e) {
+      fail("GGUF export: {}", e.what());
+    }
+  }
+  if (v.model == "gpt2") {
+    for (int64_t id = n; id < model_vocab_size; ++id) {
+      v.tokens.push_back(fmt::format("[PAD{}]", id));
+      v.types.push_back(static_cast<int32_t>(GgufTokenType::unused));
+    }
+    return v;
+  }
   static const std::string kSpace = "\xE2\x96\x81";  // ▁
   auto escape = [&](const std::string& s) {
     std::string out;
@@ -224,12 +262,6 @@ inline GgufVocab gguf_vocab(const Tokenizer& tok, int64_t model_vocab_size) {
     v.eos = Llama2cTokenizer::kEos;
     v.unk = 0;
   } else if (const auto* hf = dynamic_cast<const HfTokenizer*>(&tok)) {
-    CBQ_CHECK(hf->kind() == HfTokenizer::Kind::sentencepiece,
-              "GGUF export: {} is a byte-level BPE tokenizer (GPT-2 style); cbq exports "
-              "SentencePiece-style vocabularies only. Export without a tokenizer (nullptr) and "
-              "take the vocabulary from llama.cpp's convert_hf_to_gguf.py, or use a LLaMA-2 style "
-              "tokenizer",
-              hf->source());
     v.unk = hf->find("<unk>");
     // Decoded after a token that is not BOS, so a lone "▁" keeps its space.
     const int32_t not_bos = hf->bos_id() == 0 && n > 1 ? 1 : 0;
@@ -255,8 +287,8 @@ inline GgufVocab gguf_vocab(const Tokenizer& tok, int64_t model_vocab_size) {
     v.eos = hf->eos_id();
   } else {
     fail(
-        "GGUF export: unknown tokenizer type (cbq exports llama2.c and Hugging Face "
-        "SentencePiece-style vocabularies)");
+        "GGUF export: unknown tokenizer type (cbq exports llama2.c, Hugging Face and GGUF "
+        "byte-level BPE vocabularies)");
   }
   for (int64_t id = n; id < model_vocab_size; ++id) {
     v.tokens.push_back(fmt::format("[PAD{}]", id));
@@ -482,14 +514,17 @@ GgufExportReport export_gguf(const std::string& path, Transformer<LlamaBlock<T>>
   if (tokenizer) {
     GgufVocab v = gguf_vocab(*tokenizer, c.vocab_size);
     w.set_string("tokenizer.ggml.model", v.model);
+    if (!v.pre.empty()) w.set_string("tokenizer.ggml.pre", v.pre);
     w.set("tokenizer.ggml.tokens", GgufValue::array_of(v.tokens));
-    w.set("tokenizer.ggml.scores", GgufValue::array_of(v.scores));
+    if (!v.scores.empty()) w.set("tokenizer.ggml.scores", GgufValue::array_of(v.scores));
     w.set("tokenizer.ggml.token_type", GgufValue::array_of(v.types));
+    if (v.model == "gpt2") w.set("tokenizer.ggml.merges", GgufValue::array_of(v.merges));
     if (v.bos >= 0) u32("tokenizer.ggml.bos_token_id", v.bos);
     if (v.eos >= 0) u32("tokenizer.ggml.eos_token_id", v.eos);
     if (v.unk >= 0) u32("tokenizer.ggml.unknown_token_id", v.unk);
-    w.set_scalar<bool>("tokenizer.ggml.add_bos_token", true);
-    w.set_scalar<bool>("tokenizer.ggml.add_eos_token", false);
+    if (v.pad >= 0) u32("tokenizer.ggml.padding_token_id", v.pad);
+    w.set_scalar<bool>("tokenizer.ggml.add_bos_token", v.add_bos);
+    w.set_scalar<bool>("tokenizer.ggml.add_eos_token", v.add_eos);
   } else {
     w.set_string("tokenizer.ggml.model", "no_vocab");
     report.notes.push_back("no vocabulary written");

@@ -66,7 +66,7 @@ class Regex {
   // The leftmost match beginning at or after `from`: [begin, end) in code points.
   bool search(std::span<const char32_t> text, std::size_t from, std::size_t& begin,
               std::size_t& end) const {
-    Runner r{*this, text};
+    Runner r{*this, text, 0, {}};
     for (std::size_t s = from; s <= text.size(); ++s) {
       if (s < text.size() && !first_.may_start(text[s], *this)) continue;
       if (s == text.size() && !first_.nullable) break;
