@@ -488,8 +488,7 @@ class HfTokenizer : public Tokenizer {
           break;
         case NormOp::strip_accents:
           unicode::decode_utf8(s, cps);
-          std::erase_if(cps,
-                        [](char32_t c) { return unicode::category(c) == unicode::tables::Mn; });
+          std::erase_if(cps, [](char32_t c) { return unicode::in(c, unicode::kMark); });
           s = unicode::encode_utf8(cps);
           break;
         default: {

@@ -123,36 +123,15 @@ inline char32_t to_lower(char32_t cp) {
   return it != std::end(t) && it->from == cp ? it->to : cp;
 }
 
-// Full lowercasing as Rust's str::to_lowercase (and Python's str.lower): U+0130 becomes "i̇"
-// and a capital sigma at the end of a word becomes final sigma.
+// Lowercasing as tokenizers' Lowercase normalizer: Rust's char::to_lowercase on each code point
+// (U+0130 becomes "i" U+0307; no final-sigma context, unlike str::to_lowercase).
 inline void lowercase(std::vector<char32_t>& cps) {
   std::vector<char32_t> out;
   out.reserve(cps.size() + 4);
-  auto cased = [](char32_t c) { return in(c, kLetter) || to_lower(c) != c; };
-  auto ignorable = [](char32_t c) {
-    return in(c, bit(tables::Mn) | bit(tables::Me) | bit(tables::Cf) | bit(tables::Lm) |
-                     bit(tables::Sk)) ||
-           c == '\'' || c == 0x2019 || c == 0xB7 || c == ':' || c == '.';
-  };
-  for (std::size_t i = 0; i < cps.size(); ++i) {
-    const char32_t c = cps[i];
+  for (char32_t c : cps) {
     if (c == 0x130) {
       out.push_back('i');
       out.push_back(0x307);
-    } else if (c == 0x3A3) {
-      // Final_Sigma: preceded by a cased letter (skipping case-ignorables), not followed by one.
-      bool before = false, after = false;
-      for (std::size_t k = i; k-- > 0;) {
-        if (ignorable(cps[k])) continue;
-        before = cased(cps[k]);
-        break;
-      }
-      for (std::size_t k = i + 1; k < cps.size(); ++k) {
-        if (ignorable(cps[k])) continue;
-        after = cased(cps[k]);
-        break;
-      }
-      out.push_back(before && !after ? 0x3C2 : 0x3C3);
     } else {
       out.push_back(to_lower(c));
     }
