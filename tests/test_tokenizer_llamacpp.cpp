@@ -16,6 +16,7 @@
 #include <string>
 
 #include "support/files.hpp"
+#include "support/smollm2.hpp"
 
 namespace fs = std::filesystem;
 using namespace cbq;
@@ -54,23 +55,7 @@ std::string fnv1a64(const Ids& ids) {
 
 }  // namespace
 
-// The SmolLM2 GGUF (scripts/fetch-models.sh), or "" with a message when it is absent.
-std::string smollm2_gguf() {
-  if (const char* p = std::getenv("CBQ_SMOLLM2_GGUF"); p && fs::exists(p)) return p;
-  fs::path cache;
-  if (const char* c = std::getenv("CBQ_MODEL_CACHE"))
-    cache = c;
-  else if (const char* x = std::getenv("XDG_CACHE_HOME"))
-    cache = fs::path(x) / "cbq" / "models";
-  else if (const char* home = std::getenv("HOME"))
-    cache = fs::path(home) / ".cache" / "cbq" / "models";
-  const fs::path p = cache / "SmolLM2-135M-Instruct.Q4_1.gguf";
-  if (fs::exists(p)) return p.string();
-  MESSAGE(
-      "skipped: SmolLM2-135M-Instruct.Q4_1.gguf not found (run scripts/fetch-models.sh, or "
-      "set CBQ_SMOLLM2_GGUF)");
-  return "";
-}
+using cbq::testing::smollm2_gguf;
 
 TEST_CASE("tokenizer: SmolLM2's GGUF vocabulary tokenizes as llama-tokenize") {
   const std::string path = smollm2_gguf();
