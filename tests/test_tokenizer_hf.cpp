@@ -417,3 +417,54 @@ TEST_CASE("tokenizer: hf a normalizer chain cannot grow the text without bound")
   CHECK(ids.size() == 12800);
   CHECK(std::all_of(ids.begin(), ids.end(), [&](int32_t id) { return id == one.find("a"); }));
 }
+
+TEST_CASE("tokenizer: hostile tokenizer.json fails cleanly, naming the file and the field") {
+  auto expect = [](const std::string& text, const std::string& part) {
+    std::string msg = error_of([&] { HfTokenizer t(text, "/x/tokenizer.json"); });
+    CHECK_MESSAGE(msg.find("/x/tokenizer.json") != std::string::npos, msg);
+    CHECK_MESSAGE(msg.find(part) != std::string::npos, msg);
+  };
+  json j = gpt2_json();
+  j["pre_tokenizer"] = {{"type", "FancySplit"}};
+  expect(j.dump(), "field \"pre_tokenizer\": pre-tokenizer \"FancySplit\" is not supported");
+  // Regexes outside cbq's matcher name the pattern and what is unsupported.
+  for (auto [re, why] : {std::pair{"(?<=a)b", "lookbehind"},
+                         {"\\p{Han}+", "unsupported property \\p{Han}"},
+                         {"(a*)*", "can match the empty string"},
+                         {"[a-", "unterminated character class"},
+                         {"a{2,1}", "m < n"},
+                         {"(\\w)\\1", "unsupported escape \\1"}}) {
+    j = gpt2_json();
+    j["pre_tokenizer"] = {{"type", "Split"},
+                          {"pattern", {{"Regex", re}}},
+                          {"behavior", "Isolated"},
+                          {"invert", false}};
+    expect(j.dump(), fmt::format("field \"pre_tokenizer.pattern\": regex \"{}\"", re));
+    expect(j.dump(), why);
+  }
+  j = gpt2_json();
+  j["pre_tokenizer"]["behavior"] = "Sideways";
+  j["pre_tokenizer"]["type"] = "Punctuation";
+  expect(j.dump(), "unknown behavior \"Sideways\"");
+  // A merges list far longer than the vocabulary, and merges naming unknown tokens.
+  j = gpt2_json();
+  j["model"]["merges"] = json::array();
+  for (int i = 0; i < 4 * 24 + 1025; ++i) j["model"]["merges"].push_back("h e");
+  expect(j.dump(), "model.merges has 1121 entries for a vocabulary of 24 (at most 1120)");
+  j = gpt2_json();
+  j["model"]["merges"].push_back("he zz");
+  expect(j.dump(), "model.merges[10] (\"he\", \"zz\") uses a token not in the vocabulary");
+  // NaN is not JSON: the parser refuses it, naming the file.
+  std::string text = gpt2_json().dump();
+  text.replace(text.find("\"dropout\":null"), 14, "\"dropout\":NaN");
+  expect(text, "invalid JSON");
+  // A pathological but valid regex stops at the backtracking limit instead of hanging.
+  j = gpt2_json();
+  j["pre_tokenizer"] = {{"type", "Split"},
+                        {"pattern", {{"Regex", "(a|aa)+$"}}},
+                        {"behavior", "Isolated"},
+                        {"invert", false}};
+  HfTokenizer slow(j.dump(), "/x/tokenizer.json");
+  const std::string msg = error_of([&] { slow.encode(std::string(60, 'a') + "b", false, false); });
+  CHECK_MESSAGE(msg.find("backtracking steps") != std::string::npos, msg);
+}

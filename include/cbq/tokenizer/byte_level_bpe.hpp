@@ -6,13 +6,11 @@
 // alphabet and merged by rank. Built from a plain BpeVocabulary (the GGUF reading glue is in
 // io/gguf_export.hpp), so it can also be written back (io::export_gguf).
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
-#include <unordered_set>
 #include <vector>
 
 #include "cbq/core/error.hpp"

@@ -348,6 +348,10 @@ class HfTokenizer : public Tokenizer {
       std::stable_sort(list->begin(), list->end(), [](const AddedToken& x, const AddedToken& y) {
         return x.content.size() > y.content.size();  // longest first at each position
       });
+    for (auto [list, index] : {std::pair{&raw_added_, &raw_by_byte_},
+                               std::pair{&normalized_added_, &normalized_by_byte_}})
+      for (uint32_t k = 0; k < list->size(); ++k)
+        (*index)[static_cast<unsigned char>((*list)[k].content[0])].push_back(k);
     parse_pre_tokenizer(j.contains("pre_tokenizer") ? j["pre_tokenizer"] : nlohmann::json(),
                         "pre_tokenizer");
     parse_decoder(j.contains("decoder") ? j["decoder"] : nlohmann::json(), "decoder");
@@ -692,11 +696,12 @@ class HfTokenizer : public Tokenizer {
     }
     std::size_t start = 0;  // end of the previous match
     std::size_t pos = 0;
+    const auto& by_byte = &list == &raw_added_ ? raw_by_byte_ : normalized_by_byte_;
     while (pos < text.size()) {
       const AddedToken* match = nullptr;
-      for (const AddedToken& a : list)  // longest first
-        if (text.compare(pos, a.content.size(), a.content) == 0) {
-          match = &a;
+      for (uint32_t k : by_byte[static_cast<unsigned char>(text[pos])])  // longest first
+        if (text.compare(pos, list[k].content.size(), list[k].content) == 0) {
+          match = &list[k];
           break;
         }
       if (!match) {
@@ -796,6 +801,8 @@ class HfTokenizer : public Tokenizer {
   std::vector<std::string> merges_text_;
   std::vector<char> special_, added_flag_;
   std::vector<AddedToken> raw_added_, normalized_added_;
+  // Indices into those lists by first byte, longest first.
+  std::array<std::vector<uint32_t>, 256> raw_by_byte_, normalized_by_byte_;
   std::vector<NormOp> norm_ops_;
   std::vector<std::shared_ptr<const bpe::Step>> steps_;
   int32_t bos_ = -1, eos_ = -1;

@@ -35,7 +35,8 @@ namespace cbq::regex {
 
 enum class Dialect {
   // Oniguruma (Ruby syntax) as Hugging Face tokenizers uses it: Unicode 16.0, \d = \p{Nd},
-  // \w = [\p{L}\p{M}\p{Nd}\p{Pc}], '.' = not '\n', ^ $ at line boundaries, (?i) folds ſ→s, K→k.
+  // \w = [\p{L}\p{M}\p{N}\p{Pc}] (in a class without \p{No}), '.' = not '\n', ^ $ at line
+  // boundaries, (?i) folds ſ→s, K→k.
   oniguruma,
   // llama.cpp: Unicode 15.1, \d = [0-9], \w = [A-Za-z0-9_] (std::regex on its collapsed text),
   // '.' = not '\n' or '\r', ^ $ at the ends of the text, (?i) by its simple lowercase mapping.
@@ -106,7 +107,7 @@ class Regex {
 
   // ---- character classes ----
   struct Item {
-    enum Kind : uint8_t { range, categories, space, digit, word, sub } kind;
+    enum Kind : uint8_t { range, categories, space, digit, word, word_in_class, sub } kind;
     bool negate = false;
     char32_t lo = 0, hi = 0;
     uint32_t mask = 0;
@@ -135,7 +136,10 @@ class Regex {
         m = is_digit(c);
         break;
       case Item::word:
-        m = is_word(c);
+        m = is_word(c, false);
+        break;
+      case Item::word_in_class:
+        m = is_word(c, true);
         break;
       case Item::sub:
         m = class_matches(classes_[static_cast<std::size_t>(it.sub_class)], c);
@@ -175,13 +179,17 @@ class Regex {
     if (dialect_ == Dialect::llama_cpp) return c >= '0' && c <= '9';
     return unicode::category(c, version_) == unicode::tables::Nd;
   }
-  bool is_word(char32_t c) const {
+  // Oniguruma's \w is not the same inside a class: [\w] leaves out the other numbers (\p{No},
+  // e.g. ²) that a bare \w matches (measured against tokenizers 0.23.3).
+  bool is_word(char32_t c, bool in_class) const {
     if (dialect_ == Dialect::llama_cpp || c < 128)
       return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
-    return unicode::in(c,
-                       unicode::kLetter | unicode::kMark | unicode::bit(unicode::tables::Nd) |
-                           unicode::bit(unicode::tables::Pc),
-                       version_);
+    const uint32_t numbers =
+        in_class ? unicode::bit(unicode::tables::Nd) | unicode::bit(unicode::tables::Nl)
+                 : unicode::kNumber;
+    return unicode::in(
+        c, unicode::kLetter | unicode::kMark | numbers | unicode::bit(unicode::tables::Pc),
+        version_);
   }
   // Case folding onto ASCII lowercase (only ASCII patterns fold).
   char32_t fold(char32_t c) const {
@@ -447,9 +455,9 @@ class Regex {
       case 'D':
         return simple(Item::digit, true);
       case 'w':
-        return simple(Item::word, false);
+        return simple(in_class ? Item::word_in_class : Item::word, false);
       case 'W':
-        return simple(Item::word, true);
+        return simple(in_class ? Item::word_in_class : Item::word, true);
       case 'p':
       case 'P': {
         bool neg = c == 'P';
