@@ -190,8 +190,9 @@ TEST_CASE("gemm: 4-byte-aligned operands with odd leading dimensions, fp32 and T
     const Tensor<float> a = randn<float>(Shape{m * lda + 1}, 31);
     const Tensor<float> b = randn<float>(Shape{k * ldb + 1}, 32);
     const Tensor<float> c0 = randn<float>(Shape{m * ldc + 1}, 33);
-    std::vector<float> a_view(a.to_vector().begin() + 1, a.to_vector().end());
-    std::vector<float> b_view(b.to_vector().begin() + 1, b.to_vector().end());
+    const std::vector<float> a_all = a.to_vector(), b_all = b.to_vector();
+    const std::vector<float> a_view(a_all.begin() + 1, a_all.end());
+    const std::vector<float> b_view(b_all.begin() + 1, b_all.end());
     std::vector<double> expected(static_cast<size_t>(m * ldc));
     for (int64_t i = 0; i < m * ldc; ++i) expected[i] = double(c0[i + 1]);
     naive_gemm<float>(false, false, m, n, k, 1.0, a_view, lda, b_view, ldb, 0.5, expected, ldc);
