@@ -101,8 +101,29 @@ void check_case(int64_t seq_len, int64_t head_dim, Heads heads, bool causal, uin
   const AttentionResult gpu =
       run_attention(Device::cuda, q, k, v, g, heads, head_dim, causal, scale);
   CHECK(rel_error(gpu.out, cpu.out) <= forward_tolerance<T>());
-  CHECK(rel_error(gpu.dq, cpu.dq) <= backward_tolerance<T>());
-  CHECK(rel_error(gpu.dk, cpu.dk) <= backward_tolerance<T>());
+  // With one key, dq and dk are 0 in exact arithmetic (softmax over one score has no gradient)
+  // and both devices return rounding noise, dP − D of two differently summed dot products:
+  // compared at the size of their terms, scale·‖dO‖·‖v‖·max(|q|, |k|), instead of at the noise.
+  double floor = 0;
+  if (seq_len == 1) {
+    auto max_abs = [](const Tensor<T>& t) {
+      double m = 0;
+      for (int64_t i = 0; i < t.numel(); ++i) m = std::max(m, std::abs(double(t[i])));
+      return m;
+    };
+    auto norm = [](const Tensor<T>& t) {
+      double s2 = 0;
+      for (int64_t i = 0; i < t.numel(); ++i) s2 += double(t[i]) * double(t[i]);
+      return std::sqrt(s2);
+    };
+    const double sc = scale ? *scale : 1.0 / std::sqrt(double(head_dim));
+    floor = sc * norm(g) * norm(v) * std::max(max_abs(q), max_abs(k));
+  }
+  auto grad_error = [floor](const Tensor<double>& x, const Tensor<double>& r) {
+    return gpu_testing::max_rel_error(x.data(), r.data(), r.numel(), floor);
+  };
+  CHECK(grad_error(gpu.dq, cpu.dq) <= backward_tolerance<T>());
+  CHECK(grad_error(gpu.dk, cpu.dk) <= backward_tolerance<T>());
   CHECK(rel_error(gpu.dv, cpu.dv) <= backward_tolerance<T>());
 }
 
