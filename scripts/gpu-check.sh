@@ -32,7 +32,7 @@
 #
 # Dependencies: CMake ≥ 3.24, nvcc (CUDA 13), g++, and fmt, nlohmann_json, OpenBLAS, doctest,
 # Google Benchmark. A GPU machine without them (and without a package registry) gets them from
-# .gpu-deps/debs/*.deb, made here by --fetch-deps and carried along (carry: [".gpu-deps"]):
+# .gpu-deps/debs/*.deb, made here by --fetch-deps and carried along (carry: [".gpu-deps/debs"]):
 # the packages are unpacked into .gpu-deps/root and handed to CMake, nothing is installed.
 set -u -o pipefail
 
@@ -78,9 +78,10 @@ if [ "$mode" = fetch ]; then
   # Here, on Debian with the registry reachable: the .debs the GPU machine may lack.
   mkdir -p "$deps_dir/debs" && cd "$deps_dir/debs" || exit 1
   rm -f ./*.deb
+  rm -rf "$deps_dir/root"  # unpacked by a build; only debs/ travels (carry .gpu-deps/debs)
   apt-get download "${deb_packages[@]}" || { echo "gpu-check: apt-get download failed" >&2; exit 1; }
   du -sh "$deps_dir/debs"
-  echo "gpu-check: carry .gpu-deps with the device run (.gitignore keeps it out of git)"
+  echo "gpu-check: carry .gpu-deps/debs with the device run (.gitignore keeps it out of git)"
   exit 0
 fi
 
