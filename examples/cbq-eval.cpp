@@ -5,6 +5,7 @@
 //   cbq-eval                                  # stories260K + tok512 on TinyStories (CBQ_DATA_DIR)
 //   cbq-eval llama-7b/ --text wikitext2_test.txt --ctx 2048
 //   cbq-eval stories15M.bin --tokenizer tokenizer32k.bin --generate 256
+#include <cbq/eval/kl_divergence.hpp>
 #include <cbq/eval/perplexity.hpp>
 #include <cbq/model/load.hpp>
 #include <cctype>
@@ -34,7 +35,7 @@ void print_usage(std::FILE* out) {
   std::fprintf(
       out,
       "usage: cbq-eval [MODEL] [--tokenizer PATH] [--text PATH] [--ctx N] [--generate N]\n"
-      "                [--prompt TEXT]\n"
+      "                [--prompt TEXT] [--kl-base MODEL]\n"
       "\n"
       "  MODEL            a llama2.c checkpoint (.bin) or a Hugging Face folder\n"
       "                   (config.json + safetensors). Default: %s/models/stories260K.bin\n"
@@ -46,6 +47,9 @@ void print_usage(std::FILE* out) {
       "                   at most 2048\n"
       "  --generate N     greedy generation of up to N tokens (0 = none, the default)\n"
       "  --prompt TEXT    prompt for the generation (default: BOS only)\n"
+      "  --kl-base MODEL  also the KL divergence of MODEL's next-token distribution from\n"
+      "                   this base model's (llama-perplexity --kl-divergence: mean,\n"
+      "                   median, percentiles, same top p, RMS dp; llama.cpp protocol)\n"
       "  -h, --help       this text\n"
       "\n"
       "Perplexity protocols: GPTQ (whole text tokenized with BOS, non-overlapping windows\n"
@@ -66,6 +70,7 @@ struct Options {
   std::optional<int64_t> ctx;
   int64_t generate = 0;
   std::optional<std::string> prompt;
+  std::string kl_base;
 };
 
 int64_t parse_count(std::string_view flag, std::string_view v, int64_t min) {
@@ -104,7 +109,7 @@ Options parse_args(int argc, char** argv) {
       inline_value = true;
     }
     const bool known = flag == "--tokenizer" || flag == "--text" || flag == "--ctx" ||
-                       flag == "--generate" || flag == "--prompt";
+                       flag == "--generate" || flag == "--prompt" || flag == "--kl-base";
     if (!known) usage_error(fmt::format("unknown option \"{}\"", arg));
     if (!inline_value) {
       if (i + 1 >= argc) usage_error(fmt::format("{} needs a value", flag));
@@ -118,10 +123,12 @@ Options parse_args(int argc, char** argv) {
       o.ctx = parse_count(flag, value, 4);
     } else if (flag == "--generate") {
       o.generate = parse_count(flag, value, 0);
+    } else if (flag == "--kl-base") {
+      o.kl_base = value;
     } else {
       o.prompt = value;
     }
-    if ((flag == "--tokenizer" || flag == "--text") && value.empty())
+    if ((flag == "--tokenizer" || flag == "--text" || flag == "--kl-base") && value.empty())
       usage_error(fmt::format("{} needs a non-empty path", flag));
   }
   if (positional.size() > 1)
@@ -156,8 +163,22 @@ void print_piece(const std::string& piece) {
   std::fwrite(piece.data(), 1, piece.size(), stdout);
 }
 
+// llama-perplexity --kl-divergence's summary of the model against the base.
+void print_kl(const cbq::eval::KlDivergenceResult& r, const std::string& base, int64_t ctx) {
+  std::printf(
+      "KL divergence from %s (llama.cpp protocol, ctx %lld, %lld positions, %.2f s):\n"
+      "  PPL(Q) %.6f  PPL(base) %.6f\n"
+      "  Mean KLD %.6f ± %.6f  Maximum %.6f  99.9%% %.6f  99.0%% %.6f  95.0%% %.6f  90.0%% "
+      "%.6f  Median %.6f  Minimum %.6f\n"
+      "  RMS dp %.3f %%  Mean dp %.3f %%  Same top p %.3f %%\n",
+      base.c_str(), static_cast<long long>(ctx), static_cast<long long>(r.positions), r.seconds,
+      r.ppl, r.ppl_base, r.mean, r.mean_error, r.max, r.p999, r.p99, r.p95, r.p90, r.median, r.min,
+      100 * r.rms_dp, 100 * r.mean_dp, 100 * r.same_top);
+}
+
 template <class Model>
-void run(Model& m, const Options& o, const std::string& text_path) {
+void run(Model& m, const Options& o, const std::string& text_path,
+         cbq::AnyModel* kl_base = nullptr) {
   const cbq::Tokenizer* tok = m.tokenizer.get();
   const int32_t bos = tok ? tok->bos_id() : m.config.bos_id;
   const int32_t eos = tok ? tok->eos_id() : m.config.eos_id;
@@ -184,6 +205,14 @@ void run(Model& m, const Options& o, const std::string& text_path) {
         print_ppl("GPTQ protocol", "windows", ctx, cbq::eval::perplexity_gptq(m, tokens, ctx));
         print_ppl("llama.cpp protocol", "chunks", ctx,
                   cbq::eval::perplexity_llamacpp(m, tokens, ctx, bos));
+        if (kl_base) {
+          cbq::eval::KlOptions kl;
+          kl.ctx = ctx;
+          kl.bos = bos;
+          print_kl(
+              kl_base->visit([&](auto& b) { return cbq::eval::kl_divergence(b, m, tokens, kl); }),
+              o.kl_base, ctx);
+        }
       }
     }
   }
@@ -252,7 +281,9 @@ int main(int argc, char** argv) {
     const double load_s =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::printf("%s\n(loaded in %.2f s)\n", cbq::describe(model).c_str(), load_s);
-    model.visit([&](auto& m) { run(m, o, text); });
+    std::optional<cbq::AnyModel> base;
+    if (!o.kl_base.empty()) base.emplace(cbq::load_model(o.kl_base, o.tokenizer));
+    model.visit([&](auto& m) { run(m, o, text, base ? &*base : nullptr); });
   } catch (const cbq::Error& e) {
     std::fflush(stdout);
     std::fprintf(stderr, "cbq-eval: error: %s\n", e.what());

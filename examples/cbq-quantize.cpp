@@ -11,6 +11,7 @@
 #include <cbq/cuda.cuh>
 #endif
 #include <cbq/cbq.hpp>
+#include <cbq/eval/kl_divergence.hpp>
 #include <cbq/eval/perplexity.hpp>
 #include <cbq/io/mmap.hpp>
 #include <cbq/io/native.hpp>
@@ -46,6 +47,8 @@ model and data
   --seq-len L           tokens per segment (default: min(2048, the model's context))
   --ctx N               evaluation context (default: the model's context)
   --seed S              calibration and initialisation seed (default 0)
+  --calib-sampler cbq|gptq   segment start offsets: cbq's (mt19937_64, default) or the reference
+                        GPTQ's (Python random.seed(S), randint; the reference's segments)
 method
   --method LIST         comma list of cbq, rtn, gptq, or all (default cbq)
   --wbits B             weight bits 2, 3, 4, 8 (default 4)
@@ -86,6 +89,9 @@ cbq
                                   data and options; else refused), and keep checkpointing there
   --offload-dir DIR               keep the calibration activations in file mappings in DIR
                                   (paged to disk when they do not fit in memory)
+gptq (--method gptq; the reference's options, off by default)
+  --act-order                     columns in order of decreasing Hessian diagonal
+  --static-groups                 group parameters fixed before the column loop
 device
   --device cpu|cuda     where CBQ and the perplexity evaluations run (default cpu); RTN and
                         GPTQ run on the CPU. cuda needs a build with CBQ_ENABLE_CUDA
@@ -101,6 +107,8 @@ output
                         blocks; W4 or W8 sym, groups of a multiple of 32) or a GPTQ-format
                         Hugging Face folder; scales are rounded to fp16 first and the perplexity
                         of exactly what is exported is printed
+  --no-kl-eval          skip the KL divergence from FP (llama.cpp protocol: mean, median, 99%,
+                        same top p, RMS dp) printed for every method
   --threads N           CPU threads (default: all)
   --quiet               no per-window progress
 )";
@@ -114,6 +122,8 @@ struct Args {
   bool act_granularity_set = false;
   std::string export_format, export_path;
   bool tf32 = false;
+  bool gptq_sampler = false, kl = true;
+  cbq::quant::GptqOptions gptq;
 };
 
 [[noreturn]] void usage_error(const std::string& msg) {
@@ -273,7 +283,15 @@ Args parse(int argc, char** argv) {
     else if (k == "--lr-norm")
       a.options.lr_norm = number();
     else if (k == "--gptq-damp")
-      a.options.gptq_percdamp = number();
+      a.options.gptq_percdamp = a.gptq.percdamp = number();
+    else if (k == "--act-order")
+      a.gptq.act_order = true;
+    else if (k == "--static-groups")
+      a.gptq.static_groups = true;
+    else if (k == "--calib-sampler")
+      a.gptq_sampler = choice<bool>(k, value(), {{"cbq", false}, {"gptq", true}});
+    else if (k == "--no-kl-eval")
+      a.kl = false;
     else if (k == "--frozen-v0")
       a.options.v0_tracks_step = false;
     else if (k == "--hard")
@@ -398,7 +416,29 @@ void export_model(const Args& args, Model& model, cbq::QuantizationResult& resul
 struct Row {
   std::string method, config;
   double ppl = 0, seconds = 0, rss = 0;
+  std::optional<double> kl;  // mean KL divergence from FP
 };
+
+// KL divergence of a method's model from the full-precision one (llama-perplexity's protocol).
+std::optional<cbq::eval::KlDivergenceResult> print_kl(const std::string& method,
+                                                      std::optional<cbq::AnyModel>& base,
+                                                      cbq::AnyModel& m,
+                                                      const std::vector<int32_t>& tokens,
+                                                      int64_t ctx, int32_t bos) {
+  if (!base) return std::nullopt;
+  cbq::eval::KlOptions o;
+  o.ctx = ctx;
+  o.bos = bos;
+  const cbq::eval::KlDivergenceResult r = base->visit([&](auto& b) {
+    return m.visit([&](auto& q) { return cbq::eval::kl_divergence(b, q, tokens, o); });
+  });
+  std::printf(
+      "%s: KL divergence from FP %.6f ± %.6f (median %.6f, 99%% %.6f, max %.4f), same top p "
+      "%.3f%%, RMS dp %.3f%% [llama.cpp protocol, ctx %lld, %lld positions, %.1fs]\n",
+      method.c_str(), r.mean, r.mean_error, r.median, r.p99, r.max, 100 * r.same_top,
+      100 * r.rms_dp, static_cast<long long>(ctx), static_cast<long long>(r.positions), r.seconds);
+  return r;
+}
 
 }  // namespace
 
@@ -442,8 +482,11 @@ int main(int argc, char** argv) {
     const std::string eval_text = cbq::io::read_text_file(args.eval);
     const auto calib_tokens = tok.encode(calib_text, true, false);
     const auto eval_tokens = tok.encode(eval_text, true, false);
+    const int32_t bos = tok.bos_id();  // `tok` dies with the first method's model
     const cbq::Calibration calib =
-        cbq::sample_calibration(calib_tokens, args.samples, seq_len, args.options.seed);
+        args.gptq_sampler
+            ? cbq::sample_calibration_gptq(calib_tokens, args.samples, seq_len, args.options.seed)
+            : cbq::sample_calibration(calib_tokens, args.samples, seq_len, args.options.seed);
     std::printf(
         "calibration: %lld × %lld tokens from %s (%zu tokens); evaluation: %s (%zu tokens, "
         "ctx %lld)\n",
@@ -469,7 +512,11 @@ int main(int argc, char** argv) {
       report->set_settings(args.spec, args.options.seed, args.samples, seq_len);
       any.visit([&](auto& m) { report->capture_fp(m, calib); });
     }
+    // The full-precision model each method's KL divergence is measured from.
+    std::optional<cbq::AnyModel> base;
+    if (args.kl) base.emplace(cbq::load_model(args.model, args.tokenizer));
     if (device != cbq::Device::cpu) any.visit([&](auto& m) { m.to(device); });
+    if (base && device != cbq::Device::cpu) base->visit([&](auto& m) { m.to(device); });
     const auto fp =
         any.visit([&](auto& m) { return cbq::eval::perplexity_gptq(m, eval_tokens, ctx); });
     rows.push_back({"fp32", "full precision", fp.perplexity, fp.seconds, peak_rss_mib()});
@@ -495,7 +542,7 @@ int main(int argc, char** argv) {
         for (const auto& s : calib.samples) x.push_back(model.embed_tensor(s));
         return cbq::quantize_baseline(model,
                                       method == "rtn" ? cbq::Baseline::rtn : cbq::Baseline::gptq,
-                                      args.spec, std::move(x), {}, args.options.verbose);
+                                      args.spec, std::move(x), args.gptq, args.options.verbose);
       });
       row.config = result.config;
       row.seconds = result.seconds;
@@ -505,6 +552,7 @@ int main(int argc, char** argv) {
       row.rss = peak_rss_mib();
       if (report) m.visit([&](auto& model) { report->add(method, result, row.ppl, model); });
       std::printf("%s: perplexity %.4f (%.1fs)\n", method.c_str(), row.ppl, row.seconds);
+      if (const auto kl = print_kl(method, base, m, eval_tokens, ctx, bos)) row.kl = kl->mean;
       if (method == "cbq") {
         const auto [change, flips] = result.learning_summary();
         std::printf(
@@ -535,11 +583,13 @@ int main(int argc, char** argv) {
       }
     }
 
-    std::printf("\n| method | configuration | perplexity | vs FP | time | peak RSS |\n");
-    std::printf("|---|---|---|---|---|---|\n");
+    std::printf(
+        "\n| method | configuration | perplexity | vs FP | KL from FP | time | peak RSS |\n");
+    std::printf("|---|---|---|---|---|---|---|\n");
     for (const Row& r : rows)
-      std::printf("| %s | %s | %.4f | %+.2f%% | %.1fs | %.0f MiB |\n", r.method.c_str(),
-                  r.config.c_str(), r.ppl, 100.0 * (r.ppl / fp.perplexity - 1.0), r.seconds, r.rss);
+      std::printf("| %s | %s | %.4f | %+.2f%% | %s | %.1fs | %.0f MiB |\n", r.method.c_str(),
+                  r.config.c_str(), r.ppl, 100.0 * (r.ppl / fp.perplexity - 1.0),
+                  r.kl ? fmt::format("{:.6f}", *r.kl).c_str() : "–", r.seconds, r.rss);
     if (report)
       for (const std::string& f : report->write()) std::printf("report: wrote %s\n", f.c_str());
 #ifdef __CUDACC__

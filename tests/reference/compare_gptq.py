@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Layer-by-layer comparison of cbq's GPTQ baseline with the reference re-implementation.
 
-  python3 tests/reference/gptq_reference.py --groupsize 32 --true-sequential --sampler cbq \
+  python3 tests/reference/gptq_reference.py --groupsize 32 --true-sequential --seed 0 \
       --dump /tmp/ref.npz
-  CBQ_GPTQ_DUMP_DIR=/tmp/cbq-dump CBQ_GPTQ_DUMP_SAMPLER=cbq \
-      build/tests/cbq_tests -tc='gptq baseline: stories260K layer dump*'
+  g++ -O2 -std=c++20 -Iinclude tests/reference/gptq_seeds.cpp -o /tmp/gptq_seeds -lfmt -lopenblas
+  mkdir -p /tmp/cbq-dump && /tmp/gptq_seeds --group 32 --sampler gptq --seed 0 --dump /tmp/cbq-dump
   python3 tests/reference/compare_gptq.py /tmp/ref.npz /tmp/cbq-dump
 
 For every layer, in the order GPTQ quantized it: the relative difference of the Hessians (the
