@@ -8,14 +8,23 @@
 //   cbq-balance MODEL.gguf --ids ids.txt --samples 16 --seq-len 512 --epochs 1 --wbits 4 --group
 //   128
 //
-// Options: --ids FILE | --text FILE (--tokenizer TOK), --eval-ids FILE --eval-tokens N (FP and
-// CBQ perplexity on the first N ids), --samples N, --seq-len L, --seed S, --epochs E, --wbits B,
+// With a model cbq can tokenize (llama2.c, GGUF, Hugging Face), real text works directly, e.g.
+// calibration from the first 40 % of WikiText-2 and perplexity on the next 8 × 512 tokens:
+//
+//   cbq-balance SmolLM2.gguf --text wikitext2_test.txt --head 0.4 --eval-tokens 4096
+//
+// Options: --ids FILE | --text FILE (--tokenizer TOK; encoded as the tokenizer does by default,
+// add_bos included), --head F (calibrate on the first fraction F of the text, cut at a line
+// break; --eval-tokens N then evaluates on the first N tokens of the rest), --eval-ids FILE
+// --eval-tokens N (FP and CBQ perplexity on the first N ids), --samples N, --seq-len L,
+// --seed S, --epochs E, --wbits B,
 // --group G (0 per-channel), --rounding lora|full|nearest, --loss-scale token|window|absolute,
 // --gamma X, --no-kld, --no-keep-better, --init gptq, --soft, --preset paper|classic,
 // --max-steps N, --threads N, --report DIR, --quiet, --activations (first print the FP residual
 // stream's statistics after every block on the calibration samples).
 // `cbq-balance --from-report FILE.json` prints the balance table of every CBQ run in a saved
-// report (cbq-quantize --report) without running anything.
+// report (cbq-quantize --report) without running anything; `cbq-balance --render DIR` renders
+// the charts of every report in DIR again.
 #include <algorithm>
 #include <cbq/cbq.hpp>
 #include <cbq/eval/perplexity.hpp>
@@ -112,11 +121,22 @@ void print_activations(Model& model, const cbq::Calibration& calib) {
 int main(int argc, char** argv) {
   std::string model_path, ids_path, text_path, tokenizer, eval_ids_path, report_dir;
   bool activations = false;
+  double head = 1.0;
   int64_t samples = 16, seq_len = 512, eval_tokens = 0, threads = 0;
   cbq::PassSpec spec;
   spec.weight = cbq::quant::GridSpec{4, false, cbq::quant::Granularity::per_group, 128};
   cbq::PassOptions o;
   o.epochs = 1;
+  if (argc == 3 && std::string(argv[1]) == "--render") {
+    try {
+      for (const std::string& f : cbq::report::render_dir(argv[2]))
+        std::printf("report: wrote %s\n", f.c_str());
+      return 0;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "cbq-balance: %s\n", e.what());
+      return 1;
+    }
+  }
   if (argc == 3 && std::string(argv[1]) == "--from-report") {
     try {
       std::ifstream in(argv[2]);
@@ -146,6 +166,10 @@ int main(int argc, char** argv) {
       text_path = value();
     else if (k == "--tokenizer")
       tokenizer = value();
+    else if (k == "--head")
+      head = number();
+    else if (k == "--activations")
+      activations = true;
     else if (k == "--eval-ids")
       eval_ids_path = value();
     else if (k == "--eval-tokens")
@@ -211,21 +235,29 @@ int main(int argc, char** argv) {
     if (threads > 0) cbq::set_num_threads(static_cast<int>(threads));
     cbq::AnyModel any = cbq::load_model(model_path, tokenizer);
     std::printf("%s\n", cbq::describe(any).c_str());
-    std::vector<int32_t> ids;
+    std::vector<int32_t> ids, eval;
     if (!ids_path.empty()) {
       ids = read_ids(ids_path);
     } else {
       CBQ_CHECK(any.tokenizer(), "cbq-balance: {} has no tokenizer; pass --tokenizer or --ids",
                 model_path);
-      ids = any.tokenizer()->encode(cbq::io::read_text_file(text_path), true, false);
+      CBQ_CHECK(head > 0 && head <= 1, "cbq-balance: --head {} is not in (0, 1]", head);
+      const std::string text = cbq::io::read_text_file(text_path);
+      size_t cut = text.size();
+      if (head < 1) {
+        cut = text.find('\n', static_cast<size_t>(head * static_cast<double>(text.size())));
+        cut = cut == std::string::npos ? text.size() : cut + 1;
+      }
+      ids = any.tokenizer()->encode(std::string_view(text).substr(0, cut));
+      if (cut < text.size() && eval_tokens > 0 && eval_ids_path.empty())
+        eval = any.tokenizer()->encode(std::string_view(text).substr(cut));
+      std::printf("text: %s, calibration from its first %zu of %zu bytes (%zu tokens)\n",
+                  text_path.c_str(), cut, text.size(), ids.size());
     }
     const cbq::Calibration calib = cbq::sample_calibration(ids, samples, seq_len, o.seed);
-    std::vector<int32_t> eval;
-    if (!eval_ids_path.empty()) {
-      eval = read_ids(eval_ids_path);
-      if (eval_tokens > 0 && static_cast<int64_t>(eval.size()) > eval_tokens)
-        eval.resize(eval_tokens);
-    }
+    if (!eval_ids_path.empty()) eval = read_ids(eval_ids_path);
+    if (eval_tokens > 0 && static_cast<int64_t>(eval.size()) > eval_tokens)
+      eval.resize(eval_tokens);
     std::printf("calibration: %lld × %lld tokens of %zu; %s\n", static_cast<long long>(samples),
                 static_cast<long long>(seq_len), ids.size(), spec.describe().c_str());
     std::optional<cbq::report::RunReport> report;

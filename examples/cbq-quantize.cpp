@@ -100,7 +100,8 @@ device
                         GPU memory when they fit)
 output
   --report DIR          write the run as JSON (loss terms per window and step, decisions,
-                        per-layer and per-block errors, perplexity) and SVG charts into DIR
+                        per-layer and per-block errors, perplexity, KL divergence from FP) and
+                        SVG charts into DIR
   --out PATH            save the quantized model (native safetensors; with several methods the
                         method name is appended)
   --export gguf|gptq PATH   also write it for other tools: a llama.cpp GGUF file (Q4_0/Q4_1/Q8_0
@@ -552,7 +553,10 @@ int main(int argc, char** argv) {
       row.rss = peak_rss_mib();
       if (report) m.visit([&](auto& model) { report->add(method, result, row.ppl, model); });
       std::printf("%s: perplexity %.4f (%.1fs)\n", method.c_str(), row.ppl, row.seconds);
-      if (const auto kl = print_kl(method, base, m, eval_tokens, ctx, bos)) row.kl = kl->mean;
+      if (const auto kl = print_kl(method, base, m, eval_tokens, ctx, bos)) {
+        row.kl = kl->mean;
+        if (report) report->set_kl(method, cbq::report::kl_json(*kl));
+      }
       if (method == "cbq") {
         const auto [change, flips] = result.learning_summary();
         std::printf(

@@ -99,7 +99,15 @@ TEST_CASE("report: JSON of RTN and CBQ runs, block errors, charts in the directo
     o.seed = seed;
     const QuantizationResult q = CbqPass(spec, o).run(cbq_model, calib);
     rep.add("cbq", q, 11.0, cbq_model);
-    rep.set_kl("cbq", {{"mean", 0.01}});
+    // KL of the CBQ model from the FP one on a short text, as cbq-quantize --report records it.
+    std::vector<int32_t> text;
+    for (int i = 0; i < 48; ++i) text.push_back(static_cast<int32_t>((i * 5 + 1) % c.vocab_size));
+    eval::KlOptions ko;
+    ko.ctx = 12;
+    const eval::KlDivergenceResult kl = eval::kl_divergence(fp, cbq_model, text, ko);
+    REQUIRE(std::isfinite(kl.mean));
+    CHECK(kl.mean > 0);  // 3-bit weights change the output distribution
+    rep.set_kl("cbq", report::kl_json(kl));
     const auto files = rep.write();
     const nlohmann::json& j = rep.json();
     CHECK(j.at("format") == report::kReportFormat);
@@ -113,7 +121,8 @@ TEST_CASE("report: JSON of RTN and CBQ runs, block errors, charts in the directo
     const auto rtn_err = rtnm.at("block_error").get<std::vector<double>>();
     REQUIRE(rtn_err.size() == static_cast<size_t>(c.n_layers));
     for (double e : rtn_err) CHECK((std::isfinite(e) && e > 0));
-    CHECK(cbqm.at("kl").at("mean") == 0.01);
+    CHECK(cbqm.at("kl").at("mean") == kl.mean);
+    CHECK(cbqm.at("kl").at("positions") == kl.positions);
     CHECK(rtnm.at("kl").is_null());
     REQUIRE(cbqm.at("windows").size() == q.windows.size());
     const auto& w0 = cbqm.at("windows")[0];
@@ -133,6 +142,11 @@ TEST_CASE("report: JSON of RTN and CBQ runs, block errors, charts in the directo
     const std::string loss = cbq::testing::read_all(dir.file(label + "-loss.svg"));
     CHECK(count(loss, "window ") == q.windows.size());
     CHECK(std::filesystem::exists(dir.file(label + "-blocks.svg")));
+    // One panel per block of the CBQ layers, each layer with its start and final error.
+    const std::string layers = cbq::testing::read_all(dir.file(label + "-layers.svg"));
+    CHECK(count(layers, "cbq block ") == static_cast<size_t>(c.n_layers));
+    CHECK(count(layers, "</title></rect>") == 2 * q.layers.size());
+    CHECK(layers.find("nan") == std::string::npos);
     CHECK(files.size() >= 4);
   }
   // The chart across runs has the mean of the two seeds' RTN perplexities (12, 13) at 3 bits.
@@ -143,4 +157,10 @@ TEST_CASE("report: JSON of RTN and CBQ runs, block errors, charts in the directo
   CHECK(bits.find("cbq g8") != std::string::npos);
   CHECK(bits.find("fp32") != std::string::npos);
   CHECK(bits.find("</svg>") != std::string::npos);
+  // Only CBQ has KL statistics: the KL chart has its series and no RTN or FP line.
+  const std::string kl_chart = cbq::testing::read_all(dir.file("kl-vs-bits.svg"));
+  CHECK(kl_chart.find("cbq g8") != std::string::npos);
+  CHECK(kl_chart.find("rtn g8") == std::string::npos);
+  CHECK(kl_chart.find("fp32") == std::string::npos);
+  CHECK(kl_chart.find("nan") == std::string::npos);
 }

@@ -8,7 +8,8 @@
 //   rep.set_fp(fp_perplexity);
 //   rep.add(method, result, perplexity, model);  // per method, after it quantized `model`
 //   rep.write();  // DIR/<label>.json, DIR/<label>-loss.svg, DIR/<label>-blocks.svg and
-//                 // DIR/perplexity-vs-bits.svg (over every report in DIR)
+//                 // DIR/perplexity-vs-bits.svg and, with KL statistics, DIR/kl-vs-bits.svg
+//                 // (over every report in DIR)
 //
 // JSON layout (format "cbq-report-1"): label, model, settings {wbits, group, abits, act, seed,
 // samples, seq_len}, fp {perplexity}, methods [{method, config, perplexity, seconds, kl (null
@@ -18,10 +19,13 @@
 // heldout_start, heldout_trained, kept_start, curve {total, l2_fp, kld_fp, l2_hom, kld_hom,
 // round, output_kld}}]}]. Loss terms are objects with the keys of the curve.
 #include <algorithm>
+#include <cctype>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
 #include <tuple>
@@ -32,6 +36,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cbq/core/error.hpp"
+#include "cbq/eval/kl_divergence.hpp"
 #include "cbq/model/transformer.hpp"
 #include "cbq/pass/calibration.hpp"
 #include "cbq/pass/pass.hpp"
@@ -70,6 +75,15 @@ inline nlohmann::json window_json(const WindowStats& w) {
           {"heldout_trained", loss_json(w.heldout_trained)},
           {"kept_start", w.kept_start},
           {"curve", curve}};
+}
+
+// The KL-divergence statistics of a method's evaluation (eval::kl_divergence), for set_kl.
+inline nlohmann::json kl_json(const eval::KlDivergenceResult& r) {
+  return {{"mean", r.mean},         {"mean_error", r.mean_error},
+          {"median", r.median},     {"p90", r.p90},
+          {"p99", r.p99},           {"max", r.max},
+          {"same_top", r.same_top}, {"rms_dp", r.rms_dp},
+          {"mean_dp", r.mean_dp},   {"positions", r.positions}};
 }
 
 // A file-name-safe form of `s` ("W4A16 g32" → "W4A16-g32").
@@ -307,35 +321,100 @@ inline std::string block_errors_svg(const nlohmann::json& run) {
   return svg(c, width, 360);
 }
 
-// Perplexity against weight bits, one series per method × granularity × activation bits, the
-// mean over the reports (seeds) at each bit width with min–max bars; FP dashed.
-inline std::string perplexity_vs_bits_svg(const std::vector<nlohmann::json>& runs) {
-  std::map<std::string, std::map<int, std::vector<double>>> points;  // series → bits → ppl
+// Every CBQ layer's output error ‖x(Ŵ − W)ᵀ‖² / ‖xWᵀ‖² on its quantized-path inputs, for the
+// start's weight (RTN or GPTQ) and the final one, one panel per block (layer names
+// "layers.B.NAME"); each layer's label carries the fraction of its codes that changed from the
+// start's.
+inline std::string layer_errors_svg(const nlohmann::json& run) {
+  std::vector<BarChart> charts;
+  for (const auto& m : run.at("methods")) {
+    if (m.at("layers").empty() || m.at("windows").empty()) continue;
+    std::map<int64_t, BarChart> blocks;
+    for (const auto& l : m.at("layers")) {
+      const std::string name = l.at("name").get<std::string>();
+      int64_t block = -1;
+      std::string shortname = name;
+      if (const auto dot = name.find('.'); dot != std::string::npos) {
+        const auto dot2 = name.find('.', dot + 1);
+        const std::string num = name.substr(dot + 1, dot2 - dot - 1);
+        if (!num.empty() &&
+            std::all_of(
+                num.begin(), num.end(),
+                [](char ch) { return std::isdigit(static_cast<unsigned char>(ch)) != 0; }) &&
+            dot2 != std::string::npos) {
+          block = std::stoll(num);
+          shortname = name.substr(dot2 + 1);
+        }
+      }
+      for (const char* suffix : {"_proj", "fc"})
+        if (const auto at = shortname.rfind(suffix);
+            at != std::string::npos && at + std::strlen(suffix) == shortname.size() && at > 0)
+          shortname = shortname.substr(0, at);
+      BarChart& c = blocks[block];
+      if (c.series.empty()) {
+        c.title = fmt::format("{} block {}", m.at("method").get<std::string>(), block);
+        c.y_label = "layer output error";
+        c.x_label = "layer, codes changed from the start";
+        c.log_y = true;
+        c.series.resize(2);
+        c.series[0].name = "start";
+        c.series[0].color = "#999999";
+        c.series[1].name = "final";
+        c.series[1].color = series_color(1);
+      }
+      c.categories.push_back(
+          fmt::format("{} {:.0f}%", shortname, 100 * l.at("codes_changed").get<double>()));
+      c.series[0].y.push_back(l.at("output_error_start").get<double>());
+      c.series[1].y.push_back(l.at("output_error").get<double>());
+    }
+    for (auto& [block, c] : blocks) charts.push_back(std::move(c));
+  }
+  if (charts.empty()) return "";
+  return svg_grid(charts, std::min<int>(5, static_cast<int>(charts.size())), 460, 260);
+}
+
+// Perplexity (metric "perplexity") or mean KL divergence from FP (metric "kl") against weight
+// bits, one series per method × granularity × activation bits (× model, when the reports hold
+// several), the mean over the reports (seeds) at each bit width with min–max bars; FP dashed
+// (perplexity only: its KL is 0).
+inline std::string metric_vs_bits_svg(const std::vector<nlohmann::json>& runs,
+                                      const std::string& metric) {
+  const bool kl = metric == "kl";
+  auto value_of = [&](const nlohmann::json& m) -> std::optional<double> {
+    const char* key = kl ? "kl" : "perplexity";
+    if (!m.contains(key)) return std::nullopt;
+    const nlohmann::json& v =
+        kl && m.at(key).is_object() ? m.at(key).value("mean", nlohmann::json()) : m.at(key);
+    if (!v.is_number() || !std::isfinite(v.get<double>())) return std::nullopt;
+    return v.get<double>();
+  };
+  std::set<std::string> models;
+  for (const auto& r : runs) models.insert(r.value("model", std::string()));
+  std::map<std::string, std::map<int, std::vector<double>>> points;  // series → bits → values
   std::vector<double> fp;
   std::set<int> all_bits;
-  std::string model;
   for (const auto& r : runs) {
     const auto& st = r.at("settings");
     const int bits = st.at("wbits").get<int>();
     const int64_t group = st.at("group").get<int64_t>();
     const int abits = st.at("abits").get<int>();
     const std::string suffix =
-        fmt::format(" {}{}", group > 0 ? fmt::format("g{}", group) : "per-channel",
-                    abits < 16 ? fmt::format(" A{}", abits) : "");
-    if (r.contains("fp") && r.at("fp").contains("perplexity"))
+        fmt::format(" {}{}{}", group > 0 ? fmt::format("g{}", group) : "per-channel",
+                    abits < 16 ? fmt::format(" A{}", abits) : "",
+                    models.size() > 1 ? " " + r.value("model", std::string()) : "");
+    if (!kl && r.contains("fp") && r.at("fp").contains("perplexity"))
       fp.push_back(r.at("fp").at("perplexity").get<double>());
-    model = r.value("model", std::string());
     all_bits.insert(bits);
     for (const auto& m : r.at("methods"))
-      if (m.contains("perplexity") && m.at("perplexity").is_number())
-        points[m.at("method").get<std::string>() + suffix][bits].push_back(
-            m.at("perplexity").get<double>());
+      if (const auto v = value_of(m); v && m.at("method") != "fp32")
+        points[m.at("method").get<std::string>() + suffix][bits].push_back(*v);
   }
   if (points.empty()) return "";
   LineChart c;
-  c.title = "perplexity vs weight bits" + (model.empty() ? "" : " (" + model + ")");
+  c.title = std::string(kl ? "KL divergence from FP" : "perplexity") + " vs weight bits" +
+            (models.size() == 1 && !models.begin()->empty() ? " (" + *models.begin() + ")" : "");
   c.x_label = "weight bits";
-  c.y_label = "perplexity";
+  c.y_label = kl ? "mean KL(FP ‖ quantized), nats per token" : "perplexity";
   c.log_y = true;
   for (int b : all_bits) c.x_ticks.emplace_back(b, std::to_string(b));
   for (const auto& [name, by_bits] : points) {
@@ -352,7 +431,7 @@ inline std::string perplexity_vs_bits_svg(const std::vector<nlohmann::json>& run
     }
     c.series.push_back(std::move(s));
   }
-  if (!fp.empty() && !all_bits.empty()) {
+  if (!fp.empty() && !all_bits.empty() && models.size() == 1) {
     Series s;
     s.name = "fp32";
     s.color = "#000000";
@@ -364,6 +443,9 @@ inline std::string perplexity_vs_bits_svg(const std::vector<nlohmann::json>& run
     c.series.push_back(std::move(s));
   }
   return svg(c, 640, 420);
+}
+inline std::string perplexity_vs_bits_svg(const std::vector<nlohmann::json>& runs) {
+  return metric_vs_bits_svg(runs, "perplexity");
 }
 
 inline void write_text(const std::filesystem::path& path, const std::string& text) {
@@ -402,17 +484,19 @@ inline std::vector<std::string> render_dir(const std::string& dir) {
     const std::string label = slug(r.value("label", std::string("run")));
     for (const auto& [suffix, text] :
          {std::pair<std::string, std::string>{"-loss.svg", loss_curves_svg(r)},
-          {"-blocks.svg", block_errors_svg(r)}}) {
+          {"-blocks.svg", block_errors_svg(r)},
+          {"-layers.svg", layer_errors_svg(r)}}) {
       if (text.empty()) continue;
       const auto path = std::filesystem::path(dir) / (label + suffix);
       write_text(path, text);
       written.push_back(path.string());
     }
   }
-  const std::string bits = perplexity_vs_bits_svg(runs);
-  if (!bits.empty()) {
-    const auto path = std::filesystem::path(dir) / "perplexity-vs-bits.svg";
-    write_text(path, bits);
+  for (const char* metric : {"perplexity", "kl"}) {
+    const std::string chart = metric_vs_bits_svg(runs, metric);
+    if (chart.empty()) continue;
+    const auto path = std::filesystem::path(dir) / (std::string(metric) + "-vs-bits.svg");
+    write_text(path, chart);
     written.push_back(path.string());
   }
   return written;
