@@ -75,8 +75,9 @@ cbq
                                   fixed for --init gptq)
   --start half|adaround           LoRA-Rounding start (default adaround)
   --frozen-v0                     keep V0 at its initial value (default: tracks the step)
-  --init rtn|gptq                 where steps and rounding start: round-to-nearest (default) or
-                                  GPTQ's solution (--gptq-damp X, default 0.01)
+  --init gptq|rtn                 where steps and rounding start: GPTQ's solution (default;
+                                  --gptq-damp X, default 0.01) or round-to-nearest (the library's
+                                  PassOptions default and --preset paper/classic)
   --output-kld X                  the last window also minimises X · KL of the model's output
                                   distribution (final norm + LM head; default 0 = off)
   --learn-norms                   also learn the window's norm weights (--lr-norm X, default 1e-3)
@@ -155,6 +156,9 @@ std::vector<std::string> split(const std::string& s, char sep) {
 
 Args parse(int argc, char** argv) {
   Args a;
+  // GPTQ start by default: closer to FP than the RTN start on every model and seed of the
+  // defaults sweep (docs/RESULTS.md, "Defaults across models"); --init rtn for the former default.
+  a.options.weight_init = cbq::WeightInit::gptq;
   a.spec.weight.bits = 4;
   a.spec.weight.group_size = 32;
   a.spec.weight.granularity = cbq::quant::Granularity::per_group;

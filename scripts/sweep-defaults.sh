@@ -21,7 +21,8 @@
 #
 # Candidates (CBQ options; the baselines run once per model × setting × seed):
 #   classic        the defaults before issue 18 (unscaled loss, every window keeps its training)
-#   default        the current defaults
+#   default        the current defaults (cbq-quantize's: GPTQ start since the issue-18 sweep)
+#   rtn            the current defaults with the RTN start (--init rtn; the default before)
 #   window         loss relative to the window's target energy
 #   nokeep         current defaults without the held-out start-vs-trained rule
 #   nokld          current defaults without the KL terms (L2 only)
@@ -81,6 +82,7 @@ candidate_args() {
   case "$1" in
     classic) echo "--preset classic" ;;
     default) echo "" ;;
+    rtn) echo "--init rtn" ;;
     window) echo "--loss-scale window" ;;
     nokeep) echo "--no-keep-better" ;;
     nokld) echo "--no-kld" ;;
