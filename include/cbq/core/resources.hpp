@@ -220,7 +220,8 @@ inline void reserve_blas_buffers(uint64_t other_bytes = 0) {
   auto vm = [] { return detail::proc_kb("/proc/self/status", "VmSize").value_or(0); };
   const uint64_t before = vm();
   const uint64_t want = static_cast<uint64_t>(threads) * (kBlasBufferBytes - (uint64_t{1} << 20));
-  for (int round = 0; round < 8 && vm() - before < want; ++round) {
+  uint64_t last = before;
+  for (int round = 0; round < 8; ++round) {
     std::atomic<int> arrived{0};
     detail::pool().run([&](int t) {
       arrived.fetch_add(1);
@@ -230,6 +231,11 @@ inline void reserve_blas_buffers(uint64_t other_bytes = 0) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.f, x, n, x, n, 0.f,
                     c[static_cast<std::size_t>(t)].data(), n);
     });
+    const uint64_t now = vm();
+    // Done when every buffer is mapped, or when a round maps nothing new (the buffers existed
+    // already, or this OpenBLAS maps smaller ones).
+    if (now >= before + want || (round > 0 && now <= last)) break;
+    last = now;
   }
   reserved_for = threads;
 }
