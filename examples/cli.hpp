@@ -234,13 +234,21 @@ class Options {
 // mmap fails retries forever (blas_memory_alloc), and the process hangs when it exits and joins
 // it. cbq never uses those workers (core/blas.hpp runs OpenBLAS on one thread per call), and only
 // the environment stops them before the library's constructor runs: so the tool re-executes
-// itself once with OPENBLAS_NUM_THREADS=1 (and keeps going as it is if that fails).
+// itself once with OPENBLAS_NUM_THREADS=1 (and keeps going as it is if that fails). Not under
+// valgrind, whose client would leave the tool (set OPENBLAS_NUM_THREADS=1 there, or to skip
+// the re-execution anywhere).
 inline void single_threaded_openblas(char** argv) {
   const char* v = std::getenv("OPENBLAS_NUM_THREADS");
   if ((v && std::string(v) == "1") || std::getenv("CBQ_OPENBLAS_REEXEC")) return;
+  const char* preload = std::getenv("LD_PRELOAD");
+  if (preload && std::string(preload).find("vgpreload") != std::string::npos) return;
+  char self[4096];
+  const ssize_t n = ::readlink("/proc/self/exe", self, sizeof(self) - 1);
+  if (n <= 0) return;
+  self[n] = '\0';
   ::setenv("OPENBLAS_NUM_THREADS", "1", 1);
   ::setenv("CBQ_OPENBLAS_REEXEC", "1", 1);
-  ::execv("/proc/self/exe", argv);
+  ::execv(self, argv);
 }
 
 // Runs `body` and turns the ways a command-line tool ends into exit statuses: a usage error
