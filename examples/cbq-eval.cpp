@@ -105,18 +105,18 @@ void print_piece(const std::string& piece) {
   std::fwrite(piece.data(), 1, piece.size(), stdout);
 }
 
-// The text's tokens (with BOS), checked to fill one window.
+// The text's tokens (BOS first when the tokenizer adds one), checked to fill one window.
 std::vector<int32_t> tokenize(const cbq::Tokenizer& tok, const std::string& text_path,
                               int64_t ctx) {
   const std::string text = cbq::io::read_text_file(text_path);
   const auto t0 = std::chrono::steady_clock::now();
-  std::vector<int32_t> tokens = tok.encode(text, true, false);
+  std::vector<int32_t> tokens = tok.encode(text);
   const double tok_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   CBQ_CHECK(static_cast<int64_t>(tokens.size()) >= ctx,
             "--text {}: {} tokens, fewer than one window of {} (--ctx); pass a longer text or a "
             "smaller --ctx",
             text_path, tokens.size(), ctx);
-  std::printf("text: %s (%zu bytes, %zu tokens with BOS, tokenized in %.2f s)\n", text_path.c_str(),
+  std::printf("text: %s (%zu bytes, %zu tokens, tokenized in %.2f s)\n", text_path.c_str(),
               text.size(), tokens.size(), tok_s);
   return tokens;
 }
@@ -148,7 +148,7 @@ void run(Model& m, const Options& o, const std::string& text_path, int64_t ctx,
     std::vector<int32_t> prompt{bos};
     if (o.prompt && !o.prompt->empty()) {
       if (!tok) cbq::fail("--prompt needs a tokenizer (pass --tokenizer)");
-      prompt = tok->encode(*o.prompt, true, false);
+      prompt = tok->encode(*o.prompt);
     }
     // llama2.c stops only at BOS; Hugging Face models end a text with EOS.
     std::vector<int32_t> stop{bos};

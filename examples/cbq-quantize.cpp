@@ -650,8 +650,8 @@ int run(int argc, char** argv, std::string& phase) {
   phase = "reading and tokenizing the texts";
   std::vector<int32_t> calib_tokens, eval_tokens;
   auto tokenize = [&](const cbq::Tokenizer& tok) {
-    calib_tokens = tok.encode(cbq::io::read_text_file(args.calib), true, false);
-    eval_tokens = tok.encode(cbq::io::read_text_file(args.eval), true, false);
+    calib_tokens = tok.encode(cbq::io::read_text_file(args.calib));
+    eval_tokens = tok.encode(cbq::io::read_text_file(args.eval));
     CBQ_CHECK(static_cast<int64_t>(eval_tokens.size()) >= ctx,
               "--eval {}: {} tokens, fewer than one evaluation window of {} (--ctx)", args.eval,
               eval_tokens.size(), ctx);

@@ -42,6 +42,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   cbq::fuzz::accept_errors([&] {
     const cbq::io::GgufModel m = cbq::io::load_gguf(path);
     FUZZ_CHECK(m.config.dim > 0 && m.config.n_layers > 0 && m.config.vocab_size > 0);
+    if (m.tokenizer) {  // the file's vocabulary (SentencePiece or byte-level BPE) must run
+      const auto ids = m.tokenizer->encode("Hello, it's 123 caf\xC3\xA9 <|endoftext|>\n\n  x\xFF");
+      for (int32_t id : ids) FUZZ_CHECK(id >= 0 && id < m.tokenizer->vocab_size());
+      (void)m.tokenizer->decode(ids);
+    }
   });
   return 0;
 }

@@ -192,6 +192,45 @@ gpt2 = {
               "merges": ["h e", "l l", "he ll", "hell o", "\u0120 w", "' s"]},
 }
 out("hf_tokenizer", "gpt2_bytelevel", prefixed(2, "hello's  world\n<|endoftext|>", json.dumps(gpt2)))
+# Every pre-tokenizer / normalizer kind of the Llama-3 / Qwen2 / SmolLM era, on the same vocabulary.
+LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+          r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+kinds = {
+    "split_llama3": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]},
+    "digits_bytelevel": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}]},
+    "split_behaviors": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithNext"},
+        {"type": "Split", "pattern": {"Regex": "[,.]"}, "behavior": "MergedWithPrevious"},
+        {"type": "Split", "pattern": {"Regex": "\\d+"}, "behavior": "Contiguous"},
+        {"type": "Split", "pattern": {"Regex": "\\p{L}+"}, "behavior": "Removed", "invert": True},
+        {"type": "Punctuation", "behavior": "Isolated"}, {"type": "WhitespaceSplit"},
+        {"type": "Whitespace"}, {"type": "CharDelimiterSplit", "delimiter": "-"},
+        {"type": "ByteLevel", "add_prefix_space": True, "use_regex": False}]},
+}
+for name, pre in kinds.items():
+    out("hf_tokenizer", name, prefixed(1, "Hello, it's 12345 W\u00f6rld-x \u65e5\u672c!\n\n  y",
+                                        json.dumps(dict(gpt2, pre_tokenizer=pre))))
+norm = {"type": "Sequence", "normalizers": [
+    {"type": "NFKC"}, {"type": "NFD"}, {"type": "StripAccents"}, {"type": "NFC"}, {"type": "NFKD"},
+    {"type": "Lowercase"}, {"type": "Strip", "strip_left": True, "strip_right": True},
+    {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "}]}
+out("hf_tokenizer", "normalizers", prefixed(2, " \uff21\ufb01 Cafe\u0301 \u0130 \u03a3 ",
+                                            json.dumps(dict(gpt2, normalizer=norm))))
+added = gpt2["added_tokens"] + [
+    {"id": 15, "content": "[MASK]", "special": True, "lstrip": True, "rstrip": True,
+     "single_word": True, "normalized": False},
+    {"id": 16, "content": "hel", "special": False, "normalized": True, "single_word": True}]
+out("hf_tokenizer", "added_options", prefixed(3, "x [MASK] hel hello [MASK]y hel",
+                                              json.dumps(dict(gpt2, added_tokens=added,
+                                                              normalizer={"type": "Lowercase"}))))
+out("hf_tokenizer", "regress_bad_regex", prefixed(0, "a", json.dumps(dict(gpt2, pre_tokenizer={
+    "type": "Split", "pattern": {"Regex": "(a*)*(?<=x)\\p{Han}["}, "behavior": "Isolated"}))))
+out("hf_tokenizer", "regress_merge_unknown", prefixed(0, "a", json.dumps(dict(
+    gpt2, model=dict(gpt2["model"], merges=gpt2["model"]["merges"] + ["x y"])))))
 
 # ---- regression inputs: each crashed, hung or exhausted memory before its fix ----
 out("llama2c_tokenizer", "regress_bos_beyond_vocab", bytes([1, 0]) + struct.pack("<ifi", 0, 0.0, 0))
@@ -269,7 +308,7 @@ out("gguf", "all_value_and_tensor_types", gguf(
 out("gguf", "version2_empty", gguf([], [], version=2))
 
 
-def gguf_llama(vocab_tokens):
+def gguf_llama(vocab_tokens, bpe=None):
     d, F, V, heads, kv_heads = 4, 8, len(vocab_tokens), 2, 1
     hd = d // heads
     meta = [("general.architecture", "string", "llama"), ("llama.embedding_length", "u32", d),
@@ -283,6 +322,15 @@ def gguf_llama(vocab_tokens):
             ("tokenizer.ggml.tokens", ("array", "string"), vocab_tokens),
             ("tokenizer.ggml.scores", ("array", "f32"), [-float(i) for i in range(V)]),
             ("tokenizer.ggml.token_type", ("array", "i32"), [2 if i in (1, 2) else 1 for i in range(V)])]
+    if bpe is not None:  # byte-level BPE ("gpt2"): merges and a pre-tokenizer name
+        meta = meta[:-4] + [("tokenizer.ggml.model", "string", "gpt2"),
+                            ("tokenizer.ggml.pre", "string", bpe[0]),
+                            ("tokenizer.ggml.tokens", ("array", "string"), vocab_tokens),
+                            ("tokenizer.ggml.merges", ("array", "string"), bpe[1]),
+                            ("tokenizer.ggml.token_type", ("array", "i32"),
+                             [3 if t.startswith("<|") else 1 for t in vocab_tokens]),
+                            ("tokenizer.ggml.bos_token_id", "u32", 0),
+                            ("tokenizer.ggml.add_bos_token", "bool", False)]
 
     def t(name, *ne):
         n = 1
@@ -302,3 +350,6 @@ def gguf_llama(vocab_tokens):
 out("gguf", "tiny_llama_no_tokenizer", gguf_llama(["<unk>", "<s>", "</s>", "a", "b", "\u2581a"]))
 llama_tokens = ["<unk>", "<s>", "</s>"] + ["<0x%02X>" % b for b in range(256)] + ["\u2581", "a"]
 out("gguf", "tiny_llama_with_tokenizer", gguf_llama(llama_tokens))
+bl_tokens = ["<|endoftext|>"] + [chr(c) for c in range(0x21, 0x7F)] + ["\u0120", "\u0120a", "ab"]
+out("gguf", "tiny_llama_byte_level_smollm", gguf_llama(bl_tokens, ("smollm", ["\u0120 a", "a b"])))
+out("gguf", "tiny_llama_byte_level_llama3", gguf_llama(bl_tokens, ("llama-bpe", ["\u0120 a"])))

@@ -248,6 +248,42 @@ TEST_CASE("lora_rounding: the regulariser's value and gradients (gradcheck), mea
                        cbq::Error);
 }
 
+TEST_CASE("lora_rounding: the float regulariser keeps counting past 2^24 terms (7B-sized layers)") {
+  // 5120 × 4096 = 2^24 + 2^22 terms. A float running sum stops growing at 2^24 = 16777216 (adding
+  // 1 no longer changes it), and with terms near ½ it drifts long before: the sums are in double.
+  const int64_t rows = 5120, cols = 4096, n = rows * cols;
+  static_assert(5120 * 4096 > (1 << 24));
+  {  // V = 0: h = ½ exactly in float, every term is 1, the sum is exactly n.
+    Tape<float> tape;
+    const Tensor<float> zeros(Shape{rows, cols});
+    const float by_sum =
+        quant::rounding_reg(tape.constant(zeros), 2.0f, quant::Normalisation::sum).value()[0];
+    CHECK(by_sum == static_cast<float>(n));
+    const float by_mean = quant::rounding_reg(tape.constant(zeros), 2.0f).value()[0];
+    CHECK(by_mean == doctest::Approx(1.0).epsilon(1e-6));
+    // The fused form (V = A1·A2 = 0): float row sums added in double.
+    const Tensor<float> a1(Shape{rows, 2}), a2(Shape{2, cols});
+    const float fused = quant::lora_round_reg(tape.constant(a1), tape.constant(a2),
+                                              static_cast<const Tensor<float>*>(nullptr), 2.0f,
+                                              quant::Normalisation::sum)
+                            .value()[0];
+    CHECK(fused == static_cast<float>(n));
+  }
+  {  // Random V: against the same float terms summed in double here (terms within [0, 1]).
+    const Tensor<float> v = randn<float>(Shape{rows, cols}, 77);
+    double ref = 0;
+    for (int64_t i = 0; i < n; ++i)
+      ref += static_cast<double>(1.0f -
+                                 std::pow(std::abs(2.0f * quant::rect_sigmoid(v[i]) - 1.0f), 3.0f));
+    Tape<float> tape;
+    const double got = static_cast<double>(
+        quant::rounding_reg(tape.constant(v), 3.0f, quant::Normalisation::sum).value()[0]);
+    CAPTURE(ref);
+    CHECK(ref > double(1 << 24));              // where a float running sum stops growing
+    CHECK(std::abs(got - ref) <= 1e-7 * ref);  // one float rounding of the total (6e-8)
+  }
+}
+
 TEST_CASE("lora_rounding: beta schedule - off in warm-up, 20 to 2, linear and cosine") {
   quant::BetaSchedule b;
   b.total_steps = 101;  // warm-up = 20 steps (0..19); annealing over steps 20..100

@@ -124,8 +124,10 @@ json spm_json(bool metaspace, bool byte_fallback = true) {
 }
 
 std::vector<std::string> split(const std::string& s) {
+  static const regex::Regex gpt2(bpe::kGpt2Pattern, regex::Dialect::oniguruma);
   std::vector<std::string> out;
-  for (auto v : detail::gpt2_split(s)) out.emplace_back(v);
+  for (const auto& [range, match] : bpe::regex_spans(gpt2, s))
+    out.push_back(s.substr(range.first, range.second - range.first));
   return out;
 }
 
@@ -243,12 +245,14 @@ TEST_CASE("tokenizer: hf unsupported or broken tokenizer.json names the file and
   j["model"]["type"] = "Unigram";
   expect(j, "field \"model.type\": \"Unigram\" is not supported");
   j = spm_json(false);
-  j["normalizer"]["normalizers"][0] = {{"type", "NFKC"}};
-  expect(j, "field \"normalizer.normalizers[0]\": normalizer \"NFKC\" is not supported");
+  j["normalizer"]["normalizers"][0] = {{"type", "BertNormalizer"}};
+  expect(j, "field \"normalizer.normalizers[0]\": normalizer \"BertNormalizer\" is not supported");
   j = gpt2_json();
   j["pre_tokenizer"] = {{"type", "Sequence"},
                         {"pretokenizers", {{{"type", "Split"}}, {{"type", "ByteLevel"}}}}};
-  expect(j, "field \"pre_tokenizer.pretokenizers[0]\": pre-tokenizer \"Split\"");
+  expect(j, "field \"pre_tokenizer.pretokenizers[0].pattern\": missing");
+  j["pre_tokenizer"]["pretokenizers"][0] = {{"type", "UnicodeScripts"}};
+  expect(j, "field \"pre_tokenizer.pretokenizers[0]\": pre-tokenizer \"UnicodeScripts\" is not");
   j = gpt2_json();
   j["model"]["merges"].push_back("x y");
   expect(j, "model.merges[10] (\"x\", \"y\") uses a token not in the vocabulary");
@@ -364,7 +368,7 @@ TEST_CASE("tokenizer: hf missing nested fields and huge ids throw cbq::Error (fu
     CHECK_MESSAGE(msg.find("/x/tokenizer.json") != std::string::npos, msg);
     CHECK_MESSAGE(msg.find(part) != std::string::npos, msg);
   };
-  const std::string missing = "unexpected tokenizer.json structure";
+  const std::string missing = "missing or not a";
   json j = spm_json(false);
   j["normalizer"] = {{"type", "Sequence"}};
   expect(j, missing);
@@ -412,4 +416,55 @@ TEST_CASE("tokenizer: hf a normalizer chain cannot grow the text without bound")
   const auto ids = one.encode(std::string(200, 'a'), false, false);
   CHECK(ids.size() == 12800);
   CHECK(std::all_of(ids.begin(), ids.end(), [&](int32_t id) { return id == one.find("a"); }));
+}
+
+TEST_CASE("tokenizer: hostile tokenizer.json fails cleanly, naming the file and the field") {
+  auto expect = [](const std::string& text, const std::string& part) {
+    std::string msg = error_of([&] { HfTokenizer t(text, "/x/tokenizer.json"); });
+    CHECK_MESSAGE(msg.find("/x/tokenizer.json") != std::string::npos, msg);
+    CHECK_MESSAGE(msg.find(part) != std::string::npos, msg);
+  };
+  json j = gpt2_json();
+  j["pre_tokenizer"] = {{"type", "FancySplit"}};
+  expect(j.dump(), "field \"pre_tokenizer\": pre-tokenizer \"FancySplit\" is not supported");
+  // Regexes outside cbq's matcher name the pattern and what is unsupported.
+  for (auto [re, why] : {std::pair{"(?<=a)b", "lookbehind"},
+                         {"\\p{Han}+", "unsupported property \\p{Han}"},
+                         {"(a*)*", "can match the empty string"},
+                         {"[a-", "unterminated character class"},
+                         {"a{2,1}", "m < n"},
+                         {"(\\w)\\1", "unsupported escape \\1"}}) {
+    j = gpt2_json();
+    j["pre_tokenizer"] = {{"type", "Split"},
+                          {"pattern", {{"Regex", re}}},
+                          {"behavior", "Isolated"},
+                          {"invert", false}};
+    expect(j.dump(), fmt::format("field \"pre_tokenizer.pattern\": regex \"{}\"", re));
+    expect(j.dump(), why);
+  }
+  j = gpt2_json();
+  j["pre_tokenizer"]["behavior"] = "Sideways";
+  j["pre_tokenizer"]["type"] = "Punctuation";
+  expect(j.dump(), "unknown behavior \"Sideways\"");
+  // A merges list far longer than the vocabulary, and merges naming unknown tokens.
+  j = gpt2_json();
+  j["model"]["merges"] = json::array();
+  for (int i = 0; i < 4 * 24 + 1025; ++i) j["model"]["merges"].push_back("h e");
+  expect(j.dump(), "model.merges has 1121 entries for a vocabulary of 24 (at most 1120)");
+  j = gpt2_json();
+  j["model"]["merges"].push_back("he zz");
+  expect(j.dump(), "model.merges[10] (\"he\", \"zz\") uses a token not in the vocabulary");
+  // NaN is not JSON: the parser refuses it, naming the file.
+  std::string text = gpt2_json().dump();
+  text.replace(text.find("\"dropout\":null"), 14, "\"dropout\":NaN");
+  expect(text, "invalid JSON");
+  // A pathological but valid regex stops at the backtracking limit instead of hanging.
+  j = gpt2_json();
+  j["pre_tokenizer"] = {{"type", "Split"},
+                        {"pattern", {{"Regex", "(a|aa)+$"}}},
+                        {"behavior", "Isolated"},
+                        {"invert", false}};
+  HfTokenizer slow(j.dump(), "/x/tokenizer.json");
+  const std::string msg = error_of([&] { slow.encode(std::string(60, 'a') + "b", false, false); });
+  CHECK_MESSAGE(msg.find("backtracking steps") != std::string::npos, msg);
 }

@@ -69,6 +69,9 @@ void run_phases(benchmark::State& state, F&& iteration, double fwd_units, double
 
 void BM_attention(benchmark::State& state) {
   const int64_t T = state.range(0), heads = state.range(1), hd = state.range(2);
+  const cbq::cuda::AttentionMode mode = static_cast<cbq::cuda::AttentionMode>(state.range(3));
+  cbq::cuda::AttentionModeGuard kernels(mode);
+  state.SetLabel(cbq::cuda::attention_mode_name(mode));
   const int64_t d = heads * hd;
   Tape<float> tape(Device::cuda);
   const Tensor<float> q = random_device_tensor<float>(Shape{T, d}, 1);
@@ -88,9 +91,13 @@ void BM_attention(benchmark::State& state) {
   const double td = static_cast<double>(T) * static_cast<double>(T) * static_cast<double>(d);
   run_phases(state, iteration, 2 * td * 1e-12, 5 * td * 1e-12, "TFLOP/s");
 }
+// (T, heads, head_dim, AttentionMode: 1 fp32 scalar, 2 tf32, 3 bf16 tensor cores)
 BENCHMARK(BM_attention)
-    ->Args({kTokens, 32, 128})  // LLaMA-7B
-    ->Args({512, 32, 128})
+    ->Args({kTokens, 32, 128, 1})  // LLaMA-7B
+    ->Args({kTokens, 32, 128, 2})
+    ->Args({kTokens, 32, 128, 3})
+    ->Args({512, 32, 128, 1})
+    ->Args({512, 32, 128, 2})
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond);
 

@@ -1,12 +1,14 @@
 #pragma once
 // Helpers shared by the CUDA benchmarks (bench/cuda/bench_*.cu): device-side random tensors,
-// CUDA-event timing on the cbq stream, and the main() that skips cleanly without a GPU.
+// CUDA-event timing on the cbq stream, and the main() that skips cleanly without a GPU (and
+// fails under CBQ_REQUIRE_GPU=1).
 #include <benchmark/benchmark.h>
 #include <cuda_runtime.h>
 
 #include <cbq/cuda.cuh>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -102,14 +104,23 @@ inline double gemm_peak_tflops(int64_t m, int64_t n, int64_t k, int repetitions 
          1e-12;
 }
 
-// main(): runs the registered benchmarks, or says why not and exits with 0 without a GPU.
+// main(): runs the registered benchmarks, or says why not and exits with 0 without a GPU —
+// with 1 when CBQ_REQUIRE_GPU is set (anything but "" or "0"): a driver older than the runtime
+// makes cudaGetDeviceCount fail, which must not pass for "nothing to measure" on the GPU machine.
 inline int run_benchmarks(int argc, char** argv) {
-  int count = 0;
+  int count = 0, driver = 0;
   const cudaError_t status = cudaGetDeviceCount(&count);
+  (void)cudaDriverGetVersion(&driver);
   if (status != cudaSuccess || count == 0) {
-    std::fprintf(stderr, "%s: no CUDA device (%s); nothing to measure\n", argv[0],
-                 status != cudaSuccess ? cudaGetErrorString(status) : "0 devices");
-    return 0;
+    const char* required = std::getenv("CBQ_REQUIRE_GPU");
+    const bool must = required && *required && std::string(required) != "0";
+    std::fprintf(stderr,
+                 "%s: %sno usable CUDA device (%s; driver supports CUDA %d.%d, runtime %d.%d)%s\n",
+                 argv[0], must ? "FAILED: " : "",
+                 status != cudaSuccess ? cudaGetErrorString(status) : "0 devices", driver / 1000,
+                 driver % 1000 / 10, CUDART_VERSION / 1000, CUDART_VERSION % 1000 / 10,
+                 must ? " and CBQ_REQUIRE_GPU is set" : "; nothing to measure");
+    return must ? 1 : 0;
   }
   cudaDeviceProp prop{};
   CBQ_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));

@@ -1,7 +1,11 @@
 #pragma once
 // main() and helpers for the CUDA-vs-CPU test programs. Each tests/gpu/test_*.cu is its own
 // executable and includes this header once. Without a usable GPU, main() prints why and exits
-// with 77, which ctest reports as "skipped" (SKIP_RETURN_CODE 77 in tests/CMakeLists.txt).
+// with 77, which ctest reports as "skipped" (SKIP_RETURN_CODE 77 in tests/CMakeLists.txt) —
+// unless CBQ_REQUIRE_GPU=1, where a missing device or a failing cudaGetDeviceCount (a driver
+// older than the runtime, say) exits with 1: on the GPU machine a skip must not look green.
+// CBQ_GPU_TEST_EXCLUDE=pattern adds doctest's --test-case-exclude (scripts/gpu-check.sh runs
+// the stories260K case as its own step).
 //
 // Tolerance policy (see docs/CUDA.md): results are compared with the CPU reference by the
 // normwise relative error  max_i |gpu_i - cpu_i| / max_i |cpu_i|:
@@ -16,8 +20,12 @@
 #include <cbq/cuda.cuh>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <random>
 #include <string>
+
+#include "gpu/compare.hpp"
 
 namespace cbq::gpu_testing {
 
@@ -30,19 +38,23 @@ Tensor<T> randn(const Shape& shape, uint64_t seed) {
   return t;
 }
 
-// max |a - b| / max |reference| (0 when both are all zero); a may live on any device.
+// max |a - b| / max |reference| (0 when both are all zero; NaN when either holds a NaN or an
+// infinity, so that `rel_error(...) <= tol` fails); a may live on any device.
 template <class T>
 double rel_error(const Tensor<T>& a, const Tensor<T>& reference) {
   REQUIRE(a.shape() == reference.shape());
-  const Tensor<T> x = a.to(Device::cpu);
-  const Tensor<T> r = reference.to(Device::cpu);
-  double diff = 0, scale = 0;
-  for (int64_t i = 0; i < r.numel(); ++i) {
-    diff = std::max(diff, std::abs(static_cast<double>(x[i]) - static_cast<double>(r[i])));
-    scale = std::max(scale, std::abs(static_cast<double>(r[i])));
-  }
-  if (std::isnan(diff)) return diff;
-  return scale > 0 ? diff / scale : diff;
+  const Tensor<T> x = a.to(Device::cpu).contiguous();
+  const Tensor<T> r = reference.to(Device::cpu).contiguous();
+  return max_rel_error(x.data(), r.data(), r.numel());
+}
+
+// ‖a − reference‖₂ / ‖reference‖₂ (NaN-aware, see compare.hpp); a may live on any device.
+template <class A, class B>
+double norm_error(const Tensor<A>& a, const Tensor<B>& reference) {
+  REQUIRE(a.shape() == reference.shape());
+  const Tensor<A> x = a.to(Device::cpu).contiguous();
+  const Tensor<B> r = reference.to(Device::cpu).contiguous();
+  return norm_rel_error(x.data(), r.data(), r.numel());
 }
 
 // Tolerance of rel_error for a result of type T (see the table at the top).
@@ -73,19 +85,39 @@ inline bool contains(const std::string& haystack, const std::string& needle) {
 
 }  // namespace cbq::gpu_testing
 
+namespace cbq::gpu_testing {
+// CBQ_REQUIRE_GPU set to anything but "" or "0".
+inline bool gpu_required() {
+  const char* v = std::getenv("CBQ_REQUIRE_GPU");
+  return v && *v && std::strcmp(v, "0") != 0;
+}
+}  // namespace cbq::gpu_testing
+
 int main(int argc, char** argv) {
-  int count = 0;
+  int count = 0, driver = 0;
   const cudaError_t status = cudaGetDeviceCount(&count);
+  (void)cudaDriverGetVersion(&driver);
   if (status != cudaSuccess || count == 0) {
-    std::fprintf(stderr, "%s: skipped, no CUDA device (%s)\n", argv[0],
-                 status != cudaSuccess ? cudaGetErrorString(status) : "0 devices");
+    const char* why = status != cudaSuccess ? cudaGetErrorString(status) : "0 devices";
+    if (cbq::gpu_testing::gpu_required()) {
+      std::fprintf(stderr,
+                   "%s: FAILED: no usable CUDA device (%s; driver supports CUDA %d.%d, runtime "
+                   "%d.%d) and CBQ_REQUIRE_GPU is set\n",
+                   argv[0], why, driver / 1000, driver % 1000 / 10, CUDART_VERSION / 1000,
+                   CUDART_VERSION % 1000 / 10);
+      return 1;
+    }
+    std::fprintf(stderr, "%s: skipped, no CUDA device (%s)\n", argv[0], why);
     return 77;
   }
   cudaDeviceProp prop{};
   if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess)
-    std::fprintf(stderr, "%s: running on %s (sm_%d%d)\n", argv[0], prop.name, prop.major,
-                 prop.minor);
+    std::fprintf(stderr, "%s: running on %s (sm_%d%d, driver CUDA %d.%d, runtime %d.%d)\n", argv[0],
+                 prop.name, prop.major, prop.minor, driver / 1000, driver % 1000 / 10,
+                 CUDART_VERSION / 1000, CUDART_VERSION % 1000 / 10);
   doctest::Context context;
+  if (const char* exclude = std::getenv("CBQ_GPU_TEST_EXCLUDE"); exclude && *exclude)
+    context.addFilter("test-case-exclude", exclude);
   context.applyCommandLine(argc, argv);
   return context.run();
 }

@@ -33,8 +33,12 @@ TEST_CASE_TEMPLATE("rmsnorm: CUDA matches CPU forward and backward", T, float, d
   for (const Shape& shape : norm_shapes()) {
     CAPTURE(shape.str());
     const int64_t d = shape[-1];
-    // A row offset, so that mean(x²) is not ~1 everywhere.
-    const std::vector<Tensor<T>> inputs{randn_scaled<T>(shape, seed++, 2.0, 0.3),
+    // A row offset, so that mean(x²) is not ~1 everywhere. With one column,
+    // dx = r·g·w·eps / (x² + eps) cancels to ~1e-6 of its terms for x ~ 1, so that float FMA
+    // contraction (nvcc's default, not x86-64's) and rounding order would dominate the comparison:
+    // that row gets x² ~ eps instead, where dx is of the size of its terms.
+    const double x_scale = d == 1 ? 3e-3 : 2.0, x_offset = d == 1 ? 0.0 : 0.3;
+    const std::vector<Tensor<T>> inputs{randn_scaled<T>(shape, seed++, x_scale, x_offset),
                                         randn_scaled<T>(Shape{d}, seed++, 0.5, 1.0)};
     const GraphFn<T> f = [](std::vector<Var<T>>& v) { return ops::rmsnorm(v[0], v[1], 1e-5); };
     check_parity<T>(inputs, f, tolerance<T>(), seed++);

@@ -60,7 +60,9 @@ PassOptions quiet(Device device, int64_t epochs) {
   return o;
 }
 
+// |a − b| / |b|; NaN when either is not finite (so that `relative(...) <= tol` fails).
 double relative(double a, double b) {
+  if (!std::isfinite(a) || !std::isfinite(b)) return std::numeric_limits<double>::quiet_NaN();
   if (a == b) return 0;
   return std::abs(a - b) / std::max(std::abs(b), 1e-300);
 }
@@ -70,7 +72,7 @@ double loss_difference(const LossTerms& a, const LossTerms& b) {
   double worst = relative(a.total, b.total);
   for (auto [x, y] : {std::pair{a.l2_fp, b.l2_fp}, std::pair{a.kld_fp, b.kld_fp},
                       std::pair{a.l2_hom, b.l2_hom}, std::pair{a.kld_hom, b.kld_hom}})
-    worst = std::max(worst, relative(x, y));
+    worst = gpu_testing::nan_max(worst, relative(x, y));
   return worst;
 }
 
@@ -88,12 +90,12 @@ Agreement compare(const QuantizationResult& gpu, const QuantizationResult& cpu) 
   REQUIRE(!cpu.windows.empty());
   a.first_loss_before = loss_difference(gpu.windows[0].loss_before, cpu.windows[0].loss_before);
   for (size_t i = 0; i < cpu.windows.size(); ++i) {
-    a.loss_before = std::max(
+    a.loss_before = gpu_testing::nan_max(
         a.loss_before, loss_difference(gpu.windows[i].loss_before, cpu.windows[i].loss_before));
-    a.loss_after = std::max(a.loss_after,
-                            loss_difference(gpu.windows[i].loss_after, cpu.windows[i].loss_after));
-    a.final_loss = std::max(a.final_loss,
-                            loss_difference(gpu.windows[i].final_loss, cpu.windows[i].final_loss));
+    a.loss_after = gpu_testing::nan_max(
+        a.loss_after, loss_difference(gpu.windows[i].loss_after, cpu.windows[i].loss_after));
+    a.final_loss = gpu_testing::nan_max(
+        a.final_loss, loss_difference(gpu.windows[i].final_loss, cpu.windows[i].final_loss));
     CHECK(gpu.windows[i].steps == cpu.windows[i].steps);
   }
   REQUIRE(gpu.layers.size() == cpu.layers.size());
@@ -108,9 +110,9 @@ Agreement compare(const QuantizationResult& gpu, const QuantizationResult& cpu) 
     for (int64_t j = 0; j < c.weight.codes.numel(); ++j)
       differ += g.weight.codes[j] != c.weight.codes[j];
     codes += c.weight.codes.numel();
-    a.scale = std::max(a.scale, rel_error(g.weight.scale, c.weight.scale));
+    a.scale = gpu_testing::nan_max(a.scale, rel_error(g.weight.scale, c.weight.scale));
     CHECK(rel_error(g.weight.zero, c.weight.zero) == 0.0);  // RTN zero-points, exact on both
-    a.act_scale = std::max(a.act_scale, relative(g.act_scale, c.act_scale));
+    a.act_scale = gpu_testing::nan_max(a.act_scale, relative(g.act_scale, c.act_scale));
   }
   a.code_mismatch = static_cast<double>(differ) / static_cast<double>(std::max<int64_t>(codes, 1));
   MESSAGE("first window's loss before ", a.first_loss_before, "; loss before ", a.loss_before,
@@ -178,8 +180,33 @@ TEST_CASE("transformer on cuda: to() moves every parameter and the logits match 
         CHECK(y.device() == Device::cuda);
         CHECK(rel_error(y, cpu_model.run_block(b, x)) <= 1e-5);
       }
-      // Greedy decoding reads the last row on the host.
-      CHECK(gpu_model.generate_greedy({1}, 12, {}) == cpu_model.generate_greedy({1}, 12, {}));
+      // Greedy decoding reads the last row on the host. The tokens agree unless two logits tie
+      // within the devices' rounding (1e-5 relative, checked above): at the first difference the
+      // CPU's best two logits must be that close (an argmax flip, not a wrong kernel).
+      const std::vector<int32_t> on_cpu = cpu_model.generate_greedy({1}, 12, {});
+      const std::vector<int32_t> on_gpu = gpu_model.generate_greedy({1}, 12, {});
+      std::size_t same = 0;
+      while (same < on_cpu.size() && same < on_gpu.size() && on_cpu[same] == on_gpu[same]) ++same;
+      if (same < on_cpu.size() || same < on_gpu.size()) {
+        std::vector<int32_t> prefix{1};
+        prefix.insert(prefix.end(), on_cpu.begin(), on_cpu.begin() + static_cast<long>(same));
+        const Tensor<float> l = cpu_model.logits(prefix).clone();
+        const int64_t V = l.size(1), last = l.size(0) - 1;
+        float top = -std::numeric_limits<float>::infinity(), second = top, largest = 0;
+        for (int64_t j = 0; j < V; ++j) {
+          const float x = l[last * V + j];
+          largest = std::max(largest, std::abs(x));
+          if (x > top) {
+            second = top;
+            top = x;
+          } else if (x > second) {
+            second = x;
+          }
+        }
+        MESSAGE("greedy tokens differ from step ", same, ": logit gap ", top - second, " of ",
+                largest);
+        CHECK(top - second <= 2e-5f * largest);
+      }
       // And back: the parameters return with their exact bits.
       gpu_model.to(Device::cpu);
       CHECK(gpu_model.device() == Device::cpu);

@@ -129,12 +129,8 @@ TEST_CASE_TEMPLATE("token_nll: CUDA logits give the CPU's per-row values", T, fl
     const std::vector<double> cpu = ops::token_nll(logits, targets);
     const std::vector<double> gpu = ops::token_nll(logits.to(Device::cuda), targets);
     REQUIRE(gpu.size() == cpu.size());
-    double diff = 0, scale = 0;
-    for (std::size_t r = 0; r < cpu.size(); ++r) {
-      diff = std::max(diff, std::abs(gpu[r] - cpu[r]));
-      scale = std::max(scale, std::abs(cpu[r]));
-    }
-    CHECK(diff <= 1e-12 * std::max(scale, 1.0));
+    // max |gpu − cpu| / max(max |cpu|, 1), NaN-aware
+    CHECK(gpu_testing::max_rel_error(gpu, cpu, 1.0) <= 1e-12);
   }
 }
 

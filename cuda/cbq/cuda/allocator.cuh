@@ -10,12 +10,19 @@
 // Streams: blocks are reused without waiting, which is safe because all cbq work is ordered on
 // one stream (the default context's; see context.cuh). Releasing memory to the driver
 // (empty_cache, or the retry after an out-of-memory error) synchronizes the device first.
+//
+// CBQ_CUDA_NO_CACHE=1 (read once, at the allocator's creation): every request is its own
+// cudaMalloc of exactly the requested bytes and every release a cudaFree (which waits for the
+// device). Slow; for compute-sanitizer, whose memcheck then sees an access past a tensor's end
+// instead of the bucket's slack, and whose initcheck sees no stale data from an earlier tensor.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <bit>
 #include <cstddef>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <unordered_map>
@@ -41,7 +48,12 @@ class CachingAllocator {
   static constexpr std::size_t kSmallGranularity = 512;
   static constexpr std::size_t kSmallLimit = std::size_t(1) << 20;
 
-  CachingAllocator() = default;
+  CachingAllocator() {
+    const char* v = std::getenv("CBQ_CUDA_NO_CACHE");
+    caching_ = !(v && *v && std::strcmp(v, "0") != 0);
+  }
+  // Whether freed blocks are kept for reuse (false under CBQ_CUDA_NO_CACHE).
+  bool caching() const { return caching_; }
   CachingAllocator(const CachingAllocator&) = delete;
   CachingAllocator& operator=(const CachingAllocator&) = delete;
   ~CachingAllocator() { release_cached(); }
@@ -58,11 +70,11 @@ class CachingAllocator {
   // even after the cache was released.
   void* allocate(std::size_t bytes) {
     if (bytes == 0) return nullptr;
-    const std::size_t size = bucket_size(bytes);
+    const std::size_t size = caching_ ? bucket_size(bytes) : bytes;
     std::lock_guard<std::mutex> lock(mutex_);
     ++stats_.num_allocations;
     void* ptr = nullptr;
-    if (auto it = free_.find(size); it != free_.end() && !it->second.empty()) {
+    if (auto it = free_.find(size); caching_ && it != free_.end() && !it->second.empty()) {
       ptr = it->second.back();
       it->second.pop_back();
       stats_.bytes_cached -= size;
@@ -92,6 +104,11 @@ class CachingAllocator {
     live_.erase(it);
     stats_.bytes_in_use -= block.size;
     stats_.bytes_requested -= block.requested;
+    if (!caching_) {  // cudaFree waits for the work that may still use the block
+      ++stats_.num_cuda_free;
+      (void)cudaFree(ptr);
+      return;
+    }
     stats_.bytes_cached += block.size;
     try {
       free_[block.size].push_back(ptr);
@@ -162,6 +179,7 @@ class CachingAllocator {
     free_.clear();
   }
 
+  bool caching_ = true;
   mutable std::mutex mutex_;
   std::unordered_map<void*, Block> live_;
   std::map<std::size_t, std::vector<void*>> free_;  // bucket size -> free blocks

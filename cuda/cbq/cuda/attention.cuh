@@ -18,11 +18,18 @@
 // Arithmetic is in T (fp32 for float). Tiles are B × B with B = 32, or 16 / 8 when the tiles of
 // a large head dimension would not fit the device's shared memory; rows of a tile beyond T, and
 // keys after the query under the causal mask, are masked, so T need not be a multiple of B.
+//
+// These scalar kernels are the reference. Float attention with head dimension 64 or 128 runs the
+// tensor-core kernels of attention_tc.cuh instead when the context's AttentionMode asks for them
+// (tf32, bf16, or automatic under MathMode::tf32); the hook and the saved L are the same.
 #include <cbq/ops/attention.hpp>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
+#include "cbq/cuda/attention_tc.cuh"
 #include "cbq/cuda/check.cuh"
+#include "cbq/cuda/context.cuh"
 #include "cbq/cuda/launch.cuh"
 #include "cbq/cuda/quant_math.cuh"
 
@@ -393,6 +400,44 @@ inline unsigned tiles(int64_t seq_len, int tile) {
 
 }  // namespace attention_detail
 
+namespace attention_detail {
+
+// The kernels float attention runs for this head dimension under the context's modes.
+inline AttentionMode resolved_mode(int64_t head_dim) {
+  Context& ctx = default_context();
+  AttentionMode mode = ctx.attention_mode();
+  if (mode == AttentionMode::automatic)
+    mode = ctx.math_mode() == MathMode::tf32 ? AttentionMode::tf32 : AttentionMode::fp32;
+  if (mode == AttentionMode::fp32 || !attention_tc::supported_head_dim(head_dim))
+    return AttentionMode::fp32;
+  // The largest of the three kernels' shared memory must fit the device (H100/H200: 227 KiB).
+  using namespace attention_tc;
+  const std::size_t need =
+      mode == AttentionMode::tf32
+          ? (head_dim == 64 ? Layout<Tf32, 64>::dkdv_bytes : Layout<Tf32, 128>::dkdv_bytes)
+          : (head_dim == 64 ? Layout<Bf16, 64>::dkdv_bytes : Layout<Bf16, 128>::dkdv_bytes);
+  if (need > static_cast<std::size_t>(max_shared_bytes())) return AttentionMode::fp32;
+  return mode;
+}
+
+inline attention_tc::Dims tc_dims(const Dims& d) {
+  return attention_tc::Dims{d.seq_len, d.n_heads, d.group, d.causal};
+}
+
+// Calls f.template operator()<Format, HD>() for the tensor-core format and head dimension.
+template <class F>
+void dispatch_tc(AttentionMode mode, int64_t head_dim, F&& f) {
+  using namespace attention_tc;
+  if (mode == AttentionMode::tf32) {
+    if (head_dim == 64) return f.template operator()<Tf32, 64>();
+    return f.template operator()<Tf32, 128>();
+  }
+  if (head_dim == 64) return f.template operator()<Bf16, 64>();
+  return f.template operator()<Bf16, 128>();
+}
+
+}  // namespace attention_detail
+
 template <class T>
 void attention_forward(T* o, T* lse, const T* q, const T* k, const T* v, int64_t seq_len,
                        int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, bool causal,
@@ -400,6 +445,15 @@ void attention_forward(T* o, T* lse, const T* q, const T* k, const T* v, int64_t
   using namespace attention_detail;
   if (seq_len <= 0) return;
   Dims d = make_dims(seq_len, n_heads, n_kv_heads, head_dim, causal);
+  if constexpr (std::is_same_v<T, float>) {
+    (void)tiles(seq_len, attention_tc::kRows);  // the grid-size check
+    if (const AttentionMode mode = resolved_mode(head_dim); mode != AttentionMode::fp32) {
+      dispatch_tc(mode, head_dim, [&]<class F, int HD>() {
+        attention_tc::forward<F, HD>(o, lse, q, k, v, tc_dims(d), scale, detail::current_stream());
+      });
+      return;
+    }
+  }
   d.tile = choose_tile<T>("forward", d.head_dim, forward_elements);
   const std::size_t bytes = sizeof(T) * forward_elements(d.tile, d.head_dim);
   allow_shared(attention_forward_kernel<T>, bytes);
@@ -421,6 +475,15 @@ void attention_backward(T* dq, T* dk, T* dv, T* row_dot, const T* q, const T* k,
       <<<qmath::warp_grid_size(seq_len * n_heads), detail::kBlockSize, 0, stream>>>(row_dot, dout,
                                                                                     o, base);
   CBQ_CUDA_CHECK_LAUNCH("attention_row_dot_kernel");
+  if constexpr (std::is_same_v<T, float>) {
+    if (const AttentionMode mode = resolved_mode(head_dim); mode != AttentionMode::fp32) {
+      dispatch_tc(mode, head_dim, [&]<class F, int HD>() {
+        attention_tc::backward<F, HD>(dq, dk, dv, row_dot, q, k, v, dout, lse, tc_dims(base),
+                                      n_kv_heads, scale, stream);
+      });
+      return;
+    }
+  }
   if (dk || dv) {
     Dims d = base;
     d.tile = choose_tile<T>("backward dK/dV", d.head_dim, dkdv_elements);

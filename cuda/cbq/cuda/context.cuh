@@ -29,6 +29,27 @@ enum class MathMode { fp32, tf32 };
 
 inline const char* math_mode_name(MathMode m) { return m == MathMode::fp32 ? "fp32" : "tf32"; }
 
+// Which kernels float attention runs (attention.cuh; double always runs the scalar ones).
+// automatic: the tensor-core kernels in TF32 when the context's MathMode is tf32, else the FP32
+// scalar kernels. fp32: the scalar kernels (the reference). tf32 / bf16: the tensor-core kernels
+// with TF32 / BF16 operands and FP32 accumulation, for head dimensions 64 and 128 (others, and
+// devices without the shared memory, run the scalar kernels).
+enum class AttentionMode { automatic, fp32, tf32, bf16 };
+
+inline const char* attention_mode_name(AttentionMode m) {
+  switch (m) {
+    case AttentionMode::automatic:
+      return "automatic";
+    case AttentionMode::fp32:
+      return "fp32";
+    case AttentionMode::tf32:
+      return "tf32";
+    case AttentionMode::bf16:
+      return "bf16";
+  }
+  return "?";
+}
+
 namespace detail {
 
 // What a cuBLASLt GEMM plan depends on. Dimensions are those of the column-major call.
@@ -61,6 +82,8 @@ struct GemmPlan {
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
   cublasLtMatmulAlgo_t algo{};
   std::size_t workspace_bytes = 0;
+  cublasComputeType_t compute = CUBLAS_COMPUTE_32F;  // the compute type the algorithm is for
+  bool fallback = false;  // FP32 compute because the heuristic had no TF32 algorithm
 
   GemmPlan() = default;
   GemmPlan(const GemmPlan&) = delete;
@@ -79,6 +102,7 @@ class Context {
  public:
   struct Options {
     MathMode math = MathMode::fp32;
+    AttentionMode attention = AttentionMode::automatic;
     // cuBLASLt workspace; NVIDIA recommends 32 MiB on Hopper.
     std::size_t workspace_bytes = std::size_t(32) << 20;
     // nullptr: the context creates (and owns) a non-blocking stream. Otherwise the context uses
@@ -88,7 +112,9 @@ class Context {
 
   Context() : Context(Options{}) {}
   explicit Context(Options options)
-      : math_(options.math), workspace_bytes_(options.workspace_bytes) {
+      : math_(options.math),
+        attention_(options.attention),
+        workspace_bytes_(options.workspace_bytes) {
     CBQ_CUDA_CHECK(cudaGetDevice(&device_));
     if (options.stream) {
       stream_ = options.stream;
@@ -118,6 +144,9 @@ class Context {
   MathMode math_mode() const { return math_.load(std::memory_order_relaxed); }
   void set_math_mode(MathMode mode) { math_.store(mode, std::memory_order_relaxed); }
 
+  AttentionMode attention_mode() const { return attention_.load(std::memory_order_relaxed); }
+  void set_attention_mode(AttentionMode mode) { attention_.store(mode, std::memory_order_relaxed); }
+
   // Blocks the host until all work queued on this context's stream has finished.
   void synchronize() const { CBQ_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
@@ -133,6 +162,13 @@ class Context {
     std::lock_guard<std::mutex> lock(plans_mutex_);
     return plans_.size();
   }
+  // Plans that run in FP32 compute although TF32 was asked for (no TF32 algorithm fitted).
+  std::size_t num_gemm_fallbacks() const {
+    std::lock_guard<std::mutex> lock(plans_mutex_);
+    std::size_t n = 0;
+    for (const auto& [key, plan] : plans_) n += plan->fallback;
+    return n;
+  }
 
  private:
   int device_ = 0;
@@ -141,6 +177,7 @@ class Context {
   cublasLtHandle_t lt_ = nullptr;
   void* workspace_ = nullptr;
   std::atomic<MathMode> math_;
+  std::atomic<AttentionMode> attention_;
   std::size_t workspace_bytes_;
   mutable std::mutex plans_mutex_;
   std::unordered_map<detail::GemmKey, std::unique_ptr<detail::GemmPlan>, detail::GemmKeyHash>
@@ -218,6 +255,20 @@ class MathModeGuard {
 
  private:
   MathMode previous_;
+};
+
+// Sets the default context's attention kernels for a scope.
+class AttentionModeGuard {
+ public:
+  explicit AttentionModeGuard(AttentionMode mode) : previous_(default_context().attention_mode()) {
+    default_context().set_attention_mode(mode);
+  }
+  ~AttentionModeGuard() { default_context().set_attention_mode(previous_); }
+  AttentionModeGuard(const AttentionModeGuard&) = delete;
+  AttentionModeGuard& operator=(const AttentionModeGuard&) = delete;
+
+ private:
+  AttentionMode previous_;
 };
 
 }  // namespace cbq::cuda

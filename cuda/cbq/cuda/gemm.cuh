@@ -12,7 +12,9 @@
 //
 // float runs in the context's MathMode (fp32 or TF32); double uses CUBLAS_COMPUTE_64F. The
 // descriptors and the heuristic's algorithm are built once per shape, transposes, leading
-// dimensions and pointer alignment, and cached in the context.
+// dimensions and pointer alignment, and cached in the context. Where the heuristic has no TF32
+// algorithm (an odd alignment, say), the plan uses FP32 compute (ctx.num_gemm_fallbacks());
+// where it has none at all, the error names shapes, layouts, types and compute types tried.
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
@@ -20,6 +22,7 @@
 #include <cbq/ops/matmul.hpp>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <type_traits>
 
 #include "cbq/cuda/check.cuh"
@@ -71,18 +74,50 @@ inline uint32_t pointer_alignment(const void* ptr) {
   return align;
 }
 
+inline const char* compute_type_name(cublasComputeType_t c) {
+  switch (c) {
+    case CUBLAS_COMPUTE_32F:
+      return "CUBLAS_COMPUTE_32F";
+    case CUBLAS_COMPUTE_32F_FAST_TF32:
+      return "CUBLAS_COMPUTE_32F_FAST_TF32";
+    case CUBLAS_COMPUTE_64F:
+      return "CUBLAS_COMPUTE_64F";
+    default:
+      return "another compute type";
+  }
+}
+
+inline const char* data_type_name(cudaDataType_t t) {
+  return t == CUDA_R_32F ? "CUDA_R_32F" : t == CUDA_R_64F ? "CUDA_R_64F" : "another data type";
+}
+
+// The message when cuBLASLt has no algorithm for a GEMM: the caller's row-major problem and the
+// column-major call it became (see the top of this file), the layouts, types, alignments,
+// workspace and what each compute type tried answered.
+inline std::string no_algorithm_message(const GemmKey& key, std::size_t workspace,
+                                        const std::string& attempts) {
+  // The key is the column-major call: (m, n, k) = (n, m, k) of the caller, operands swapped.
+  return fmt::format(
+      "cuda gemm: cuBLASLt has no algorithm for the row-major GEMM C ({} x {}) = op(A) · op(B) "
+      "with k = {}, A {} (lda {}, {}-byte aligned), B {} (ldb {}, {}-byte aligned), C ldc {} "
+      "({}-byte aligned); as the column-major call ({}, {}, {}) trans ({}, {}), data type {}, "
+      "workspace {} bytes; tried {}",
+      key.n, key.m, key.k, key.trans_b ? "transposed" : "as stored", key.ldb, key.align_b,
+      key.trans_a ? "transposed" : "as stored", key.lda, key.align_a, key.ldc, key.align_c, key.m,
+      key.n, key.k, key.trans_a ? "T" : "N", key.trans_b ? "T" : "N", data_type_name(key.type),
+      workspace, attempts);
+}
+
 // Builds the descriptors for a column-major D = op(A)·op(B) + C with D = C, then asks the
-// heuristic for the best algorithm that fits the workspace and the pointers' alignment.
+// heuristic for the best algorithm that fits the workspace and the pointers' alignment. When
+// there is none (the heuristic then answers CUBLAS_STATUS_NOT_SUPPORTED itself, or finds no
+// result), a TF32 request falls back to full FP32 compute (never less accurate); without any
+// algorithm the error names the problem (no_algorithm_message).
 inline std::unique_ptr<GemmPlan> make_gemm_plan(const Context& ctx, const GemmKey& key) {
   auto plan = std::make_unique<GemmPlan>();
   const cudaDataType_t scale_type = key.type;
-  CBQ_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan->op, key.compute, scale_type));
   const cublasOperation_t op_a = key.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t op_b = key.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-  CBQ_CUBLAS_CHECK(
-      cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
-  CBQ_CUBLAS_CHECK(
-      cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
   // Stored (column-major) shapes: A is (m, k) or (k, m) when transposed; B is (k, n) or (n, k).
   const auto rows_a = static_cast<uint64_t>(key.trans_a ? key.k : key.m);
   const auto cols_a = static_cast<uint64_t>(key.trans_a ? key.m : key.k);
@@ -110,18 +145,40 @@ inline std::unique_ptr<GemmPlan> make_gemm_plan(const Context& ctx, const GemmKe
   CBQ_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
       pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.align_c, sizeof(key.align_c)));
 
-  cublasLtMatmulHeuristicResult_t result{};
-  int found = 0;
-  CBQ_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(ctx.cublaslt(), plan->op, plan->a, plan->b,
-                                                  plan->c, plan->c, pref, 1, &result, &found));
-  CBQ_CHECK(found > 0 && result.state == CUBLAS_STATUS_SUCCESS,
-            "cuda gemm: cuBLASLt has no algorithm for column-major ({}, {}, {}) trans ({}, {}), "
-            "ld ({}, {}, {}), alignment ({}, {}, {}) bytes, compute type {}",
-            key.m, key.n, key.k, key.trans_a, key.trans_b, key.lda, key.ldb, key.ldc, key.align_a,
-            key.align_b, key.align_c, static_cast<int>(key.compute));
-  plan->algo = result.algo;
-  plan->workspace_bytes = result.workspaceSize;
-  return plan;
+  cublasComputeType_t attempts[2] = {key.compute, key.compute};
+  int n_attempts = 1;
+  if (key.compute == CUBLAS_COMPUTE_32F_FAST_TF32) attempts[n_attempts++] = CUBLAS_COMPUTE_32F;
+  std::string tried;
+  for (int i = 0; i < n_attempts; ++i) {
+    if (plan->op) {
+      CBQ_CUBLAS_CHECK(cublasLtMatmulDescDestroy(plan->op));
+      plan->op = nullptr;
+    }
+    CBQ_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan->op, attempts[i], scale_type));
+    CBQ_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
+    CBQ_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
+        ctx.cublaslt(), plan->op, plan->a, plan->b, plan->c, plan->c, pref, 1, &result, &found);
+    if (status == CUBLAS_STATUS_SUCCESS && found > 0 && result.state == CUBLAS_STATUS_SUCCESS) {
+      plan->algo = result.algo;
+      plan->workspace_bytes = result.workspaceSize;
+      plan->compute = attempts[i];
+      plan->fallback = i > 0;
+      return plan;
+    }
+    // NOT_SUPPORTED is the heuristic's "no algorithm"; anything else is an error of its own.
+    if (status != CUBLAS_STATUS_SUCCESS && status != CUBLAS_STATUS_NOT_SUPPORTED)
+      throw_cublas_error(status, "cublasLtMatmulAlgoGetHeuristic(...)", __FILE__, __LINE__);
+    tried += fmt::format("{}{} ({})", i ? ", then " : "", compute_type_name(attempts[i]),
+                         status != CUBLAS_STATUS_SUCCESS ? cublasLtGetStatusName(status)
+                         : found == 0                    ? "no result"
+                                                         : cublasLtGetStatusName(result.state));
+  }
+  fail("{}", no_algorithm_message(key, workspace, tried));
 }
 
 }  // namespace detail
@@ -131,8 +188,8 @@ template <class T>
 void gemm(Context& ctx, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha,
           const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   CBQ_CHECK(m >= 0 && n >= 0 && k >= 0, "cuda gemm: negative size ({}, {}, {})", m, n, k);
-  CBQ_CHECK(ldc >= std::max<int64_t>(1, n), "cuda gemm: ldc = {} < n = {}", ldc, n);
-  if (m == 0 || n == 0) return;
+  if (m == 0 || n == 0) return;  // nothing to write: ldc is not looked at (as cbq::blas::gemm)
+  CBQ_CHECK(ldc >= n, "cuda gemm: ldc = {} < n = {} (row-major C is ({}, {}))", ldc, n, m, n);
   if (k == 0) {  // C = beta · C
     scale_matrix_kernel<<<detail::grid_size(m * n), detail::kBlockSize, 0, ctx.stream()>>>(
         c, beta, m, n, ldc);

@@ -1,7 +1,7 @@
 #pragma once
 // LoRA-Rounding (quant/lora_rounding.hpp), registered as quant::CudaLoraRounding:
 //   soft weight  Ŵ = s·(clamp(floor(W/s) + h(V) + z) − z), h the rectified sigmoid (or [h ≥ ½])
-//   regulariser  k·Σ (1 − |2h(V) − 1|^β) and its gradient
+//   regulariser  k·Σ (1 − |2h(V) − 1|^β) and its gradient (terms in T, summed in double)
 //   AdaRound offset V0 = h⁻¹(W/s − floor(W/s))
 // V = A1·A2 (+ V0) is an ops::matmul (cuBLASLt through the GEMM hook), and the soft weight's
 // backward is the step quantizer's (fake_quant.cuh). W/s, floor, the clamp and the sums are the
@@ -82,17 +82,27 @@ __global__ void lora_soft_forward_kernel(T* y, T* dvfac, T* coef, const T* w, co
   }
 }
 
-// partial[block] = Σ over the block's grid-stride share of (1 − |2h(v) − 1|^β); v (n).
+// partial[block] = Σ over the block's grid-stride share of (1 − |2h(v) − 1|^β); v (n). Terms in
+// T, sums in double (a float sum of a 7B layer's 45M terms would lose digits; see rounding_reg).
 template <class T>
-__global__ void lora_reg_partial_kernel(T* partial, const T* v, int64_t n, T beta) {
+__global__ void lora_reg_partial_kernel(double* partial, const T* v, int64_t n, T beta) {
   using namespace qmath;
-  T acc = T(0);
+  double acc = 0;
   for (int64_t i = detail::global_index(); i < n; i += detail::grid_stride()) {
     const T a = sub(mul(T(2), lora_detail::rect_sigmoid(v[i])), T(1));
-    acc = add(acc, sub(T(1), pow_of(abs_of(a), beta)));
+    acc += static_cast<double>(sub(T(1), pow_of(abs_of(a), beta)));
   }
   acc = block_sum(acc);
   if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+// out[0] = T(k · Σ partial), the partials added in a fixed order (one block).
+template <class T>
+__global__ void lora_reg_finish_kernel(T* out, const double* partial, int64_t count, T k) {
+  double acc = 0;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) acc += partial[i];
+  acc = qmath::block_sum(acc);
+  if (threadIdx.x == 0) out[0] = static_cast<T>(static_cast<double>(k) * acc);
 }
 
 // dv[i] += −2kβ·g[0]·|2h − 1|^(β−1)·sign(2h − 1)·h'(v[i]); dv, v (n), g the output gradient (1)
@@ -143,11 +153,13 @@ void lora_reg_forward(T* out, const T* v, int64_t n, T beta, T k) {
   if (n <= 0) return;
   const int64_t blocks =
       std::min<int64_t>(lora_detail::kRegBlocks, (n + detail::kBlockSize - 1) / detail::kBlockSize);
-  qmath::DeviceBuffer<T> partial(blocks);
+  qmath::DeviceBuffer<double> partial(blocks);
   lora_reg_partial_kernel<<<static_cast<unsigned>(blocks), detail::kBlockSize, 0,
                             detail::current_stream()>>>(partial.get(), v, n, beta);
   CBQ_CUDA_CHECK_LAUNCH("lora_reg_partial_kernel");
-  qmath::deterministic_sum(out, partial.get(), blocks, k, false);
+  lora_reg_finish_kernel<<<1, detail::kBlockSize, 0, detail::current_stream()>>>(out, partial.get(),
+                                                                                 blocks, k);
+  CBQ_CUDA_CHECK_LAUNCH("lora_reg_finish_kernel");
 }
 
 template <class T>

@@ -32,21 +32,14 @@
 #include "cbq/model/llama_block.hpp"
 #include "cbq/model/transformer.hpp"
 #include "cbq/pass/result.hpp"
+#include "cbq/tokenizer/byte_level_bpe.hpp"
 #include "cbq/tokenizer/hf_tokenizer.hpp"
 #include "cbq/tokenizer/llama2c_tokenizer.hpp"
 
 namespace cbq::io {
 
 // llama.cpp's llama_token_type.
-enum class GgufTokenType : int32_t {
-  undefined = 0,
-  normal = 1,
-  unknown = 2,
-  control = 3,
-  user_defined = 4,
-  unused = 5,
-  byte = 6
-};
+using GgufTokenType = TokenType;
 
 // ---- quantized weights → llama.cpp block types ----
 
@@ -175,7 +168,12 @@ struct GgufVocab {
   std::vector<std::string> tokens;
   std::vector<float> scores;
   std::vector<int32_t> types;  // GgufTokenType
-  int32_t bos = -1, eos = -1, unk = -1;
+  int32_t bos = -1, eos = -1, unk = -1, pad = -1;
+  // Byte-level ("gpt2") vocabularies: merges "a b" in rank order and the pre-tokenizer name;
+  // they have no scores.
+  std::vector<std::string> merges;
+  std::string pre;
+  bool add_bos = true, add_eos = false;
 };
 
 // GGUF's view of a tokenizer, padded with unused "[PAD{id}]" tokens to `model_vocab_size`.
@@ -186,14 +184,47 @@ struct GgufVocab {
 //    "▁"), score −(rank + 1) of the merge that makes a token (0 for base tokens), so llama.cpp's
 //    highest-score-first merging follows the merge ranks; "<0xXX>" byte, special added tokens
 //    control, "<unk>" unknown.
-//  * byte-level BPE (GPT-2 style) is not converted (llama.cpp needs its merges list and a
-//    pre-tokenizer name): a cbq::Error says so.
+//  * byte-level BPE (a GGUF "gpt2" vocabulary read back, or a byte-level tokenizer.json whose
+//    pre-tokenizer llama.cpp has a name for): model "gpt2", tokens as stored, token types,
+//    merges, pre-tokenizer name, BOS/EOS/UNK/PAD and add_bos/add_eos, no scores; other
+//    byte-level tokenizer.json files are a cbq::Error naming what has no llama.cpp equivalent.
 inline GgufVocab gguf_vocab(const Tokenizer& tok, int64_t model_vocab_size) {
   GgufVocab v;
   const int32_t n = tok.vocab_size();
   CBQ_CHECK(n <= model_vocab_size,
             "GGUF export: the tokenizer has {} tokens but the model's vocabulary only {}", n,
             model_vocab_size);
+  auto from_bpe = [&](const BpeVocabulary& b) {
+    v.model = "gpt2";
+    v.tokens = b.tokens;
+    v.types = b.types;
+    if (v.types.empty()) v.types.assign(v.tokens.size(), static_cast<int32_t>(TokenType::normal));
+    v.merges = b.merges;
+    v.pre = b.pre.empty() ? "default" : b.pre;
+    v.bos = b.bos;
+    v.eos = b.eos;
+    v.unk = b.unk;
+    v.pad = b.pad;
+    v.add_bos = b.add_bos;
+    v.add_eos = b.add_eos;
+  };
+  const auto* hf_tok = dynamic_cast<const HfTokenizer*>(&tok);
+  if (const auto* bl = dynamic_cast<const ByteLevelBpeTokenizer*>(&tok)) {
+    from_bpe(bl->vocabulary());
+  } else if (hf_tok && hf_tok->kind() == HfTokenizer::Kind::byte_level) {
+    try {
+      from_bpe(hf_tok->gguf_vocabulary());
+    } catch (const Error& e) {
+      fail("GGUF export: {}", e.what());
+    }
+  }
+  if (v.model == "gpt2") {
+    for (int64_t id = n; id < model_vocab_size; ++id) {
+      v.tokens.push_back(fmt::format("[PAD{}]", id));
+      v.types.push_back(static_cast<int32_t>(GgufTokenType::unused));
+    }
+    return v;
+  }
   static const std::string kSpace = "\xE2\x96\x81";  // ▁
   auto escape = [&](const std::string& s) {
     std::string out;
@@ -231,12 +262,6 @@ inline GgufVocab gguf_vocab(const Tokenizer& tok, int64_t model_vocab_size) {
     v.eos = Llama2cTokenizer::kEos;
     v.unk = 0;
   } else if (const auto* hf = dynamic_cast<const HfTokenizer*>(&tok)) {
-    CBQ_CHECK(hf->kind() == HfTokenizer::Kind::sentencepiece,
-              "GGUF export: {} is a byte-level BPE tokenizer (GPT-2 style); cbq exports "
-              "SentencePiece-style vocabularies only. Export without a tokenizer (nullptr) and "
-              "take the vocabulary from llama.cpp's convert_hf_to_gguf.py, or use a LLaMA-2 style "
-              "tokenizer",
-              hf->source());
     v.unk = hf->find("<unk>");
     // Decoded after a token that is not BOS, so a lone "▁" keeps its space.
     const int32_t not_bos = hf->bos_id() == 0 && n > 1 ? 1 : 0;
@@ -262,8 +287,8 @@ inline GgufVocab gguf_vocab(const Tokenizer& tok, int64_t model_vocab_size) {
     v.eos = hf->eos_id();
   } else {
     fail(
-        "GGUF export: unknown tokenizer type (cbq exports llama2.c and Hugging Face "
-        "SentencePiece-style vocabularies)");
+        "GGUF export: unknown tokenizer type (cbq exports llama2.c, Hugging Face and GGUF "
+        "byte-level BPE vocabularies)");
   }
   for (int64_t id = n; id < model_vocab_size; ++id) {
     v.tokens.push_back(fmt::format("[PAD{}]", id));
@@ -489,14 +514,17 @@ GgufExportReport export_gguf(const std::string& path, Transformer<LlamaBlock<T>>
   if (tokenizer) {
     GgufVocab v = gguf_vocab(*tokenizer, c.vocab_size);
     w.set_string("tokenizer.ggml.model", v.model);
+    if (!v.pre.empty()) w.set_string("tokenizer.ggml.pre", v.pre);
     w.set("tokenizer.ggml.tokens", GgufValue::array_of(v.tokens));
-    w.set("tokenizer.ggml.scores", GgufValue::array_of(v.scores));
+    if (!v.scores.empty()) w.set("tokenizer.ggml.scores", GgufValue::array_of(v.scores));
     w.set("tokenizer.ggml.token_type", GgufValue::array_of(v.types));
+    if (v.model == "gpt2") w.set("tokenizer.ggml.merges", GgufValue::array_of(v.merges));
     if (v.bos >= 0) u32("tokenizer.ggml.bos_token_id", v.bos);
     if (v.eos >= 0) u32("tokenizer.ggml.eos_token_id", v.eos);
     if (v.unk >= 0) u32("tokenizer.ggml.unknown_token_id", v.unk);
-    w.set_scalar<bool>("tokenizer.ggml.add_bos_token", true);
-    w.set_scalar<bool>("tokenizer.ggml.add_eos_token", false);
+    if (v.pad >= 0) u32("tokenizer.ggml.padding_token_id", v.pad);
+    w.set_scalar<bool>("tokenizer.ggml.add_bos_token", v.add_bos);
+    w.set_scalar<bool>("tokenizer.ggml.add_eos_token", v.add_eos);
   } else {
     w.set_string("tokenizer.ggml.model", "no_vocab");
     report.notes.push_back("no vocabulary written");
@@ -725,6 +753,59 @@ inline std::shared_ptr<const Tokenizer> gguf_llama2c_tokenizer(const GgufFile& f
   return std::make_shared<Llama2cTokenizer>(tmp.string(), vocab);
 }
 
+// The byte-level BPE vocabulary of a GGUF with tokenizer.ggml.model = "gpt2", as llama.cpp reads
+// it: tokens, token types, merges, pre-tokenizer name; BOS/EOS default to 11 (llama.cpp's gpt2
+// defaults) unless the file names them; add_bos defaults to the pre-tokenizer's (true for
+// llama-bpe and tekken). Throws a cbq::Error naming the file for a vocabulary cbq cannot run.
+inline BpeVocabulary gguf_bpe_vocabulary(const GgufFile& f) {
+  BpeVocabulary v;
+  v.source = f.path();
+  try {
+    v.tokens = f.at("tokenizer.ggml.tokens").array<std::string>();
+    CBQ_CHECK(f.find("tokenizer.ggml.merges"), "metadata key 'tokenizer.ggml.merges' is missing");
+    v.merges = f.at("tokenizer.ggml.merges").array<std::string>();
+    if (const GgufValue* t = f.find("tokenizer.ggml.token_type")) v.types = t->array<int32_t>();
+  } catch (const Error& e) {
+    fail("{}: byte-level (gpt2) vocabulary: {}", f.path(), e.what());
+  }
+  v.pre = f.get_or<std::string>("tokenizer.ggml.pre", "");
+  auto pre = llama_cpp_pre_tokenizer(v.pre);
+  CBQ_CHECK(pre.has_value(),
+            "{}: pre-tokenizer '{}' (tokenizer.ggml.pre) is not supported; cbq knows: {}", f.path(),
+            v.pre, kLlamaCppPreNames);
+  const int64_t n = static_cast<int64_t>(v.tokens.size());
+  auto id_of = [&](const char* key, int32_t fallback) -> int32_t {
+    if (!f.find(key)) return fallback;
+    const int64_t id = f.get<int64_t>(key);
+    // llama.cpp keeps its default for an id outside the vocabulary.
+    return id >= 0 && id < n ? static_cast<int32_t>(id) : fallback;
+  };
+  const int32_t dflt = n > 11 ? 11 : -1;
+  v.bos = id_of("tokenizer.ggml.bos_token_id", pre->no_bos ? -1 : dflt);
+  v.eos = id_of("tokenizer.ggml.eos_token_id", dflt);
+  v.unk = id_of("tokenizer.ggml.unknown_token_id", -1);
+  v.pad = id_of("tokenizer.ggml.padding_token_id", -1);
+  v.add_bos = f.get_or<bool>("tokenizer.ggml.add_bos_token", pre->add_bos);
+  v.add_eos = f.get_or<bool>("tokenizer.ggml.add_eos_token", false);
+  return v;
+}
+
+// The file's tokenizer: llama2.c layout of a SentencePiece ('llama') vocabulary, or byte-level
+// BPE ('gpt2'); null with the reason in `why_not` for other vocabularies (and none). A 'gpt2'
+// vocabulary cbq cannot run is an error, not a silent "no tokenizer".
+inline std::shared_ptr<const Tokenizer> gguf_tokenizer(const GgufFile& f, int64_t vocab,
+                                                       std::string& why_not) {
+  const GgufValue* model = f.find("tokenizer.ggml.model");
+  if (model && model->type() == GgufType::string && model->as_string() == "gpt2") {
+    auto tok = std::make_shared<ByteLevelBpeTokenizer>(gguf_bpe_vocabulary(f));
+    CBQ_CHECK(tok->vocab_size() <= vocab,
+              "{}: the vocabulary has {} tokens but token_embd.weight only {} rows", f.path(),
+              tok->vocab_size(), vocab);
+    return tok;
+  }
+  return gguf_llama2c_tokenizer(f, vocab, why_not);
+}
+
 }  // namespace detail
 
 // The config of a GGUF LLaMA from its metadata and the token embedding's shape (no tensor data
@@ -800,7 +881,7 @@ inline ModelConfig gguf_llama_config(const GgufFile& f) {
 // Hugging Face names, RoPE layout interleaved. FFN padding written by export_gguf is removed
 // again (cbq.feed_forward_length_unpadded) when the padded entries are zero. A tensor that
 // dequantizes to a NaN or Inf is refused, naming it and the block.
-inline GgufModel load_gguf(const std::string& path) {
+inline GgufModel load_gguf(const std::string& path, bool read_tokenizer = true) {
   GgufFile f(path);
   GgufModel out;
   out.config = gguf_llama_config(f);
@@ -898,9 +979,11 @@ inline GgufModel load_gguf(const std::string& path) {
     }
   }
 
-  std::string why_not;
-  out.tokenizer = detail::gguf_llama2c_tokenizer(f, V, why_not);
-  if (!out.tokenizer) out.notes.push_back("no tokenizer: " + why_not);
+  if (read_tokenizer) {
+    std::string why_not;
+    out.tokenizer = detail::gguf_tokenizer(f, V, why_not);
+    if (!out.tokenizer) out.notes.push_back("no tokenizer: " + why_not);
+  }
   return out;
 }
 

@@ -289,7 +289,7 @@ inline AnyModel load_model(const std::string& path, const std::string& tokenizer
     CBQ_CHECK(fs::is_regular_file(st), "load_model: {} is not a regular file or a folder", path);
     const std::string magic = detail::file_magic(p, 4);
     if (magic == "GGUF") {
-      io::GgufModel g = io::load_gguf(path);
+      io::GgufModel g = io::load_gguf(path, /*read_tokenizer=*/tokenizer_path.empty());
       AnyModel m = detail::from_weights(g.config, g.weights, path);
       if (!tokenizer_path.empty())
         m.set_tokenizer(detail::load_tokenizer_file(tokenizer_path, g.config.vocab_size));

@@ -26,7 +26,8 @@
 // backward through the shared step-quantizer kernels. W/s, floor and the clamp are exact; h(V)
 // uses the device's exp, so values differ from the CPU by a few ulps of h (and a hard code can
 // differ only where h(V) lies within those ulps of ½). The regulariser's sum is a deterministic
-// two-stage reduction.
+// two-stage reduction in double (as the CPU's: serial in double in rounding_reg, float row sums
+// added in double in the fused lora_round_reg).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -260,10 +261,13 @@ Var<T> rounding_reg(Var<T> V, T beta, Normalisation norm = Normalisation::mean) 
     CBQ_CHECK(CudaLoraRounding<T>::reg_forward, "{}: CUDA kernel not registered", op);
     CudaLoraRounding<T>::reg_forward(yv.data(), v, n, beta, k);
   } else {
-    T acc = 0;  // serial: deterministic whatever the thread count
+    // Terms in T, summed serially (deterministic whatever the thread count) in double: a float
+    // sum of a LLaMA-7B layer's 45M terms (each in [0, 1]) stops growing at 2^24. The total is
+    // then k · sum as lora_round_reg's reg_total (bits unchanged for double).
+    double acc = 0;
     for (int64_t i = 0; i < n; ++i)
-      acc += T(1) - std::pow(std::abs(T(2) * rect_sigmoid(v[i]) - T(1)), beta);
-    yv.data()[0] = k * acc;
+      acc += static_cast<double>(T(1) - std::pow(std::abs(T(2) * rect_sigmoid(v[i]) - T(1)), beta));
+    yv.data()[0] = static_cast<T>(static_cast<double>(k) * acc);
   }
   if (rg) tape.template record<detail::RoundRegNode<T>>(out, V, beta, k);
   return out;

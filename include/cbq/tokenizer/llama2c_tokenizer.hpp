@@ -58,6 +58,7 @@ class Llama2cTokenizer : public Tokenizer {
       lookup_.emplace(pieces_[static_cast<std::size_t>(i)], i);  // first occurrence wins
   }
 
+  using Tokenizer::encode;
   std::vector<int32_t> encode(std::string_view text, bool bos, bool eos) const override {
     // BOS takes part in the merges (as in llama2.c), so it must exist; so must EOS if asked for.
     for (auto [wanted, id, name] : {std::tuple{bos, kBos, "BOS"}, std::tuple{eos, kEos, "EOS"}})

@@ -17,6 +17,11 @@ class Tokenizer {
 
   // Token ids of `text`, with BOS prepended / EOS appended on request.
   virtual std::vector<int32_t> encode(std::string_view text, bool bos, bool eos) const = 0;
+  // Token ids of `text` with BOS / EOS as the tokenizer adds them by default (llama.cpp's
+  // add_bos / add_eos, Hugging Face's post-processor): what the reference tools produce.
+  std::vector<int32_t> encode(std::string_view text) const {
+    return encode(text, add_bos(), add_eos());
+  }
   // The text of `ids`. Special tokens (BOS, EOS, other special added tokens) produce no text;
   // raw-byte tokens produce their byte. decode(encode(t, ...)) == t for any text the vocabulary
   // covers (invalid UTF-8 included when the tokenizer has byte fallback / is byte-level).
@@ -27,6 +32,10 @@ class Tokenizer {
   virtual int32_t vocab_size() const = 0;
   virtual int32_t bos_id() const = 0;
   virtual int32_t eos_id() const = 0;
+  // Whether encode(text) prepends BOS / appends EOS (llama2.c and SentencePiece-style LLaMA
+  // tokenizers: BOS; SmolLM2's and GPT-2's byte-level BPE: neither).
+  virtual bool add_bos() const { return bos_id() >= 0; }
+  virtual bool add_eos() const { return false; }
   // The stored string of token `id` (as in the vocabulary file) and its merge score / priority.
   virtual const std::string& piece(int32_t id) const = 0;
   virtual float score(int32_t id) const = 0;
