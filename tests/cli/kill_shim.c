@@ -1,6 +1,6 @@
-// An LD_PRELOAD library for tests/cli/kill_writers.sh: counts every call that writes under one
+// An LD_PRELOAD library for tests/cli/hostile.sh: counts every call that writes under one
 // folder (creating opens, write, pwrite, ftruncate, fallocate, fsync, rename, mkdir, unlink,
-// rmdir) and sends the process SIGKILL just before the N-th, so a test can kill a writer at
+// rmdir, remove) and sends the process SIGKILL just before the N-th, so a test can kill a writer at
 // every step of every write and check that the old or the new output is left, complete. It
 // works on any binary (the tools of any commit), which is what the before/after table needs.
 //
@@ -57,6 +57,17 @@ static int fd_under_dir(int fd, char* out, size_t size) {
   return under_dir(out);
 }
 
+// `path` relative to the folder `dirfd` (the *at calls) as an absolute path in `out`.
+static const char* at_path(int dirfd, const char* path, char* out, size_t size) {
+  if (!path || path[0] == '/' || dirfd == AT_FDCWD) return path;
+  char link[64];
+  snprintf(link, sizeof link, "/proc/self/fd/%d", dirfd);
+  ssize_t n = readlink(link, out, size - 1);
+  if (n < 0) return path;
+  snprintf(out + n, size - (size_t)n, "/%s", path);
+  return out;
+}
+
 static void event(const char* call, const char* path) {
   if (inside) return;
   inside = 1;
@@ -109,7 +120,8 @@ int openat(int dirfd, const char* path, int flags, ...) {
   va_start(ap, flags);
   mode_t mode = (mode_t)va_arg(ap, int);
   va_end(ap);
-  if (writes(flags)) path_event("open", path);
+  char abs[PATH_MAX];
+  if (writes(flags)) path_event("open", at_path(dirfd, path, abs, sizeof abs));
   return NEXT(openat)(dirfd, path, flags, mode);
 }
 FILE* fopen(const char* path, const char* mode) {
@@ -161,12 +173,23 @@ int rename(const char* from, const char* to) {
   return NEXT(rename)(from, to);
 }
 int renameat(int a, const char* from, int b, const char* to) {
-  if (under_dir(from) || under_dir(to)) event("rename", to);
+  char f[PATH_MAX], t[PATH_MAX];
+  const char* af = at_path(a, from, f, sizeof f);
+  const char* at = at_path(b, to, t, sizeof t);
+  if (under_dir(af) || under_dir(at)) event("rename", at);
   return NEXT(renameat)(a, from, b, to);
 }
 int renameat2(int a, const char* from, int b, const char* to, unsigned flags) {
-  if (under_dir(from) || under_dir(to)) event("rename", to);
+  char f[PATH_MAX], t[PATH_MAX];
+  const char* af = at_path(a, from, f, sizeof f);
+  const char* at = at_path(b, to, t, sizeof t);
+  if (under_dir(af) || under_dir(at)) event("rename", at);
   return NEXT(renameat2)(a, from, b, to, flags);
+}
+int mkdirat(int dirfd, const char* path, mode_t mode) {
+  char abs[PATH_MAX];
+  path_event("mkdir", at_path(dirfd, path, abs, sizeof abs));
+  return NEXT(mkdirat)(dirfd, path, mode);
 }
 int mkdir(const char* path, mode_t mode) {
   path_event("mkdir", path);
@@ -177,10 +200,17 @@ int unlink(const char* path) {
   return NEXT(unlink)(path);
 }
 int unlinkat(int dirfd, const char* path, int flags) {
-  path_event("unlink", path);
+  char abs[PATH_MAX];
+  path_event("unlink", at_path(dirfd, path, abs, sizeof abs));
   return NEXT(unlinkat)(dirfd, path, flags);
 }
 int rmdir(const char* path) {
   path_event("rmdir", path);
   return NEXT(rmdir)(path);
+}
+// std::filesystem::remove / remove_all (libstdc++) call remove(3), which reaches the unlink and
+// rmdir system calls inside libc, past the wrappers above.
+int remove(const char* path) {
+  path_event("remove", path);
+  return NEXT(remove)(path);
 }

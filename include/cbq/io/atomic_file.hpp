@@ -19,8 +19,9 @@
 //                   too), a device, FIFO or socket, a folder that holds an input, a non-empty
 //                   folder that is not a previous cbq export (unless forced), a missing folder.
 //
-// tests/cli/kill_writers.sh kills the tools before every write, fsync, rename, mkdir and unlink
-// of every writer (an LD_PRELOAD shim) and checks that the old or the new output is left.
+// tests/cli/hostile.sh (ctest cli_hostile) kills the tools before every write, fsync, rename,
+// mkdir and unlink of every writer (an LD_PRELOAD shim) and checks that the old or the new
+// output is left.
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
