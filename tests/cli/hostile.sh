@@ -12,24 +12,27 @@
 # and the kill tests inject SIGKILL before every write, fsync, rename, mkdir and unlink of every
 # writer (tests/cli/kill_shim.c, LD_PRELOAD) and require the old or the new output, complete.
 #
-# Usage: hostile.sh [--table] [--full] BIN_DIR EDIT_TOOL SHIM [DATA_DIR]
+# Usage: hostile.sh [--table] [--quick|--full] BIN_DIR EDIT_TOOL SHIM [DATA_DIR]
 #   BIN_DIR    holds cbq-quantize and cbq-eval (of any commit: the table compares two)
 #   EDIT_TOOL  tests/cli/cbq_test_edit (built with the tests), SHIM its libcbq_kill_shim.so
 #   --table    print one line per case and the category × GOOD/WEAK/BAD counts; exit 0
 #   --full     kill at every step of every writer (default: every step but a sample of writes)
+#   --quick    the ctest subset (cli_hostile): every category and every writer, but two values
+#              of each bad option and at most 6 kill points per writer (its renames among them)
 #   --tsv FILE also write "STATUS<TAB>CATEGORY<TAB>CASE<TAB>DETAIL" lines to FILE
 # Without --table the exit status is 1 when any case is not GOOD (SKIP aside).
 set -u
-table=0 full=0 tsv=""
+table=0 full=0 quick=0 tsv=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --table) table=1; shift ;;
     --full) full=1; shift ;;
+    --quick) quick=1; shift ;;
     --tsv) tsv=$2; shift 2 ;;
     *) break ;;
   esac
 done
-[ $# -ge 3 ] || { sed -n '2,26p' "$0"; exit 2; }
+[ $# -ge 3 ] || { sed -n '2,24p' "$0"; exit 2; }
 BIN=$(cd "$1" && pwd)
 EDIT=$(realpath "$2")
 SHIM=$(realpath "$3")
@@ -107,6 +110,10 @@ snapshot() {  # every path under $F and $S: type, size, mtime; the content hash 
   (cd "$WORK" && find f s \( -type f -printf '%p f %s %T@\n' \) -o -printf '%p %y\n' | LC_ALL=C sort
    find f s -type f -size -65536k -exec sha256sum {} + 2>/dev/null | LC_ALL=C sort -k2) 2>/dev/null
 }
+# The "before" snapshot of a case is the previous case's "after" when nothing changed in between:
+# a listing with inode and ctime (which every write, rename or chmod updates) decides that.
+snapshot_key() { (cd "$WORK" && find f s -printf '%p %i %s %T@ %C@\n' | LC_ALL=C sort) 2>/dev/null; }
+last_key="" last_snapshot=""
 record() {  # STATUS CATEGORY NAME REASON
   results+=("$1"$'\t'"$2"$'\t'"$3"$'\t'"$4")
   [ "$table" = 1 ] || [ "$1" != GOOD ] && printf '%-4s %-12s %-44s %s\n' "$1" "$2" "$3" "$4"
@@ -123,10 +130,12 @@ run_case() {
   rm -rf "$S"; mkdir -p "$S"
   [ -n "${SETUP:-}" ] && eval "$SETUP"
   local before after log=$WORK/log rc
-  before=$(snapshot)
+  local key; key=$(snapshot_key)
+  if [ "$key" = "$last_key" ]; then before=$last_snapshot; else before=$(snapshot); fi
   ( ulimit -S -v $DEFAULT_AS_KB; cd "$S" && timeout -k 5 "$limit" bash -c "$cmd" ) > "$log" 2>&1
   rc=$?
   after=$(snapshot)
+  last_key=$(snapshot_key) last_snapshot=$after
   local changed
   if [ "$kind" = ok ]; then
     changed=$(diff <(echo "$before") <(echo "$after") | grep '^[<>]' | grep -v ' s/out' | head -3)
@@ -230,6 +239,10 @@ run_case text eval-text-short refuse 'short\.txt.*[0-9]+ tokens.*window of 512' 
 run_case text tokenizer-missing refuse 'nope\.bin.*(not exist|no such)' 20 "$(qm "$M" --tokenizer "$F/nope.bin")"
 
 # ---- options ----
+# values VALUE...: every value, or with --quick the first and the last (the suite's CI subset).
+values() {
+  if [ "$quick" = 1 ] && [ $# -gt 2 ]; then printf '%s\n' "$1" "${!#}"; else printf '%s\n' "$@"; fi
+}
 re_escape() { printf '%s' "$1" | sed 's/[][\.*^$+?(){}|/]/\\&/g'; }
 bad_option() {  # NAME VALUE PATTERN [tool]: the message must match PATTERN, then the value
   local tool=${4:-q}
@@ -242,17 +255,17 @@ bad_option() {  # NAME VALUE PATTERN [tool]: the message must match PATTERN, the
     run_case options "eval $1 $2" refuse "$3" 60 "$(ev "$M" --tokenizer "$T" --text "$EV" "$1" "$2")"
   fi
 }
-for v in 0 -1 nan inf 1.5; do bad_option --seq-len "$v" '--seq-len'; done
-for v in 0 nan inf 99999; do bad_option --ctx "$v" '--ctx'; done
-for v in inf 1e30 -1 18446744073709551616; do bad_option --seed "$v" '--seed'; done
-for v in nan inf 0 -1 100000; do bad_option --threads "$v" '--threads'; done
-for v in 1 9 12 17 1e9; do bad_option --abits "$v" '--abits'; done
-for v in -1 nan; do bad_option --gamma "$v" '--gamma'; bad_option --output-kld "$v" '--output-kld'; done
-for v in 1.5 nan 0 -3; do bad_option --samples "$v" '--samples'; done
-for v in 4.9 1 9 nan; do bad_option --wbits "$v" '--wbits'; done
-for v in 0 nan 2; do bad_option --gptq-damp "$v" '--gptq-damp'; done
-for v in -1 nan; do bad_option --group "$v" '--group'; bad_option --lr-step "$v" '--lr-step'; done
-for v in rtn,rtn cbq,cbq gptq,gptq cbq,rtn,cbq foo; do bad_option --method "$v" "--method.*(twice|unknown)"; done
+for v in $(values 0 -1 nan inf 1.5); do bad_option --seq-len "$v" '--seq-len'; done
+for v in $(values 0 nan inf 99999); do bad_option --ctx "$v" '--ctx'; done
+for v in $(values inf 1e30 -1 18446744073709551616); do bad_option --seed "$v" '--seed'; done
+for v in $(values nan inf 0 -1 100000); do bad_option --threads "$v" '--threads'; done
+for v in $(values 1 9 12 17 1e9); do bad_option --abits "$v" '--abits'; done
+for v in $(values -1 nan); do bad_option --gamma "$v" '--gamma'; bad_option --output-kld "$v" '--output-kld'; done
+for v in $(values 1.5 nan 0 -3); do bad_option --samples "$v" '--samples'; done
+for v in $(values 4.9 1 9 nan); do bad_option --wbits "$v" '--wbits'; done
+for v in $(values 0 nan 2); do bad_option --gptq-damp "$v" '--gptq-damp'; done
+for v in $(values -1 nan); do bad_option --group "$v" '--group'; bad_option --lr-step "$v" '--lr-step'; done
+for v in $(values rtn,rtn cbq,cbq gptq,gptq cbq,rtn,cbq foo); do bad_option --method "$v" "--method.*(twice|unknown)"; done
 bad_option --window 0 '--window'
 bad_option --epochs 0 '--epochs'
 bad_option --max-steps -1 '--max-steps'
@@ -262,7 +275,7 @@ run_case options "--rank 999" refuse '--rank.*999' 60 "$(qm "$M" --rank 999)"
 run_case options "--act-layers foo" refuse "act.layers.*foo|'foo'" 60 "$(qm "$M" --abits 8 --act-layers foo)"
 run_case options "unknown option" refuse 'bogus' 20 "$(qm "$M" --bogus)"
 run_case options "missing value" refuse '--out' 20 "$(qm "$M" --out)"
-for v in 0 nan 99999; do bad_option --ctx "$v" '--ctx' e; done
+for v in $(values 0 nan 99999); do bad_option --ctx "$v" '--ctx' e; done
 bad_option --generate -1 '--generate' e
 # Values that must be honoured, not coerced.
 run_case options "--gptq-damp reaches gptq" ok 'DIFFER' 240 "$(qm "$M" --method gptq --gptq-damp 0.0001 --out "$S/out-a.safetensors") > /dev/null && $(qm "$M" --method gptq --gptq-damp 0.5 --out "$S/out-b.safetensors") > /dev/null && { cmp -s out-a.safetensors out-b.safetensors && echo SAME || echo DIFFER; }"
@@ -371,6 +384,16 @@ fi
 
 # ---- crash safety: SIGKILL before every write step of every writer ----
 KD=$WORK/k   # the folder the shim watches
+# quick_points TRACE: with --quick, at most 6 of the traced steps: the first renames (where a
+# writer switches from the old output to the new, up to 3), the first and the last step, and
+# evenly spaced others.
+quick_points() {
+  local trace=$1 events i
+  events=$(wc -l < "$trace")
+  { awk '$2 == "rename" { print $1 }' "$trace" | head -3
+    for i in 0 5 1 4 2 3; do echo $((1 + i * (events - 1) / 5)); done
+  } | awk '!seen[$1]++' | head -6 | sort -n
+}
 writer_case() {  # NAME OUTPUT KIND(file|folder) ARGS... (the output option and its path last)
   local name=$1 out=$2 kind=$3; shift 3
   rm -rf "$KD" "$WORK/old" "$WORK/new"; mkdir -p "$KD"
@@ -382,14 +405,16 @@ writer_case() {  # NAME OUTPUT KIND(file|folder) ARGS... (the output option and 
   mv "$out" "$WORK/new"
   local events
   events=$(wc -l < "$WORK/trace" 2>/dev/null || echo 0)
-  rm -f "$WORK/trace"
   local points=() n
   for n in $(seq 1 "$events"); do points+=("$n"); done
-  if [ "$full" = 0 ] && [ "$events" -gt 40 ]; then  # every 4th step, and the last 12
+  if [ "$quick" = 1 ] && [ "$events" -gt 0 ]; then
+    mapfile -t points < <(quick_points "$WORK/trace")
+  elif [ "$full" = 0 ] && [ "$events" -gt 40 ]; then  # every 4th step, and the last 12
     points=(); for n in $(seq 1 "$events"); do
       if [ $((n % 4)) = 1 ] || [ "$n" -gt $((events - 12)) ]; then points+=("$n"); fi
     done
   fi
+  rm -f "$WORK/trace"
   local torn="" left="" killed=0
   for n in "${points[@]}"; do
     rm -rf "$KD"; mkdir -p "$KD"; cp -r "$WORK/old" "$out"
@@ -430,11 +455,13 @@ ck_kill_case() {
   rm -rf "$KD"; mkdir -p "$KD"
   ( ulimit -S -v $DEFAULT_AS_KB; "$Q" "$M" "${CKOPTS[@]}" --out "$WORK/reference.safetensors" ) > "$WORK/klog" 2>&1 || { record BAD crash "kill during checkpoints" "the reference run failed"; return; }
   ( ulimit -S -v $DEFAULT_AS_KB; CBQ_SHIM_DIR=$KD CBQ_SHIM_TRACE=$WORK/trace LD_PRELOAD=$SHIM "${run[@]}" ) > "$WORK/klog" 2>&1
-  local events; events=$(wc -l < "$WORK/trace" 2>/dev/null || echo 0); rm -f "$WORK/trace"
+  local events; events=$(wc -l < "$WORK/trace" 2>/dev/null || echo 0)
   local points=() n bad="" killed=0
   for n in $(seq 1 "$events"); do
     if [ "$full" = 1 ] || [ "$events" -le 40 ] || [ $((n % 5)) = 1 ] || [ "$n" -gt $((events - 6)) ]; then points+=("$n"); fi
   done
+  [ "$quick" = 1 ] && [ "$events" -gt 0 ] && mapfile -t points < <(quick_points "$WORK/trace")
+  rm -f "$WORK/trace"
   for n in "${points[@]}"; do
     rm -rf "$KD" "$WORK/resumed.safetensors"; mkdir -p "$KD"
     { ( ulimit -S -v $DEFAULT_AS_KB; CBQ_SHIM_DIR=$KD CBQ_SHIM_KILL_AT=$n LD_PRELOAD=$SHIM "${run[@]}" ) > "$WORK/klog" 2>&1; } 2> /dev/null
