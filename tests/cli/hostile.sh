@@ -32,7 +32,7 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
-[ $# -ge 3 ] || { sed -n '2,24p' "$0"; exit 2; }
+[ $# -ge 3 ] || { sed -n '2,23p' "$0"; exit 2; }
 BIN=$(cd "$1" && pwd)
 EDIT=$(realpath "$2")
 SHIM=$(realpath "$3")
