@@ -114,9 +114,10 @@ snapshot() {  # every path under $F and $S: type, size, mtime; the content hash 
 # a listing with inode and ctime (which every write, rename or chmod updates) decides that.
 snapshot_key() { (cd "$WORK" && find f s -printf '%p %i %s %T@ %C@\n' | LC_ALL=C sort) 2>/dev/null; }
 last_key="" last_snapshot=""
-record() {  # STATUS CATEGORY NAME REASON
-  results+=("$1"$'\t'"$2"$'\t'"$3"$'\t'"$4")
-  [ "$table" = 1 ] || [ "$1" != GOOD ] && printf '%-4s %-12s %-44s %s\n' "$1" "$2" "$3" "$4"
+record() {  # STATUS CATEGORY NAME REASON (one line: the TSV has one case a line)
+  local reason=${4//$'\n'/ }; reason=${reason//$'\t'/ }
+  results+=("$1"$'\t'"$2"$'\t'"$3"$'\t'"$reason")
+  [ "$table" = 1 ] || [ "$1" != GOOD ] && printf '%-4s %-12s %-44s %s\n' "$1" "$2" "$3" "$reason"
 }
 # Output that means the expensive work began (loading the weights, evaluating, quantizing).
 STARTED='^(LLaMA|OPT) model|FP perplexity|^calibration:|\(loaded in|^CBQ:|^perplexity \('
@@ -376,7 +377,9 @@ if mount -t tmpfs -o size=200k tmpfs "$mp" 2>/dev/null; then
   run_case resources "--offload-dir on a 200 KB disk" refuse 'disk|space|reserve' 120 "$(qm "$M" --samples 16 --seq-len 128 --offload-dir "$mp/off")"
   run_case resources "--out on a 200 KB disk" refuse 'disk|space|write' 120 "$(qm "$M" --method rtn --out "$mp/out.safetensors")"
   run_case resources "--export gptq on a 200 KB disk" refuse 'disk|space|write' 120 "$(qm "$M" --method rtn --export gptq "$mp/gptq")"
-  [ -z "$(ls -A "$mp" | grep -v '^off$')" ] || record BAD resources "200 KB disk left files" "$(ls -A "$mp")"
+  left=$(ls -A "$mp" | grep -v '^off$' | tr '\n' ' ')
+  if [ -n "$left" ]; then record BAD resources "200 KB disk: nothing left" "left behind: $left"
+  else record GOOD resources "200 KB disk: nothing left" "no output or temporary left on the full disk"; fi
   umount "$mp"; MOUNTED=""
 else
   skip resources "--offload-dir on a 200 KB disk" "cannot mount a tmpfs"
