@@ -196,7 +196,8 @@ qm() {
   for k in --tokenizer --calib --eval --samples --epochs --max-steps --seq-len --threads; do
     args+=("$k" "${o[$k]}")
   done
-  q "$model" "${args[@]}" --quiet "${extra[@]}"
+  # --no-kl-eval: the KL statistics cost an evaluation per method; cli_kl_statistics checks them
+  q "$model" "${args[@]}" --quiet --no-kl-eval "${extra[@]}"
 }
 
 # ---- model files ----
