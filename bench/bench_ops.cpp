@@ -5,7 +5,9 @@
 #include <benchmark/benchmark.h>
 
 #include <cbq/cbq.hpp>
+
 #include <random>
+#include "bench_main.hpp"
 
 using namespace cbq;
 
@@ -165,4 +167,4 @@ BENCHMARK(BM_LoraWeightKernels)
 
 }  // namespace
 
-BENCHMARK_MAIN();
+CBQ_BENCHMARK_MAIN()

@@ -30,8 +30,10 @@
 
 #include <atomic>
 #include <cbq/cbq.hpp>
+
 #include <cstdlib>
 #include <new>
+#include "bench_main.hpp"
 
 using namespace cbq;
 
@@ -229,4 +231,4 @@ BENCHMARK(BM_CbqWindowStepOpt)
 
 }  // namespace
 
-BENCHMARK_MAIN();
+CBQ_BENCHMARK_MAIN()

@@ -222,6 +222,7 @@ void run(Model& m, const Options& o, const std::string& text_path) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  cbq::blas::use_best_blas_kernels(argc, argv);  // OpenBLAS on a generic fallback: restart
   Options o = parse_args(argc, argv);
   const fs::path data(CBQ_DATA_DIR);
   const fs::path default_text = data / "text" / "tinystories_valid_200k.txt";

@@ -375,6 +375,7 @@ struct Row {
 }  // namespace
 
 int main(int argc, char** argv) {
+  cbq::blas::use_best_blas_kernels(argc, argv);  // OpenBLAS on a generic fallback: restart
   Args args = parse(argc, argv);
   try {
     if (args.threads > 0) cbq::set_num_threads(static_cast<int>(args.threads));
