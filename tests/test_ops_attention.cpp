@@ -173,6 +173,9 @@ TEST_CASE("attention: forward matches the naive T×T softmax on odd sizes, float
       {1, 2, 1, 4, true},     // a single token
       {150, 2, 1, 6, true},   // several 64-row tiles: online softmax rescaling across tiles
       {133, 3, 3, 4, false},  // several tiles without mask
+      {300, 6, 2, 5, true},   // groups of 3 query heads stacked; crosses a 256-key block
+      {520, 3, 1, 4, true},   // three key blocks, the last one partial
+      {290, 2, 2, 3, false},  // key blocks without mask
   };
   for (const AttnCase& c : cases) {
     CAPTURE(c.seq_len);
@@ -236,7 +239,7 @@ TEST_CASE("attention: gradient check in double for q, k and v") {
 }
 
 TEST_CASE("attention: gradients do not depend on the thread count") {
-  const int64_t n = 100, hq = 4, hkv = 2, hd = 8;
+  const int64_t n = 300, hq = 6, hkv = 2, hd = 8;
   auto q = randn<double>(Shape{n, hq * hd}, 61);
   auto k = randn<double>(Shape{n, hkv * hd}, 62);
   auto v = randn<double>(Shape{n, hkv * hd}, 63);

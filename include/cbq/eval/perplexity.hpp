@@ -7,12 +7,16 @@
 // scored from its prefix: ppl = exp(mean NLL over all scored tokens).
 //
 // llama.cpp protocol (`llama-perplexity -c n_ctx`): the text tokenized with one BOS prepended,
-// cut into chunks of n_ctx tokens; the first token of each chunk is replaced by BOS; only the
-// second half is scored: logits at positions n_ctx/2 … n_ctx−2 predict the next token.
+// cut into chunks of n_ctx tokens; the first token of each chunk is replaced by BOS (when the
+// model's tokenizer adds one); only the second half is scored: logits at positions
+// n_ctx/2 … n_ctx−2 predict the next token.
 //
-// Either protocol runs on the model's device: for a model moved to the GPU the logits stay there
-// and ops::token_nll computes the negative log-likelihoods with its CUDA kernel (the same double
-// log-sum-exp), so only one double per scored token comes back to the host.
+// On the CPU each window is one batched forward without a tape (Transformer::token_nll,
+// model/inference.hpp): buffers reused from window to window, the LM head computed only for the
+// scored rows and fused with the log-softmax per block of rows, never the whole (T, V) logits.
+// For a model moved to the GPU the logits stay there and ops::token_nll computes the negative
+// log-likelihoods with its CUDA kernel (the same double log-sum-exp), so only one double per
+// scored token comes back to the host.
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -36,6 +40,13 @@ namespace detail {
 // Scores logits rows [first, last] of `window` predicting window[j + 1]; returns the NLL sum.
 template <class Model>
 double score_window(Model& model, const std::vector<int32_t>& window, int64_t first, int64_t last) {
+  if constexpr (requires { model.token_nll(window, first, last); }) {
+    // Transformer: the tape-free forward with the LM head fused with the log-softmax per block
+    // of rows (model/inference.hpp); on the GPU it falls back to the logits below.
+    double sum = 0;
+    for (double v : model.token_nll(window, first, last)) sum += v;
+    return sum;
+  }
   auto logits = model.logits(window);  // (n, V)
   const int64_t V = logits.size(1);
   std::vector<int32_t> targets;
@@ -74,7 +85,9 @@ PerplexityResult perplexity_gptq(Model& model, const std::vector<int32_t>& token
   return detail::finish(nll, windows * (ctx - 1), windows, windows * ctx, start);
 }
 
-// `tokens`: the whole text tokenized with one BOS prepended (as llama.cpp does).
+// `tokens`: the whole text tokenized with one BOS prepended (as llama.cpp does). `bos` < 0 keeps
+// each chunk's first token, as llama.cpp does for a model whose GGUF says add_bos_token = false
+// (SmolLM2); the text is then tokenized without a BOS.
 template <class Model>
 PerplexityResult perplexity_llamacpp(Model& model, const std::vector<int32_t>& tokens,
                                      int64_t n_ctx, int32_t bos) {
@@ -87,7 +100,7 @@ PerplexityResult perplexity_llamacpp(Model& model, const std::vector<int32_t>& t
   double nll = 0;
   for (int64_t c = 0; c < chunks; ++c) {
     std::vector<int32_t> chunk(tokens.begin() + c * n_ctx, tokens.begin() + (c + 1) * n_ctx);
-    chunk[0] = bos;
+    if (bos >= 0) chunk[0] = bos;
     nll += detail::score_window(model, chunk, first, n_ctx - 2);
   }
   return detail::finish(nll, chunks * (n_ctx - 1 - first), chunks, chunks * n_ctx, start);
