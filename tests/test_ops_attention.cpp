@@ -218,6 +218,7 @@ TEST_CASE("attention: gradient check in double for q, k and v") {
       {7, 4, 2, 6, true},   {7, 3, 3, 6, true},
       {7, 4, 2, 6, false},  {70, 2, 1, 4, true},  // crosses a tile boundary; shared kv head
       {67, 2, 2, 3, false},                       // crosses a tile boundary without mask
+      {140, 6, 2, 2, true},  // stacked groups of 3, two 128-row tiles in two backward chunks
   };
   for (const AttnCase& c : cases) {
     CAPTURE(c.seq_len);

@@ -74,88 +74,53 @@ T* attention_buffer(int64_t n) {
   return buffer.data();
 }
 
-// The CPU forward (ops::attention, and the inference path of model/inference.hpp): o (T, Hq·hd)
-// and, when lse is not null, lse (T, Hq). One work item is a tile of kForwardQueryRows query
-// positions for all the query heads of one kv head, stacked into one (group·rows, hd) matrix, so
-// that each key block of kForwardKeyBlock keys is read once for the whole group and the score
-// and value GEMMs are (group·64) × 256 × hd rather than 64 × 64 × hd. The items are dealt to
-// the threads in contiguous runs of equal cost (a causal tile's cost grows with its position);
-// each item is computed by one thread, so the result does not depend on the thread count.
-inline constexpr int64_t kForwardQueryRows = 64;
-inline constexpr int64_t kForwardKeyBlock = 256;
-static_assert(kForwardKeyBlock % kForwardQueryRows == 0,
-              "a causal query tile must see at least one key of every key block it visits");
-
+// The CPU forward (ops::attention, and the evaluation path of model/inference.hpp): o (T, Hq·hd)
+// and, when lse is not null, the log-sum-exp (T, Hq). One work item per (query head, query
+// tile), each computed by one thread: the result does not depend on the thread count. (Stacking
+// the query heads of a kv head into one tile and using 256- or 512-key blocks, tried at
+// SmolLM2's shapes, was no faster in interleaved runs: with hd = 64 the GEMMs' inner dimension
+// stays 64 either way.)
 template <class T>
 void attention_forward_cpu(T* o, T* lse, const T* q, const T* k, const T* v,
                            const AttentionDims& a) {
-  const int64_t n = a.seq_len, hd = a.head_dim, group = a.group();
+  const int64_t n = a.seq_len, hd = a.head_dim, group = a.group(), n_heads = a.n_heads;
   const int64_t ldq = a.q_stride(), ldk = a.kv_stride();
-  constexpr int64_t BQ = kForwardQueryRows, BK = kForwardKeyBlock;
-  const int64_t n_tiles = (n + BQ - 1) / BQ, items = a.n_kv_heads * n_tiles;
-  const int64_t stacked = group * BQ;  // rows of one item
+  const bool causal = a.causal;
+  constexpr int64_t B = kAttentionBlock;
+  const int64_t n_tiles = (n + B - 1) / B;
   const T scale = static_cast<T>(a.scale);
-  // Keys an item visits, plus a fixed share for its packing and finishing.
-  auto cost = [&](int64_t w) {
-    const int64_t i1 = std::min(n, (w % n_tiles + 1) * BQ);
-    return (a.causal ? i1 : n) + BQ;
-  };
-  double total = 0;
-  for (int64_t w = 0; w < items; ++w) total += static_cast<double>(cost(w));
-  const int threads = cbq::detail::in_parallel_region ? 1 : num_threads();
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, items));
-  parallel_for(parts, 1, [&](int64_t p0, int64_t p1) {
-    T* buffer = attention_buffer<T>(stacked * (2 * hd + BK + 2));  // per thread, allocated once
-    T* Qs = buffer;                     // (stacked, hd): the group's query rows
-    T* Os = Qs + stacked * hd;          // (stacked, hd): unnormalised Σ e^(S − m) V
-    T* S = Os + stacked * hd;           // (stacked, BK): scores, then probabilities
-    T* running_max = S + stacked * BK;  // (stacked,)
-    T* running_sum = running_max + stacked;
-    thread_local std::vector<int64_t> visible_buffer;
-    if (static_cast<int64_t>(visible_buffer.size()) < stacked)
-      visible_buffer.resize(static_cast<std::size_t>(stacked));
-    int64_t* visible = visible_buffer.data();
-    // This thread's items: those whose cost midpoint falls in its share of the total.
-    double before = 0;
-    for (int64_t w = 0; w < items; ++w) {
-      const double c = static_cast<double>(cost(w));
-      const int64_t owner = std::min<int64_t>(
-          parts - 1, static_cast<int64_t>((before + 0.5 * c) * static_cast<double>(parts) / total));
-      before += c;
-      if (owner < p0 || owner >= p1) continue;
-      const int64_t g = w / n_tiles, i0 = (w % n_tiles) * BQ, i1 = std::min(n, i0 + BQ);
-      const int64_t nq = i1 - i0, rows = group * nq;
-      for (int64_t hh = 0; hh < group; ++hh)  // stacked row hh·nq + r is head g·group + hh, i0 + r
-        for (int64_t r = 0; r < nq; ++r)
-          std::copy_n(q + (i0 + r) * ldq + (g * group + hh) * hd, hd, Qs + (hh * nq + r) * hd);
-      std::fill(Os, Os + rows * hd, T(0));
-      std::fill(running_max, running_max + rows, -std::numeric_limits<T>::infinity());
-      std::fill(running_sum, running_sum + rows, T(0));
-      const int64_t kv_end = a.causal ? i1 : n;
-      for (int64_t j0 = 0; j0 < kv_end; j0 += BK) {
-        const int64_t nk = std::min(kv_end, j0 + BK) - j0;
-        // S (rows, nk) = scale · Qs Kᵀ
-        blas::gemm<T>(false, true, rows, nk, hd, scale, Qs, hd, k + j0 * ldk + g * hd, ldk, T(0), S,
-                      BK);
-        for (int64_t row = 0; row < rows; ++row)
-          visible[row] = a.visible_keys(i0 + row % nq, j0, nk);
+  // One work item per (query head, query tile).
+  parallel_for(n_heads * n_tiles, 1, [&](int64_t w0, int64_t w1) {
+    T* scores = detail::attention_buffer<T>(B * B + 2 * B);  // per thread, allocated once
+    T* running_max = scores + B * B;
+    T* running_sum = running_max + B;
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t h = w / n_tiles, g = h / group;
+      const int64_t i0 = (w % n_tiles) * B, i1 = std::min(n, i0 + B), nq = i1 - i0;
+      const T* Q = q + i0 * ldq + h * hd;  // (nq, hd), row stride ldq
+      T* O = o + i0 * ldq + h * hd;        // (nq, hd): unnormalised Σ exp(S − m) V, then O
+      for (int64_t r = 0; r < nq; ++r) std::fill(O + r * ldq, O + r * ldq + hd, T(0));
+      std::fill(running_max, running_max + B, -std::numeric_limits<T>::infinity());
+      std::fill(running_sum, running_sum + B, T(0));
+      const int64_t kv_end = causal ? i1 : n;
+      for (int64_t j0 = 0; j0 < kv_end; j0 += B) {
+        const int64_t nk = std::min(kv_end, j0 + B) - j0;
+        // S (nq, nk) = scale · Q Kᵀ
+        blas::gemm<T>(false, true, nq, nk, hd, scale, Q, ldq, k + j0 * ldk + g * hd, ldk, T(0),
+                      scores, B);
+        int64_t visible[B];
+        for (int64_t r = 0; r < nq; ++r) visible[r] = a.visible_keys(i0 + r, j0, nk);
         CBQ_SIMD_DISPATCH(simd::isa_for<T>(),
-                          attention_softmax_tile<T>(S, BK, rows, nk, visible, running_max,
-                                                    running_sum, Os, hd, hd));
-        // Os (rows, hd) += e^(S − m) (rows, nk) · V (nk, hd)
-        blas::gemm<T>(false, false, rows, hd, nk, T(1), S, BK, v + j0 * ldk + g * hd, ldk, T(1), Os,
-                      hd);
+                          attention_softmax_tile<T>(scores, B, nq, nk, visible, running_max,
+                                                    running_sum, O, ldq, hd));
+        // O (nq, hd) += exp(S − m) (nq, nk) · V (nk, hd)
+        blas::gemm<T>(false, false, nq, hd, nk, T(1), scores, B, v + j0 * ldk + g * hd, ldk, T(1),
+                      O, ldq);
       }
-      for (int64_t hh = 0; hh < group; ++hh) {
-        const int64_t h = g * group + hh;
-        for (int64_t r = 0; r < nq; ++r) {
-          const int64_t row = hh * nq + r;
-          const T inv = T(1) / running_sum[row];
-          T* out = o + (i0 + r) * ldq + h * hd;
-          const T* acc = Os + row * hd;
-          for (int64_t c = 0; c < hd; ++c) out[c] = acc[c] * inv;
-          if (lse) lse[(i0 + r) * a.n_heads + h] = running_max[row] + std::log(running_sum[row]);
-        }
+      for (int64_t r = 0; r < nq; ++r) {
+        const T inv = T(1) / running_sum[r];
+        for (int64_t c = 0; c < hd; ++c) O[r * ldq + c] *= inv;
+        if (lse) lse[(i0 + r) * a.n_heads + h] = running_max[r] + std::log(running_sum[r]);
       }
     }
   });
