@@ -16,6 +16,7 @@
 #include <cbq/io/native.hpp>
 #include <cbq/model/load.hpp>
 #include <cbq/pass/baselines.hpp>
+#include <cbq/pass/estimate.hpp>
 #include <cbq/pass/pass.hpp>
 #include <cstdio>
 #include <filesystem>
@@ -26,6 +27,8 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include "cuda_variant.hpp"
 
 namespace fs = std::filesystem;
 
@@ -297,6 +300,10 @@ Args parse(int argc, char** argv) {
   }
   if (positional.size() > 1) usage_error("more than one model path");
   if (!a.act_granularity_set) a.spec.act_per_token = a.spec.act_bits < 8;
+#if defined(CBQ_CUDA_VARIANT) && !defined(__CUDACC__)
+  if (a.options.device == cbq::Device::cuda)  // the GPU backend lives in cbq-quantize-cuda
+    cbq_tools::exec_cuda_variant(CBQ_CUDA_VARIANT, argv);
+#endif
   if (a.options.device == cbq::Device::cuda && !cbq::cuda_available()) {
     std::fprintf(stderr,
                  "cbq-quantize: --device cuda: this build has no CUDA backend (configure with "
@@ -431,6 +438,16 @@ int main(int argc, char** argv) {
         "(%.1f MiB) beside the model\n",
         act_sets, static_cast<long long>(args.samples), static_cast<long long>(seq_len),
         static_cast<long long>(cfg.dim), act_mib);
+    if (std::find(args.methods.begin(), args.methods.end(), "cbq") != args.methods.end()) {
+      try {  // a few measured window steps at this run's shapes (pass/estimate.hpp)
+        any.visit([&](auto& m) {
+          const auto e = cbq::estimate_pass(m, args.spec, args.options, args.samples, seq_len);
+          std::printf("estimate: CBQ pass %s\n", e.summary().c_str());
+        });
+      } catch (const std::exception& e) {
+        std::printf("estimate: unavailable (%s)\n", e.what());
+      }
+    }
 
     std::vector<Row> rows;
     if (device != cbq::Device::cpu) any.visit([&](auto& m) { m.to(device); });
