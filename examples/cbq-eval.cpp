@@ -50,8 +50,8 @@ void print_usage(std::FILE* out) {
       "\n"
       "Perplexity protocols: GPTQ (whole text tokenized with BOS, non-overlapping windows\n"
       "of N tokens, every token but the first of a window scored) and llama.cpp\n"
-      "(llama-perplexity -c N: chunks of N tokens, first token set to BOS, second half\n"
-      "scored).\n",
+      "(llama-perplexity -c N: chunks of N tokens, first token set to BOS when the\n"
+      "tokenizer adds one, second half scored).\n",
       CBQ_DATA_DIR, CBQ_DATA_DIR);
 }
 
@@ -172,18 +172,19 @@ void run(Model& m, const Options& o, const std::string& text_path) {
     } else {
       const std::string text = read_text(text_path);
       const auto t0 = std::chrono::steady_clock::now();
-      const std::vector<int32_t> tokens = tok->encode(text, true, false);
+      const std::vector<int32_t> tokens = tok->encode(text);  // BOS as the tokenizer adds it
       const double tok_s =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      std::printf("text: %s (%zu bytes, %zu tokens with BOS, tokenized in %.2f s)\n",
-                  text_path.c_str(), text.size(), tokens.size(), tok_s);
+      std::printf("text: %s (%zu bytes, %zu tokens%s, tokenized in %.2f s)\n", text_path.c_str(),
+                  text.size(), tokens.size(), tok->add_bos() ? " with BOS" : "", tok_s);
       if (static_cast<int64_t>(tokens.size()) < ctx) {
         std::printf("the text has fewer tokens than one window of %lld: perplexity skipped\n",
                     static_cast<long long>(ctx));
       } else {
         print_ppl("GPTQ protocol", "windows", ctx, cbq::eval::perplexity_gptq(m, tokens, ctx));
-        print_ppl("llama.cpp protocol", "chunks", ctx,
-                  cbq::eval::perplexity_llamacpp(m, tokens, ctx, bos));
+        print_ppl(
+            "llama.cpp protocol", "chunks", ctx,
+            cbq::eval::perplexity_llamacpp(m, tokens, ctx, cbq::eval::llamacpp_chunk_bos(*tok)));
       }
     }
   }

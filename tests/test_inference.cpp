@@ -174,14 +174,33 @@ TEST_CASE("inference: perplexity through token_nll matches the logits-based comp
   CHECK(cpp.scored_tokens == 3 * 63);
   CHECK(std::abs(gptq.mean_nll - nll_gptq / (3 * 127)) < 1e-6);
   CHECK(std::abs(cpp.mean_nll - nll_cpp / (3 * 63)) < 1e-6);
-  // bos < 0 keeps each chunk's first token (llama.cpp for add_bos_token = false).
-  const auto kept = eval::perplexity_llamacpp(m, tokens, 128, -1);
+  // kKeepFirstToken keeps each chunk's first token (llama.cpp for add_bos_token = false).
+  const auto kept = eval::perplexity_llamacpp(m, tokens, 128, eval::kKeepFirstToken);
   double nll_kept = 0;
   for (int64_t w = 0; w < 3; ++w) {
     std::vector<int32_t> window(tokens.begin() + w * 128, tokens.begin() + (w + 1) * 128);
     for (double v : tape_nll(m, window, 64, 126)) nll_kept += v;
   }
   CHECK(std::abs(kept.mean_nll - nll_kept / (3 * 63)) < 1e-6);
+}
+
+TEST_CASE("perplexity: llama.cpp's chunk start follows the tokenizer's add_bos") {
+  // tok512 (llama2.c) adds BOS: chunks start with it, as llama-perplexity sets them.
+  const Llama2cTokenizer llama2c(std::string(CBQ_DATA_DIR) + "/models/tok512.bin");
+  REQUIRE(llama2c.add_bos());
+  CHECK(eval::llamacpp_chunk_bos(llama2c) == 1);
+  CHECK(llama2c.encode("Once upon a time").front() == 1);
+  // A byte-level BPE with a BOS token it does not add (SmolLM2's GGUF: bos 1, add_bos false):
+  // the chunks keep their first token and the text gets no BOS.
+  HfTokenizerOptions options;
+  options.bos_id = 0;
+  const HfTokenizer smol = HfTokenizer::load(
+      std::string(CBQ_SOURCE_DIR) + "/tests/fixtures/tokenizers/hf/smollm_digits_bytelevel.json",
+      options);
+  REQUIRE(smol.bos_id() == 0);
+  CHECK_FALSE(smol.add_bos());
+  CHECK(eval::llamacpp_chunk_bos(smol) == eval::kKeepFirstToken);
+  CHECK(smol.encode("Once upon a time") == smol.encode("Once upon a time", false, false));
 }
 
 TEST_CASE("inference: buffers are reused, results do not depend on earlier calls") {
