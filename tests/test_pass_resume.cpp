@@ -106,7 +106,7 @@ TEST_CASE("resume: a run killed with SIGKILL mid-window resumes to a bit-identic
   // The checkpoint of the last finished window is there; nothing half-written is left.
   const std::string ck = checkpoint_path(dir.path.string());
   REQUIRE(std::filesystem::exists(ck));
-  CHECK_FALSE(std::filesystem::exists(ck + ".tmp"));
+  CHECK_FALSE(cbq::testing::has_temporaries(dir.path));
   {
     io::SafetensorsFile f(ck);
     CHECK(f.metadata().at("windows_done") == std::to_string(kKillWindow - 1));

@@ -7,6 +7,7 @@
 //   lora:    s·(clamp(floor(W/s) + h(V0 + A1·A2) + z) − z)  (LoRA-Rounding),
 //   full:    s·(clamp(floor(W/s) + h(V) + z) − z), V a full (out, in) matrix (AdaRound),
 // until harden() fixes the rounding: then Ŵ is the constant dequantized integer weight.
+#include <cmath>
 #include <map>
 #include <memory>
 #include <optional>
@@ -333,7 +334,14 @@ class QuantLinear final : public LinearTransform<T> {
       quant::QuantizedWeight qw;
       qw.spec = config_.weight;
       qw.codes = Tensor<uint8_t>::empty(codes->shape());
-      for (int64_t i = 0; i < codes->numel(); ++i) qw.codes[i] = static_cast<uint8_t>((*codes)[i]);
+      const T code_max = static_cast<T>((int64_t{1} << qw.spec.bits) - 1);
+      for (int64_t i = 0; i < codes->numel(); ++i) {
+        const T c = (*codes)[i];
+        CBQ_CHECK(c == std::nearbyint(c) && c >= T(0) && c <= code_max,
+                  "{}: checkpoint code {} at element {} is not an integer in [0, {}] ({} bits)",
+                  name_, static_cast<double>(c), i, static_cast<double>(code_max), qw.spec.bits);
+        qw.codes[i] = static_cast<uint8_t>(c);
+      }
       qw.scale = qs->template cast<float>();
       qw.zero = qz->template cast<float>();
       if (const Tensor<T>* g = get("g_idx"))
