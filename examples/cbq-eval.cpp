@@ -55,8 +55,8 @@ Options parse_args(int argc, char** argv) {
       kTool,
       "Print a model's summary, its perplexity on a text in the GPTQ protocol (whole text with "
       "BOS, non-overlapping windows of N tokens, every token but a window's first scored) and "
-      "in the llama.cpp protocol (llama-perplexity -c N: chunks of N tokens, first set to BOS, "
-      "second half scored), and optionally a greedy generation.");
+      "in the llama.cpp protocol (llama-perplexity -c N: chunks of N tokens, first set to BOS "
+      "when the tokenizer adds one, second half scored), and optionally a greedy generation.");
   cli.positional("MODEL", o.model,
                  "a llama2.c checkpoint (.bin), a Hugging Face folder or a GGUF LLaMA; default: " +
                      data + "/models/stories260K.bin with tok512.bin");
@@ -136,8 +136,8 @@ std::vector<int32_t> tokenize(const cbq::Tokenizer& tok, const std::string& text
             "--text {}: {} tokens, fewer than one window of {} (--ctx); pass a longer text or a "
             "smaller --ctx",
             text_path, tokens.size(), ctx);
-  std::printf("text: %s (%zu bytes, %zu tokens, tokenized in %.2f s)\n", text_path.c_str(),
-              text.size(), tokens.size(), tok_s);
+  std::printf("text: %s (%zu bytes, %zu tokens%s, tokenized in %.2f s)\n", text_path.c_str(),
+              text.size(), tokens.size(), tok.add_bos() ? " with BOS" : "", tok_s);
   return tokens;
 }
 
@@ -158,7 +158,8 @@ void run(Model& m, const Options& o, const std::string& text_path, int64_t ctx,
       const auto gptq = cbq::eval::perplexity_gptq(m, tokens, ctx);
       require_finite(gptq, "GPTQ protocol", m);
       print_ppl("GPTQ protocol", "windows", ctx, gptq);
-      const auto lcpp = cbq::eval::perplexity_llamacpp(m, tokens, ctx, bos);
+      const auto lcpp =
+          cbq::eval::perplexity_llamacpp(m, tokens, ctx, cbq::eval::llamacpp_chunk_bos(*tok));
       require_finite(lcpp, "llama.cpp protocol", m);
       print_ppl("llama.cpp protocol", "chunks", ctx, lcpp);
       if (kl_base) {
@@ -291,6 +292,7 @@ int run_eval(int argc, char** argv, std::string& phase) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  cbq::blas::use_best_blas_kernels(argc, argv);  // OpenBLAS on a generic fallback: restart
   cbq::cli::single_threaded_openblas(argv);
   std::string phase;
   return cbq::cli::run_tool(kTool, &phase, [&] { return run_eval(argc, argv, phase); });

@@ -18,6 +18,7 @@
 #ifdef __CUDACC__  // built as CUDA (CBQ_ENABLE_CUDA): the backend registers itself
 #include <cbq/cuda.cuh>
 #endif
+#include <algorithm>
 #include <cbq/cbq.hpp>
 #include <cbq/core/resources.hpp>
 #include <cbq/eval/kl_divergence.hpp>
@@ -27,6 +28,7 @@
 #include <cbq/io/native.hpp>
 #include <cbq/model/load.hpp>
 #include <cbq/pass/baselines.hpp>
+#include <cbq/pass/estimate.hpp>
 #include <cbq/pass/pass.hpp>
 #include <cbq/report/report.hpp>
 #include <cmath>
@@ -42,6 +44,7 @@
 #include <vector>
 
 #include "cli.hpp"
+#include "cuda_variant.hpp"
 
 namespace fs = std::filesystem;
 using cbq::cli::usage_error;
@@ -304,6 +307,10 @@ Args parse(int argc, char** argv) {
     a.options.checkpoint_dir = a.resume;
     a.options.resume = true;
   }
+#if defined(CBQ_CUDA_VARIANT) && !defined(__CUDACC__)
+  if (a.options.device == cbq::Device::cuda)  // the GPU backend lives in cbq-quantize-cuda
+    cbq_tools::exec_cuda_variant(CBQ_CUDA_VARIANT, argv);
+#endif
   if (a.options.device == cbq::Device::cuda && !cbq::cuda_available())
     usage_error(
         "--device cuda: this build has no CUDA backend (configure with -DCBQ_ENABLE_CUDA=ON on "
@@ -788,6 +795,16 @@ int run(int argc, char** argv, std::string& phase) {
       "(%.1f MiB) beside the model\n",
       act_sets, static_cast<long long>(args.samples), static_cast<long long>(seq_len),
       static_cast<long long>(cfg.dim), act_mib);
+  if (std::find(args.methods.begin(), args.methods.end(), "cbq") != args.methods.end()) {
+    try {  // a few measured window steps at this run's shapes (pass/estimate.hpp)
+      any.visit([&](auto& m) {
+        const auto e = cbq::estimate_pass(m, args.spec, args.options, args.samples, seq_len);
+        std::printf("estimate: CBQ pass %s\n", e.summary().c_str());
+      });
+    } catch (const std::exception& e) {
+      std::printf("estimate: unavailable (%s)\n", e.what());
+    }
+  }
 
   std::vector<Row> rows;
   std::optional<cbq::report::RunReport> report;
@@ -898,6 +915,7 @@ int run(int argc, char** argv, std::string& phase) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  cbq::blas::use_best_blas_kernels(argc, argv);  // OpenBLAS on a generic fallback: restart
   cbq::cli::single_threaded_openblas(argv);
   std::string phase;
   return cbq::cli::run_tool(kTool, &phase, [&] { return run(argc, argv, phase); });
