@@ -292,8 +292,7 @@ int run_eval(int argc, char** argv, std::string& phase) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  cbq::blas::use_best_blas_kernels(argc, argv);  // OpenBLAS on a generic fallback: restart
-  cbq::cli::single_threaded_openblas(argv);
+  cbq::cli::start_tool(argc, argv);
   std::string phase;
   return cbq::cli::run_tool(kTool, &phase, [&] { return run_eval(argc, argv, phase); });
 }

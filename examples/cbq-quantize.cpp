@@ -915,8 +915,7 @@ int run(int argc, char** argv, std::string& phase) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  cbq::blas::use_best_blas_kernels(argc, argv);  // OpenBLAS on a generic fallback: restart
-  cbq::cli::single_threaded_openblas(argv);
+  cbq::cli::start_tool(argc, argv);
   std::string phase;
   return cbq::cli::run_tool(kTool, &phase, [&] { return run(argc, argv, phase); });
 }

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <cbq/core/openblas_core.hpp>
 
 #include <charconv>
 #include <cmath>
@@ -237,11 +238,15 @@ class Options {
 // itself once with OPENBLAS_NUM_THREADS=1 (and keeps going as it is if that fails). Not under
 // valgrind, whose client would leave the tool (set OPENBLAS_NUM_THREADS=1 there, or to skip
 // the re-execution anywhere).
-inline void single_threaded_openblas(char** argv) {
+inline bool needs_single_threaded_restart() {
   const char* v = std::getenv("OPENBLAS_NUM_THREADS");
-  if ((v && std::string(v) == "1") || std::getenv("CBQ_OPENBLAS_REEXEC")) return;
+  if ((v && std::string(v) == "1") || std::getenv("CBQ_OPENBLAS_REEXEC")) return false;
   const char* preload = std::getenv("LD_PRELOAD");
-  if (preload && std::string(preload).find("vgpreload") != std::string::npos) return;
+  return !(preload && std::string(preload).find("vgpreload") != std::string::npos);
+}
+
+inline void single_threaded_openblas(char** argv) {
+  if (!needs_single_threaded_restart()) return;
   char self[4096];
   const ssize_t n = ::readlink("/proc/self/exe", self, sizeof(self) - 1);
   if (n <= 0) return;
@@ -249,6 +254,22 @@ inline void single_threaded_openblas(char** argv) {
   ::setenv("OPENBLAS_NUM_THREADS", "1", 1);
   ::setenv("CBQ_OPENBLAS_REEXEC", "1", 1);
   ::execv(self, argv);
+}
+
+// The start of every tool's main(): OpenBLAS's kernels for this CPU (blas::use_best_blas_kernels)
+// and its idle workers stopped (single_threaded_openblas), in at most one re-execution: when the
+// kernel check restarts the program, the restart already carries OPENBLAS_NUM_THREADS=1.
+inline void start_tool(int argc, char** argv) {
+  if (needs_single_threaded_restart()) {
+    ::setenv("OPENBLAS_NUM_THREADS", "1", 1);  // read only by a restarted process
+    ::setenv("CBQ_OPENBLAS_REEXEC", "1", 1);
+    cbq::blas::use_best_blas_kernels(argc, argv);  // returns when no restart was needed
+    ::unsetenv("OPENBLAS_NUM_THREADS");
+    ::unsetenv("CBQ_OPENBLAS_REEXEC");
+    single_threaded_openblas(argv);
+  } else {
+    cbq::blas::use_best_blas_kernels(argc, argv);
+  }
 }
 
 // Runs `body` and turns the ways a command-line tool ends into exit statuses: a usage error
