@@ -13,8 +13,6 @@
 // Prints the perplexity, the evaluation's wall time and tokens/s (tokens fed through the model
 // per second of evaluation, the model load excluded, as llama-perplexity's "prompt eval" line),
 // the threads, the BLAS core and the peak RSS.
-#include <sys/resource.h>
-
 #include <cbq/cbq.hpp>
 #include <cbq/eval/perplexity.hpp>
 #include <cbq/io/gguf_export.hpp>
@@ -25,6 +23,7 @@
 #include <sstream>
 #include <string>
 #include <vector>
+#include "bench_tools.hpp"
 
 namespace {
 
@@ -44,25 +43,6 @@ int64_t number(const std::string& flag, const std::string& v) {
   if (v.empty() || ec != std::errc() || end != v.data() + v.size())
     usage(flag + " expects an integer, got \"" + v + "\"");
   return n;
-}
-
-std::vector<int32_t> read_ids(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) cbq::fail("{}: cannot open the ids file", path);
-  std::string s((std::istreambuf_iterator<char>(in)), {});
-  for (char& c : s)
-    if (c == '[' || c == ']' || c == ',') c = ' ';
-  std::istringstream is(s);
-  std::vector<int32_t> ids;
-  std::string word;
-  while (is >> word) ids.push_back(static_cast<int32_t>(number("--ids " + path, word)));
-  return ids;
-}
-
-double peak_rss_mib() {
-  rusage u{};
-  getrusage(RUSAGE_SELF, &u);
-  return static_cast<double>(u.ru_maxrss) / 1024.0;
 }
 
 }  // namespace
@@ -112,7 +92,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (ids_path.empty()) usage("--ids is required");
-    std::vector<int32_t> ids = read_ids(ids_path);
+    std::vector<int32_t> ids = cbq::bench::read_token_ids(ids_path);
     if (chunks > 0 && static_cast<int64_t>(ids.size()) > chunks * ctx)
       ids.resize(static_cast<std::size_t>(chunks * ctx));
     const cbq::eval::PerplexityResult r = model.visit([&](auto& m) {
@@ -127,7 +107,7 @@ int main(int argc, char** argv) {
         static_cast<long long>(ctx), static_cast<long long>(r.scored_tokens), r.seconds,
         r.tokens_per_second);
     std::printf("threads %d, %s, peak RSS %.0f MiB\n", cbq::num_threads(),
-                cbq::blas::blas_core_summary().c_str(), peak_rss_mib());
+                cbq::blas::blas_core_summary().c_str(), cbq::bench::peak_rss_mib());
     std::printf("tokens_per_second=%.2f perplexity=%.6f\n", r.tokens_per_second, r.perplexity);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "eval_throughput: %s\n", e.what());

@@ -7,8 +7,6 @@
 //
 // Prints the estimate, then runs the pass and prints its wall time (the pass itself, as
 // cbq-quantize's "time" column) and the process's peak RSS.
-#include <sys/resource.h>
-
 #include <cbq/cbq.hpp>
 #include <cbq/model/load.hpp>
 #include <cbq/pass/estimate.hpp>
@@ -18,6 +16,7 @@
 #include <sstream>
 #include <string>
 #include <vector>
+#include "bench_tools.hpp"
 
 namespace {
 
@@ -35,25 +34,6 @@ int64_t number(const std::string& flag, const std::string& v) {
   if (v.empty() || ec != std::errc() || end != v.data() + v.size() || n < 1)
     usage(flag + " expects a positive integer, got \"" + v + "\"");
   return n;
-}
-
-std::vector<int32_t> read_ids(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) cbq::fail("{}: cannot open the ids file", path);
-  std::string s((std::istreambuf_iterator<char>(in)), {});
-  for (char& c : s)
-    if (c == '[' || c == ']' || c == ',') c = ' ';
-  std::istringstream is(s);
-  std::vector<int32_t> ids;
-  int64_t v = 0;
-  while (is >> v) ids.push_back(static_cast<int32_t>(v));
-  return ids;
-}
-
-double peak_rss_mib() {
-  rusage u{};
-  getrusage(RUSAGE_SELF, &u);
-  return static_cast<double>(u.ru_maxrss) / 1024.0;
 }
 
 }  // namespace
@@ -100,7 +80,7 @@ int main(int argc, char** argv) {
     cbq::PassOptions options;
     options.epochs = epochs;
     options.verbose = false;
-    const std::vector<int32_t> ids = read_ids(ids_path);
+    const std::vector<int32_t> ids = cbq::bench::read_token_ids(ids_path);
     const cbq::Calibration calib = cbq::sample_calibration(ids, samples, seq_len, 0);
     std::printf("%s: %lld × %lld tokens, %lld epoch(s), W4A16 g32, %d threads, %s\n",
                 model_path.c_str(), static_cast<long long>(samples),
@@ -115,8 +95,10 @@ int main(int argc, char** argv) {
       if (estimate_only) return;
       cbq::CbqPass pass(spec, options);
       const cbq::QuantizationResult r = pass.run(m, calib);
-      std::printf("measured: CBQ pass %.1f s, peak RSS %.0f MiB\n", r.seconds, peak_rss_mib());
-      std::printf("measured_seconds=%.2f peak_rss_mib=%.0f\n", r.seconds, peak_rss_mib());
+      std::printf("measured: CBQ pass %.1f s, peak RSS %.0f MiB\n", r.seconds,
+                  cbq::bench::peak_rss_mib());
+      std::printf("measured_seconds=%.2f peak_rss_mib=%.0f\n", r.seconds,
+                  cbq::bench::peak_rss_mib());
     });
   } catch (const std::exception& e) {
     std::fprintf(stderr, "pass_time: %s\n", e.what());

@@ -1,0 +1,44 @@
+#pragma once
+// Helpers shared by the stand-alone benchmark programs (eval_throughput, pass_time): the token
+// ids that llama-tokenize wrote, and the process's peak resident memory.
+#include <sys/resource.h>
+
+#include <cbq/core/error.hpp>
+#include <charconv>
+#include <cstdint>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace cbq::bench {
+
+// Token ids as llama-tokenize --ids prints them ("[1, 2, 3]") or whitespace-separated; anything
+// that is not a decimal int32 is a cbq::Error naming the file and the word.
+inline std::vector<int32_t> read_token_ids(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) cbq::fail("{}: cannot open the ids file", path);
+  std::string s((std::istreambuf_iterator<char>(in)), {});
+  for (char& c : s)
+    if (c == '[' || c == ']' || c == ',') c = ' ';
+  std::istringstream is(s);
+  std::vector<int32_t> ids;
+  std::string word;
+  while (is >> word) {
+    int32_t id = 0;
+    auto [end, ec] = std::from_chars(word.data(), word.data() + word.size(), id);
+    if (ec != std::errc() || end != word.data() + word.size())
+      cbq::fail("{}: \"{}\" (word {}) is not a token id", path, word, ids.size() + 1);
+    ids.push_back(id);
+  }
+  return ids;
+}
+
+// Peak resident set size of this process in MiB.
+inline double peak_rss_mib() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_maxrss) / 1024.0;
+}
+
+}  // namespace cbq::bench
