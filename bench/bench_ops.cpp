@@ -5,7 +5,9 @@
 #include <benchmark/benchmark.h>
 
 #include <cbq/cbq.hpp>
+
 #include <random>
+#include "bench_main.hpp"
 
 using namespace cbq;
 
@@ -72,6 +74,36 @@ void BM_AttentionForwardBackward(benchmark::State& state) {
   set_flops(state, 7.0 * kT * kT * kD);
 }
 BENCHMARK(BM_AttentionForwardBackward)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// Causal attention at real models' shapes: args T, query heads, kv heads, head dim, backward
+// (0: forward only, as evaluation; 1: forward + backward, as a CBQ step). The FLOPs as above.
+void BM_AttentionShapes(benchmark::State& state) {
+  const int64_t T = state.range(0), hq = state.range(1), hkv = state.range(2), hd = state.range(3);
+  const bool backward = state.range(4) != 0;
+  Tensor<float> q = random({T, hq * hd}, 6), k = random({T, hkv * hd}, 7),
+                v = random({T, hkv * hd}, 8);
+  Tensor<float> seed = random({T, hq * hd}, 9);
+  Tape<float> tape;
+  for (auto _ : state) {
+    tape.clear();
+    auto qv = tape.input(q, backward), kv = tape.input(k, backward), vv = tape.input(v, backward);
+    auto o = ops::attention(qv, kv, vv, hq, hkv, hd, true);
+    if (backward) {
+      o.grad().copy_from(seed);
+      tape.backward_from_seeded();
+    }
+    benchmark::DoNotOptimize(o.value().data());
+  }
+  set_flops(state, (backward ? 7.0 : 2.0) * static_cast<double>(T * T * hq * hd));
+}
+BENCHMARK(BM_AttentionShapes)
+    ->ArgNames({"T", "hq", "hkv", "hd", "bwd"})
+    ->ArgsProduct({{512, 2048}, {9}, {3}, {64}, {0, 1}})  // SmolLM2-135M
+    ->Args({512, 8, 4, 8, 0})                             // stories260K
+    ->Args({512, 8, 4, 8, 1})
+    ->Unit(benchmark::kMillisecond)
+    ->MeasureProcessCPUTime()
+    ->UseRealTime();
 
 // RMSNorm is memory-bound: forward reads x and writes y; backward reads x, dy and writes dx.
 void BM_RmsNormForwardBackward(benchmark::State& state) {
@@ -165,4 +197,4 @@ BENCHMARK(BM_LoraWeightKernels)
 
 }  // namespace
 
-BENCHMARK_MAIN();
+CBQ_BENCHMARK_MAIN()

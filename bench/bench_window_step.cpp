@@ -6,6 +6,8 @@
 //
 //   llama: 2 LLaMA blocks at stories15M shapes (d 288, hidden 768, 6 heads, T 256)
 //   opt:   2 OPT blocks at OPT-125M shapes (d 768, hidden 3072, 12 heads, T 512)
+//   smollm2: 2 LLaMA blocks at SmolLM2-135M shapes (d 576, hidden 1536, 9 / 3 heads of 64),
+//          T 512 and 2048 (argument seq)
 //
 // Arguments: threads (cbq's pool; OpenBLAS runs single-threaded under it, core/blas.hpp),
 // hard (1: hard_ste rounding in the forward, the pass's default; 0: soft), reg (1: with the
@@ -30,8 +32,10 @@
 
 #include <atomic>
 #include <cbq/cbq.hpp>
+
 #include <cstdlib>
 #include <new>
+#include "bench_main.hpp"
 
 using namespace cbq;
 
@@ -78,6 +82,24 @@ ModelConfig opt_config() {
   c.max_seq_len = 512;
   c.attention_bias = true;
   c.mlp_bias = true;
+  return c;
+}
+
+// SmolLM2-135M's block (d 576, MLP 1536, 9 query / 3 kv heads of 64, rotate-half RoPE θ 1e5)
+// at sequence length T.
+ModelConfig smollm2_config(int64_t T) {
+  ModelConfig c;
+  c.family = Family::llama;
+  c.dim = 576;
+  c.hidden_dim = 1536;
+  c.n_layers = 2;
+  c.n_heads = 9;
+  c.n_kv_heads = 3;
+  c.head_dim = 64;
+  c.vocab_size = 32;
+  c.max_seq_len = T;
+  c.rope_theta = 100000;
+  c.rope_layout = RopeLayout::rotate_half;
   return c;
 }
 
@@ -217,6 +239,17 @@ BENCHMARK(BM_CbqWindowStep)
     ->MeasureProcessCPUTime()
     ->UseRealTime();
 
+// Arguments as above, then seq: the sequence length (the pass's segment length).
+void BM_CbqWindowStepSmolLM2(benchmark::State& state) {
+  run_window_step<LlamaBlock<float>>(state, smollm2_config(state.range(3)));
+}
+BENCHMARK(BM_CbqWindowStepSmolLM2)
+    ->ArgNames({"threads", "hard", "reg", "seq"})
+    ->ArgsProduct({{1, 2}, {1}, {0, 1}, {512, 2048}})
+    ->Unit(benchmark::kMillisecond)
+    ->MeasureProcessCPUTime()
+    ->UseRealTime();
+
 void BM_CbqWindowStepOpt(benchmark::State& state) {
   run_window_step<OptBlock<float>>(state, opt_config());
 }
@@ -229,4 +262,4 @@ BENCHMARK(BM_CbqWindowStepOpt)
 
 }  // namespace
 
-BENCHMARK_MAIN();
+CBQ_BENCHMARK_MAIN()

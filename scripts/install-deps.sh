@@ -3,7 +3,7 @@
 # expected at /usr/local/cuda (optional: without it the CUDA backend is simply not built).
 set -euo pipefail
 packages=(build-essential cmake pkg-config doctest-dev libfmt-dev libopenblas-dev nlohmann-json3-dev
-          libbenchmark-dev clang-format)
+          libcli11-dev libbenchmark-dev clang-format)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -20,8 +20,8 @@ settings=(
   "--wbits 4 --group 32 --abits 8"
   "--wbits 4 --group 32 --abits 4"
 )
-echo "| setting | method | configuration | perplexity | vs FP | time | peak RSS |" > "$out"
-echo "|---|---|---|---|---|---|---|" >> "$out"
+echo "| setting | method | configuration | perplexity | vs FP | KL from FP | time | peak RSS |" > "$out"
+echo "|---|---|---|---|---|---|---|---|" >> "$out"
 for s in "${settings[@]}"; do
   echo "== $s" >&2
   # shellcheck disable=SC2086

@@ -260,7 +260,7 @@ TEST_CASE("GGUF: the writer refuses what llama.cpp cannot read and leaves no hal
   bad.add_tensor("y", GgmlType::f32, {1}, [](std::span<std::byte>) { fail("disk full (test)"); });
   CHECK_THROWS_WITH_AS(bad.write(path), doctest::Contains("disk full"), Error);
   CHECK(read_all(path) == "previous contents");
-  CHECK(!fs::exists(path + ".tmp"));
+  CHECK_FALSE(cbq::testing::has_temporaries(dir.path));
 }
 
 TEST_CASE("GGUF: truncated files fail with the file, offset and field at every cut") {

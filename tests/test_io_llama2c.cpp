@@ -125,7 +125,7 @@ TEST_CASE("llama2c: synthetic checkpoints round trip (tied, untied, GQA)") {
     WeightMap w = random_weights(c, tied ? 10 : 20);
     const std::string path = dir.file(tied ? "tied.bin" : "untied.bin");
     io::save_llama2c(path, c, w);
-    CHECK_FALSE(fs::exists(path + ".tmp"));
+    CHECK_FALSE(cbq::testing::has_temporaries(dir.path));
     auto raw = read_bytes(path);
     int32_t vocab;
     std::memcpy(&vocab, raw.data() + 20, 4);

@@ -1,5 +1,8 @@
 #include <cbq/ops/attention.hpp>
 #include <cbq/ops/rope.hpp>
+#include <random>
+#include <utility>
+#include <vector>
 
 #include "support/gradcheck.hpp"
 
@@ -173,6 +176,9 @@ TEST_CASE("attention: forward matches the naive T×T softmax on odd sizes, float
       {1, 2, 1, 4, true},     // a single token
       {150, 2, 1, 6, true},   // several 64-row tiles: online softmax rescaling across tiles
       {133, 3, 3, 4, false},  // several tiles without mask
+      {300, 6, 2, 5, true},   // groups of 3 query heads stacked; crosses a 256-key block
+      {520, 3, 1, 4, true},   // three key blocks, the last one partial
+      {290, 2, 2, 3, false},  // key blocks without mask
   };
   for (const AttnCase& c : cases) {
     CAPTURE(c.seq_len);
@@ -215,6 +221,8 @@ TEST_CASE("attention: gradient check in double for q, k and v") {
       {7, 4, 2, 6, true},   {7, 3, 3, 6, true},
       {7, 4, 2, 6, false},  {70, 2, 1, 4, true},  // crosses a tile boundary; shared kv head
       {67, 2, 2, 3, false},                       // crosses a tile boundary without mask
+      {140, 6, 2, 2, true},  // stacked groups of 3, two 128-row tiles in two backward chunks
+      {150, 3, 3, 2, true},  // one kv head per query head, backward parts of tiles {0, 1}, {2}
   };
   for (const AttnCase& c : cases) {
     CAPTURE(c.seq_len);
@@ -236,27 +244,75 @@ TEST_CASE("attention: gradient check in double for q, k and v") {
 }
 
 TEST_CASE("attention: gradients do not depend on the thread count") {
-  const int64_t n = 100, hq = 4, hkv = 2, hd = 8;
-  auto q = randn<double>(Shape{n, hq * hd}, 61);
-  auto k = randn<double>(Shape{n, hkv * hd}, 62);
-  auto v = randn<double>(Shape{n, hkv * hd}, 63);
-  auto dout = randn<double>(Shape{n, hq * hd}, 64);
-  auto run = [&]() {
-    Tape<double> tape;
-    auto vq = tape.input(q), vk = tape.input(k), vv = tape.input(v);
-    auto o = ops::attention(vq, vk, vv, hq, hkv, hd);
-    o.grad().copy_from(dout);
-    tape.backward_from_seeded();
-    return std::vector<Tensor<double>>{o.value().clone(), vq.grad().clone(), vk.grad().clone(),
-                                       vv.grad().clone()};
-  };
-  const int before = num_threads();
-  set_num_threads(1);
-  auto single = run();
-  set_num_threads(3);
-  auto multi = run();
-  set_num_threads(before);
-  for (std::size_t i = 0; i < single.size(); ++i) CHECK(max_abs_diff(single[i], multi[i]) == 0.0);
+  for (const auto& [hq, hkv] : {std::pair<int64_t, int64_t>{6, 2}, {3, 3}, {9, 3}}) {
+    CAPTURE(hq);
+    const int64_t n = 300, hd = 8;
+    auto q = randn<double>(Shape{n, hq * hd}, 61);
+    auto k = randn<double>(Shape{n, hkv * hd}, 62);
+    auto v = randn<double>(Shape{n, hkv * hd}, 63);
+    auto dout = randn<double>(Shape{n, hq * hd}, 64);
+    auto run = [&]() {
+      Tape<double> tape;
+      auto vq = tape.input(q), vk = tape.input(k), vv = tape.input(v);
+      auto o = ops::attention(vq, vk, vv, hq, hkv, hd);
+      o.grad().copy_from(dout);
+      tape.backward_from_seeded();
+      return std::vector<Tensor<double>>{o.value().clone(), vq.grad().clone(), vk.grad().clone(),
+                                         vv.grad().clone()};
+    };
+    const int before = num_threads();
+    set_num_threads(1);
+    auto single = run();
+    set_num_threads(2);
+    auto two = run();
+    set_num_threads(3);
+    auto multi = run();
+    set_num_threads(before);
+    for (std::size_t i = 0; i < single.size(); ++i) {
+      CHECK(max_abs_diff(single[i], two[i]) == 0.0);
+      CHECK(max_abs_diff(single[i], multi[i]) == 0.0);
+    }
+  }
+}
+
+TEST_CASE("attention: work is cut into contiguous runs of about equal cost") {
+  using ops::detail::attention_tile_cost;
+  using ops::detail::balanced_cuts;
+  // Causal: tile t reads t + 1 key tiles; 32 tiles (T 2048) cost 528, cut nearest 264.
+  auto causal = [](int64_t t) { return attention_tile_cost(t, 32, true); };
+  CHECK(balanced_cuts(32, 2, causal) == std::vector<int64_t>{0, 22, 32});
+  // Without the mask every tile costs the same.
+  auto flat = [](int64_t t) { return attention_tile_cost(t, 10, false); };
+  CHECK(balanced_cuts(10, 3, flat) == std::vector<int64_t>{0, 3, 7, 10});
+  CHECK(balanced_cuts(10, 1, flat) == std::vector<int64_t>{0, 10});
+  // More runs than items: empty runs, still monotone and covering every item once.
+  CHECK(balanced_cuts(2, 4, flat) == std::vector<int64_t>{0, 1, 1, 2, 2});
+  // Any costs: every run within one item's cost of its share; runs tile 0..n.
+  std::mt19937 rng(5);
+  for (int trial = 0; trial < 50; ++trial) {
+    const int64_t n = 1 + static_cast<int64_t>(rng() % 60),
+                  parts = 1 + static_cast<int64_t>(rng() % 7);
+    std::vector<int64_t> cost(static_cast<std::size_t>(n));
+    for (auto& c : cost) c = 1 + static_cast<int64_t>(rng() % 20);
+    const auto cuts =
+        balanced_cuts(n, parts, [&](int64_t i) { return cost[static_cast<std::size_t>(i)]; });
+    REQUIRE(cuts.size() == static_cast<std::size_t>(parts + 1));
+    CHECK(cuts.front() == 0);
+    CHECK(cuts.back() == n);
+    double total = 0, max_item = 0;
+    for (int64_t c : cost) {
+      total += static_cast<double>(c);
+      max_item = std::max(max_item, static_cast<double>(c));
+    }
+    for (int64_t p = 0; p < parts; ++p) {
+      REQUIRE(cuts[static_cast<std::size_t>(p)] <= cuts[static_cast<std::size_t>(p + 1)]);
+      double run = 0;
+      for (int64_t i = cuts[static_cast<std::size_t>(p)]; i < cuts[static_cast<std::size_t>(p + 1)];
+           ++i)
+        run += static_cast<double>(cost[static_cast<std::size_t>(i)]);
+      CHECK(run <= total / static_cast<double>(parts) + max_item);
+    }
+  }
 }
 
 TEST_CASE("attention: memory grows linearly in T, not as T²") {

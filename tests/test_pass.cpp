@@ -112,6 +112,7 @@ TEST_CASE("cbq pass: window targets follow the full-precision path for every win
     o.epochs = 1;
     o.lr_weight_step = 0;
     o.loss_kld = false;
+    o.loss_scale = LossScale::absolute;  // (the other scales: test_pass_balance.cpp)
     PassSpec spec;
     spec.weight = W3::spec();
     spec.window_blocks = B;

@@ -80,8 +80,24 @@ void check_identical(const Run& a, const Run& b) {
   }
   CHECK(same_bits(a.logits, b.logits));
   REQUIRE(a.result.windows.size() == b.result.windows.size());
-  for (size_t i = 0; i < a.result.windows.size(); ++i)
-    CHECK(a.result.windows[i].loss_after.total == b.result.windows[i].loss_after.total);
+  for (size_t i = 0; i < a.result.windows.size(); ++i) {
+    const WindowStats& x = a.result.windows[i];
+    const WindowStats& y = b.result.windows[i];
+    CHECK(x.loss_after.total == y.loss_after.total);
+    // The start-vs-trained decision and what it was based on, the balance and the curve.
+    CHECK(x.kept_start == y.kept_start);
+    CHECK(x.heldout == y.heldout);
+    CHECK(x.heldout_start.total == y.heldout_start.total);
+    CHECK(x.heldout_trained.total == y.heldout_trained.total);
+    CHECK(x.loss_hard.total == y.loss_hard.total);
+    CHECK(x.energy_fp == y.energy_fp);
+    REQUIRE(x.curve.size() == y.curve.size());
+    for (size_t k = 0; k < x.curve.size(); ++k) CHECK(x.curve[k].total == y.curve[k].total);
+  }
+  for (size_t i = 0; i < a.result.layers.size(); ++i) {
+    CHECK(a.result.layers[i].codes_changed == b.result.layers[i].codes_changed);
+    CHECK(a.result.layers[i].output_error == b.result.layers[i].output_error);
+  }
 }
 
 }  // namespace
@@ -106,7 +122,7 @@ TEST_CASE("resume: a run killed with SIGKILL mid-window resumes to a bit-identic
   // The checkpoint of the last finished window is there; nothing half-written is left.
   const std::string ck = checkpoint_path(dir.path.string());
   REQUIRE(std::filesystem::exists(ck));
-  CHECK_FALSE(std::filesystem::exists(ck + ".tmp"));
+  CHECK_FALSE(cbq::testing::has_temporaries(dir.path));
   {
     io::SafetensorsFile f(ck);
     CHECK(f.metadata().at("windows_done") == std::to_string(kKillWindow - 1));
@@ -152,6 +168,33 @@ TEST_CASE("resume: GPTQ start, learned norms and the output loss resume bit-iden
   // The same checkpoint is refused by a run without the options (a different configuration).
   CHECK_THROWS_WITH_AS(run_pass(resume_options(dir.path.string())),
                        doctest::Contains("pass configuration"), Error);
+}
+
+TEST_CASE("resume: across windows that went back to their start, bit-identical") {
+  // Window 1 diverges (absurd rates) and returns to its start; the crash comes in window 3, after
+  // two decisions were checkpointed. The fixed grid (GPTQ start) is in the checkpoint too.
+  for (bool gptq : {false, true}) {
+    CAPTURE(gptq);
+    auto with_options = [&](PassOptions o) {
+      o.lr_weight_step = o.lr_rounding = 1e4;
+      if (gptq) o.weight_init = WeightInit::gptq;
+      return o;
+    };
+    cbq::testing::TempDir dir("resume-keep");
+    const Run uninterrupted = run_pass(with_options(resume_options("")));
+    CHECK(uninterrupted.result.windows_kept_start() >= 2);
+    PassOptions o = with_options(resume_options(dir.path.string()));
+    o.on_step = [](int64_t window, int64_t step) {
+      if (window == 3 && step == 1) throw std::runtime_error("simulated crash");
+    };
+    CHECK_THROWS_WITH(run_pass(o), "simulated crash");
+    {
+      io::SafetensorsFile f(checkpoint_path(dir.path.string()));
+      CHECK(f.metadata().at("windows").find("\"kept_start\":true") != std::string::npos);
+    }
+    const Run resumed = run_pass(with_options(resume_options(dir.path.string())));
+    check_identical(uninterrupted, resumed);
+  }
 }
 
 TEST_CASE("resume: a changed model, data or configuration is refused with a message") {

@@ -9,6 +9,7 @@
 #include "cbq/core/shape.hpp"
 #include "cbq/core/tape.hpp"
 #include "cbq/core/tensor.hpp"
+#include "cbq/eval/kl_divergence.hpp"
 #include "cbq/eval/perplexity.hpp"
 #include "cbq/io/gguf_export.hpp"
 #include "cbq/io/gptq_format.hpp"

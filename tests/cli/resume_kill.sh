@@ -6,7 +6,7 @@ tool=$1
 work=$(mktemp -d)
 trap 'kill -9 "${pid:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
 # Small budget: 4 windows of 32 samples × 3 epochs on stories260K, 1 thread (determinism).
-common=(--method cbq --samples 32 --seq-len 128 --epochs 3 --threads 1 --ctx 256)
+common=(--method cbq --samples 32 --seq-len 128 --epochs 3 --threads 1 --ctx 256 --no-kl-eval)
 
 "$tool" "${common[@]}" --out "$work/reference.safetensors" > "$work/reference.log"
 

@@ -42,6 +42,20 @@ inline std::string read_all(const std::filesystem::path& path) {
   return ss.str();
 }
 
+// True when `folder` holds a temporary of cbq's atomic writes (io/atomic_file.hpp:
+// ".NAME.cbq-tmp-…",
+// ".NAME.cbq-tmpdir-…", ".NAME.cbq-old-…") or an old-style "NAME.tmp".
+inline bool has_temporaries(const std::filesystem::path& folder) {
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(folder, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.find(".cbq-tmp") != std::string::npos || name.find(".cbq-old-") != std::string::npos ||
+        (name.size() > 4 && name.compare(name.size() - 4, 4, ".tmp") == 0))
+      return true;
+  }
+  return false;
+}
+
 // The message of the cbq::Error that f throws, or "<no error>".
 inline std::string error_of(const std::function<void()>& f) {
   try {

@@ -17,9 +17,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <string>
 #include <type_traits>
 
 #include "cbq/core/error.hpp"
+#include "cbq/core/openblas_core.hpp"
 #include "cbq/core/parallel.hpp"
 
 // Weak, so that a CBLAS other than OpenBLAS still links.
@@ -37,9 +40,13 @@ inline constexpr double kParallelGemmWork = 64.0 * 64.0 * 64.0;
 // Split points are multiples of this many rows or columns (whole SIMD registers and cache lines).
 inline constexpr int64_t kSplitAlign = 16;
 
-// True when OpenBLAS has been set to one thread, so that cbq may split GEMMs itself.
+// True when OpenBLAS has been set to one thread, so that cbq may split GEMMs itself. The first
+// call also warns (one line on stderr) when OpenBLAS runs generic kernels on a CPU with better
+// ones (openblas_core.hpp; programs correct it with use_best_blas_kernels at start-up).
 inline bool owns_blas_threads() {
   static const bool owned = [] {
+    if (const std::string warning = generic_core_warning(); !warning.empty())
+      std::fprintf(stderr, "%s\n", warning.c_str());
     if (!openblas_set_num_threads) return false;
     openblas_set_num_threads(1);
     return true;

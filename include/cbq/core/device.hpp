@@ -54,7 +54,9 @@ class Storage {
       // 64-byte alignment for vector loads; aligned_alloc needs a multiple of the alignment.
       std::size_t rounded = (bytes + 63) / 64 * 64;
       data_ = std::aligned_alloc(64, rounded);
-      if (!data_) throw std::bad_alloc();
+      if (!data_)
+        fail("out of memory: cannot allocate {} bytes ({:.1f} MiB) of host memory", bytes,
+             static_cast<double>(bytes) / (1 << 20));
     } else {
       require_cuda("Storage");
       data_ = cuda_hooks().alloc(bytes);

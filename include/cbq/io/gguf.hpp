@@ -18,7 +18,7 @@
 // GgufFile reads a file over mmap and checks every count, length and offset against the file
 // size before using it: a truncated or hostile file throws cbq::Error naming the file, the
 // offset and the field, and nothing is allocated beyond what the remaining bytes can hold.
-// GgufWriter writes any metadata (all value types, arrays of them) and tensors, to `path.tmp`
+// GgufWriter writes any metadata (all value types, arrays of them) and tensors, to a temporary
 // renamed onto `path` when complete.
 #include <algorithm>
 #include <bit>
@@ -701,7 +701,8 @@ class GgufWriter {
   }
   std::size_t tensor_count() const { return tensors_.size(); }
 
-  // Writes the file (to path + ".tmp", renamed onto path when complete). Returns its size.
+  // Writes the file (to a temporary beside it, renamed onto path when complete; atomic_file.hpp).
+  // Returns its size.
   uint64_t write(const std::string& path) const {
     const uint64_t align = alignment();
     std::string header;

@@ -692,6 +692,9 @@ inline std::shared_ptr<const Tokenizer> gguf_llama2c_tokenizer(const GgufFile& f
     why_not = e.what();
     return nullptr;
   }
+  for (std::size_t i = 0; i < scores.size(); ++i)
+    CBQ_CHECK(std::isfinite(scores[i]), "{}: tokenizer.ggml.scores[{}] = {} is not finite",
+              f.path(), i, scores[i]);
   if (static_cast<int64_t>(tokens.size()) != vocab || scores.size() != tokens.size() ||
       types.size() != tokens.size()) {
     why_not = fmt::format("{} tokens, {} scores, {} types for a vocabulary of {}", tokens.size(),
@@ -805,12 +808,10 @@ inline std::shared_ptr<const Tokenizer> gguf_tokenizer(const GgufFile& f, int64_
 
 }  // namespace detail
 
-// Reads a GGUF LLaMA (architecture "llama": as written by export_gguf, llama.cpp's converters or
-// llama-quantize with F32/F16/BF16/Q4_0/Q4_1/Q8_0 tensors) into a config and float weights under
-// Hugging Face names, RoPE layout interleaved. FFN padding written by export_gguf is removed
-// again (cbq.feed_forward_length_unpadded) when the padded entries are zero.
-inline GgufModel load_gguf(const std::string& path, bool read_tokenizer = true) {
-  GgufFile f(path);
+// The config of a GGUF LLaMA from its metadata and the token embedding's shape (no tensor data
+// is read).
+inline ModelConfig gguf_llama_config(const GgufFile& f) {
+  const std::string& path = f.path();
   const std::string arch = f.get<std::string>("general.architecture");
   CBQ_CHECK(arch == "llama",
             "{}: GGUF architecture '{}' is not supported (cbq reads architecture 'llama')", path,
@@ -821,8 +822,7 @@ inline GgufModel load_gguf(const std::string& path, bool read_tokenizer = true) 
               "{}: RoPE scaling is not supported by cbq's LLaMA block", path);
   CBQ_CHECK(f.get_or<int64_t>(key("expert_count"), 0) == 0,
             "{}: mixture-of-experts models are not supported", path);
-  GgufModel out;
-  ModelConfig& c = out.config;
+  ModelConfig c;
   c.family = Family::llama;
   c.architecture = f.get_or<std::string>("cbq.architecture", "gguf");
   c.dim = f.get<int64_t>(key("embedding_length"));
@@ -873,12 +873,35 @@ inline GgufModel load_gguf(const std::string& path, bool read_tokenizer = true) 
   c.bos_id = static_cast<int32_t>(f.get_or<int64_t>("tokenizer.ggml.bos_token_id", 1));
   c.eos_id = static_cast<int32_t>(f.get_or<int64_t>("tokenizer.ggml.eos_token_id", 2));
 
+  return c;
+}
+
+// Reads a GGUF LLaMA (architecture "llama": as written by export_gguf, llama.cpp's converters or
+// llama-quantize with F32/F16/BF16/Q4_0/Q4_1/Q8_0 tensors) into a config and float weights under
+// Hugging Face names, RoPE layout interleaved. FFN padding written by export_gguf is removed
+// again (cbq.feed_forward_length_unpadded) when the padded entries are zero. A tensor that
+// dequantizes to a NaN or Inf is refused, naming it and the block.
+inline GgufModel load_gguf(const std::string& path, bool read_tokenizer = true) {
+  GgufFile f(path);
+  GgufModel out;
+  out.config = gguf_llama_config(f);
+  ModelConfig& c = out.config;
   std::map<std::string, bool> used;
   auto take = [&](const std::string& gguf, const std::string& hf, const Shape& shape) {
     const GgufTensorInfo& t = f.tensor(gguf);
     CBQ_CHECK(t.shape() == shape, "{}: tensor '{}' has shape {} (ne = [{}]), expected {}", path,
               gguf, t.shape(), fmt::join(t.ne, ", "), shape);
     out.weights[hf] = f.to_float(gguf);
+    // A NaN/Inf block scale (or minimum) makes its whole block non-finite: name the block.
+    const Tensor<float>& w = out.weights[hf];
+    for (int64_t i = 0; i < w.numel(); ++i)
+      if (!std::isfinite(w.data()[i])) {
+        const int64_t block = ggml_traits(t.type).block;
+        fail("{}: tensor '{}' ({}) holds a non-finite value ({}) at element {}{}", path, gguf,
+             ggml_type_name(t.type), w.data()[i], i,
+             block > 1 ? fmt::format(" (block {}: its scale or minimum is not finite)", i / block)
+                       : std::string());
+      }
     out.tensor_types[gguf] = ggml_type_name(t.type);
     used[gguf] = true;
   };

@@ -292,12 +292,6 @@ inline nlohmann::ordered_json hf_config_json(const ModelConfig& c) {
   return j;
 }
 
-inline bool same_file(const std::filesystem::path& a, const std::filesystem::path& b) {
-  std::error_code ec;
-  return std::filesystem::exists(a) && std::filesystem::exists(b) &&
-         std::filesystem::equivalent(a, b, ec);
-}
-
 }  // namespace detail
 
 // ---- F16 scales ----
@@ -379,6 +373,15 @@ GptqExportSummary save_gptq(const std::string& dir, Transformer<Block>& model,
   const ModelConfig& c = model.config;
   CBQ_CHECK(!result.layers.empty(), "save_gptq({}): the result holds no quantized layer", dir);
   const quant::GridSpec spec = result.layers.front().weight.spec;
+  // What load_gptq and the GPTQ kernels read; anything else would be a folder nobody loads.
+  CBQ_CHECK(spec.bits == 2 || spec.bits == 3 || spec.bits == 4 || spec.bits == 8,
+            "save_gptq({}): {}-bit weights cannot be stored as GPTQ (2, 3, 4 or 8 bits); save "
+            "the native format instead",
+            dir, spec.bits);
+  CBQ_CHECK(options.source_dir.empty() || !fs::exists(options.source_dir) ||
+                !detail::path_within(options.source_dir, dir),
+            "save_gptq({}): the folder is (or holds) the source folder {}; refusing to replace it",
+            dir, options.source_dir);
   std::map<std::string, const LayerResult*> by_name;
   for (const LayerResult& l : result.layers) {
     const quant::GridSpec& s = l.weight.spec;
@@ -551,8 +554,10 @@ GptqExportSummary save_gptq(const std::string& dir, Transformer<Block>& model,
     tensors[name] = float_tensor(it->second);
   }
 
-  fs::create_directories(dir);
-  const fs::path root(dir);
+  // The folder is built under a temporary name and replaces `dir` as a whole at the end: a kill
+  // or a full disk leaves the old folder (or none), never a mixture of files.
+  AtomicDir out_dir(dir);
+  const fs::path root(out_dir.path());
   write_safetensors((root / "model.safetensors").string(), tensors, {{"format", "pt"}});
   summary.files.push_back("model.safetensors");
 
@@ -596,9 +601,10 @@ GptqExportSummary save_gptq(const std::string& dir, Transformer<Block>& model,
 
   // Tokenizer: the source folder's Hugging Face files, else the given file.
   auto copy_in = [&](const fs::path& from, const std::string& to) {
-    const fs::path dst = root / to;
-    if (!detail::same_file(from, dst))
-      fs::copy_file(from, dst, fs::copy_options::overwrite_existing);
+    const std::string bytes = read_text_file(from.string());
+    write_file_atomic((root / to).string(), [&](std::ofstream& out) {
+      out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    });
     summary.files.push_back(to);
   };
   bool tokenizer = false;
@@ -626,6 +632,7 @@ GptqExportSummary save_gptq(const std::string& dir, Transformer<Block>& model,
           "tokenizer.json from elsewhere");
   }
   if (!tokenizer) summary.notes.push_back("no tokenizer written (none given)");
+  out_dir.commit();
   return summary;
 }
 

@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -123,53 +125,85 @@ inline std::vector<Llama2cArray> llama2c_arrays(const ModelConfig& c, bool legac
 
 }  // namespace detail
 
-// Loads a llama2.c checkpoint. The file size must match the header exactly.
-// q/k weights are kept as stored (interleaved RoPE pairs): config.rope_layout = interleaved.
-inline Llama2cModel load_llama2c(const std::string& path) {
-  MappedFile file(path);
-  ByteReader r(file.bytes(), path);
-  Llama2cHeader h;
+// What a llama2.c header says: the config, the stored arrays and the file size they need.
+struct Llama2cLayout {
+  Llama2cHeader header;
   bool legacy = true, shared = true;
   std::size_t header_bytes = 0;
-  if (file.size() >= 4 && r.read<uint32_t>("magic") == kLlama2cMagic) {
+  ModelConfig config;
+  std::vector<detail::Llama2cArray> arrays;
+  uint64_t expected_bytes = 0;  // header + every array
+};
+
+// The layout from the file's first bytes (`head`, at least the 256-byte header when the file
+// has them) and its size; throws naming the file on an invalid header or a size mismatch.
+inline Llama2cLayout llama2c_layout(std::span<const std::byte> head, uint64_t file_size,
+                                    const std::string& path) {
+  Llama2cLayout l;
+  ByteReader r(head, path);
+  if (file_size >= 4 && head.size() >= 4 && r.read<uint32_t>("magic") == kLlama2cMagic) {
     int32_t version = r.read<int32_t>("version");
     CBQ_CHECK(version == 1,
               "{}: llama2.c export version {} is not supported (only the legacy format and "
               "version 1, float32)",
               path, version);
-    h = r.read<Llama2cHeader>("header");
-    shared = r.read<uint8_t>("shared_classifier flag") != 0;
-    legacy = false;
-    header_bytes = 256;
-    CBQ_CHECK(file.size() >= header_bytes,
+    l.header = r.read<Llama2cHeader>("header");
+    l.shared = r.read<uint8_t>("shared_classifier flag") != 0;
+    l.legacy = false;
+    l.header_bytes = 256;
+    CBQ_CHECK(file_size >= l.header_bytes,
               "{}: truncated llama2.c version 1 header: {} bytes, expected at least {}", path,
-              file.size(), header_bytes);
-    CBQ_CHECK(h.vocab_size > 0, "{}: llama2.c header field vocab_size = {} must be positive", path,
-              h.vocab_size);
+              file_size, l.header_bytes);
+    CBQ_CHECK(l.header.vocab_size > 0, "{}: llama2.c header field vocab_size = {} must be positive",
+              path, l.header.vocab_size);
   } else {
-    CBQ_CHECK(file.size() >= sizeof(Llama2cHeader),
-              "{}: truncated llama2.c header: {} bytes, expected at least {}", path, file.size(),
+    CBQ_CHECK(file_size >= sizeof(Llama2cHeader),
+              "{}: truncated llama2.c header: {} bytes, expected at least {}", path, file_size,
               sizeof(Llama2cHeader));
-    ByteReader r0(file.bytes(), path);
-    h = r0.read<Llama2cHeader>("header");
-    shared = h.vocab_size > 0;
-    header_bytes = sizeof(Llama2cHeader);
+    ByteReader r0(head, path);
+    l.header = r0.read<Llama2cHeader>("header");
+    l.shared = l.header.vocab_size > 0;
+    l.header_bytes = sizeof(Llama2cHeader);
   }
+  const Llama2cHeader& h = l.header;
   detail::check_llama2c_header(h, path);
-  ModelConfig config = detail::llama2c_config(h, shared);
-  auto arrays = detail::llama2c_arrays(config, legacy, shared);
-
-  uint64_t expected = header_bytes;
-  for (const auto& a : arrays)
-    expected = checked_add(
-        expected, checked_mul(detail::array_floats(a, config.n_layers, path), 4, path), path);
-  CBQ_CHECK(expected == file.size(),
+  l.config = detail::llama2c_config(h, l.shared);
+  l.arrays = detail::llama2c_arrays(l.config, l.legacy, l.shared);
+  l.expected_bytes = l.header_bytes;
+  for (const auto& a : l.arrays)
+    l.expected_bytes =
+        checked_add(l.expected_bytes,
+                    checked_mul(detail::array_floats(a, l.config.n_layers, path), 4, path), path);
+  CBQ_CHECK(l.expected_bytes == file_size,
             "{}: llama2.c file size mismatch: the header (dim={}, hidden_dim={}, n_layers={}, "
             "n_heads={}, n_kv_heads={}, vocab_size={}, seq_len={}) needs {} bytes, the file has {} "
             "bytes",
             path, h.dim, h.hidden_dim, h.n_layers, h.n_heads, h.n_kv_heads, h.vocab_size, h.seq_len,
-            expected, file.size());
+            l.expected_bytes, file_size);
+  return l;
+}
 
+// The layout of a llama2.c file from its header alone (nothing mapped or loaded).
+inline Llama2cLayout probe_llama2c(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  CBQ_CHECK(in.good(), "{}: cannot open: {}", path, std::strerror(errno));
+  std::vector<std::byte> head(256);
+  in.read(reinterpret_cast<char*>(head.data()), static_cast<std::streamsize>(head.size()));
+  head.resize(static_cast<std::size_t>(std::max<std::streamsize>(in.gcount(), 0)));
+  std::error_code ec;
+  const uint64_t size = std::filesystem::file_size(path, ec);
+  CBQ_CHECK(!ec, "{}: cannot read its size: {}", path, ec.message());
+  return llama2c_layout(head, size, path);
+}
+
+// Loads a llama2.c checkpoint. The file size must match the header exactly.
+// q/k weights are kept as stored (interleaved RoPE pairs): config.rope_layout = interleaved.
+inline Llama2cModel load_llama2c(const std::string& path) {
+  MappedFile file(path);
+  const Llama2cLayout layout = llama2c_layout(file.bytes(), file.size(), path);
+  const ModelConfig& config = layout.config;
+  const auto& arrays = layout.arrays;
+  const std::size_t header_bytes = layout.header_bytes;
   Llama2cModel model{config, {}};
   ByteReader body(file.bytes().subspan(header_bytes), path);
   for (const auto& a : arrays) {

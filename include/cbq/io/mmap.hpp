@@ -1,6 +1,7 @@
 #pragma once
 // Read-only memory-mapped files (POSIX mmap) plus the small file helpers every loader shares:
-// a bounds-checked little-endian byte cursor, whole-file text reads and atomic writes.
+// a bounds-checked little-endian byte cursor and whole-file text reads (atomic writes:
+// atomic_file.hpp).
 // Errors are cbq::Error and name the path and, for system calls, the errno text.
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -21,6 +22,7 @@
 #include <utility>
 
 #include "cbq/core/error.hpp"
+#include "cbq/io/atomic_file.hpp"
 
 namespace cbq::io {
 
@@ -33,7 +35,8 @@ class MappedFile {
  public:
   MappedFile() = default;
   explicit MappedFile(std::string path) : path_(std::move(path)) {
-    int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).
+    int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) fail("{}: cannot open: {}", path_, std::strerror(errno));
     struct stat st {};
     if (::fstat(fd, &st) != 0) {
@@ -43,7 +46,7 @@ class MappedFile {
     }
     if (!S_ISREG(st.st_mode)) {
       ::close(fd);
-      fail("{}: not a regular file", path_);
+      fail("{}: is {}, not a regular file", path_, file_type_name(st.st_mode));
     }
     size_ = static_cast<std::size_t>(st.st_size);
     if (size_ > 0) {
@@ -145,46 +148,6 @@ inline uint64_t checked_add(uint64_t a, uint64_t b, std::string_view what) {
 inline std::string read_text_file(const std::string& path) {
   MappedFile f(path);
   return std::string(reinterpret_cast<const char*>(f.data()), f.size());
-}
-
-// fsync of a file or directory (durability of atomic writes); errors name the path.
-inline void sync_path(const std::string& path, bool directory) {
-  const int fd = ::open(path.c_str(), directory ? (O_RDONLY | O_DIRECTORY) : O_RDONLY);
-  if (fd < 0) fail("{}: cannot open to sync: {}", path, std::strerror(errno));
-  const int rc = ::fsync(fd);
-  const int err = errno;
-  ::close(fd);
-  if (rc != 0) fail("{}: fsync failed: {}", path, std::strerror(err));
-}
-
-// Writes `path` atomically and durably: `write(out)` fills path + ".tmp", which is flushed,
-// closed, fsynced and renamed onto `path`, then the directory is fsynced. On any failure
-// (including an exception from `write`) the temporary is removed and `path` is left untouched.
-inline void write_file_atomic(const std::string& path,
-                              const std::function<void(std::ofstream&)>& write) {
-  const std::string tmp = path + ".tmp";
-  try {
-    {
-      std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-      if (!out) fail("{}: cannot open for writing: {}", tmp, std::strerror(errno));
-      write(out);
-      out.flush();
-      if (!out) fail("{}: write failed: {}", tmp, std::strerror(errno));
-      out.close();
-      if (out.fail()) fail("{}: close failed: {}", tmp, std::strerror(errno));
-    }
-    sync_path(tmp, false);
-    std::error_code ec;
-    std::filesystem::rename(tmp, path, ec);
-    if (ec) fail("{}: cannot rename {} onto it: {}", path, tmp, ec.message());
-    // Make the rename itself durable: a crash after this returns keeps the new file.
-    const auto parent = std::filesystem::path(path).parent_path();
-    sync_path(parent.empty() ? std::string(".") : parent.string(), true);
-  } catch (...) {
-    std::error_code ec;
-    std::filesystem::remove(tmp, ec);
-    throw;
-  }
 }
 
 // Writes the raw bytes of a trivially copyable value.

@@ -1,10 +1,11 @@
 #pragma once
 // safetensors (Hugging Face) reading, memory-mapped, with full validation of the header, and
-// writing (atomic: path + ".tmp", then rename). Sharded checkpoints through
-// model.safetensors.index.json. Format: u64 little-endian header length N, N bytes of JSON
+// writing (atomic: a temporary beside the file, then rename; atomic_file.hpp). Sharded checkpoints
+// through model.safetensors.index.json. Format: u64 little-endian header length N, N bytes of JSON
 // {"name": {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, "__metadata__": {..}},
 // then the data section; offsets are relative to the data section. See docs/FORMATS.md.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -392,6 +393,24 @@ inline void write_safetensors(const std::string& path,
     header[name] = {
         {"dtype", dtype_name(t.dtype)}, {"shape", shape}, {"data_offsets", {offset, offset + n}}};
     offset += n;
+  }
+  // Nothing non-finite is written: a NaN saved is a NaN result the next run trusts.
+  for (const auto& [name, t] : tensors) {
+    const auto* tf = std::get_if<Tensor<float>>(&t.source);
+    if (!tf) continue;
+    const Tensor<float> c = tf->is_cpu() ? tf->contiguous() : tf->to(Device::cpu);
+    const float* p = c.data();
+    for (int64_t i = 0; i < c.numel(); ++i) {
+      CBQ_CHECK(std::isfinite(p[i]),
+                "{}: refusing to write tensor {}: it holds a non-finite value ({}) at element {} "
+                "of shape {}",
+                path, name, p[i], i, c.shape());
+      if (t.dtype == Dtype::F16)
+        CBQ_CHECK(std::isfinite(f16_to_float(float_to_f16(p[i]))),
+                  "{}: refusing to write tensor {} as F16: element {} = {} is beyond the F16 "
+                  "range (65504)",
+                  path, name, i, p[i]);
+    }
   }
   std::string json;
   try {

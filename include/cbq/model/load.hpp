@@ -7,6 +7,7 @@
 //   fmt::print("{}\n", cbq::describe(model));
 //   model.visit([&](auto& m) { auto logits = m.logits(m.tokenizer->encode("Once", true, false));
 //   });
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -116,6 +117,21 @@ inline std::string human_count(int64_t n) {
   if (n >= 1000) return fmt::format("{:.1f}K", v / 1e3);
   return fmt::format("{}", n);
 }
+
+// The first non-finite element of `t` (−1 when all are finite).
+inline int64_t first_non_finite(const Tensor<float>& t) {
+  const Tensor<float> c = t.is_cpu() ? t.contiguous() : t.to(Device::cpu);
+  const float* p = c.data();
+  for (int64_t i = 0; i < c.numel(); ++i)
+    if (!std::isfinite(p[i])) return i;
+  return -1;
+}
+
+inline std::string element_position(const Shape& shape, int64_t i) {
+  if (shape.ndim() != 2) return fmt::format("element {}", i);
+  return fmt::format("element {} (row {}, column {})", i, i / shape[1], i % shape[1]);
+}
+
 }  // namespace detail
 
 // A one-paragraph summary: family, architecture, dimensions, layers, heads, vocabulary, context,
@@ -150,6 +166,34 @@ inline std::string describe(AnyModel& m) {
   return m.visit([&](auto& t) { return describe(t, m.source()); });
 }
 
+// The first parameter of `m` holding a NaN or Inf, as "NAME: element … (value)", or "" when
+// every parameter is finite (used to name the cause of a non-finite result).
+template <class Model>
+std::string find_non_finite_parameter(Model& m) {
+  std::string found;
+  auto look = [&](const auto& p) {
+    if (!found.empty() || !p.value.defined()) return;
+    const Tensor<float> v = p.value.to(Device::cpu).template cast<float>();
+    const int64_t i = detail::first_non_finite(v);
+    if (i >= 0)
+      found = fmt::format("{}: {} holds {}", p.name, detail::element_position(v.shape(), i),
+                          v.contiguous().data()[i]);
+  };
+  look(m.embed_tokens);
+  look(m.embed_positions);
+  for (auto& b : m.blocks) {
+    for (auto* l : b.linears()) {
+      look(l->weight);
+      look(l->bias);
+    }
+    for (auto* p : b.other_parameters()) look(*p);
+  }
+  look(m.final_norm_weight);
+  look(m.final_norm_bias);
+  look(m.lm_head);
+  return found;
+}
+
 namespace detail {
 
 // The first bytes of a file (fewer when it is shorter).
@@ -180,7 +224,22 @@ AnyModel build_model(const ModelConfig& c, const WeightMap& w, std::string sourc
   return AnyModel(Model(c, w), std::move(source));
 }
 
+// Every parameter of a checkpoint is finite (embeddings, norms, LM head, biases, not only the
+// blocks' linear layers): a NaN would otherwise reach every result as a NaN perplexity.
+inline void check_finite_weights(const WeightMap& w, const std::string& source) {
+  for (const auto& [name, t] : w) {
+    const int64_t i = first_non_finite(t);
+    if (i >= 0)
+      fail(
+          "{}: tensor {} holds a non-finite value ({}) at {} of shape {}; refusing to load a "
+          "model with NaN or Inf parameters",
+          source, name, t.is_cpu() ? t.contiguous().data()[i] : 0.f, element_position(t.shape(), i),
+          t.shape());
+  }
+}
+
 inline AnyModel from_weights(const ModelConfig& c, const WeightMap& w, const std::string& source) {
+  check_finite_weights(w, source);
   if (c.family == Family::llama) return build_model<LlamaModel>(c, w, source);
   return build_model<OptModel>(c, w, source);
 }
@@ -282,6 +341,84 @@ inline AnyModel load_model(const std::string& path, const std::string& tokenizer
   if (!tokenizer_path.empty() || fs::exists(tok))
     m.set_tokenizer(detail::load_tokenizer_file(tok, hf.config.vocab_size));
   return m;
+}
+
+// What a model path holds, from its headers alone: nothing is mapped or loaded, so the tools can
+// check memory, disk and options against it in the first second.
+struct ModelProbe {
+  std::string format;  // "llama2.c", "Hugging Face", "GGUF"
+  ModelConfig config;
+  int64_t parameters = 0;   // scalars of every parameter (a tied LM head once)
+  uint64_t file_bytes = 0;  // the files the loader maps
+  // Bytes of float32 parameters in memory.
+  uint64_t parameter_bytes() const { return static_cast<uint64_t>(parameters) * sizeof(float); }
+};
+
+inline int64_t expected_parameter_count(const ModelConfig& c) {
+  int64_t n = 0;
+  for (const auto& [name, shape] : io::expected_weight_shapes(c)) n += shape.numel();
+  return n;
+}
+
+// Reads the config of a model path as load_model would find it (llama2.c header, config.json,
+// GGUF metadata); throws cbq::Error naming the path as load_model does.
+inline ModelProbe probe_model(const std::string& path) {
+  namespace fs = std::filesystem;
+  CBQ_CHECK(!path.empty(), "load_model: empty model path");
+  const fs::path p(path);
+  std::error_code ec;
+  const fs::file_status st = fs::status(p, ec);
+  CBQ_CHECK(fs::exists(st), "load_model: {} does not exist", path);
+  ModelProbe probe;
+  fs::path hf_dir;
+  if (fs::is_directory(st)) {
+    hf_dir = p;
+  } else if (p.filename() == "config.json" || p.extension() == ".safetensors" ||
+             p.filename() == "model.safetensors.index.json") {
+    hf_dir = p.parent_path().empty() ? fs::path(".") : p.parent_path();
+  } else {
+    CBQ_CHECK(fs::is_regular_file(st), "load_model: {} is not a regular file or a folder", path);
+    probe.file_bytes = fs::file_size(p, ec);
+    if (detail::file_magic(p, 4) == "GGUF") {
+      probe.format = "GGUF";
+      probe.config = io::gguf_llama_config(io::GgufFile(path));
+    } else {
+      probe.format = "llama2.c";
+      probe.config = io::probe_llama2c(path).config;
+    }
+    probe.parameters = expected_parameter_count(probe.config);
+    return probe;
+  }
+  CBQ_CHECK(fs::exists(hf_dir / "config.json"),
+            "load_model: {} is a folder without config.json: expected a Hugging Face model folder "
+            "(config.json + model.safetensors) or a llama2.c .bin file",
+            path);
+  probe.format = "Hugging Face";
+  probe.config = io::load_hf_config(hf_dir.string());
+  probe.parameters = expected_parameter_count(probe.config);
+  for (const auto& e : fs::directory_iterator(hf_dir, ec))
+    if (e.path().extension() == ".safetensors" && e.is_regular_file(ec))
+      probe.file_bytes += e.file_size(ec);
+  return probe;
+}
+
+// The tokenizer load_model attaches to `path`'s model, loaded alone before the weights (so that
+// a text too short for a window is refused before a large model is read): `tokenizer_path`, else
+// tokenizer.bin beside a llama2.c file or tokenizer.json in a Hugging Face folder. Null for a
+// GGUF file without `tokenizer_path` (its vocabulary is inside the model) and when there is none.
+inline std::shared_ptr<const Tokenizer> load_tokenizer_for(const std::string& path,
+                                                           const std::string& tokenizer_path,
+                                                           const ModelProbe& probe) {
+  namespace fs = std::filesystem;
+  fs::path tok = tokenizer_path;
+  if (tok.empty()) {
+    if (probe.format == "llama2.c") tok = fs::path(path).parent_path() / "tokenizer.bin";
+    if (probe.format == "Hugging Face")
+      tok = (fs::is_directory(path) ? fs::path(path) : fs::path(path).parent_path()) /
+            "tokenizer.json";
+  }
+  if (tok.empty() || !fs::exists(tok)) return nullptr;
+  return detail::load_tokenizer_file(tok, probe.config.vocab_size);
 }
 
 }  // namespace cbq

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cbq/model/block.hpp"
+#include "cbq/model/inference.hpp"
 #include "cbq/model/weights.hpp"
 #include "cbq/ops/activations.hpp"
 #include "cbq/ops/add.hpp"
@@ -70,6 +71,41 @@ class OptBlock {
     Var<T> r = ops::relu(run_linear(tape, fc1, n2, ctx));
     if (online_rotations.down_proj_in) r = ops::hadamard(r, online_rotations.down_proj_in);  // R4
     return ops::add(h, run_linear(tape, fc2, r, ctx));
+  }
+
+  // forward() without a tape, on the CPU (model/inference.hpp): x (T, d) becomes the block's
+  // output; the intermediates live in `ws`. Installed transforms are applied; calibration hooks
+  // and BlockContext::full_precision are not (evaluation only).
+  void infer(InferenceWorkspace<T>& ws, Tensor<T>& x, int64_t /*pos0*/ = 0) {
+    using W = InferenceWorkspace<T>;
+    const ModelConfig& c = config_;
+    const int64_t n = x.size(0), d = c.dim, hd = c.head_dim, f = c.hidden_dim;
+    Tensor<T> n1 = ws.matrix(W::kA, n, d);
+    ops::detail::layernorm_rows<T>(n1.data(), nullptr, nullptr, x.data(),
+                                   self_attn_layer_norm_weight.value.data(),
+                                   self_attn_layer_norm_bias.value.data(), n, d, c.norm_eps);
+    Tensor<T> q = ws.matrix(W::kB, n, d), k = ws.matrix(W::kC, n, d), v = ws.matrix(W::kD, n, d);
+    infer_linears<T, 3>(ws, {&q_proj, &k_proj, &v_proj}, n1, {q, k, v});
+    Tensor<T> a = ws.matrix(W::kE, n, d);
+    const ops::detail::AttentionDims dims{n,  c.n_heads, c.n_heads,
+                                          hd, true,      1.0 / std::sqrt(static_cast<double>(hd))};
+    ops::detail::attention_forward_cpu<T>(a.data(), nullptr, q.data(), k.data(), v.data(), dims);
+    Tensor<T> o = ws.matrix(W::kA, n, d);
+    infer_linears<T, 1>(ws, {&out_proj}, a, {o});
+    infer_add(x, o);  // h
+    Tensor<T> n2 = ws.matrix(W::kA, n, d);
+    ops::detail::layernorm_rows<T>(n2.data(), nullptr, nullptr, x.data(),
+                                   final_layer_norm_weight.value.data(),
+                                   final_layer_norm_bias.value.data(), n, d, c.norm_eps);
+    Tensor<T> h1 = ws.matrix(W::kB, n, f);
+    infer_linears<T, 1>(ws, {&fc1}, n2, {h1});
+    T* hp = h1.data();
+    parallel_for(h1.numel(), ops::kElementwiseGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) hp[i] = ops::detail::Relu::value(hp[i]);
+    });
+    Tensor<T> o2 = ws.matrix(W::kC, n, d);
+    infer_linears<T, 1>(ws, {&fc2}, h1, {o2});
+    infer_add(x, o2);
   }
 
   std::vector<LinearLayer<T>*> linears() {

@@ -10,8 +10,10 @@
 #include <vector>
 
 #include "cbq/model/block.hpp"
+#include "cbq/model/inference.hpp"
 #include "cbq/model/weights.hpp"
 #include "cbq/ops/add.hpp"
+#include "cbq/ops/cross_entropy.hpp"
 #include "cbq/ops/embedding.hpp"
 #include "cbq/ops/layernorm.hpp"
 #include "cbq/ops/linear.hpp"
@@ -171,6 +173,101 @@ class Transformer {
     return head(tape, tape.constant(on_device(hidden))).value();
   }
 
+  // ---- evaluation without a tape (model/inference.hpp) ----
+  // Negative log-likelihoods (in double) of tokens[j + 1] given tokens[0 .. j], for j in
+  // [first, last], 0 ≤ first ≤ last ≤ T − 2: one batched forward of the whole sequence through
+  // the blocks' infer() into reused buffers, then the final norm and the LM head on the scored
+  // rows only, in blocks of rows (ws.head_block_bytes of logits at a time), each block's
+  // log-softmax taken row by row and dropped. The same values as ops::token_nll on rows first..last
+  // of logits(tokens) (tests/test_inference.cpp gives the tolerance). On the GPU, or for a block
+  // family without infer(), it is computed that way.
+  std::vector<double> token_nll(const std::vector<int32_t>& tokens, int64_t first, int64_t last) {
+    const int64_t n = static_cast<int64_t>(tokens.size());
+    CBQ_CHECK(0 <= first && first <= last && last + 1 < n,
+              "token_nll: scored rows {}..{} must lie in 0..{} (a sequence of {} tokens)", first,
+              last, n - 2, n);
+    std::vector<int32_t> targets(tokens.begin() + first + 1, tokens.begin() + last + 2);
+    constexpr bool can_infer = requires(Block & b, InferenceWorkspace<T> & w, Tensor<T> & x) {
+      b.infer(w, x, int64_t{0});
+    };
+    if (!can_infer || device_ != Device::cpu) {
+      const Tensor<T> l = logits(tokens);
+      return ops::token_nll(l.slice(0, first, last + 1), targets);
+    }
+    if constexpr (can_infer) return infer_token_nll(tokens, targets, first, last);
+    return {};
+  }
+
+ private:
+  std::vector<double> infer_token_nll(const std::vector<int32_t>& tokens,
+                                      const std::vector<int32_t>& targets, int64_t first,
+                                      int64_t last) {
+    InferenceWorkspace<T>& ws = workspace();
+    Tensor<T> x = infer_hidden(ws, tokens);
+    const int64_t d = config.dim, V = config.vocab_size, rows = last - first + 1;
+    // Final norm of the scored rows.
+    Tensor<T> normed = ws.matrix(InferenceWorkspace<T>::kHeadIn, rows, d);
+    const T* xs = x.data() + first * d;
+    if (config.family == Family::opt)
+      ops::detail::layernorm_rows<T>(normed.data(), nullptr, nullptr, xs,
+                                     final_norm_weight.value.data(), final_norm_bias.value.data(),
+                                     rows, d, config.norm_eps);
+    else
+      ops::detail::rmsnorm_rows<T>(normed.data(), nullptr, xs, final_norm_weight.value.data(), rows,
+                                   d, config.norm_eps);
+    const T* head = (config.tied_embeddings ? embed_tokens : lm_head).value.data();  // (V, d)
+    const int64_t block = std::max<int64_t>(
+        16, static_cast<int64_t>(ws.head_block_bytes / (sizeof(T) * static_cast<std::size_t>(V))));
+    std::vector<double> nll(static_cast<std::size_t>(rows));
+    for (int64_t r0 = 0; r0 < rows; r0 += block) {
+      const int64_t nb = std::min(block, rows - r0);
+      Tensor<T> lg = ws.matrix(InferenceWorkspace<T>::kLogits, nb, V);
+      blas::gemm<T>(false, true, nb, V, d, T(1), normed.data() + r0 * d, d, head, d, T(0),
+                    lg.data(), V);
+      const T* lp = lg.data();
+      parallel_for(nb, ops::detail::row_grain(V), [&](int64_t a, int64_t b) {
+        ops::detail::nll_rows(nll.data() + r0, lp, targets.data() + r0, a, b, V);
+      });
+    }
+    return nll;
+  }
+
+ public:
+  // The last block's output (T, d) for `tokens` from position 0, computed without a tape into
+  // `ws` (valid until its next use); CPU only.
+  Tensor<T> infer_hidden(InferenceWorkspace<T>& ws, const std::vector<int32_t>& tokens) {
+    CBQ_CHECK(device_ == Device::cpu, "Transformer::infer_hidden: the model is on {}",
+              device_name(device_));
+    CBQ_CHECK(!tokens.empty(), "model: empty token sequence");
+    const int64_t n = static_cast<int64_t>(tokens.size()), d = config.dim, V = config.vocab_size;
+    CBQ_CHECK(n <= config.max_seq_len, "model: positions 0..{} exceed the context length {}", n - 1,
+              config.max_seq_len);
+    for (int64_t t = 0; t < n; ++t)
+      CBQ_CHECK(tokens[t] >= 0 && tokens[t] < V,
+                "embedding: id {} at position {} is out of range for a table of {} rows", tokens[t],
+                t, V);
+    Tensor<T> x = ws.matrix(InferenceWorkspace<T>::kHidden, n, d);
+    T* xp = x.data();
+    const T* table = embed_tokens.value.data();
+    const T* pos = config.family == Family::opt ? embed_positions.value.data() : nullptr;
+    const int64_t offset = config.opt_position_offset;
+    parallel_for(n, std::max<int64_t>(1, ops::kElementwiseGrain / d), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        std::copy_n(table + tokens[t] * d, d, xp + t * d);
+        if (pos)  // the learned position t + offset, added as ops::add does
+          for (int64_t j = 0; j < d; ++j) xp[t * d + j] = xp[t * d + j] + pos[(t + offset) * d + j];
+      }
+    });
+    for (Block& b : blocks) b.infer(ws, x, 0);
+    return x;
+  }
+
+  // The buffers of the tape-free evaluation (created on first use).
+  InferenceWorkspace<T>& workspace() {
+    if (!workspace_) workspace_ = std::make_unique<InferenceWorkspace<T>>();
+    return *workspace_;
+  }
+
   // Greedy decoding as llama2.c's `run -t 0`: from `prompt` (e.g. {bos}) generate until the
   // sequence fed to the model holds `steps` positions (clamped to the context length) or the
   // argmax is one of `stop_ids` (llama2.c stops at BOS). Returns the generated ids.
@@ -200,6 +297,7 @@ class Transformer {
   }
 
   std::unique_ptr<Tape<T>> eval_tape_;
+  std::unique_ptr<InferenceWorkspace<T>> workspace_;
   Device device_ = Device::cpu;
 };
 

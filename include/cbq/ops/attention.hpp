@@ -12,10 +12,13 @@
 //   D_i = Σ_c dO_ic · O_ic
 //   dV_g += Pᵀ dO,   dP = dO V_gᵀ,   dS = P ⊙ (dP − D)
 //   dQ_h += scale · dS K_g,   dK_g += scale · dSᵀ Q_h
-// Tiles of kBlock × kBlock scores go through GEMM. Forward is parallel over (head, query tile),
-// backward over query heads; under grouped-query attention each query head writes its dK/dV
-// share into its own slot and the shares are summed in a fixed order, so results do not depend
-// on the thread count.
+// Tiles of kBlock × kBlock scores go through GEMM. Forward work items are (query head, query
+// tile), dealt to the threads in contiguous runs of equal cost (a causal tile's cost grows with
+// its index). Backward work items are (query head, part): each head's query tiles cut into
+// kAttentionBackwardParts runs of equal cost (so 9 heads on 2 threads do not split 5 : 4), each
+// writing dQ of its own rows and its dK/dV contributions into a share of its own; the shares
+// are summed in a fixed order. The parts depend on the shapes only, so results do not depend on
+// the thread count.
 //
 // CUDA (CudaAttention, cuda/cbq/cuda/attention.cuh): the same algorithm as flash-attention
 // kernels in shared memory — forward: one block per (query tile, head) streaming key tiles with
@@ -52,6 +55,36 @@ namespace detail {
 // Query and key rows per tile: a 64 × 64 score tile with hd ≤ 64 stays below OpenBLAS's
 // threading threshold, so the GEMMs inside our own parallel_for run single-threaded.
 inline constexpr int64_t kAttentionBlock = 64;
+// Runs of query tiles per head in the backward (at most; fewer when there are fewer tiles).
+inline constexpr int64_t kAttentionBackwardParts = 2;
+
+// Work of a query tile: the key tiles it reads (all of them without the causal mask).
+inline int64_t attention_tile_cost(int64_t tile, int64_t n_tiles, bool causal) {
+  return causal ? tile + 1 : n_tiles;
+}
+
+// Boundaries cuts[0] = 0 ≤ … ≤ cuts[parts] = n cutting items 0..n−1 of cost(i) into `parts`
+// contiguous runs of about equal cost: each inner cut at the item boundary nearest to its share
+// of the total.
+template <class Cost>
+std::vector<int64_t> balanced_cuts(int64_t n, int64_t parts, Cost&& cost) {
+  std::vector<double> prefix(static_cast<std::size_t>(n + 1), 0.0);
+  for (int64_t i = 0; i < n; ++i)
+    prefix[static_cast<std::size_t>(i + 1)] =
+        prefix[static_cast<std::size_t>(i)] + static_cast<double>(cost(i));
+  std::vector<int64_t> cuts(static_cast<std::size_t>(parts + 1), n);
+  cuts[0] = 0;
+  for (int64_t p = 1; p < parts; ++p) {
+    const double target = prefix.back() * static_cast<double>(p) / static_cast<double>(parts);
+    int64_t i = std::lower_bound(prefix.begin(), prefix.end(), target) - prefix.begin();
+    if (i > 0 && target - prefix[static_cast<std::size_t>(i - 1)] <
+                     prefix[static_cast<std::size_t>(i)] - target)
+      --i;
+    cuts[static_cast<std::size_t>(p)] =
+        std::clamp<int64_t>(i, cuts[static_cast<std::size_t>(p - 1)], n);
+  }
+  return cuts;
+}
 
 struct AttentionDims {
   int64_t seq_len, n_heads, n_kv_heads, head_dim;
@@ -72,6 +105,64 @@ T* attention_buffer(int64_t n) {
   thread_local std::vector<T> buffer;
   if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(static_cast<std::size_t>(n));
   return buffer.data();
+}
+
+// The CPU forward (ops::attention, and the evaluation path of model/inference.hpp): o (T, Hq·hd)
+// and, when lse is not null, the log-sum-exp (T, Hq). One work item per (query head, query
+// tile), each computed by one thread (the result does not depend on the thread count); the
+// items, head by head, are cut into one contiguous run of equal cost per thread. (Stacking
+// the query heads of a kv head into one tile and using 256- or 512-key blocks, tried at
+// SmolLM2's shapes, was no faster in interleaved runs: with hd = 64 the GEMMs' inner dimension
+// stays 64 either way.)
+template <class T>
+void attention_forward_cpu(T* o, T* lse, const T* q, const T* k, const T* v,
+                           const AttentionDims& a) {
+  const int64_t n = a.seq_len, hd = a.head_dim, group = a.group(), n_heads = a.n_heads;
+  const int64_t ldq = a.q_stride(), ldk = a.kv_stride();
+  const bool causal = a.causal;
+  constexpr int64_t B = kAttentionBlock;
+  const int64_t n_tiles = (n + B - 1) / B;
+  const T scale = static_cast<T>(a.scale);
+  // One work item per (query head, query tile); one run of items of equal cost per thread.
+  const int64_t items = n_heads * n_tiles;
+  const int64_t runs = std::min<int64_t>(num_threads(), items);
+  const std::vector<int64_t> cuts = balanced_cuts(
+      items, runs, [&](int64_t w) { return attention_tile_cost(w % n_tiles, n_tiles, causal); });
+  parallel_for(runs, 1, [&](int64_t r0, int64_t r1) {
+    T* scores = detail::attention_buffer<T>(B * B + 2 * B);  // per thread, allocated once
+    T* running_max = scores + B * B;
+    T* running_sum = running_max + B;
+    for (int64_t w = cuts[static_cast<std::size_t>(r0)]; w < cuts[static_cast<std::size_t>(r1)];
+         ++w) {
+      const int64_t h = w / n_tiles, g = h / group;
+      const int64_t i0 = (w % n_tiles) * B, i1 = std::min(n, i0 + B), nq = i1 - i0;
+      const T* Q = q + i0 * ldq + h * hd;  // (nq, hd), row stride ldq
+      T* O = o + i0 * ldq + h * hd;        // (nq, hd): unnormalised Σ exp(S − m) V, then O
+      for (int64_t r = 0; r < nq; ++r) std::fill(O + r * ldq, O + r * ldq + hd, T(0));
+      std::fill(running_max, running_max + B, -std::numeric_limits<T>::infinity());
+      std::fill(running_sum, running_sum + B, T(0));
+      const int64_t kv_end = causal ? i1 : n;
+      for (int64_t j0 = 0; j0 < kv_end; j0 += B) {
+        const int64_t nk = std::min(kv_end, j0 + B) - j0;
+        // S (nq, nk) = scale · Q Kᵀ
+        blas::gemm<T>(false, true, nq, nk, hd, scale, Q, ldq, k + j0 * ldk + g * hd, ldk, T(0),
+                      scores, B);
+        int64_t visible[B];
+        for (int64_t r = 0; r < nq; ++r) visible[r] = a.visible_keys(i0 + r, j0, nk);
+        CBQ_SIMD_DISPATCH(simd::isa_for<T>(),
+                          attention_softmax_tile<T>(scores, B, nq, nk, visible, running_max,
+                                                    running_sum, O, ldq, hd));
+        // O (nq, hd) += exp(S − m) (nq, nk) · V (nk, hd)
+        blas::gemm<T>(false, false, nq, hd, nk, T(1), scores, B, v + j0 * ldk + g * hd, ldk, T(1),
+                      O, ldq);
+      }
+      for (int64_t r = 0; r < nq; ++r) {
+        const T inv = T(1) / running_sum[r];
+        for (int64_t c = 0; c < hd; ++c) O[r * ldq + c] *= inv;
+        if (lse) lse[(i0 + r) * a.n_heads + h] = running_max[r] + std::log(running_sum[r]);
+      }
+    }
+  });
 }
 
 }  // namespace detail
@@ -107,21 +198,42 @@ class AttentionNode final : public Node<T> {
                                  a.n_kv_heads, hd, a.causal, scale);
       return;
     }
-    // Without grouping each query head owns its kv head's gradient columns and accumulates
-    // straight into them; with grouping, per-query-head shares (T, Hq·hd) are reduced below.
-    const bool shared_kv = group > 1;
-    T* dk_share = dk && shared_kv ? tape.scratch(Shape{n, ldq}, true).data() : dk;
-    T* dv_share = dv && shared_kv ? tape.scratch(Shape{n, ldq}, true).data() : dv;
-    const int64_t ld_share = shared_kv ? ldq : ldk;
+    // Work items (query head h, part p): part p of a head holds its query tiles
+    // [tile_cuts[p], tile_cuts[p + 1]), the parts of equal cost. An item writes dQ of its own
+    // rows; its dK/dV contributions go to a share of its own, slot h·parts + p of a
+    // (T, Hq·parts·hd) buffer, covering key rows [0, key_end[p]) (zeroed by the item itself),
+    // and the shares are summed into dK/dV below in a fixed order. With one part per head and
+    // no grouping each item owns its kv head's columns and accumulates straight into dK/dV.
+    const int64_t n_tiles = (n + B - 1) / B;
+    const int64_t parts = std::min(detail::kAttentionBackwardParts, n_tiles);
+    const std::vector<int64_t> tile_cuts = detail::balanced_cuts(n_tiles, parts, [&](int64_t t) {
+      return detail::attention_tile_cost(t, n_tiles, a.causal);
+    });
+    std::vector<int64_t> key_end(static_cast<std::size_t>(parts));
+    for (int64_t p = 0; p < parts; ++p)
+      key_end[static_cast<std::size_t>(p)] =
+          a.causal ? std::min(n, tile_cuts[static_cast<std::size_t>(p + 1)] * B) : n;
+    const bool shared = group > 1 || parts > 1;
+    const int64_t slots = a.n_heads * parts, ld_share = shared ? slots * hd : ldk;
+    T* dk_share = dk && shared ? tape.scratch(Shape{n, ld_share}).data() : dk;
+    T* dv_share = dv && shared ? tape.scratch(Shape{n, ld_share}).data() : dv;
 
-    parallel_for(a.n_heads, 1, [&](int64_t h0, int64_t h1) {
+    const int64_t items = a.n_heads * parts;
+    parallel_for(items, 1, [&](int64_t w0, int64_t w1) {
       T* probs = detail::attention_buffer<T>(2 * B * B + B);  // per thread, allocated once
       T* dscores = probs + B * B;
       T* row_dot = dscores + B * B;
-      for (int64_t h = h0; h < h1; ++h) {
-        const int64_t g = h / group;
-        const int64_t share_col = (shared_kv ? h : g) * hd;
-        for (int64_t i0 = 0; i0 < n; i0 += B) {
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t h = w / parts, p = w % parts, g = h / group;
+        const int64_t share_col = (shared ? w : g) * hd;
+        if (shared)  // this item's share: its key rows, its columns
+          for (T* share : {dk_share, dv_share})
+            if (share)
+              for (int64_t r = 0; r < key_end[static_cast<std::size_t>(p)]; ++r)
+                std::fill_n(share + r * ld_share + share_col, hd, T(0));
+        const int64_t i_begin = tile_cuts[static_cast<std::size_t>(p)] * B;
+        const int64_t i_end = std::min(n, tile_cuts[static_cast<std::size_t>(p + 1)] * B);
+        for (int64_t i0 = i_begin; i0 < i_end; i0 += B) {
           const int64_t i1 = std::min(n, i0 + B), nq = i1 - i0;
           const T* Q = q + i0 * ldq + h * hd;      // (nq, hd), row stride ldq
           const T* dO = dout + i0 * ldq + h * hd;  // (nq, hd)
@@ -150,9 +262,9 @@ class AttentionNode final : public Node<T> {
             // dP (nq, nk) = dO (nq, hd) · Vᵀ (hd, nk);  dS = P ⊙ (dP − D)
             blas::gemm<T>(false, true, nq, nk, hd, T(1), dO, ldq, V, ldk, T(0), dscores, B);
             for (int64_t r = 0; r < nq; ++r) {
-              const T* p = probs + r * B;
+              const T* pr = probs + r * B;
               T* ds = dscores + r * B;
-              for (int64_t c = 0; c < nk; ++c) ds[c] = p[c] * (ds[c] - row_dot[r]);
+              for (int64_t c = 0; c < nk; ++c) ds[c] = pr[c] * (ds[c] - row_dot[r]);
             }
             if (dq)  // dQ (nq, hd) += scale · dS (nq, nk) · K (nk, hd)
               blas::gemm<T>(false, false, nq, hd, nk, scale, dscores, B, K, ldk, T(1),
@@ -165,15 +277,17 @@ class AttentionNode final : public Node<T> {
       }
     });
 
-    if (!shared_kv) return;
-    // dK_g += Σ over the query heads of group g of their shares, in head order.
+    if (!shared) return;
+    // dK_g += Σ over the query heads h of group g, and over their parts p in order, of the
+    // shares (rows a part did not reach hold no share).
     auto reduce = [&](T* dst, const T* share) {
-      parallel_for(n, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(ldq, 1)),
+      parallel_for(n, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(ld_share, 1)),
                    [&](int64_t t0, int64_t t1) {
                      for (int64_t t = t0; t < t1; ++t)
-                       for (int64_t h = 0; h < a.n_heads; ++h) {
-                         const T* src = share + t * ldq + h * hd;
-                         T* out = dst + t * ldk + (h / group) * hd;
+                       for (int64_t w = 0; w < items; ++w) {
+                         if (t >= key_end[static_cast<std::size_t>(w % parts)]) continue;
+                         const T* src = share + t * ld_share + w * hd;
+                         T* out = dst + t * ldk + (w / parts / group) * hd;
                          for (int64_t c = 0; c < hd; ++c) out[c] += src[c];
                        }
                    });
@@ -215,8 +329,6 @@ Var<T> attention(Var<T> q, Var<T> k, Var<T> v, int64_t n_heads, int64_t n_kv_hea
     check_same_device("attention", Qt, *t);
   }
   const detail::AttentionDims a{n, n_heads, n_kv_heads, head_dim, causal, scale_value};
-  const int64_t hd = head_dim, group = a.group(), ldq = a.q_stride(), ldk = a.kv_stride();
-  constexpr int64_t B = detail::kAttentionBlock;
   Tape<T>& tape = q.tape();
   const bool rg = tape.any_requires_grad({q, k, v});
   Var<T> out = tape.output(Qt.shape(), rg);
@@ -228,7 +340,6 @@ Var<T> attention(Var<T> q, Var<T> k, Var<T> v, int64_t n_heads, int64_t n_kv_hea
   const T* kp = Kt.data();
   const T* vp = Vt.data();
   const T sc = static_cast<T>(scale_value);
-  const int64_t n_tiles = (n + B - 1) / B;
   if (Qt.device() == Device::cuda) {
     require_cuda("attention");
     CBQ_CHECK(CudaAttention<T>::forward, "attention: CUDA kernel not registered");
@@ -237,41 +348,7 @@ Var<T> attention(Var<T> q, Var<T> k, Var<T> v, int64_t n_heads, int64_t n_kv_hea
     return out;
   }
 
-  // One work item per (query head, query tile).
-  parallel_for(n_heads * n_tiles, 1, [&](int64_t w0, int64_t w1) {
-    T* scores = detail::attention_buffer<T>(B * B + 2 * B);  // per thread, allocated once
-    T* running_max = scores + B * B;
-    T* running_sum = running_max + B;
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t h = w / n_tiles, g = h / group;
-      const int64_t i0 = (w % n_tiles) * B, i1 = std::min(n, i0 + B), nq = i1 - i0;
-      const T* Q = qp + i0 * ldq + h * hd;  // (nq, hd), row stride ldq
-      T* O = o + i0 * ldq + h * hd;         // (nq, hd): unnormalised Σ exp(S − m) V, then O
-      for (int64_t r = 0; r < nq; ++r) std::fill(O + r * ldq, O + r * ldq + hd, T(0));
-      std::fill(running_max, running_max + B, -std::numeric_limits<T>::infinity());
-      std::fill(running_sum, running_sum + B, T(0));
-      const int64_t kv_end = causal ? i1 : n;
-      for (int64_t j0 = 0; j0 < kv_end; j0 += B) {
-        const int64_t nk = std::min(kv_end, j0 + B) - j0;
-        // S (nq, nk) = scale · Q Kᵀ
-        blas::gemm<T>(false, true, nq, nk, hd, sc, Q, ldq, kp + j0 * ldk + g * hd, ldk, T(0),
-                      scores, B);
-        int64_t visible[B];
-        for (int64_t r = 0; r < nq; ++r) visible[r] = a.visible_keys(i0 + r, j0, nk);
-        CBQ_SIMD_DISPATCH(simd::isa_for<T>(),
-                          attention_softmax_tile<T>(scores, B, nq, nk, visible, running_max,
-                                                    running_sum, O, ldq, hd));
-        // O (nq, hd) += exp(S − m) (nq, nk) · V (nk, hd)
-        blas::gemm<T>(false, false, nq, hd, nk, T(1), scores, B, vp + j0 * ldk + g * hd, ldk, T(1),
-                      O, ldq);
-      }
-      for (int64_t r = 0; r < nq; ++r) {
-        const T inv = T(1) / running_sum[r];
-        for (int64_t c = 0; c < hd; ++c) O[r * ldq + c] *= inv;
-        L[(i0 + r) * n_heads + h] = running_max[r] + std::log(running_sum[r]);
-      }
-    }
-  });
+  detail::attention_forward_cpu(o, L, qp, kp, vp, a);
   if (rg) tape.template record<AttentionNode<T>>(out, q, k, v, lse, a);
   return out;
 }

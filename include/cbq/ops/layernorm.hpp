@@ -27,6 +27,37 @@ struct CudaLayerNorm {
                                     const T* inv_std, int64_t rows, int64_t d) = nullptr;
 };
 
+namespace detail {
+// The CPU forward over `rows` rows of d: y = (x − mean) · inv_std ⊙ w (+ b), two-pass variance in
+// double; mean and inv_std (rounded to T) are written when not null (ops::layernorm and the
+// inference path, model/inference.hpp). b may be null; y may alias x.
+template <class T>
+void layernorm_rows(T* y, T* mean, T* inv_std, const T* x, const T* w, const T* b, int64_t rows,
+                    int64_t d, double eps) {
+  parallel_for(rows, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(d, 1)),
+               [&](int64_t r0, int64_t r1) {
+                 for (int64_t row = r0; row < r1; ++row) {
+                   const T* xr = x + row * d;
+                   double sum = 0;
+                   for (int64_t j = 0; j < d; ++j) sum += xr[j];
+                   const double m = sum / double(std::max<int64_t>(d, 1));
+                   double var = 0;  // two-pass: no cancellation for rows with a large mean
+                   for (int64_t j = 0; j < d; ++j) var += (xr[j] - m) * (xr[j] - m);
+                   var /= double(std::max<int64_t>(d, 1));
+                   const T mu = static_cast<T>(m);
+                   const T r = static_cast<T>(1.0 / std::sqrt(var + eps));
+                   if (mean) mean[row] = mu;
+                   if (inv_std) inv_std[row] = r;
+                   T* yr = y + row * d;
+                   for (int64_t j = 0; j < d; ++j) {
+                     const T xhat = (xr[j] - mu) * r;
+                     yr[j] = b ? xhat * w[j] + b[j] : xhat * w[j];
+                   }
+                 }
+               });
+}
+}  // namespace detail
+
 template <class T>
 class LayerNormNode final : public Node<T> {
  public:
@@ -147,25 +178,7 @@ Var<T> layernorm(Var<T> x, Var<T> weight, Var<T> bias, double eps) {
     if (rg) tape.template record<LayerNormNode<T>>(out, x, weight, bias, mean, inv_std, rows, d);
     return out;
   }
-  parallel_for(rows, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(d, 1)),
-               [&](int64_t r0, int64_t r1) {
-                 for (int64_t row = r0; row < r1; ++row) {
-                   const T* xr = xp + row * d;
-                   double sum = 0;
-                   for (int64_t j = 0; j < d; ++j) sum += xr[j];
-                   const double m = sum / double(std::max<int64_t>(d, 1));
-                   double var = 0;  // two-pass: no cancellation for rows with a large mean
-                   for (int64_t j = 0; j < d; ++j) var += (xr[j] - m) * (xr[j] - m);
-                   var /= double(std::max<int64_t>(d, 1));
-                   mu[row] = static_cast<T>(m);
-                   r[row] = static_cast<T>(1.0 / std::sqrt(var + eps));
-                   T* yr = y + row * d;
-                   for (int64_t j = 0; j < d; ++j) {
-                     const T xhat = (xr[j] - mu[row]) * r[row];
-                     yr[j] = b ? xhat * w[j] + b[j] : xhat * w[j];
-                   }
-                 }
-               });
+  detail::layernorm_rows(y, mu, r, xp, w, b, rows, d, eps);
   if (rg) tape.template record<LayerNormNode<T>>(out, x, weight, bias, mean, inv_std, rows, d);
   return out;
 }

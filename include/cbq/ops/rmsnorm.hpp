@@ -26,6 +26,28 @@ struct CudaRmsNorm {
                                    int64_t d) = nullptr;
 };
 
+namespace detail {
+// The CPU forward over `rows` rows of d: y = x · r ⊙ w with r = 1 / sqrt(mean(x²) + eps) per row,
+// written to inv_rms when it is not null (ops::rmsnorm and the inference path,
+// model/inference.hpp). y may alias x.
+template <class T>
+void rmsnorm_rows(T* y, T* inv_rms, const T* x, const T* w, int64_t rows, int64_t d, double eps) {
+  parallel_for(rows, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(d, 1)),
+               [&](int64_t r0, int64_t r1) {
+                 for (int64_t row = r0; row < r1; ++row) {
+                   const T* xr = x + row * d;
+                   double ss = 0;
+                   for (int64_t j = 0; j < d; ++j) ss += double(xr[j]) * xr[j];
+                   const T inv =
+                       static_cast<T>(1.0 / std::sqrt(ss / double(std::max<int64_t>(d, 1)) + eps));
+                   if (inv_rms) inv_rms[row] = inv;
+                   T* yr = y + row * d;
+                   for (int64_t j = 0; j < d; ++j) yr[j] = xr[j] * inv * w[j];
+                 }
+               });
+}
+}  // namespace detail
+
 template <class T>
 class RmsNormNode final : public Node<T> {
  public:
@@ -112,19 +134,7 @@ Var<T> rmsnorm(Var<T> x, Var<T> weight, double eps) {
     if (rg) tape.template record<RmsNormNode<T>>(out, x, weight, inv_rms, rows, d);
     return out;
   }
-  parallel_for(rows, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(d, 1)),
-               [&](int64_t r0, int64_t r1) {
-                 for (int64_t row = r0; row < r1; ++row) {
-                   const T* xr = xp + row * d;
-                   double ss = 0;
-                   for (int64_t j = 0; j < d; ++j) ss += double(xr[j]) * xr[j];
-                   const T inv =
-                       static_cast<T>(1.0 / std::sqrt(ss / double(std::max<int64_t>(d, 1)) + eps));
-                   r[row] = inv;
-                   T* yr = y + row * d;
-                   for (int64_t j = 0; j < d; ++j) yr[j] = xr[j] * inv * w[j];
-                 }
-               });
+  detail::rmsnorm_rows(y, r, xp, w, rows, d, eps);
   if (rg) tape.template record<RmsNormNode<T>>(out, x, weight, inv_rms, rows, d);
   return out;
 }

@@ -19,6 +19,16 @@ struct CudaSwiglu {
                                  int64_t n) = nullptr;
 };
 
+namespace detail {
+// The CPU forward y[i] = g[i]·σ(g[i])·u[i], i < n, over the pool (y may alias g or u).
+template <class T>
+void swiglu_cpu(T* y, const T* g, const T* u, int64_t n) {
+  parallel_for(n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
+    CBQ_SIMD_DISPATCH(simd::isa_for<T>(), swiglu_forward<T>(y, g, u, begin, end));
+  });
+}
+}  // namespace detail
+
 template <class T>
 class SwigluNode final : public Node<T> {
  public:
@@ -66,9 +76,7 @@ Var<T> swiglu(Var<T> gate, Var<T> up) {
     CBQ_CHECK(CudaSwiglu<T>::forward, "swiglu: CUDA kernel not registered");
     CudaSwiglu<T>::forward(y, g, u, G.numel());
   } else {
-    parallel_for(G.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
-      CBQ_SIMD_DISPATCH(simd::isa_for<T>(), swiglu_forward<T>(y, g, u, begin, end));
-    });
+    detail::swiglu_cpu(y, g, u, G.numel());
   }
   if (rg) tape.template record<SwigluNode<T>>(out, gate, up);
   return out;

@@ -3,7 +3,8 @@
 // window targets are four such sets (pass_activation_bytes). In host memory by default; with a
 // directory, in a file mapping there (MAP_SHARED on an unlinked temporary file), so the kernel
 // pages the sets to disk when they do not fit in RAM — a 7B model at 128 × 2048 tokens needs
-// 4 × 4 GiB. The file is unlinked at once, so nothing is left behind, even after a crash.
+// 4 × 4 GiB. The file is unlinked at once, so nothing is left behind, even after a crash, and
+// its blocks are reserved (posix_fallocate) before use, so a full disk is an error, not SIGBUS.
 // A pass on the GPU may keep a set in device memory instead (one allocation for the N samples).
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -65,11 +66,13 @@ class ActivationSet {
               std::strerror(errno));
     ::unlink(name.c_str());  // the mapping keeps the space; nothing outlives the process
     const std::size_t size = bytes == 0 ? 1 : bytes;
-    if (::ftruncate(fd, static_cast<off_t>(size)) != 0) {
-      const int err = errno;
+    // Reserve the blocks now: a sparse file on a disk that fills up would turn a later store
+    // into SIGBUS; a full disk is an error here instead.
+    const int reserve_err = ::posix_fallocate(fd, 0, static_cast<off_t>(size));
+    if (reserve_err != 0) {
       ::close(fd);
-      fail("activation store: cannot size {} to {} bytes for {}: {}", name, size, what,
-           std::strerror(err));
+      fail("activation store: cannot reserve {} bytes ({:.1f} MiB) in {} for {}: {}", size,
+           static_cast<double>(size) / (1 << 20), dir, what, std::strerror(reserve_err));
     }
     void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     const int err = errno;

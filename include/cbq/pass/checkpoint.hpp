@@ -15,7 +15,11 @@
 // are recreated exactly. A run killed inside a window resumes at that window's start.
 //
 // The fingerprint hashes the model's weights, the calibration inputs and the configuration
-// separately; resuming with any of them changed is refused with a message naming which.
+// separately; resuming with any of them changed is refused with a message naming which. Every
+// tensor carries a checksum in the metadata and is validated on resume (finite; steps positive;
+// codes, zero-points and group indices integers in range): an edited checkpoint is refused naming
+// the tensor.
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -35,7 +39,8 @@
 
 namespace cbq {
 
-inline constexpr const char* kCheckpointFormat = "cbq-checkpoint-1";
+// 2: a checksum per tensor in the metadata ("checksum.<tensor>"), checked on resume.
+inline constexpr const char* kCheckpointFormat = "cbq-checkpoint-2";
 inline constexpr const char* kCheckpointFile = "cbq-checkpoint.safetensors";
 
 // 64-bit FNV-1a over 8-byte words (and the tail bytes): a content hash, not a cryptographic one.
@@ -80,14 +85,16 @@ inline std::string describe_options(const PassOptions& o) {
       "epochs={} lr_w={:a} lr_x={:a} lr_r={:a} lr_min={:a} lsq={} l2={} kld={} hom={} fp={} "
       "tau={:a} gamma={:a} beta={:a}/{:a} warmup={:a} start={} v0_tracks={} mode={} a1_std={:a} "
       "learn_w={} learn_x={} scaling={} cfp_w={} sq_alpha={:a} seed={} max_steps={} init={} "
-      "damp={:a} norms={} lr_norm={:a} out_kld={:a} out_all={}",
+      "damp={:a} norms={} lr_norm={:a} out_kld={:a} out_all={} scale={} keep={} hold={:a}/{} "
+      "grid={}",
       o.epochs, o.lr_weight_step, o.lr_act_step, o.lr_rounding, o.lr_min_fraction, o.lsq_grad_scale,
       o.loss_l2, o.loss_kld, o.loss_homologous, o.loss_full_precision, o.kld_temperature,
       o.gamma_round, o.beta_start, o.beta_end, o.round_warmup, static_cast<int>(o.lora_start),
       o.v0_tracks_step, static_cast<int>(o.rounding_mode), o.lora_a1_std, o.learn_weight_step,
       o.learn_act_step, static_cast<int>(o.activation_scaling), o.cfp_weights, o.smoothquant_alpha,
       o.seed, o.max_steps, static_cast<int>(o.weight_init), o.gptq_percdamp, o.learn_norms,
-      o.lr_norm, o.output_kld, o.output_kld_all);
+      o.lr_norm, o.output_kld, o.output_kld_all, static_cast<int>(o.loss_scale), o.keep_better,
+      o.holdout_fraction, o.holdout_min, static_cast<int>(o.fixed_grid()));
 }
 
 template <TransformerBlock Block>
@@ -155,6 +162,21 @@ inline std::vector<WindowStats> parse_window_stats(const std::string& text) {
     s.loss_after = loss_from_json(w.at("after"));
     s.first_epoch_loss = loss_from_json(w.at("first_epoch"));
     s.final_loss = loss_from_json(w.at("final"));
+    // Added with the loss balance and the start-vs-trained rule (absent in older checkpoints).
+    if (w.contains("hard")) s.loss_hard = loss_from_json(w.at("hard"));
+    if (w.contains("energy")) {
+      s.energy_fp = w.at("energy").at(0).get<double>();
+      s.energy_hom = w.at("energy").at(1).get<double>();
+    }
+    if (w.contains("judged")) {
+      s.judged = w.at("judged").get<bool>();
+      s.heldout = w.at("heldout").get<int64_t>();
+      s.heldout_start = loss_from_json(w.at("heldout_start"));
+      s.heldout_trained = loss_from_json(w.at("heldout_trained"));
+      s.kept_start = w.at("kept_start").get<bool>();
+    }
+    if (w.contains("curve"))
+      for (const auto& c : w.at("curve")) s.curve.push_back(loss_from_json(c));
     out.push_back(s);
   }
   return out;
@@ -167,7 +189,87 @@ inline std::map<std::string, std::map<std::string, double>> parse_layer_scalars(
   return nlohmann::json::parse(text).get<std::map<std::string, std::map<std::string, double>>>();
 }
 
+inline std::string tensor_checksum(const Tensor<float>& t) {
+  Hasher h;
+  h.tensor(t);
+  return fmt::format("{:016x}", h.value());
+}
+
+// What a tensor of a checkpoint may hold, by its name: everything finite; steps positive;
+// codes, zero-points and group indices integers in range. An edited or corrupted checkpoint is
+// refused naming the tensor, the element and the value.
+inline void validate_checkpoint_tensor(const std::string& path, const std::string& name,
+                                       const Tensor<float>& t, int code_bits = 8) {
+  const std::string key = name.substr(name.rfind('.') + 1);
+  const bool positive = key == "w_scale" || key == "w_scale_init" || key == "w_scale_floor" ||
+                        key == "q_scale" || key == "act_scale" || key == "act_scale_init";
+  const bool integral = key == "codes" || key == "q_zero" || key == "g_idx" ||
+                        (key == "w_zero" && name.rfind("layer.", 0) == 0);
+  const double max_integer =
+      key == "g_idx" ? 2147483647.0 : static_cast<double>((int64_t{1} << code_bits) - 1);
+  const Tensor<float> c = t.contiguous();
+  const float* p = c.data();
+  for (int64_t i = 0; i < c.numel(); ++i) {
+    const float v = p[i];
+    CBQ_CHECK(std::isfinite(v),
+              "{}: refusing to resume: tensor {} holds a non-finite value ({}) at element {}", path,
+              name, v, i);
+    CBQ_CHECK(!positive || v > 0.f,
+              "{}: refusing to resume: tensor {} (a quantization step) holds {} at element {}; "
+              "steps are positive",
+              path, name, v, i);
+    CBQ_CHECK(!integral || (v == std::nearbyint(v) && v >= 0.f && v <= max_integer),
+              "{}: refusing to resume: tensor {} holds {} at element {}; it stores integers in "
+              "[0, {}]",
+              path, name, v, i, max_integer);
+  }
+}
+
+// The format, then every tensor's checksum and range (validate_checkpoint_tensor).
+inline void check_checkpoint_file(const io::SafetensorsFile& file, const std::string& path,
+                                  int code_bits) {
+  const auto& meta = file.metadata();
+  auto it = meta.find("format");
+  CBQ_CHECK(it != meta.end(), "{}: not a cbq checkpoint (metadata 'format' missing)", path);
+  CBQ_CHECK(it->second == kCheckpointFormat,
+            "{}: format '{}', expected '{}' (a checkpoint of another cbq version: remove it to "
+            "start afresh)",
+            path, it->second, kCheckpointFormat);
+  for (const std::string& name : file.names()) {
+    auto sum_it = meta.find("checksum." + name);
+    CBQ_CHECK(sum_it != meta.end(), "{}: refusing to resume: tensor {} has no checksum", path,
+              name);
+    const Tensor<float> t = file.to_float(name);
+    const std::string sum = tensor_checksum(t);
+    CBQ_CHECK(sum == sum_it->second,
+              "{}: refusing to resume: tensor {} does not match its checksum ({} stored, {} "
+              "computed): the checkpoint was edited or corrupted; remove it to start afresh",
+              path, name, sum_it->second, sum);
+    validate_checkpoint_tensor(path, name, t, code_bits);
+  }
+}
+
 }  // namespace detail
+
+// Checks DIR's checkpoint before a run loads anything: its format, the pass configuration
+// (`config`, config_fingerprint; the model's and the data's fingerprints need the weights and
+// are checked when the pass resumes), every tensor's checksum and range, codes and zero-points
+// below 2^code_bits. Returns false when DIR holds no checkpoint; throws naming the tensor.
+inline bool validate_pass_checkpoint(const std::string& dir, uint64_t config, int code_bits) {
+  const std::string path = (std::filesystem::path(dir) / kCheckpointFile).string();
+  if (!std::filesystem::exists(path)) return false;
+  io::SafetensorsFile file(path);
+  const auto& meta = file.metadata();
+  auto it = meta.find("fingerprint.config");
+  const std::string want = fmt::format("{:016x}", config);
+  CBQ_CHECK(it == meta.end() || it->second == want,
+            "{}: refusing to resume: the pass configuration differs from the run that wrote this "
+            "checkpoint (fingerprint {} there, {} now). Resume with the same options, or remove "
+            "the checkpoint to start afresh.",
+            path, it->second, want);
+  detail::check_checkpoint_file(file, path, code_bits);
+  return true;
+}
 
 // What the pass restores from a checkpoint.
 template <class T>
@@ -208,7 +310,9 @@ void save_pass_checkpoint(const std::string& dir, const PassFingerprint& fp,
     scalars[q->name()] = st.scalars;
   }
   nlohmann::json windows = nlohmann::json::array();
-  for (const WindowStats& w : ck.windows)
+  for (const WindowStats& w : ck.windows) {
+    nlohmann::json curve = nlohmann::json::array();
+    for (const LossTerms& c : w.curve) curve.push_back(detail::to_json(c));
     windows.push_back({{"first", w.first_block},
                        {"last", w.last_block},
                        {"steps", w.steps},
@@ -216,7 +320,16 @@ void save_pass_checkpoint(const std::string& dir, const PassFingerprint& fp,
                        {"before", detail::to_json(w.loss_before)},
                        {"after", detail::to_json(w.loss_after)},
                        {"first_epoch", detail::to_json(w.first_epoch_loss)},
-                       {"final", detail::to_json(w.final_loss)}});
+                       {"final", detail::to_json(w.final_loss)},
+                       {"hard", detail::to_json(w.loss_hard)},
+                       {"energy", {w.energy_fp, w.energy_hom}},
+                       {"judged", w.judged},
+                       {"heldout", w.heldout},
+                       {"heldout_start", detail::to_json(w.heldout_start)},
+                       {"heldout_trained", detail::to_json(w.heldout_trained)},
+                       {"kept_start", w.kept_start},
+                       {"curve", curve}});
+  }
   std::map<std::string, std::string> meta;
   meta["format"] = kCheckpointFormat;
   meta["fingerprint.model"] = fmt::format("{:016x}", fp.model);
@@ -229,6 +342,8 @@ void save_pass_checkpoint(const std::string& dir, const PassFingerprint& fp,
   meta["initialised"] = nlohmann::json(ck.initialised).dump();
   meta["optimizer"] = "Adam restarts at every window (nothing to carry across a boundary)";
   meta["rng"] = "per window: mt19937_64(seed * 7919 + first block)";
+  for (const auto& [name, t] : tensors)
+    meta["checksum." + name] = detail::tensor_checksum(std::get<Tensor<float>>(t.source));
   io::write_safetensors(checkpoint_path(dir), tensors, meta);
 }
 
@@ -244,8 +359,9 @@ PassCheckpoint<T> load_pass_checkpoint(const std::string& dir, const PassFingerp
     CBQ_CHECK(it != meta.end(), "{}: not a cbq checkpoint (metadata '{}' missing)", path, key);
     return it->second;
   };
-  CBQ_CHECK(meta_value("format") == kCheckpointFormat, "{}: format '{}', expected '{}'", path,
-            meta_value("format"), kCheckpointFormat);
+  // Every tensor as it was written (checksum) and within what the pass can have produced (the
+  // codes' exact range is checked against the layer's bits when it is restored).
+  detail::check_checkpoint_file(file, path, 8);
   const std::pair<const char*, uint64_t> parts[] = {
       {"model", fp.model}, {"data", fp.data}, {"config", fp.config}};
   for (const auto& [what, expected] : parts) {

@@ -5,6 +5,8 @@
 //                          cbq::ActQuant<16>,                       // activations (16 = off)
 //                          cbq::SlidingWindow<2, 1>,                // blocks per window, overlap
 //                          cbq::LoraRounding<5>>;                   // rounding
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -82,6 +84,27 @@ enum class ActivationPlacement { automatic, device, host };
 // at GPTQ's codes (docs/PASS.md, "GPTQ start").
 enum class WeightInit { rtn, gptq };
 
+// What the window's reconstruction terms are measured against (docs/PASS.md, "Loss balance").
+//   absolute: mean_t ‖a_t − b_t‖² and KL(softmax(a_t/τ) ‖ softmax(b_t/τ)) on the raw residual
+//             stream — the paper's form, whose size follows the model's activation scale (on
+//             SmolLM2-135M it grows 10^3-fold along the blocks);
+//   window:   the L2 terms divided by the target's energy mean_t ‖a_t‖² over the window's
+//             calibration samples (a relative error), the KL at τ = the target's RMS element;
+//   token:    every token's error relative to its own target energy,
+//             mean_t ‖a_t − b_t‖² / ‖a_t‖², and the KL over the RMS-normalised tokens
+//             a_t / rms(a_t) (what the next block's norm sees) — no token or window dominates.
+// With window or token the terms are dimensionless and γ_r weighs the regulariser against a
+// relative error.
+enum class LossScale { absolute, window, token };
+
+// Whether the learned weight steps move the rounding grid (docs/PASS.md, "Fixed grid").
+//   learned: Ŵ = s·(floor(W/s) + h(V) − z): a new step re-rounds every weight (the paper);
+//   fixed:   Ŵ = (s/s₀)·s₀·(floor(W/s₀) + h(V) − z): the integer grid stays the start's (RTN's
+//            or GPTQ's codes, up to the learned rounding h) and the step scales it;
+//   automatic: fixed for the GPTQ start (GPTQ's error feedback is only valid for its own
+//            codes), learned for the RTN start.
+enum class GridMode { automatic, learned, fixed };
+
 struct PassOptions {
   // Optimisation (per window): E epochs over the N calibration samples, batch 1.
   int64_t epochs = 3;
@@ -96,7 +119,16 @@ struct PassOptions {
   bool loss_kld = true;
   bool loss_homologous = true;      // the E(T_fp(X_q), T_q(X_q)) term
   bool loss_full_precision = true;  // the E(T_fp(X_fp), T_q(X_q)) term
-  double kld_temperature = 1.0;
+  double kld_temperature = 1.0;     // multiplies the temperature loss_scale sets (absolute: 1)
+  LossScale loss_scale = LossScale::token;
+  // Each window keeps the better of its start and its trained state, judged by the
+  // reconstruction loss with hard rounding on calibration samples held out from its training:
+  // max(holdout_min, round(holdout_fraction · N)) of them, at most N / 2 (0 when N < 2: then the
+  // training samples judge). Off: every sample trains and the trained state is kept (the paper).
+  bool keep_better = true;
+  double holdout_fraction = 0.1;
+  int64_t holdout_min = 4;
+  GridMode grid = GridMode::automatic;
   // > 0: the window that ends at the model's last block also minimises this weight times
   // KL(softmax(head(T_fp(X_fp))) ‖ softmax(head(T_q(X_q)))), the model's output distribution
   // (final norm and LM head in full precision) — what perplexity measures (docs/PASS.md).
@@ -156,7 +188,31 @@ struct PassOptions {
     o.lora_start = quant::LoraStart::half;
     o.v0_tracks_step = false;
     o.rounding_mode = quant::RoundingMode::soft;
+    o.loss_scale = LossScale::absolute;
+    o.keep_better = false;
+    o.grid = GridMode::learned;
     return o;
+  }
+  // The defaults before the loss balance and the keep-the-better rule (cbq ≤ 0.1, commit
+  // 9a4b0dd): unnormalised terms, every sample trains, the trained state is kept.
+  static PassOptions classic() {
+    PassOptions o;
+    o.loss_scale = LossScale::absolute;
+    o.keep_better = false;
+    o.grid = GridMode::learned;
+    return o;
+  }
+  // Samples held out from training to judge start vs trained (see keep_better).
+  int64_t holdout_samples(int64_t n) const {
+    if (!keep_better || n < 2) return 0;
+    const auto by_fraction =
+        static_cast<int64_t>(std::llround(holdout_fraction * static_cast<double>(n)));
+    return std::min(std::max(holdout_min, by_fraction), n / 2);
+  }
+  // Whether the grid stays at the start's steps (see GridMode).
+  bool fixed_grid() const {
+    return grid == GridMode::fixed ||
+           (grid == GridMode::automatic && weight_init == WeightInit::gptq);
   }
 };
 

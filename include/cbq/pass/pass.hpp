@@ -8,8 +8,10 @@
 //   targets   T_fp(X_fp) (the full-precision path) and T_fp(X_q) (homologous: full-precision
 //             blocks fed the quantized path), both constant while the window trains;
 //   loss      E(T_fp(X_fp), T_q(X_q)) + E(T_fp(X_q), T_q(X_q)) + γ·L_round,
-//             E(a, b) = mean_t ‖a_t − b_t‖² + mean_t KL(softmax(a_t) ‖ softmax(b_t));
-//   training  E epochs over the N samples, batch 1, Adam (three parameter groups), cosine LR;
+//             E(a, b) = mean_t ‖a_t − b_t‖² + mean_t KL(softmax(a_t) ‖ softmax(b_t)), each term
+//             scaled per PassOptions::loss_scale (default: relative to each target token);
+//   training  E epochs over the N − H samples, batch 1, Adam (three parameter groups), cosine LR;
+//   judge     the better of the window's start and trained state on H held-out samples stays;
 //   then      blocks leaving their last window are hard-rounded and frozen, and X_q advances.
 //
 // On the GPU (PassOptions::device = cuda) the model moves to the device and every forward,
@@ -22,6 +24,7 @@
 #include <filesystem>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <set>
 #include <string>
@@ -34,7 +37,10 @@
 #include "cbq/model/transformer.hpp"
 #include "cbq/ops/add.hpp"
 #include "cbq/ops/kl_div.hpp"
+#include "cbq/ops/linear.hpp"
+#include "cbq/ops/matmul.hpp"
 #include "cbq/ops/mse.hpp"
+#include "cbq/ops/mul.hpp"
 #include "cbq/ops/scale.hpp"
 #include "cbq/optim/adam.hpp"
 #include "cbq/optim/schedule.hpp"
@@ -394,9 +400,10 @@ class CbqPass {
       swap_norms();  // the learned values
       init_activation_steps(model, w, qlayers, ranges);
 
-      // 3. Optimise the window.
+      // 3. Optimise the window (and keep the better of its start and its trained state).
+      const LossScaling<T> scaling = measure_scaling(t_fp, t_hom, model.device());
       const WindowStats stats =
-          train_window(model, w, qlayers, x_q, t_fp, t_hom, t_out, window_index,
+          train_window(model, w, qlayers, x_q, t_fp, t_hom, t_out, scaling, window_index,
                        static_cast<int64_t>(windows.size()), start);
       result.windows.push_back(stats);
 
@@ -406,18 +413,21 @@ class CbqPass {
           p->trainable = false;
           p->grad = Tensor<T>();
         }
-        for (auto& q : qlayers[b]) {
-          const quant::QuantizedWeight& qw = q->harden();
-          result.layers.push_back(LayerResult{q->name(), qw, q->act_scale(), q->act_zero(),
-                                              q->act_clip_logit(), q->step_change(),
-                                              q->rounding_flips()});
-        }
+        for (auto& q : qlayers[b]) q->harden();
+        // Advance the quantized path, measuring each layer's output error on its inputs.
+        OutputErrors<T> errors(model, b, qlayers[b]);
+        BlockContext<T> ctx;
+        ctx.on_linear_input = [&](const LinearLayer<T>& layer, const Tensor<T>& in) {
+          errors.add(layer, in);
+        };
         for (int64_t n = 0; n < N; ++n) {
-          x_q[n].copy_from(model.run_block(b, x_q[n]));
+          x_q[n].copy_from(model.run_block(b, x_q[n], ctx));
           detail::check_finite(x_q[n], fmt::format("the quantized path after block {} (window {}, "
                                                    "calibration sample {})",
                                                    b, window_index, n));
         }
+        errors.finish();
+        for (auto& q : qlayers[b]) result.layers.push_back(layer_result(*q));
       }
       if (checkpointing) {
         if constexpr (std::is_same_v<T, float>) {
@@ -448,6 +458,8 @@ class CbqPass {
   static std::string describe_extensions(const PassOptions& o) {
     std::string s;
     if (o.weight_init == WeightInit::gptq) s += " + GPTQ start";
+    if (o.fixed_grid() != (o.weight_init == WeightInit::gptq))
+      s += o.fixed_grid() ? " + fixed grid" : " + learned grid";
     if (o.learn_norms) s += fmt::format(" + learned norms (lr {:g})", o.lr_norm);
     if (o.output_kld > 0)
       s += fmt::format(" + output KL x{:g} ({})", o.output_kld,
@@ -495,9 +507,7 @@ class CbqPass {
         if (b < last.finalize) {
           CBQ_CHECK(q->hardened(), "{}: layer {} should be frozen after window {}", path, q->name(),
                     ck.windows_done);
-          result.layers.push_back(LayerResult{q->name(), q->result(), q->act_scale(), q->act_zero(),
-                                              q->act_clip_logit(), q->step_change(),
-                                              q->rounding_flips()});
+          result.layers.push_back(layer_result(*q));
         }
       }
     }
@@ -547,6 +557,59 @@ class CbqPass {
   }
 
   template <class T>
+  static LayerResult layer_result(const QuantLinear<T>& q) {
+    LayerResult r{q.name(),           q.result(),         q.act_scale(),
+                  q.act_zero(),       q.act_clip_logit(), q.step_change(),
+                  q.rounding_flips(), q.codes_changed(),  q.output_error_start(),
+                  q.output_error()};
+    return r;
+  }
+
+  // Each hardened layer's relative output error ‖x(Ŵ − W)ᵀ‖² / ‖xWᵀ‖² for its start's weight and
+  // its final one, summed over the calibration inputs the quantized path gives it (W is the
+  // model's full-precision weight).
+  template <class T>
+  struct OutputErrors {
+    struct Layer {
+      const LinearLayer<T>* layer;
+      QuantLinear<T>* q;
+      Tensor<T> start, final_weight;
+      double err_start = 0, err_final = 0, energy = 0;
+    };
+    std::vector<Layer> layers;
+    template <class Model>
+    OutputErrors(Model& model, int64_t b,
+                 const std::vector<std::shared_ptr<QuantLinear<T>>>& qlayers) {
+      auto linears = model.blocks[b].linears();
+      for (size_t j = 0; j < linears.size() && j < qlayers.size(); ++j)
+        layers.push_back({linears[j], qlayers[j].get(), qlayers[j]->start_weight(),
+                          qlayers[j]->current_weight()});
+    }
+    void add(const LinearLayer<T>& layer, const Tensor<T>& in) {
+      for (Layer& l : layers) {
+        if (l.layer != &layer) continue;
+        Tape<T> tape(in.device());
+        NoGrad<T> off(tape);
+        Var<T> x = tape.constant(in);
+        Var<T> exact = ops::linear(x, tape.constant(layer.weight.value));
+        const Tensor<T> zero(exact.value().shape(), in.device());
+        auto error = [&](const Tensor<T>& w) {
+          return static_cast<double>(detail::element_at(
+              ops::row_sq_error(ops::linear(x, tape.constant(w)), exact).value(), 0));
+        };
+        l.err_start += error(l.start);
+        l.err_final += error(l.final_weight);
+        l.energy += static_cast<double>(
+            detail::element_at(ops::row_sq_error(exact, tape.constant(zero)).value(), 0));
+      }
+    }
+    void finish() {
+      for (Layer& l : layers)
+        if (l.energy > 0) l.q->set_output_errors(l.err_start / l.energy, l.err_final / l.energy);
+    }
+  };
+
+  template <class T>
   static BlockContext<T> fp_context() {
     BlockContext<T> ctx;
     ctx.full_precision = true;
@@ -561,6 +624,7 @@ class CbqPass {
     c.lsq_grad_scale = options_.lsq_grad_scale;
     c.v0_tracks_step = options_.v0_tracks_step;
     c.rounding_mode = options_.rounding_mode;
+    c.fixed_grid = options_.fixed_grid();
     return c;
   }
 
@@ -690,15 +754,62 @@ class CbqPass {
                : where;
   }
 
+  // How the window's reconstruction terms are scaled (PassOptions::loss_scale), measured once
+  // per window from its full-precision targets.
+  template <class T>
+  struct LossScaling {
+    double energy_fp = 0, energy_hom = 0;  // mean_t ‖a_t‖² of T_fp(X_fp) and T_fp(X_q)
+    // token: per sample, (L, 1) factors 1/‖a_t‖ of each target's rows, and a (1, d) row of ones
+    // that expands them to (L, d) through a matmul (any device).
+    std::vector<Tensor<T>> rows_fp, rows_hom;
+    Tensor<T> ones;
+  };
+
+  // The targets' energies and, for LossScale::token, their per-token factors.
+  template <class T>
+  LossScaling<T> measure_scaling(const std::vector<Tensor<T>>& t_fp,
+                                 const std::vector<Tensor<T>>& t_hom, Device device) const {
+    LossScaling<T> s;
+    const bool token = options_.loss_scale == LossScale::token;
+    auto measure = [&](const std::vector<Tensor<T>>& targets, std::vector<Tensor<T>>& rows) {
+      double sum = 0;
+      int64_t count = 0;
+      for (const Tensor<T>& t : targets) {
+        const Tensor<T> h = t.is_cpu() ? t : t.to(Device::cpu);
+        const int64_t L = h.size(0), d = h.size(1);
+        Tensor<T> f = Tensor<T>::empty(Shape{L, 1});
+        for (int64_t r = 0; r < L; ++r) {
+          double e = 0;
+          for (int64_t c = 0; c < d; ++c) e += static_cast<double>(h(r, c)) * h(r, c);
+          sum += e;
+          // A zero target row would divide by zero: such a token weighs as if its energy were
+          // the smallest normal float (its error is then all the loss sees of it).
+          f(r, 0) = static_cast<T>(1.0 / std::sqrt(std::max(e, 1e-30)));
+        }
+        count += L;
+        if (token) rows.push_back(device == Device::cpu ? f : f.to(device));
+      }
+      return sum / static_cast<double>(std::max<int64_t>(count, 1));
+    };
+    s.energy_fp = measure(t_fp, s.rows_fp);
+    s.energy_hom = measure(t_hom, s.rows_hom);
+    if (token && !t_fp.empty())
+      s.ones = Tensor<T>::full(Shape{1, t_fp[0].size(1)}, T(1)).to(device);
+    return s;
+  }
+
   template <class Model, class Q, class T>
   WindowStats train_window(Model& model, const Window& w, Q& qlayers,
                            const std::vector<Tensor<T>>& x_q, const std::vector<Tensor<T>>& t_fp,
                            const std::vector<Tensor<T>>& t_hom, const std::vector<Tensor<T>>& t_out,
-                           int64_t window_index, int64_t num_windows,
+                           const LossScaling<T>& scaling, int64_t window_index, int64_t num_windows,
                            std::chrono::steady_clock::time_point pass_start) {
     const PassOptions& o = options_;
     const int64_t N = static_cast<int64_t>(x_q.size());
-    int64_t total_steps = o.epochs * N;
+    // The last `heldout` samples judge start vs trained and do not train (calibration segments
+    // start at random offsets, so they are a random subset).
+    const int64_t heldout = o.holdout_samples(N), n_train = N - heldout;
+    int64_t total_steps = o.epochs * n_train;
     if (o.max_steps > 0) total_steps = std::min(total_steps, o.max_steps);
 
     // Parameter groups over the window's (not yet frozen) layers.
@@ -746,6 +857,8 @@ class CbqPass {
     WindowStats stats;
     stats.first_block = w.first;
     stats.last_block = w.last;
+    stats.energy_fp = scaling.energy_fp;
+    stats.energy_hom = scaling.energy_hom;
     const Device device = model.device();
     Tape<T> tape(device);
     // Activation sets kept in host memory while the model is on the GPU: each use copies the
@@ -758,18 +871,65 @@ class CbqPass {
       return buffer;
     };
     std::mt19937_64 rng(o.seed * 7919ULL + static_cast<uint64_t>(w.first));
-    std::vector<int64_t> order(static_cast<size_t>(N));
+    std::vector<int64_t> order(static_cast<size_t>(n_train));
     std::iota(order.begin(), order.end(), 0);
     const auto wstart = std::chrono::steady_clock::now();
     const T tau = static_cast<T>(o.kld_temperature);
     const bool output_loss =
         o.output_kld > 0 && (o.output_kld_all || w.last + 1 == model.num_blocks());
+    const int64_t dim = model.config.dim;
+    // E(target, y) in the pass's loss scale, into the l2 / kld slots.
+    auto reconstruction = [&](Tape<T>& tape, Var<T> target, Var<T> y, double energy,
+                              const std::vector<Tensor<T>>& rows, int64_t n, auto&& add_term,
+                              double& l2_slot, double& kld_slot) {
+      T kl_tau = tau;
+      switch (o.loss_scale) {
+        case LossScale::absolute:
+          break;
+        case LossScale::window:
+          kl_tau = static_cast<T>(o.kld_temperature *
+                                  std::sqrt(std::max(energy, 1e-30) / static_cast<double>(dim)));
+          break;
+        case LossScale::token: {
+          // Both sides' tokens divided by the target token's norm: the L2 is the relative error
+          // per token, the KL sees a_t / rms(a_t) at τ = 1.
+          Var<T> factors =
+              ops::matmul(tape.constant(rows[static_cast<size_t>(n)]), tape.constant(scaling.ones));
+          target = ops::mul(target, factors);
+          y = ops::mul(y, factors);
+          kl_tau = static_cast<T>(o.kld_temperature / std::sqrt(static_cast<double>(dim)));
+          break;
+        }
+      }
+      if (o.loss_l2) {
+        Var<T> l2 = ops::row_sq_error(target, y);
+        if (o.loss_scale == LossScale::window)
+          l2 = ops::scale(l2, static_cast<T>(1.0 / std::max(energy, 1e-30)));
+        add_term(l2, l2_slot);
+      }
+      if (o.loss_kld) add_term(ops::kl_softmax(target, y, kl_tau), kld_slot);
+    };
+    // γ_r · mean over the active layers of each layer's L_round at β (a Var; invalid when no
+    // layer has rounding to regularise).
+    auto regularizer = [&](Tape<T>& tape, T reg_beta) {
+      Var<T> reg;
+      int64_t count = 0;
+      for (QuantLinear<T>* q : active) {
+        Var<T> r = q->rounding_regularizer(tape, reg_beta);
+        if (!r.valid()) continue;
+        reg = reg.valid() ? ops::add(reg, r) : r;
+        ++count;
+      }
+      // Mean over layers of each layer's mean: every layer weighs the same.
+      if (reg.valid())
+        reg = ops::scale(reg, static_cast<T>(o.gamma_round / static_cast<double>(count)));
+      return reg;
+    };
     // The window's loss on sample n: forward of the window's blocks on the quantized path, the
-    // reconstruction terms against both targets, and (when active) the rounding regulariser.
-    auto window_loss = [&](Tape<T>& tape, int64_t n, int64_t step, bool with_reg) {
+    // reconstruction terms against both targets, and (reg_beta > 0) the rounding regulariser.
+    auto window_loss = [&](Tape<T>& tape, int64_t n, T reg_beta) {
       tape.clear();
-      const bool reg_on = with_reg && o.gamma_round > 0 && beta.active(step);
-      const T reg_beta = reg_on ? static_cast<T>(beta.beta(step)) : T(0);
+      const bool reg_on = reg_beta > T(0);
       if (reg_on)  // computed in the weights' kernels (QuantLinear::expect_rounding_regularizer)
         for (QuantLinear<T>* q : active) q->expect_rounding_regularizer(reg_beta);
       Var<T> y = tape.constant(staged(x_q[n], staged_x));
@@ -781,16 +941,12 @@ class CbqPass {
         slot = static_cast<double>(detail::element_at(term.value(), 0));
         loss = loss.valid() ? ops::add(loss, term) : term;
       };
-      if (o.loss_full_precision) {
-        Var<T> target = tape.constant(staged(t_fp[n], staged_fp));
-        if (o.loss_l2) add_term(ops::row_sq_error(target, y), terms.l2_fp);
-        if (o.loss_kld) add_term(ops::kl_softmax(target, y, tau), terms.kld_fp);
-      }
-      if (o.loss_homologous) {
-        Var<T> target = tape.constant(staged(t_hom[n], staged_hom));
-        if (o.loss_l2) add_term(ops::row_sq_error(target, y), terms.l2_hom);
-        if (o.loss_kld) add_term(ops::kl_softmax(target, y, tau), terms.kld_hom);
-      }
+      if (o.loss_full_precision)
+        reconstruction(tape, tape.constant(staged(t_fp[n], staged_fp)), y, scaling.energy_fp,
+                       scaling.rows_fp, n, add_term, terms.l2_fp, terms.kld_fp);
+      if (o.loss_homologous)
+        reconstruction(tape, tape.constant(staged(t_hom[n], staged_hom)), y, scaling.energy_hom,
+                       scaling.rows_hom, n, add_term, terms.l2_hom, terms.kld_hom);
       if (output_loss) {
         // Earlier windows reach the output through the later blocks in full precision; the
         // last window's T_fp(X_fp) is the model's last hidden state itself.
@@ -807,46 +963,71 @@ class CbqPass {
         add_term(out, terms.output_kld);
       }
       if (reg_on) {
-        Var<T> reg;
-        int64_t count = 0;
-        for (QuantLinear<T>* q : active) {
-          Var<T> r = q->rounding_regularizer(tape, reg_beta);
-          if (!r.valid()) continue;
-          reg = reg.valid() ? ops::add(reg, r) : r;
-          ++count;
-        }
-        if (reg.valid()) {
-          // Mean over layers of each layer's mean: every layer weighs the same.
-          reg = ops::scale(reg, static_cast<T>(o.gamma_round / static_cast<double>(count)));
-          add_term(reg, terms.round);
-        }
+        Var<T> reg = regularizer(tape, reg_beta);
+        if (reg.valid()) add_term(reg, terms.round);
       }
       terms.total = static_cast<double>(detail::element_at(loss.value(), 0));
       return std::pair<Var<T>, LossTerms>{loss, terms};
     };
-    // Mean reconstruction loss over all samples, without gradients (before / after training).
-    auto mean_reconstruction = [&]() {
+    // Per-sample reconstruction terms of samples [begin, end) without gradients, in the training
+    // forward or with the given rounding.
+    auto evaluate = [&](int64_t begin, int64_t end, std::optional<quant::RoundingMode> mode) {
+      for (QuantLinear<T>* q : active) q->set_forward_rounding(mode);
       Tape<T> eval_tape(device);
       NoGrad<T> off(eval_tape);
-      LossTerms sum;
-      for (int64_t n = 0; n < N; ++n) sum += window_loss(eval_tape, n, 0, false).second;
-      return sum / static_cast<double>(N);
+      std::vector<LossTerms> out;
+      for (int64_t n = begin; n < end; ++n) out.push_back(window_loss(eval_tape, n, T(0)).second);
+      for (QuantLinear<T>* q : active) q->set_forward_rounding(std::nullopt);
+      return out;
     };
-    stats.loss_before = mean_reconstruction();
+    auto mean = [](const std::vector<LossTerms>& v, int64_t begin, int64_t end) {
+      LossTerms sum;
+      for (int64_t i = begin; i < end; ++i) sum += v[static_cast<size_t>(i)];
+      return sum / static_cast<double>(std::max<int64_t>(end - begin, 1));
+    };
+    auto regularizer_value = [&](double at_beta) {
+      if (o.gamma_round <= 0) return 0.0;
+      Tape<T> eval_tape(device);
+      NoGrad<T> off(eval_tape);
+      Var<T> reg = regularizer(eval_tape, static_cast<T>(at_beta));
+      return reg.valid() ? static_cast<double>(detail::element_at(reg.value(), 0)) : 0.0;
+    };
+    // The start vs trained decision compares what harden() deploys (hard rounding); the training
+    // forward is that already unless it is soft.
+    const bool trains_hard = o.rounding_mode != quant::RoundingMode::soft;
+    const int64_t judge_begin = heldout > 0 ? n_train : 0;
+    struct Start {
+      std::vector<typename QuantLinear<T>::State> layers;
+      std::vector<Tensor<T>> norms;
+    } start;
+    if (o.keep_better) {
+      for (QuantLinear<T>* q : active) start.layers.push_back(q->state());
+      for (Parameter<T>* p : norms) start.norms.push_back(p->value.clone());
+    }
+
+    const std::vector<LossTerms> before = evaluate(0, N, std::nullopt);
+    stats.loss_before = mean(before, 0, N);
+    stats.loss_before.round = regularizer_value(o.beta_start);
+    if (o.keep_better)
+      stats.heldout_start = trains_hard ? mean(before, judge_begin, N)
+                                        : mean(evaluate(judge_begin, N, quant::RoundingMode::hard),
+                                               0, N - judge_begin);
     int64_t step = 0;
     LossTerms epoch_sum;
     for (int64_t epoch = 0; epoch < o.epochs && step < total_steps; ++epoch) {
       std::shuffle(order.begin(), order.end(), rng);
       epoch_sum = {};
       int64_t epoch_steps = 0;
-      for (int64_t i = 0; i < N && step < total_steps; ++i, ++step) {
+      for (int64_t i = 0; i < n_train && step < total_steps; ++i, ++step) {
         const int64_t n = order[static_cast<size_t>(i)];
         for (const auto& [g, schedule] : groups)
           adam.set_lr(static_cast<size_t>(g), schedule.at(step));
         Var<T> loss;
         LossTerms terms;
+        const T reg_beta =
+            o.gamma_round > 0 && beta.active(step) ? static_cast<T>(beta.beta(step)) : T(0);
         try {
-          std::tie(loss, terms) = window_loss(tape, n, step, true);
+          std::tie(loss, terms) = window_loss(tape, n, reg_beta);
         } catch (const Error& e) {
           fail(
               "{} (window {}, blocks {}..{}, epoch {}, step {}, calibration sample {}; first "
@@ -868,6 +1049,7 @@ class CbqPass {
         for (QuantLinear<T>* q : active) q->project_steps();
         if (o.on_step) o.on_step(window_index, step);
         epoch_sum += terms;
+        stats.curve.push_back(terms);
         ++epoch_steps;
       }
       stats.final_loss = epoch_sum / static_cast<double>(std::max<int64_t>(epoch_steps, 1));
@@ -890,10 +1072,48 @@ class CbqPass {
         std::fflush(stdout);
       }
     }
-    stats.loss_after = mean_reconstruction();
+    const std::vector<LossTerms> after = evaluate(0, N, std::nullopt);
+    stats.loss_after = mean(after, 0, N);
+    stats.loss_after.round = regularizer_value(o.beta_end);
+    const std::vector<LossTerms> hard =
+        trains_hard ? after : evaluate(0, N, quant::RoundingMode::hard);
+    stats.loss_hard = mean(hard, 0, N);
+    if (o.keep_better) {
+      stats.judged = true;
+      stats.heldout = heldout;
+      stats.heldout_trained = mean(hard, judge_begin, N);
+      // Ties keep the trained state; only a strictly better start wins.
+      stats.kept_start =
+          stats.heldout_start.reconstruction() < stats.heldout_trained.reconstruction();
+      if (stats.kept_start) {
+        for (size_t i = 0; i < active.size(); ++i) active[i]->restore(start.layers[i]);
+        for (size_t i = 0; i < norms.size(); ++i) norms[i]->value.copy_from(start.norms[i]);
+      }
+    }
     stats.steps = step;
     stats.seconds = detail::seconds_since(wstart);
+    if (o.verbose) print_balance(stats, window_index, num_windows);
     return stats;
+  }
+
+  // The window's loss terms at its start and end, the effect of hard rounding, and the decision.
+  void print_balance(const WindowStats& s, int64_t window_index, int64_t num_windows) const {
+    auto terms = [](const LossTerms& l) {
+      return fmt::format("l2 {:.4g} kld {:.4g}", l.l2_fp + l.l2_hom, l.kld_fp + l.kld_hom);
+    };
+    fmt::print(
+        "  window {}/{} balance: start {} γ·round {:.4g} | end {} γ·round {:.4g} | hard rounding "
+        "{:+.4g}\n",
+        window_index, num_windows, terms(s.loss_before), s.loss_before.round, terms(s.loss_after),
+        s.loss_after.round, s.loss_hard.reconstruction() - s.loss_after.reconstruction());
+    if (s.judged)
+      fmt::print(
+          "  window {}/{} {} ({}): start {:.6g}, trained {:.6g} -> keeps the {}\n", window_index,
+          num_windows, s.heldout > 0 ? "held-out loss" : "training loss",
+          s.heldout > 0 ? fmt::format("{} samples", s.heldout) : std::string("no held-out samples"),
+          s.heldout_start.reconstruction(), s.heldout_trained.reconstruction(),
+          s.kept_start ? "start" : "trained state");
+    std::fflush(stdout);
   }
 
   PassSpec spec_;

@@ -7,6 +7,10 @@
 //   lora:    s·(clamp(floor(W/s) + h(V0 + A1·A2) + z) − z)  (LoRA-Rounding),
 //   full:    s·(clamp(floor(W/s) + h(V) + z) − z), V a full (out, in) matrix (AdaRound),
 // until harden() fixes the rounding: then Ŵ is the constant dequantized integer weight.
+// With a fixed grid (QuantLinearConfig::fixed_grid) the integer part is computed with the
+// starting steps s₀ and the learned steps scale it: Ŵ = (s/s₀)·s₀·(clamp(floor(W/s₀) + h + z) − z),
+// so learning s never re-rounds a weight (the codes move only through h).
+#include <cmath>
 #include <map>
 #include <memory>
 #include <optional>
@@ -14,6 +18,8 @@
 #include <vector>
 
 #include "cbq/model/linear_layer.hpp"
+#include "cbq/ops/matmul.hpp"
+#include "cbq/ops/mul.hpp"
 #include "cbq/pass/config.hpp"
 #include "cbq/pass/device_support.hpp"
 #include "cbq/quant/act_quant.hpp"
@@ -38,6 +44,8 @@ struct QuantLinearConfig {
   bool v0_tracks_step = true;
   // soft: h(V) in the forward; hard_ste: the integer weight in the forward, gradients of soft.
   quant::RoundingMode rounding_mode = quant::RoundingMode::soft;
+  // The integer grid stays at the starting steps; the learned steps scale it (see above).
+  bool fixed_grid = false;
 };
 
 template <class T>
@@ -81,6 +89,7 @@ class QuantLinear final : public LinearTransform<T> {
     // all-zero when symmetric
     w_zero_ = config_.weight.symmetric ? Tensor<T>(s.shape(), W_.device()) : z;
     const int64_t rows = W_.size(0), cols = W_.size(1);
+    if (config_.fixed_grid) init_fixed_grid(s);
     switch (config_.rounding) {
       case RoundingKind::lora:
         lora_ = quant::init_lora_rounding(name_, W_, w_scale_.value, w_zero_, config_.weight,
@@ -111,6 +120,10 @@ class QuantLinear final : public LinearTransform<T> {
   const std::string& name() const { return name_; }
   const QuantLinearConfig& config() const { return config_; }
   bool hardened() const { return hardened_; }
+
+  // Overrides the forward's rounding (e.g. hard, to measure what harden() will deploy) until
+  // reset with std::nullopt; the training mode is config().rounding_mode.
+  void set_forward_rounding(std::optional<quant::RoundingMode> mode) { forward_mode_ = mode; }
 
   // Static activation step from the calibration range of this layer's input.
   void init_activation_range(T lo, T hi) {
@@ -175,7 +188,8 @@ class QuantLinear final : public LinearTransform<T> {
       if (same) return r;
     }
     if (config_.rounding == RoundingKind::lora && lora_tracks())
-      return quant::lora_round_reg_tracked(W_, w_scale_.value, config_.weight, tape.param(lora_.A1),
+      return quant::lora_round_reg_tracked(W_, config_.fixed_grid ? w_scale_init_ : w_scale_.value,
+                                           config_.weight, tape.param(lora_.A1),
                                            tape.param(lora_.A2), beta);
     if (config_.rounding == RoundingKind::lora)
       return quant::lora_round_reg(tape.param(lora_.A1), tape.param(lora_.A2), lora_.v0(), beta);
@@ -207,9 +221,12 @@ class QuantLinear final : public LinearTransform<T> {
                 "{}: learned weight step {} is {} (must be positive and finite)", name_, i,
                 static_cast<double>(s[i]));
     track_step();
+    // The codes come from the grid's steps (the starting ones for a fixed grid), the scales are
+    // the learned steps.
+    const Tensor<T> g = config_.fixed_grid ? w_scale_init_.to(Device::cpu) : s;
     switch (config_.rounding) {
       case RoundingKind::lora:
-        result_ = quant::harden(W_, s, w_zero_, lora_, config_.weight, lora_tracks());
+        result_ = quant::harden(W_, g, w_zero_, lora_, config_.weight, lora_tracks());
         break;
       case RoundingKind::full: {
         Tensor<T> v = full_v_.value.to(Device::cpu);
@@ -217,13 +234,14 @@ class QuantLinear final : public LinearTransform<T> {
           const Tensor<T> v0 = full_v0_.is_cpu() ? full_v0_ : full_v0_.to(Device::cpu);
           for (int64_t i = 0; i < v.numel(); ++i) v[i] += v0[i];
         }
-        result_ = quant::harden(W_, s, w_zero_, v, config_.weight);
+        result_ = quant::harden(W_, g, w_zero_, v, config_.weight);
         break;
       }
       case RoundingKind::nearest:
-        result_ = quant::quantize_weight(W_, s, w_zero_, config_.weight);
+        result_ = quant::quantize_weight(W_, g, w_zero_, config_.weight);
         break;
     }
+    if (config_.fixed_grid) result_.scale = s.template cast<float>();
     measure_learning(s);
     freeze();
     return result_;
@@ -233,6 +251,28 @@ class QuantLinear final : public LinearTransform<T> {
   // with the final steps (the rounding decisions the method changed).
   double step_change() const { return step_change_; }
   double rounding_flips() const { return rounding_flips_; }
+  // The fraction of codes that differ from the start's (RTN's or GPTQ's) codes (set by harden()).
+  double codes_changed() const { return codes_changed_; }
+  // The weight the layer started from, dequantized: RTN's, or GPTQ's for the GPTQ start.
+  Tensor<T> start_weight() const {
+    const Tensor<float> deq =
+        quant::quantize_weight(W_, w_scale_init_, w_zero_, config_.weight).dequantize();
+    Tensor<T> w;
+    if constexpr (std::is_same_v<T, float>) {
+      w = deq;
+    } else {
+      w = deq.template cast<T>();
+    }
+    return W_.is_cpu() ? w : w.to(W_.device());
+  }
+  // The relative output error ‖x(Ŵ − W)ᵀ‖² / ‖xWᵀ‖² of the start's and the final weight on the
+  // layer's calibration inputs, measured by the pass after hardening (0 until then).
+  void set_output_errors(double start, double final_error) {
+    output_error_start_ = start;
+    output_error_ = final_error;
+  }
+  double output_error_start() const { return output_error_start_; }
+  double output_error() const { return output_error_; }
   const quant::QuantizedWeight& result() const { return result_; }
   // Fixes the layer to an integer weight computed elsewhere (RTN, GPTQ).
   void set_result(quant::QuantizedWeight qw) {
@@ -280,6 +320,9 @@ class QuantLinear final : public LinearTransform<T> {
     st.scalars["act_scale_floor"] = static_cast<double>(act_scale_floor_);
     st.scalars["step_change"] = step_change_;
     st.scalars["rounding_flips"] = rounding_flips_;
+    st.scalars["codes_changed"] = codes_changed_;
+    st.scalars["output_error_start"] = output_error_start_;
+    st.scalars["output_error"] = output_error_;
     if (hardened_) {
       st.tensors["codes"] = result_.codes.template cast<T>();
       st.tensors["q_scale"] = cast_from_float(result_.scale);
@@ -303,6 +346,10 @@ class QuantLinear final : public LinearTransform<T> {
       CBQ_CHECK(it != st.scalars.end(), "{}: checkpoint state lacks '{}'", name_, key);
       return it->second;
     };
+    auto optional_scalar = [&](const char* key) {  // statistics added after cbq-checkpoint-1
+      auto it = st.scalars.find(key);
+      return it == st.scalars.end() ? 0.0 : it->second;
+    };
     auto load = [&](const char* key, Tensor<T>& dst) {
       const Tensor<T>* src = get(key);
       CBQ_CHECK((src != nullptr) == dst.defined(),
@@ -315,6 +362,7 @@ class QuantLinear final : public LinearTransform<T> {
     };
     load("w_scale", w_scale_.value);
     load("w_scale_init", w_scale_init_);
+    if (config_.fixed_grid) init_fixed_grid(w_scale_init_);  // the grid of the restored start
     load("w_scale_floor", w_scale_floor_);
     load("w_zero", w_zero_);
     load("act_scale", act_scale_.value);
@@ -333,7 +381,14 @@ class QuantLinear final : public LinearTransform<T> {
       quant::QuantizedWeight qw;
       qw.spec = config_.weight;
       qw.codes = Tensor<uint8_t>::empty(codes->shape());
-      for (int64_t i = 0; i < codes->numel(); ++i) qw.codes[i] = static_cast<uint8_t>((*codes)[i]);
+      const T code_max = static_cast<T>((int64_t{1} << qw.spec.bits) - 1);
+      for (int64_t i = 0; i < codes->numel(); ++i) {
+        const T c = (*codes)[i];
+        CBQ_CHECK(c == std::nearbyint(c) && c >= T(0) && c <= code_max,
+                  "{}: checkpoint code {} at element {} is not an integer in [0, {}] ({} bits)",
+                  name_, static_cast<double>(c), i, static_cast<double>(code_max), qw.spec.bits);
+        qw.codes[i] = static_cast<uint8_t>(c);
+      }
       qw.scale = qs->template cast<float>();
       qw.zero = qz->template cast<float>();
       if (const Tensor<T>* g = get("g_idx"))
@@ -342,6 +397,9 @@ class QuantLinear final : public LinearTransform<T> {
       set_result(std::move(qw));
       step_change_ = scalar("step_change");
       rounding_flips_ = scalar("rounding_flips");
+      codes_changed_ = optional_scalar("codes_changed");
+      output_error_start_ = optional_scalar("output_error_start");
+      output_error_ = optional_scalar("output_error");
       return;
     }
     load("lora_a1", lora_.A1.value);
@@ -398,12 +456,39 @@ class QuantLinear final : public LinearTransform<T> {
   // LoRA with V0 following the steps: the kernels recompute V0 from s themselves.
   bool lora_tracks() const { return config_.v0_tracks_step && lora_.V0.defined(); }
   // Keeps V0 = h⁻¹(W/s − floor(W/s)) in step with the current s (see v0_tracks_step).
+  // (A fixed grid's V0 belongs to the starting steps and never moves.)
   void track_step() {
-    if (!config_.v0_tracks_step) return;
+    if (!config_.v0_tracks_step || config_.fixed_grid) return;
     if (config_.rounding == RoundingKind::lora && lora_.V0.defined())
       quant::adaround_offset(W_, w_scale_.value, config_.weight, lora_.V0);
     if (config_.rounding == RoundingKind::full && full_v0_.defined())
       quant::adaround_offset(W_, w_scale_.value, config_.weight, full_v0_);
+  }
+  // The steps the integer grid is computed with: the learned ones, or the start's when fixed.
+  Var<T> grid_steps(Tape<T>& tape) {
+    return config_.fixed_grid ? tape.constant(w_scale_init_) : tape.param(w_scale_);
+  }
+  // Fixed grid: the per-element factor s/s₀ as (rows, cols), from the (rows, groups) or (1, 1)
+  // steps through constant 0/1 expansion matrices (matmuls, so every device has it).
+  void init_fixed_grid(const Tensor<T>& s0) {
+    const int64_t rows = W_.size(0), cols = W_.size(1);
+    const quant::GridSpec& g = config_.weight;
+    Tensor<T> inv = s0.to(Device::cpu).clone();
+    for (int64_t i = 0; i < inv.numel(); ++i) inv[i] = T(1) / inv[i];
+    const int64_t groups = g.param_shape(rows, cols).cols();
+    Tensor<T> cols_of = Tensor<T>(Shape{groups, cols});
+    for (int64_t c = 0; c < cols; ++c)
+      cols_of(g.granularity == quant::Granularity::per_group ? c / g.group_cols(cols) : 0, c) =
+          T(1);
+    inv_start_step_ = W_.is_cpu() ? inv : inv.to(W_.device());
+    group_columns_ = W_.is_cpu() ? cols_of : cols_of.to(W_.device());
+    if (g.granularity == quant::Granularity::per_tensor)
+      tensor_rows_ = Tensor<T>::full(Shape{rows, 1}, T(1)).to(W_.device());
+  }
+  Var<T> grid_factor(Tape<T>& tape) {
+    Var<T> ratio = ops::mul(tape.param(w_scale_), tape.constant(inv_start_step_));
+    if (tensor_rows_.defined()) ratio = ops::matmul(tape.constant(tensor_rows_), ratio);
+    return ops::matmul(ratio, tape.constant(group_columns_));
   }
   Var<T> full_v(Tape<T>& tape) {
     Var<T> dv = tape.param(full_v_);
@@ -411,7 +496,13 @@ class QuantLinear final : public LinearTransform<T> {
   }
 
   Var<T> soft_weight(Tape<T>& tape) {
+    Var<T> w = grid_weight(tape);
+    return config_.fixed_grid ? ops::mul(w, grid_factor(tape)) : w;
+  }
+  // Ŵ on the grid's steps (the learned ones, or for a fixed grid the start's, then scaled).
+  Var<T> grid_weight(Tape<T>& tape) {
     const Tensor<T>& zero = w_zero_;
+    const quant::RoundingMode mode = forward_mode_.value_or(config_.rounding_mode);
     if (config_.rounding == RoundingKind::full) track_step();  // LoRA's is fused in its kernel
     switch (config_.rounding) {
       case RoundingKind::lora: {
@@ -424,21 +515,20 @@ class QuantLinear final : public LinearTransform<T> {
           reg_request_.reset();
         }
         if (lora_tracks())
-          return quant::lora_soft_weight_tracked(
-              W_, tape.param(w_scale_), zero, tape.param(lora_.A1), tape.param(lora_.A2),
-              config_.weight, config_.rounding_mode, config_.lsq_grad_scale, reg);
-        return quant::lora_soft_weight(W_, tape.param(w_scale_), zero, tape.param(lora_.A1),
-                                       tape.param(lora_.A2), lora_.v0(), config_.weight,
-                                       config_.rounding_mode, config_.lsq_grad_scale, reg);
+          return quant::lora_soft_weight_tracked(W_, grid_steps(tape), zero, tape.param(lora_.A1),
+                                                 tape.param(lora_.A2), config_.weight, mode,
+                                                 config_.lsq_grad_scale, reg);
+        return quant::lora_soft_weight(W_, grid_steps(tape), zero, tape.param(lora_.A1),
+                                       tape.param(lora_.A2), lora_.v0(), config_.weight, mode,
+                                       config_.lsq_grad_scale, reg);
       }
       case RoundingKind::full:
-        return quant::soft_round_weight(W_, tape.param(w_scale_), zero, full_v(tape),
-                                        config_.weight, config_.rounding_mode,
-                                        config_.lsq_grad_scale);
+        return quant::soft_round_weight(W_, grid_steps(tape), zero, full_v(tape), config_.weight,
+                                        mode, config_.lsq_grad_scale);
       case RoundingKind::nearest:
       default:
-        return quant::fake_quant_weight(tape.constant(W_), tape.param(w_scale_), zero,
-                                        config_.weight, config_.lsq_grad_scale);
+        return quant::fake_quant_weight(tape.constant(W_), grid_steps(tape), zero, config_.weight,
+                                        config_.lsq_grad_scale);
     }
   }
 
@@ -464,11 +554,19 @@ class QuantLinear final : public LinearTransform<T> {
     for (int64_t i = 0; i < s.numel(); ++i)
       change += std::abs(static_cast<double>(s[i] - init[i])) / static_cast<double>(init[i]);
     step_change_ = change / static_cast<double>(s.numel());
-    const quant::QuantizedWeight nearest = quant::quantize_weight(W_, s, w_zero_, config_.weight);
-    int64_t flips = 0;
-    for (int64_t i = 0; i < nearest.codes.numel(); ++i)
+    // Round-to-nearest on the grid's steps (for a fixed grid the start's codes)...
+    const quant::QuantizedWeight nearest =
+        quant::quantize_weight(W_, config_.fixed_grid ? init : s, w_zero_, config_.weight);
+    // ...and the start's codes (RTN's, or GPTQ's for the GPTQ start).
+    const quant::QuantizedWeight start = quant::quantize_weight(W_, init, w_zero_, config_.weight);
+    int64_t flips = 0, changed = 0;
+    for (int64_t i = 0; i < nearest.codes.numel(); ++i) {
       flips += nearest.codes[i] != result_.codes[i];
-    rounding_flips_ = static_cast<double>(flips) / static_cast<double>(nearest.codes.numel());
+      changed += start.codes[i] != result_.codes[i];
+    }
+    const auto n = static_cast<double>(nearest.codes.numel());
+    rounding_flips_ = static_cast<double>(flips) / n;
+    codes_changed_ = static_cast<double>(changed) / n;
   }
 
   std::vector<Parameter<T>*> all_params() {
@@ -494,8 +592,11 @@ class QuantLinear final : public LinearTransform<T> {
   Parameter<T> act_scale_;
   Tensor<T> act_zero_;
   Parameter<T> act_clip_;
+  Tensor<T> inv_start_step_, group_columns_, tensor_rows_;  // fixed grid (init_fixed_grid)
+  std::optional<quant::RoundingMode> forward_mode_;
   bool hardened_ = false;
-  double step_change_ = 0, rounding_flips_ = 0;
+  double step_change_ = 0, rounding_flips_ = 0, codes_changed_ = 0;
+  double output_error_start_ = 0, output_error_ = 0;
   quant::QuantizedWeight result_;
   Tensor<T> W_hard_;
   std::optional<T> reg_request_;        // expect_rounding_regularizer's β, for the next forward

@@ -34,10 +34,24 @@ struct LossTerms {
 struct WindowStats {
   int64_t first_block = 0, last_block = 0, steps = 0;
   double seconds = 0;
-  LossTerms loss_before;       // mean over all samples before the window trains (no regulariser)
-  LossTerms loss_after;        // the same after training, before hard rounding
-  LossTerms first_epoch_loss;  // mean over the first epoch
-  LossTerms final_loss;        // mean over the last epoch
+  // Means over all samples, in the pass's loss scale (PassOptions::loss_scale). `total` is the
+  // reconstruction part; `round` holds γ_r·L_round at β_start (before) / β_end (after), not
+  // added to `total`.
+  LossTerms loss_before;         // before the window trains, in the training forward
+  LossTerms loss_after;          // after training, in the training forward
+  LossTerms loss_hard;           // after training with hard rounding (what harden() deploys)
+  LossTerms first_epoch_loss;    // mean over the first epoch's steps (training terms)
+  LossTerms final_loss;          // mean over the last epoch's steps
+  std::vector<LossTerms> curve;  // every optimiser step's training terms, in order
+  // The targets' energy mean_t ‖a_t‖² (T_fp(X_fp), T_fp(X_q)) over the window's samples.
+  double energy_fp = 0, energy_hom = 0;
+  // Start vs trained (PassOptions::keep_better): the reconstruction with hard rounding on the
+  // `heldout` samples held out from training (0: judged on the training samples), and whether
+  // the window went back to its start.
+  bool judged = false;
+  int64_t heldout = 0;
+  LossTerms heldout_start, heldout_trained;
+  bool kept_start = false;
 };
 
 struct LayerResult {
@@ -48,6 +62,10 @@ struct LayerResult {
   double act_clip_logit = 0;  // per-token clipping factor σ(c) (0 logit: none)
   double step_change = 0;     // CBQ: mean |s − s_RTN| / s_RTN at the end
   double rounding_flips = 0;  // CBQ: fraction of codes that differ from round-to-nearest
+  double codes_changed = 0;   // CBQ: fraction of codes that differ from the start's (RTN/GPTQ)
+  // CBQ: ‖x(Ŵ − W)ᵀ‖² / ‖xWᵀ‖² over the layer's calibration inputs on the quantized path, for
+  // the start's weight and the final one.
+  double output_error_start = 0, output_error = 0;
 };
 
 struct SiteScaling {
@@ -71,6 +89,12 @@ struct QuantizationResult {
   std::size_t activation_bytes = 0;  // calibration activations held by the pass
 
   // Means over layers of step_change and rounding_flips.
+  // Windows that went back to their start (PassOptions::keep_better).
+  int64_t windows_kept_start() const {
+    int64_t n = 0;
+    for (const auto& w : windows) n += w.kept_start ? 1 : 0;
+    return n;
+  }
   std::pair<double, double> learning_summary() const {
     double a = 0, b = 0;
     for (const auto& l : layers) {

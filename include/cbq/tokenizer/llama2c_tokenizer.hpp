@@ -152,6 +152,9 @@ class Llama2cTokenizer : public Tokenizer {
     CBQ_CHECK(len >= 0, "{}: token {} has negative length {} (at offset {})", path_, i, len,
               r.offset() - 4);
     auto bytes = r.take(static_cast<std::size_t>(len), what);
+    // A NaN score silently changes which merges win; refuse it.
+    CBQ_CHECK(std::isfinite(s), "{}: token {} has a non-finite merge score ({}) at offset {}",
+              path_, i, s, r.offset() - static_cast<std::size_t>(len) - 8);
     scores_.push_back(s);
     pieces_.emplace_back(reinterpret_cast<const char*>(bytes.data()), bytes.size());
   }
