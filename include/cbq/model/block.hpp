@@ -10,7 +10,6 @@
 
 #include "cbq/model/config.hpp"
 #include "cbq/model/linear_layer.hpp"
-#include "cbq/ops/hadamard.hpp"
 
 namespace cbq {
 
@@ -32,17 +31,6 @@ struct ActivationSite {
     return producer_channel.empty() ? consumer_channel
                                     : producer_channel[static_cast<size_t>(consumer_channel)];
   }
-};
-
-// Rotations a block applies at run time (model/rotation.hpp, docs/ROTATION.md): the weights they
-// pair with are folded, but the activation itself must be transformed between two ops.
-//   down_proj_in  R4: the MLP activation before down_proj / fc2 (size hidden_dim)
-//   qk_heads      R3: every head of q and k after RoPE (size head_dim; LLaMA only: OPT has no
-//                 RoPE between q_proj and the scores, so its R3 is folded into q_proj / k_proj)
-struct OnlineRotations {
-  std::shared_ptr<const ops::HadamardTransform> down_proj_in;
-  std::shared_ptr<const ops::HadamardTransform> qk_heads;
-  bool any() const { return down_proj_in || qk_heads; }
 };
 
 template <class B>

@@ -24,7 +24,6 @@ class LlamaBlock {
   Parameter<T> input_layernorm;           // (d,)
   Parameter<T> post_attention_layernorm;  // (d,)
   LinearLayer<T> q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj;
-  OnlineRotations online_rotations;  // R3 / R4 (set by rotate_model), none by default
 
   LlamaBlock(const ModelConfig& config, int64_t index, const WeightMap& weights)
       : config_(config), index_(index) {
@@ -63,16 +62,11 @@ class LlamaBlock {
     auto [q, k, v] = run_linears<T, 3>(tape, {&q_proj, &k_proj, &v_proj}, n1, ctx);
     q = ops::rope(q, c.n_heads, c.head_dim, c.rope_layout, c.rope_theta, ctx.pos0);
     k = ops::rope(k, c.n_kv_heads, c.head_dim, c.rope_layout, c.rope_theta, ctx.pos0);
-    if (online_rotations.qk_heads) {  // R3: q·kᵀ per head is unchanged
-      q = ops::hadamard(q, online_rotations.qk_heads);
-      k = ops::hadamard(k, online_rotations.qk_heads);
-    }
     Var<T> a = ops::attention(q, k, v, c.n_heads, c.n_kv_heads, c.head_dim, true);
     Var<T> h = ops::add(x, run_linear(tape, o_proj, a, ctx));
     Var<T> n2 = ops::rmsnorm(h, tape.param(post_attention_layernorm), c.norm_eps);
     auto [gate, up] = run_linears<T, 2>(tape, {&gate_proj, &up_proj}, n2, ctx);
     Var<T> g = ops::swiglu(gate, up);
-    if (online_rotations.down_proj_in) g = ops::hadamard(g, online_rotations.down_proj_in);  // R4
     return ops::add(h, run_linear(tape, down_proj, g, ctx));
   }
 
@@ -142,9 +136,7 @@ class LlamaBlock {
                        divide_rows<T>(post_attention_layernorm.value, nullptr, s);
                      }});
     // silu(g) ⊙ (u / s) = (silu(g) ⊙ u) / s: scaling up_proj's rows scales down_proj's input.
-    // Not under R4: down_proj then reads the rotated activation, whose channels are not up_proj's.
-    if (!online_rotations.down_proj_in)
-      sites.push_back(
+    sites.push_back(
         {"down_proj_in", {&down_proj}, config_.hidden_dim, {}, [this](const std::vector<T>& s) {
            divide_rows(up_proj.weight.value, &up_proj.bias.value, s);
          }});

@@ -24,7 +24,6 @@ class OptBlock {
   Parameter<T> self_attn_layer_norm_weight, self_attn_layer_norm_bias;  // (d,)
   Parameter<T> final_layer_norm_weight, final_layer_norm_bias;          // (d,)
   LinearLayer<T> q_proj, k_proj, v_proj, out_proj, fc1, fc2;
-  OnlineRotations online_rotations;  // R4 (set by rotate_model); R3 is folded for OPT
 
   OptBlock(const ModelConfig& config, int64_t index, const WeightMap& weights)
       : config_(config), index_(index) {
@@ -69,7 +68,6 @@ class OptBlock {
     Var<T> n2 = ops::layernorm(h, tape.param(final_layer_norm_weight),
                                tape.param(final_layer_norm_bias), c.norm_eps);
     Var<T> r = ops::relu(run_linear(tape, fc1, n2, ctx));
-    if (online_rotations.down_proj_in) r = ops::hadamard(r, online_rotations.down_proj_in);  // R4
     return ops::add(h, run_linear(tape, fc2, r, ctx));
   }
 
@@ -129,10 +127,8 @@ class OptBlock {
     sites.push_back({"fc1_in", {&fc1}, d, {}, [this](const std::vector<T>& s) {
                        divide_rows(final_layer_norm_weight.value, &final_layer_norm_bias.value, s);
                      }});
-    // relu(z / s) = relu(z) / s for s > 0: scaling fc1's rows scales fc2's input (not under R4,
-    // where fc2 reads the rotated activation).
-    if (!online_rotations.down_proj_in)
-      sites.push_back({"fc2_in", {&fc2}, config_.hidden_dim, {}, [this](const std::vector<T>& s) {
+    // relu(z / s) = relu(z) / s for s > 0: scaling fc1's rows scales fc2's input.
+    sites.push_back({"fc2_in", {&fc2}, config_.hidden_dim, {}, [this](const std::vector<T>& s) {
                        divide_rows(fc1.weight.value, &fc1.bias.value, s);
                      }});
     return sites;

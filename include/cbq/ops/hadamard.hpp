@@ -1,12 +1,13 @@
 #pragma once
-// hadamard: an orthogonal transform of every n-element chunk of each row, y = x·M (docs/ROTATION.md):
+// hadamard: an orthogonal transform of every n-element chunk of each row, y = x·M
+// (docs/ROTATION.md):
 //
 //   M = D · (H_P ⊗ K) ,   n = P·m,  P a power of two,
 //   H_P  the Sylvester–Hadamard matrix of order P divided by √P (a fast Walsh–Hadamard transform,
 //        P/2·log2 P butterflies),
 //   K    an orthogonal m × m matrix: a Hadamard matrix of order m divided by √m
-//        (core/hadamard.hpp: Paley I/II), or, when n's odd part has no such matrix within n, a
-//        seeded random orthogonal matrix of the odd part (applied as a dense product),
+//        (core/hadamard.hpp: Paley I/II); when n's odd part has no such matrix within n, make()
+//        refuses, or on request uses a seeded random orthogonal matrix of the odd part,
 //   D    diag(±1) random signs (QuaRot's randomised Hadamard), or the identity.
 //
 // Index i = a·m + b (a < P, b < m): (H_P ⊗ K)_{(a,b),(c,e)} = H_P[a][c]·K[b][e], so y = x·M is
@@ -16,7 +17,7 @@
 // The op (ops::hadamard) transforms x (..., C), C a multiple of n, chunk by chunk (heads side by
 // side: R3 on q/k with n = head_dim, R4 on the MLP activation with n = hidden_dim).
 // Derivative: M is constant, so dx += dy·Mᵀ (the same transform, transposed).
-// CUDA (cuda/cbq/cuda/hadamard.cuh): one thread block per chunk, the chunk in shared memory.
+// CPU only: the CUDA kernel is future work (docs/ROTATION.md).
 #include <algorithm>
 #include <cmath>
 #include <memory>
@@ -30,22 +31,17 @@
 
 namespace cbq::ops {
 
-template <class T>
-struct CudaHadamard {
-  // out (rows, n) = or += in (rows, n)·M (transpose: ·Mᵀ). kernel (m, m) and signs (n) are device
-  // arrays (signs null for none); n = P·m. out may equal in.
-  static inline void (*apply)(T* out, const T* in, const T* kernel, const T* signs, int64_t rows,
-                              int64_t n, int64_t m, bool transpose, bool accumulate) = nullptr;
-};
-
 class HadamardTransform {
  public:
   enum class KernelKind { none, hadamard, random_orthogonal };
 
-  // The transform of size n: K from the smallest m = odd(n)·2^j (j ≥ 0, m | n) with a Hadamard
-  // matrix, else the random orthogonal fallback of order odd(n); random ±1 signs when asked.
-  // Deterministic in (n, seed, random_signs).
-  static HadamardTransform make(int64_t n, uint64_t seed = 0, bool random_signs = false) {
+  // The transform of size n: K from the smallest m = odd(n)·2^j (j ≥ 0, m | n) that has a
+  // Hadamard matrix (core/hadamard.hpp). When none does (e.g. n = 172 = 4·43), a cbq::Error
+  // naming n, unless allow_random_orthogonal: then K is a seeded random orthogonal matrix of
+  // order odd(n) (still orthogonal, but dense and without the Hadamard's flat spectrum).
+  // Random ±1 signs when asked. Deterministic in (n, seed, random_signs, the fallback).
+  static HadamardTransform make(int64_t n, uint64_t seed = 0, bool random_signs = false,
+                                bool allow_random_orthogonal = false) {
     CBQ_CHECK(n >= 1, "hadamard: transform size {} must be positive", n);
     HadamardTransform h;
     h.n_ = n;
@@ -66,11 +62,14 @@ class HadamardTransform {
         for (size_t i = 0; i < found->entries.size(); ++i) h.kernel_[i] = found->entries[i] * scale;
         h.description_ = fmt::format("H_{} ⊗ {} [order {}]", n / h.m_, found->construction, h.m_);
       } else {
+        CBQ_CHECK(allow_random_orthogonal,
+                  "hadamard: no Hadamard transform of size {} = {}·{}: cbq knows no Hadamard "
+                  "matrix of order {}·2^j ≤ {} (it builds Sylvester and Paley I/II orders; "
+                  "docs/ROTATION.md lists the supported sizes)",
+                  n, pow2, odd, odd, n);
         h.kind_ = KernelKind::random_orthogonal;
         h.kernel_ = random_orthogonal(odd, seed ^ 0x9e3779b97f4a7c15ull);
-        h.description_ = fmt::format("H_{} ⊗ random orthogonal {} (no Hadamard matrix of order "
-                                     "{}·2^j known to cbq)",
-                                     n / odd, odd, odd);
+        h.description_ = fmt::format("H_{} ⊗ random orthogonal {}", n / odd, odd);
       }
     } else {
       h.kernel_ = {1.0};
@@ -89,20 +88,24 @@ class HadamardTransform {
   }
 
   int64_t size() const { return n_; }
-  int64_t pow2() const { return pow2_; }         // P
-  int64_t kernel_size() const { return m_; }     // m
+  int64_t pow2() const { return pow2_; }      // P
+  int64_t kernel_size() const { return m_; }  // m
   KernelKind kernel_kind() const { return kind_; }
   bool has_signs() const { return !signs_.empty(); }
   const std::string& description() const { return description_; }
   template <class T>
   const std::vector<T>& kernel() const {
-    if constexpr (std::is_same_v<T, float>) return kernel_f_;
-    else return kernel_;
+    if constexpr (std::is_same_v<T, float>)
+      return kernel_f_;
+    else
+      return kernel_;
   }
   template <class T>
   const std::vector<T>& signs() const {
-    if constexpr (std::is_same_v<T, float>) return signs_f_;
-    else return signs_;
+    if constexpr (std::is_same_v<T, float>)
+      return signs_f_;
+    else
+      return signs_;
   }
 
   // out (rows, n) = or += in (rows, n)·M (transpose: ·Mᵀ), on the host; out may equal in.
@@ -168,59 +171,27 @@ class HadamardTransform {
   std::string description_;
 };
 
-namespace detail {
-
-// Host data of the transform as tensors on `device` (the kernel's and signs' copies for CUDA).
-template <class T>
-Tensor<T> host_vector_on(Tape<T>& tape, const std::vector<T>& v) {
-  Tensor<T> host = Tensor<T>::empty(Shape{static_cast<int64_t>(v.size())});
-  std::copy(v.begin(), v.end(), host.data());
-  Tensor<T> dev = tape.scratch(host.shape());
-  dev.copy_from(host);
-  return dev;
-}
-
-template <class T>
-void hadamard_dispatch(const HadamardTransform& h, const Tensor<T>& kernel_dev,
-                       const Tensor<T>& signs_dev, const T* in, T* out, int64_t rows,
-                       Device device, bool transpose, bool accumulate) {
-  if (device == Device::cuda) {
-    require_cuda("hadamard");
-    CBQ_CHECK(CudaHadamard<T>::apply, "hadamard: CUDA kernel not registered");
-    CudaHadamard<T>::apply(out, in, kernel_dev.data(),
-                           signs_dev.defined() ? signs_dev.data() : nullptr, rows, h.size(),
-                           h.kernel_size(), transpose, accumulate);
-    return;
-  }
-  h.apply(in, out, rows, transpose, accumulate);
-}
-
-}  // namespace detail
-
 template <class T>
 class HadamardNode final : public Node<T> {
  public:
-  HadamardNode(Var<T> x, std::shared_ptr<const HadamardTransform> h, Tensor<T> kernel,
-               Tensor<T> signs, bool transpose)
-      : x_(x), h_(std::move(h)), kernel_(kernel), signs_(signs), transpose_(transpose) {}
+  HadamardNode(Var<T> x, std::shared_ptr<const HadamardTransform> h, bool transpose)
+      : x_(x), h_(std::move(h)), transpose_(transpose) {}
   const char* name() const override { return "hadamard"; }
   void backward(Tape<T>& tape) override {
     if (!x_.requires_grad()) return;
     const Tensor<T>& dy = tape.grad(this->output);
-    const int64_t rows = dy.numel() / h_->size();
     // dx += dy·Mᵀ (forward ·M), or dy·M (forward ·Mᵀ)
-    detail::hadamard_dispatch(*h_, kernel_, signs_, dy.data(), x_.grad().data(), rows,
-                              dy.device(), !transpose_, true);
+    h_->apply(dy.data(), x_.grad().data(), dy.numel() / h_->size(), !transpose_, true);
   }
 
  private:
   Var<T> x_;
   std::shared_ptr<const HadamardTransform> h_;
-  Tensor<T> kernel_, signs_;  // device copies (CUDA) or undefined
   bool transpose_;
 };
 
 // y = x·M on every n-element chunk of x (..., C), C a multiple of n = h->size(); transpose: ·Mᵀ.
+// CPU only for now (no CUDA kernel yet: docs/ROTATION.md).
 template <class T>
 Var<T> hadamard(Var<T> x, std::shared_ptr<const HadamardTransform> h, bool transpose = false) {
   CBQ_CHECK(h != nullptr, "hadamard: no transform given");
@@ -228,21 +199,17 @@ Var<T> hadamard(Var<T> x, std::shared_ptr<const HadamardTransform> h, bool trans
   CBQ_CHECK(X.ndim() >= 1 && X.size(-1) % h->size() == 0,
             "hadamard: the last dimension of input {} is not a multiple of the transform size {}",
             X.shape(), h->size());
+  CBQ_CHECK(X.device() == Device::cpu,
+            "hadamard: input on {}; the op has no CUDA kernel yet (docs/ROTATION.md)",
+            device_name(X.device()));
   check_contiguous("hadamard", "input", X);
-  const int64_t rows = X.numel() / h->size();
   Tape<T>& tape = x.tape();
   const bool rg = tape.any_requires_grad({x});
   Var<T> out = tape.output(X.shape(), rg);
   Tensor<T> Y = out.value();
   check_same_device("hadamard", Y, X);
-  Tensor<T> kernel, signs;
-  if (X.device() == Device::cuda) {
-    kernel = detail::host_vector_on(tape, h->kernel<T>());
-    if (h->has_signs()) signs = detail::host_vector_on(tape, h->signs<T>());
-  }
-  detail::hadamard_dispatch(*h, kernel, signs, X.data(), Y.data(), rows, X.device(), transpose,
-                            false);
-  if (rg) tape.template record<HadamardNode<T>>(out, x, std::move(h), kernel, signs, transpose);
+  h->apply(X.data(), Y.data(), X.numel() / h->size(), transpose, false);
+  if (rg) tape.template record<HadamardNode<T>>(out, x, std::move(h), transpose);
   return out;
 }
 
