@@ -182,3 +182,60 @@ TEST_CASE("rotation: unsupported sizes are refused naming the size, the model un
     CHECK(model.config.tied_embeddings);
   }
 }
+
+namespace {
+// Stands in for a quantization pass's transform (rotate_model must refuse a model that has one).
+struct IdentityTransform final : LinearTransform<double> {
+  Var<double> forward(Tape<double>& tape, LinearLayer<double>& layer, Var<double> x) override {
+    return ops::linear(x, tape.param(layer.weight), Var<double>{});
+  }
+};
+
+// Largest |x_ij| / rms(x_i) over the rows of the block inputs: how far a channel stands out.
+double peak_to_rms(const std::vector<Tensor<float>>& hidden) {
+  double worst = 0;
+  for (const Tensor<float>& t : hidden) {
+    const int64_t d = t.size(1);
+    for (int64_t r = 0; r < t.size(0); ++r) {
+      double ss = 0, peak = 0;
+      for (int64_t j = 0; j < d; ++j) {
+        ss += double(t[r * d + j]) * t[r * d + j];
+        peak = std::max(peak, std::abs(double(t[r * d + j])));
+      }
+      worst = std::max(worst, peak / std::sqrt(ss / d));
+    }
+  }
+  return worst;
+}
+}  // namespace
+
+TEST_CASE("rotation: refused on a model with a quantization transform installed") {
+  ModelConfig cfg = tiny_llama_config();
+  Transformer<LlamaBlock<double>> model(cfg, random_weights(cfg, 2));
+  model.blocks[1].down_proj.transform = std::make_shared<IdentityTransform>();
+  CHECK_THROWS_WITH_AS(rotate_model(model), doctest::Contains("down_proj of block 1"), Error);
+}
+
+TEST_CASE("rotation: R1 flattens stories260K's residual stream (peak / rms per token)") {
+  namespace fs = std::filesystem;
+  const fs::path data = cbq::testing::data_dir();
+  const fs::path bin = data / "models" / "stories260K.bin";
+  if (!fs::exists(bin)) {
+    MESSAGE("skipped: stories260K.bin not found under " << data.string());
+    return;
+  }
+  AnyModel any = load_model(bin.string(), (data / "models" / "tok512.bin").string());
+  LlamaModel& m = any.llama();
+  const std::string text =
+      io::read_text_file((data / "text" / "tinystories_train_excerpt.txt").string());
+  auto all = m.tokenizer->encode(text, true, false);
+  const std::vector<int32_t> probe(all.begin(), all.begin() + 256);
+  std::vector<Tensor<float>> before, after;
+  m.logits(probe, &before);
+  rotate_model(m);
+  m.logits(probe, &after);
+  const double pb = peak_to_rms(before), pa = peak_to_rms(after);
+  MESSAGE("stories260K block inputs: largest peak/rms " << pb << " before, " << pa
+                                                        << " after R1 (sqrt(64) = 8 is the bound)");
+  CHECK(pa < pb);
+}
