@@ -239,3 +239,19 @@ TEST_CASE("rotation: R1 flattens stories260K's residual stream (peak / rms per t
                                                         << " after R1 (sqrt(64) = 8 is the bound)");
   CHECK(pa < pb);
 }
+
+TEST_CASE("rotation: fold_rms_norms alone keeps the logits and unties a tied head (double)") {
+  ModelConfig cfg = tiny_llama_config();
+  cfg.tied_embeddings = true;
+  Transformer<LlamaBlock<double>> model(cfg, random_weights(cfg, 11));
+  const auto tokens = some_tokens(9, cfg.vocab_size, 8);
+  const Tensor<double> before = model.logits(tokens).clone();
+  const Tensor<double> q0 = model.blocks[2].q_proj.weight.value.clone();
+  CHECK(fold_rms_norms(model));
+  CHECK_FALSE(model.config.tied_embeddings);
+  REQUIRE(model.lm_head.value.defined());
+  CHECK(max_abs_diff(model.blocks[2].q_proj.weight.value, q0) > 1e-3);  // the norm went in
+  CHECK(max_abs_diff(model.logits(tokens), before) < 1e-13 * std::max(1.0, max_abs(before)));
+  CHECK_FALSE(fold_rms_norms(model));  // untied now; folding unit norms again changes nothing
+  CHECK(max_abs_diff(model.logits(tokens), before) < 1e-13 * std::max(1.0, max_abs(before)));
+}
