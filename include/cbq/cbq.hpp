@@ -16,6 +16,7 @@
 #include "cbq/io/native.hpp"
 #include "cbq/model/load.hpp"
 #include "cbq/model/random.hpp"
+#include "cbq/model/rotation.hpp"
 #include "cbq/ops/ops.hpp"
 #include "cbq/optim/optim.hpp"
 #include "cbq/pass/baselines.hpp"

@@ -6,6 +6,7 @@
 #include "cbq/ops/common.hpp"
 #include "cbq/ops/cross_entropy.hpp"
 #include "cbq/ops/embedding.hpp"
+#include "cbq/ops/hadamard.hpp"
 #include "cbq/ops/kl_div.hpp"
 #include "cbq/ops/layernorm.hpp"
 #include "cbq/ops/linear.hpp"

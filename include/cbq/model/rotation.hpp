@@ -1,0 +1,175 @@
+#pragma once
+// Offline rotation of a LLaMA model (QuaRot / SpinQuant R1 and R2; docs/ROTATION.md): the
+// rotated model computes the same function in exact arithmetic, with weights and residual
+// activations whose outliers are spread over all channels.
+//
+//   fold_rms_norms   every RMSNorm weight w into the linears that read the norm's output
+//                    (q/k/v, gate/up, the LM head: W ← W·diag(w)), the norm's weight set to 1;
+//                    a head tied to the embedding is untied first (the head then differs).
+//   R1 (size d)      the residual stream x ← x·Q: embeddings E ← E·Q; the readers of the
+//                    residual (q/k/v, gate/up, head) W ← W·Q; its writers (o_proj, down_proj)
+//                    W ← Qᵀ·W, b ← b·Q. rmsnorm(x·Q) = rmsnorm(x)·Q once the weight is 1,
+//                    since Q keeps ‖x‖.
+//   R2 (head_dim)    every value head v_h ← v_h·Q₂: v_proj's rows of head h W ← Q₂ᵀ·W (b ← b·Q₂),
+//                    o_proj's columns of every query head W ← W·Q₂. One Q₂ for all heads, so
+//                    grouped-query heads sharing a value head stay consistent.
+// Q and Q₂ are randomised Hadamard transforms (ops::HadamardTransform with random signs); sizes
+// without a Hadamard construction are refused (cbq::Error naming the size).
+// Everything is folded into the weights: no run-time op, the block code is unchanged.
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cbq/model/llama_block.hpp"
+#include "cbq/model/transformer.hpp"
+#include "cbq/ops/hadamard.hpp"
+
+namespace cbq {
+
+struct RotationOptions {
+  bool r1 = true;            // residual stream (needs the norms folded: done whenever r1 is)
+  bool r2 = true;            // value/output per head
+  bool random_signs = true;  // QuaRot's randomised Hadamard D·H; false: the plain H
+  uint64_t seed = 0;         // R1 uses seed, R2 seed + 1
+};
+
+struct RotationReport {
+  bool folded_norms = false;
+  bool untied_head = false;
+  std::string r1, r2;  // the transforms' descriptions ("" when not applied)
+};
+
+namespace detail {
+
+// data (rows, C), C a multiple of h.size(): every chunk x ← x·M (transpose: x·Mᵀ), computed in
+// double and rounded once.
+template <class T>
+void rotate_rows(T* data, int64_t rows, int64_t cols, const ops::HadamardTransform& h,
+                 bool transpose) {
+  CBQ_CHECK(cols % h.size() == 0, "rotate: rows of {} values are not chunks of {}", cols, h.size());
+  const int64_t chunks_per_row = cols / h.size();
+  const int64_t block = std::max<int64_t>(1, (int64_t{1} << 16) / cols);
+  std::vector<double> buf;
+  for (int64_t r0 = 0; r0 < rows; r0 += block) {
+    const int64_t nr = std::min(block, rows - r0);
+    buf.assign(data + r0 * cols, data + (r0 + nr) * cols);
+    h.apply<double>(buf.data(), buf.data(), nr * chunks_per_row, transpose, false);
+    std::transform(buf.begin(), buf.end(), data + r0 * cols,
+                   [](double v) { return static_cast<T>(v); });
+  }
+}
+
+// W (out, in) ← Mᵀ·W chunk-wise along `out`: the transposed rows (columns of W) rotated.
+template <class T>
+void rotate_output_side(Tensor<T>& w, const ops::HadamardTransform& h) {
+  const int64_t out = w.size(0), in = w.size(1);
+  std::vector<T> t(static_cast<size_t>(out * in));
+  const T* p = w.data();
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t i = 0; i < in; ++i) t[static_cast<size_t>(i * out + o)] = p[o * in + i];
+  rotate_rows(t.data(), in, out, h, false);  // (Wᵀ·M)ᵀ = Mᵀ·W
+  T* q = w.data();
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t i = 0; i < in; ++i) q[o * in + i] = t[static_cast<size_t>(i * out + o)];
+}
+
+template <class T>
+void rotate_input_side(Tensor<T>& w, const ops::HadamardTransform& h) {  // W ← W·M
+  rotate_rows(w.data(), w.size(0), w.size(1), h, false);
+}
+
+// W (out, in) ← W·diag(s)
+template <class T>
+void scale_columns(Tensor<T>& w, const Tensor<T>& s) {
+  const int64_t out = w.size(0), in = w.size(1);
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t i = 0; i < in; ++i) w[o * in + i] *= s[i];
+}
+
+template <class T>
+void set_ones(Tensor<T>& w) {
+  for (int64_t i = 0; i < w.numel(); ++i) w[i] = T(1);
+}
+
+template <class T>
+void check_rotatable(Transformer<LlamaBlock<T>>& m, const char* what) {
+  CBQ_CHECK(m.device() == Device::cpu, "{}: the model is on {}; rotate it on the CPU, then move it",
+            what, device_name(m.device()));
+  for (LlamaBlock<T>& b : m.blocks)
+    for (LinearLayer<T>* l : b.linears())
+      CBQ_CHECK(!l->transform,
+                "{}: layer {} of block {} has a quantization transform installed; rotate the "
+                "full-precision model before quantizing it",
+                what, l->name, b.index());
+}
+
+}  // namespace detail
+
+// Folds every RMSNorm weight into the linears that read it (the head is untied when tied).
+// Returns whether it untied the head.
+template <class T>
+bool fold_rms_norms(Transformer<LlamaBlock<T>>& m) {
+  detail::check_rotatable(m, "fold_rms_norms");
+  for (LlamaBlock<T>& b : m.blocks) {
+    for (LinearLayer<T>* l : {&b.q_proj, &b.k_proj, &b.v_proj})
+      detail::scale_columns(l->weight.value, b.input_layernorm.value);
+    detail::set_ones(b.input_layernorm.value);
+    for (LinearLayer<T>* l : {&b.gate_proj, &b.up_proj})
+      detail::scale_columns(l->weight.value, b.post_attention_layernorm.value);
+    detail::set_ones(b.post_attention_layernorm.value);
+  }
+  const bool untie = m.config.tied_embeddings;
+  if (untie) {
+    m.lm_head = Parameter<T>("lm_head.weight", m.embed_tokens.value.clone(), false);
+    m.config.tied_embeddings = false;
+  }
+  detail::scale_columns(m.lm_head.value, m.final_norm_weight.value);
+  detail::set_ones(m.final_norm_weight.value);
+  return untie;
+}
+
+// Applies the rotations `opt` asks for, in place; the logits stay the same up to rounding
+// (tests/test_model_rotation.cpp gives the tolerances).
+template <class T>
+RotationReport rotate_model(Transformer<LlamaBlock<T>>& m, const RotationOptions& opt = {}) {
+  detail::check_rotatable(m, "rotate_model");
+  const ModelConfig& c = m.config;
+  RotationReport report;
+  // Build both transforms first, so an unsupported size changes nothing.
+  std::unique_ptr<ops::HadamardTransform> r1, r2;
+  if (opt.r1)
+    r1 = std::make_unique<ops::HadamardTransform>(
+        ops::HadamardTransform::make(c.dim, opt.seed, opt.random_signs));
+  if (opt.r2)
+    r2 = std::make_unique<ops::HadamardTransform>(
+        ops::HadamardTransform::make(c.head_dim, opt.seed + 1, opt.random_signs));
+  if (r1) {
+    report.untied_head = fold_rms_norms(m);
+    report.folded_norms = true;
+    detail::rotate_input_side(m.embed_tokens.value, *r1);  // E ← E·Q: rows are residual vectors
+    for (LlamaBlock<T>& b : m.blocks) {
+      for (LinearLayer<T>* l : {&b.q_proj, &b.k_proj, &b.v_proj, &b.gate_proj, &b.up_proj})
+        detail::rotate_input_side(l->weight.value, *r1);
+      for (LinearLayer<T>* l : {&b.o_proj, &b.down_proj}) {
+        detail::rotate_output_side(l->weight.value, *r1);
+        if (l->has_bias()) detail::rotate_rows(l->bias.value.data(), 1, c.dim, *r1, false);
+      }
+    }
+    detail::rotate_input_side(m.lm_head.value, *r1);
+    report.r1 = r1->description();
+  }
+  if (r2) {
+    for (LlamaBlock<T>& b : m.blocks) {
+      detail::rotate_output_side(b.v_proj.weight.value, *r2);
+      if (b.v_proj.has_bias())
+        detail::rotate_rows(b.v_proj.bias.value.data(), 1, c.n_kv_heads * c.head_dim, *r2, false);
+      detail::rotate_input_side(b.o_proj.weight.value, *r2);
+    }
+    report.r2 = r2->description();
+  }
+  return report;
+}
+
+}  // namespace cbq

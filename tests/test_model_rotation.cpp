@@ -1,0 +1,257 @@
+#include <cbq/io/llama2c.hpp>
+#include <cbq/io/mmap.hpp>
+#include <cbq/model/load.hpp>
+#include <cbq/model/random.hpp>
+#include <cbq/model/rotation.hpp>
+#include <filesystem>
+#include <string>
+
+#include "support/gradcheck.hpp"
+
+using namespace cbq;
+using cbq::testing::max_abs_diff;
+
+namespace {
+
+std::vector<int32_t> some_tokens(int64_t n, int64_t vocab, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (auto& v : t) v = static_cast<int32_t>(rng() % static_cast<uint64_t>(vocab));
+  return t;
+}
+
+double max_abs(const Tensor<double>& t) {
+  double m = 0;
+  for (int64_t i = 0; i < t.numel(); ++i) m = std::max(m, std::abs(t[i]));
+  return m;
+}
+
+// Largest |logit change| of rotating `model` with `opt` (the tape path, logits()) and largest
+// |NLL change| (the tape-free path, token_nll()), after checking that the weights did change (an
+// identity "rotation" would pass trivially).
+struct Change {
+  double logits = 0, nll = 0;
+};
+
+template <class T>
+Change rotation_change(Transformer<LlamaBlock<T>>& model, const RotationOptions& opt,
+                       const std::vector<int32_t>& tokens, RotationReport* report) {
+  const int64_t last = static_cast<int64_t>(tokens.size()) - 2;
+  const std::vector<double> nll_before = model.token_nll(tokens, 0, last);
+  const Tensor<T> before = model.logits(tokens).clone();
+  const Tensor<T> embed0 = model.embed_tokens.value.clone(),
+                  v0 = model.blocks[0].v_proj.weight.value.clone(),
+                  o0 = model.blocks[0].o_proj.weight.value.clone();
+  *report = rotate_model(model, opt);
+  CHECK((max_abs_diff(model.embed_tokens.value, embed0) > 1e-3) == opt.r1);
+  if (opt.r1 || opt.r2) {
+    CHECK(max_abs_diff(model.blocks[0].v_proj.weight.value, v0) > 1e-3);
+    CHECK(max_abs_diff(model.blocks[0].o_proj.weight.value, o0) > 1e-3);
+  }
+  if (opt.r1) {
+    CHECK(report->folded_norms);
+    CHECK_FALSE(model.config.tied_embeddings);
+    int64_t not_one = 0;  // norm weights left after folding
+    for (auto& b : model.blocks)
+      for (int64_t i = 0; i < model.config.dim; ++i)
+        not_one +=
+            (b.input_layernorm.value[i] != T(1)) + (b.post_attention_layernorm.value[i] != T(1));
+    for (int64_t i = 0; i < model.config.dim; ++i)
+      not_one += model.final_norm_weight.value[i] != T(1);
+    CHECK(not_one == 0);
+  }
+  const Tensor<T> after = model.logits(tokens);
+  Change change{max_abs_diff(after, before), 0};
+  const std::vector<double> nll_after = model.token_nll(tokens, 0, last);
+  REQUIRE(nll_after.size() == nll_before.size());
+  for (size_t i = 0; i < nll_after.size(); ++i) {
+    const double d = std::abs(nll_after[i] - nll_before[i]);
+    change.nll = std::isnan(d) ? d : std::max(change.nll, d);  // a NaN must fail the check
+  }
+  return change;
+}
+
+}  // namespace
+
+TEST_CASE("rotation: a tiny GQA LLaMA computes the same logits after R1, R2 and both (double)") {
+  // tiny_llama_config: d 16, 4 query / 2 KV heads of 4; the second config has d 48 = 4·12
+  // (Paley I kernel), head_dim 8, biases on q/k/v and the MLP, a tied head.
+  ModelConfig wide = tiny_llama_config();
+  wide.dim = 48;
+  wide.hidden_dim = 40;
+  wide.n_heads = 6;
+  wide.n_kv_heads = 2;
+  wide.head_dim = 8;
+  wide.attention_bias = true;
+  wide.mlp_bias = true;
+  wide.tied_embeddings = true;
+  for (ModelConfig cfg : {tiny_llama_config(), wide}) {
+    for (RotationOptions opt :
+         {RotationOptions{true, false}, RotationOptions{false, true}, RotationOptions{true, true},
+          RotationOptions{true, true, false, 9}}) {
+      CAPTURE(cfg.dim);
+      CAPTURE(opt.r1);
+      CAPTURE(opt.r2);
+      CAPTURE(opt.random_signs);
+      Transformer<LlamaBlock<double>> model(cfg, random_weights(cfg, 42));
+      RotationReport report;
+      const auto tokens = some_tokens(11, cfg.vocab_size, 3);
+      const double scale = max_abs(model.logits(tokens).clone());
+      const Change change = rotation_change(model, opt, tokens, &report);
+      MESSAGE("d " << cfg.dim << " R1 '" << report.r1 << "' R2 '" << report.r2
+                   << "': max logit change " << change.logits << " (logits up to " << scale
+                   << "), max NLL change " << change.nll);
+      CHECK(change.logits < 1e-12 * std::max(1.0, scale));
+      CHECK(change.nll < 1e-12);
+      CHECK(report.untied_head == (opt.r1 && cfg.tied_embeddings));
+    }
+  }
+}
+
+// Float: the rotated and the original model round differently; the bound is 1e-5 of the largest
+// |logit| (about 80 float ulps of it), for the logits and the NLLs alike.
+TEST_CASE("rotation: the same tiny model in float keeps its logits within float rounding") {
+  ModelConfig cfg = tiny_llama_config();
+  cfg.tied_embeddings = true;
+  Transformer<LlamaBlock<float>> model(cfg, random_weights(cfg, 7));
+  const auto tokens = some_tokens(20, cfg.vocab_size, 5);
+  Tensor<float> l = model.logits(tokens).clone();
+  const double scale = max_abs(l.template cast<double>());
+  RotationReport report;
+  const Change change = rotation_change(model, RotationOptions{}, tokens, &report);
+  MESSAGE("float tiny: max logit change " << change.logits << " (logits up to " << scale
+                                          << "), max NLL change " << change.nll);
+  CHECK(change.logits < 1e-5 * std::max(1.0, scale));
+  CHECK(change.nll < 1e-5 * std::max(1.0, scale));
+}
+
+TEST_CASE("rotation: stories260K keeps its logits after R1 + R2, in float and in double") {
+  namespace fs = std::filesystem;
+  const fs::path data = cbq::testing::data_dir();
+  const fs::path bin = data / "models" / "stories260K.bin";
+  if (!fs::exists(bin)) {
+    MESSAGE("skipped: stories260K.bin not found under " << data.string());
+    return;
+  }
+  AnyModel any = load_model(bin.string(), (data / "models" / "tok512.bin").string());
+  LlamaModel& m = any.llama();
+  const std::string text =
+      io::read_text_file((data / "text" / "tinystories_train_excerpt.txt").string());
+  auto all = m.tokenizer->encode(text, true, false);
+  REQUIRE(all.size() > 400);
+  const std::vector<int32_t> probe(all.begin(), all.begin() + 256);
+  const double scale = max_abs(m.logits(probe).clone().template cast<double>());
+  RotationReport report;
+  const Change f = rotation_change(m, RotationOptions{}, probe, &report);
+  MESSAGE("stories260K float: R1 " << report.r1 << ", R2 " << report.r2 << "; max logit change "
+                                   << f.logits << " (logits up to " << scale << "), max NLL change "
+                                   << f.nll);
+  CHECK(f.logits < 1e-5 * std::max(1.0, scale));
+  CHECK(f.nll < 1e-5 * std::max(1.0, scale));
+
+  io::Llama2cModel raw = io::load_llama2c(bin.string());
+  Transformer<LlamaBlock<double>> md(raw.config, raw.weights);
+  const Change d = rotation_change(md, RotationOptions{}, probe, &report);
+  MESSAGE("stories260K double: max logit change " << d.logits << ", max NLL change " << d.nll);
+  CHECK(d.logits < 1e-12 * std::max(1.0, scale));
+  CHECK(d.nll < 1e-12);
+}
+
+TEST_CASE("rotation: unsupported sizes are refused naming the size, the model untouched") {
+  // d 10 = 2·5 (R1) and head_dim 6 = 2·3 (R2, with d 16 fine) have no Hadamard construction.
+  for (auto [dim, head_dim] : {std::pair<int64_t, int64_t>{10, 4}, {16, 6}}) {
+    CAPTURE(dim);
+    CAPTURE(head_dim);
+    ModelConfig cfg = tiny_llama_config();
+    cfg.dim = dim;
+    cfg.head_dim = head_dim;
+    cfg.tied_embeddings = true;
+    Transformer<LlamaBlock<double>> model(cfg, random_weights(cfg, 1));
+    const Tensor<double> norm0 = model.blocks[0].input_layernorm.value.clone();
+    const Tensor<double> v0 = model.blocks[0].v_proj.weight.value.clone();
+    const int64_t bad = dim == 10 ? dim : head_dim;
+    try {
+      rotate_model(model);
+      FAIL("no error");
+    } catch (const Error& e) {
+      CAPTURE(e.what());
+      CHECK(std::string(e.what()).find("size " + std::to_string(bad) + " ") != std::string::npos);
+    }
+    CHECK(max_abs_diff(model.blocks[0].input_layernorm.value, norm0) == 0);
+    CHECK(max_abs_diff(model.blocks[0].v_proj.weight.value, v0) == 0);
+    CHECK(model.config.tied_embeddings);
+  }
+}
+
+namespace {
+// Stands in for a quantization pass's transform (rotate_model must refuse a model that has one).
+struct IdentityTransform final : LinearTransform<double> {
+  Var<double> forward(Tape<double>& tape, LinearLayer<double>& layer, Var<double> x) override {
+    return ops::linear(x, tape.param(layer.weight), Var<double>{});
+  }
+};
+
+// Largest |x_ij| / rms(x_i) over the rows of the block inputs: how far a channel stands out.
+double peak_to_rms(const std::vector<Tensor<float>>& hidden) {
+  double worst = 0;
+  for (const Tensor<float>& t : hidden) {
+    const int64_t d = t.size(1);
+    for (int64_t r = 0; r < t.size(0); ++r) {
+      double ss = 0, peak = 0;
+      for (int64_t j = 0; j < d; ++j) {
+        ss += double(t[r * d + j]) * t[r * d + j];
+        peak = std::max(peak, std::abs(double(t[r * d + j])));
+      }
+      worst = std::max(worst, peak / std::sqrt(ss / d));
+    }
+  }
+  return worst;
+}
+}  // namespace
+
+TEST_CASE("rotation: refused on a model with a quantization transform installed") {
+  ModelConfig cfg = tiny_llama_config();
+  Transformer<LlamaBlock<double>> model(cfg, random_weights(cfg, 2));
+  model.blocks[1].down_proj.transform = std::make_shared<IdentityTransform>();
+  CHECK_THROWS_WITH_AS(rotate_model(model), doctest::Contains("down_proj of block 1"), Error);
+}
+
+TEST_CASE("rotation: R1 flattens stories260K's residual stream (peak / rms per token)") {
+  namespace fs = std::filesystem;
+  const fs::path data = cbq::testing::data_dir();
+  const fs::path bin = data / "models" / "stories260K.bin";
+  if (!fs::exists(bin)) {
+    MESSAGE("skipped: stories260K.bin not found under " << data.string());
+    return;
+  }
+  AnyModel any = load_model(bin.string(), (data / "models" / "tok512.bin").string());
+  LlamaModel& m = any.llama();
+  const std::string text =
+      io::read_text_file((data / "text" / "tinystories_train_excerpt.txt").string());
+  auto all = m.tokenizer->encode(text, true, false);
+  const std::vector<int32_t> probe(all.begin(), all.begin() + 256);
+  std::vector<Tensor<float>> before, after;
+  m.logits(probe, &before);
+  rotate_model(m);
+  m.logits(probe, &after);
+  const double pb = peak_to_rms(before), pa = peak_to_rms(after);
+  MESSAGE("stories260K block inputs: largest peak/rms " << pb << " before, " << pa
+                                                        << " after R1 (sqrt(64) = 8 is the bound)");
+  CHECK(pa < pb);
+}
+
+TEST_CASE("rotation: fold_rms_norms alone keeps the logits and unties a tied head (double)") {
+  ModelConfig cfg = tiny_llama_config();
+  cfg.tied_embeddings = true;
+  Transformer<LlamaBlock<double>> model(cfg, random_weights(cfg, 11));
+  const auto tokens = some_tokens(9, cfg.vocab_size, 8);
+  const Tensor<double> before = model.logits(tokens).clone();
+  const Tensor<double> q0 = model.blocks[2].q_proj.weight.value.clone();
+  CHECK(fold_rms_norms(model));
+  CHECK_FALSE(model.config.tied_embeddings);
+  REQUIRE(model.lm_head.value.defined());
+  CHECK(max_abs_diff(model.blocks[2].q_proj.weight.value, q0) > 1e-3);  // the norm went in
+  CHECK(max_abs_diff(model.logits(tokens), before) < 1e-13 * std::max(1.0, max_abs(before)));
+  CHECK_FALSE(fold_rms_norms(model));  // untied now; folding unit norms again changes nothing
+  CHECK(max_abs_diff(model.logits(tokens), before) < 1e-13 * std::max(1.0, max_abs(before)));
+}
