@@ -21,9 +21,10 @@
 // skips terms with base log-prob ≤ −16; here both distributions are exact (double from the float
 // logits) and every term counts.
 //
-// Memory: the two models run window by window; one window of logits of each model is alive at a
-// time (the base's as float log-probs), plus one KL and one Δp value per scored position — never
-// the logits of the whole text.
+// Memory: the two models run window by window, without a tape where they can
+// (Transformer::scored_logits); the scored rows of one window of logits of each model are alive
+// at a time, plus one KL and one Δp value per scored position — never the logits of the whole
+// text.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -82,6 +83,22 @@ Tensor<float> float_rows(const Tensor<T>& logits, int64_t first, int64_t last) {
     return rows.contiguous().template cast<float>();
 }
 
+// Rows [first, last] of a model's logits for `window` as a CPU float tensor: tape-free through
+// the model's scored_logits() where it has one (Transformer), else sliced from logits().
+template <class Model>
+Tensor<float> scored_float_rows(Model& model, const std::vector<int32_t>& window, int64_t first,
+                                int64_t last) {
+  if constexpr (requires { model.scored_logits(window, first, last); }) {
+    auto rows = model.scored_logits(window, first, last);
+    if constexpr (std::is_same_v<typename decltype(rows)::value_type, float>)
+      return rows;
+    else
+      return rows.template cast<float>();
+  } else {
+    return float_rows(model.logits(window), first, last);
+  }
+}
+
 // log_softmax of one row in double; fails on a non-finite logit.
 inline double log_softmax_row(const float* x, int64_t n, double* out, const char* which,
                               int64_t window, int64_t position) {
@@ -123,8 +140,8 @@ KlDivergenceResult kl_divergence(BaseModel& base, Model& model, const std::vecto
   for (int64_t w = 0; w < windows; ++w) {
     std::vector<int32_t> window(tokens.begin() + w * ctx, tokens.begin() + (w + 1) * ctx);
     if (llamacpp) window[0] = opt.bos;
-    const Tensor<float> b = detail::float_rows(base.logits(window), first, last);
-    const Tensor<float> q = detail::float_rows(model.logits(window), first, last);
+    const Tensor<float> b = detail::scored_float_rows(base, window, first, last);
+    const Tensor<float> q = detail::scored_float_rows(model, window, first, last);
     CBQ_CHECK(b.size(1) == q.size(1),
               "kl_divergence: the base model has {} tokens in its vocabulary, the model {}",
               b.size(1), q.size(1));

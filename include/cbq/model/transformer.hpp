@@ -187,35 +187,57 @@ class Transformer {
               "token_nll: scored rows {}..{} must lie in 0..{} (a sequence of {} tokens)", first,
               last, n - 2, n);
     std::vector<int32_t> targets(tokens.begin() + first + 1, tokens.begin() + last + 2);
-    constexpr bool can_infer = requires(Block & b, InferenceWorkspace<T> & w, Tensor<T> & x) {
-      b.infer(w, x, int64_t{0});
-    };
-    if (!can_infer || device_ != Device::cpu) {
+    if (!kCanInfer || device_ != Device::cpu) {
       const Tensor<T> l = logits(tokens);
       return ops::token_nll(l.slice(0, first, last + 1), targets);
     }
-    if constexpr (can_infer) return infer_token_nll(tokens, targets, first, last);
+    if constexpr (kCanInfer) return infer_token_nll(tokens, targets, first, last);
+    return {};
+  }
+
+  // Rows first..last of logits(tokens), as an owned CPU tensor (rows, V). On the CPU it is
+  // computed as token_nll is (no tape, the LM head on those rows only), so a caller comparing
+  // two models' distributions (eval::kl_divergence) holds two (rows, V) tensors and no taped
+  // activations (at SmolLM2's T = 2048 a taped forward keeps gigabytes of them).
+  Tensor<T> scored_logits(const std::vector<int32_t>& tokens, int64_t first, int64_t last) {
+    const int64_t n = static_cast<int64_t>(tokens.size());
+    CBQ_CHECK(0 <= first && first <= last && last < n,
+              "scored_logits: rows {}..{} must lie in 0..{} (a sequence of {} tokens)", first, last,
+              n - 1, n);
+    if (!kCanInfer || device_ != Device::cpu) {
+      Tensor<T> rows = logits(tokens).slice(0, first, last + 1);
+      if (!rows.is_cpu()) rows = rows.to(Device::cpu);
+      return rows.contiguous().clone();
+    }
+    if constexpr (kCanInfer) {
+      InferenceWorkspace<T>& ws = workspace();
+      const Tensor<T> normed = infer_normed_rows(ws, tokens, first, last);
+      const int64_t d = config.dim, V = config.vocab_size, rows = last - first + 1;
+      Tensor<T> out = Tensor<T>::empty(Shape{rows, V});
+      blas::gemm<T>(false, true, rows, V, d, T(1), normed.data(), d, head_weight(), d, T(0),
+                    out.data(), V);
+      return out;
+    }
     return {};
   }
 
  private:
+  static constexpr bool kCanInfer = requires(Block & b, InferenceWorkspace<T>& w, Tensor<T>& x) {
+    b.infer(w, x, int64_t{0});
+  };
+
+  // The LM head's (V, d) weights (the token embedding when tied).
+  const T* head_weight() const {
+    return (config.tied_embeddings ? embed_tokens : lm_head).value.data();
+  }
+
   std::vector<double> infer_token_nll(const std::vector<int32_t>& tokens,
                                       const std::vector<int32_t>& targets, int64_t first,
                                       int64_t last) {
     InferenceWorkspace<T>& ws = workspace();
-    Tensor<T> x = infer_hidden(ws, tokens);
+    const Tensor<T> normed = infer_normed_rows(ws, tokens, first, last);
     const int64_t d = config.dim, V = config.vocab_size, rows = last - first + 1;
-    // Final norm of the scored rows.
-    Tensor<T> normed = ws.matrix(InferenceWorkspace<T>::kHeadIn, rows, d);
-    const T* xs = x.data() + first * d;
-    if (config.family == Family::opt)
-      ops::detail::layernorm_rows<T>(normed.data(), nullptr, nullptr, xs,
-                                     final_norm_weight.value.data(), final_norm_bias.value.data(),
-                                     rows, d, config.norm_eps);
-    else
-      ops::detail::rmsnorm_rows<T>(normed.data(), nullptr, xs, final_norm_weight.value.data(), rows,
-                                   d, config.norm_eps);
-    const T* head = (config.tied_embeddings ? embed_tokens : lm_head).value.data();  // (V, d)
+    const T* head = head_weight();  // (V, d)
     const int64_t block = std::max<int64_t>(
         16, static_cast<int64_t>(ws.head_block_bytes / (sizeof(T) * static_cast<std::size_t>(V))));
     std::vector<double> nll(static_cast<std::size_t>(rows));
@@ -230,6 +252,24 @@ class Transformer {
       });
     }
     return nll;
+  }
+
+  // The final norm of rows first..last of the last block's output, in `ws` (valid until its
+  // next use).
+  Tensor<T> infer_normed_rows(InferenceWorkspace<T>& ws, const std::vector<int32_t>& tokens,
+                              int64_t first, int64_t last) {
+    Tensor<T> x = infer_hidden(ws, tokens);
+    const int64_t d = config.dim, rows = last - first + 1;
+    Tensor<T> normed = ws.matrix(InferenceWorkspace<T>::kHeadIn, rows, d);
+    const T* xs = x.data() + first * d;
+    if (config.family == Family::opt)
+      ops::detail::layernorm_rows<T>(normed.data(), nullptr, nullptr, xs,
+                                     final_norm_weight.value.data(), final_norm_bias.value.data(),
+                                     rows, d, config.norm_eps);
+    else
+      ops::detail::rmsnorm_rows<T>(normed.data(), nullptr, xs, final_norm_weight.value.data(), rows,
+                                   d, config.norm_eps);
+    return normed;
   }
 
  public:
