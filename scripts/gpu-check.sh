@@ -275,7 +275,7 @@ command -v ninja >/dev/null && generator=(-G Ninja)
 run_step configure "$(limit 90)" "$build_log" cmake -S "$here" -B "$build_dir" "${generator[@]}" \
   -DCMAKE_BUILD_TYPE=Release -DCBQ_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
   -DCMAKE_CUDA_COMPILER="$nvcc_bin" -DCBQ_BUILD_TESTS=ON -DCBQ_BUILD_BENCHMARKS=ON \
-  -DCBQ_BUILD_EXAMPLES=OFF -DCBQ_INSTALL=OFF "${cmake_flags[@]}"
+  -DCBQ_BUILD_EXAMPLES=OFF -DCBQ_INSTALL=OFF -DCBQ_GPU_TESTS_ONE_PROGRAM=OFF "${cmake_flags[@]}"
 row configure "$(status_of $step_rc)" "$step_seconds" "$(cmake --version | head -1), ${generator[*]:-make}"
 [ "$step_rc" != 0 ] && finish 1
 

@@ -79,6 +79,16 @@ std::string error_message(F&& f) {
   return {};
 }
 
+// Same values, bit for bit (a tensor may live on either device).
+template <class T>
+bool same_bits(const Tensor<T>& a, const Tensor<T>& b) {
+  const std::vector<T> x = a.to_vector(), y = b.to_vector();
+  if (x.size() != y.size()) return false;
+  for (std::size_t i = 0; i < x.size(); ++i)
+    if (!(x[i] == y[i] && std::signbit(x[i]) == std::signbit(y[i]))) return false;
+  return true;
+}
+
 inline bool contains(const std::string& haystack, const std::string& needle) {
   return haystack.find(needle) != std::string::npos;
 }

@@ -42,6 +42,7 @@
 using namespace cbq;
 using cbq::gpu_testing::randn;
 using cbq::gpu_testing::rel_error;
+using cbq::gpu_testing::same_bits;
 
 namespace {
 
@@ -120,11 +121,6 @@ Agreement compare(const QuantizationResult& gpu, const QuantizationResult& cpu) 
           a.code_mismatch, " (of ", codes, "); steps ", a.scale, "; activation steps ",
           a.act_scale);
   return a;
-}
-
-bool same_bits(const Tensor<float>& a, const Tensor<float>& b) {
-  return a.shape() == b.shape() &&
-         std::memcmp(a.data(), b.data(), sizeof(float) * static_cast<size_t>(a.numel())) == 0;
 }
 
 // Results that must be equal bit for bit (same device, same kernels).

@@ -23,6 +23,7 @@
 using namespace cbq;
 using cbq::gpu_testing::randn;
 using cbq::gpu_testing::rel_error;
+using cbq::gpu_testing::same_bits;
 using cbq::gpu_testing::tolerance;
 using quant::Granularity;
 using quant::GridSpec;
@@ -42,16 +43,6 @@ template <class T>
 Tensor<T> scaled(Tensor<T> t, double factor) {
   for (int64_t i = 0; i < t.numel(); ++i) t[i] = static_cast<T>(t[i] * factor);
   return t;
-}
-
-// Same values, bit for bit (a tensor may live on either device).
-template <class T>
-bool same_bits(const Tensor<T>& a, const Tensor<T>& b) {
-  const std::vector<T> x = a.to_vector(), y = b.to_vector();
-  if (x.size() != y.size()) return false;
-  for (std::size_t i = 0; i < x.size(); ++i)
-    if (!(x[i] == y[i] && std::signbit(x[i]) == std::signbit(y[i]))) return false;
-  return true;
 }
 
 // max|gpu − cpu| / max(max|cpu|, floor). A reduced gradient (a sum of terms of random sign)
