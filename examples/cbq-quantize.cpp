@@ -311,6 +311,13 @@ Args parse(int argc, char** argv) {
   if (a.options.device == cbq::Device::cuda)  // the GPU backend lives in cbq-quantize-cuda
     cbq_tools::exec_cuda_variant(CBQ_CUDA_VARIANT, argv);
 #endif
+#if defined(CBQ_CUDA_VARIANT) && !defined(__CUDACC__)
+  if (a.options.device == cbq::Device::cuda)
+    usage_error(fmt::format(
+        "--device cuda: the GPU variant {} is not built beside this program (build it with "
+        "`cmake --build BUILD --target {}`)",
+        CBQ_CUDA_VARIANT, CBQ_CUDA_VARIANT));
+#endif
   if (a.options.device == cbq::Device::cuda && !cbq::cuda_available())
     usage_error(
         "--device cuda: this build has no CUDA backend (configure with -DCBQ_ENABLE_CUDA=ON on "
