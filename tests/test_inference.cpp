@@ -12,17 +12,12 @@
 #include <vector>
 
 #include "doctest/doctest.h"
+#include "support/fixtures.hpp"
 
 using namespace cbq;
+using cbq::testing::random_tokens;
 
 namespace {
-
-std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<int32_t> t(static_cast<std::size_t>(n));
-  for (auto& v : t) v = static_cast<int32_t>(rng() % static_cast<uint64_t>(vocab));
-  return t;
-}
 
 // The tape path's NLLs of rows first..last: logits of the whole sequence, then ops::token_nll.
 template <class Model>
@@ -244,4 +239,61 @@ TEST_CASE("inference: bad rows and tokens name the problem") {
   const auto longer = random_tokens(c.max_seq_len + 1, c.vocab_size, 93);
   CHECK_THROWS_WITH_AS(m.token_nll(longer, 0, 10), doctest::Contains("exceed the context length"),
                        cbq::Error);
+}
+
+namespace {
+// Largest |a − b| / max(1, max |b|) over two logit tensors; NaN anywhere gives infinity.
+double max_logit_diff(const Tensor<float>& a, const Tensor<float>& b) {
+  REQUIRE(a.shape() == b.shape());
+  double worst = 0, scale = 1;
+  for (int64_t i = 0; i < b.numel(); ++i) {
+    if (!std::isfinite(a[i]) || !std::isfinite(b[i])) return INFINITY;
+    scale = std::max(scale, std::abs(double(b[i])));
+    worst = std::max(worst, std::abs(double(a[i]) - double(b[i])));
+  }
+  return worst / scale;
+}
+
+template <class Model>
+void check_scored_logits(Model& m, const std::vector<int32_t>& tokens, int64_t first,
+                         int64_t last) {
+  CAPTURE(first);
+  CAPTURE(last);
+  const Tensor<float> fast = m.scored_logits(tokens, first, last);
+  REQUIRE(fast.shape() == Shape{last - first + 1, m.config.vocab_size});
+  const Tensor<float> ref = m.logits(tokens).slice(0, first, last + 1).contiguous().clone();
+  CHECK(max_logit_diff(fast, ref) < kFloatTolerance);
+}
+}  // namespace
+
+TEST_CASE(
+    "inference: scored_logits equals rows of the tape path's logits (LLaMA, OPT, quantized)") {
+  for (bool tied : {true, false}) {
+    CAPTURE(tied);
+    const ModelConfig c = wide_llama_config(tied);
+    Transformer<LlamaBlock<float>> m(c, random_weights(c, tied ? 61 : 62));
+    const auto tokens = random_tokens(260, c.vocab_size, 63);
+    check_scored_logits(m, tokens, 0, 259);
+    check_scored_logits(m, tokens, 130, 258);
+    check_scored_logits(m, tokens, 7, 7);
+  }
+  ModelConfig oc = tiny_opt_config();
+  oc.max_seq_len = 200;
+  oc.vocab_size = 97;
+  Transformer<OptBlock<float>> opt(oc, random_weights(oc, 64));
+  check_scored_logits(opt, random_tokens(170, oc.vocab_size, 65), 85, 168);
+
+  const ModelConfig c = wide_llama_config(true);
+  Transformer<LlamaBlock<float>> q(c, random_weights(c, 66));
+  PassSpec spec;
+  spec.weight.bits = 3;
+  spec.weight.granularity = quant::Granularity::per_group;
+  spec.weight.group_size = 16;
+  spec.act_bits = 8;
+  spec.act_per_token = true;
+  quantize_baseline(q, Baseline::rtn, spec, {q.embed_tensor(random_tokens(64, c.vocab_size, 67))},
+                    {}, false);
+  check_scored_logits(q, random_tokens(200, c.vocab_size, 68), 100, 198);
+  CHECK_THROWS_WITH_AS(q.scored_logits(random_tokens(10, c.vocab_size, 69), 5, 10),
+                       doctest::Contains("rows 5..10 must lie in 0..9"), Error);
 }

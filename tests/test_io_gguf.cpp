@@ -11,9 +11,11 @@
 #include <random>
 
 #include "support/files.hpp"
+#include "support/fixtures.hpp"
 #include "support/gradcheck.hpp"
 
 using namespace cbq;
+using cbq::testing::models_dir;
 using namespace cbq::io;
 namespace fs = std::filesystem;
 using cbq::testing::error_of;
@@ -23,10 +25,9 @@ using cbq::testing::write_all;
 
 namespace {
 
-fs::path models_dir() { return fs::path(cbq::testing::data_dir()) / "models"; }
 fs::path tiny_llama_dir() { return fs::path(CBQ_SOURCE_DIR) / "tests" / "fixtures" / "tiny-llama"; }
 
-bool have(const std::vector<fs::path>& paths) {
+bool have_files(const std::vector<fs::path>& paths) {
   for (const auto& p : paths)
     if (!fs::exists(p)) {
       MESSAGE("skipped: " << p.string() << " not found");
@@ -637,7 +638,7 @@ TEST_CASE("GGUF export: unsupported quantization settings name the layer and the
 
 TEST_CASE("GGUF export: stories260K in F32 holds the model tensor by tensor and its logits") {
   const fs::path bin = models_dir() / "stories260K.bin", tok = models_dir() / "tok512.bin";
-  if (!have({bin, tok})) return;
+  if (!have_files({bin, tok})) return;
   AnyModel any = load_model(bin.string(), tok.string());
   auto& m = any.llama();
   const ModelConfig& c = m.config;
@@ -757,7 +758,7 @@ TEST_CASE("GGUF export: stories260K in F32 holds the model tensor by tensor and 
 TEST_CASE(
     "GGUF export: RTN and CBQ W4 g32 (Q4_0, Q4_1) and W8 (Q8_0) re-read equal the snapped result") {
   const fs::path bin = models_dir() / "stories260K.bin", tok = models_dir() / "tok512.bin";
-  if (!have({bin, tok})) return;
+  if (!have_files({bin, tok})) return;
   AnyModel any = load_model(bin.string(), tok.string());
   auto& m = any.llama();
   const std::vector<int32_t> tokens = m.tokenizer->encode(tinystories_prefix(8000), true, false);
@@ -882,7 +883,7 @@ TEST_CASE(
 TEST_CASE(
     "GGUF export: a Hugging Face model (rotate-half RoPE) is permuted to llama.cpp's layout") {
   const fs::path dir = tiny_llama_dir();
-  if (!have({dir / "config.json", dir / "model.safetensors", dir / "tokenizer.json"})) return;
+  if (!have_files({dir / "config.json", dir / "model.safetensors", dir / "tokenizer.json"})) return;
   AnyModel any = load_model(dir.string());
   auto& m = any.llama();
   REQUIRE(m.config.rope_layout == RopeLayout::rotate_half);

@@ -12,9 +12,11 @@
 #include <random>
 
 #include "support/files.hpp"
+#include "support/fixtures.hpp"
 #include "support/gradcheck.hpp"
 
 using namespace cbq;
+using cbq::testing::random_tokens;
 namespace fs = std::filesystem;
 
 namespace {
@@ -129,13 +131,6 @@ void check_same(const quant::QuantizedWeight& got, const quant::QuantizedWeight&
   CHECK(testing::max_abs_diff(got.zero, wz) == 0.0);
   CHECK(got.group_index == want.group_index);
   CHECK(testing::max_abs_diff(got.dequantize(), want.dequantize()) == 0.0);
-}
-
-std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<int32_t> t(static_cast<size_t>(n));
-  for (auto& v : t) v = static_cast<int32_t>(rng() % static_cast<uint64_t>(vocab));
-  return t;
 }
 
 // A LLaMA whose every width is a multiple of 32 (what GPTQ kernels need), for the external check.

@@ -41,16 +41,16 @@ void perturb(Model& m, double eps, uint64_t seed) {
     }
 }
 
-struct Naive {
+struct NaiveKl {
   std::vector<double> kl, dp;
   double same = 0, nll = 0, nll_base = 0;
 };
 
 // Straight from the definitions, in long double, one position at a time.
 template <class Model>
-Naive naive_kl(Model& base, Model& model, const std::vector<int32_t>& tokens, int64_t ctx,
-               bool llamacpp) {
-  Naive out;
+NaiveKl naive_kl(Model& base, Model& model, const std::vector<int32_t>& tokens, int64_t ctx,
+                 bool llamacpp) {
+  NaiveKl out;
   const int64_t windows = static_cast<int64_t>(tokens.size()) / ctx;
   const int64_t first = llamacpp ? ctx / 2 : 0;
   for (int64_t w = 0; w < windows; ++w) {
@@ -109,7 +109,7 @@ TEST_CASE("kl_divergence: equals a naive computation on a tiny model, both proto
     opt.ctx = c.max_seq_len;
     opt.protocol = llamacpp ? eval::KlProtocol::kLlamaCpp : eval::KlProtocol::kGptq;
     const eval::KlDivergenceResult r = eval::kl_divergence(base, model, tokens, opt);
-    const Naive nv = naive_kl(base, model, tokens, c.max_seq_len, llamacpp);
+    const NaiveKl nv = naive_kl(base, model, tokens, c.max_seq_len, llamacpp);
     const auto n = static_cast<double>(nv.kl.size());
     REQUIRE(r.positions == static_cast<int64_t>(nv.kl.size()));
     CHECK(r.windows == 4);

@@ -4,20 +4,16 @@
 #include <cbq/model/random.hpp>
 #include <cbq/model/transformer.hpp>
 
+#include "support/fixtures.hpp"
 #include "support/gradcheck.hpp"
 
 using namespace cbq;
 using cbq::testing::gradcheck;
 using cbq::testing::max_abs_diff;
 using cbq::testing::randn;
+using cbq::testing::random_tokens;
 
 namespace {
-std::vector<int32_t> some_tokens(int64_t n, int64_t vocab, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<int32_t> t(static_cast<size_t>(n));
-  for (auto& v : t) v = static_cast<int32_t>(rng() % static_cast<uint64_t>(vocab));
-  return t;
-}
 
 template <class Block>
 void check_block_gradient(const ModelConfig& cfg) {
@@ -84,7 +80,7 @@ TEST_CASE("activation sites: folding channel scales keeps the block's function (
 TEST_CASE("transformer: logits equal embed, blocks and head run one by one") {
   for (ModelConfig cfg : {tiny_llama_config(), tiny_opt_config()}) {
     auto run = [&](auto& model) {
-      auto tokens = some_tokens(9, cfg.vocab_size, 4);
+      auto tokens = random_tokens(9, cfg.vocab_size, 4);
       std::vector<Tensor<float>> hidden;
       Tensor<float> logits = model.logits(tokens, &hidden).clone();
       REQUIRE(hidden.size() == static_cast<size_t>(cfg.n_layers + 1));
@@ -129,7 +125,7 @@ TEST_CASE("perplexity: both protocols score the documented positions") {
   for (auto& [name, t] : w)
     if (name == "model.norm.weight") t.fill(0.f);
   Transformer<LlamaBlock<float>> m(c, w);
-  auto tokens = some_tokens(70, c.vocab_size, 8);
+  auto tokens = random_tokens(70, c.vocab_size, 8);
   auto g = eval::perplexity_gptq(m, tokens, 16);
   CHECK(g.windows == 4);
   CHECK(g.scored_tokens == 4 * 15);
@@ -138,6 +134,6 @@ TEST_CASE("perplexity: both protocols score the documented positions") {
   CHECK(l.windows == 4);
   CHECK(l.scored_tokens == 4 * 7);  // positions 8..14
   CHECK(l.perplexity == doctest::Approx(double(c.vocab_size)).epsilon(1e-5));
-  CHECK_THROWS_WITH_AS(eval::perplexity_gptq(m, some_tokens(10, c.vocab_size, 1), 16),
+  CHECK_THROWS_WITH_AS(eval::perplexity_gptq(m, random_tokens(10, c.vocab_size, 1), 16),
                        doctest::Contains("fewer than one window"), cbq::Error);
 }

@@ -12,9 +12,11 @@
 #include <sstream>
 
 #include "support/files.hpp"
+#include "support/fixtures.hpp"
 #include "support/gradcheck.hpp"
 
 using namespace cbq;
+using cbq::testing::models_dir;
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
@@ -25,7 +27,6 @@ using cbq::testing::read_all;
 using cbq::testing::TempDir;
 using cbq::testing::write_all;
 
-fs::path models_dir() { return fs::path(cbq::testing::data_dir()) / "models"; }
 fs::path text_dir() { return fs::path(cbq::testing::data_dir()) / "text"; }
 fs::path fixtures_dir() { return fs::path(CBQ_SOURCE_DIR) / "tests" / "fixtures"; }
 

@@ -6,19 +6,14 @@
 #include <filesystem>
 #include <string>
 
+#include "support/fixtures.hpp"
 #include "support/gradcheck.hpp"
 
 using namespace cbq;
 using cbq::testing::max_abs_diff;
+using cbq::testing::random_tokens;
 
 namespace {
-
-std::vector<int32_t> some_tokens(int64_t n, int64_t vocab, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<int32_t> t(static_cast<size_t>(n));
-  for (auto& v : t) v = static_cast<int32_t>(rng() % static_cast<uint64_t>(vocab));
-  return t;
-}
 
 double max_abs(const Tensor<double>& t) {
   double m = 0;
@@ -95,7 +90,7 @@ TEST_CASE("rotation: a tiny GQA LLaMA computes the same logits after R1, R2 and 
       CAPTURE(opt.random_signs);
       Transformer<LlamaBlock<double>> model(cfg, random_weights(cfg, 42));
       RotationReport report;
-      const auto tokens = some_tokens(11, cfg.vocab_size, 3);
+      const auto tokens = random_tokens(11, cfg.vocab_size, 3);
       const double scale = max_abs(model.logits(tokens).clone());
       const Change change = rotation_change(model, opt, tokens, &report);
       MESSAGE("d " << cfg.dim << " R1 '" << report.r1 << "' R2 '" << report.r2
@@ -114,7 +109,7 @@ TEST_CASE("rotation: the same tiny model in float keeps its logits within float 
   ModelConfig cfg = tiny_llama_config();
   cfg.tied_embeddings = true;
   Transformer<LlamaBlock<float>> model(cfg, random_weights(cfg, 7));
-  const auto tokens = some_tokens(20, cfg.vocab_size, 5);
+  const auto tokens = random_tokens(20, cfg.vocab_size, 5);
   Tensor<float> l = model.logits(tokens).clone();
   const double scale = max_abs(l.template cast<double>());
   RotationReport report;
@@ -244,7 +239,7 @@ TEST_CASE("rotation: fold_rms_norms alone keeps the logits and unties a tied hea
   ModelConfig cfg = tiny_llama_config();
   cfg.tied_embeddings = true;
   Transformer<LlamaBlock<double>> model(cfg, random_weights(cfg, 11));
-  const auto tokens = some_tokens(9, cfg.vocab_size, 8);
+  const auto tokens = random_tokens(9, cfg.vocab_size, 8);
   const Tensor<double> before = model.logits(tokens).clone();
   const Tensor<double> q0 = model.blocks[2].q_proj.weight.value.clone();
   CHECK(fold_rms_norms(model));

@@ -11,7 +11,7 @@ using cbq::testing::randn;
 
 namespace {
 
-const Shape kShapes[] = {Shape{3, 7}, Shape{2, 5, 9}, Shape{1, 4}};
+const Shape kLossShapes[] = {Shape{3, 7}, Shape{2, 5, 9}, Shape{1, 4}};
 
 // Naive log softmax of one row in long double without the max shift (long double's range
 // holds exp(±1000)).
@@ -61,7 +61,7 @@ Tensor<double> offset_logits(const Shape& shape, uint64_t seed, double offset, d
 // ---------------------------------------------------------------- cross_entropy, token_nll
 
 TEST_CASE("cross_entropy: equals minus the mean naive log softmax at the targets, odd shapes") {
-  for (const Shape& shape : kShapes) {
+  for (const Shape& shape : kLossShapes) {
     auto x = randn<double>(shape, 1, 2.0);
     auto targets = random_targets(shape.rows(), shape.cols(), 2);
     Tape<double> tape;
@@ -75,7 +75,7 @@ TEST_CASE("cross_entropy: equals minus the mean naive log softmax at the targets
 }
 
 TEST_CASE("cross_entropy: gradient check in double and gradient rows of softmax minus onehot") {
-  for (const Shape& shape : kShapes) {
+  for (const Shape& shape : kLossShapes) {
     auto x = randn<double>(shape, 3, 2.0);
     auto targets = random_targets(shape.rows(), shape.cols(), 4);
     auto r =
@@ -174,7 +174,7 @@ TEST_CASE("cross_entropy: wrong target counts and out-of-range targets are clear
 // ---------------------------------------------------------------- mse, row_sq_error
 
 TEST_CASE("mse: forward and row_sq_error match naive sums on odd shapes") {
-  for (const Shape& shape : kShapes) {
+  for (const Shape& shape : kLossShapes) {
     auto a = randn<double>(shape, 12), b = randn<double>(shape, 13);
     long double total = 0;
     for (int64_t i = 0; i < a.numel(); ++i) total += (a[i] - b[i]) * (a[i] - b[i]);
@@ -194,7 +194,7 @@ TEST_CASE("mse: forward and row_sq_error match naive sums on odd shapes") {
 }
 
 TEST_CASE("mse: gradient check in double for both inputs and with either one constant") {
-  for (const Shape& shape : kShapes) {
+  for (const Shape& shape : kLossShapes) {
     auto a = randn<double>(shape, 14), b = randn<double>(shape, 15);
     auto both_mse = gradcheck(
         [](Tape<double>&, std::vector<Var<double>>& v) { return ops::mse(v[0], v[1]); }, {a, b});
@@ -243,7 +243,7 @@ TEST_CASE("mse: mismatched shapes and empty inputs name the op and the shapes") 
 // ---------------------------------------------------------------- kl_softmax
 
 TEST_CASE("kl_softmax: forward matches the naive KL of softmaxes, odd shapes and temperatures") {
-  for (const Shape& shape : kShapes)
+  for (const Shape& shape : kLossShapes)
     for (double tau : {1.0, 2.5, 0.6}) {
       auto a = randn<double>(shape, 18, 2.0), b = randn<double>(shape, 19, 2.0);
       Tape<double> tape;
@@ -261,7 +261,7 @@ TEST_CASE("kl_softmax: forward matches the naive KL of softmaxes, odd shapes and
 }
 
 TEST_CASE("kl_softmax: gradient check in double for both inputs, at several temperatures") {
-  for (const Shape& shape : kShapes)
+  for (const Shape& shape : kLossShapes)
     for (double tau : {1.0, 0.7, 3.0}) {
       auto a = randn<double>(shape, 20, 1.5), b = randn<double>(shape, 21, 1.5);
       auto both =

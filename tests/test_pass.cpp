@@ -4,30 +4,22 @@
 #include <cbq/pass/baselines.hpp>
 #include <cbq/pass/pass.hpp>
 
+#include "support/fixtures.hpp"
 #include "support/gradcheck.hpp"
 
 using namespace cbq;
+using cbq::testing::quiet_options;
+using cbq::testing::random_hidden;
 
 namespace {
-std::vector<Tensor<float>> hidden_inputs(int64_t n, int64_t L, int64_t d, uint64_t seed) {
-  std::vector<Tensor<float>> x;
-  for (int64_t i = 0; i < n; ++i) x.push_back(cbq::testing::randn<float>(Shape{L, d}, seed + i));
-  return x;
-}
-PassOptions quiet_options() {
-  PassOptions o;
-  o.verbose = false;
-  o.epochs = 4;
-  return o;
-}
 using W3 = Quantizer<3, PerGroup<8>>;
 }  // namespace
 
 TEST_CASE("cbq pass: every window's reconstruction loss goes down (tiny LLaMA, W3 g8, LoRA)") {
   ModelConfig c = tiny_llama_config();
   Transformer<LlamaBlock<float>> model(c, random_weights(c, 1));
-  Pass<W3, ActQuant<16>, SlidingWindow<2, 1>, LoraRounding<2>> pass(quiet_options());
-  auto result = pass.run_from_hidden(model, hidden_inputs(6, 12, c.dim, 7));
+  Pass<W3, ActQuant<16>, SlidingWindow<2, 1>, LoraRounding<2>> pass(quiet_options(4));
+  auto result = pass.run_from_hidden(model, random_hidden(6, 12, c.dim, 7));
   REQUIRE(result.windows.size() == 2);
   for (const auto& w : result.windows) {
     CAPTURE(w.first_block);
@@ -41,8 +33,8 @@ TEST_CASE("cbq pass: every window's reconstruction loss goes down (tiny LLaMA, W
 TEST_CASE("cbq pass: hard rounding leaves every weight on the integer grid") {
   ModelConfig c = tiny_llama_config();
   Transformer<LlamaBlock<float>> model(c, random_weights(c, 2));
-  Pass<W3, ActQuant<16>, SlidingWindow<2, 1>, LoraRounding<2>> pass(quiet_options());
-  auto result = pass.run_from_hidden(model, hidden_inputs(3, 10, c.dim, 9));
+  Pass<W3, ActQuant<16>, SlidingWindow<2, 1>, LoraRounding<2>> pass(quiet_options(4));
+  auto result = pass.run_from_hidden(model, random_hidden(3, 10, c.dim, 9));
   for (int64_t b = 0; b < model.num_blocks(); ++b)
     for (LinearLayer<float>* layer : model.blocks[b].linears()) {
       auto q = std::dynamic_pointer_cast<QuantLinear<float>>(layer->transform);
@@ -67,10 +59,10 @@ TEST_CASE("cbq pass: hard rounding leaves every weight on the integer grid") {
 TEST_CASE("cbq pass: OPT blocks, per-token A4 activations and nearest rounding run end to end") {
   ModelConfig c = tiny_opt_config();
   Transformer<OptBlock<float>> model(c, random_weights(c, 3));
-  PassOptions o = quiet_options();
+  PassOptions o = quiet_options(4);
   o.epochs = 2;
   Pass<Quantizer<4, PerChannel>, ActQuant<4>, SlidingWindow<2, 0>, NearestRounding> pass(o);
-  auto result = pass.run_from_hidden(model, hidden_inputs(3, 10, c.dim, 11));
+  auto result = pass.run_from_hidden(model, random_hidden(3, 10, c.dim, 11));
   CHECK(result.windows.size() == 2);
   CHECK(result.layers.size() == 3 * 6);
   for (const auto& l : result.layers) CHECK(l.act_clip_logit != 0.0);
@@ -79,9 +71,9 @@ TEST_CASE("cbq pass: OPT blocks, per-token A4 activations and nearest rounding r
 TEST_CASE("cbq pass: a NaN in the calibration data names the sample") {
   ModelConfig c = tiny_llama_config();
   Transformer<LlamaBlock<float>> model(c, random_weights(c, 4));
-  auto x = hidden_inputs(4, 8, c.dim, 13);
+  auto x = random_hidden(4, 8, c.dim, 13);
   x[2](5, 3) = std::numeric_limits<float>::quiet_NaN();
-  Pass<W3, ActQuant<16>, SlidingWindow<2, 1>, LoraRounding<2>> pass(quiet_options());
+  Pass<W3, ActQuant<16>, SlidingWindow<2, 1>, LoraRounding<2>> pass(quiet_options(4));
   CHECK_THROWS_WITH_AS(
       pass.run_from_hidden(model, x),
       doctest::Contains("calibration sample 2 (block 0 input) holds a non-finite value"),
@@ -91,8 +83,8 @@ TEST_CASE("cbq pass: a NaN in the calibration data names the sample") {
 TEST_CASE("cbq pass: a window larger than the model is a clear run-time error") {
   ModelConfig c = tiny_llama_config();  // 3 blocks
   Transformer<LlamaBlock<float>> model(c, random_weights(c, 5));
-  Pass<W3, ActQuant<16>, SlidingWindow<4, 1>, LoraRounding<2>> pass(quiet_options());
-  CHECK_THROWS_WITH_AS(pass.run_from_hidden(model, hidden_inputs(2, 8, c.dim, 1)),
+  Pass<W3, ActQuant<16>, SlidingWindow<4, 1>, LoraRounding<2>> pass(quiet_options(4));
+  CHECK_THROWS_WITH_AS(pass.run_from_hidden(model, random_hidden(2, 8, c.dim, 1)),
                        doctest::Contains("windows of 4 blocks but the model has only 3 blocks"),
                        cbq::Error);
   // SlidingWindow<2, 2> does not compile: "Overlap must be smaller than Blocks".
@@ -108,7 +100,7 @@ TEST_CASE("cbq pass: window targets follow the full-precision path for every win
     CAPTURE(B);
     CAPTURE(O);
     Transformer<LlamaBlock<float>> model(c, random_weights(c, 6));
-    PassOptions o = quiet_options();
+    PassOptions o = quiet_options(4);
     o.epochs = 1;
     o.lr_weight_step = 0;
     o.loss_kld = false;
@@ -118,7 +110,7 @@ TEST_CASE("cbq pass: window targets follow the full-precision path for every win
     spec.window_blocks = B;
     spec.window_overlap = O;
     spec.rounding = RoundingKind::nearest;
-    auto x0 = hidden_inputs(3, 8, c.dim, 17);
+    auto x0 = random_hidden(3, 8, c.dim, 17);
     auto result = CbqPass(spec, o).run_from_hidden(model, x0);
     const auto windows = window_schedule(model.num_blocks(), B, O);
     REQUIRE(result.windows.size() == windows.size());
@@ -147,11 +139,11 @@ TEST_CASE("cbq pass: learned steps need a V0 that tracks them (a frozen V0 makes
   // see it: training the steps alone makes the window loss worse. Recomputing V0 from the current
   // step (the default) makes the same training reduce it. docs/PASS.md quotes these numbers.
   ModelConfig c = tiny_llama_config();
-  auto x0 = hidden_inputs(6, 12, c.dim, 7);
+  auto x0 = random_hidden(6, 12, c.dim, 7);
   double rise = 0, fall = 0;
   for (bool track : {false, true}) {
     Transformer<LlamaBlock<float>> model(c, random_weights(c, 1));
-    PassOptions o = quiet_options();
+    PassOptions o = quiet_options(4);
     o.epochs = 8;
     o.lr_rounding = 0;  // steps only
     o.rounding_mode = quant::RoundingMode::soft;
@@ -177,10 +169,10 @@ TEST_CASE("cbq pass: activation quantization only on the chosen linear layers") 
   spec.weight.group_size = 8;
   spec.act_bits = 8;
   spec.act_layers = {"q_proj", "down_proj"};
-  PassOptions o = quiet_options();
+  PassOptions o = quiet_options(4);
   o.epochs = 1;
   CbqPass pass(spec, o);
-  auto result = pass.run_from_hidden(model, hidden_inputs(3, 10, c.dim, 5));
+  auto result = pass.run_from_hidden(model, random_hidden(3, 10, c.dim, 5));
   CHECK(result.config.find("inputs of q_proj,down_proj") != std::string::npos);
   for (const LayerResult& l : result.layers) {
     CAPTURE(l.name);
@@ -190,12 +182,12 @@ TEST_CASE("cbq pass: activation quantization only on the chosen linear layers") 
   // The baselines honour the same choice.
   Transformer<LlamaBlock<float>> model2(c, random_weights(c, 21));
   auto rtn =
-      quantize_baseline(model2, Baseline::rtn, spec, hidden_inputs(3, 10, c.dim, 5), {}, false);
+      quantize_baseline(model2, Baseline::rtn, spec, random_hidden(3, 10, c.dim, 5), {}, false);
   for (const LayerResult& l : rtn.layers)
     CHECK((l.act_scale > 0) == (l.name.ends_with(".q_proj") || l.name.ends_with(".down_proj")));
   // An unknown name is refused with the names that exist.
   spec.act_layers = {"qkv_proj"};
-  CHECK_THROWS_WITH_AS(CbqPass(spec, o).run_from_hidden(model2, hidden_inputs(2, 6, c.dim, 1)),
+  CHECK_THROWS_WITH_AS(CbqPass(spec, o).run_from_hidden(model2, random_hidden(2, 6, c.dim, 1)),
                        doctest::Contains("no linear layer named 'qkv_proj'"), Error);
 }
 

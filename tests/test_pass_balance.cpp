@@ -13,32 +13,21 @@
 #include <cstring>
 
 #include "support/files.hpp"
+#include "support/fixtures.hpp"
 #include "support/gradcheck.hpp"
 
 using namespace cbq;
+using cbq::testing::quiet_options;
+using cbq::testing::random_hidden;
+using cbq::testing::same_bits;
 
 namespace {
 using W3 = Quantizer<3, PerGroup<8>>;
 using TinyPass = Pass<W3, ActQuant<16>, SlidingWindow<2, 1>, LoraRounding<2>>;
 
-std::vector<Tensor<float>> inputs(int64_t n, int64_t L, int64_t d, uint64_t seed) {
-  std::vector<Tensor<float>> x;
-  for (int64_t i = 0; i < n; ++i) x.push_back(cbq::testing::randn<float>(Shape{L, d}, seed + i));
-  return x;
-}
-PassOptions quiet(int64_t epochs = 3) {
-  PassOptions o;
-  o.verbose = false;
-  o.epochs = epochs;
-  return o;
-}
 bool same_codes(const quant::QuantizedWeight& a, const quant::QuantizedWeight& b) {
   return a.codes.shape() == b.codes.shape() &&
          std::memcmp(a.codes.data(), b.codes.data(), static_cast<size_t>(a.codes.numel())) == 0;
-}
-bool same_bits(const Tensor<float>& a, const Tensor<float>& b) {
-  return a.shape() == b.shape() &&
-         std::memcmp(a.data(), b.data(), static_cast<size_t>(a.numel()) * sizeof(float)) == 0;
 }
 
 // What the pass prints to stdout while `f` runs.
@@ -114,11 +103,11 @@ TEST_CASE("loss scale: each window's terms equal their definitions in every scal
   // Nothing learns and the rounding is nearest: the pass is RTN, so the first window's terms
   // before training compare T_fp(X_fp) of blocks 0..1 with the RTN blocks on the same input.
   ModelConfig c = tiny_llama_config();
-  const auto x0 = inputs(3, 8, c.dim, 17);
+  const auto x0 = random_hidden(3, 8, c.dim, 17);
   for (LossScale scale : {LossScale::absolute, LossScale::window, LossScale::token}) {
     CAPTURE(static_cast<int>(scale));
     Transformer<LlamaBlock<float>> model(c, random_weights(c, 6));
-    PassOptions o = quiet(1);
+    PassOptions o = quiet_options(1);
     o.lr_weight_step = 0;
     o.loss_scale = scale;
     PassSpec spec;
@@ -169,7 +158,7 @@ TEST_CASE("loss scale: each window's terms equal their definitions in every scal
       t = t.clone();
       for (int64_t i = 0; i < t.numel(); ++i) t[i] *= factor;
     }
-    PassOptions o = quiet(1);
+    PassOptions o = quiet_options(1);
     o.lr_weight_step = 0;
     o.loss_scale = scale;
     PassSpec spec;
@@ -190,11 +179,11 @@ TEST_CASE("loss scale: each window's terms equal their definitions in every scal
 
 TEST_CASE("loss balance: every window records its terms, the hard rounding and the curve") {
   ModelConfig c = tiny_llama_config();
-  const auto x = inputs(6, 12, c.dim, 3);
+  const auto x = random_hidden(6, 12, c.dim, 3);
   for (quant::RoundingMode mode : {quant::RoundingMode::hard_ste, quant::RoundingMode::soft}) {
     CAPTURE(static_cast<int>(mode));
     Transformer<LlamaBlock<float>> model(c, random_weights(c, 21));
-    PassOptions o = quiet(2);
+    PassOptions o = quiet_options(2);
     o.rounding_mode = mode;
     auto result = TinyPass(o).run_from_hidden(model, x);
     const int64_t train = 6 - o.holdout_samples(6);
@@ -232,8 +221,8 @@ TEST_CASE("keep better: the held-out count follows the documented rule") {
 
 TEST_CASE("keep better: training forced to diverge returns the start's codes bit for bit") {
   ModelConfig c = tiny_llama_config();
-  const auto x = inputs(8, 10, c.dim, 5);
-  PassOptions wild = quiet(2);
+  const auto x = random_hidden(8, 10, c.dim, 5);
+  PassOptions wild = quiet_options(2);
   wild.lr_weight_step = wild.lr_rounding = 1e4;  // absurd
   PassSpec spec = TinyPass::make_spec();
 
@@ -275,7 +264,7 @@ TEST_CASE("keep better: training forced to diverge returns the start's codes bit
   PassOptions o = wild;
   o.weight_init = WeightInit::gptq;
   const QuantizationResult diverged = TinyPass(o).run_from_hidden(gptq_model, x);
-  PassOptions frozen = quiet(2);
+  PassOptions frozen = quiet_options(2);
   frozen.weight_init = WeightInit::gptq;
   frozen.lr_weight_step = frozen.lr_act_step = frozen.lr_rounding = 0;
   frozen.keep_better = false;
@@ -304,7 +293,7 @@ TEST_CASE("keep better: training forced to diverge returns the start's codes bit
 TEST_CASE("keep better: ordinary training keeps its trained state when it is better") {
   ModelConfig c = tiny_llama_config();
   Transformer<LlamaBlock<float>> model(c, random_weights(c, 21));
-  auto result = TinyPass(quiet(4)).run_from_hidden(model, inputs(12, 12, c.dim, 3));
+  auto result = TinyPass(quiet_options(4)).run_from_hidden(model, random_hidden(12, 12, c.dim, 3));
   for (const WindowStats& w : result.windows) {
     CHECK(w.judged);
     CHECK(w.heldout == 4);
@@ -444,13 +433,13 @@ TEST_CASE("fixed grid: the GPTQ start uses it by default, and it keeps GPTQ's co
   // A pass from GPTQ's start with nearest rounding and learned steps: every code stays GPTQ's
   // (only the steps move), unlike the learned grid.
   ModelConfig c = tiny_llama_config();
-  const auto x = inputs(6, 10, c.dim, 40);
+  const auto x = random_hidden(6, 10, c.dim, 40);
   PassSpec spec = TinyPass::make_spec();
   spec.rounding = RoundingKind::nearest;
   for (GridMode grid : {GridMode::automatic, GridMode::learned}) {
     CAPTURE(static_cast<int>(grid));
     Transformer<LlamaBlock<float>> model(c, random_weights(c, 8));
-    PassOptions p = quiet(3);
+    PassOptions p = quiet_options(3);
     p.weight_init = WeightInit::gptq;
     p.grid = grid;
     p.lr_weight_step = 3e-2;

@@ -8,29 +8,18 @@
 #include <cstring>
 
 #include "support/files.hpp"
+#include "support/fixtures.hpp"
 #include "support/gradcheck.hpp"
 
 using namespace cbq;
+using cbq::testing::quiet_options;
+using cbq::testing::random_hidden;
+using cbq::testing::same_bits;
 
 namespace {
 using W3 = Quantizer<3, PerGroup<8>>;
 using TinyPass = Pass<W3, ActQuant<16>, SlidingWindow<2, 1>, LoraRounding<2>>;
 
-std::vector<Tensor<float>> inputs(int64_t n, int64_t L, int64_t d, uint64_t seed) {
-  std::vector<Tensor<float>> x;
-  for (int64_t i = 0; i < n; ++i) x.push_back(cbq::testing::randn<float>(Shape{L, d}, seed + i));
-  return x;
-}
-PassOptions quiet(int64_t epochs = 3) {
-  PassOptions o;
-  o.verbose = false;
-  o.epochs = epochs;
-  return o;
-}
-bool same_bits(const Tensor<float>& a, const Tensor<float>& b) {
-  return a.shape() == b.shape() &&
-         std::memcmp(a.data(), b.data(), static_cast<size_t>(a.numel()) * sizeof(float)) == 0;
-}
 }  // namespace
 
 TEST_CASE("gptq start: an untrained QuantLinear started from GPTQ hardens to GPTQ's codes") {
@@ -76,10 +65,10 @@ TEST_CASE("gptq start: an untrained QuantLinear started from GPTQ hardens to GPT
 TEST_CASE("gptq start: the pass starts at GPTQ's solution and its windows improve on it") {
   ModelConfig c = tiny_llama_config();
   Transformer<LlamaBlock<float>> model(c, random_weights(c, 21));
-  PassOptions o = quiet();
+  PassOptions o = quiet_options();
   o.weight_init = WeightInit::gptq;
   TinyPass pass(o);
-  auto result = pass.run_from_hidden(model, inputs(6, 12, c.dim, 3));
+  auto result = pass.run_from_hidden(model, random_hidden(6, 12, c.dim, 3));
   CHECK(result.config == pass.describe() + " + GPTQ start");  // labels say how it was made
   REQUIRE(result.windows.size() == 2);
   for (const auto& w : result.windows) {
@@ -93,7 +82,7 @@ TEST_CASE("gptq start: the pass starts at GPTQ's solution and its windows improv
   frozen.lr_weight_step = frozen.lr_act_step = frozen.lr_rounding = 0;
   frozen.gamma_round = 0;
   TinyPass still(frozen);
-  const auto x = inputs(6, 12, c.dim, 3);
+  const auto x = random_hidden(6, 12, c.dim, 3);
   auto kept = still.run_from_hidden(fresh, x);
   Transformer<LlamaBlock<float>> reference(c, random_weights(c, 21));
   auto linears = reference.blocks[0].linears();
@@ -120,11 +109,11 @@ TEST_CASE("gptq start: the pass starts at GPTQ's solution and its windows improv
 
 TEST_CASE("learned norms: the full-precision path keeps the original values") {
   ModelConfig c = tiny_llama_config();
-  const auto x = inputs(5, 10, c.dim, 8);
+  const auto x = random_hidden(5, 10, c.dim, 8);
   // With a zero norm learning rate the run is bit-identical to one without learned norms:
   // the swaps around every full-precision computation change nothing.
   Transformer<LlamaBlock<float>> plain(c, random_weights(c, 4)), swapped(c, random_weights(c, 4));
-  PassOptions o = quiet(2);
+  PassOptions o = quiet_options(2);
   TinyPass(o).run_from_hidden(plain, x);
   o.learn_norms = true;
   o.lr_norm = 0;
@@ -152,11 +141,11 @@ TEST_CASE("learned norms: the full-precision path after learning equals the unto
   // The last checkpoint holds X_fp advanced through every block in full precision, block 1 after
   // window 1 learned its norms: with the originals swapped in it equals a run without learning.
   ModelConfig c = tiny_llama_config();
-  const auto x = inputs(4, 10, c.dim, 17);
+  const auto x = random_hidden(4, 10, c.dim, 17);
   auto final_fp_path = [&](bool learn, const std::string& tag) {
     cbq::testing::TempDir dir(tag);
     Transformer<LlamaBlock<float>> model(c, random_weights(c, 5));
-    PassOptions o = quiet(2);
+    PassOptions o = quiet_options(2);
     o.learn_norms = learn;
     o.lr_norm = 3e-2;
     o.checkpoint_dir = dir.path.string();
@@ -181,11 +170,11 @@ TEST_CASE("learned norms: the full-precision path after learning equals the unto
 
 TEST_CASE("output loss: the model's output KL is reported, weighted and reduced by training") {
   ModelConfig c = tiny_llama_config();
-  const auto x = inputs(5, 10, c.dim, 12);
+  const auto x = random_hidden(5, 10, c.dim, 12);
   for (bool all : {false, true}) {
     CAPTURE(all);
     Transformer<LlamaBlock<float>> model(c, random_weights(c, 9));
-    PassOptions o = quiet(3);
+    PassOptions o = quiet_options(3);
     o.output_kld = 10;
     o.output_kld_all = all;
     auto result = TinyPass(o).run_from_hidden(model, x);
@@ -199,7 +188,7 @@ TEST_CASE("output loss: the model's output KL is reported, weighted and reduced 
   }
   // The term is weight × KL: doubling the weight doubles the reported value before training.
   Transformer<LlamaBlock<float>> a(c, random_weights(c, 9)), b(c, random_weights(c, 9));
-  PassOptions o = quiet(1);
+  PassOptions o = quiet_options(1);
   o.max_steps = 1;
   o.output_kld = 1;
   auto ra = TinyPass(o).run_from_hidden(a, x);
@@ -211,9 +200,9 @@ TEST_CASE("output loss: the model's output KL is reported, weighted and reduced 
 
 TEST_CASE("output loss and learned norms run on OPT blocks (LayerNorm weights and biases)") {
   ModelConfig c = tiny_opt_config();
-  const auto x = inputs(4, 10, c.dim, 30);
+  const auto x = random_hidden(4, 10, c.dim, 30);
   Transformer<OptBlock<float>> model(c, random_weights(c, 13));
-  PassOptions o = quiet(2);
+  PassOptions o = quiet_options(2);
   o.learn_norms = true;
   o.output_kld = 5;
   o.output_kld_all = true;

@@ -15,9 +15,11 @@
 
 #include "support/child_process.hpp"
 #include "support/files.hpp"
+#include "support/fixtures.hpp"
 #include "support/gradcheck.hpp"
 
 using namespace cbq;
+using cbq::testing::same_bits;
 
 namespace {
 
@@ -57,11 +59,6 @@ Run run_pass(const PassOptions& o) {
   r.result = pass.run_from_hidden(model, resume_inputs(c.dim));
   r.logits = model.logits({1, 5, 9, 2, 7}).clone();
   return r;
-}
-
-bool same_bits(const Tensor<float>& a, const Tensor<float>& b) {
-  return a.shape() == b.shape() &&
-         std::memcmp(a.data(), b.data(), static_cast<size_t>(a.numel()) * sizeof(float)) == 0;
 }
 
 void check_identical(const Run& a, const Run& b) {

@@ -72,13 +72,13 @@ struct WeightSurrogate {
   }
 };
 
-struct Case {
+struct FakeQuantCase {
   Tensor<double> w, s, z;
   GridSpec g;
 };
 // A weight with RTN parameters shrunk by 10 % so that some codes clamp at both ends.
-Case make_case(GridSpec g, uint64_t seed, int64_t rows = 5, int64_t cols = 40) {
-  Case c;
+FakeQuantCase make_case(GridSpec g, uint64_t seed, int64_t rows = 5, int64_t cols = 40) {
+  FakeQuantCase c;
   c.g = g;
   c.w = randn<double>(Shape{rows, cols}, seed, 0.1);
   quant::init_minmax(c.w, g, c.s, c.z);
@@ -100,7 +100,7 @@ TEST_CASE("fake_quant: forward matches s*(clamp(round(w/s)+z)-z) with half-to-ev
 }
 
 TEST_CASE("fake_quant: gradient to w is straight-through (1 inside the clamp range, 0 outside)") {
-  Case c = make_case(make_spec(3, false, Granularity::per_group), 3);
+  FakeQuantCase c = make_case(make_spec(3, false, Granularity::per_group), 3);
   Tape<double> tape;
   auto w = tape.input(c.w);
   auto out = quant::fake_quant_weight(w, tape.input(c.s), c.z, c.g);
@@ -123,7 +123,7 @@ TEST_CASE("fake_quant: STE and LSQ gradients equal the frozen-residual surrogate
   for (bool sym : {false, true})
     for (Granularity gr :
          {Granularity::per_tensor, Granularity::per_channel, Granularity::per_group}) {
-      Case c = make_case(make_spec(3, sym, gr), 17 + static_cast<int>(gr));
+      FakeQuantCase c = make_case(make_spec(3, sym, gr), 17 + static_cast<int>(gr));
       WeightSurrogate sur(c.w, c.s, c.z, c.g);
       testing::Builder real = [&](Tape<double>&, std::vector<Var<double>>& v) {
         return quant::fake_quant_weight(v[0], v[1], c.z, c.g, /*lsq_grad_scale=*/false);
@@ -151,7 +151,7 @@ TEST_CASE("fake_quant: STE and LSQ gradients equal the frozen-residual surrogate
 TEST_CASE("fake_quant: LSQ step gradient equals its closed form, scaled by 1/sqrt(N*qmax)") {
   for (bool sym : {false, true}) {
     GridSpec g = make_spec(4, sym, Granularity::per_group, 16);
-    Case c = make_case(g, 21, 4, 40);  // groups of 16, 16 and a short one of 8
+    FakeQuantCase c = make_case(g, 21, 4, 40);  // groups of 16, 16 and a short one of 8
     Tensor<double> G = randn<double>(c.w.shape(), 22);
     auto grad_s = [&](bool lsq) {
       Tape<double> tape;
@@ -187,7 +187,7 @@ TEST_CASE("fake_quant: LSQ step gradient equals its closed form, scaled by 1/sqr
 // necessary: without the rule the check fails, (c) with it the rest matches to 1e-7.
 TEST_CASE("fake_quant: clamp-edge points are excluded by the gradcheck rule, exactly those") {
   GridSpec g = make_spec(3, false, Granularity::per_channel);
-  Case c = make_case(g, 31, 4, 24);
+  FakeQuantCase c = make_case(g, 31, 4, 24);
   const double eps = 1e-6;
   struct Plant {
     int64_t r, k;

@@ -24,12 +24,12 @@ namespace {
 
 enum class Source { none, tensor, tracked };
 
-struct Case {
+struct LoraCase {
   int64_t rows, cols, rank;
   GridSpec spec;
 };
 
-std::vector<Case> cases() {
+std::vector<LoraCase> cases() {
   return {{5, 64, 3, make_spec(4, false, Granularity::per_group, 32)},
           {7, 37, 3, make_spec(3, false, Granularity::per_group, 10)},
           {40, 45, 11, make_spec(4, true, Granularity::per_group, 16)},
@@ -46,7 +46,7 @@ struct Grads {
 
 // Runs the fused ops (fused = true) or the composed reference, with the output gradient G.
 template <class T>
-Grads<T> run(bool fused, const Case& c, Source src, RoundingMode mode, uint64_t seed) {
+Grads<T> run(bool fused, const LoraCase& c, Source src, RoundingMode mode, uint64_t seed) {
   const GridSpec& g = c.spec;
   Tensor<T> W = randn<T>(Shape{c.rows, c.cols}, seed, T(0.1));
   Tensor<T> s, z;
@@ -118,7 +118,7 @@ double rel(const Tensor<T>& a, const Tensor<T>& b) {
 }  // namespace
 
 TEST_CASE("fused lora: values and gradients equal the composed ops (double)") {
-  for (const Case& c : cases())
+  for (const LoraCase& c : cases())
     for (Source src : {Source::none, Source::tensor, Source::tracked})
       for (RoundingMode mode : {RoundingMode::soft, RoundingMode::hard, RoundingMode::hard_ste}) {
         CAPTURE(c.rows);
@@ -139,7 +139,7 @@ TEST_CASE("fused lora: values and gradients equal the composed ops (double)") {
 
 TEST_CASE("fused lora: float values within rounding of the composed ops, gradients close") {
   int64_t flips = 0, total = 0;
-  for (const Case& c : cases())
+  for (const LoraCase& c : cases())
     for (Source src : {Source::none, Source::tensor, Source::tracked})
       for (RoundingMode mode : {RoundingMode::soft, RoundingMode::hard, RoundingMode::hard_ste}) {
         CAPTURE(c.rows);
@@ -173,7 +173,7 @@ TEST_CASE("fused lora: float values within rounding of the composed ops, gradien
 }
 
 TEST_CASE("fused lora: harden's codes equal the hard forward bit for bit, every V0 source") {
-  for (const Case& c : cases())
+  for (const LoraCase& c : cases())
     for (bool tracks : {false, true}) {
       const GridSpec& g = c.spec;
       Tensor<float> W = randn<float>(Shape{c.rows, c.cols}, 41, 0.1f);
@@ -216,7 +216,7 @@ TEST_CASE("fused lora: harden's codes equal the hard forward bit for bit, every 
 
 TEST_CASE("fused lora: results do not depend on the thread count") {
   const int saved = num_threads();
-  const Case c{100, 96, 5, make_spec(4, false, Granularity::per_group, 32)};
+  const LoraCase c{100, 96, 5, make_spec(4, false, Granularity::per_group, 32)};
   set_pool_threads(1);
   const Grads<float> one = run<float>(true, c, Source::tracked, RoundingMode::hard_ste, 51);
   set_pool_threads(3);
@@ -244,7 +244,7 @@ struct WeightRegRun {
 // Ŵ and the regulariser of the same V: from one kernel (fused = true, LoraRegRequest) or from
 // lora_soft_weight and lora_round_reg separately; gradients seeded on the outputs that reach.
 template <class T>
-WeightRegRun<T> run_weight_reg(bool fused, const Case& c, Source src, RoundingMode mode,
+WeightRegRun<T> run_weight_reg(bool fused, const LoraCase& c, Source src, RoundingMode mode,
                                Reach reach, uint64_t seed) {
   const GridSpec& g = c.spec;
   Tensor<T> W = randn<T>(Shape{c.rows, c.cols}, seed, T(0.1));
@@ -278,7 +278,7 @@ WeightRegRun<T> run_weight_reg(bool fused, const Case& c, Source src, RoundingMo
 
 template <class T>
 void check_weight_reg(double tolerance, uint64_t seed) {
-  for (const Case& c : cases())
+  for (const LoraCase& c : cases())
     for (Source src : {Source::none, Source::tensor, Source::tracked})
       for (RoundingMode mode : {RoundingMode::soft, RoundingMode::hard_ste})
         for (Reach reach : {Reach::weight, Reach::reg, Reach::both}) {
@@ -313,7 +313,7 @@ TEST_CASE(
 
 TEST_CASE("fused lora: weight and regulariser from one kernel (gradcheck in A1, A2)") {
   for (Source src : {Source::none, Source::tensor, Source::tracked}) {
-    const Case c{6, 37, 3, make_spec(4, false, Granularity::per_group, 16)};
+    const LoraCase c{6, 37, 3, make_spec(4, false, Granularity::per_group, 16)};
     Tensor<double> W = randn<double>(Shape{c.rows, c.cols}, 71, 0.1);
     Tensor<double> s, z;
     quant::init_minmax(W, c.spec, s, z);

@@ -25,14 +25,15 @@ using Ids = std::vector<int32_t>;
 
 namespace {
 
-const fs::path kFixtures = fs::path(CBQ_SOURCE_DIR) / "tests" / "fixtures" / "tokenizers";
+const fs::path kTokenizerFixtures = fs::path(CBQ_SOURCE_DIR) / "tests" / "fixtures" / "tokenizers";
 
 const json& reference() {
-  static const json j = json::parse(cbq::testing::read_all((kFixtures / "llamacpp.json").string()));
+  static const json j =
+      json::parse(cbq::testing::read_all((kTokenizerFixtures / "llamacpp.json").string()));
   return j;
 }
 std::vector<std::string> samples() {
-  const json hf = json::parse(cbq::testing::read_all((kFixtures / "hf.json").string()));
+  const json hf = json::parse(cbq::testing::read_all((kTokenizerFixtures / "hf.json").string()));
   auto texts = hf["texts"].get<std::vector<std::string>>();
   const fs::path wiki = fs::path(CBQ_EXTRA_DATA_DIR) / "text" / "wikitext2_test.txt";
   if (fs::exists(wiki)) {
@@ -128,7 +129,7 @@ TEST_CASE("tokenizer: GGUF export of byte-level vocabularies reads back as llama
       src = io::detail::gguf_tokenizer(f, 49152, why);
     } else {
       src = std::make_shared<HfTokenizer>(
-          HfTokenizer::load((kFixtures / "hf" / (name + ".json")).string()));
+          HfTokenizer::load((kTokenizerFixtures / "hf" / (name + ".json")).string()));
     }
     REQUIRE(src != nullptr);
     ModelConfig c = tiny_llama_config();

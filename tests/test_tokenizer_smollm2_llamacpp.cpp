@@ -31,7 +31,7 @@ using cbq::testing::smollm2_gguf;
 
 namespace {
 
-const json& reference() {
+const json& smollm2_reference() {
   static const json j = json::parse(cbq::testing::read_all(
       (fs::path(CBQ_SOURCE_DIR) / "tests" / "fixtures" / "smollm2" / "llamacpp.json").string()));
   return j;
@@ -81,9 +81,9 @@ TEST_CASE("SmolLM2 vs llama.cpp: greedy continuations are llama-simple's") {
   const std::string path = smollm2_gguf();
   if (path.empty()) return;
   AnyModel& m = smollm2(path);
-  REQUIRE(reference().contains("f32"));
-  const json& f32 = reference()["f32"]["greedy"];
-  const json& q41 = reference()["greedy"];
+  REQUIRE(smollm2_reference().contains("f32"));
+  const json& f32 = smollm2_reference()["f32"]["greedy"];
+  const json& q41 = smollm2_reference()["greedy"];
   const int n = env_int("CBQ_SMOLLM2_GREEDY_TOKENS", 12, 1, f32["n_predict"].get<int>());
   for (std::size_t k = 0; k < f32["runs"].size(); ++k) {
     const std::string prompt = f32["runs"][k]["prompt"].get<std::string>();
@@ -109,12 +109,12 @@ TEST_CASE("SmolLM2 vs llama.cpp: wikitext2 perplexity at context 2048 within 0.5
     return;
   }
   AnyModel& m = smollm2(path);
-  const json& p = reference()["perplexity"];
+  const json& p = smollm2_reference()["perplexity"];
   const int64_t n_ctx = p["n_ctx"].get<int64_t>();
   const auto running = p["running"].get<std::vector<double>>();
   std::vector<double> running_f32;  // llama.cpp on the F32 copy, when the fixture has it
-  if (reference()["f32"].contains("perplexity"))
-    running_f32 = reference()["f32"]["perplexity"]["running"].get<std::vector<double>>();
+  if (smollm2_reference()["f32"].contains("perplexity"))
+    running_f32 = smollm2_reference()["f32"]["perplexity"]["running"].get<std::vector<double>>();
   const int chunks = env_int("CBQ_SMOLLM2_PPL_CHUNKS", 1, 1, static_cast<int>(running.size()));
   // llama-perplexity tokenizes without BOS here (add_bos false) and, for such a model, leaves
   // each chunk's first token as it is: score every chunk on its own with that token as "BOS".
