@@ -173,8 +173,8 @@ void declare(cbq::cli::Options& o, Args& a) {
       {{"adaround", cbq::quant::LoraStart::adaround}, {"half", cbq::quant::LoraStart::half}});
   o.flag("--frozen-v0", a.options.v0_tracks_step, "keep V0 at its initial value", false);
   o.choice<cbq::WeightInit>("--init", a.options.weight_init,
-                            "where steps and rounding start: GPTQ's solution or round-to-nearest "
-                            "(the library's PassOptions default and the presets' start)",
+                            "where steps and rounding start: GPTQ's solution (the default) or "
+                            "round-to-nearest (the presets' start)",
                             {{"gptq", cbq::WeightInit::gptq}, {"rtn", cbq::WeightInit::rtn}});
   o.choice<cbq::LossScale>("--loss-scale", a.options.loss_scale,
                            "reconstruction terms relative to each token's target energy, to the "
@@ -280,9 +280,6 @@ Args parse(int argc, char** argv) {
   a.spec.weight.bits = 4;
   a.spec.weight.group_size = 32;
   a.spec.weight.granularity = cbq::quant::Granularity::per_group;
-  // GPTQ start by default: closer to FP than the RTN start on every model and seed of the
-  // defaults sweep (docs/RESULTS.md, "Defaults across models"); --init rtn for the former default.
-  a.options.weight_init = cbq::WeightInit::gptq;
   cbq::cli::Options o(kTool,
                       "Quantize a model with CBQ (cross-block quantization) and/or the RTN and "
                       "GPTQ baselines, print the perplexities and save the result.");

@@ -144,6 +144,7 @@ TEST_CASE("cbq pass: learned steps need a V0 that tracks them (a frozen V0 makes
   for (bool track : {false, true}) {
     Transformer<LlamaBlock<float>> model(c, random_weights(c, 1));
     PassOptions o = quiet_options(4);
+    o.weight_init = WeightInit::rtn;  // V0 tracking concerns the AdaRound (RTN) start
     o.epochs = 8;
     o.lr_rounding = 0;  // steps only
     o.rounding_mode = quant::RoundingMode::soft;

@@ -223,6 +223,7 @@ TEST_CASE("keep better: training forced to diverge returns the start's codes bit
   ModelConfig c = tiny_llama_config();
   const auto x = random_hidden(8, 10, c.dim, 5);
   PassOptions wild = quiet_options(2);
+  wild.weight_init = WeightInit::rtn;            // the start compared with below
   wild.lr_weight_step = wild.lr_rounding = 1e4;  // absurd
   PassSpec spec = TinyPass::make_spec();
 
@@ -293,7 +294,9 @@ TEST_CASE("keep better: training forced to diverge returns the start's codes bit
 TEST_CASE("keep better: ordinary training keeps its trained state when it is better") {
   ModelConfig c = tiny_llama_config();
   Transformer<LlamaBlock<float>> model(c, random_weights(c, 21));
-  auto result = TinyPass(quiet_options(4)).run_from_hidden(model, random_hidden(12, 12, c.dim, 3));
+  PassOptions o = quiet_options(4);
+  o.weight_init = WeightInit::rtn;  // a start that training can improve on this toy model
+  auto result = TinyPass(o).run_from_hidden(model, random_hidden(12, 12, c.dim, 3));
   for (const WindowStats& w : result.windows) {
     CHECK(w.judged);
     CHECK(w.heldout == 4);
@@ -424,8 +427,13 @@ TEST_CASE("fixed grid: gradients of the steps and rounding factors match finite 
 }
 
 TEST_CASE("fixed grid: the GPTQ start uses it by default, and it keeps GPTQ's codes fixed") {
-  PassOptions o;
+  PassOptions o;  // the default: GPTQ start, automatic grid, so fixed
+  CHECK(o.weight_init == WeightInit::gptq);
+  CHECK(o.fixed_grid());
+  o.weight_init = WeightInit::rtn;
   CHECK_FALSE(o.fixed_grid());
+  CHECK(PassOptions::paper().weight_init == WeightInit::rtn);
+  CHECK(PassOptions::classic().weight_init == WeightInit::rtn);
   o.weight_init = WeightInit::gptq;
   CHECK(o.fixed_grid());
   o.grid = GridMode::learned;
