@@ -16,7 +16,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bytes="${1:-60000}"
 shift || true
-seeds=("${@:-0 1}")
+seeds=("$@")
 [[ $# -eq 0 ]] && seeds=(0 1)
 threads="${THREADS:-1}"
 data="$here/data"

@@ -52,6 +52,25 @@ ModelConfig wide_llama_config(bool tied) {
   return c;
 }
 
+// OPT with 200 positions and a vocabulary of 97 (every row of a 170-token sequence scored).
+ModelConfig small_opt_config() {
+  ModelConfig c = tiny_opt_config();
+  c.max_seq_len = 200;
+  c.vocab_size = 97;
+  return c;
+}
+
+// RTN weights of `bits` in groups of 16 with 8-bit per-token inputs: every transform hook acts.
+PassSpec fake_quant_spec(int bits) {
+  PassSpec spec;
+  spec.weight.bits = bits;
+  spec.weight.granularity = quant::Granularity::per_group;
+  spec.weight.group_size = 16;
+  spec.act_bits = 8;
+  spec.act_per_token = true;
+  return spec;
+}
+
 }  // namespace
 
 // Float tolerance of the tape-free NLLs against the tape path: the blocks compute with the same
@@ -107,9 +126,7 @@ TEST_CASE("inference: the hidden states equal the tape path's bit for bit") {
 }
 
 TEST_CASE("inference: OPT (biases, LayerNorm, learned positions, ReLU) equals the tape path") {
-  ModelConfig c = tiny_opt_config();
-  c.max_seq_len = 200;
-  c.vocab_size = 97;
+  ModelConfig c = small_opt_config();
   for (bool tied : {true, false}) {
     CAPTURE(tied);
     c.tied_embeddings = tied;
@@ -134,12 +151,7 @@ TEST_CASE("inference: fake-quantized models (RTN W4 g16 with 8-bit inputs) equal
   const ModelConfig c = wide_llama_config(true);
   Transformer<LlamaBlock<float>> m(c, random_weights(c, 51));
   const auto calib = random_tokens(64, c.vocab_size, 52);
-  PassSpec spec;
-  spec.weight.bits = 4;
-  spec.weight.granularity = quant::Granularity::per_group;
-  spec.weight.group_size = 16;
-  spec.act_bits = 8;
-  spec.act_per_token = true;
+  const PassSpec spec = fake_quant_spec(4);
   const auto before = m.token_nll(calib, 0, 62);
   quantize_baseline(m, Baseline::rtn, spec, {m.embed_tensor(calib)}, {}, false);
   const auto tokens = random_tokens(280, c.vocab_size, 53);
@@ -242,18 +254,6 @@ TEST_CASE("inference: bad rows and tokens name the problem") {
 }
 
 namespace {
-// Largest |a − b| / max(1, max |b|) over two logit tensors; NaN anywhere gives infinity.
-double max_logit_diff(const Tensor<float>& a, const Tensor<float>& b) {
-  REQUIRE(a.shape() == b.shape());
-  double worst = 0, scale = 1;
-  for (int64_t i = 0; i < b.numel(); ++i) {
-    if (!std::isfinite(a[i]) || !std::isfinite(b[i])) return INFINITY;
-    scale = std::max(scale, std::abs(double(b[i])));
-    worst = std::max(worst, std::abs(double(a[i]) - double(b[i])));
-  }
-  return worst / scale;
-}
-
 template <class Model>
 void check_scored_logits(Model& m, const std::vector<int32_t>& tokens, int64_t first,
                          int64_t last) {
@@ -262,7 +262,9 @@ void check_scored_logits(Model& m, const std::vector<int32_t>& tokens, int64_t f
   const Tensor<float> fast = m.scored_logits(tokens, first, last);
   REQUIRE(fast.shape() == Shape{last - first + 1, m.config.vocab_size});
   const Tensor<float> ref = m.logits(tokens).slice(0, first, last + 1).contiguous().clone();
-  CHECK(max_logit_diff(fast, ref) < kFloatTolerance);
+  // Relative to the largest logit; a NaN on either side makes max_abs_diff NaN and fails.
+  CHECK(cbq::testing::max_abs_diff(fast, ref) <
+        kFloatTolerance * std::max(1.0, cbq::testing::max_abs(ref)));
 }
 }  // namespace
 
@@ -277,20 +279,13 @@ TEST_CASE(
     check_scored_logits(m, tokens, 130, 258);
     check_scored_logits(m, tokens, 7, 7);
   }
-  ModelConfig oc = tiny_opt_config();
-  oc.max_seq_len = 200;
-  oc.vocab_size = 97;
+  const ModelConfig oc = small_opt_config();
   Transformer<OptBlock<float>> opt(oc, random_weights(oc, 64));
   check_scored_logits(opt, random_tokens(170, oc.vocab_size, 65), 85, 168);
 
   const ModelConfig c = wide_llama_config(true);
   Transformer<LlamaBlock<float>> q(c, random_weights(c, 66));
-  PassSpec spec;
-  spec.weight.bits = 3;
-  spec.weight.granularity = quant::Granularity::per_group;
-  spec.weight.group_size = 16;
-  spec.act_bits = 8;
-  spec.act_per_token = true;
+  const PassSpec spec = fake_quant_spec(3);
   quantize_baseline(q, Baseline::rtn, spec, {q.embed_tensor(random_tokens(64, c.vocab_size, 67))},
                     {}, false);
   check_scored_logits(q, random_tokens(200, c.vocab_size, 68), 100, 198);

@@ -4,21 +4,42 @@
 #include <cbq/model/random.hpp>
 #include <cbq/model/rotation.hpp>
 #include <filesystem>
+#include <optional>
 #include <string>
 
 #include "support/fixtures.hpp"
 #include "support/gradcheck.hpp"
 
 using namespace cbq;
+using cbq::testing::max_abs;
 using cbq::testing::max_abs_diff;
 using cbq::testing::random_tokens;
 
 namespace {
 
-double max_abs(const Tensor<double>& t) {
-  double m = 0;
-  for (int64_t i = 0; i < t.numel(); ++i) m = std::max(m, std::abs(t[i]));
-  return m;
+// stories260K and the first 256 tokens of the TinyStories excerpt; nullopt, with a message, when
+// the model is not shipped.
+struct StoriesProbe {
+  AnyModel model;
+  std::vector<int32_t> probe;
+  std::string path;  // the llama2.c file
+};
+std::optional<StoriesProbe> load_stories_probe() {
+  namespace fs = std::filesystem;
+  const fs::path data = cbq::testing::data_dir();
+  const fs::path bin = data / "models" / "stories260K.bin";
+  if (!fs::exists(bin)) {
+    MESSAGE("skipped: stories260K.bin not found under " << data.string());
+    return std::nullopt;
+  }
+  StoriesProbe s{
+      load_model(bin.string(), (data / "models" / "tok512.bin").string()), {}, bin.string()};
+  const std::string text =
+      io::read_text_file((data / "text" / "tinystories_train_excerpt.txt").string());
+  const auto all = s.model.llama().tokenizer->encode(text, true, false);
+  REQUIRE(all.size() > 400);
+  s.probe.assign(all.begin(), all.begin() + 256);
+  return s;
 }
 
 // Largest |logit change| of rotating `model` with `opt` (the tape path, logits()) and largest
@@ -121,20 +142,10 @@ TEST_CASE("rotation: the same tiny model in float keeps its logits within float 
 }
 
 TEST_CASE("rotation: stories260K keeps its logits after R1 + R2, in float and in double") {
-  namespace fs = std::filesystem;
-  const fs::path data = cbq::testing::data_dir();
-  const fs::path bin = data / "models" / "stories260K.bin";
-  if (!fs::exists(bin)) {
-    MESSAGE("skipped: stories260K.bin not found under " << data.string());
-    return;
-  }
-  AnyModel any = load_model(bin.string(), (data / "models" / "tok512.bin").string());
-  LlamaModel& m = any.llama();
-  const std::string text =
-      io::read_text_file((data / "text" / "tinystories_train_excerpt.txt").string());
-  auto all = m.tokenizer->encode(text, true, false);
-  REQUIRE(all.size() > 400);
-  const std::vector<int32_t> probe(all.begin(), all.begin() + 256);
+  std::optional<StoriesProbe> stories = load_stories_probe();
+  if (!stories) return;
+  LlamaModel& m = stories->model.llama();
+  const std::vector<int32_t>& probe = stories->probe;
   const double scale = max_abs(m.logits(probe).clone().template cast<double>());
   RotationReport report;
   const Change f = rotation_change(m, RotationOptions{}, probe, &report);
@@ -144,7 +155,7 @@ TEST_CASE("rotation: stories260K keeps its logits after R1 + R2, in float and in
   CHECK(f.logits < 1e-5 * std::max(1.0, scale));
   CHECK(f.nll < 1e-5 * std::max(1.0, scale));
 
-  io::Llama2cModel raw = io::load_llama2c(bin.string());
+  io::Llama2cModel raw = io::load_llama2c(stories->path);
   Transformer<LlamaBlock<double>> md(raw.config, raw.weights);
   const Change d = rotation_change(md, RotationOptions{}, probe, &report);
   MESSAGE("stories260K double: max logit change " << d.logits << ", max NLL change " << d.nll);
@@ -212,19 +223,10 @@ TEST_CASE("rotation: refused on a model with a quantization transform installed"
 }
 
 TEST_CASE("rotation: R1 flattens stories260K's residual stream (peak / rms per token)") {
-  namespace fs = std::filesystem;
-  const fs::path data = cbq::testing::data_dir();
-  const fs::path bin = data / "models" / "stories260K.bin";
-  if (!fs::exists(bin)) {
-    MESSAGE("skipped: stories260K.bin not found under " << data.string());
-    return;
-  }
-  AnyModel any = load_model(bin.string(), (data / "models" / "tok512.bin").string());
-  LlamaModel& m = any.llama();
-  const std::string text =
-      io::read_text_file((data / "text" / "tinystories_train_excerpt.txt").string());
-  auto all = m.tokenizer->encode(text, true, false);
-  const std::vector<int32_t> probe(all.begin(), all.begin() + 256);
+  std::optional<StoriesProbe> stories = load_stories_probe();
+  if (!stories) return;
+  LlamaModel& m = stories->model.llama();
+  const std::vector<int32_t>& probe = stories->probe;
   std::vector<Tensor<float>> before, after;
   m.logits(probe, &before);
   rotate_model(m);

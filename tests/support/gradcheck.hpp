@@ -52,8 +52,24 @@ double max_abs_diff(const Tensor<T>& a, const Tensor<U>& b) {
   Tensor<T> ca = a.to(Device::cpu);
   Tensor<U> cb = b.to(Device::cpu);
   double m = 0;
-  for (int64_t i = 0; i < ca.numel(); ++i)
-    m = std::max(m, std::abs(static_cast<double>(ca[i]) - static_cast<double>(cb[i])));
+  for (int64_t i = 0; i < ca.numel(); ++i) {
+    const double d = std::abs(static_cast<double>(ca[i]) - static_cast<double>(cb[i]));
+    if (std::isnan(d)) return d;  // std::max would drop it: a NaN must fail `< tol`
+    m = std::max(m, d);
+  }
+  return m;
+}
+
+// max_i |t_i|, NaN when an element is NaN.
+template <class T>
+double max_abs(const Tensor<T>& t) {
+  const Tensor<T> c = t.to(Device::cpu);
+  double m = 0;
+  for (int64_t i = 0; i < c.numel(); ++i) {
+    const double v = std::abs(static_cast<double>(c[i]));
+    if (std::isnan(v)) return v;
+    m = std::max(m, v);
+  }
   return m;
 }
 
