@@ -15,7 +15,7 @@
 // the threads, the BLAS core and the peak RSS.
 #include <cbq/cbq.hpp>
 #include <cbq/eval/perplexity.hpp>
-#include <cbq/io/gguf_export.hpp>
+#include <cbq/export/gguf.hpp>
 #include <cbq/model/load.hpp>
 #include <charconv>
 #include <cstdio>

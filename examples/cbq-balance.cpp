@@ -27,8 +27,8 @@
 // the charts of every report in DIR again.
 #include <algorithm>
 #include <cbq/cbq.hpp>
+#include <cbq/core/mmap.hpp>
 #include <cbq/eval/perplexity.hpp>
-#include <cbq/io/mmap.hpp>
 #include <cbq/model/load.hpp>
 #include <cbq/pass/pass.hpp>
 #include <cbq/report/report.hpp>

@@ -9,11 +9,11 @@
 // Options, inputs (regular, non-empty files: a FIFO would block) and memory are checked before
 // the model is loaded; a perplexity that is not a number is an error naming the parameter that
 // holds a NaN, never a printed "-nan" with exit status 0.
+#include <cbq/core/atomic_file.hpp>
+#include <cbq/core/mmap.hpp>
 #include <cbq/core/resources.hpp>
 #include <cbq/eval/kl_divergence.hpp>
 #include <cbq/eval/perplexity.hpp>
-#include <cbq/io/atomic_file.hpp>
-#include <cbq/io/mmap.hpp>
 #include <cbq/model/load.hpp>
 #include <cctype>
 #include <chrono>

@@ -20,16 +20,17 @@
 #endif
 #include <algorithm>
 #include <cbq/cbq.hpp>
+#include <cbq/core/atomic_file.hpp>
+#include <cbq/core/mmap.hpp>
 #include <cbq/core/resources.hpp>
 #include <cbq/eval/kl_divergence.hpp>
 #include <cbq/eval/perplexity.hpp>
-#include <cbq/io/atomic_file.hpp>
-#include <cbq/io/mmap.hpp>
-#include <cbq/io/native.hpp>
+#include <cbq/export/export.hpp>
 #include <cbq/model/load.hpp>
 #include <cbq/pass/baselines.hpp>
 #include <cbq/pass/estimate.hpp>
 #include <cbq/pass/pass.hpp>
+#include <cbq/quantize.hpp>
 #include <cbq/report/report.hpp>
 #include <cmath>
 #include <cstdio>
@@ -286,7 +287,6 @@ Args parse(int argc, char** argv) {
   declare(o, a);
   o.parse(argc, argv);
   a.methods = parse_methods(a.method_list);
-  a.gptq.percdamp = a.options.gptq_percdamp;
   if (!a.act_layer_list.empty()) a.spec.act_layers = split(a.act_layer_list, ',');
   if (a.spec.act_bits > 8 && a.spec.act_bits < 16)
     usage_error(
@@ -467,30 +467,15 @@ Plan preflight(Args& a) {
     if (std::find(names.begin(), names.end(), l) == names.end())
       usage_error(fmt::format("--act-layers: no linear layer named '{}' in a {} block (it has {})",
                               l, cbq::family_name(c.family), fmt::join(names, ", ")));
-  if (a.export_format == "gguf") {
+  if (!a.export_format.empty()) {
     try {
-      io::gguf_weight_type(a.spec.weight, "(all layers)");
+      cbq::check_exportable(*cbq::parse_export_format(a.export_format), c, a.spec.weight,
+                            a.spec.act_bits);
     } catch (const cbq::Error& e) {
-      usage_error(fmt::format("--export gguf: {}", e.what()));
+      usage_error(fmt::format("--export {}: {}", a.export_format, e.what()));
     }
-    if (c.family != cbq::Family::llama)
-      usage_error(
-          fmt::format("--export gguf: llama.cpp's GGUF export is for LLaMA-family models; "
-                      "use --export gptq for {}",
-                      c.architecture));
   }
   const int bits = a.spec.weight.bits;
-  if (a.export_format == "gptq" && bits != 2 && bits != 3 && bits != 4 && bits != 8)
-    usage_error(
-        fmt::format("--export gptq: GPTQ checkpoints hold 2, 3, 4 or 8-bit weights, not "
-                    "--wbits {} (save it with --out instead)",
-                    bits));
-  if (a.export_format == "gptq" && a.spec.act_bits < 16)
-    usage_error(
-        fmt::format("--export gptq: GPTQ checkpoints are weight-only; --abits {} would be "
-                    "lost (save it with --out instead)",
-                    a.spec.act_bits));
-
   // Outputs: never an input, a device or someone's folder; not two outputs on one path.
   std::vector<io::InputPath> inputs = {
       {a.model, "MODEL"}, {a.tokenizer, "--tokenizer"}, {a.calib, "--calib"}, {a.eval, "--eval"}};
@@ -652,42 +637,31 @@ double require_finite(double ppl, const std::string& what, Model& model) {
 }
 
 // Writes `result` for other tools (--export) and prints the perplexity of exactly what was
-// written: both formats store fp16 scales, so the result's scales are rounded first (GPTQ: the
-// nearest fp16; GGUF: the nearest fp16 that keeps Q4_1's minimum exact, docs/GGUF.md).
+// written: the GPTQ export rounds the model's scales to fp16 as the folder holds them; a GGUF file
+// is read back.
 template <class Model>
 void export_model(const Args& args, Model& model, cbq::QuantizationResult& result,
                   const std::string& path, const std::vector<int32_t>& eval_tokens, int64_t ctx) {
-  if (args.export_format == "gptq") {
-    const auto snap = cbq::io::snap_scales_to_f16(model, result);
-    cbq::io::GptqExportOptions o;
-    if (fs::is_directory(args.model)) o.source_dir = args.model;
-    o.tokenizer_file = args.tokenizer;
-    o.damp_percent = args.options.gptq_percdamp;
+  const cbq::ExportFormat format = *cbq::parse_export_format(args.export_format);
+  cbq::ExportOptions o;
+  if (fs::is_directory(args.model)) o.source_dir = args.model;
+  o.tokenizer_file = args.tokenizer;
+  o.gptq_damp_percent = args.options.gptq_percdamp;
+  const cbq::ExportSummary s = cbq::export_model(format, path, model, result, o);
+  for (const std::string& line : s.lines) std::printf("export: %s\n", line.c_str());
+  if (format == cbq::ExportFormat::gptq) {
     const double ppl =
         require_finite(cbq::eval::perplexity_gptq(model, eval_tokens, ctx).perplexity,
                        "the perplexity with the exported fp16 scales", model);
-    const auto s = cbq::io::save_gptq(path, model, result, o);
-    std::printf("export: wrote GPTQ folder %s (checkpoint_format %s)\n", path.c_str(),
-                s.checkpoint_format.c_str());
-    for (const auto& note : s.notes) std::printf("export: %s\n", note.c_str());
     std::printf(
         "export: perplexity with the exported fp16 scales %.4f (largest scale change %.2e)\n", ppl,
-        snap.max_relative_change);
+        s.max_scale_change);
     return;
   }
-  if constexpr (std::is_same_v<Model, cbq::Transformer<cbq::LlamaBlock<float>>>) {
-    const auto report = cbq::io::export_gguf(path, model, model.tokenizer.get(), &result);
-    std::printf("export: %s\n", report.summary().c_str());
-    auto back = cbq::io::load_gguf_llama(path);
-    const double ppl = require_finite(cbq::eval::perplexity_gptq(back, eval_tokens, ctx).perplexity,
-                                      fmt::format("the perplexity of {} read back", path), back);
-    std::printf("export: perplexity of %s read back %.4f\n", path.c_str(), ppl);
-  } else {
-    cbq::fail(
-        "--export gguf: llama.cpp's GGUF export is for LLaMA-family models; use --export "
-        "gptq for {}",
-        model.config.architecture);
-  }
+  auto back = cbq::io::load_gguf_llama(path);
+  const double ppl = require_finite(cbq::eval::perplexity_gptq(back, eval_tokens, ctx).perplexity,
+                                    fmt::format("the perplexity of {} read back", path), back);
+  std::printf("export: perplexity of %s read back %.4f\n", path.c_str(), ppl);
 }
 
 struct Row {
@@ -847,20 +821,9 @@ int run(int argc, char** argv, std::string& phase) {
     cbq::AnyModel m = mi == 0 ? std::move(any) : cbq::load_model(args.model, args.tokenizer);
     Row row;
     row.method = method;
-    // CBQ moves the model to args.options.device itself; the baselines run on the CPU.
-    if (method != "cbq") m.visit([](auto& model) { model.to(cbq::Device::cpu); });
     phase = "quantizing with " + method;
-    cbq::QuantizationResult result = m.visit([&](auto& model) {
-      if (method == "cbq") {
-        cbq::CbqPass pass(args.spec, args.options);
-        return pass.run(model, calib);
-      }
-      std::vector<cbq::Tensor<float>> x;
-      for (const auto& s : calib.samples) x.push_back(model.embed_tensor(s));
-      return cbq::quantize_baseline(model,
-                                    method == "rtn" ? cbq::Baseline::rtn : cbq::Baseline::gptq,
-                                    args.spec, std::move(x), args.gptq, args.options.verbose);
-    });
+    cbq::QuantizationResult result =
+        cbq::quantize(m, *cbq::parse_method(method), args.spec, args.options, calib, args.gptq);
     row.config = result.config;
     row.seconds = result.seconds;
     phase = "evaluating the " + method + " model";
@@ -888,7 +851,8 @@ int run(int argc, char** argv, std::string& phase) {
     if (!args.out.empty()) {
       phase = "saving the " + method + " model";
       const std::string out = method_path(args, args.out, method);
-      m.visit([&](auto& model) { cbq::io::save_native(out, model, result); });
+      m.visit(
+          [&](auto& model) { cbq::export_model(cbq::ExportFormat::native, out, model, result); });
       std::printf("saved %s\n", out.c_str());
     }
     if (!args.export_format.empty()) {

@@ -1,7 +1,7 @@
 // libFuzzer target: GGUF files through the reader (GgufFile: header, metadata of every value
 // type, tensor infos, offsets, dequantization) and through load_gguf (the LLaMA loader on top).
-#include <cbq/io/gguf.hpp>
-#include <cbq/io/gguf_export.hpp>
+#include <cbq/formats/gguf.hpp>
+#include <cbq/model/load.hpp>
 
 #include "fuzz_common.hpp"
 

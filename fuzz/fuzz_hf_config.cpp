@@ -1,6 +1,6 @@
 // libFuzzer target: Hugging Face config.json through load_hf_config and, when it parses, load_hf
 // against the real tiny-llama fixture weights (every tensor checked against the config's shapes).
-#include <cbq/io/hf_config.hpp>
+#include <cbq/formats/hf_config.hpp>
 #include <filesystem>
 
 #include "fuzz_common.hpp"

@@ -1,5 +1,5 @@
 // libFuzzer target: llama2.c checkpoints (legacy and version-1 headers) through load_llama2c.
-#include <cbq/io/llama2c.hpp>
+#include <cbq/formats/llama2c.hpp>
 
 #include "fuzz_common.hpp"
 

@@ -1,6 +1,6 @@
 // libFuzzer target: one .safetensors file (header JSON, dtypes, shapes, offsets) through
 // SafetensorsFile and SafetensorsCheckpoint, reading every tensor it accepts.
-#include <cbq/io/safetensors.hpp>
+#include <cbq/formats/safetensors.hpp>
 
 #include "fuzz_common.hpp"
 

@@ -1,7 +1,7 @@
 // libFuzzer target: model.safetensors.index.json (sharded checkpoints) through
 // SafetensorsCheckpoint. The input is the index; the folder also holds the three real shards of
 // tests/fixtures/tiny-llama-sharded, so weight_map entries can name existing files.
-#include <cbq/io/safetensors.hpp>
+#include <cbq/formats/safetensors.hpp>
 #include <filesystem>
 
 #include "fuzz_common.hpp"

@@ -1,4 +1,4 @@
-#include <cbq/io/mmap.hpp>
+#include <cbq/core/mmap.hpp>
 #include <cbq/model/load.hpp>
 #include <cbq/pass/calibration.hpp>
 #include <cbq/pass/preprocess.hpp>

@@ -3,7 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <cbq/io/safetensors.hpp>
+#include <cbq/formats/safetensors.hpp>
 #include <cbq/model/load.hpp>
 #include <cbq/model/random.hpp>
 #include <cbq/pass/baselines.hpp>

@@ -3,7 +3,7 @@
 // against a brute-force search, and the LLaMA export/import on stories260K and the Hugging Face
 // tiny-llama fixture (weights tensor by tensor, logits, perplexity of quantized exports).
 #include <cbq/eval/perplexity.hpp>
-#include <cbq/io/gguf_export.hpp>
+#include <cbq/export/gguf.hpp>
 #include <cbq/model/load.hpp>
 #include <cbq/pass/baselines.hpp>
 #include <cbq/pass/pass.hpp>

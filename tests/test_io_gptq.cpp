@@ -1,10 +1,10 @@
-// GPTQ checkpoint writer and reader (include/cbq/io/gptq_format.hpp): the packed words against
+// GPTQ checkpoint writer and reader (include/cbq/export/gptq.hpp): the packed words against
 // hand-computed values and against AutoGPTQ's pack loop (transcribed below), exact round trips of
 // RTN / GPTQ / CBQ results on tiny random LLaMA and OPT models and on stories260K, and the errors
 // for damaged folders. With CBQ_GPTQ_EXPORT_DIR set, the exported folders are kept there with a
 // cbq_reference.safetensors each, for tests/reference/check_gptq.py.
-#include <cbq/io/gptq_format.hpp>
-#include <cbq/io/mmap.hpp>
+#include <cbq/core/mmap.hpp>
+#include <cbq/export/gptq.hpp>
 #include <cbq/pass/baselines.hpp>
 #include <cbq/pass/calibration.hpp>
 #include <cstdlib>

@@ -2,8 +2,8 @@
 // BF16, sharded; OPT with base-model names), plus missing / misshapen tensors and bad configs.
 #include <doctest/doctest.h>
 
-#include <cbq/io/hf_config.hpp>
-#include <cbq/io/llama2c.hpp>
+#include <cbq/formats/hf_config.hpp>
+#include <cbq/formats/llama2c.hpp>
 #include <filesystem>
 #include <fstream>
 #include <string>

@@ -2,7 +2,7 @@
 // copies (truncated, too long, bad header values).
 #include <doctest/doctest.h>
 
-#include <cbq/io/llama2c.hpp>
+#include <cbq/formats/llama2c.hpp>
 #include <cstring>
 #include <filesystem>
 #include <fstream>

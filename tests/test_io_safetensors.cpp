@@ -3,7 +3,7 @@
 // JSON), each an Error naming the file and the numbers.
 #include <doctest/doctest.h>
 
-#include <cbq/io/safetensors.hpp>
+#include <cbq/formats/safetensors.hpp>
 #include <cmath>
 #include <filesystem>
 #include <fstream>

@@ -1,5 +1,5 @@
-#include <cbq/io/llama2c.hpp>
-#include <cbq/io/mmap.hpp>
+#include <cbq/core/mmap.hpp>
+#include <cbq/formats/llama2c.hpp>
 #include <cbq/model/load.hpp>
 #include <cbq/model/random.hpp>
 #include <cbq/model/rotation.hpp>

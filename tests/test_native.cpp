@@ -1,4 +1,4 @@
-#include <cbq/io/native.hpp>
+#include <cbq/export/native.hpp>
 #include <cbq/model/llama_block.hpp>
 #include <cbq/model/random.hpp>
 #include <cbq/pass/baselines.hpp>

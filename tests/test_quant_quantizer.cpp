@@ -1,6 +1,6 @@
 // Quantizer configuration types, RTN round-trip error budgets, QuantizedWeight agreement.
+#include <cbq/pass/policies.hpp>
 #include <cbq/quant/fake_quant.hpp>
-#include <cbq/quant/quantizer.hpp>
 
 #include "test_quant_common.hpp"
 

@@ -6,10 +6,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cbq/core/atomic_file.hpp>
 #include <cbq/core/resources.hpp>
-#include <cbq/io/atomic_file.hpp>
-#include <cbq/io/llama2c.hpp>
-#include <cbq/io/safetensors.hpp>
+#include <cbq/formats/llama2c.hpp>
+#include <cbq/formats/safetensors.hpp>
 #include <cbq/model/load.hpp>
 #include <cbq/pass/checkpoint.hpp>
 #include <cbq/tokenizer/llama2c_tokenizer.hpp>

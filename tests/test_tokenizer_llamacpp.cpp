@@ -5,10 +5,11 @@
 // written by cbq's exporter, read back, tokenizing as llama.cpp tokenizes them.
 #include <doctest/doctest.h>
 
-#include <cbq/io/gguf_export.hpp>
+#include <cbq/export/gguf.hpp>
 #include <cbq/model/load.hpp>
 #include <cbq/model/random.hpp>
 #include <cbq/tokenizer/byte_level_bpe.hpp>
+#include <cbq/tokenizer/gguf_tokenizer.hpp>
 #include <cbq/tokenizer/hf_tokenizer.hpp>
 #include <cstdlib>
 #include <filesystem>
@@ -63,7 +64,7 @@ TEST_CASE("tokenizer: SmolLM2's GGUF vocabulary tokenizes as llama-tokenize") {
   if (path.empty()) return;
   io::GgufFile f(path);
   std::string why;
-  const auto tok = io::detail::gguf_tokenizer(f, 49152, why);
+  const auto tok = gguf_tokenizer(f, 49152, why);
   REQUIRE(tok != nullptr);
   const auto* bl = dynamic_cast<const ByteLevelBpeTokenizer*>(tok.get());
   REQUIRE(bl != nullptr);
@@ -126,7 +127,7 @@ TEST_CASE("tokenizer: GGUF export of byte-level vocabularies reads back as llama
       if (path.empty()) continue;
       io::GgufFile f(path);
       std::string why;
-      src = io::detail::gguf_tokenizer(f, 49152, why);
+      src = gguf_tokenizer(f, 49152, why);
     } else {
       src = std::make_shared<HfTokenizer>(
           HfTokenizer::load((kTokenizerFixtures / "hf" / (name + ".json")).string()));

@@ -1,7 +1,7 @@
 // "Another engine" using cbq as a library: the engine keeps its own weights and its own forward
 // pass; a few lines adapt its block to cbq::TransformerBlock, a pass configured at compile time
-// quantizes the weights (on synthetic calibration activations), and the engine takes the
-// quantized weights back into its own storage. Prints the reconstruction error of the block
+// quantizes the weights (cbq::quantize on synthetic calibration activations), and the engine takes
+// the quantized weights back into its own storage. Prints the reconstruction error of the block
 // stack before (round-to-nearest) and after CBQ; exits non-zero when the quantized engine is not
 // close to the full-precision one. Built standalone: see CMakeLists.txt and docs/EMBEDDING.md.
 #include <cbq/cbq.hpp>
@@ -201,15 +201,12 @@ int main() {
       CbqModel model(c, w);
       std::vector<cbq::Tensor<float>> x;
       for (const auto& s : calib) x.push_back(cbq::Tensor<float>::from(s, cbq::Shape{tokens, dim}));
-      cbq::QuantizationResult r;
-      if (cbq_pass) {
-        cbq::PassOptions o;
-        o.epochs = 2;
-        o.verbose = false;
-        r = Pass(o).run_from_hidden(model, std::move(x));
-      } else {
-        r = cbq::quantize_baseline(model, cbq::Baseline::rtn, Pass::make_spec(), {}, {}, false);
-      }
+      cbq::PassOptions o;
+      o.epochs = 2;
+      o.verbose = false;
+      const cbq::QuantizationResult r =
+          cbq::quantize(model, cbq_pass ? cbq::Method::cbq : cbq::Method::rtn, Pass::make_spec(), o,
+                        std::move(x));
       import_quantized(target, r);
       // The engine's own forward with the imported weights must equal cbq's quantized model.
       const cbq::Tensor<float> probe =

@@ -15,10 +15,10 @@
 #include <fcntl.h>
 #include <unistd.h>
 
-#include <cbq/io/gguf_export.hpp>
-#include <cbq/io/half.hpp>
-#include <cbq/io/llama2c.hpp>
-#include <cbq/io/safetensors.hpp>
+#include <cbq/core/half.hpp>
+#include <cbq/export/gguf.hpp>
+#include <cbq/formats/llama2c.hpp>
+#include <cbq/formats/safetensors.hpp>
 #include <cbq/model/load.hpp>
 #include <cbq/pass/baselines.hpp>
 #include <cbq/pass/checkpoint.hpp>

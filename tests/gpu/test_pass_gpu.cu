@@ -23,8 +23,8 @@
 // Runs that differ only in where the activations live (GPU memory or host memory copied up per
 // sample) run the same kernels on the same values and must agree bit for bit, as must a GPU run
 // resumed from its checkpoint and an uninterrupted one.
+#include <cbq/core/mmap.hpp>
 #include <cbq/eval/perplexity.hpp>
-#include <cbq/io/mmap.hpp>
 #include <cbq/model/llama_block.hpp>
 #include <cbq/model/load.hpp>
 #include <cbq/model/opt_block.hpp>

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Checks GPTQ checkpoints written by cbq (include/cbq/io/gptq_format.hpp) with the reference
+"""Checks GPTQ checkpoints written by cbq (include/cbq/export/gptq.hpp) with the reference
 loaders' own unpacking logic, and, when torch + transformers are importable, with transformers'
 model code.
 

@@ -3,7 +3,7 @@
 //
 //   g++ -O2 -std=c++20 -Iinclude tests/reference/fp_gguf.cpp -o /tmp/fp_gguf -lfmt -lopenblas
 //   /tmp/fp_gguf data/models/stories260K.bin data/models/tok512.bin stories260K-f32.gguf
-#include <cbq/io/gguf_export.hpp>
+#include <cbq/export/gguf.hpp>
 #include <cbq/model/load.hpp>
 #include <cstdio>
 

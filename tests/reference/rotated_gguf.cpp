@@ -5,7 +5,7 @@
 //   g++ -O2 -std=c++20 -Iinclude tests/reference/rotated_gguf.cpp -o /tmp/rotated_gguf \
 //       -lfmt -lopenblas
 //   /tmp/rotated_gguf data/models/stories260K.bin data/models/tok512.bin rotated.gguf 0
-#include <cbq/io/gguf_export.hpp>
+#include <cbq/export/gguf.hpp>
 #include <cbq/model/load.hpp>
 #include <cbq/model/rotation.hpp>
 #include <cstdio>

@@ -6,8 +6,9 @@
 //   tokenizer_tool split PATTERN TEXT           the pieces of TEXT split by the regex PATTERN
 //                                               (Oniguruma dialect, every match isolated), JSON
 // TOKENIZER: a GGUF file (its vocabulary) or a tokenizer.json.
-#include <cbq/io/gguf_export.hpp>
+#include <cbq/export/gguf.hpp>
 #include <cbq/model/random.hpp>
+#include <cbq/tokenizer/gguf_tokenizer.hpp>
 #include <cbq/tokenizer/hf_tokenizer.hpp>
 #include <cstdio>
 #include <memory>
@@ -21,7 +22,7 @@ static std::shared_ptr<const Tokenizer> load(const std::string& path) {
     return std::make_shared<HfTokenizer>(HfTokenizer::load(path));
   io::GgufFile f(path);
   std::string why;
-  auto tok = io::detail::gguf_tokenizer(f, INT32_MAX, why);
+  auto tok = gguf_tokenizer(f, INT32_MAX, why);
   if (!tok) fail("{}: no tokenizer: {}", path, why);
   return tok;
 }

@@ -42,7 +42,7 @@ inline std::string read_all(const std::filesystem::path& path) {
   return ss.str();
 }
 
-// True when `folder` holds a temporary of cbq's atomic writes (io/atomic_file.hpp:
+// True when `folder` holds a temporary of cbq's atomic writes (core/atomic_file.hpp:
 // ".NAME.cbq-tmp-…",
 // ".NAME.cbq-tmpdir-…", ".NAME.cbq-old-…") or an old-style "NAME.tmp".
 inline bool has_temporaries(const std::filesystem::path& folder) {

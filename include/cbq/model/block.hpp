@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "cbq/model/config.hpp"
+#include "cbq/core/model_config.hpp"
 #include "cbq/model/linear_layer.hpp"
 
 namespace cbq {

@@ -19,14 +19,47 @@
 #include <variant>
 
 #include "cbq/core/error.hpp"
-#include "cbq/io/gguf_export.hpp"
-#include "cbq/io/hf_config.hpp"
-#include "cbq/io/llama2c.hpp"
+#include "cbq/formats/gguf_llama.hpp"
+#include "cbq/formats/hf_config.hpp"
+#include "cbq/formats/llama2c.hpp"
 #include "cbq/model/llama_block.hpp"
 #include "cbq/model/opt_block.hpp"
 #include "cbq/model/transformer.hpp"
+#include "cbq/tokenizer/gguf_tokenizer.hpp"
 #include "cbq/tokenizer/hf_tokenizer.hpp"
 #include "cbq/tokenizer/llama2c_tokenizer.hpp"
+
+namespace cbq::io {
+
+// A GGUF LLaMA with the tokenizer its metadata holds (null when the vocabulary is not usable; the
+// reason is in `notes`).
+struct GgufModel : GgufLlama {
+  std::shared_ptr<const Tokenizer> tokenizer;
+};
+
+// read_gguf_llama (formats/gguf_llama.hpp) plus the file's tokenizer
+// (tokenizer/gguf_tokenizer.hpp).
+inline GgufModel load_gguf(const std::string& path, bool read_tokenizer = true) {
+  GgufFile f(path);
+  GgufModel out;
+  static_cast<GgufLlama&>(out) = read_gguf_llama(f);
+  if (read_tokenizer) {
+    std::string why_not;
+    out.tokenizer = gguf_tokenizer(f, out.config.vocab_size, why_not);
+    if (!out.tokenizer) out.notes.push_back("no tokenizer: " + why_not);
+  }
+  return out;
+}
+
+// load_gguf as a Transformer<LlamaBlock<float>> with its tokenizer (if usable).
+inline Transformer<LlamaBlock<float>> load_gguf_llama(const std::string& path) {
+  GgufModel g = load_gguf(path);
+  Transformer<LlamaBlock<float>> m(g.config, g.weights);
+  m.tokenizer = g.tokenizer;
+  return m;
+}
+
+}  // namespace cbq::io
 
 namespace cbq {
 

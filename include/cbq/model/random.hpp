@@ -5,7 +5,7 @@
 #include <random>
 #include <string>
 
-#include "cbq/model/config.hpp"
+#include "cbq/core/model_config.hpp"
 
 namespace cbq {
 

@@ -3,7 +3,7 @@
 #include <string>
 
 #include "cbq/core/error.hpp"
-#include "cbq/model/config.hpp"
+#include "cbq/core/model_config.hpp"
 
 namespace cbq {
 

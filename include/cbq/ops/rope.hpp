@@ -18,7 +18,7 @@
 #include <utility>
 #include <vector>
 
-#include "cbq/model/config.hpp"
+#include "cbq/core/model_config.hpp"
 #include "cbq/ops/common.hpp"
 
 namespace cbq::ops {

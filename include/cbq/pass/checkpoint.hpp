@@ -31,11 +31,11 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
-#include "cbq/io/safetensors.hpp"
+#include "cbq/formats/safetensors.hpp"
 #include "cbq/model/transformer.hpp"
 #include "cbq/pass/config.hpp"
 #include "cbq/pass/quant_linear.hpp"
-#include "cbq/pass/result.hpp"
+#include "cbq/quant/result.hpp"
 
 namespace cbq {
 

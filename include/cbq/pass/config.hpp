@@ -1,10 +1,6 @@
 #pragma once
-// Compile-time configuration of a CBQ pass and its run-time options.
-//
-//   using Pass = cbq::Pass<cbq::Quantizer<4, cbq::PerGroup<32>>,   // weights
-//                          cbq::ActQuant<16>,                       // activations (16 = off)
-//                          cbq::SlidingWindow<2, 1>,                // blocks per window, overlap
-//                          cbq::LoraRounding<5>>;                   // rounding
+// The run-time description of a CBQ pass (PassSpec: what the compile-time policies of
+// pass/policies.hpp describe) and its options (PassOptions: learning rates, loss terms, device).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -12,63 +8,10 @@
 #include <string>
 #include <type_traits>
 
+#include "cbq/pass/policies.hpp"
 #include "cbq/quant/lora_rounding.hpp"
-#include "cbq/quant/quantizer.hpp"
 
 namespace cbq {
-
-// Activation quantization of every linear layer's input. Bits ≥ 16 means none. The default
-// granularity follows the paper: per-tensor static (learned step) at ≥ 8 bits, per-token dynamic
-// (learned clipping factor) below.
-template <int Bits, class Granularity = std::conditional_t<(Bits >= 8), PerTensor, PerToken>>
-struct ActQuant {
-  static_assert(Bits == 4 || Bits == 6 || Bits == 8 || Bits >= 16,
-                "cbq::ActQuant: Bits must be 4, 6, 8, or 16 (no activation quantization)");
-  static_assert(
-      std::is_same_v<Granularity, PerTensor> || std::is_same_v<Granularity, PerToken>,
-      "cbq::ActQuant: activations are quantized PerTensor (static) or PerToken (dynamic)");
-  static constexpr int bits = Bits;
-  static constexpr bool per_token = std::is_same_v<Granularity, PerToken>;
-};
-
-template <int Blocks, int Overlap>
-struct SlidingWindow {
-  static_assert(Blocks >= 1, "cbq::SlidingWindow: a window holds at least one block");
-  static_assert(Overlap >= 0 && Overlap < Blocks,
-                "cbq::SlidingWindow: Overlap must be smaller than Blocks (windows must advance)");
-  static constexpr int blocks = Blocks;
-  static constexpr int overlap = Overlap;
-};
-
-// Rounding ablations beside LoraRounding<Rank>: plain round-to-nearest with learned steps
-// (LSQ), and AdaRound's full-matrix rounding logits V (rows × cols parameters).
-struct NearestRounding {};
-struct FullRounding {};
-
-enum class RoundingKind { nearest, lora, full };
-
-template <class R>
-struct rounding_traits;
-template <int Rank>
-struct rounding_traits<LoraRounding<Rank>> {
-  static constexpr RoundingKind kind = RoundingKind::lora;
-  static constexpr int rank = Rank;
-};
-template <>
-struct rounding_traits<NearestRounding> {
-  static constexpr RoundingKind kind = RoundingKind::nearest;
-  static constexpr int rank = 0;
-};
-template <>
-struct rounding_traits<FullRounding> {
-  static constexpr RoundingKind kind = RoundingKind::full;
-  static constexpr int rank = 0;
-};
-
-template <class R>
-concept RoundingPolicy = requires {
-  rounding_traits<R>::kind;
-};
 
 // CFP (coarse-to-fine pre-processing) and the SmoothQuant-style alternative for the ablation.
 enum class ActivationScaling { none, cfp, smoothquant };

@@ -51,9 +51,9 @@
 #include "cbq/pass/device_support.hpp"
 #include "cbq/pass/preprocess.hpp"
 #include "cbq/pass/quant_linear.hpp"
-#include "cbq/pass/result.hpp"
 #include "cbq/pass/window_schedule.hpp"
 #include "cbq/quant/gptq.hpp"
+#include "cbq/quant/result.hpp"
 
 namespace cbq {
 

@@ -16,8 +16,8 @@
 
 #include "cbq/model/transformer.hpp"
 #include "cbq/pass/config.hpp"
-#include "cbq/pass/result.hpp"
 #include "cbq/quant/cfp.hpp"
+#include "cbq/quant/result.hpp"
 
 namespace cbq {
 

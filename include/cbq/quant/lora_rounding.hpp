@@ -947,23 +947,3 @@ QuantizedWeight harden(const Tensor<T>& W, const Tensor<T>& scale, const Tensor<
 }
 
 }  // namespace cbq::quant
-
-namespace cbq {
-
-// Compile-time LoRA-Rounding configuration: the rank r of V = A1·A2.
-template <int Rank>
-struct LoraRounding {
-  static_assert(Rank >= 1, "cbq::LoraRounding: Rank must be at least 1");
-  static constexpr int rank = Rank;
-
-  // Parameters for one layer; throws when Rank > min(rows, cols) of that layer.
-  template <class T>
-  static quant::LoraRoundingParams<T> init(const std::string& layer, const Tensor<T>& W,
-                                           const Tensor<T>& scale, const Tensor<T>& zero,
-                                           const quant::GridSpec& spec,
-                                           const quant::LoraInit& options = {}) {
-    return quant::init_lora_rounding(layer, W, scale, zero, spec, int64_t{Rank}, options);
-  }
-};
-
-}  // namespace cbq

@@ -40,7 +40,7 @@
 #include "cbq/model/transformer.hpp"
 #include "cbq/pass/calibration.hpp"
 #include "cbq/pass/pass.hpp"
-#include "cbq/pass/result.hpp"
+#include "cbq/quant/result.hpp"
 #include "cbq/report/svg.hpp"
 
 namespace cbq::report {

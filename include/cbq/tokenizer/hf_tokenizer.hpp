@@ -22,7 +22,7 @@
 #include <vector>
 
 #include "cbq/core/error.hpp"
-#include "cbq/io/mmap.hpp"
+#include "cbq/core/mmap.hpp"
 #include "cbq/tokenizer/bpe.hpp"
 #include "cbq/tokenizer/byte_level_bpe.hpp"
 #include "cbq/tokenizer/tokenizer.hpp"

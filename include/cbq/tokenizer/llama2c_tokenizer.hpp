@@ -11,10 +11,11 @@
 #include <string_view>
 #include <tuple>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "cbq/core/error.hpp"
-#include "cbq/io/mmap.hpp"
+#include "cbq/core/mmap.hpp"
 #include "cbq/tokenizer/tokenizer.hpp"
 
 namespace cbq {
@@ -54,6 +55,24 @@ class Llama2cTokenizer : public Tokenizer {
            vocab_size + extra, vocab_size);
     }
     CBQ_CHECK(!pieces_.empty(), "{}: tokenizer has no tokens", path);
+    for (int32_t i = 0; i < static_cast<int32_t>(pieces_.size()); ++i)
+      lookup_.emplace(pieces_[static_cast<std::size_t>(i)], i);  // first occurrence wins
+  }
+
+  // From pieces and merge scores already in memory (a GGUF vocabulary): `source` names them in
+  // messages. Same checks as a file.
+  Llama2cTokenizer(std::string source, std::vector<std::string> pieces, std::vector<float> scores,
+                   int32_t max_token_length)
+      : path_(std::move(source)),
+        max_token_length_(max_token_length),
+        pieces_(std::move(pieces)),
+        scores_(std::move(scores)) {
+    CBQ_CHECK(pieces_.size() == scores_.size(), "{}: {} tokens but {} merge scores", path_,
+              pieces_.size(), scores_.size());
+    CBQ_CHECK(!pieces_.empty(), "{}: tokenizer has no tokens", path_);
+    for (std::size_t i = 0; i < scores_.size(); ++i)
+      CBQ_CHECK(std::isfinite(scores_[i]), "{}: token {} has a non-finite merge score ({})", path_,
+                i, scores_[i]);
     for (int32_t i = 0; i < static_cast<int32_t>(pieces_.size()); ++i)
       lookup_.emplace(pieces_[static_cast<std::size_t>(i)], i);  // first occurrence wins
   }

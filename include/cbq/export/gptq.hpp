@@ -32,15 +32,15 @@
 
 #include <fmt/format.h>
 
-#include "cbq/io/half.hpp"
-#include "cbq/io/hf_config.hpp"
-#include "cbq/io/mmap.hpp"
-#include "cbq/io/safetensors.hpp"
+#include "cbq/core/half.hpp"
+#include "cbq/core/mmap.hpp"
+#include "cbq/formats/hf_config.hpp"
+#include "cbq/formats/safetensors.hpp"
 #include "cbq/model/load.hpp"
 #include "cbq/model/transformer.hpp"
 #include "cbq/pass/quant_linear.hpp"
-#include "cbq/pass/result.hpp"
 #include "cbq/quant/pack.hpp"
+#include "cbq/quant/result.hpp"
 
 namespace cbq::io {
 

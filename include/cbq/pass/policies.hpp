@@ -1,5 +1,14 @@
 #pragma once
-// Compile-time quantizer configuration: granularity tags and cbq::Quantizer<Bits, Granularity>.
+// Every compile-time policy of cbq::Pass<WeightQ, ActQ, Window, Rounding> in one place (as
+// CUTLASS keeps its dispatch policies): the weight quantizer (Quantizer<Bits, Granularity> with
+// PerTensor / PerChannel / PerGroup<G>), activation quantization (ActQuant<Bits>), the window
+// schedule (SlidingWindow<Blocks, Overlap>) and the rounding (LoraRounding<Rank>,
+// NearestRounding, FullRounding). PassSpec (pass/config.hpp) is their run-time description.
+//
+//   using Pass = cbq::Pass<cbq::Quantizer<4, cbq::PerGroup<32>>,   // weights
+//                          cbq::ActQuant<16>,                       // activations (16 = off)
+//                          cbq::SlidingWindow<2, 1>,                // blocks per window, overlap
+//                          cbq::LoraRounding<5>>;                   // rounding
 //
 //   using W4 = cbq::Quantizer<4, cbq::PerGroup<128>>;        // 4-bit, asymmetric, groups of 128
 //   using W8s = cbq::Quantizer<8, cbq::PerChannel, true>;     // 8-bit, symmetric, one s per row
@@ -12,9 +21,11 @@
 //   cbq::Quantizer<4, int>               → "cbq::Quantizer: the granularity must be one of ..."
 #include <concepts>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include "cbq/quant/grid.hpp"
+#include "cbq/quant/lora_rounding.hpp"
 
 namespace cbq {
 
@@ -133,5 +144,74 @@ template <int B, class G, bool S>
 struct is_quantizer<Quantizer<B, G, S>> : std::true_type {};
 template <class Q>
 concept WeightQuantizer = is_quantizer<Q>::value;
+
+// Compile-time LoRA-Rounding configuration: the rank r of V = A1·A2.
+template <int Rank>
+struct LoraRounding {
+  static_assert(Rank >= 1, "cbq::LoraRounding: Rank must be at least 1");
+  static constexpr int rank = Rank;
+
+  // Parameters for one layer; throws when Rank > min(rows, cols) of that layer.
+  template <class T>
+  static quant::LoraRoundingParams<T> init(const std::string& layer, const Tensor<T>& W,
+                                           const Tensor<T>& scale, const Tensor<T>& zero,
+                                           const quant::GridSpec& spec,
+                                           const quant::LoraInit& options = {}) {
+    return quant::init_lora_rounding(layer, W, scale, zero, spec, int64_t{Rank}, options);
+  }
+};
+
+// Activation quantization of every linear layer's input. Bits ≥ 16 means none. The default
+// granularity follows the paper: per-tensor static (learned step) at ≥ 8 bits, per-token dynamic
+// (learned clipping factor) below.
+template <int Bits, class Granularity = std::conditional_t<(Bits >= 8), PerTensor, PerToken>>
+struct ActQuant {
+  static_assert(Bits == 4 || Bits == 6 || Bits == 8 || Bits >= 16,
+                "cbq::ActQuant: Bits must be 4, 6, 8, or 16 (no activation quantization)");
+  static_assert(
+      std::is_same_v<Granularity, PerTensor> || std::is_same_v<Granularity, PerToken>,
+      "cbq::ActQuant: activations are quantized PerTensor (static) or PerToken (dynamic)");
+  static constexpr int bits = Bits;
+  static constexpr bool per_token = std::is_same_v<Granularity, PerToken>;
+};
+
+template <int Blocks, int Overlap>
+struct SlidingWindow {
+  static_assert(Blocks >= 1, "cbq::SlidingWindow: a window holds at least one block");
+  static_assert(Overlap >= 0 && Overlap < Blocks,
+                "cbq::SlidingWindow: Overlap must be smaller than Blocks (windows must advance)");
+  static constexpr int blocks = Blocks;
+  static constexpr int overlap = Overlap;
+};
+
+// Rounding ablations beside LoraRounding<Rank>: plain round-to-nearest with learned steps
+// (LSQ), and AdaRound's full-matrix rounding logits V (rows × cols parameters).
+struct NearestRounding {};
+struct FullRounding {};
+
+enum class RoundingKind { nearest, lora, full };
+
+template <class R>
+struct rounding_traits;
+template <int Rank>
+struct rounding_traits<LoraRounding<Rank>> {
+  static constexpr RoundingKind kind = RoundingKind::lora;
+  static constexpr int rank = Rank;
+};
+template <>
+struct rounding_traits<NearestRounding> {
+  static constexpr RoundingKind kind = RoundingKind::nearest;
+  static constexpr int rank = 0;
+};
+template <>
+struct rounding_traits<FullRounding> {
+  static constexpr RoundingKind kind = RoundingKind::full;
+  static constexpr int rank = 0;
+};
+
+template <class R>
+concept RoundingPolicy = requires {
+  rounding_traits<R>::kind;
+};
 
 }  // namespace cbq

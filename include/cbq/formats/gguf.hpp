@@ -37,9 +37,9 @@
 #include <fmt/ranges.h>
 
 #include "cbq/core/error.hpp"
+#include "cbq/core/half.hpp"
+#include "cbq/core/mmap.hpp"
 #include "cbq/core/tensor.hpp"
-#include "cbq/io/half.hpp"
-#include "cbq/io/mmap.hpp"
 
 namespace cbq::io {
 

@@ -17,9 +17,9 @@
 #include <vector>
 
 #include "cbq/core/error.hpp"
+#include "cbq/core/half.hpp"
+#include "cbq/core/mmap.hpp"
 #include "cbq/core/tensor.hpp"
-#include "cbq/io/half.hpp"
-#include "cbq/io/mmap.hpp"
 
 namespace cbq::io {
 

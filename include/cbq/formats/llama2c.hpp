@@ -12,9 +12,9 @@
 #include <vector>
 
 #include "cbq/core/error.hpp"
+#include "cbq/core/mmap.hpp"
+#include "cbq/core/model_config.hpp"
 #include "cbq/core/tensor.hpp"
-#include "cbq/io/mmap.hpp"
-#include "cbq/model/config.hpp"
 
 namespace cbq::io {
 

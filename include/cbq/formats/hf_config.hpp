@@ -11,9 +11,9 @@
 #include <vector>
 
 #include "cbq/core/error.hpp"
-#include "cbq/io/mmap.hpp"
-#include "cbq/io/safetensors.hpp"
-#include "cbq/model/config.hpp"
+#include "cbq/core/mmap.hpp"
+#include "cbq/core/model_config.hpp"
+#include "cbq/formats/safetensors.hpp"
 
 namespace cbq::io {
 

@@ -17,10 +17,10 @@
 
 #include <fmt/format.h>
 
-#include "cbq/io/safetensors.hpp"
+#include "cbq/formats/safetensors.hpp"
 #include "cbq/model/transformer.hpp"
-#include "cbq/pass/result.hpp"
 #include "cbq/quant/pack.hpp"
+#include "cbq/quant/result.hpp"
 
 namespace cbq::io {
 

@@ -21,8 +21,8 @@
 #include <string_view>
 #include <utility>
 
+#include "cbq/core/atomic_file.hpp"
 #include "cbq/core/error.hpp"
-#include "cbq/io/atomic_file.hpp"
 
 namespace cbq::io {
 
