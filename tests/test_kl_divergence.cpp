@@ -129,12 +129,15 @@ TEST_CASE("kl_divergence: equals a naive computation on a tiny model, both proto
     CHECK(r.p999 == doctest::Approx(sorted_at(nv.kl, 0.999)).epsilon(1e-9));
     CHECK(r.max == doctest::Approx(*std::max_element(nv.kl.begin(), nv.kl.end())).epsilon(1e-9));
     CHECK(r.min == doctest::Approx(*std::min_element(nv.kl.begin(), nv.kl.end())).epsilon(1e-9));
-    CHECK(r.rms_dp == doctest::Approx(std::sqrt(dp2)).epsilon(1e-9));
+    // The evaluation's LM head runs on the scored rows only, a GEMM of another shape than the
+    // naive full forward; some OpenBLAS kernels (the generic Prescott ones) then sum in another
+    // order, so float logits agree to rounding and these aggregates to 1e-6, not bit for bit.
+    CHECK(r.rms_dp == doctest::Approx(std::sqrt(dp2)).epsilon(1e-6));
     CHECK(r.mean_dp == doctest::Approx(dp).epsilon(1e-6));
     CHECK(r.same_top == doctest::Approx(nv.same / n).epsilon(1e-12));
     CHECK(r.same_top < 1.0);
-    CHECK(r.ppl == doctest::Approx(std::exp(nv.nll / n)).epsilon(1e-9));
-    CHECK(r.ppl_base == doctest::Approx(std::exp(nv.nll_base / n)).epsilon(1e-9));
+    CHECK(r.ppl == doctest::Approx(std::exp(nv.nll / n)).epsilon(1e-6));
+    CHECK(r.ppl_base == doctest::Approx(std::exp(nv.nll_base / n)).epsilon(1e-6));
     // The perplexities are those of the perplexity protocols over the same positions.
     const double ppl = llamacpp
                            ? eval::perplexity_llamacpp(model, tokens, c.max_seq_len, 1).perplexity

@@ -64,19 +64,18 @@ inline void check_exportable(ExportFormat format, const ModelConfig& config,
   if (format == ExportFormat::gguf) {
     io::gguf_weight_type(weight, "(all layers)");
     CBQ_CHECK(config.family == Family::llama,
-              "GGUF export: llama.cpp's GGUF export is for LLaMA-family models; export {} as "
-              "gptq instead",
+              "llama.cpp's GGUF export is for LLaMA-family models; export {} as gptq instead",
               config.architecture);
   }
   if (format == ExportFormat::gptq) {
     const int bits = weight.bits;
     CBQ_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8,
-              "GPTQ export: GPTQ checkpoints hold 2, 3, 4 or 8-bit weights, not {} (export it as "
+              "GPTQ checkpoints hold 2, 3, 4 or 8-bit weights, not {}-bit ones (export it as "
               "native instead)",
               bits);
     CBQ_CHECK(act_bits >= 16,
-              "GPTQ export: GPTQ checkpoints are weight-only; {}-bit activations would be lost "
-              "(export it as native instead)",
+              "GPTQ checkpoints are weight-only; {}-bit activations would be lost (export it as "
+              "native instead)",
               act_bits);
   }
 }
