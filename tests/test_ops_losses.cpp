@@ -1,5 +1,5 @@
 #include <cbq/ops/cross_entropy.hpp>
-#include <cbq/ops/kl_div.hpp>
+#include <cbq/ops/kl_softmax.hpp>
 #include <cbq/ops/mse.hpp>
 
 #include "support/gradcheck.hpp"
@@ -301,7 +301,7 @@ TEST_CASE("kl_softmax: logits around +-500 give the exact loss and gradients in 
     auto a = offset_logits(Shape{rows, n}, 23, offset, 3.0);
     auto b =
         offset_logits(Shape{rows, n}, 24, -offset, 3.0);  // opposite side: maxima differ by 1000
-    // Reference gradients from the naive long-double log softmaxes (see kl_div.hpp).
+    // Reference gradients from the naive long-double log softmaxes (see kl_softmax.hpp).
     Tensor<double> ref_da(Shape{rows, n}), ref_db(Shape{rows, n});
     for (int64_t r = 0; r < rows; ++r) {
       auto lp = naive_log_softmax_row(a.data() + r * n, n);

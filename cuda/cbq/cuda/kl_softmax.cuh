@@ -1,9 +1,9 @@
 #pragma once
-// kl_softmax (ops/kl_div.hpp): KL(softmax(a/τ) ‖ softmax(b/τ)) over the last (hidden)
+// kl_softmax (ops/kl_softmax.hpp): KL(softmax(a/τ) ‖ softmax(b/τ)) over the last (hidden)
 // dimension, mean over rows. One block per row: the row maxima (exact in T), the shifts
 // log Σ exp((x − max)/τ) and KL_r in double, as the CPU; the mean over rows is the
 // deterministic two-pass sum_all of the saved KL_r (rounded to T, as the CPU sums them).
-#include <cbq/ops/kl_div.hpp>
+#include <cbq/ops/kl_softmax.hpp>
 #include <cstdint>
 
 #include "cbq/cuda/block_reduce.cuh"

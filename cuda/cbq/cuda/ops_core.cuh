@@ -6,7 +6,7 @@
 #include "cbq/cuda/block_reduce.cuh"
 #include "cbq/cuda/cross_entropy.cuh"
 #include "cbq/cuda/embedding.cuh"
-#include "cbq/cuda/kl_div.cuh"
+#include "cbq/cuda/kl_softmax.cuh"
 #include "cbq/cuda/layernorm.cuh"
 #include "cbq/cuda/mse.cuh"
 #include "cbq/cuda/mul.cuh"

@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 #include <new>
+#include <string_view>
 
 #include "cbq/core/error.hpp"
 
@@ -43,6 +44,18 @@ inline void require_cuda(const char* what) {
             "{}: a CUDA tensor was used but the CUDA backend is not compiled in (include "
             "<cbq/cuda.cuh> in a .cu file and build with CBQ_ENABLE_CUDA)",
             what);
+}
+
+// The CUDA kernel behind a host op's hook (the backend fills the hooks when a .cu file of the
+// program includes <cbq/cuda.cuh>): `hook` itself, or a cbq::Error naming `op`. Every op
+// dispatches through it: `cuda_kernel(CudaRmsNorm<T>::forward, "rmsnorm")(y, r, x, w, ...)`.
+template <class Hook>
+Hook cuda_kernel(Hook hook, std::string_view op) {
+  CBQ_CHECK(hook != nullptr,
+            "{}: CUDA kernel not registered (include <cbq/cuda.cuh> in a .cu file of the "
+            "program)",
+            op);
+  return hook;
 }
 
 // A block of memory on one device; owned by shared_ptr so that views share it.

@@ -88,8 +88,7 @@ class ActivationNode final : public Node<T> {
     const T* x = x_.value().data();
     T* dx = x_.grad().data();
     if (grad.device() == Device::cuda) {
-      CBQ_CHECK((CudaActivation<T, F>::backward), "{}: CUDA kernel not registered", F::name);
-      CudaActivation<T, F>::backward(dx, dy, x, x_.value().numel());
+      cuda_kernel(CudaActivation<T, F>::backward, F::name)(dx, dy, x, x_.value().numel());
       return;
     }
     parallel_for(x_.value().numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
@@ -118,8 +117,7 @@ Var<T> activation(Var<T> x) {
   const T* xp = X.data();
   if (X.device() == Device::cuda) {
     require_cuda(F::name);
-    CBQ_CHECK((CudaActivation<T, F>::forward), "{}: CUDA kernel not registered", F::name);
-    CudaActivation<T, F>::forward(y, xp, X.numel());
+    cuda_kernel(CudaActivation<T, F>::forward, F::name)(y, xp, X.numel());
   } else {
     parallel_for(X.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
       if constexpr (std::is_same_v<F, Silu>) {  // vectorized (ops/cpu_kernels.hpp)

@@ -192,7 +192,7 @@ class AttentionNode final : public Node<T> {
     T* dv = v_.requires_grad() ? v_.grad().data() : nullptr;
     if (q_.value().device() == Device::cuda) {
       require_cuda("attention");
-      CBQ_CHECK(CudaAttention<T>::backward, "attention: CUDA kernel not registered");
+      cuda_kernel(CudaAttention<T>::backward, "attention");
       Tensor<T> row_dot = tape.scratch(Shape{n, a.n_heads});
       CudaAttention<T>::backward(dq, dk, dv, row_dot.data(), q, k, v, o, dout, lse, n, a.n_heads,
                                  a.n_kv_heads, hd, a.causal, scale);
@@ -342,8 +342,8 @@ Var<T> attention(Var<T> q, Var<T> k, Var<T> v, int64_t n_heads, int64_t n_kv_hea
   const T sc = static_cast<T>(scale_value);
   if (Qt.device() == Device::cuda) {
     require_cuda("attention");
-    CBQ_CHECK(CudaAttention<T>::forward, "attention: CUDA kernel not registered");
-    CudaAttention<T>::forward(o, L, qp, kp, vp, n, n_heads, n_kv_heads, head_dim, causal, sc);
+    cuda_kernel(CudaAttention<T>::forward, "attention")(o, L, qp, kp, vp, n, n_heads, n_kv_heads,
+                                                        head_dim, causal, sc);
     if (rg) tape.template record<AttentionNode<T>>(out, q, k, v, lse, a);
     return out;
   }

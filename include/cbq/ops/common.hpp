@@ -50,8 +50,8 @@ void accumulate(Tensor<T>& dst, const Tensor<T>& src, T alpha = T(1)) {
   check_same_device("accumulate", dst, src);
   if (dst.device() == Device::cuda) {
     require_cuda("accumulate");
-    CBQ_CHECK(CudaCommon<T>::axpy, "accumulate: CUDA axpy kernel not registered");
-    CudaCommon<T>::axpy(dst.data(), src.data(), alpha, dst.numel());
+    cuda_kernel(CudaCommon<T>::axpy, "accumulate (axpy)")(dst.data(), src.data(), alpha,
+                                                          dst.numel());
     return;
   }
   T* y = dst.data();

@@ -73,9 +73,9 @@ class CrossEntropyNode final : public Node<T> {
     const int64_t n = x.shape().cols(), rows = x.shape().rows();
     const Tensor<T>& grad = tape.grad(this->output);
     if (grad.device() == Device::cuda) {
-      CBQ_CHECK(CudaCrossEntropy<T>::backward, "cross_entropy: CUDA kernel not registered");
-      CudaCrossEntropy<T>::backward(logits_.grad().data(), grad.data(), x.data(),
-                                    device_targets_.data(), nll_.data(), rows, n);
+      cuda_kernel(CudaCrossEntropy<T>::backward, "cross_entropy")(
+          logits_.grad().data(), grad.data(), x.data(), device_targets_.data(), nll_.data(), rows,
+          n);
       return;
     }
     const T g = grad.data()[0] / static_cast<T>(rows);
@@ -118,7 +118,7 @@ Var<T> cross_entropy(Var<T> logits, const std::vector<int32_t>& targets) {
   T* np = nll.data();
   if (x.device() == Device::cuda) {
     require_cuda("cross_entropy");
-    CBQ_CHECK(CudaCrossEntropy<T>::forward, "cross_entropy: CUDA kernel not registered");
+    cuda_kernel(CudaCrossEntropy<T>::forward, "cross_entropy");
     Var<T> out = tape.output(Shape{1}, rg);
     Tensor<T> out_value = out.value();  // shares the output's storage
     Tensor<int32_t> device_targets = Tensor<int32_t>::from(targets, Shape{rows}).to(Device::cuda);
@@ -150,8 +150,8 @@ std::vector<double> token_nll(const Tensor<T>& logits, const std::vector<int32_t
   const T* xp = logits.data();
   if (logits.device() == Device::cuda) {
     require_cuda("token_nll");
-    CBQ_CHECK(CudaCrossEntropy<T>::token_nll, "token_nll: CUDA kernel not registered");
-    CudaCrossEntropy<T>::token_nll(nll.data(), xp, targets.data(), rows, n);
+    cuda_kernel(CudaCrossEntropy<T>::token_nll, "token_nll")(nll.data(), xp, targets.data(), rows,
+                                                             n);
     return nll;
   }
   parallel_for(rows, detail::row_grain(n), [&](int64_t r0, int64_t r1) {

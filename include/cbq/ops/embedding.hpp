@@ -73,8 +73,8 @@ class EmbeddingNode final : public Node<T> {
     const int64_t d = table_.value().size(1);
     const int64_t tokens = static_cast<int64_t>(ids_.size());
     if (grad.device() == Device::cuda) {
-      CBQ_CHECK(CudaEmbedding<T>::backward, "embedding: CUDA kernel not registered");
-      CudaEmbedding<T>::backward(dtable, g, device_index_.data(), num_unique_, tokens, d);
+      cuda_kernel(CudaEmbedding<T>::backward, "embedding")(dtable, g, device_index_.data(),
+                                                           num_unique_, tokens, d);
       return;
     }
     const int64_t column_grain =
@@ -115,7 +115,7 @@ Var<T> embedding(Var<T> table, const std::vector<int32_t>& ids) {
   const T* w = W.data();
   if (W.device() == Device::cuda) {
     require_cuda("embedding");
-    CBQ_CHECK(CudaEmbedding<T>::forward, "embedding: CUDA kernel not registered");
+    cuda_kernel(CudaEmbedding<T>::forward, "embedding");
     const Tensor<int32_t> device_ids = detail::to_device(ids);
     CudaEmbedding<T>::forward(o, w, device_ids.data(), tokens, d);
     if (rg) {

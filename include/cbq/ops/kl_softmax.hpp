@@ -16,7 +16,7 @@
 // CPU: the same double formulas in vectors (ops/cpu_kernels.hpp: exp within 2 ulp of double's,
 // sums over a row in lanes), so float results agree with a scalar evaluation to their last bit
 // but for rare roundings.
-// CUDA (cuda/cbq/cuda/kl_div.cuh): one block per row, the same double formulas; the mean over
+// CUDA (cuda/cbq/cuda/kl_softmax.cuh): one block per row, the same double formulas; the mean over
 // rows is a fixed-order reduction in double.
 #include <algorithm>
 #include <cmath>
@@ -51,10 +51,9 @@ class KlSoftmaxNode final : public Node<T> {
     const double inv_tau = 1.0 / static_cast<double>(temperature_);
     const Tensor<T>& grad = tape.grad(this->output);
     if (grad.device() == Device::cuda) {
-      CBQ_CHECK(CudaKlSoftmax<T>::backward, "kl_softmax: CUDA kernel not registered");
-      CudaKlSoftmax<T>::backward(grad_a ? a_.grad().data() : nullptr,
-                                 grad_b ? b_.grad().data() : nullptr, grad.data(), va.data(),
-                                 b_.value().data(), saved_.data(), rows, n, inv_tau);
+      cuda_kernel(CudaKlSoftmax<T>::backward, "kl_softmax")(
+          grad_a ? a_.grad().data() : nullptr, grad_b ? b_.grad().data() : nullptr, grad.data(),
+          va.data(), b_.value().data(), saved_.data(), rows, n, inv_tau);
       return;
     }
     const double coef = static_cast<double>(tape.grad(this->output).data()[0]) * inv_tau /
@@ -100,7 +99,7 @@ Var<T> kl_softmax(Var<T> a, Var<T> b, T temperature = T(1)) {
   T* sp = saved.data();
   if (va.device() == Device::cuda) {
     require_cuda("kl_softmax");
-    CBQ_CHECK(CudaKlSoftmax<T>::forward, "kl_softmax: CUDA kernel not registered");
+    cuda_kernel(CudaKlSoftmax<T>::forward, "kl_softmax");
     Var<T> out = tape.output(Shape{1}, rg);
     Tensor<T> out_value = out.value();  // shares the output's storage
     CudaKlSoftmax<T>::forward(out_value.data(), sp, ap, bp, rows, n, inv_tau);

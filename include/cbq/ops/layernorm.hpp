@@ -79,8 +79,8 @@ class LayerNormNode final : public Node<T> {
     const T* r = inv_std_.data();                  // (rows,)
     const int64_t d = dim_;
     if (inv_std_.device() == Device::cuda) {
-      CBQ_CHECK(CudaLayerNorm<T>::backward_x && CudaLayerNorm<T>::backward_wb,
-                "layernorm: CUDA kernel not registered");
+      cuda_kernel(CudaLayerNorm<T>::backward_x, "layernorm");
+      cuda_kernel(CudaLayerNorm<T>::backward_wb, "layernorm");
       if (x_.requires_grad())
         CudaLayerNorm<T>::backward_x(x_.grad().data(), dy, x, w, mu, r, rows_, d);
       T* dw = w_.requires_grad() ? w_.grad().data() : nullptr;
@@ -173,8 +173,7 @@ Var<T> layernorm(Var<T> x, Var<T> weight, Var<T> bias, double eps) {
   T* r = inv_std.data();
   if (X.device() == Device::cuda) {
     require_cuda("layernorm");
-    CBQ_CHECK(CudaLayerNorm<T>::forward, "layernorm: CUDA kernel not registered");
-    CudaLayerNorm<T>::forward(y, mu, r, xp, w, b, rows, d, eps);
+    cuda_kernel(CudaLayerNorm<T>::forward, "layernorm")(y, mu, r, xp, w, b, rows, d, eps);
     if (rg) tape.template record<LayerNormNode<T>>(out, x, weight, bias, mean, inv_std, rows, d);
     return out;
   }

@@ -40,8 +40,7 @@ class LinearNode final : public Node<T> {
     if (b_.valid() && b_.requires_grad()) {
       T* db = b_.grad().data();
       if (dev == Device::cuda) {
-        CBQ_CHECK(CudaLinear<T>::bias_backward, "linear: CUDA bias kernel not registered");
-        CudaLinear<T>::bias_backward(db, g.data(), rows_, out_);
+        cuda_kernel(CudaLinear<T>::bias_backward, "linear (bias)")(db, g.data(), rows_, out_);
       } else {
         const T* gp = g.data();
         parallel_for(out_, 64, [&](int64_t j0, int64_t j1) {
@@ -113,8 +112,7 @@ void finish_linear(const LinearArgs<T>& args, const LinearPlan<T>& plan) {
   if (b.valid()) {
     const T* bp = b.value().data();
     if (Y.device() == Device::cuda) {
-      CBQ_CHECK(CudaLinear<T>::bias_forward, "linear: CUDA bias kernel not registered");
-      CudaLinear<T>::bias_forward(Y.data(), bp, rows, outf);
+      cuda_kernel(CudaLinear<T>::bias_forward, "linear (bias)")(Y.data(), bp, rows, outf);
     } else {
       T* y = Y.data();
       parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {

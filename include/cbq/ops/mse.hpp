@@ -34,8 +34,8 @@ class SquaredErrorNode final : public Node<T> {
     auto accumulate_difference = [&](Var<T> dst, T sign) {
       T* d = dst.grad().data();
       if (grad.device() == Device::cuda) {
-        CBQ_CHECK(CudaSquaredError<T>::backward, "{}: CUDA kernel not registered", name_);
-        CudaSquaredError<T>::backward(d, grad.data(), x, y, coefficient_, sign, n);
+        cuda_kernel(CudaSquaredError<T>::backward, name_)(d, grad.data(), x, y, coefficient_, sign,
+                                                          n);
         return;
       }
       const T k = T(2) * coefficient_ * grad.data()[0];
@@ -76,8 +76,8 @@ Var<T> squared_error(const char* op, Var<T> a, Var<T> b, bool per_row) {
   check_same_device(op, out_value, va);  // the tape allocates on its own device
   if (va.device() == Device::cuda) {
     require_cuda(op);
-    CBQ_CHECK(CudaSquaredError<T>::forward, "{}: CUDA kernel not registered", op);
-    CudaSquaredError<T>::forward(out_value.data(), x, y, va.numel(), static_cast<double>(count));
+    cuda_kernel(CudaSquaredError<T>::forward, op)(out_value.data(), x, y, va.numel(),
+                                                  static_cast<double>(count));
   } else {
     const double total = blocked_sum(va.numel(), [&](int64_t i) {
       const double diff = static_cast<double>(x[i]) - static_cast<double>(y[i]);

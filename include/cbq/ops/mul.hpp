@@ -27,8 +27,7 @@ class MulNode final : public Node<T> {
       T* d = dst.grad().data();
       const T* o = other.value().data();
       if (grad.device() == Device::cuda) {
-        CBQ_CHECK(CudaMul<T>::backward, "mul: CUDA kernel not registered");
-        CudaMul<T>::backward(d, g, o, n);
+        cuda_kernel(CudaMul<T>::backward, "mul")(d, g, o, n);
         return;
       }
       parallel_for(n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
@@ -61,8 +60,7 @@ Var<T> mul(Var<T> a, Var<T> b) {
   const T* y = vb.data();
   if (va.device() == Device::cuda) {
     require_cuda("mul");
-    CBQ_CHECK(CudaMul<T>::forward, "mul: CUDA kernel not registered");
-    CudaMul<T>::forward(o, x, y, va.numel());
+    cuda_kernel(CudaMul<T>::forward, "mul")(o, x, y, va.numel());
   } else {
     parallel_for(va.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) o[i] = x[i] * y[i];

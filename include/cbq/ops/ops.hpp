@@ -7,7 +7,7 @@
 #include "cbq/ops/cross_entropy.hpp"
 #include "cbq/ops/embedding.hpp"
 #include "cbq/ops/hadamard.hpp"
-#include "cbq/ops/kl_div.hpp"
+#include "cbq/ops/kl_softmax.hpp"
 #include "cbq/ops/layernorm.hpp"
 #include "cbq/ops/linear.hpp"
 #include "cbq/ops/matmul.hpp"

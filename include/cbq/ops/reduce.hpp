@@ -59,8 +59,8 @@ class SumNode final : public Node<T> {
     const Tensor<T>& grad = tape.grad(this->output);
     T* d = a_.grad().data();
     if (grad.device() == Device::cuda) {
-      CBQ_CHECK(CudaReduce<T>::sum_backward, "{}: CUDA kernel not registered", name_);
-      CudaReduce<T>::sum_backward(d, grad.data(), coefficient_, a_.value().numel());
+      cuda_kernel(CudaReduce<T>::sum_backward, name_)(d, grad.data(), coefficient_,
+                                                      a_.value().numel());
       return;
     }
     const T g = grad.data()[0] * coefficient_;
@@ -90,8 +90,7 @@ Var<T> reduce_all(const char* op, Var<T> a, bool divide_by_count) {
   check_same_device(op, out_value, va);  // the tape allocates on its own device
   if (va.device() == Device::cuda) {
     require_cuda(op);
-    CBQ_CHECK(CudaReduce<T>::sum, "{}: CUDA kernel not registered", op);
-    CudaReduce<T>::sum(out_value.data(), x, n, count);
+    cuda_kernel(CudaReduce<T>::sum, op)(out_value.data(), x, n, count);
   } else {
     const double total = blocked_sum(n, [&](int64_t i) { return x[i]; });
     out_value.data()[0] = static_cast<T>(total / count);

@@ -61,8 +61,8 @@ class RmsNormNode final : public Node<T> {
     const T* r = inv_rms_.data();                  // (rows,)
     const int64_t d = dim_;
     if (inv_rms_.device() == Device::cuda) {
-      CBQ_CHECK(CudaRmsNorm<T>::backward_x && CudaRmsNorm<T>::backward_w,
-                "rmsnorm: CUDA kernel not registered");
+      cuda_kernel(CudaRmsNorm<T>::backward_x, "rmsnorm");
+      cuda_kernel(CudaRmsNorm<T>::backward_w, "rmsnorm");
       if (x_.requires_grad()) CudaRmsNorm<T>::backward_x(x_.grad().data(), dy, x, w, r, rows_, d);
       if (w_.requires_grad()) CudaRmsNorm<T>::backward_w(w_.grad().data(), dy, x, r, rows_, d);
       return;
@@ -129,8 +129,7 @@ Var<T> rmsnorm(Var<T> x, Var<T> weight, double eps) {
   T* r = inv_rms.data();
   if (X.device() == Device::cuda) {
     require_cuda("rmsnorm");
-    CBQ_CHECK(CudaRmsNorm<T>::forward, "rmsnorm: CUDA kernel not registered");
-    CudaRmsNorm<T>::forward(y, r, xp, w, rows, d, eps);
+    cuda_kernel(CudaRmsNorm<T>::forward, "rmsnorm")(y, r, xp, w, rows, d, eps);
     if (rg) tape.template record<RmsNormNode<T>>(out, x, weight, inv_rms, rows, d);
     return out;
   }

@@ -154,9 +154,9 @@ class RopeNode final : public Node<T> {
     const Tensor<T>& dy = tape.grad(this->output);  // (T, H·hd)
     // dx += R(φ)ᵀ dy = R(−φ) dy
     if (dy.device() == Device::cuda) {
-      CBQ_CHECK(CudaRope<T>::apply, "rope: CUDA kernel not registered");
-      CudaRope<T>::apply(x_.grad().data(), dy.data(), cos_.data(), sin_.data(), dy.size(0),
-                         n_heads_, head_dim_, layout_, T(-1), true);
+      cuda_kernel(CudaRope<T>::apply, "rope")(x_.grad().data(), dy.data(), cos_.data(), sin_.data(),
+                                              dy.size(0), n_heads_, head_dim_, layout_, T(-1),
+                                              true);
       return;
     }
     detail::rope_apply(x_.grad().data(), dy.data(), cos_.data(), sin_.data(), dy.size(0), n_heads_,
@@ -193,8 +193,9 @@ Var<T> rope(Var<T> x, int64_t n_heads, int64_t head_dim, RopeLayout layout, doub
     Tensor<T> cos_table = tape.scratch(Shape{seq_len, half});  // (T, hd/2)
     Tensor<T> sin_table = tape.scratch(Shape{seq_len, half});  // (T, hd/2)
     require_cuda("rope");
-    CBQ_CHECK(CudaRope<T>::tables && CudaRope<T>::apply, "rope: CUDA kernel not registered");
-    CudaRope<T>::tables(cos_table.data(), sin_table.data(), seq_len, head_dim, theta, pos0);
+    cuda_kernel(CudaRope<T>::apply, "rope");
+    cuda_kernel(CudaRope<T>::tables, "rope")(cos_table.data(), sin_table.data(), seq_len, head_dim,
+                                             theta, pos0);
     CudaRope<T>::apply(Y.data(), X.data(), cos_table.data(), sin_table.data(), seq_len, n_heads,
                        head_dim, layout, T(1), false);
     if (rg)

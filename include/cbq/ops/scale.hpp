@@ -38,8 +38,7 @@ Var<T> scale(Var<T> a, T alpha) {
   const T* x = va.data();
   if (va.device() == Device::cuda) {
     require_cuda("scale");
-    CBQ_CHECK(CudaScale<T>::forward, "scale: CUDA kernel not registered");
-    CudaScale<T>::forward(o, x, alpha, va.numel());
+    cuda_kernel(CudaScale<T>::forward, "scale")(o, x, alpha, va.numel());
   } else {
     parallel_for(va.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) o[i] = alpha * x[i];

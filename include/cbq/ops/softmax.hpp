@@ -71,8 +71,7 @@ class SoftmaxNode final : public Node<T> {
     T* dx = x_.grad().data();
     const int64_t n = y.shape().cols(), rows = y.shape().rows();
     if (y.device() == Device::cuda) {
-      CBQ_CHECK(CudaSoftmax<T>::backward, "{}: CUDA kernel not registered", name());
-      CudaSoftmax<T>::backward(dx, yp, g, rows, n, log_);
+      cuda_kernel(CudaSoftmax<T>::backward, name())(dx, yp, g, rows, n, log_);
       return;
     }
     parallel_for(rows, detail::row_grain(n), [&](int64_t r0, int64_t r1) {
@@ -114,8 +113,7 @@ Var<T> softmax_impl(Var<T> x, bool log) {
   const T* xp = vx.data();
   if (vx.device() == Device::cuda) {
     require_cuda(op);
-    CBQ_CHECK(CudaSoftmax<T>::forward, "{}: CUDA kernel not registered", op);
-    CudaSoftmax<T>::forward(y, xp, rows, n, log);
+    cuda_kernel(CudaSoftmax<T>::forward, op)(y, xp, rows, n, log);
   } else if (n > 0) {
     parallel_for(rows, row_grain(n), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {

@@ -42,8 +42,7 @@ class SwigluNode final : public Node<T> {
     T* dg = gate_.requires_grad() ? gate_.grad().data() : nullptr;
     T* du = up_.requires_grad() ? up_.grad().data() : nullptr;
     if (grad.device() == Device::cuda) {
-      CBQ_CHECK(CudaSwiglu<T>::backward, "swiglu: CUDA kernel not registered");
-      CudaSwiglu<T>::backward(dg, du, dy, g, u, gate_.value().numel());
+      cuda_kernel(CudaSwiglu<T>::backward, "swiglu")(dg, du, dy, g, u, gate_.value().numel());
       return;
     }
     parallel_for(gate_.value().numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
@@ -73,8 +72,7 @@ Var<T> swiglu(Var<T> gate, Var<T> up) {
   const T* u = U.data();
   if (G.device() == Device::cuda) {
     require_cuda("swiglu");
-    CBQ_CHECK(CudaSwiglu<T>::forward, "swiglu: CUDA kernel not registered");
-    CudaSwiglu<T>::forward(y, g, u, G.numel());
+    cuda_kernel(CudaSwiglu<T>::forward, "swiglu")(y, g, u, G.numel());
   } else {
     detail::swiglu_cpu(y, g, u, G.numel());
   }

@@ -105,7 +105,7 @@ class Adam {
         const int64_t n = p.numel();
         if (p.device() == Device::cuda) {
           require_cuda("Adam");
-          CBQ_CHECK(CudaAdam<T>::step, "Adam: CUDA kernel not registered");
+          cuda_kernel(CudaAdam<T>::step, "Adam");
           CBQ_CHECK(grad.device() == Device::cuda,
                     "Adam: parameter '{}' is on cuda but its gradient is on the cpu",
                     s.param->name);

@@ -44,7 +44,7 @@ ValueScan<T> scan_values(const Tensor<T>& t, const char* what) {
   if (n == 0) return s;
   if (t.device() == Device::cuda) {
     require_cuda(what);
-    CBQ_CHECK(CudaPassKernels<T>::scan, "{}: CUDA kernel not registered", what);
+    cuda_kernel(CudaPassKernels<T>::scan, what);
     s.first_non_finite = CudaPassKernels<T>::scan(t.data(), n, &s.min, &s.max);
     return s;
   }
@@ -91,9 +91,8 @@ void clamp_min(Tensor<T>& x, const Tensor<T>& floor, T floor_value, const char* 
               device_name(floor.device()), x.shape(), device_name(x.device()));
   if (x.device() == Device::cuda) {
     require_cuda(what);
-    CBQ_CHECK(CudaPassKernels<T>::clamp_min, "{}: CUDA kernel not registered", what);
-    CudaPassKernels<T>::clamp_min(x.data(), floor.defined() ? floor.data() : nullptr, floor_value,
-                                  n);
+    cuda_kernel(CudaPassKernels<T>::clamp_min, what)(
+        x.data(), floor.defined() ? floor.data() : nullptr, floor_value, n);
     return;
   }
   T* p = x.data();

@@ -42,7 +42,7 @@
 #include "cbq/model/random.hpp"
 #include "cbq/model/transformer.hpp"
 #include "cbq/ops/add.hpp"
-#include "cbq/ops/kl_div.hpp"
+#include "cbq/ops/kl_softmax.hpp"
 #include "cbq/ops/mse.hpp"
 #include "cbq/ops/scale.hpp"
 #include "cbq/optim/adam.hpp"

@@ -36,7 +36,7 @@
 
 #include "cbq/model/transformer.hpp"
 #include "cbq/ops/add.hpp"
-#include "cbq/ops/kl_div.hpp"
+#include "cbq/ops/kl_softmax.hpp"
 #include "cbq/ops/linear.hpp"
 #include "cbq/ops/matmul.hpp"
 #include "cbq/ops/mse.hpp"

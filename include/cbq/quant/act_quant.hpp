@@ -271,7 +271,7 @@ class PerTokenNode final : public Node<T> {
     const int64_t d = d_;
     if (grad_out.device() == Device::cuda) {
       require_cuda(name());
-      CBQ_CHECK(CudaActQuant<T>::per_token_backward, "{}: CUDA kernel not registered", name());
+      cuda_kernel(CudaActQuant<T>::per_token_backward, name());
       T* dc = c_.requires_grad() ? c_.grad().data() : nullptr;
       CudaActQuant<T>::per_token_backward(dx, dc, part, G, pass, coef, rs, rows_, d, symmetric_);
       return;
@@ -348,9 +348,9 @@ Var<T> fake_quant_act_per_token(Var<T> x, Var<T> clip_logit, const GridSpec& spe
   const T qlo = static_cast<T>(spec.qmin()), qhi = static_cast<T>(spec.qmax());
   if (X.device() == Device::cuda) {
     require_cuda(op);
-    CBQ_CHECK(CudaActQuant<T>::per_token_forward, "{}: CUDA kernel not registered", op);
-    CudaActQuant<T>::per_token_forward(y, rg ? pass.data() : nullptr, rg ? coef.data() : nullptr,
-                                       rg ? rowsave.data() : nullptr, xp, rows, d, alpha, spec);
+    cuda_kernel(CudaActQuant<T>::per_token_forward, op)(
+        y, rg ? pass.data() : nullptr, rg ? coef.data() : nullptr, rg ? rowsave.data() : nullptr,
+        xp, rows, d, alpha, spec);
   } else {
     parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(d, 1)),
                  [&](int64_t r0, int64_t r1) {

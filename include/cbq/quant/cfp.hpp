@@ -364,8 +364,7 @@ class ChannelMaxObserver {
   // The batch's maxima on the GPU, merged on the host (max is exact: same result as the CPU).
   void observe_cuda(const Tensor<T>& x) {
     require_cuda("ChannelMaxObserver");
-    CBQ_CHECK(CudaCfp<T>::column_abs_max, "ChannelMaxObserver({}): CUDA kernel not registered",
-              name_);
+    cuda_kernel(CudaCfp<T>::column_abs_max, fmt::format("ChannelMaxObserver({})", name_));
     CBQ_CHECK(x.is_contiguous(), "ChannelMaxObserver({}): batch {} of shape {} is not contiguous",
               name_, batches_, x.shape());
     const int64_t rows = x.shape().rows(), d = channels();

@@ -242,8 +242,7 @@ Var<T> step_quant(const char* op, Var<T> x, Var<T> s, const Tensor<T>& z, const 
   const T lo = static_cast<T>(g.qmin()), hi = static_cast<T>(g.qmax());
   if (x.value().device() == Device::cuda) {
     require_cuda(op);
-    CBQ_CHECK(CudaStepQuant<T>::forward, "{}: CUDA kernel not registered", op);
-    CudaStepQuant<T>::forward(Y, P, C, X, S, Z, rows, cols, g);
+    cuda_kernel(CudaStepQuant<T>::forward, op)(Y, P, C, X, S, Z, rows, cols, g);
   } else {
     parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
                  [&](int64_t r0, int64_t r1) {

@@ -120,8 +120,8 @@ void init_minmax(const Tensor<T>& w, const GridSpec& g, Tensor<T>& scale, Tensor
     zero = Tensor<T>(ps, dev);
   if (dev == Device::cuda) {
     require_cuda("init_minmax");
-    CBQ_CHECK(CudaGrid<T>::init_minmax, "init_minmax: CUDA kernel not registered");
-    CudaGrid<T>::init_minmax(scale.data(), zero.data(), w.data(), rows, cols, g);
+    cuda_kernel(CudaGrid<T>::init_minmax, "init_minmax")(scale.data(), zero.data(), w.data(), rows,
+                                                         cols, g);
     return;
   }
   const T* p = w.data();

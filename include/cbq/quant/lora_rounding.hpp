@@ -139,9 +139,9 @@ Var<T> soft_round_weight(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero
   const bool v_grad = mode != RoundingMode::hard;
   if (W.device() == Device::cuda) {
     require_cuda(op);
-    CBQ_CHECK(CudaLoraRounding<T>::soft_forward, "{}: CUDA kernel not registered", op);
-    CudaLoraRounding<T>::soft_forward(y, rg ? dvfac.data() : nullptr, rg ? coef.data() : nullptr, w,
-                                      vp, S, Z, rows, cols, spec, hard, v_grad);
+    cuda_kernel(CudaLoraRounding<T>::soft_forward, op)(y, rg ? dvfac.data() : nullptr,
+                                                       rg ? coef.data() : nullptr, w, vp, S, Z,
+                                                       rows, cols, spec, hard, v_grad);
   } else {
     parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
                  [&](int64_t r0, int64_t r1) {
@@ -216,8 +216,8 @@ class RoundRegNode final : public Node<T> {
     T* dv = v_.grad().data();
     if (grad_out.device() == Device::cuda) {
       require_cuda(name());
-      CBQ_CHECK(CudaLoraRounding<T>::reg_backward, "{}: CUDA kernel not registered", name());
-      CudaLoraRounding<T>::reg_backward(dv, grad_out.data(), v, v_.value().numel(), beta_, k_);
+      cuda_kernel(CudaLoraRounding<T>::reg_backward, name())(dv, grad_out.data(), v,
+                                                             v_.value().numel(), beta_, k_);
       return;
     }
     const T g = grad_out.data()[0];
@@ -258,8 +258,7 @@ Var<T> rounding_reg(Var<T> V, T beta, Normalisation norm = Normalisation::mean) 
   Tensor<T> yv = out.value();
   if (X.device() == Device::cuda) {
     require_cuda(op);
-    CBQ_CHECK(CudaLoraRounding<T>::reg_forward, "{}: CUDA kernel not registered", op);
-    CudaLoraRounding<T>::reg_forward(yv.data(), v, n, beta, k);
+    cuda_kernel(CudaLoraRounding<T>::reg_forward, op)(yv.data(), v, n, beta, k);
   } else {
     // Terms in T, summed serially (deterministic whatever the thread count) in double: a float
     // sum of a LLaMA-7B layer's 45M terms (each in [0, 1]) stops growing at 2^24. The total is
@@ -817,9 +816,8 @@ void adaround_offset(const Tensor<T>& W, const Tensor<T>& scale, const GridSpec&
   ops::check_same_device("quant::adaround_offset", W, scale);
   if (W.device() == Device::cuda) {
     require_cuda("quant::adaround_offset");
-    CBQ_CHECK(CudaLoraRounding<T>::adaround_offset,
-              "quant::adaround_offset: CUDA kernel not registered");
-    CudaLoraRounding<T>::adaround_offset(V0.data(), W.data(), scale.data(), rows, cols, spec);
+    cuda_kernel(CudaLoraRounding<T>::adaround_offset, "quant::adaround_offset")(
+        V0.data(), W.data(), scale.data(), rows, cols, spec);
     return;
   }
   parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
