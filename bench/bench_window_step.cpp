@@ -12,7 +12,7 @@
 // Arguments: threads (cbq's pool; OpenBLAS runs single-threaded under it, core/blas.hpp),
 // hard (1: hard_ste rounding in the forward, the pass's default; 0: soft), reg (1: with the
 // rounding regulariser, as every step after the warm-up, computed in the weights' kernels as the
-// pass does (QuantLinear::expect_rounding_regularizer); 0: without).
+// pass does (TransformLosses); 0: without).
 //
 // FLOPs counted from the shapes (multiply-add = 2), per block, T tokens, P = weights of the
 // block's linear layers (d·in·out summed), r the LoRA rank:
@@ -189,19 +189,17 @@ void run_window_step(benchmark::State& state, const ModelConfig& c) {
   Tape<float> tape;
   auto step = [&] {
     tape.clear();
-    if (with_reg)  // computed in the weights' kernels, as the pass does
-      for (auto& q : layers) q->expect_rounding_regularizer(10.f);
+    TransformLosses<float> losses{10.f, {}};  // from the weights' kernels, as the pass does
+    BlockContext<float> ctx;
+    if (with_reg) ctx.losses = &losses;
     Var<float> y = tape.constant(x);
-    for (auto& b : model.blocks) y = b.forward(tape, y, {});
+    for (auto& b : model.blocks) y = b.forward(tape, y, ctx);
     Var<float> a = tape.constant(t_fp), h = tape.constant(t_hom);
     Var<float> loss = ops::add(ops::add(ops::row_sq_error(a, y), ops::kl_softmax(a, y)),
                                ops::add(ops::row_sq_error(h, y), ops::kl_softmax(h, y)));
     if (with_reg) {  // as train_window: γ · mean over layers of each layer's regulariser
       Var<float> reg;
-      for (auto& q : layers) {
-        Var<float> r = q->rounding_regularizer(tape, 10.f);
-        reg = reg.valid() ? ops::add(reg, r) : r;
-      }
+      for (const auto& [layer, r] : losses.rounding) reg = reg.valid() ? ops::add(reg, r) : r;
       loss = ops::add(loss, ops::scale(reg, 0.01f / static_cast<float>(layers.size())));
     }
     tape.backward(loss);

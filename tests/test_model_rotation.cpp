@@ -192,7 +192,8 @@ TEST_CASE("rotation: unsupported sizes are refused naming the size, the model un
 namespace {
 // Stands in for a quantization pass's transform (rotate_model must refuse a model that has one).
 struct IdentityTransform final : LinearTransform<double> {
-  Var<double> forward(Tape<double>& tape, LinearLayer<double>& layer, Var<double> x) override {
+  Var<double> forward(Tape<double>& tape, LinearLayer<double>& layer, Var<double> x,
+                      TransformLosses<double>*) override {
     return ops::linear(x, tape.param(layer.weight), Var<double>{});
   }
 };

@@ -193,84 +193,90 @@ TEST_CASE("cbq pass: activation quantization only on the chosen linear layers") 
 }
 
 TEST_CASE(
-    "QuantLinear: a regulariser announced before the forward comes from the weight's kernel, "
-    "once, for that tape step and β only") {
+    "QuantLinear: a forward asked for its rounding regulariser gives it with the weight, as the "
+    "regulariser computed on its own") {
   const int64_t rows = 24, cols = 40;
-  for (bool tracks : {true, false}) {
-    CAPTURE(tracks);
-    QuantLinearConfig cfg;
-    cfg.weight = quant::GridSpec{4, false, quant::Granularity::per_group, 8};
-    cfg.rounding = RoundingKind::lora;
-    cfg.rank = 3;
-    cfg.rounding_mode = quant::RoundingMode::hard_ste;
-    cfg.lora_init.start = quant::LoraStart::adaround;
-    cfg.v0_tracks_step = tracks;
-    const Tensor<float> w = cbq::testing::randn<float>(Shape{rows, cols}, 3, 0.2f);
-    LinearLayer<float> layer("fc", w);
-    auto q = std::make_shared<QuantLinear<float>>("fc", w, cfg);
-    for (Parameter<float>* p : q->rounding_params())  // away from the start, where h is binary
-      for (int64_t i = 0; i < p->value.numel(); ++i)
-        p->value[i] += 0.3f * std::sin(static_cast<float>(i));
-    const Tensor<float> x = cbq::testing::randn<float>(Shape{5, cols}, 4);
-    struct Result {
-      float reg;
-      std::vector<Tensor<float>> grads;
-    };
-    std::vector<Parameter<float>*> params = q->weight_step_params();
-    for (Parameter<float>* p : q->rounding_params()) params.push_back(p);
-    // One step: forward, regulariser (announced or not), backward of Σ y + 3·r.
-    auto step = [&](Tape<float>& tape, bool announce, float beta) {
-      tape.clear();
-      if (announce) q->expect_rounding_regularizer(beta);
-      Var<float> y = q->forward(tape, layer, tape.constant(x));
-      const std::size_t nodes = tape.num_nodes();
-      Var<float> r = q->rounding_regularizer(tape, beta);
-      CHECK((tape.num_nodes() == nodes) == announce);  // announced: no second pass over W
-      for (Parameter<float>* p : params) p->zero_grad();
-      tape.backward(ops::add(ops::sum(y), ops::scale(r, 3.f)));
-      Result out{r.value()[0], {}};
-      for (Parameter<float>* p : params) out.grads.push_back(p->grad.clone());
-      return out;
-    };
-    Tape<float> tape;
-    const Result separate = step(tape, false, 5.f);
-    const Result fused = step(tape, true, 5.f);
-    CHECK(fused.reg == separate.reg);
-    REQUIRE(fused.grads.size() == separate.grads.size());
-    for (std::size_t i = 0; i < fused.grads.size(); ++i) {
-      double worst = 0, scale = 0;
-      for (int64_t k = 0; k < fused.grads[i].numel(); ++k) {
-        worst = std::max(worst, std::abs(double(fused.grads[i][k]) - separate.grads[i][k]));
-        scale = std::max(scale, std::abs(double(separate.grads[i][k])));
+  for (RoundingKind kind : {RoundingKind::lora, RoundingKind::full})
+    for (bool tracks : {true, false}) {
+      CAPTURE(static_cast<int>(kind));
+      CAPTURE(tracks);
+      QuantLinearConfig cfg;
+      cfg.weight = quant::GridSpec{4, false, quant::Granularity::per_group, 8};
+      cfg.rounding = kind;
+      cfg.rank = 3;
+      cfg.rounding_mode = quant::RoundingMode::hard_ste;
+      cfg.lora_init.start = quant::LoraStart::adaround;
+      cfg.v0_tracks_step = tracks;
+      const Tensor<float> w = cbq::testing::randn<float>(Shape{rows, cols}, 3, 0.2f);
+      LinearLayer<float> layer("fc", w);
+      auto q = std::make_shared<QuantLinear<float>>("fc", w, cfg);
+      for (Parameter<float>* p : q->rounding_params())  // away from the start, where h is binary
+        for (int64_t i = 0; i < p->value.numel(); ++i)
+          p->value[i] += 0.3f * std::sin(static_cast<float>(i));
+      const Tensor<float> x = cbq::testing::randn<float>(Shape{5, cols}, 4);
+      struct Result {
+        float reg;
+        std::vector<Tensor<float>> grads;
+      };
+      std::vector<Parameter<float>*> params = q->weight_step_params();
+      for (Parameter<float>* p : q->rounding_params()) params.push_back(p);
+      // One step: forward (asked for the regulariser or not), backward of Σ y + 3·r.
+      auto step = [&](Tape<float>& tape, bool with_forward, float beta) {
+        tape.clear();
+        TransformLosses<float> losses{beta, {}};
+        Var<float> y = q->forward(tape, layer, tape.constant(x), with_forward ? &losses : nullptr);
+        Var<float> r;
+        if (with_forward) {
+          REQUIRE(losses.rounding.size() == 1);
+          CHECK(losses.rounding[0].first == q.get());
+          r = losses.rounding[0].second;
+        } else {
+          CHECK(losses.rounding.empty());
+          r = q->rounding_regularizer(tape, beta);
+        }
+        REQUIRE(r.valid());
+        for (Parameter<float>* p : params) p->zero_grad();
+        tape.backward(ops::add(ops::sum(y), ops::scale(r, 3.f)));
+        Result out{r.value()[0], {}};
+        for (Parameter<float>* p : params) out.grads.push_back(p->grad.clone());
+        return out;
+      };
+      Tape<float> tape;
+      const Result separate = step(tape, false, 5.f);
+      const Result fused = step(tape, true, 5.f);
+      CHECK(std::isfinite(separate.reg));
+      CHECK(fused.reg == separate.reg);
+      REQUIRE(fused.grads.size() == separate.grads.size());
+      for (std::size_t i = 0; i < fused.grads.size(); ++i) {
+        double worst = 0, scale = 0;
+        for (int64_t k = 0; k < fused.grads[i].numel(); ++k) {
+          worst = std::max(worst, std::abs(double(fused.grads[i][k]) - separate.grads[i][k]));
+          scale = std::max(scale, std::abs(double(separate.grads[i][k])));
+        }
+        CHECK(scale > 0);
+        CHECK(worst <= 2e-5 * scale);
       }
-      CHECK(scale > 0);
-      CHECK(worst <= 2e-5 * scale);
+      // Another β gives that β's value; every forward gives its own term.
+      tape.clear();
+      TransformLosses<float> beta4{4.f, {}};
+      q->forward(tape, layer, tape.constant(x), &beta4);
+      q->forward(tape, layer, tape.constant(x), &beta4);
+      REQUIRE(beta4.rounding.size() == 2);
+      Tape<float> other;
+      const float alone4 = q->rounding_regularizer(other, 4.f).value()[0];
+      CHECK(beta4.rounding[0].second.value()[0] == alone4);
+      CHECK(beta4.rounding[1].second.value()[0] == alone4);
+      CHECK(alone4 != separate.reg);
+      // β = 0 asks for nothing; a hardened layer has nothing to regularise.
+      tape.clear();
+      TransformLosses<float> none{0.f, {}};
+      q->forward(tape, layer, tape.constant(x), &none);
+      CHECK(none.rounding.empty());
+      q->harden();
+      tape.clear();
+      TransformLosses<float> after{5.f, {}};
+      q->forward(tape, layer, tape.constant(x), &after);
+      CHECK(after.rounding.empty());
+      CHECK_FALSE(q->rounding_regularizer(tape, 5.f).valid());
     }
-    // An announcement is used once: a second request on the same step computes it again.
-    tape.clear();
-    q->expect_rounding_regularizer(5.f);
-    q->forward(tape, layer, tape.constant(x));
-    CHECK(q->rounding_regularizer(tape, 5.f).value()[0] == separate.reg);
-    std::size_t nodes = tape.num_nodes();
-    CHECK(q->rounding_regularizer(tape, 5.f).value()[0] == separate.reg);
-    CHECK(tape.num_nodes() > nodes);
-    // Not for another β...
-    tape.clear();
-    q->expect_rounding_regularizer(5.f);
-    q->forward(tape, layer, tape.constant(x));
-    nodes = tape.num_nodes();
-    const float beta4 = q->rounding_regularizer(tape, 4.f).value()[0];
-    CHECK(tape.num_nodes() > nodes);
-    Tape<float> other;
-    CHECK(beta4 == q->rounding_regularizer(other, 4.f).value()[0]);
-    // ...nor after the tape moved on to the next step.
-    tape.clear();
-    q->expect_rounding_regularizer(5.f);
-    q->forward(tape, layer, tape.constant(x));
-    tape.clear();
-    q->forward(tape, layer, tape.constant(x));
-    nodes = tape.num_nodes();
-    CHECK(q->rounding_regularizer(tape, 5.f).value()[0] == separate.reg);
-    CHECK(tape.num_nodes() > nodes);
-  }
 }

@@ -396,7 +396,7 @@ TEST_CASE("fixed grid: gradients of the steps and rounding factors match finite 
       for (int64_t i = 0; i < params[0]->value.numel(); ++i) params[0]->value[i] *= 1.1;
       const Tensor<double> proj = cbq::testing::randn<double>(Shape{5, rows}, 10);
       auto loss = [&](Tape<double>& tape) {
-        const ops::LinearArgs<double> a = *q.linear_args(tape, layer, tape.constant(x));
+        const ops::LinearArgs<double> a = *q.linear_args(tape, layer, tape.constant(x), nullptr);
         return ops::sum(ops::mul(ops::linear(a.x, a.w), tape.constant(proj)));
       };
       for (auto* p : params) p->grad = Tensor<double>(p->value.shape());

@@ -241,7 +241,7 @@ struct WeightRegRun {
   T reg = 0;
 };
 
-// Ŵ and the regulariser of the same V: from one kernel (fused = true, LoraRegRequest) or from
+// Ŵ and the regulariser of the same V: from one kernel (fused = true, *_and_reg) or from
 // lora_soft_weight and lora_round_reg separately; gradients seeded on the outputs that reach.
 template <class T>
 WeightRegRun<T> run_weight_reg(bool fused, const LoraCase& c, Source src, RoundingMode mode,
@@ -256,20 +256,29 @@ WeightRegRun<T> run_weight_reg(bool fused, const LoraCase& c, Source src, Roundi
   Parameter<T> ps("s", s.clone()), p1("a1", randn<T>(Shape{c.rows, c.rank}, seed + 1, T(0.6))),
       p2("a2", randn<T>(Shape{c.rank, c.cols}, seed + 2, T(0.6)));
   const T beta = T(3.5);
-  quant::LoraRegRequest<T> request;
-  request.beta = beta;
-  quant::LoraRegRequest<T>* req = fused ? &request : nullptr;
+  const quant::RegularizerSpec<T> spec{beta, quant::Normalisation::mean};
   const Tensor<T>* v0 = src == Source::tensor ? &V0 : nullptr;
-  Var<T> y = src == Source::tracked
-                 ? quant::lora_soft_weight_tracked(W, tape.param(ps), z, tape.param(p1),
-                                                   tape.param(p2), g, mode, true, req)
-                 : quant::lora_soft_weight(W, tape.param(ps), z, tape.param(p1), tape.param(p2), v0,
-                                           g, mode, true, req);
-  Var<T> r =
-      fused ? request.out
-            : (src == Source::tracked
-                   ? quant::lora_round_reg_tracked(W, s, g, tape.param(p1), tape.param(p2), beta)
-                   : quant::lora_round_reg(tape.param(p1), tape.param(p2), v0, beta));
+  Var<T> y, r;
+  if (fused) {
+    const quant::SoftWeight<T> both =
+        src == Source::tracked
+            ? quant::lora_soft_weight_tracked_and_reg(W, tape.param(ps), z, tape.param(p1),
+                                                      tape.param(p2), g, spec, mode, true)
+            : quant::lora_soft_weight_and_reg(W, tape.param(ps), z, tape.param(p1), tape.param(p2),
+                                              v0, g, spec, mode, true);
+    y = both.weight;
+    r = both.regularizer;
+  } else {
+    y = src == Source::tracked
+            ? quant::lora_soft_weight_tracked(W, tape.param(ps), z, tape.param(p1), tape.param(p2),
+                                              g, mode, true)
+            : quant::lora_soft_weight(W, tape.param(ps), z, tape.param(p1), tape.param(p2), v0, g,
+                                      mode, true);
+    r = src == Source::tracked
+            ? quant::lora_round_reg_tracked(W, s, g, tape.param(p1), tape.param(p2), beta)
+            : quant::lora_round_reg(tape.param(p1), tape.param(p2), v0, beta);
+  }
+  REQUIRE(r.valid());
   if (reach != Reach::reg) y.grad().copy_from(G);
   if (reach != Reach::weight) r.grad()[0] = T(7);
   tape.backward_from_seeded();
@@ -321,15 +330,16 @@ TEST_CASE("fused lora: weight and regulariser from one kernel (gradcheck in A1, 
     Tensor<double> R = randn<double>(W.shape(), 73);
     auto result = testing::gradcheck(
         [&](Tape<double>& tape, std::vector<Var<double>>& v) {
-          quant::LoraRegRequest<double> req;
-          req.beta = 2.5;
-          Var<double> y = src == Source::tracked
-                              ? quant::lora_soft_weight_tracked(W, v[0], z, v[1], v[2], c.spec,
-                                                                RoundingMode::soft, true, &req)
-                              : quant::lora_soft_weight(W, v[0], z, v[1], v[2],
-                                                        src == Source::tensor ? &V0 : nullptr,
-                                                        c.spec, RoundingMode::soft, true, &req);
-          return ops::add(ops::sum(ops::mul(y, tape.constant(R))), ops::scale(req.out, 5.0));
+          const quant::RegularizerSpec<double> reg{2.5, quant::Normalisation::mean};
+          const quant::SoftWeight<double> both =
+              src == Source::tracked
+                  ? quant::lora_soft_weight_tracked_and_reg(W, v[0], z, v[1], v[2], c.spec, reg,
+                                                            RoundingMode::soft, true)
+                  : quant::lora_soft_weight_and_reg(W, v[0], z, v[1], v[2],
+                                                    src == Source::tensor ? &V0 : nullptr, c.spec,
+                                                    reg, RoundingMode::soft, true);
+          return ops::add(ops::sum(ops::mul(both.weight, tape.constant(R))),
+                          ops::scale(both.regularizer, 5.0));
         },
         {s, randn<double>(Shape{c.rows, c.rank}, 74, 0.6),
          randn<double>(Shape{c.rank, c.cols}, 75, 0.6)},

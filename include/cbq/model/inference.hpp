@@ -109,7 +109,8 @@ void infer_linears(InferenceWorkspace<T>& ws, const std::array<LinearLayer<T>*, 
       }
       NoGrad<T> no_grad(tape);
       Var<T> xv = tape.constant(x);
-      if (std::optional<ops::LinearArgs<T>> args = layer.transform->linear_args(tape, layer, xv)) {
+      if (std::optional<ops::LinearArgs<T>> args =
+              layer.transform->linear_args(tape, layer, xv, nullptr)) {
         a = args->x.value().data();
         w = args->w.value().data();
         b = args->b.valid() ? args->b.value().data() : nullptr;
@@ -118,7 +119,7 @@ void infer_linears(InferenceWorkspace<T>& ws, const std::array<LinearLayer<T>*, 
                   "inference: the transform of layer {} gave a weight {} for a layer {}",
                   layer.name, args->w.value().shape(), layer.weight.value.shape());
       } else {  // a transform that computes its own way: take its result
-        const Tensor<T> out = layer.transform->forward(tape, layer, xv).value();
+        const Tensor<T> out = layer.transform->forward(tape, layer, xv, nullptr).value();
         CBQ_CHECK(out.shape() == y.shape(), "inference: the transform of layer {} gave {}, not {}",
                   layer.name, out.shape(), y.shape());
         y.copy_from(out);

@@ -217,10 +217,10 @@ StepCalibration calibrate_window_step(const ModelConfig& config, const PassSpec&
   const T tau = static_cast<T>(options.kld_temperature);
   auto forward_loss = [&](Tape<T>& tp, bool with_reg) {
     const T beta = static_cast<T>(options.beta_start);
-    if (with_reg)
-      for (auto& q : layers) q->expect_rounding_regularizer(beta);
+    TransformLosses<T> losses{beta, {}};  // each layer's regulariser, with its weight
     Var<T> y = tp.constant(x);
     BlockContext<T> ctx;
+    if (with_reg) ctx.losses = &losses;
     for (auto& blk : model.blocks) y = blk.forward(tp, y, ctx);
     Var<T> loss;
     auto add = [&](Var<T> t) { loss = loss.valid() ? ops::add(loss, t) : t; };
@@ -232,10 +232,7 @@ StepCalibration calibrate_window_step(const ModelConfig& config, const PassSpec&
     }
     if (with_reg) {
       Var<T> reg;
-      for (auto& q : layers) {
-        Var<T> r = q->rounding_regularizer(tp, beta);
-        if (r.valid()) reg = reg.valid() ? ops::add(reg, r) : r;
-      }
+      for (const auto& [layer, r] : losses.rounding) reg = reg.valid() ? ops::add(reg, r) : r;
       if (reg.valid()) add(ops::scale(reg, static_cast<T>(options.gamma_round)));
     }
     return loss;

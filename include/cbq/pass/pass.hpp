@@ -909,13 +909,13 @@ class CbqPass {
       }
       if (o.loss_kld) add_term(ops::kl_softmax(target, y, kl_tau), kld_slot);
     };
-    // γ_r · mean over the active layers of each layer's L_round at β (a Var; invalid when no
-    // layer has rounding to regularise).
-    auto regularizer = [&](Tape<T>& tape, T reg_beta) {
+    // γ_r · mean over the active layers of each layer's L_round, layer_reg(q) (a Var; invalid
+    // when no layer has rounding to regularise), summed in the order of `active`.
+    auto regularizer = [&](auto&& layer_reg) {
       Var<T> reg;
       int64_t count = 0;
       for (QuantLinear<T>* q : active) {
-        Var<T> r = q->rounding_regularizer(tape, reg_beta);
+        Var<T> r = layer_reg(q);
         if (!r.valid()) continue;
         reg = reg.valid() ? ops::add(reg, r) : r;
         ++count;
@@ -925,15 +925,22 @@ class CbqPass {
         reg = ops::scale(reg, static_cast<T>(o.gamma_round / static_cast<double>(count)));
       return reg;
     };
+    // A layer's L_round as the window's forward gave it with its weight.
+    auto forward_reg = [](const TransformLosses<T>& losses, const QuantLinear<T>* q) {
+      for (const auto& [layer, r] : losses.rounding)
+        if (layer == q) return r;
+      return Var<T>{};
+    };
     // The window's loss on sample n: forward of the window's blocks on the quantized path, the
     // reconstruction terms against both targets, and (reg_beta > 0) the rounding regulariser.
     auto window_loss = [&](Tape<T>& tape, int64_t n, T reg_beta) {
       tape.clear();
       const bool reg_on = reg_beta > T(0);
-      if (reg_on)  // computed in the weights' kernels (QuantLinear::expect_rounding_regularizer)
-        for (QuantLinear<T>* q : active) q->expect_rounding_regularizer(reg_beta);
+      // Each layer's regulariser comes with its weight (from the same kernel on the CPU).
+      TransformLosses<T> losses{reg_beta, {}};
       Var<T> y = tape.constant(staged(x_q[n], staged_x));
       BlockContext<T> ctx;
+      if (reg_on) ctx.losses = &losses;
       for (int64_t b = w.first; b <= w.last; ++b) y = model.blocks[b].forward(tape, y, ctx);
       LossTerms terms;
       Var<T> loss;
@@ -963,7 +970,7 @@ class CbqPass {
         add_term(out, terms.output_kld);
       }
       if (reg_on) {
-        Var<T> reg = regularizer(tape, reg_beta);
+        Var<T> reg = regularizer([&](QuantLinear<T>* q) { return forward_reg(losses, q); });
         if (reg.valid()) add_term(reg, terms.round);
       }
       terms.total = static_cast<double>(detail::element_at(loss.value(), 0));
@@ -989,7 +996,9 @@ class CbqPass {
       if (o.gamma_round <= 0) return 0.0;
       Tape<T> eval_tape(device);
       NoGrad<T> off(eval_tape);
-      Var<T> reg = regularizer(eval_tape, static_cast<T>(at_beta));
+      Var<T> reg = regularizer([&](QuantLinear<T>* q) {
+        return q->rounding_regularizer(eval_tape, static_cast<T>(at_beta));
+      });
       return reg.valid() ? static_cast<double>(detail::element_at(reg.value(), 0)) : 0.0;
     };
     // The start vs trained decision compares what harden() deploys (hard rounding); the training

@@ -160,33 +160,34 @@ class QuantLinear final : public LinearTransform<T> {
       act_scale_.value[0] = std::max(act_scale_.value[0], act_scale_floor_);
   }
 
-  Var<T> forward(Tape<T>& tape, LinearLayer<T>& layer, Var<T> x) override {
-    const ops::LinearArgs<T> a = *linear_args(tape, layer, x);
+  Var<T> forward(Tape<T>& tape, LinearLayer<T>& layer, Var<T> x,
+                 TransformLosses<T>* losses) override {
+    const ops::LinearArgs<T> a = *linear_args(tape, layer, x, losses);
     return ops::linear(a.x, a.w, a.b);
   }
-  std::optional<ops::LinearArgs<T>> linear_args(Tape<T>& tape, LinearLayer<T>& layer,
-                                                Var<T> x) override {
+  // With losses->rounding_beta > 0 the weight comes with its rounding regulariser at that β
+  // (soft_weight), added to losses->rounding.
+  std::optional<ops::LinearArgs<T>> linear_args(Tape<T>& tape, LinearLayer<T>& layer, Var<T> x,
+                                                TransformLosses<T>* losses) override {
     Var<T> xq = quantize_input(tape, x);
-    Var<T> w = hardened_ ? tape.constant(W_hard_) : soft_weight(tape);
+    Var<T> w;
+    if (hardened_) {
+      w = tape.constant(W_hard_);
+    } else {
+      const bool with_reg = losses && losses->rounding_beta > T(0);
+      quant::SoftWeight<T> sw =
+          soft_weight(tape, with_reg ? std::optional<T>(losses->rounding_beta) : std::nullopt);
+      w = sw.weight;
+      if (with_reg && sw.regularizer.valid()) losses->rounding.emplace_back(this, sw.regularizer);
+    }
     return ops::LinearArgs<T>{xq, w, layer.has_bias() ? tape.param(layer.bias) : Var<T>{}};
   }
 
-  // Says that rounding_regularizer(tape, beta) will be asked for after the next forward on the
-  // tape: LoRA-Rounding then computes it in the weight's kernel (quant::LoraRegRequest), from
-  // the σ(V) the weight needs anyway, and contracts both gradients in one pass.
-  void expect_rounding_regularizer(T beta) { reg_request_ = beta; }
-
-  // Mean over this layer's weights of (1 − |2h − 1|^β); an invalid Var when there is no
-  // rounding to regularise (nearest, or hardened).
+  // Mean over this layer's weights of (1 − |2h − 1|^β), computed on its own (a forward asked
+  // for it through TransformLosses gets the same value from the weight's kernel); an invalid
+  // Var when there is no rounding to regularise (nearest, or hardened).
   Var<T> rounding_regularizer(Tape<T>& tape, T beta) {
     if (hardened_) return Var<T>{};
-    if (fused_reg_.out.valid()) {  // computed by this step's forward (expect_rounding_regularizer)
-      Var<T> r = fused_reg_.out;
-      const bool same = &r.tape() == &tape && fused_reg_generation_ == tape.generation() &&
-                        fused_reg_.beta == beta;
-      fused_reg_.out = Var<T>{};
-      if (same) return r;
-    }
     if (config_.rounding == RoundingKind::lora && lora_tracks())
       return quant::lora_round_reg_tracked(W_, config_.fixed_grid ? w_scale_init_ : w_scale_.value,
                                            config_.weight, tape.param(lora_.A1),
@@ -287,7 +288,7 @@ class QuantLinear final : public LinearTransform<T> {
     if (hardened_) return W_hard_;
     Tape<T> tape(W_.device());
     NoGrad<T> off(tape);
-    return soft_weight(tape).value().clone();
+    return soft_weight(tape, std::nullopt).weight.value().clone();
   }
   // Everything that defines the layer between two optimiser steps, for checkpoints
   // (pass/checkpoint.hpp): tensors and scalars by name. Restoring it into a layer constructed
@@ -495,40 +496,52 @@ class QuantLinear final : public LinearTransform<T> {
     return full_v0_.defined() ? ops::add(tape.constant(full_v0_), dv) : dv;
   }
 
-  Var<T> soft_weight(Tape<T>& tape) {
-    Var<T> w = grid_weight(tape);
-    return config_.fixed_grid ? ops::mul(w, grid_factor(tape)) : w;
+  // Ŵ, and with reg_beta its rounding regulariser at that β (none for nearest rounding).
+  quant::SoftWeight<T> soft_weight(Tape<T>& tape, std::optional<T> reg_beta) {
+    quant::SoftWeight<T> sw = grid_weight(tape, reg_beta);
+    if (config_.fixed_grid) sw.weight = ops::mul(sw.weight, grid_factor(tape));
+    return sw;
   }
   // Ŵ on the grid's steps (the learned ones, or for a fixed grid the start's, then scaled).
-  Var<T> grid_weight(Tape<T>& tape) {
+  quant::SoftWeight<T> grid_weight(Tape<T>& tape, std::optional<T> reg_beta) {
     const Tensor<T>& zero = w_zero_;
     const quant::RoundingMode mode = forward_mode_.value_or(config_.rounding_mode);
     if (config_.rounding == RoundingKind::full) track_step();  // LoRA's is fused in its kernel
     switch (config_.rounding) {
       case RoundingKind::lora: {
-        quant::LoraRegRequest<T>* reg = nullptr;
-        fused_reg_ = {};
-        if (reg_request_) {
-          fused_reg_.beta = *reg_request_;
-          fused_reg_generation_ = tape.generation();
-          reg = &fused_reg_;
-          reg_request_.reset();
+        if (reg_beta) {
+          const quant::RegularizerSpec<T> reg{*reg_beta, quant::Normalisation::mean};
+          if (lora_tracks())
+            return quant::lora_soft_weight_tracked_and_reg(
+                W_, grid_steps(tape), zero, tape.param(lora_.A1), tape.param(lora_.A2),
+                config_.weight, reg, mode, config_.lsq_grad_scale);
+          return quant::lora_soft_weight_and_reg(W_, grid_steps(tape), zero, tape.param(lora_.A1),
+                                                 tape.param(lora_.A2), lora_.v0(), config_.weight,
+                                                 reg, mode, config_.lsq_grad_scale);
         }
         if (lora_tracks())
-          return quant::lora_soft_weight_tracked(W_, grid_steps(tape), zero, tape.param(lora_.A1),
-                                                 tape.param(lora_.A2), config_.weight, mode,
-                                                 config_.lsq_grad_scale, reg);
-        return quant::lora_soft_weight(W_, grid_steps(tape), zero, tape.param(lora_.A1),
-                                       tape.param(lora_.A2), lora_.v0(), config_.weight, mode,
-                                       config_.lsq_grad_scale, reg);
+          return {quant::lora_soft_weight_tracked(W_, grid_steps(tape), zero, tape.param(lora_.A1),
+                                                  tape.param(lora_.A2), config_.weight, mode,
+                                                  config_.lsq_grad_scale),
+                  Var<T>{}};
+        return {quant::lora_soft_weight(W_, grid_steps(tape), zero, tape.param(lora_.A1),
+                                        tape.param(lora_.A2), lora_.v0(), config_.weight, mode,
+                                        config_.lsq_grad_scale),
+                Var<T>{}};
       }
-      case RoundingKind::full:
-        return quant::soft_round_weight(W_, grid_steps(tape), zero, full_v(tape), config_.weight,
-                                        mode, config_.lsq_grad_scale);
+      case RoundingKind::full: {
+        quant::SoftWeight<T> sw{
+            quant::soft_round_weight(W_, grid_steps(tape), zero, full_v(tape), config_.weight, mode,
+                                     config_.lsq_grad_scale),
+            Var<T>{}};
+        if (reg_beta) sw.regularizer = quant::rounding_reg(full_v(tape), *reg_beta);
+        return sw;
+      }
       case RoundingKind::nearest:
       default:
-        return quant::fake_quant_weight(tape.constant(W_), grid_steps(tape), zero, config_.weight,
-                                        config_.lsq_grad_scale);
+        return {quant::fake_quant_weight(tape.constant(W_), grid_steps(tape), zero, config_.weight,
+                                         config_.lsq_grad_scale),
+                Var<T>{}};
     }
   }
 
@@ -599,9 +612,6 @@ class QuantLinear final : public LinearTransform<T> {
   double output_error_start_ = 0, output_error_ = 0;
   quant::QuantizedWeight result_;
   Tensor<T> W_hard_;
-  std::optional<T> reg_request_;        // expect_rounding_regularizer's β, for the next forward
-  quant::LoraRegRequest<T> fused_reg_;  // the regulariser that forward computed
-  std::uint64_t fused_reg_generation_ = 0;
 };
 
 }  // namespace cbq

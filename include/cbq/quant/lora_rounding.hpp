@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <numbers>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -193,15 +194,22 @@ Var<T> lora_v(Var<T> A1, Var<T> A2, const Tensor<T>* V0 = nullptr) {
 
 enum class Normalisation { mean, sum };
 
-// Asks lora_soft_weight[_tracked] for the rounding regulariser of the same V as well: the value
-// lora_round_reg[_tracked] gives (bit for bit), computed from the σ(V) the weight needs anyway,
-// with its gradient contracted together with the weight's (one backward pass over the weights
-// instead of two). `out` receives it. (On the GPU: lora_round_reg, separately.)
+// The rounding regulariser a soft weight is asked for with it (lora_soft_weight_and_reg): L_round
+// at β over the same V, normalised by `norm`.
 template <class T>
-struct LoraRegRequest {
+struct RegularizerSpec {
   T beta = T(2);
   Normalisation norm = Normalisation::mean;
-  Var<T> out;
+};
+
+// What a soft weight's forward gives: Ŵ and, when asked, the rounding regulariser of the same V
+// (the value lora_round_reg[_tracked] gives, bit for bit). On the CPU both come from one kernel,
+// from the σ(V) the weight needs anyway, and their gradients are contracted in one backward pass
+// over the weights instead of two; on the GPU the regulariser is lora_round_reg, separately.
+template <class T>
+struct SoftWeight {
+  Var<T> weight;
+  Var<T> regularizer;  // invalid when not asked for
 };
 
 namespace detail {
@@ -391,7 +399,7 @@ void lora_backward(const LoraInputs<T>& in, const T* G, T g, const T* fac, const
 }
 
 // What the weight's node leaves for the regulariser computed in the same kernel (lora_weight
-// with a LoraRegRequest). The regulariser's node is recorded before the weight's, so it runs
+// asked for both). The regulariser's node is recorded before the weight's, so it runs
 // after it in backward: when the regulariser has a gradient, the weight's node leaves its G here
 // and the regulariser's node contracts both parts of dV in one pass.
 template <class T>
@@ -559,28 +567,30 @@ Var<T> lora_reg(const Tensor<T>& W, const Tensor<T>& scale, Var<T> A1, Var<T> A2
                 Normalisation norm);
 
 // Ŵ (see above); the composed ops on CUDA. With `reg`, also the rounding regulariser of the same
-// V into reg->out (on the CPU from the same kernel; see LoraRegRequest).
+// V (on the CPU from the same kernel; see SoftWeight).
 template <class T>
-Var<T> lora_weight(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero, Var<T> A1, Var<T> A2,
-                   const Tensor<T>* V0, V0Source source, const GridSpec& spec, RoundingMode mode,
-                   bool lsq_grad_scale, LoraRegRequest<T>* reg = nullptr) {
+SoftWeight<T> lora_weight(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero, Var<T> A1,
+                          Var<T> A2, const Tensor<T>* V0, V0Source source, const GridSpec& spec,
+                          RoundingMode mode, bool lsq_grad_scale,
+                          std::optional<RegularizerSpec<T>> reg) {
   constexpr const char* op = "quant::lora_soft_weight";
   Tape<T>& tape = A1.tape();
   if (reg) check_reg_beta(reg->beta);
-  if (reg && W.device() == Device::cuda) {
-    reg->out = lora_reg(W, scale.value(), A1, A2, V0, source, spec, reg->beta, reg->norm);
-    reg = nullptr;
-  }
   if (W.device() == Device::cuda) {
+    SoftWeight<T> result;
+    if (reg)
+      result.regularizer =
+          lora_reg(W, scale.value(), A1, A2, V0, source, spec, reg->beta, reg->norm);
     Tensor<T> tracked;
     if (source == V0Source::tracks_step) {
       tracked = tape.scratch(W.shape());
       adaround_offset(W, scale.value(), spec, tracked);
       V0 = &tracked;
     }
-    return soft_round_weight(W, scale, zero,
-                             lora_v(A1, A2, source == V0Source::none ? nullptr : V0), spec, mode,
-                             lsq_grad_scale);
+    result.weight =
+        soft_round_weight(W, scale, zero, lora_v(A1, A2, source == V0Source::none ? nullptr : V0),
+                          spec, mode, lsq_grad_scale);
+    return result;
   }
   LoraInputs<T> in = lora_factor_inputs(op, A1.value(), A2.value(), V0, source);
   lora_weight_inputs(op, in, W, scale.value(), zero, spec);
@@ -619,16 +629,17 @@ Var<T> lora_weight(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero, Var<
   if (rg || reg_rg) da2_blocks = tape.scratch(Shape{blocks * in.rank, cols});
   std::shared_ptr<LoraFusedReg<T>> fused;
   LoraRegNode<T>* reg_node = nullptr;
+  Var<T> regularizer;
   if (reg) {
     const T k = reg->norm == Normalisation::mean ? T(1) / static_cast<T>(rows * cols) : T(1);
-    reg->out = tape.output(Shape{1}, reg_rg);
-    Tensor<T> rv = reg->out.value();
+    regularizer = tape.output(Shape{1}, reg_rg);
+    Tensor<T> rv = regularizer.value();
     rv.data()[0] = reg_total(sums, rows, k);
     if (reg_rg) {  // recorded before the weight's node, so that it runs after it (LoraFusedReg)
       fused = std::make_shared<LoraFusedReg<T>>();
-      fused->reg_output = reg->out.id();
-      reg_node = &tape.template record<LoraRegNode<T>>(reg->out, in, A1, A2, reg_local, da2_blocks,
-                                                       k, fused);
+      fused->reg_output = regularizer.id();
+      reg_node = &tape.template record<LoraRegNode<T>>(regularizer, in, A1, A2, reg_local,
+                                                       da2_blocks, k, fused);
     }
   }
   if (rg) {
@@ -637,7 +648,7 @@ Var<T> lora_weight(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero, Var<
         out, in, scale, A1, A2, dvfac, coef, partial, da2_blocks, lsq_grad_scale, fused);
     if (reg_node) reg_node->weight_ = &node;
   }
-  return out;
+  return {out, regularizer};
 }
 
 // L_round over V = V0 + A1·A2 (see above); the composed ops on CUDA.
@@ -693,10 +704,20 @@ Var<T> lora_reg(const Tensor<T>& W, const Tensor<T>& scale, Var<T> A1, Var<T> A2
 template <class T>
 Var<T> lora_soft_weight(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero, Var<T> A1,
                         Var<T> A2, const Tensor<T>* V0, const GridSpec& spec,
-                        RoundingMode mode = RoundingMode::soft, bool lsq_grad_scale = true,
-                        LoraRegRequest<T>* reg = nullptr) {
+                        RoundingMode mode = RoundingMode::soft, bool lsq_grad_scale = true) {
   return detail::lora_weight(W, scale, zero, A1, A2, V0, detail::v0_source(V0, false), spec, mode,
-                             lsq_grad_scale, reg);
+                             lsq_grad_scale, std::optional<RegularizerSpec<T>>{})
+      .weight;
+}
+// lora_soft_weight and the rounding regulariser `reg` of the same V (see SoftWeight).
+template <class T>
+SoftWeight<T> lora_soft_weight_and_reg(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero,
+                                       Var<T> A1, Var<T> A2, const Tensor<T>* V0,
+                                       const GridSpec& spec, RegularizerSpec<T> reg,
+                                       RoundingMode mode = RoundingMode::soft,
+                                       bool lsq_grad_scale = true) {
+  return detail::lora_weight(W, scale, zero, A1, A2, V0, detail::v0_source(V0, false), spec, mode,
+                             lsq_grad_scale, std::optional<RegularizerSpec<T>>(reg));
 }
 
 // Ŵ with V = V0 + A1·A2 where V0 = h⁻¹(W/s − floor(W/s)) follows the current steps s (as if
@@ -704,10 +725,23 @@ Var<T> lora_soft_weight(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero,
 template <class T>
 Var<T> lora_soft_weight_tracked(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero, Var<T> A1,
                                 Var<T> A2, const GridSpec& spec,
-                                RoundingMode mode = RoundingMode::soft, bool lsq_grad_scale = true,
-                                LoraRegRequest<T>* reg = nullptr) {
+                                RoundingMode mode = RoundingMode::soft,
+                                bool lsq_grad_scale = true) {
   return detail::lora_weight(W, scale, zero, A1, A2, static_cast<const Tensor<T>*>(nullptr),
-                             detail::V0Source::tracks_step, spec, mode, lsq_grad_scale, reg);
+                             detail::V0Source::tracks_step, spec, mode, lsq_grad_scale,
+                             std::optional<RegularizerSpec<T>>{})
+      .weight;
+}
+// lora_soft_weight_tracked and the rounding regulariser `reg` of the same V (see SoftWeight).
+template <class T>
+SoftWeight<T> lora_soft_weight_tracked_and_reg(const Tensor<T>& W, Var<T> scale,
+                                               const Tensor<T>& zero, Var<T> A1, Var<T> A2,
+                                               const GridSpec& spec, RegularizerSpec<T> reg,
+                                               RoundingMode mode = RoundingMode::soft,
+                                               bool lsq_grad_scale = true) {
+  return detail::lora_weight(W, scale, zero, A1, A2, static_cast<const Tensor<T>*>(nullptr),
+                             detail::V0Source::tracks_step, spec, mode, lsq_grad_scale,
+                             std::optional<RegularizerSpec<T>>(reg));
 }
 
 // rounding_reg of V = A1·A2 (+ V0), fused on the CPU.
