@@ -1,5 +1,6 @@
 // LoRA-Rounding: the soft weight, its gradients, the regulariser, the β schedule, the AdaRound
 // start, hard rounding.
+#include <cbq/quant/beta_schedule.hpp>
 #include <cbq/quant/lora_rounding.hpp>
 #include <cbq/quant/pack.hpp>
 #include <numbers>

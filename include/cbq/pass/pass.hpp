@@ -52,6 +52,7 @@
 #include "cbq/pass/preprocess.hpp"
 #include "cbq/pass/quant_linear.hpp"
 #include "cbq/pass/window_schedule.hpp"
+#include "cbq/quant/beta_schedule.hpp"
 #include "cbq/quant/gptq.hpp"
 #include "cbq/quant/result.hpp"
 

@@ -1,37 +1,16 @@
 #pragma once
-// LoRA-Rounding (CBQ §3.3): adaptive rounding of a frozen weight W with a low-rank rounding
-// logit V = A1·A2 (+ V0), as autodiff ops.
+// LoRA-Rounding (CBQ §3.3): AdaRound's soft rounding (quant/adaround.hpp) with a low-rank rounding
+// logit V = A1·A2 (+ V0), as autodiff ops, fused on the CPU: Ŵ and the rounding regulariser
+// straight from (W, s, z, A1, A2); the factors' parameters, their initialisation and harden().
 //
-//   v = W/s_p,  h = h(V) = clamp(σ(V)·(ζ − γ) + γ, 0, 1),  ζ = 1.1, γ = −0.1
-//   q = floor(v) + h + z_p,  Ŵ = s_p·(clamp(q, qmin, qmax) − z_p)
-// Symmetric grids use z = 0 and the signed range [−2^(b−1), 2^(b−1) − 1].
+// A1 and A2 get their gradients as through ops::matmul: dA1 += dV·A2ᵀ, dA2 += A1ᵀ·dV, with dV
+// as in adaround.hpp.
 //
-// Derivative (G = dŴ):
-//   inside  (qmin ≤ q ≤ qmax):  dV += G·s·h'(V),   ds_p += g_p·G·((floor(v) + h) − v)
-//   outside (q clamped to B):   dV += 0,           ds_p += g_p·G·(B − z_p)
-//   h'(V) = (ζ − γ)·σ(V)(1 − σ(V)) where 0 < σ(V)(ζ − γ) + γ < 1, else 0 (rectified flat).
-// (inside Ŵ = s·(floor(W/s) + h); with floor treated as the identity — the STE LSQ applies to
-//  round — d/ds = floor(v) + h + s·(−W/s²) = (floor(v) + h) − v.)
-// g_p is LSQ's 1/sqrt(N_p·qmax) when lsq_grad_scale (see fake_quant.hpp). A1 and A2 get their
-// gradients through ops::matmul: dA1 += dV·A2ᵀ, dA2 += A1ᵀ·dV.
-//
-// Rounding regulariser: L_round = k·Σ (1 − |2h − 1|^β), k = 1/N (mean, the default) or 1 (sum).
-//   dL/dV = −k·2β·|2h − 1|^(β−1)·sign(2h − 1)·h'(V)      (β ≥ 1 so that it is finite at h = ½)
-// The mean keeps L_round O(1) whatever the layer size, so γ_r = 0.01 weighs it against a
-// per-token-mean reconstruction loss as intended (summed over 10^5 weights it dominated by
-// 10^3–10^4 in the prototype; DESIGN §2 "Known traps").
-//
-// CUDA (CudaLoraRounding, cuda/cbq/cuda/lora_rounding.cuh): the soft weight, the regulariser and
-// the AdaRound offset run as kernels; A1·A2 goes through the GEMM hook (ops::matmul) and the
-// backward through the shared step-quantizer kernels. W/s, floor and the clamp are exact; h(V)
-// uses the device's exp, so values differ from the CPU by a few ulps of h (and a hard code can
-// differ only where h(V) lies within those ulps of ½). The regulariser's sum is a deterministic
-// two-stage reduction in double (as the CPU's: serial in double in rounding_reg, float row sums
-// added in double in the fused lora_round_reg).
+// CUDA (CudaLoraRounding, cuda/cbq/cuda/lora_rounding.cuh): the composed form — A1·A2 through
+// the GEMM hook (ops::matmul), then adaround.hpp's soft_round_weight and rounding_reg kernels.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <numbers>
 #include <optional>
 #include <random>
 #include <string>
@@ -40,142 +19,10 @@
 #include "cbq/ops/add.hpp"
 #include "cbq/ops/matmul.hpp"
 #include "cbq/ops/vectorize.hpp"
-#include "cbq/quant/act_quant.hpp"
+#include "cbq/quant/adaround.hpp"
 #include "cbq/quant/fake_quant.hpp"
 
 namespace cbq::quant {
-
-inline constexpr double kRectZeta = 1.1;
-inline constexpr double kRectGamma = -0.1;
-
-// h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1).
-template <class T>
-T rect_sigmoid(T v) {
-  const T u =
-      detail::sigmoid(v) * static_cast<T>(kRectZeta - kRectGamma) + static_cast<T>(kRectGamma);
-  return std::clamp(u, T(0), T(1));
-}
-// h'(V): 0 where the rectification is flat.
-template <class T>
-T rect_sigmoid_grad(T v) {
-  const T sg = detail::sigmoid(v);
-  const T u = sg * static_cast<T>(kRectZeta - kRectGamma) + static_cast<T>(kRectGamma);
-  if (!(u > T(0) && u < T(1))) return T(0);
-  return static_cast<T>(kRectZeta - kRectGamma) * sg * (T(1) - sg);
-}
-// V with h(V) = h, for h in (0, 1) (clamped to [1e-6, 1 − 1e-6] of the sigmoid's range).
-template <class T>
-T rect_sigmoid_inverse(T h) {
-  T p = (h - static_cast<T>(kRectGamma)) / static_cast<T>(kRectZeta - kRectGamma);
-  p = std::clamp(p, T(1e-6), T(1) - T(1e-6));
-  return std::log(p / (T(1) - p));
-}
-
-// CUDA kernels of LoRA-Rounding (registered by the CUDA backend).
-template <class T>
-struct CudaLoraRounding {
-  // Ŵ (rows, cols) from W, V (rows, cols), scale / zero (spec.param_shape; zero may be null).
-  // dvfac and coef (saved for backward) may both be null. hard: h := [h ≥ ½]; v_grad: dvfac holds
-  // s·h'(V) inside the grid (else 0).
-  static inline void (*soft_forward)(T* y, T* dvfac, T* coef, const T* w, const T* v,
-                                     const T* scale, const T* zero, int64_t rows, int64_t cols,
-                                     const GridSpec& spec, bool hard, bool v_grad) = nullptr;
-  // out[0] = k · Σ_i (1 − |2h(v_i) − 1|^β), v (n)
-  static inline void (*reg_forward)(T* out, const T* v, int64_t n, T beta, T k) = nullptr;
-  // dv (n) += −2kβ·g[0]·|2h − 1|^(β−1)·sign(2h − 1)·h'(v), g the (device) output gradient
-  static inline void (*reg_backward)(T* dv, const T* g, const T* v, int64_t n, T beta,
-                                     T k) = nullptr;
-  // v0 (rows, cols) = h⁻¹(W/s − floor(W/s))
-  static inline void (*adaround_offset)(T* v0, const T* w, const T* scale, int64_t rows,
-                                        int64_t cols, const GridSpec& spec) = nullptr;
-};
-
-// soft: h = h(V), differentiable in V. hard: h = [h(V) ≥ ½] ∈ {0, 1} (what harden() stores);
-// V gets no gradient, s keeps its straight-through gradient — for training steps on the grid.
-// hard_ste: the forward pass of `hard` with the gradient of `soft` (straight through the
-// threshold): training sees the integer weight it will end with while V still learns.
-enum class RoundingMode { soft, hard, hard_ste };
-
-namespace detail {
-template <class T>
-void check_rounding_inputs(const char* op, const Tensor<T>& W, const Tensor<T>& s,
-                           const Tensor<T>& z, const Tensor<T>& V, const GridSpec& g) {
-  g.validate(op);
-  CBQ_CHECK(W.ndim() == 2, "{}: weight must be 2-D (out, in), got {}", op, W.shape());
-  ops::check_contiguous(op, "weight", W);
-  ops::check_contiguous(op, "V", V);
-  ops::check_same_device(op, W, V);
-  ops::check_same_device(op, W, s);
-  CBQ_CHECK(V.shape() == W.shape(), "{}: rounding logits V {} do not match the weight {}", op,
-            V.shape(), W.shape());
-  check_params(op, s, z, g.param_shape(W.size(0), W.size(1)), g);
-}
-}  // namespace detail
-
-// Ŵ from a frozen weight W, learnable steps s, constant zero-points z and rounding logits V
-// (a Var of W's shape, e.g. lora_v(A1, A2, V0)).
-template <class T>
-Var<T> soft_round_weight(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero, Var<T> V,
-                         const GridSpec& spec, RoundingMode mode = RoundingMode::soft,
-                         bool lsq_grad_scale = true) {
-  constexpr const char* op = "quant::soft_round_weight";
-  detail::check_rounding_inputs(op, W, scale.value(), zero, V.value(), spec);
-  const int64_t rows = W.size(0), cols = W.size(1);
-  Tape<T>& tape = V.tape();
-  const bool rg = tape.any_requires_grad({V, scale});
-  Var<T> out = tape.output(W.shape(), rg);
-  Tensor<T> dvfac, coef;
-  if (rg) {
-    dvfac = tape.scratch(W.shape());
-    coef = tape.scratch(W.shape());
-  }
-  const T* w = W.data();
-  const T* vp = V.value().data();
-  const T* S = scale.value().data();
-  const T* Z = zero.defined() ? zero.data() : nullptr;
-  Tensor<T> yv = out.value();  // shares the output's storage
-  T* y = yv.data();
-  const T lo = static_cast<T>(spec.qmin()), hi = static_cast<T>(spec.qmax());
-  const bool hard = mode != RoundingMode::soft;
-  const bool v_grad = mode != RoundingMode::hard;
-  if (W.device() == Device::cuda) {
-    require_cuda(op);
-    cuda_kernel(CudaLoraRounding<T>::soft_forward, op)(y, rg ? dvfac.data() : nullptr,
-                                                       rg ? coef.data() : nullptr, w, vp, S, Z,
-                                                       rows, cols, spec, hard, v_grad);
-  } else {
-    parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
-                 [&](int64_t r0, int64_t r1) {
-                   for (int64_t r = r0; r < r1; ++r)
-                     detail::for_each_group(
-                         spec, rows, cols, r, [&](int64_t, int64_t c0, int64_t c1, int64_t p) {
-                           const T sp = S[p], zp = Z ? Z[p] : T(0);
-                           for (int64_t c = c0; c < c1; ++c) {
-                             const int64_t i = r * cols + c;
-                             const T v = w[i] / sp;
-                             const T f = std::floor(v);
-                             T h = rect_sigmoid(vp[i]);
-                             if (hard) h = h >= T(0.5) ? T(1) : T(0);
-                             const T q = f + h + zp;
-                             const T qc = std::clamp(q, lo, hi);
-                             y[i] = sp * (qc - zp);
-                             if (rg) {
-                               const bool inside = q == qc;
-                               dvfac.data()[i] =
-                                   inside && v_grad ? sp * rect_sigmoid_grad(vp[i]) : T(0);
-                               coef.data()[i] = inside ? (f + h) - v : qc - zp;
-                             }
-                           }
-                         });
-                 });
-  }
-  if (rg) {
-    Tensor<T> partial = tape.scratch(Shape{rows, spec.groups_per_row(cols)});
-    tape.template record<detail::StepQuantNode<T>>(out, op, V, scale, dvfac, coef, partial, spec,
-                                                   rows, cols, lsq_grad_scale, int64_t{0});
-  }
-  return out;
-}
 
 // V = A1·A2 (+ V0): A1 (rows, r), A2 (r, cols), V0 an optional frozen (rows, cols) offset.
 template <class T>
@@ -188,101 +35,6 @@ Var<T> lora_v(Var<T> A1, Var<T> A2, const Tensor<T>* V0 = nullptr) {
   }
   return v;
 }
-
-// ---------------------------------------------------------------------------------------------
-// Rounding regulariser
-
-enum class Normalisation { mean, sum };
-
-// The rounding regulariser a soft weight is asked for with it (lora_soft_weight_and_reg): L_round
-// at β over the same V, normalised by `norm`.
-template <class T>
-struct RegularizerSpec {
-  T beta = T(2);
-  Normalisation norm = Normalisation::mean;
-};
-
-// What a soft weight's forward gives: Ŵ and, when asked, the rounding regulariser of the same V
-// (the value lora_round_reg[_tracked] gives, bit for bit). On the CPU both come from one kernel,
-// from the σ(V) the weight needs anyway, and their gradients are contracted in one backward pass
-// over the weights instead of two; on the GPU the regulariser is lora_round_reg, separately.
-template <class T>
-struct SoftWeight {
-  Var<T> weight;
-  Var<T> regularizer;  // invalid when not asked for
-};
-
-namespace detail {
-template <class T>
-class RoundRegNode final : public Node<T> {
- public:
-  RoundRegNode(Var<T> v, T beta, T k) : v_(v), beta_(beta), k_(k) {}
-  const char* name() const override { return "quant::rounding_reg"; }
-  void backward(Tape<T>& tape) override {
-    const Tensor<T>& grad_out = tape.grad(this->output);
-    const T* v = v_.value().data();
-    T* dv = v_.grad().data();
-    if (grad_out.device() == Device::cuda) {
-      require_cuda(name());
-      cuda_kernel(CudaLoraRounding<T>::reg_backward, name())(dv, grad_out.data(), v,
-                                                             v_.value().numel(), beta_, k_);
-      return;
-    }
-    const T g = grad_out.data()[0];
-    const T kk = -T(2) * k_ * beta_ * g;
-    parallel_for(v_.value().numel(), ops::kElementwiseGrain, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const T hp = rect_sigmoid_grad(v[i]);
-        if (hp == T(0)) continue;
-        const T a = T(2) * rect_sigmoid(v[i]) - T(1);
-        const T sgn = a > T(0) ? T(1) : (a < T(0) ? T(-1) : T(0));
-        dv[i] += kk * std::pow(std::abs(a), beta_ - T(1)) * sgn * hp;
-      }
-    });
-  }
-
- private:
-  Var<T> v_;
-  T beta_, k_;
-};
-}  // namespace detail
-
-// L_round = k·Σ (1 − |2h(V) − 1|^β), shape (1,); k = 1/numel (mean) or 1 (sum).
-template <class T>
-Var<T> rounding_reg(Var<T> V, T beta, Normalisation norm = Normalisation::mean) {
-  constexpr const char* op = "quant::rounding_reg";
-  CBQ_CHECK(std::isfinite(beta) && beta >= T(1),
-            "{}: beta = {} must be at least 1 (the term is not differentiable at h = 1/2 below)",
-            op, static_cast<double>(beta));
-  const Tensor<T>& X = V.value();
-  ops::check_contiguous(op, "V", X);
-  const int64_t n = X.numel();
-  CBQ_CHECK(n > 0, "{}: V is empty", op);
-  const T k = norm == Normalisation::mean ? T(1) / static_cast<T>(n) : T(1);
-  Tape<T>& tape = V.tape();
-  const bool rg = tape.any_requires_grad({V});
-  Var<T> out = tape.output(Shape{1}, rg);
-  const T* v = X.data();
-  Tensor<T> yv = out.value();
-  if (X.device() == Device::cuda) {
-    require_cuda(op);
-    cuda_kernel(CudaLoraRounding<T>::reg_forward, op)(yv.data(), v, n, beta, k);
-  } else {
-    // Terms in T, summed serially (deterministic whatever the thread count) in double: a float
-    // sum of a LLaMA-7B layer's 45M terms (each in [0, 1]) stops growing at 2^24. The total is
-    // then k · sum as lora_round_reg's reg_total (bits unchanged for double).
-    double acc = 0;
-    for (int64_t i = 0; i < n; ++i)
-      acc += static_cast<double>(T(1) - std::pow(std::abs(T(2) * rect_sigmoid(v[i]) - T(1)), beta));
-    yv.data()[0] = static_cast<T>(static_cast<double>(k) * acc);
-  }
-  if (rg) tape.template record<detail::RoundRegNode<T>>(out, V, beta, k);
-  return out;
-}
-
-template <class T>
-void adaround_offset(const Tensor<T>& W, const Tensor<T>& scale, const GridSpec& spec,
-                     Tensor<T>& V0);
 
 // ---------------------------------------------------------------------------------------------
 // Fused LoRA-Rounding (CPU): Ŵ and the regulariser straight from (W, s, z, A1, A2), one pass
@@ -762,49 +514,6 @@ Var<T> lora_round_reg_tracked(const Tensor<T>& W, const Tensor<T>& scale, const 
                           detail::V0Source::tracks_step, spec, beta, norm);
 }
 
-// β schedule of the regulariser: off during the warm-up (the first warmup_fraction of the
-// window's steps), then β anneals from beta_start at the first regularised step to beta_end at
-// the last step (total_steps − 1). Linear by default, as AdaRound's temperature decay; cosine
-// (β = end + (start − end)·(1 + cos πp)/2) on request.
-struct BetaSchedule {
-  enum class Anneal { linear, cosine };
-  int64_t total_steps = 0;
-  double warmup_fraction = 0.2;
-  double beta_start = 20.0;
-  double beta_end = 2.0;
-  Anneal anneal = Anneal::linear;
-
-  void validate() const {
-    CBQ_CHECK(total_steps >= 1, "BetaSchedule: total_steps = {} must be at least 1", total_steps);
-    CBQ_CHECK(warmup_fraction >= 0.0 && warmup_fraction < 1.0,
-              "BetaSchedule: warmup_fraction = {} must be in [0, 1)", warmup_fraction);
-    CBQ_CHECK(beta_start >= 1.0 && beta_end >= 1.0,
-              "BetaSchedule: beta_start = {} and beta_end = {} must be at least 1", beta_start,
-              beta_end);
-  }
-  int64_t warmup_steps() const {
-    return static_cast<int64_t>(std::floor(warmup_fraction * static_cast<double>(total_steps)));
-  }
-  // Whether the regulariser is on at `step` (0-based).
-  bool active(int64_t step) const {
-    validate();
-    return step >= warmup_steps();
-  }
-  // Fraction of the annealing done at `step`: 0 at the first regularised step, 1 at the last.
-  double progress(int64_t step) const {
-    validate();
-    const int64_t w = warmup_steps(), span = total_steps - 1 - w;
-    if (span <= 0) return step >= w ? 1.0 : 0.0;
-    return std::clamp(static_cast<double>(step - w) / static_cast<double>(span), 0.0, 1.0);
-  }
-  // β at `step` (beta_start during the warm-up, where it is unused).
-  double beta(int64_t step) const {
-    const double p = progress(step);
-    if (anneal == Anneal::linear) return beta_start + (beta_end - beta_start) * p;
-    return beta_end + (beta_start - beta_end) * 0.5 * (1.0 + std::cos(std::numbers::pi * p));
-  }
-};
-
 // ---------------------------------------------------------------------------------------------
 // Parameters and initialisation
 
@@ -836,35 +545,6 @@ inline void check_lora_rank(const std::string& layer, int64_t rank, int64_t rows
   CBQ_CHECK(rank <= std::min(rows, cols),
             "LoraRounding: rank {} exceeds min(rows, cols) = {} of layer '{}' with shape ({}, {})",
             rank, std::min(rows, cols), layer, rows, cols);
-}
-
-// V0 with h(V0) = W/s − floor(W/s) (AdaRound's start: Ŵ = W inside the grid), written into V0.
-// Recomputing it after s changes keeps Ŵ's soft value tied to the current step (see PASS.md).
-template <class T>
-void adaround_offset(const Tensor<T>& W, const Tensor<T>& scale, const GridSpec& spec,
-                     Tensor<T>& V0) {
-  CBQ_CHECK(V0.shape() == W.shape(), "quant::adaround_offset: V0 {} does not match W {}",
-            V0.shape(), W.shape());
-  const int64_t rows = W.size(0), cols = W.size(1);
-  ops::check_same_device("quant::adaround_offset", W, V0);
-  ops::check_same_device("quant::adaround_offset", W, scale);
-  if (W.device() == Device::cuda) {
-    require_cuda("quant::adaround_offset");
-    cuda_kernel(CudaLoraRounding<T>::adaround_offset, "quant::adaround_offset")(
-        V0.data(), W.data(), scale.data(), rows, cols, spec);
-    return;
-  }
-  parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
-               [&](int64_t r0, int64_t r1) {
-                 for (int64_t r = r0; r < r1; ++r)
-                   detail::for_each_group(
-                       spec, rows, cols, r, [&](int64_t, int64_t c0, int64_t c1, int64_t q) {
-                         for (int64_t c = c0; c < c1; ++c) {
-                           const T v = W[r * cols + c] / scale[q];
-                           V0[r * cols + c] = rect_sigmoid_inverse(v - std::floor(v));
-                         }
-                       });
-               });
 }
 
 template <class T>
@@ -905,36 +585,6 @@ Tensor<T> lora_v_value(const LoraRoundingParams<T>& p) {
   ops::gemm<T>(A1.device(), false, false, rows, cols, r, T(1), A1.data(), r, A2.data(), cols, T(1),
                v.data(), cols);
   return v;
-}
-
-// Hard rounding: h := [h(V) ≥ ½]; code = clamp(floor(W/s) + h + z, qmin, qmax). The result's
-// dequantize() equals soft_round_weight(..., RoundingMode::hard) bit for bit when T = float.
-template <class T>
-QuantizedWeight harden(const Tensor<T>& W, const Tensor<T>& scale, const Tensor<T>& zero,
-                       const Tensor<T>& V, const GridSpec& spec) {
-  constexpr const char* op = "quant::harden";
-  if (!W.is_cpu())  // the codes live on the host; the same CPU loop keeps them bit-identical
-    return harden(W.to(Device::cpu), scale.to(Device::cpu),
-                  zero.defined() ? zero.to(Device::cpu) : zero, V.to(Device::cpu), spec);
-  detail::check_rounding_inputs(op, W, scale, zero, V, spec);
-  const int64_t rows = W.size(0), cols = W.size(1);
-  QuantizedWeight qw;
-  qw.spec = spec;
-  qw.codes = Tensor<uint8_t>::empty(W.shape());
-  qw.scale = scale.template cast<float>();
-  qw.zero = zero.defined() ? zero.template cast<float>() : Tensor<float>(scale.shape());
-  const T lo = static_cast<T>(spec.qmin()), hi = static_cast<T>(spec.qmax());
-  for (int64_t r = 0; r < rows; ++r)
-    detail::for_each_group(spec, rows, cols, r, [&](int64_t, int64_t c0, int64_t c1, int64_t p) {
-      const T zp = zero.defined() ? zero[p] : T(0);
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t i = r * cols + c;
-        const T h = rect_sigmoid(V[i]) >= T(0.5) ? T(1) : T(0);
-        const T q = std::clamp(std::floor(W[i] / scale[p]) + h + zp, lo, hi);
-        qw.codes[i] = static_cast<uint8_t>(q - lo);
-      }
-    });
-  return qw;
 }
 
 // The codes of LoRA-Rounding: the same row kernel as lora_soft_weight (or, with
