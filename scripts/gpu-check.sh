@@ -328,7 +328,7 @@ done
 sanitize_jobs=()
 if [ -n "$sanitizer" ]; then
   for tool in memcheck racecheck initcheck; do
-    for case in "attention:gpu_test_attention" "lora:gpu_test_quant_ops"; do
+    for case in "attention:gpu_test_attention" "lora:gpu_test_lora_rounding"; do
       name=${case%%:*}
       program=${case#*:}
       (

@@ -72,6 +72,13 @@ inline std::vector<Shape> row_shapes() {
   return {Shape{1, 1}, Shape{3, 7}, Shape{33, 257}, Shape{5, 1031}, Shape{2, 3, 7}, Shape{1, 64}};
 }
 
+// The norms' shapes: row_shapes() and more rows than the 16 row phases of the column sums.
+inline std::vector<Shape> norm_shapes() {
+  std::vector<Shape> shapes = row_shapes();
+  shapes.push_back(Shape{300, 96});
+  return shapes;
+}
+
 // Elementwise sizes: a single element, odd sizes, and one that needs several grid strides.
 inline std::vector<Shape> elementwise_shapes() {
   return {Shape{1}, Shape{7}, Shape{3, 5, 7}, Shape{257, 129}, Shape{(1 << 21) + 3}};

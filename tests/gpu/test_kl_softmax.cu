@@ -1,0 +1,40 @@
+// CUDA vs CPU: kl_softmax (ops/kl_softmax.hpp, cuda/cbq/cuda/kl_softmax.cuh), forward and
+// backward, float and double, temperatures 1 and 2.5, on row shapes with 1, 7, 64, 257 and 1031
+// columns, with either input constant. CPU tests: tests/ops/test_kl_softmax.cpp.
+//
+// Tolerance (rel_error = max |gpu − cpu| / max |cpu|): tolerance<T>(), 1e-12 (double) and 1e-5
+// (float): the row maxima are exact, the log-sum-exp, the KL terms and the mean are double sums
+// on both devices (only the order differs), and the per-element formulas are the CPU's.
+#include "gpu/parity.hpp"
+
+using namespace cbq;
+using cbq::gpu_testing::check_parity;
+using cbq::gpu_testing::contains;
+using cbq::gpu_testing::error_message;
+using cbq::gpu_testing::GraphFn;
+using cbq::gpu_testing::randn;
+using cbq::gpu_testing::randn_scaled;
+using cbq::gpu_testing::row_shapes;
+using cbq::gpu_testing::run_graph;
+using cbq::gpu_testing::tolerance;
+
+TEST_CASE_TEMPLATE("kl_softmax: CUDA matches CPU, temperatures 1 and 2.5", T, float, double) {
+  uint64_t seed = 200;
+  for (const Shape& shape : row_shapes()) {
+    CAPTURE(shape.str());
+    const Tensor<T> a = randn_scaled<T>(shape, seed++, 2.0);
+    // b near a (as a quantized model's logits near the full-precision ones), with an offset
+    // that the softmax must ignore.
+    Tensor<T> b = randn_scaled<T>(shape, seed++, 0.3, 50.0);
+    for (int64_t i = 0; i < b.numel(); ++i) b[i] += a[i];
+    for (T tau : {T(1), T(2.5)}) {
+      CAPTURE(tau);
+      const GraphFn<T> f = [tau](std::vector<Var<T>>& v) {
+        return ops::kl_softmax(v[0], v[1], tau);
+      };
+      check_parity<T>({a, b}, f, tolerance<T>(), seed++);
+      check_parity<T>({a, b}, f, tolerance<T>(), seed++, {false, true});  // target constant
+      check_parity<T>({a, b}, f, tolerance<T>(), seed++, {true, false});
+    }
+  }
+}

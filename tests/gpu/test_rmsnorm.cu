@@ -1,0 +1,64 @@
+// CUDA vs CPU: rmsnorm (ops/rmsnorm.hpp, cuda/cbq/cuda/rmsnorm.cuh), forward and backward (dx,
+// dw), float and double, on row shapes with 1, 7, 64, 257 and 1031 columns and 300 rows; the
+// determinism of the weight gradient and the error for mixed devices. CPU tests:
+// tests/ops/test_rmsnorm.cpp.
+//
+// Tolerances (rel_error = max |gpu − cpu| / max |cpu|): tolerance<T>(), i.e. 1e-12 (double) and
+// 1e-5 (float). The row statistics are double sums on both devices (only the order differs) and
+// the per-element formulas are the CPU's, in the same type and order. dw and db are summed over
+// rows in double on the GPU and in T on the CPU: for float that is the CPU's own rounding,
+// ~sqrt(rows) · 6e-8 relative for the row counts here.
+#include "gpu/parity.hpp"
+
+using namespace cbq;
+using cbq::gpu_testing::check_parity;
+using cbq::gpu_testing::contains;
+using cbq::gpu_testing::error_message;
+using cbq::gpu_testing::GraphFn;
+using cbq::gpu_testing::randn;
+using cbq::gpu_testing::randn_scaled;
+using cbq::gpu_testing::row_shapes;
+using cbq::gpu_testing::run_graph;
+using cbq::gpu_testing::tolerance;
+
+TEST_CASE_TEMPLATE("rmsnorm: CUDA matches CPU forward and backward", T, float, double) {
+  uint64_t seed = 1;
+  for (const Shape& shape : cbq::gpu_testing::norm_shapes()) {
+    CAPTURE(shape.str());
+    const int64_t d = shape[-1];
+    // A row offset, so that mean(x²) is not ~1 everywhere. With one column,
+    // dx = r·g·w·eps / (x² + eps) cancels to ~1e-6 of its terms for x ~ 1, so that float FMA
+    // contraction (nvcc's default, not x86-64's) and rounding order would dominate the comparison:
+    // that row gets x² ~ eps instead, where dx is of the size of its terms.
+    const double x_scale = d == 1 ? 3e-3 : 2.0, x_offset = d == 1 ? 0.0 : 0.3;
+    const std::vector<Tensor<T>> inputs{randn_scaled<T>(shape, seed++, x_scale, x_offset),
+                                        randn_scaled<T>(Shape{d}, seed++, 0.5, 1.0)};
+    const GraphFn<T> f = [](std::vector<Var<T>>& v) { return ops::rmsnorm(v[0], v[1], 1e-5); };
+    check_parity<T>(inputs, f, tolerance<T>(), seed++);
+    check_parity<T>(inputs, f, tolerance<T>(), seed++, {true, false});  // frozen weight
+    check_parity<T>(inputs, f, tolerance<T>(), seed++, {false, true});  // weight only
+  }
+}
+
+TEST_CASE("rmsnorm: the weight gradient is deterministic on CUDA") {
+  const std::vector<Tensor<float>> inputs{randn<float>(Shape{1000, 257}, 1),
+                                          randn<float>(Shape{257}, 2)};
+  const GraphFn<float> f = [](std::vector<Var<float>>& v) {
+    return ops::rmsnorm(v[0], v[1], 1e-6);
+  };
+  const auto first = run_graph<float>(Device::cuda, inputs, f, 7);
+  const auto second = run_graph<float>(Device::cuda, inputs, f, 7);
+  for (std::size_t i = 0; i < first.grads.size(); ++i) {
+    if (!first.grads[i].defined()) continue;
+    CHECK(first.grads[i].to_vector() == second.grads[i].to_vector());
+  }
+}
+
+TEST_CASE("rmsnorm: CPU and CUDA operands mixed give a clear error") {
+  Tape<float> tape(Device::cuda);
+  Var<float> x = tape.input(randn<float>(Shape{3, 8}, 1).to(Device::cuda));
+  Var<float> w_cpu = tape.input(randn<float>(Shape{8}, 2));
+  const std::string rms = error_message([&] { ops::rmsnorm(x, w_cpu, 1e-5); });
+  CHECK(contains(rms, "rmsnorm"));
+  CHECK(contains(rms, "different devices"));
+}
