@@ -121,17 +121,18 @@ TEST_CASE("kl_divergence: equals a naive computation on a tiny model, both proto
       dp += nv.dp[k] / n;
     }
     CHECK(mean > 1e-4);  // the perturbation is visible
-    CHECK(r.mean == doctest::Approx(mean).epsilon(1e-9));
-    CHECK(r.median == doctest::Approx(sorted_at(nv.kl, 0.5)).epsilon(1e-9));
-    CHECK(r.p90 == doctest::Approx(sorted_at(nv.kl, 0.9)).epsilon(1e-9));
-    CHECK(r.p95 == doctest::Approx(sorted_at(nv.kl, 0.95)).epsilon(1e-9));
-    CHECK(r.p99 == doctest::Approx(sorted_at(nv.kl, 0.99)).epsilon(1e-9));
-    CHECK(r.p999 == doctest::Approx(sorted_at(nv.kl, 0.999)).epsilon(1e-9));
-    CHECK(r.max == doctest::Approx(*std::max_element(nv.kl.begin(), nv.kl.end())).epsilon(1e-9));
-    CHECK(r.min == doctest::Approx(*std::min_element(nv.kl.begin(), nv.kl.end())).epsilon(1e-9));
     // The evaluation's LM head runs on the scored rows only, a GEMM of another shape than the
-    // naive full forward; some OpenBLAS kernels (the generic Prescott ones) then sum in another
-    // order, so float logits agree to rounding and these aggregates to 1e-6, not bit for bit.
+    // naive full forward; some OpenBLAS kernels (the generic Prescott ones) and builds (-O1 under
+    // ASan) then sum in another order, so float logits agree to rounding, and the statistics to
+    // 1e-6 (doctest's Approx: about 1e-6 absolute at these sizes), not bit for bit.
+    CHECK(r.mean == doctest::Approx(mean).epsilon(1e-6));
+    CHECK(r.median == doctest::Approx(sorted_at(nv.kl, 0.5)).epsilon(1e-6));
+    CHECK(r.p90 == doctest::Approx(sorted_at(nv.kl, 0.9)).epsilon(1e-6));
+    CHECK(r.p95 == doctest::Approx(sorted_at(nv.kl, 0.95)).epsilon(1e-6));
+    CHECK(r.p99 == doctest::Approx(sorted_at(nv.kl, 0.99)).epsilon(1e-6));
+    CHECK(r.p999 == doctest::Approx(sorted_at(nv.kl, 0.999)).epsilon(1e-6));
+    CHECK(r.max == doctest::Approx(*std::max_element(nv.kl.begin(), nv.kl.end())).epsilon(1e-6));
+    CHECK(r.min == doctest::Approx(*std::min_element(nv.kl.begin(), nv.kl.end())).epsilon(1e-6));
     CHECK(r.rms_dp == doctest::Approx(std::sqrt(dp2)).epsilon(1e-6));
     CHECK(r.mean_dp == doctest::Approx(dp).epsilon(1e-6));
     CHECK(r.same_top == doctest::Approx(nv.same / n).epsilon(1e-12));
