@@ -26,15 +26,16 @@
 
 #include <cbq/cbq.hpp>
 
-#include "cbq/cuda/add.cuh"
-#include "cbq/cuda/allocator.cuh"
-#include "cbq/cuda/check.cuh"
-#include "cbq/cuda/common.cuh"
-#include "cbq/cuda/context.cuh"
-#include "cbq/cuda/gemm.cuh"
-#include "cbq/cuda/launch.cuh"
-#include "cbq/cuda/linear.cuh"
-#include "cbq/cuda/memory.cuh"
-#include "cbq/cuda/ops_core.cuh"
-#include "cbq/cuda/ops_quant.cuh"
-#include "cbq/cuda/pass.cuh"
+// cuda/cbq/cuda/ mirrors include/cbq/: core/ (context, allocator, memory, launch, GEMM,
+// block reductions), ops/, quant/, optim/, pass/.
+#include "cbq/cuda/core/allocator.cuh"
+#include "cbq/cuda/core/block_reduce.cuh"
+#include "cbq/cuda/core/check.cuh"
+#include "cbq/cuda/core/context.cuh"
+#include "cbq/cuda/core/gemm.cuh"
+#include "cbq/cuda/core/launch.cuh"
+#include "cbq/cuda/core/memory.cuh"
+#include "cbq/cuda/ops/ops.cuh"
+#include "cbq/cuda/optim/adam.cuh"
+#include "cbq/cuda/pass/pass.cuh"
+#include "cbq/cuda/quant/quant.cuh"

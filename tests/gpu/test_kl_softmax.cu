@@ -1,4 +1,4 @@
-// CUDA vs CPU: kl_softmax (ops/kl_softmax.hpp, cuda/cbq/cuda/kl_softmax.cuh), forward and
+// CUDA vs CPU: kl_softmax (ops/kl_softmax.hpp, cuda/cbq/cuda/ops/kl_softmax.cuh), forward and
 // backward, float and double, temperatures 1 and 2.5, on row shapes with 1, 7, 64, 257 and 1031
 // columns, with either input constant. CPU tests: tests/ops/test_kl_softmax.cpp.
 //

@@ -1,4 +1,4 @@
-// CUDA vs CPU: layernorm (ops/layernorm.hpp, cuda/cbq/cuda/layernorm.cuh) with and without
+// CUDA vs CPU: layernorm (ops/layernorm.hpp, cuda/cbq/cuda/ops/layernorm.cuh) with and without
 // bias, forward and backward (dx, dw, db), float and double, on row shapes with 1, 7, 64, 257 and
 // 1031 columns and 300 rows; the determinism of the weight gradients and the error for mixed
 // devices. CPU tests: tests/ops/test_layernorm.cpp.

@@ -1,4 +1,4 @@
-// CUDA vs CPU: LoRA-Rounding (quant/lora_rounding.hpp, cuda/cbq/cuda/lora_rounding.cuh): soft /
+// CUDA vs CPU: LoRA-Rounding (quant/lora_rounding.hpp, cuda/cbq/cuda/quant/lora_rounding.cuh): soft /
 // hard / hard-STE weight, regulariser, AdaRound offset, harden, at small shapes and at a
 // LLaMA-7B shape. CPU tests: tests/quant/test_lora_rounding.cpp, test_lora_rounding_fused.cpp.
 //

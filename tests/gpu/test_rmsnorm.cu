@@ -1,4 +1,4 @@
-// CUDA vs CPU: rmsnorm (ops/rmsnorm.hpp, cuda/cbq/cuda/rmsnorm.cuh), forward and backward (dx,
+// CUDA vs CPU: rmsnorm (ops/rmsnorm.hpp, cuda/cbq/cuda/ops/rmsnorm.cuh), forward and backward (dx,
 // dw), float and double, on row shapes with 1, 7, 64, 257 and 1031 columns and 300 rows; the
 // determinism of the weight gradient and the error for mixed devices. CPU tests:
 // tests/ops/test_rmsnorm.cpp.

@@ -65,7 +65,7 @@ struct Gelu {
 
 }  // namespace detail
 
-// CUDA kernels of activation F (detail::Silu, Relu, Gelu); cuda/cbq/cuda/activations.cuh.
+// CUDA kernels of activation F (detail::Silu, Relu, Gelu); cuda/cbq/cuda/ops/activations.cuh.
 template <class T, class F>
 struct CudaActivation {
   // y[i] = F(x[i]), i < n

@@ -20,7 +20,7 @@
 // are summed in a fixed order. The parts depend on the shapes only, so results do not depend on
 // the thread count.
 //
-// CUDA (CudaAttention, cuda/cbq/cuda/attention.cuh): the same algorithm as flash-attention
+// CUDA (CudaAttention, cuda/cbq/cuda/ops/attention.cuh): the same algorithm as flash-attention
 // kernels in shared memory — forward: one block per (query tile, head) streaming key tiles with
 // the online softmax, saving L; backward: D = rowsum(dO ⊙ O), then one block per (key tile,
 // kv head) accumulating dK, dV over the query tiles of every head of its group, and one block per

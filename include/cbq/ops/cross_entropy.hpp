@@ -6,7 +6,7 @@
 // exp((x_j − x_r[t_r]) − nll_r), which stays accurate in float for logits in the hundreds.
 // Derivative: d x_r[j] += (g / R) · (softmax(x_r)_j − [j = t_r]).
 // token_nll: the same per-row negative log-likelihoods without a tape, in double (perplexity).
-// CUDA (cuda/cbq/cuda/cross_entropy.cuh): one block per row, the same double log-sum-exp; the
+// CUDA (cuda/cbq/cuda/ops/cross_entropy.cuh): one block per row, the same double log-sum-exp; the
 // mean over rows is a fixed-order reduction in double; targets are copied to the device.
 #include <vector>
 

@@ -6,7 +6,7 @@
 //   dx += r · (g − mean(g) − x̂ · mean(g ⊙ x̂))
 //   dw += Σ_rows dy ⊙ x̂,   db += Σ_rows dy
 // Forward saves μ and r per row; backward rebuilds x̂ from x. Row reductions accumulate in double.
-// CUDA (cuda/cbq/cuda/layernorm.cuh): one block per row; dw, db by deterministic column sums.
+// CUDA (cuda/cbq/cuda/ops/layernorm.cuh): one block per row; dw, db by deterministic column sums.
 #include <algorithm>
 #include <cmath>
 

@@ -2,7 +2,7 @@
 // sum, mean: reductions over all elements to a tensor of shape (1,).
 // Derivative: sum: d a[i] += d out;  mean: d a[i] += d out / N.
 // Forward sums accumulate in double over fixed blocks, so the result does not depend on the
-// thread count (on CUDA: fixed per-block partials added in order, cuda/cbq/cuda/reduce.cuh).
+// thread count (on CUDA: fixed per-block partials added in order, cuda/cbq/cuda/ops/reduce.cuh).
 #include <algorithm>
 #include <vector>
 

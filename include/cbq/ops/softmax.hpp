@@ -6,7 +6,7 @@
 //   log_softmax: y_j = x_j − lse(x),  lse(x) = m + log Σ_k exp(x_k − m)
 //     derivative: d x_j += g_j − exp(y_j) · Σ_k g_k
 // Row sums accumulate in double. The row kernels in `detail` are shared with the losses.
-// CUDA (cuda/cbq/cuda/softmax.cuh): one block per row, the same double accumulation.
+// CUDA (cuda/cbq/cuda/ops/softmax.cuh): one block per row, the same double accumulation.
 #include <algorithm>
 #include <cmath>
 

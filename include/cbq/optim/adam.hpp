@@ -16,7 +16,7 @@
 
 namespace cbq::optim {
 
-// CUDA kernel (cuda/cbq/cuda/adam.cuh): one fused update per element, the same expressions in
+// CUDA kernel (cuda/cbq/cuda/optim/adam.cuh): one fused update per element, the same expressions in
 // the same order with IEEE round-to-nearest operations (no FMA contraction), so parameters and
 // moments equal the CPU's bit for bit.
 template <class T>

@@ -2,7 +2,7 @@
 // What the CBQ pass needs beyond the tape's ops to run on a GPU: a clamp of the learned steps to
 // their floors after every optimiser step, a scan for non-finite values with the min and max of a
 // tensor (NaN checks, static activation ranges), and scalar reads and writes of one-element
-// parameters. The kernels are hooks filled by cuda/cbq/cuda/pass.cuh; on CPU tensors every
+// parameters. The kernels are hooks filled by cuda/cbq/cuda/pass/pass.cuh; on CPU tensors every
 // helper here is a plain loop.
 #include <algorithm>
 #include <cmath>

@@ -94,7 +94,7 @@ inline void minmax_params(T lo, T hi, const GridSpec& g, T& scale, T& zero) {
   }
 }
 
-// CUDA kernel of init_minmax (registered by the CUDA backend, cuda/cbq/cuda/grid_stats.cuh): one
+// CUDA kernel of init_minmax (registered by the CUDA backend, cuda/cbq/cuda/quant/grid_stats.cuh): one
 // warp per group (a two-stage block reduction for per-tensor) finds the group's min and max, and
 // minmax_params is evaluated with the same IEEE operations, so (scale, zero) equal the CPU's.
 template <class T>

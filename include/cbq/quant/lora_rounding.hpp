@@ -6,7 +6,7 @@
 // A1 and A2 get their gradients as through ops::matmul: dA1 += dV·A2ᵀ, dA2 += A1ᵀ·dV, with dV
 // as in adaround.hpp.
 //
-// CUDA (CudaLoraRounding, cuda/cbq/cuda/lora_rounding.cuh): the composed form — A1·A2 through
+// CUDA (CudaLoraRounding, cuda/cbq/cuda/quant/lora_rounding.cuh): the composed form — A1·A2 through
 // the GEMM hook (ops::matmul), then adaround.hpp's soft_round_weight and rounding_reg kernels.
 #include <algorithm>
 #include <cmath>
