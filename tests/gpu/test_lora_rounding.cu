@@ -1,6 +1,6 @@
-// CUDA vs CPU: LoRA-Rounding (quant/lora_rounding.hpp, cuda/cbq/cuda/quant/lora_rounding.cuh): soft /
-// hard / hard-STE weight, regulariser, AdaRound offset, harden, at small shapes and at a
-// LLaMA-7B shape. CPU tests: tests/quant/test_lora_rounding.cpp, test_lora_rounding_fused.cpp.
+// CUDA vs CPU: LoRA-Rounding (quant/lora_rounding.hpp, cuda/cbq/cuda/quant/lora_rounding.cuh): soft
+// / hard / hard-STE weight, regulariser, AdaRound offset, harden, at small shapes and at a LLaMA-7B
+// shape. CPU tests: tests/quant/test_lora_rounding.cpp, test_lora_rounding_fused.cpp.
 //
 // Tolerances: the soft weight's W/s, floor and clamp are exact; h(V) uses the device's exp and
 // V = A1·A2 another GEMM order, so values agree to a few ulps of h and a hard code may differ only

@@ -16,8 +16,8 @@
 // CPU: the same double formulas in vectors (ops/cpu_kernels.hpp: exp within 2 ulp of double's,
 // sums over a row in lanes), so float results agree with a scalar evaluation to their last bit
 // but for rare roundings.
-// CUDA (cuda/cbq/cuda/ops/kl_softmax.cuh): one block per row, the same double formulas; the mean over
-// rows is a fixed-order reduction in double.
+// CUDA (cuda/cbq/cuda/ops/kl_softmax.cuh): one block per row, the same double formulas; the mean
+// over rows is a fixed-order reduction in double.
 #include <algorithm>
 #include <cmath>
 

@@ -5,7 +5,8 @@
 //   dw_j += Σ_rows dy_j·x_j·r
 // Forward saves r per row; backward reads x from its variable. Row reductions accumulate in
 // double so that float results do not depend on the feature count's rounding drift.
-// CUDA (cuda/cbq/cuda/ops/rmsnorm.cuh): one block per row; dw by a deterministic column sum in double.
+// CUDA (cuda/cbq/cuda/ops/rmsnorm.cuh): one block per row; dw by a deterministic column sum in
+// double.
 #include <algorithm>
 #include <cmath>
 

@@ -10,8 +10,8 @@
 // q and k are rotated by separate calls (their head counts differ under grouped-query
 // attention). cos/sin are computed in double, then cast to T, cached per shape (rope_tables) and
 // saved for backward.
-// CUDA (cuda/cbq/cuda/ops/rope.cuh): the tables are computed on the device (CUDA's double pow/cos/sin,
-// within 2 ulp of glibc's), one thread per rotated pair.
+// CUDA (cuda/cbq/cuda/ops/rope.cuh): the tables are computed on the device (CUDA's double
+// pow/cos/sin, within 2 ulp of glibc's), one thread per rotated pair.
 #include <algorithm>
 #include <cmath>
 #include <mutex>

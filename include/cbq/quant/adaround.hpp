@@ -20,8 +20,8 @@
 // per-token-mean reconstruction loss as intended (summed over 10^5 weights it dominated by
 // 10^3–10^4 in the prototype; DESIGN §2 "Known traps").
 //
-// CUDA (CudaLoraRounding, cuda/cbq/cuda/quant/lora_rounding.cuh): the soft weight, the regulariser and
-// the AdaRound offset run as kernels; the backward through the shared step-quantizer kernels.
+// CUDA (CudaLoraRounding, cuda/cbq/cuda/quant/lora_rounding.cuh): the soft weight, the regulariser
+// and the AdaRound offset run as kernels; the backward through the shared step-quantizer kernels.
 // W/s, floor and the clamp are exact; h(V) uses the device's exp, so values differ from the CPU
 // by a few ulps of h (and a hard code can differ only where h(V) lies within those ulps of ½).
 // The regulariser's sum is a deterministic two-stage reduction in double (as the CPU's: serial

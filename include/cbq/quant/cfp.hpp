@@ -15,8 +15,8 @@
 //   result  outliers = every value > kept_max (equal values are never split, see docs),
 //           kept_max = Max(O*) of the paper read as the largest KEPT value.
 //
-// CUDA (CudaCfp, cuda/cbq/cuda/quant/cfp.cuh): detect_outliers on a CUDA tensor finds Q1 and Q3 by a
-// radix select on the device, counts the kept values and selects the candidates there, and runs
+// CUDA (CudaCfp, cuda/cbq/cuda/quant/cfp.cuh): detect_outliers on a CUDA tensor finds Q1 and Q3 by
+// a radix select on the device, counts the kept values and selects the candidates there, and runs
 // the same fine stage on the host on the (few) candidates; truncate_weight_outliers and
 // ChannelMaxObserver::observe take CUDA tensors too. Order statistics, counts and maxima are
 // exact, so every field of the OutlierSet equals the CPU's.

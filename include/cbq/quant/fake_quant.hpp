@@ -16,10 +16,10 @@
 // short last group has its own, smaller N_p) when lsq_grad_scale, else 1.
 // An element exactly on a bound (q = qmin or q = qmax) is inside: the clamp does not engage.
 //
-// CUDA (CudaStepQuant, cuda/cbq/cuda/quant/fake_quant.cuh): the forward evaluates the same expressions
-// in the same order with IEEE round-to-nearest operations (no FMA contraction) and rint, so
-// values, codes and clamp decisions equal the CPU's bit for bit. The step gradient is reduced per
-// group by one warp in a fixed order, then per tensor by one block: deterministic.
+// CUDA (CudaStepQuant, cuda/cbq/cuda/quant/fake_quant.cuh): the forward evaluates the same
+// expressions in the same order with IEEE round-to-nearest operations (no FMA contraction) and
+// rint, so values, codes and clamp decisions equal the CPU's bit for bit. The step gradient is
+// reduced per group by one warp in a fixed order, then per tensor by one block: deterministic.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

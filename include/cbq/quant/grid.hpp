@@ -94,9 +94,9 @@ inline void minmax_params(T lo, T hi, const GridSpec& g, T& scale, T& zero) {
   }
 }
 
-// CUDA kernel of init_minmax (registered by the CUDA backend, cuda/cbq/cuda/quant/grid_stats.cuh): one
-// warp per group (a two-stage block reduction for per-tensor) finds the group's min and max, and
-// minmax_params is evaluated with the same IEEE operations, so (scale, zero) equal the CPU's.
+// CUDA kernel of init_minmax (registered by the CUDA backend, cuda/cbq/cuda/quant/grid_stats.cuh):
+// one warp per group (a two-stage block reduction for per-tensor) finds the group's min and max,
+// and minmax_params is evaluated with the same IEEE operations, so (scale, zero) equal the CPU's.
 template <class T>
 struct CudaGrid {
   // scale, zero: spec.param_shape(rows, cols), from w (rows, cols)

@@ -27,10 +27,10 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "cbq/cuda/ops/attention_tc.cuh"
 #include "cbq/cuda/core/check.cuh"
 #include "cbq/cuda/core/context.cuh"
 #include "cbq/cuda/core/launch.cuh"
+#include "cbq/cuda/ops/attention_tc.cuh"
 #include "cbq/cuda/quant/quant_math.cuh"
 
 namespace cbq::cuda {
