@@ -45,6 +45,19 @@ GraphResult<T> run_graph(Device device, const std::vector<Tensor<T>>& inputs, co
   return result;
 }
 
+// Runs f twice on the GPU and checks that the output and every gradient are the same bits (the
+// kernels' reductions have a fixed order and no atomics).
+template <class T>
+void check_deterministic(const std::vector<Tensor<T>>& inputs, const GraphFn<T>& f,
+                         uint64_t grad_seed = 1) {
+  const GraphResult<T> first = run_graph<T>(Device::cuda, inputs, f, grad_seed);
+  const GraphResult<T> second = run_graph<T>(Device::cuda, inputs, f, grad_seed);
+  CHECK(first.out.to_vector() == second.out.to_vector());
+  REQUIRE(first.grads.size() == inputs.size());
+  for (std::size_t i = 0; i < first.grads.size(); ++i)
+    CHECK(first.grads[i].to_vector() == second.grads[i].to_vector());
+}
+
 // Runs f on both devices and checks the output and every gradient within `tol`; returns the
 // largest relative error seen (for messages).
 template <class T>

@@ -80,9 +80,7 @@ TEST_CASE_TEMPLATE("sum and mean: CUDA matches CPU and is deterministic", T, flo
   // Two CUDA runs give identical bits (fixed reduction order, no atomics).
   const std::vector<Tensor<T>> big{randn<T>(Shape{(1 << 22) + 17}, seed++)};
   const GraphFn<T> f = [](std::vector<Var<T>>& v) { return ops::sum(v[0]); };
-  const auto first = run_graph<T>(Device::cuda, big, f, 1);
-  const auto second = run_graph<T>(Device::cuda, big, f, 1);
-  CHECK(first.out.to_vector() == second.out.to_vector());
+  cbq::gpu_testing::check_deterministic<T>(big, f, 1);
 }
 
 TEST_CASE_TEMPLATE("silu, relu, gelu: CUDA matches CPU", T, float, double) {

@@ -11,6 +11,7 @@
 #include "gpu/parity.hpp"
 
 using namespace cbq;
+using cbq::gpu_testing::check_deterministic;
 using cbq::gpu_testing::check_parity;
 using cbq::gpu_testing::contains;
 using cbq::gpu_testing::error_message;
@@ -50,12 +51,7 @@ TEST_CASE("layernorm: the weight and bias gradients are deterministic on CUDA") 
   const GraphFn<float> f = [](std::vector<Var<float>>& v) {
     return ops::layernorm(v[0], v[1], v[2], 1e-6);
   };
-  const auto first = run_graph<float>(Device::cuda, inputs, f, 7);
-  const auto second = run_graph<float>(Device::cuda, inputs, f, 7);
-  for (std::size_t i = 0; i < first.grads.size(); ++i) {
-    if (!first.grads[i].defined()) continue;
-    CHECK(first.grads[i].to_vector() == second.grads[i].to_vector());
-  }
+  check_deterministic<float>(inputs, f, 7);
 }
 
 TEST_CASE("layernorm: CPU and CUDA operands mixed give a clear error") {

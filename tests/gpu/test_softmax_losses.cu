@@ -122,12 +122,7 @@ TEST_CASE("losses: two CUDA runs give identical bits") {
       [](std::vector<Var<float>>& v) { return ops::mse(v[0], v[1]); },
       [](std::vector<Var<float>>& v) { return ops::kl_softmax(v[0], v[1], 1.0f); },
       [targets](std::vector<Var<float>>& v) { return ops::cross_entropy(v[0], targets); }};
-  for (const GraphFn<float>& f : fs) {
-    const auto first = run_graph<float>(Device::cuda, inputs, f, 5);
-    const auto second = run_graph<float>(Device::cuda, inputs, f, 5);
-    CHECK(first.out.to_vector() == second.out.to_vector());
-    CHECK(first.grads[0].to_vector() == second.grads[0].to_vector());
-  }
+  for (const GraphFn<float>& f : fs) cbq::gpu_testing::check_deterministic<float>(inputs, f, 5);
 }
 
 TEST_CASE("softmax and losses: CPU and CUDA operands mixed give a clear error") {
