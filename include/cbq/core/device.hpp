@@ -39,7 +39,7 @@ inline DeviceHooks& cuda_hooks() {
 
 inline bool cuda_available() { return cuda_hooks().alloc != nullptr; }
 
-inline void require_cuda(const char* what) {
+inline void require_cuda(std::string_view what) {
   CBQ_CHECK(cuda_available(),
             "{}: a CUDA tensor was used but the CUDA backend is not compiled in (include "
             "<cbq/cuda.cuh> in a .cu file and build with CBQ_ENABLE_CUDA)",
@@ -56,6 +56,17 @@ Hook cuda_kernel(Hook hook, std::string_view op) {
             "program)",
             op);
   return hook;
+}
+
+// The kernel of one op for `device`: its CPU kernel, or its CUDA hook through cuda_kernel. Both
+// are deduced as one type, so a CPU kernel whose signature drifts from its CUDA hook's does not
+// compile. Every op dispatches through it:
+//   kernel_for(x.device(), &CpuRmsNorm<T>::forward, CudaRmsNorm<T>::forward, "rmsnorm")(y, ...);
+template <class Kernel>
+Kernel kernel_for(Device device, Kernel cpu, Kernel cuda, std::string_view op) {
+  if (device == Device::cpu) return cpu;
+  require_cuda(op);
+  return cuda_kernel(cuda, op);
 }
 
 // A block of memory on one device; owned by shared_ptr so that views share it.

@@ -5,8 +5,8 @@
 // logits are never held whole.
 //
 // The blocks' infer() (llama_block.hpp, opt_block.hpp) compute what their forward() computes on
-// a tape, with the same kernels (ops::detail::rmsnorm_rows, layernorm_rows, rope_apply,
-// attention_forward_cpu, swiglu_cpu) and the same GEMMs, so the values agree bit for bit with
+// a tape, with the same kernels (ops::CpuRmsNorm, CpuLayerNorm, CpuRope,
+// CpuAttention, CpuSwiglu) and the same GEMMs, so the values agree bit for bit with
 // Transformer::logits for the same thread count; Transformer::token_nll then scores the rows
 // (tests/test_inference.cpp). A linear layer with a quantization transform installed (QuantLinear
 // from RTN, GPTQ or CBQ) computes through the transform's own linear_args / forward on a small

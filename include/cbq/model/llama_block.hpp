@@ -79,29 +79,31 @@ class LlamaBlock {
     const int64_t n = x.size(0), d = c.dim, hd = c.head_dim, f = c.hidden_dim;
     const int64_t q_width = c.n_heads * hd, kv_width = c.n_kv_heads * hd;
     Tensor<T> n1 = ws.matrix(W::kA, n, d);
-    ops::detail::rmsnorm_rows<T>(n1.data(), nullptr, x.data(), input_layernorm.value.data(), n, d,
-                                 c.norm_eps);
+    ops::CpuRmsNorm<T>::forward(n1.data(), nullptr, x.data(), input_layernorm.value.data(), n, d,
+                                c.norm_eps);
     Tensor<T> q = ws.matrix(W::kB, n, q_width), k = ws.matrix(W::kC, n, kv_width),
               v = ws.matrix(W::kD, n, kv_width);
     infer_linears<T, 3>(ws, {&q_proj, &k_proj, &v_proj}, n1, {q, k, v});
     const auto tables = ops::detail::rope_tables<T>(n, hd, c.rope_theta, pos0);
-    ops::detail::rope_apply(q.data(), q.data(), tables.first.data(), tables.second.data(), n,
-                            c.n_heads, hd, c.rope_layout, T(1), false);
-    ops::detail::rope_apply(k.data(), k.data(), tables.first.data(), tables.second.data(), n,
-                            c.n_kv_heads, hd, c.rope_layout, T(1), false);
+    ops::CpuRope<T>::apply(q.data(), q.data(), tables.first.data(), tables.second.data(), n,
+                           c.n_heads, hd, c.rope_layout, T(1), false);
+    ops::CpuRope<T>::apply(k.data(), k.data(), tables.first.data(), tables.second.data(), n,
+                           c.n_kv_heads, hd, c.rope_layout, T(1), false);
     Tensor<T> a = ws.matrix(W::kE, n, q_width);
     const ops::detail::AttentionDims dims{n,  c.n_heads, c.n_kv_heads,
                                           hd, true,      1.0 / std::sqrt(static_cast<double>(hd))};
-    ops::detail::attention_forward_cpu<T>(a.data(), nullptr, q.data(), k.data(), v.data(), dims);
+    ops::CpuAttention<T>::forward(a.data(), nullptr, q.data(), k.data(), v.data(), dims.seq_len,
+                                  dims.n_heads, dims.n_kv_heads, dims.head_dim, dims.causal,
+                                  static_cast<T>(dims.scale));
     Tensor<T> o = ws.matrix(W::kA, n, d);
     infer_linears<T, 1>(ws, {&o_proj}, a, {o});
     infer_add(x, o);  // h
     Tensor<T> n2 = ws.matrix(W::kA, n, d);
-    ops::detail::rmsnorm_rows<T>(n2.data(), nullptr, x.data(),
-                                 post_attention_layernorm.value.data(), n, d, c.norm_eps);
+    ops::CpuRmsNorm<T>::forward(n2.data(), nullptr, x.data(), post_attention_layernorm.value.data(),
+                                n, d, c.norm_eps);
     Tensor<T> gate = ws.matrix(W::kB, n, f), up = ws.matrix(W::kC, n, f);
     infer_linears<T, 2>(ws, {&gate_proj, &up_proj}, n2, {gate, up});
-    ops::detail::swiglu_cpu(gate.data(), gate.data(), up.data(), gate.numel());
+    ops::CpuSwiglu<T>::forward(gate.data(), gate.data(), up.data(), gate.numel());
     Tensor<T> down = ws.matrix(W::kD, n, d);
     infer_linears<T, 1>(ws, {&down_proj}, gate, {down});
     infer_add(x, down);

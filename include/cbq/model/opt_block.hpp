@@ -79,22 +79,24 @@ class OptBlock {
     const ModelConfig& c = config_;
     const int64_t n = x.size(0), d = c.dim, hd = c.head_dim, f = c.hidden_dim;
     Tensor<T> n1 = ws.matrix(W::kA, n, d);
-    ops::detail::layernorm_rows<T>(n1.data(), nullptr, nullptr, x.data(),
-                                   self_attn_layer_norm_weight.value.data(),
-                                   self_attn_layer_norm_bias.value.data(), n, d, c.norm_eps);
+    ops::CpuLayerNorm<T>::forward(n1.data(), nullptr, nullptr, x.data(),
+                                  self_attn_layer_norm_weight.value.data(),
+                                  self_attn_layer_norm_bias.value.data(), n, d, c.norm_eps);
     Tensor<T> q = ws.matrix(W::kB, n, d), k = ws.matrix(W::kC, n, d), v = ws.matrix(W::kD, n, d);
     infer_linears<T, 3>(ws, {&q_proj, &k_proj, &v_proj}, n1, {q, k, v});
     Tensor<T> a = ws.matrix(W::kE, n, d);
     const ops::detail::AttentionDims dims{n,  c.n_heads, c.n_heads,
                                           hd, true,      1.0 / std::sqrt(static_cast<double>(hd))};
-    ops::detail::attention_forward_cpu<T>(a.data(), nullptr, q.data(), k.data(), v.data(), dims);
+    ops::CpuAttention<T>::forward(a.data(), nullptr, q.data(), k.data(), v.data(), dims.seq_len,
+                                  dims.n_heads, dims.n_kv_heads, dims.head_dim, dims.causal,
+                                  static_cast<T>(dims.scale));
     Tensor<T> o = ws.matrix(W::kA, n, d);
     infer_linears<T, 1>(ws, {&out_proj}, a, {o});
     infer_add(x, o);  // h
     Tensor<T> n2 = ws.matrix(W::kA, n, d);
-    ops::detail::layernorm_rows<T>(n2.data(), nullptr, nullptr, x.data(),
-                                   final_layer_norm_weight.value.data(),
-                                   final_layer_norm_bias.value.data(), n, d, c.norm_eps);
+    ops::CpuLayerNorm<T>::forward(n2.data(), nullptr, nullptr, x.data(),
+                                  final_layer_norm_weight.value.data(),
+                                  final_layer_norm_bias.value.data(), n, d, c.norm_eps);
     Tensor<T> h1 = ws.matrix(W::kB, n, f);
     infer_linears<T, 1>(ws, {&fc1}, n2, {h1});
     T* hp = h1.data();

@@ -263,12 +263,12 @@ class Transformer {
     Tensor<T> normed = ws.matrix(InferenceWorkspace<T>::kHeadIn, rows, d);
     const T* xs = x.data() + first * d;
     if (config.family == Family::opt)
-      ops::detail::layernorm_rows<T>(normed.data(), nullptr, nullptr, xs,
-                                     final_norm_weight.value.data(), final_norm_bias.value.data(),
-                                     rows, d, config.norm_eps);
+      ops::CpuLayerNorm<T>::forward(normed.data(), nullptr, nullptr, xs,
+                                    final_norm_weight.value.data(), final_norm_bias.value.data(),
+                                    rows, d, config.norm_eps);
     else
-      ops::detail::rmsnorm_rows<T>(normed.data(), nullptr, xs, final_norm_weight.value.data(), rows,
-                                   d, config.norm_eps);
+      ops::CpuRmsNorm<T>::forward(normed.data(), nullptr, xs, final_norm_weight.value.data(), rows,
+                                  d, config.norm_eps);
     return normed;
   }
 

@@ -74,35 +74,34 @@ struct CudaActivation {
   static inline void (*backward)(T* dx, const T* dy, const T* x, int64_t n) = nullptr;
 };
 
-namespace detail {
-
+// The CPU kernels of activation F, with the hooks' signatures; silu is vectorized
+// (ops/cpu_kernels.hpp).
 template <class T, class F>
-class ActivationNode final : public Node<T> {
- public:
-  explicit ActivationNode(Var<T> x) : x_(x) {}
-  const char* name() const override { return F::name; }
-  void backward(Tape<T>& tape) override {
-    if (!x_.requires_grad()) return;
-    const Tensor<T>& grad = tape.grad(this->output);
-    const T* dy = grad.data();
-    const T* x = x_.value().data();
-    T* dx = x_.grad().data();
-    if (grad.device() == Device::cuda) {
-      cuda_kernel(CudaActivation<T, F>::backward, F::name)(dx, dy, x, x_.value().numel());
-      return;
-    }
-    parallel_for(x_.value().numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
-      if constexpr (std::is_same_v<F, Silu>) {  // vectorized (ops/cpu_kernels.hpp)
+struct CpuActivation {
+  static void forward(T* y, const T* x, int64_t n) {
+    parallel_for(n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
+      if constexpr (std::is_same_v<F, detail::Silu>) {
+        CBQ_SIMD_DISPATCH(simd::isa_for<T>(), silu_forward<T>(y, x, begin, end));
+      } else {
+        for (int64_t i = begin; i < end; ++i) y[i] = F::value(x[i]);
+      }
+    });
+  }
+  static void backward(T* dx, const T* dy, const T* x, int64_t n) {
+    parallel_for(n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
+      if constexpr (std::is_same_v<F, detail::Silu>) {
         CBQ_SIMD_DISPATCH(simd::isa_for<T>(), silu_backward<T>(dx, dy, x, begin, end));
       } else {
         for (int64_t i = begin; i < end; ++i) dx[i] += dy[i] * F::derivative(x[i]);
       }
     });
   }
-
- private:
-  Var<T> x_;
 };
+
+namespace detail {
+
+template <class T, class F>
+class ActivationNode;
 
 template <class F, class T>
 Var<T> activation(Var<T> x) {
@@ -113,23 +112,27 @@ Var<T> activation(Var<T> x) {
   Var<T> out = tape.output(X.shape(), rg);
   Tensor<T> Y = out.value();         // shares the output's storage
   check_same_device(F::name, Y, X);  // the tape allocates on its own device
-  T* y = Y.data();
-  const T* xp = X.data();
-  if (X.device() == Device::cuda) {
-    require_cuda(F::name);
-    cuda_kernel(CudaActivation<T, F>::forward, F::name)(y, xp, X.numel());
-  } else {
-    parallel_for(X.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
-      if constexpr (std::is_same_v<F, Silu>) {  // vectorized (ops/cpu_kernels.hpp)
-        CBQ_SIMD_DISPATCH(simd::isa_for<T>(), silu_forward<T>(y, xp, begin, end));
-      } else {
-        for (int64_t i = begin; i < end; ++i) y[i] = F::value(xp[i]);
-      }
-    });
-  }
+  kernel_for(X.device(), &CpuActivation<T, F>::forward, CudaActivation<T, F>::forward, F::name)(
+      Y.data(), X.data(), X.numel());
   if (rg) tape.template record<ActivationNode<T, F>>(out, x);
   return out;
 }
+
+template <class T, class F>
+class ActivationNode final : public Node<T> {
+ public:
+  explicit ActivationNode(Var<T> x) : x_(x) {}
+  const char* name() const override { return F::name; }
+  void backward(Tape<T>& tape) override {
+    if (!x_.requires_grad()) return;
+    const Tensor<T>& grad = tape.grad(this->output);
+    kernel_for(grad.device(), &CpuActivation<T, F>::backward, CudaActivation<T, F>::backward,
+               F::name)(x_.grad().data(), grad.data(), x_.value().data(), x_.value().numel());
+  }
+
+ private:
+  Var<T> x_;
+};
 
 }  // namespace detail
 

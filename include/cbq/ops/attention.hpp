@@ -107,97 +107,85 @@ T* attention_buffer(int64_t n) {
   return buffer.data();
 }
 
-// The CPU forward (ops::attention, and the evaluation path of model/inference.hpp): o (T, Hq·hd)
-// and, when lse is not null, the log-sum-exp (T, Hq). One work item per (query head, query
-// tile), each computed by one thread (the result does not depend on the thread count); the
-// items, head by head, are cut into one contiguous run of equal cost per thread. (Stacking
-// the query heads of a kv head into one tile and using 256- or 512-key blocks, tried at
-// SmolLM2's shapes, was no faster in interleaved runs: with hd = 64 the GEMMs' inner dimension
-// stays 64 either way.)
+// The backward's dK/dV shares: the calling thread's buffer of at least n values, grown once (the
+// workers write into it through the pointer).
 template <class T>
-void attention_forward_cpu(T* o, T* lse, const T* q, const T* k, const T* v,
-                           const AttentionDims& a) {
-  const int64_t n = a.seq_len, hd = a.head_dim, group = a.group(), n_heads = a.n_heads;
-  const int64_t ldq = a.q_stride(), ldk = a.kv_stride();
-  const bool causal = a.causal;
-  constexpr int64_t B = kAttentionBlock;
-  const int64_t n_tiles = (n + B - 1) / B;
-  const T scale = static_cast<T>(a.scale);
-  // One work item per (query head, query tile); one run of items of equal cost per thread.
-  const int64_t items = n_heads * n_tiles;
-  const int64_t runs = std::min<int64_t>(num_threads(), items);
-  const std::vector<int64_t> cuts = balanced_cuts(
-      items, runs, [&](int64_t w) { return attention_tile_cost(w % n_tiles, n_tiles, causal); });
-  parallel_for(runs, 1, [&](int64_t r0, int64_t r1) {
-    T* scores = detail::attention_buffer<T>(B * B + 2 * B);  // per thread, allocated once
-    T* running_max = scores + B * B;
-    T* running_sum = running_max + B;
-    for (int64_t w = cuts[static_cast<std::size_t>(r0)]; w < cuts[static_cast<std::size_t>(r1)];
-         ++w) {
-      const int64_t h = w / n_tiles, g = h / group;
-      const int64_t i0 = (w % n_tiles) * B, i1 = std::min(n, i0 + B), nq = i1 - i0;
-      const T* Q = q + i0 * ldq + h * hd;  // (nq, hd), row stride ldq
-      T* O = o + i0 * ldq + h * hd;        // (nq, hd): unnormalised Σ exp(S − m) V, then O
-      for (int64_t r = 0; r < nq; ++r) std::fill(O + r * ldq, O + r * ldq + hd, T(0));
-      std::fill(running_max, running_max + B, -std::numeric_limits<T>::infinity());
-      std::fill(running_sum, running_sum + B, T(0));
-      const int64_t kv_end = causal ? i1 : n;
-      for (int64_t j0 = 0; j0 < kv_end; j0 += B) {
-        const int64_t nk = std::min(kv_end, j0 + B) - j0;
-        // S (nq, nk) = scale · Q Kᵀ
-        blas::gemm<T>(false, true, nq, nk, hd, scale, Q, ldq, k + j0 * ldk + g * hd, ldk, T(0),
-                      scores, B);
-        int64_t visible[B];
-        for (int64_t r = 0; r < nq; ++r) visible[r] = a.visible_keys(i0 + r, j0, nk);
-        CBQ_SIMD_DISPATCH(simd::isa_for<T>(),
-                          attention_softmax_tile<T>(scores, B, nq, nk, visible, running_max,
-                                                    running_sum, O, ldq, hd));
-        // O (nq, hd) += exp(S − m) (nq, nk) · V (nk, hd)
-        blas::gemm<T>(false, false, nq, hd, nk, T(1), scores, B, v + j0 * ldk + g * hd, ldk, T(1),
-                      O, ldq);
-      }
-      for (int64_t r = 0; r < nq; ++r) {
-        const T inv = T(1) / running_sum[r];
-        for (int64_t c = 0; c < hd; ++c) O[r * ldq + c] *= inv;
-        if (lse) lse[(i0 + r) * a.n_heads + h] = running_max[r] + std::log(running_sum[r]);
-      }
-    }
-  });
+T* attention_share_buffer(int64_t n) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(static_cast<std::size_t>(n));
+  return buffer.data();
 }
 
 }  // namespace detail
 
 template <class T>
-class AttentionNode final : public Node<T> {
- public:
-  AttentionNode(Var<T> q, Var<T> k, Var<T> v, Tensor<T> lse, detail::AttentionDims dims)
-      : q_(q), k_(k), v_(v), lse_(std::move(lse)), dims_(dims) {}
-  const char* name() const override { return "attention"; }
-
-  void backward(Tape<T>& tape) override {
-    const detail::AttentionDims& a = dims_;
+struct CpuAttention {
+  // o (T, Hq·hd) and, when lse is not null (the evaluation path of model/inference.hpp passes
+  // null), the log-sum-exp (T, Hq). One work item per (query head, query tile), each computed by
+  // one thread (the result does not depend on the thread count); the items, head by head, are cut
+  // into one contiguous run of equal cost per thread. (Stacking the query heads of a kv head into
+  // one tile and using 256- or 512-key blocks, tried at SmolLM2's shapes, was no faster in
+  // interleaved runs: with hd = 64 the GEMMs' inner dimension stays 64 either way.)
+  static void forward(T* o, T* lse, const T* q, const T* k, const T* v, int64_t seq_len,
+                      int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, bool causal, T scale) {
+    const detail::AttentionDims a{seq_len,  n_heads, n_kv_heads,
+                                  head_dim, causal,  static_cast<double>(scale)};
     const int64_t n = a.seq_len, hd = a.head_dim, group = a.group();
     const int64_t ldq = a.q_stride(), ldk = a.kv_stride();
     constexpr int64_t B = detail::kAttentionBlock;
-    const T scale = static_cast<T>(a.scale);
-    const T* q = q_.value().data();                  // (T, Hq·hd)
-    const T* k = k_.value().data();                  // (T, Hkv·hd)
-    const T* v = v_.value().data();                  // (T, Hkv·hd)
-    const T* o = tape.value(this->output).data();    // (T, Hq·hd)
-    const T* dout = tape.grad(this->output).data();  // (T, Hq·hd)
-    const T* lse = lse_.data();                      // (T, Hq)
-    // Gradient buffers are fetched before the parallel region (tape.grad allocates).
-    T* dq = q_.requires_grad() ? q_.grad().data() : nullptr;
-    T* dk = k_.requires_grad() ? k_.grad().data() : nullptr;
-    T* dv = v_.requires_grad() ? v_.grad().data() : nullptr;
-    if (q_.value().device() == Device::cuda) {
-      require_cuda("attention");
-      cuda_kernel(CudaAttention<T>::backward, "attention");
-      Tensor<T> row_dot = tape.scratch(Shape{n, a.n_heads});
-      CudaAttention<T>::backward(dq, dk, dv, row_dot.data(), q, k, v, o, dout, lse, n, a.n_heads,
-                                 a.n_kv_heads, hd, a.causal, scale);
-      return;
-    }
+    const int64_t n_tiles = (n + B - 1) / B;
+    // One work item per (query head, query tile); one run of items of equal cost per thread.
+    const int64_t items = n_heads * n_tiles;
+    const int64_t runs = std::min<int64_t>(num_threads(), items);
+    const std::vector<int64_t> cuts = detail::balanced_cuts(items, runs, [&](int64_t w) {
+      return detail::attention_tile_cost(w % n_tiles, n_tiles, causal);
+    });
+    parallel_for(runs, 1, [&](int64_t r0, int64_t r1) {
+      T* scores = detail::attention_buffer<T>(B * B + 2 * B);  // per thread, allocated once
+      T* running_max = scores + B * B;
+      T* running_sum = running_max + B;
+      for (int64_t w = cuts[static_cast<std::size_t>(r0)]; w < cuts[static_cast<std::size_t>(r1)];
+           ++w) {
+        const int64_t h = w / n_tiles, g = h / group;
+        const int64_t i0 = (w % n_tiles) * B, i1 = std::min(n, i0 + B), nq = i1 - i0;
+        const T* Q = q + i0 * ldq + h * hd;  // (nq, hd), row stride ldq
+        T* O = o + i0 * ldq + h * hd;        // (nq, hd): unnormalised Σ exp(S − m) V, then O
+        for (int64_t r = 0; r < nq; ++r) std::fill(O + r * ldq, O + r * ldq + hd, T(0));
+        std::fill(running_max, running_max + B, -std::numeric_limits<T>::infinity());
+        std::fill(running_sum, running_sum + B, T(0));
+        const int64_t kv_end = causal ? i1 : n;
+        for (int64_t j0 = 0; j0 < kv_end; j0 += B) {
+          const int64_t nk = std::min(kv_end, j0 + B) - j0;
+          // S (nq, nk) = scale · Q Kᵀ
+          blas::gemm<T>(false, true, nq, nk, hd, scale, Q, ldq, k + j0 * ldk + g * hd, ldk, T(0),
+                        scores, B);
+          int64_t visible[B];
+          for (int64_t r = 0; r < nq; ++r) visible[r] = a.visible_keys(i0 + r, j0, nk);
+          CBQ_SIMD_DISPATCH(simd::isa_for<T>(),
+                            attention_softmax_tile<T>(scores, B, nq, nk, visible, running_max,
+                                                      running_sum, O, ldq, hd));
+          // O (nq, hd) += exp(S − m) (nq, nk) · V (nk, hd)
+          blas::gemm<T>(false, false, nq, hd, nk, T(1), scores, B, v + j0 * ldk + g * hd, ldk, T(1),
+                        O, ldq);
+        }
+        for (int64_t r = 0; r < nq; ++r) {
+          const T inv = T(1) / running_sum[r];
+          for (int64_t c = 0; c < hd; ++c) O[r * ldq + c] *= inv;
+          if (lse) lse[(i0 + r) * a.n_heads + h] = running_max[r] + std::log(running_sum[r]);
+        }
+      }
+    });
+  }
+
+  // row_dot_all (T, Hq) receives D = rowsum(dO ⊙ O).
+  static void backward(T* dq, T* dk, T* dv, T* row_dot_all, const T* q, const T* k, const T* v,
+                       const T* o, const T* dout, const T* lse, int64_t seq_len, int64_t n_heads,
+                       int64_t n_kv_heads, int64_t head_dim, bool causal, T scale) {
+    const detail::AttentionDims a{seq_len,  n_heads, n_kv_heads,
+                                  head_dim, causal,  static_cast<double>(scale)};
+    const int64_t n = a.seq_len, hd = a.head_dim, group = a.group();
+    const int64_t ldq = a.q_stride(), ldk = a.kv_stride();
+    constexpr int64_t B = detail::kAttentionBlock;
     // Work items (query head h, part p): part p of a head holds its query tiles
     // [tile_cuts[p], tile_cuts[p + 1]), the parts of equal cost. An item writes dQ of its own
     // rows; its dK/dV contributions go to a share of its own, slot h·parts + p of a
@@ -215,14 +203,15 @@ class AttentionNode final : public Node<T> {
           a.causal ? std::min(n, tile_cuts[static_cast<std::size_t>(p + 1)] * B) : n;
     const bool shared = group > 1 || parts > 1;
     const int64_t slots = a.n_heads * parts, ld_share = shared ? slots * hd : ldk;
-    T* dk_share = dk && shared ? tape.scratch(Shape{n, ld_share}).data() : dk;
-    T* dv_share = dv && shared ? tape.scratch(Shape{n, ld_share}).data() : dv;
+    // The shares live in the calling thread's buffer, grown once (no allocation per step).
+    T* shares = shared ? detail::attention_share_buffer<T>(2 * n * ld_share) : nullptr;
+    T* dk_share = dk && shared ? shares : dk;
+    T* dv_share = dv && shared ? shares + n * ld_share : dv;
 
     const int64_t items = a.n_heads * parts;
     parallel_for(items, 1, [&](int64_t w0, int64_t w1) {
-      T* probs = detail::attention_buffer<T>(2 * B * B + B);  // per thread, allocated once
+      T* probs = detail::attention_buffer<T>(2 * B * B);  // per thread, allocated once
       T* dscores = probs + B * B;
-      T* row_dot = dscores + B * B;
       for (int64_t w = w0; w < w1; ++w) {
         const int64_t h = w / parts, p = w % parts, g = h / group;
         const int64_t share_col = (shared ? w : g) * hd;
@@ -235,13 +224,14 @@ class AttentionNode final : public Node<T> {
         const int64_t i_end = std::min(n, tile_cuts[static_cast<std::size_t>(p + 1)] * B);
         for (int64_t i0 = i_begin; i0 < i_end; i0 += B) {
           const int64_t i1 = std::min(n, i0 + B), nq = i1 - i0;
-          const T* Q = q + i0 * ldq + h * hd;      // (nq, hd), row stride ldq
-          const T* dO = dout + i0 * ldq + h * hd;  // (nq, hd)
-          const T* O = o + i0 * ldq + h * hd;      // (nq, hd)
-          for (int64_t r = 0; r < nq; ++r) {       // D_i = Σ dO_i · O_i
+          const T* Q = q + i0 * ldq + h * hd;             // (nq, hd), row stride ldq
+          const T* dO = dout + i0 * ldq + h * hd;         // (nq, hd)
+          const T* O = o + i0 * ldq + h * hd;             // (nq, hd)
+          T* row_dot = row_dot_all + i0 * a.n_heads + h;  // D of rows i0.., stride Hq
+          for (int64_t r = 0; r < nq; ++r) {              // D_i = Σ dO_i · O_i
             T s = 0;
             for (int64_t c = 0; c < hd; ++c) s += dO[r * ldq + c] * O[r * ldq + c];
-            row_dot[r] = s;
+            row_dot[r * a.n_heads] = s;
           }
           const int64_t kv_end = a.causal ? i1 : n;
           for (int64_t j0 = 0; j0 < kv_end; j0 += B) {
@@ -264,7 +254,7 @@ class AttentionNode final : public Node<T> {
             for (int64_t r = 0; r < nq; ++r) {
               const T* pr = probs + r * B;
               T* ds = dscores + r * B;
-              for (int64_t c = 0; c < nk; ++c) ds[c] = pr[c] * (ds[c] - row_dot[r]);
+              for (int64_t c = 0; c < nk; ++c) ds[c] = pr[c] * (ds[c] - row_dot[r * a.n_heads]);
             }
             if (dq)  // dQ (nq, hd) += scale · dS (nq, nk) · K (nk, hd)
               blas::gemm<T>(false, false, nq, hd, nk, scale, dscores, B, K, ldk, T(1),
@@ -295,12 +285,10 @@ class AttentionNode final : public Node<T> {
     if (dk) reduce(dk, dk_share);
     if (dv) reduce(dv, dv_share);
   }
-
- private:
-  Var<T> q_, k_, v_;
-  Tensor<T> lse_;  // (T, Hq)
-  detail::AttentionDims dims_;
 };
+
+template <class T>
+class AttentionNode;
 
 // `scale` defaults to 1/sqrt(head_dim).
 template <class T>
@@ -334,23 +322,38 @@ Var<T> attention(Var<T> q, Var<T> k, Var<T> v, int64_t n_heads, int64_t n_kv_hea
   Var<T> out = tape.output(Qt.shape(), rg);
   Tensor<T> lse = tape.scratch(Shape{n, n_heads});  // (T, Hq)
   Tensor<T> O_all = out.value();                    // shares the output's storage
-  T* o = O_all.data();
-  T* L = lse.data();
-  const T* qp = Qt.data();
-  const T* kp = Kt.data();
-  const T* vp = Vt.data();
-  const T sc = static_cast<T>(scale_value);
-  if (Qt.device() == Device::cuda) {
-    require_cuda("attention");
-    cuda_kernel(CudaAttention<T>::forward, "attention")(o, L, qp, kp, vp, n, n_heads, n_kv_heads,
-                                                        head_dim, causal, sc);
-    if (rg) tape.template record<AttentionNode<T>>(out, q, k, v, lse, a);
-    return out;
-  }
-
-  detail::attention_forward_cpu(o, L, qp, kp, vp, a);
+  kernel_for(Qt.device(), &CpuAttention<T>::forward, CudaAttention<T>::forward, "attention")(
+      O_all.data(), lse.data(), Qt.data(), Kt.data(), Vt.data(), n, n_heads, n_kv_heads, head_dim,
+      causal, static_cast<T>(scale_value));
   if (rg) tape.template record<AttentionNode<T>>(out, q, k, v, lse, a);
   return out;
 }
+
+template <class T>
+class AttentionNode final : public Node<T> {
+ public:
+  AttentionNode(Var<T> q, Var<T> k, Var<T> v, Tensor<T> lse, detail::AttentionDims dims)
+      : q_(q), k_(k), v_(v), lse_(std::move(lse)), dims_(dims) {}
+  const char* name() const override { return "attention"; }
+
+  void backward(Tape<T>& tape) override {
+    const detail::AttentionDims& a = dims_;
+    // Gradient buffers are fetched before the kernel (tape.grad allocates).
+    T* dq = q_.requires_grad() ? q_.grad().data() : nullptr;
+    T* dk = k_.requires_grad() ? k_.grad().data() : nullptr;
+    T* dv = v_.requires_grad() ? v_.grad().data() : nullptr;
+    Tensor<T> row_dot = tape.scratch(Shape{a.seq_len, a.n_heads});  // (T, Hq)
+    kernel_for(q_.value().device(), &CpuAttention<T>::backward, CudaAttention<T>::backward,
+               "attention")(dq, dk, dv, row_dot.data(), q_.value().data(), k_.value().data(),
+                            v_.value().data(), tape.value(this->output).data(),
+                            tape.grad(this->output).data(), lse_.data(), a.seq_len, a.n_heads,
+                            a.n_kv_heads, a.head_dim, a.causal, static_cast<T>(a.scale));
+  }
+
+ private:
+  Var<T> q_, k_, v_;
+  Tensor<T> lse_;  // (T, Hq)
+  detail::AttentionDims dims_;
+};
 
 }  // namespace cbq::ops

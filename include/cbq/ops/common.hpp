@@ -2,11 +2,15 @@
 // Shared helpers for op implementations: argument checks and the gradient accumulation that
 // every backward uses.
 //
-// CUDA dispatch: an op that has a CUDA kernel declares a hook struct next to its CPU code, e.g.
-//   template <class T> struct CudaAdd { static inline void (*forward)(...) = nullptr; };
-// The CUDA backend (cuda/*.cuh, compiled by nvcc) assigns the pointers at static-init time; the
-// host code calls through them when a tensor lives on Device::cuda and throws a clear error when
-// the backend was not compiled in. Host headers never include CUDA headers.
+// Every op's file has one layout (docs/ARCHITECTURE.md, "One layout for every op"):
+//   1. CudaOp<T>: the CUDA hooks, function pointers that the CUDA backend (cuda/cbq/cuda/ops/,
+//      compiled by nvcc) assigns at static-init time; host headers never include CUDA headers.
+//   2. CpuOp<T>: the CPU kernels, one static function per hook with exactly its signature,
+//      forward first, then backward.
+//   3. op(...): the forward (checks, output, kernel, record), then OpNode<T>: the backward.
+// Both pass through one dispatch, kernel_for(device, &CpuOp<T>::forward, CudaOp<T>::forward,
+// "op"), which deduces both kernels as one type (a drifting signature does not compile) and
+// gives a clear error when a CUDA tensor meets a program built without the backend.
 #include <cstdint>
 
 #include "cbq/core/error.hpp"
@@ -24,6 +28,15 @@ struct CudaCommon {
 
 // Elements per thread below which elementwise loops stay single-threaded.
 inline constexpr int64_t kElementwiseGrain = 1 << 15;
+
+template <class T>
+struct CpuCommon {
+  static void axpy(T* y, const T* x, T alpha, int64_t n) {
+    parallel_for(n, kElementwiseGrain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) y[i] += alpha * x[i];
+    });
+  }
+};
 
 template <class T>
 void check_contiguous(const char* op, const char* what, const Tensor<T>& t) {
@@ -48,17 +61,8 @@ void accumulate(Tensor<T>& dst, const Tensor<T>& src, T alpha = T(1)) {
   CBQ_CHECK(dst.numel() == src.numel(), "accumulate: gradient of shape {} into {}", src.shape(),
             dst.shape());
   check_same_device("accumulate", dst, src);
-  if (dst.device() == Device::cuda) {
-    require_cuda("accumulate");
-    cuda_kernel(CudaCommon<T>::axpy, "accumulate (axpy)")(dst.data(), src.data(), alpha,
-                                                          dst.numel());
-    return;
-  }
-  T* y = dst.data();
-  const T* x = src.data();
-  parallel_for(dst.numel(), kElementwiseGrain, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) y[i] += alpha * x[i];
-  });
+  kernel_for(dst.device(), &CpuCommon<T>::axpy, CudaCommon<T>::axpy, "accumulate (axpy)")(
+      dst.data(), src.data(), alpha, dst.numel());
 }
 
 }  // namespace cbq::ops

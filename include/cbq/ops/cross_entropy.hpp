@@ -58,50 +58,44 @@ void check_targets(const char* op, const Tensor<T>& logits, const std::vector<in
 }  // namespace detail
 
 template <class T>
-class CrossEntropyNode final : public Node<T> {
- public:
-  CrossEntropyNode(Var<T> logits, std::vector<int32_t> targets, Tensor<T> nll,
-                   Tensor<int32_t> device_targets = {})
-      : logits_(logits),
-        targets_(std::move(targets)),
-        nll_(std::move(nll)),
-        device_targets_(std::move(device_targets)) {}
-  const char* name() const override { return "cross_entropy"; }
-  void backward(Tape<T>& tape) override {
-    if (!logits_.requires_grad()) return;
-    const Tensor<T>& x = logits_.value();
-    const int64_t n = x.shape().cols(), rows = x.shape().rows();
-    const Tensor<T>& grad = tape.grad(this->output);
-    if (grad.device() == Device::cuda) {
-      cuda_kernel(CudaCrossEntropy<T>::backward, "cross_entropy")(
-          logits_.grad().data(), grad.data(), x.data(), device_targets_.data(), nll_.data(), rows,
-          n);
-      return;
-    }
-    const T g = grad.data()[0] / static_cast<T>(rows);
-    const T* xp = x.data();
-    const T* nll = nll_.data();
-    T* dx = logits_.grad().data();
+struct CpuCrossEntropy {
+  static void forward(T* out, T* nll, const T* logits, const int32_t* targets, int64_t rows,
+                      int64_t n) {
+    parallel_for(rows, detail::row_grain(n), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        nll[r] = static_cast<T>(
+            -detail::row_shift(logits + r * n, n).log_prob(logits[r * n + targets[r]]));
+    });
+    double total = 0;  // serial over rows: deterministic
+    for (int64_t r = 0; r < rows; ++r) total += static_cast<double>(nll[r]);
+    out[0] = static_cast<T>(total / static_cast<double>(rows));
+  }
+  static void backward(T* dx, const T* g, const T* logits, const int32_t* targets, const T* nll,
+                       int64_t rows, int64_t n) {
+    const T gr = g[0] / static_cast<T>(rows);
     parallel_for(rows, detail::row_grain(n), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        const T* xr = xp + r * n;
+        const T* xr = logits + r * n;
         T* dr = dx + r * n;
-        const double target_logit = static_cast<double>(xr[targets_[r]]);
+        const double target_logit = static_cast<double>(xr[targets[r]]);
         for (int64_t j = 0; j < n; ++j) {  // softmax_j = exp(x_j − x_t − nll_r)
           const double p = std::exp(static_cast<double>(xr[j]) - target_logit - nll[r]);
-          dr[j] += g * static_cast<T>(p);
+          dr[j] += gr * static_cast<T>(p);
         }
-        dr[targets_[r]] -= g;  // − onehot
+        dr[targets[r]] -= gr;  // − onehot
       }
     });
   }
-
- private:
-  Var<T> logits_;
-  std::vector<int32_t> targets_;
-  Tensor<T> nll_;                   // (R,) per-row loss
-  Tensor<int32_t> device_targets_;  // CUDA only: targets_ on the device
+  static void token_nll(double* nll_host, const T* logits, const int32_t* targets_host,
+                        int64_t rows, int64_t n) {
+    parallel_for(rows, detail::row_grain(n), [&](int64_t r0, int64_t r1) {
+      detail::nll_rows(nll_host, logits, targets_host, r0, r1, n);
+    });
+  }
 };
+
+template <class T>
+class CrossEntropyNode;
 
 // Mean negative log-likelihood of `targets` under softmax(logits) over the last dimension.
 template <class T>
@@ -114,30 +108,14 @@ Var<T> cross_entropy(Var<T> logits, const std::vector<int32_t>& targets) {
   const bool rg = tape.any_requires_grad({logits});
   Tensor<T> nll = tape.scratch(Shape{rows});   // (R,)
   check_same_device("cross_entropy", nll, x);  // the tape allocates on its own device
-  const T* xp = x.data();
-  T* np = nll.data();
-  if (x.device() == Device::cuda) {
-    require_cuda("cross_entropy");
-    cuda_kernel(CudaCrossEntropy<T>::forward, "cross_entropy");
-    Var<T> out = tape.output(Shape{1}, rg);
-    Tensor<T> out_value = out.value();  // shares the output's storage
-    Tensor<int32_t> device_targets = Tensor<int32_t>::from(targets, Shape{rows}).to(Device::cuda);
-    CudaCrossEntropy<T>::forward(out_value.data(), np, xp, device_targets.data(), rows, n);
-    if (rg)
-      tape.template record<CrossEntropyNode<T>>(out, logits, targets, nll,
-                                                std::move(device_targets));
-    return out;
-  }
-  parallel_for(rows, detail::row_grain(n), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      np[r] = static_cast<T>(-detail::row_shift(xp + r * n, n).log_prob(xp[r * n + targets[r]]));
-  });
-  double total = 0;  // serial over rows: deterministic
-  for (int64_t r = 0; r < rows; ++r) total += static_cast<double>(np[r]);
   Var<T> out = tape.output(Shape{1}, rg);
   Tensor<T> out_value = out.value();  // shares the output's storage
-  out_value.data()[0] = static_cast<T>(total / static_cast<double>(rows));
-  if (rg) tape.template record<CrossEntropyNode<T>>(out, logits, targets, nll);
+  // The targets on the op's device (a copy for CUDA), for both kernels.
+  Tensor<int32_t> device_targets = Tensor<int32_t>::from(targets, Shape{rows}).to(x.device());
+  kernel_for(x.device(), &CpuCrossEntropy<T>::forward, CudaCrossEntropy<T>::forward,
+             "cross_entropy")(out_value.data(), nll.data(), x.data(), device_targets.data(), rows,
+                              n);
+  if (rg) tape.template record<CrossEntropyNode<T>>(out, logits, std::move(device_targets), nll);
   return out;
 }
 
@@ -147,17 +125,30 @@ std::vector<double> token_nll(const Tensor<T>& logits, const std::vector<int32_t
   detail::check_targets("token_nll", logits, targets);
   const int64_t n = logits.shape().cols(), rows = logits.shape().rows();
   std::vector<double> nll(static_cast<std::size_t>(rows));
-  const T* xp = logits.data();
-  if (logits.device() == Device::cuda) {
-    require_cuda("token_nll");
-    cuda_kernel(CudaCrossEntropy<T>::token_nll, "token_nll")(nll.data(), xp, targets.data(), rows,
-                                                             n);
-    return nll;
-  }
-  parallel_for(rows, detail::row_grain(n), [&](int64_t r0, int64_t r1) {
-    detail::nll_rows(nll.data(), xp, targets.data(), r0, r1, n);
-  });
+  kernel_for(logits.device(), &CpuCrossEntropy<T>::token_nll, CudaCrossEntropy<T>::token_nll,
+             "token_nll")(nll.data(), logits.data(), targets.data(), rows, n);
   return nll;
 }
+
+template <class T>
+class CrossEntropyNode final : public Node<T> {
+ public:
+  CrossEntropyNode(Var<T> logits, Tensor<int32_t> targets, Tensor<T> nll)
+      : logits_(logits), targets_(std::move(targets)), nll_(std::move(nll)) {}
+  const char* name() const override { return "cross_entropy"; }
+  void backward(Tape<T>& tape) override {
+    if (!logits_.requires_grad()) return;
+    const Tensor<T>& x = logits_.value();
+    const Tensor<T>& grad = tape.grad(this->output);
+    kernel_for(grad.device(), &CpuCrossEntropy<T>::backward, CudaCrossEntropy<T>::backward,
+               "cross_entropy")(logits_.grad().data(), grad.data(), x.data(), targets_.data(),
+                                nll_.data(), x.shape().rows(), x.shape().cols());
+  }
+
+ private:
+  Var<T> logits_;
+  Tensor<int32_t> targets_;  // (R,) on the op's device
+  Tensor<T> nll_;            // (R,) per-row loss
+};
 
 }  // namespace cbq::ops

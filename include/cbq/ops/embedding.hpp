@@ -1,12 +1,10 @@
 #pragma once
 // embedding: out[t, :] = table[ids[t], :], table (V, d), ids of length T, out (T, d).
 // Derivative: d table[ids[t], :] += d out[t, :] (a scatter-add; repeated ids accumulate).
-// The scatter is split over the d columns, each chunk walking the tokens in order, so no two
-// threads touch the same element and the sum order is fixed.
-// CUDA: the ids are copied to the device; for backward the forward pass also uploads the tokens
-// grouped by id (a CSR index built on the host, tokens in order inside a group), so that one
-// thread owns each (id, column) and adds its tokens in token order: no atomics, and the same
-// additions in the same order as the CPU (bitwise equal results).
+// For backward the forward pass builds the tokens grouped by id (a CSR index, tokens in order
+// inside a group; uploaded for CUDA), so that one thread owns each (id, column) and adds its
+// tokens in token order: no atomics, a fixed sum order, and the same additions in the same order
+// on both devices (bitwise equal results). The CPU splits the columns over threads.
 #include <algorithm>
 #include <numeric>
 #include <vector>
@@ -49,51 +47,42 @@ inline std::vector<int32_t> embedding_token_groups(const std::vector<int32_t>& i
   return index;
 }
 
-// A host vector as a device tensor (a synchronous copy).
-inline Tensor<int32_t> to_device(const std::vector<int32_t>& values) {
-  return Tensor<int32_t>::from(values, Shape{static_cast<int64_t>(values.size())}).to(Device::cuda);
+// A host vector as a tensor on `device` (a synchronous copy for CUDA).
+inline Tensor<int32_t> to_device(const std::vector<int32_t>& values, Device device) {
+  return Tensor<int32_t>::from(values, Shape{static_cast<int64_t>(values.size())}).to(device);
 }
 }  // namespace detail
 
 template <class T>
-class EmbeddingNode final : public Node<T> {
- public:
-  EmbeddingNode(Var<T> table, std::vector<int32_t> ids, Tensor<int32_t> device_index = {},
-                int64_t num_unique = 0)
-      : table_(table),
-        ids_(std::move(ids)),
-        device_index_(std::move(device_index)),
-        num_unique_(num_unique) {}
-  const char* name() const override { return "embedding"; }
-  void backward(Tape<T>& tape) override {
-    if (!table_.requires_grad()) return;
-    const Tensor<T>& grad = tape.grad(this->output);
-    const T* g = grad.data();          // (T, d)
-    T* dtable = table_.grad().data();  // (V, d)
-    const int64_t d = table_.value().size(1);
-    const int64_t tokens = static_cast<int64_t>(ids_.size());
-    if (grad.device() == Device::cuda) {
-      cuda_kernel(CudaEmbedding<T>::backward, "embedding")(dtable, g, device_index_.data(),
-                                                           num_unique_, tokens, d);
-      return;
-    }
+struct CpuEmbedding {
+  static void forward(T* out, const T* table, const int32_t* ids, int64_t tokens, int64_t d) {
+    parallel_for(tokens, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(d, 1)),
+                 [&](int64_t t0, int64_t t1) {
+                   for (int64_t t = t0; t < t1; ++t)
+                     std::copy(table + ids[t] * d, table + (ids[t] + 1) * d, out + t * d);
+                 });
+  }
+  static void backward(T* dtable, const T* g, const int32_t* index, int64_t num_unique,
+                       int64_t tokens, int64_t d) {
+    const int32_t* unique = index;
+    const int32_t* offsets = index + num_unique;
+    const int32_t* positions = offsets + num_unique + 1;
     const int64_t column_grain =
         std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(tokens, 1));
     parallel_for(d, column_grain, [&](int64_t j0, int64_t j1) {
-      for (int64_t t = 0; t < tokens; ++t) {
-        T* dst = dtable + static_cast<int64_t>(ids_[t]) * d;
-        const T* src = g + t * d;
-        for (int64_t j = j0; j < j1; ++j) dst[j] += src[j];
+      for (int64_t u = 0; u < num_unique; ++u) {
+        T* dst = dtable + static_cast<int64_t>(unique[u]) * d;
+        for (int32_t k = offsets[u]; k < offsets[u + 1]; ++k) {
+          const T* src = g + static_cast<int64_t>(positions[k]) * d;
+          for (int64_t j = j0; j < j1; ++j) dst[j] += src[j];
+        }
       }
     });
   }
-
- private:
-  Var<T> table_;
-  std::vector<int32_t> ids_;
-  Tensor<int32_t> device_index_;  // CUDA only: the CSR index of CudaEmbedding::backward
-  int64_t num_unique_;
 };
+
+template <class T>
+class EmbeddingNode;
 
 template <class T>
 Var<T> embedding(Var<T> table, const std::vector<int32_t>& ids) {
@@ -111,27 +100,42 @@ Var<T> embedding(Var<T> table, const std::vector<int32_t>& ids) {
   Var<T> out = tape.output(Shape{tokens, d}, rg);
   Tensor<T> out_value = out.value();             // shares the output's storage
   check_same_device("embedding", out_value, W);  // the tape allocates on its own device
-  T* o = out_value.data();
-  const T* w = W.data();
-  if (W.device() == Device::cuda) {
-    require_cuda("embedding");
-    cuda_kernel(CudaEmbedding<T>::forward, "embedding");
-    const Tensor<int32_t> device_ids = detail::to_device(ids);
-    CudaEmbedding<T>::forward(o, w, device_ids.data(), tokens, d);
-    if (rg) {
-      int64_t num_unique = 0;
-      Tensor<int32_t> index = detail::to_device(detail::embedding_token_groups(ids, num_unique));
-      tape.template record<EmbeddingNode<T>>(out, table, ids, std::move(index), num_unique);
-    }
-    return out;
+  const Device device = W.device();
+  const auto forward =
+      kernel_for(device, &CpuEmbedding<T>::forward, CudaEmbedding<T>::forward, "embedding");
+  if (device == Device::cpu) {
+    forward(out_value.data(), W.data(), ids.data(), tokens, d);
+  } else {
+    const Tensor<int32_t> device_ids = detail::to_device(ids, device);
+    forward(out_value.data(), W.data(), device_ids.data(), tokens, d);
   }
-  parallel_for(tokens, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(d, 1)),
-               [&](int64_t t0, int64_t t1) {
-                 for (int64_t t = t0; t < t1; ++t)
-                   std::copy(w + ids[t] * d, w + (ids[t] + 1) * d, o + t * d);
-               });
-  if (rg) tape.template record<EmbeddingNode<T>>(out, table, ids);
+  if (rg) {
+    int64_t num_unique = 0;
+    Tensor<int32_t> index =
+        detail::to_device(detail::embedding_token_groups(ids, num_unique), device);
+    tape.template record<EmbeddingNode<T>>(out, table, std::move(index), num_unique, tokens);
+  }
   return out;
 }
+
+template <class T>
+class EmbeddingNode final : public Node<T> {
+ public:
+  EmbeddingNode(Var<T> table, Tensor<int32_t> index, int64_t num_unique, int64_t tokens)
+      : table_(table), index_(std::move(index)), num_unique_(num_unique), tokens_(tokens) {}
+  const char* name() const override { return "embedding"; }
+  void backward(Tape<T>& tape) override {
+    if (!table_.requires_grad()) return;
+    const Tensor<T>& grad = tape.grad(this->output);  // (tokens, d)
+    kernel_for(grad.device(), &CpuEmbedding<T>::backward, CudaEmbedding<T>::backward, "embedding")(
+        table_.grad().data(), grad.data(), index_.data(), num_unique_, tokens_,
+        table_.value().size(1));
+  }
+
+ private:
+  Var<T> table_;
+  Tensor<int32_t> index_;  // the CSR index of the backward kernels, on the op's device
+  int64_t num_unique_, tokens_;
+};
 
 }  // namespace cbq::ops

@@ -38,43 +38,29 @@ struct CudaKlSoftmax {
 };
 
 template <class T>
-class KlSoftmaxNode final : public Node<T> {
- public:
-  KlSoftmaxNode(Var<T> a, Var<T> b, T temperature, Tensor<T> saved)
-      : a_(a), b_(b), temperature_(temperature), saved_(std::move(saved)) {}
-  const char* name() const override { return "kl_softmax"; }
-  void backward(Tape<T>& tape) override {
-    const bool grad_a = a_.requires_grad(), grad_b = b_.requires_grad();
-    if (!grad_a && !grad_b) return;
-    const Tensor<T>& va = a_.value();
-    const int64_t n = va.shape().cols(), rows = va.shape().rows();
-    const double inv_tau = 1.0 / static_cast<double>(temperature_);
-    const Tensor<T>& grad = tape.grad(this->output);
-    if (grad.device() == Device::cuda) {
-      cuda_kernel(CudaKlSoftmax<T>::backward, "kl_softmax")(
-          grad_a ? a_.grad().data() : nullptr, grad_b ? b_.grad().data() : nullptr, grad.data(),
-          va.data(), b_.value().data(), saved_.data(), rows, n, inv_tau);
-      return;
-    }
-    const double coef = static_cast<double>(tape.grad(this->output).data()[0]) * inv_tau /
-                        static_cast<double>(rows);
-    const T* ap = va.data();
-    const T* bp = b_.value().data();
-    const T* saved = saved_.data();  // (R, 3): shift_a, shift_b, KL_r
-    T* da = grad_a ? a_.grad().data() : nullptr;
-    T* db = grad_b ? b_.grad().data() : nullptr;
-    // The maxima are recomputed; the shifts and KL_r come from the forward pass.
+struct CpuKlSoftmax {
+  static void forward(T* out, T* saved, const T* a, const T* b, int64_t rows, int64_t n,
+                      double inv_tau) {
+    parallel_for(rows, detail::row_grain(n), [&](int64_t r0, int64_t r1) {
+      CBQ_SIMD_DISPATCH(simd::isa_for<T>(), kl_forward_rows<T>(a, b, saved, r0, r1, n, inv_tau));
+    });
+    double total = 0;  // serial over rows: deterministic
+    for (int64_t r = 0; r < rows; ++r) total += static_cast<double>(saved[3 * r + 2]);
+    out[0] = static_cast<T>(total / static_cast<double>(rows));
+  }
+  // The maxima are recomputed; the shifts and KL_r come from the forward pass.
+  static void backward(T* da, T* db, const T* g, const T* a, const T* b, const T* saved,
+                       int64_t rows, int64_t n, double inv_tau) {
+    const double coef = static_cast<double>(g[0]) * inv_tau / static_cast<double>(rows);
     parallel_for(rows, detail::row_grain(n), [&](int64_t r0, int64_t r1) {
       CBQ_SIMD_DISPATCH(simd::isa_for<T>(),
-                        kl_backward_rows<T>(da, db, ap, bp, saved, r0, r1, n, inv_tau, coef));
+                        kl_backward_rows<T>(da, db, a, b, saved, r0, r1, n, inv_tau, coef));
     });
   }
-
- private:
-  Var<T> a_, b_;
-  T temperature_;
-  Tensor<T> saved_;
 };
+
+template <class T>
+class KlSoftmaxNode;
 
 // Mean over rows of KL(softmax(a/τ) ‖ softmax(b/τ)) over the last dimension; a is the target.
 template <class T>
@@ -92,30 +78,37 @@ Var<T> kl_softmax(Var<T> a, Var<T> b, T temperature = T(1)) {
   const double inv_tau = 1.0 / static_cast<double>(temperature);
   Tape<T>& tape = a.tape();
   const bool rg = tape.any_requires_grad({a, b});
-  Tensor<T> saved = tape.scratch(Shape{rows, 3});
-  check_same_device("kl_softmax", saved, va);  // the tape allocates on its own device
-  const T* ap = va.data();
-  const T* bp = vb.data();
-  T* sp = saved.data();
-  if (va.device() == Device::cuda) {
-    require_cuda("kl_softmax");
-    cuda_kernel(CudaKlSoftmax<T>::forward, "kl_softmax");
-    Var<T> out = tape.output(Shape{1}, rg);
-    Tensor<T> out_value = out.value();  // shares the output's storage
-    CudaKlSoftmax<T>::forward(out_value.data(), sp, ap, bp, rows, n, inv_tau);
-    if (rg) tape.template record<KlSoftmaxNode<T>>(out, a, b, temperature, saved);
-    return out;
-  }
-  parallel_for(rows, detail::row_grain(n), [&](int64_t r0, int64_t r1) {
-    CBQ_SIMD_DISPATCH(simd::isa_for<T>(), kl_forward_rows<T>(ap, bp, sp, r0, r1, n, inv_tau));
-  });
-  double total = 0;  // serial over rows: deterministic
-  for (int64_t r = 0; r < rows; ++r) total += static_cast<double>(sp[3 * r + 2]);
+  Tensor<T> saved = tape.scratch(Shape{rows, 3});  // shift_a, shift_b, KL_r per row
+  check_same_device("kl_softmax", saved, va);      // the tape allocates on its own device
   Var<T> out = tape.output(Shape{1}, rg);
   Tensor<T> out_value = out.value();  // shares the output's storage
-  out_value.data()[0] = static_cast<T>(total / static_cast<double>(rows));
+  kernel_for(va.device(), &CpuKlSoftmax<T>::forward, CudaKlSoftmax<T>::forward, "kl_softmax")(
+      out_value.data(), saved.data(), va.data(), vb.data(), rows, n, inv_tau);
   if (rg) tape.template record<KlSoftmaxNode<T>>(out, a, b, temperature, saved);
   return out;
 }
+
+template <class T>
+class KlSoftmaxNode final : public Node<T> {
+ public:
+  KlSoftmaxNode(Var<T> a, Var<T> b, T temperature, Tensor<T> saved)
+      : a_(a), b_(b), temperature_(temperature), saved_(std::move(saved)) {}
+  const char* name() const override { return "kl_softmax"; }
+  void backward(Tape<T>& tape) override {
+    const bool grad_a = a_.requires_grad(), grad_b = b_.requires_grad();
+    if (!grad_a && !grad_b) return;
+    const Tensor<T>& va = a_.value();
+    const Tensor<T>& grad = tape.grad(this->output);
+    kernel_for(grad.device(), &CpuKlSoftmax<T>::backward, CudaKlSoftmax<T>::backward, "kl_softmax")(
+        grad_a ? a_.grad().data() : nullptr, grad_b ? b_.grad().data() : nullptr, grad.data(),
+        va.data(), b_.value().data(), saved_.data(), va.shape().rows(), va.shape().cols(),
+        1.0 / static_cast<double>(temperature_));
+  }
+
+ private:
+  Var<T> a_, b_;
+  T temperature_;
+  Tensor<T> saved_;  // (R, 3): shift_a, shift_b, KL_r
+};
 
 }  // namespace cbq::ops

@@ -8,53 +8,32 @@ namespace cbq::ops {
 
 template <class T>
 struct CudaLinear {
-  // db[j] += Σ_r G[r, j], G (rows, cols)
-  static inline void (*bias_backward)(T* db, const T* g, int64_t rows, int64_t cols) = nullptr;
   // y[r, j] += b[j]
   static inline void (*bias_forward)(T* y, const T* b, int64_t rows, int64_t cols) = nullptr;
+  // db[j] += Σ_r G[r, j], G (rows, cols)
+  static inline void (*bias_backward)(T* db, const T* g, int64_t rows, int64_t cols) = nullptr;
+};
+
+// The product itself is a GEMM (ops::gemm, CpuGemm / CudaGemm); these are the bias kernels.
+template <class T>
+struct CpuLinear {
+  static void bias_forward(T* y, const T* b, int64_t rows, int64_t cols) {
+    parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t j = 0; j < cols; ++j) y[r * cols + j] += b[j];
+    });
+  }
+  // Split over columns so each db_j has one writer.
+  static void bias_backward(T* db, const T* g, int64_t rows, int64_t cols) {
+    parallel_for(cols, 64, [&](int64_t j0, int64_t j1) {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = j0; j < j1; ++j) db[j] += g[r * cols + j];
+    });
+  }
 };
 
 template <class T>
-class LinearNode final : public Node<T> {
- public:
-  LinearNode(Var<T> x, Var<T> w, Var<T> b, int64_t rows, int64_t in, int64_t out)
-      : x_(x), w_(w), b_(b), rows_(rows), in_(in), out_(out) {}
-  const char* name() const override { return "linear"; }
-  void backward(Tape<T>& tape) override {
-    const Tensor<T>& g = tape.grad(this->output);  // (rows, out)
-    const Device dev = g.device();
-    // dx (rows, in) += G (rows, out) · W (out, in);  dW (out, in) += Gᵀ (out, rows) · x (rows, in)
-    blas::GemmArgs<T> gemms[2];
-    int count = 0;
-    if (x_.requires_grad()) {
-      auto [dx, beta] = x_.grad_for_write();
-      gemms[count++] = blas::gemm_args(false, false, rows_, in_, out_, T(1), g.data(), out_,
-                                       w_.value().data(), in_, beta, dx->data(), in_);
-    }
-    if (w_.requires_grad()) {
-      auto [dw, beta] = w_.grad_for_write();
-      gemms[count++] = blas::gemm_args(true, false, out_, in_, rows_, T(1), g.data(), out_,
-                                       x_.value().data(), in_, beta, dw->data(), in_);
-    }
-    gemm_batch(dev, gemms, count);  // side by side on the CPU pool (core/blas.hpp)
-    if (b_.valid() && b_.requires_grad()) {
-      T* db = b_.grad().data();
-      if (dev == Device::cuda) {
-        cuda_kernel(CudaLinear<T>::bias_backward, "linear (bias)")(db, g.data(), rows_, out_);
-      } else {
-        const T* gp = g.data();
-        parallel_for(out_, 64, [&](int64_t j0, int64_t j1) {
-          for (int64_t r = 0; r < rows_; ++r)
-            for (int64_t j = j0; j < j1; ++j) db[j] += gp[r * out_ + j];
-        });
-      }
-    }
-  }
-
- private:
-  Var<T> x_, w_, b_;
-  int64_t rows_, in_, out_;
-};
+class LinearNode;
 
 // The arguments of one linear: x (..., in), W (out, in), b (out,) or an invalid Var.
 template <class T>
@@ -109,18 +88,9 @@ void finish_linear(const LinearArgs<T>& args, const LinearPlan<T>& plan) {
   const Var<T>& b = args.b;
   Tensor<T> Y = plan.out.value();
   const int64_t rows = plan.rows, outf = plan.outf;
-  if (b.valid()) {
-    const T* bp = b.value().data();
-    if (Y.device() == Device::cuda) {
-      cuda_kernel(CudaLinear<T>::bias_forward, "linear (bias)")(Y.data(), bp, rows, outf);
-    } else {
-      T* y = Y.data();
-      parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r)
-          for (int64_t j = 0; j < outf; ++j) y[r * outf + j] += bp[j];
-      });
-    }
-  }
+  if (b.valid())
+    kernel_for(Y.device(), &CpuLinear<T>::bias_forward, CudaLinear<T>::bias_forward,
+               "linear (bias)")(Y.data(), b.value().data(), rows, outf);
   if (plan.rg)
     args.x.tape().template record<LinearNode<T>>(plan.out, args.x, args.w, b, rows, plan.in, outf);
 }
@@ -168,5 +138,38 @@ Var<T> linear(Var<T> x, Var<T> w, Var<T> b = Var<T>{}) {
   linear_batch(&args, 1, &out);
   return out;
 }
+
+template <class T>
+class LinearNode final : public Node<T> {
+ public:
+  LinearNode(Var<T> x, Var<T> w, Var<T> b, int64_t rows, int64_t in, int64_t out)
+      : x_(x), w_(w), b_(b), rows_(rows), in_(in), out_(out) {}
+  const char* name() const override { return "linear"; }
+  void backward(Tape<T>& tape) override {
+    const Tensor<T>& g = tape.grad(this->output);  // (rows, out)
+    const Device dev = g.device();
+    // dx (rows, in) += G (rows, out) · W (out, in);  dW (out, in) += Gᵀ (out, rows) · x (rows, in)
+    blas::GemmArgs<T> gemms[2];
+    int count = 0;
+    if (x_.requires_grad()) {
+      auto [dx, beta] = x_.grad_for_write();
+      gemms[count++] = blas::gemm_args(false, false, rows_, in_, out_, T(1), g.data(), out_,
+                                       w_.value().data(), in_, beta, dx->data(), in_);
+    }
+    if (w_.requires_grad()) {
+      auto [dw, beta] = w_.grad_for_write();
+      gemms[count++] = blas::gemm_args(true, false, out_, in_, rows_, T(1), g.data(), out_,
+                                       x_.value().data(), in_, beta, dw->data(), in_);
+    }
+    gemm_batch(dev, gemms, count);  // side by side on the CPU pool (core/blas.hpp)
+    if (b_.valid() && b_.requires_grad())
+      kernel_for(dev, &CpuLinear<T>::bias_backward, CudaLinear<T>::bias_backward, "linear (bias)")(
+          b_.grad().data(), g.data(), rows_, out_);
+  }
+
+ private:
+  Var<T> x_, w_, b_;
+  int64_t rows_, in_, out_;
+};
 
 }  // namespace cbq::ops

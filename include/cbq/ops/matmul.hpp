@@ -17,17 +17,20 @@ struct CudaGemm {
                              int64_t ldc) = nullptr;
 };
 
+template <class T>
+struct CpuGemm {
+  static void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+                   int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+    blas::gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+};
+
 // Device-dispatching row-major GEMM on raw pointers (all operands on `device`).
 template <class T>
 void gemm(Device device, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha,
           const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
-  if (device == Device::cuda) {
-    require_cuda("gemm");
-    CBQ_CHECK(CudaGemm<T>::gemm, "gemm: CUDA GEMM not registered");
-    CudaGemm<T>::gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  } else {
-    blas::gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  }
+  kernel_for(device, &CpuGemm<T>::gemm, CudaGemm<T>::gemm, "gemm")(trans_a, trans_b, m, n, k, alpha,
+                                                                   a, lda, b, ldb, beta, c, ldc);
 }
 
 // Independent GEMMs on `device`: side by side on the CPU (blas::gemm_batch), in turn on the GPU.
@@ -39,6 +42,35 @@ void gemm_batch(Device device, const blas::GemmArgs<T>* gemms, int count) {
     gemm<T>(device, g.trans_a, g.trans_b, g.m, g.n, g.k, g.alpha, g.a, g.lda, g.b, g.ldb, g.beta,
             g.c, g.ldc);
   }
+}
+
+template <class T>
+class MatmulNode;
+
+template <class T>
+Var<T> matmul(Var<T> a, Var<T> b, bool trans_a = false, bool trans_b = false) {
+  const Tensor<T>& A = a.value();
+  const Tensor<T>& B = b.value();
+  CBQ_CHECK(A.ndim() == 2 && B.ndim() == 2, "matmul: expected 2-D operands, got {} and {}",
+            A.shape(), B.shape());
+  check_contiguous("matmul", "A", A);
+  check_contiguous("matmul", "B", B);
+  check_same_device("matmul", A, B);
+  const int64_t m = trans_a ? A.size(1) : A.size(0);
+  const int64_t k = trans_a ? A.size(0) : A.size(1);
+  const int64_t kb = trans_b ? B.size(1) : B.size(0);
+  const int64_t n = trans_b ? B.size(0) : B.size(1);
+  CBQ_CHECK(k == kb, "matmul: inner dimensions differ: op(A) is ({}, {}), op(B) is ({}, {})", m, k,
+            kb, n);
+  Tape<T>& tape = a.tape();
+  const bool rg = tape.any_requires_grad({a, b});
+  Var<T> out = tape.output(Shape{m, n}, rg);
+  Tensor<T> C = out.value();
+  check_same_device("matmul", C, A);  // the tape allocates on its own device
+  gemm<T>(A.device(), trans_a, trans_b, m, n, k, T(1), A.data(), A.size(1), B.data(), B.size(1),
+          T(0), C.data(), n);
+  if (rg) tape.template record<MatmulNode<T>>(out, a, b, trans_a, trans_b, m, n, k);
+  return out;
 }
 
 template <class T>
@@ -74,31 +106,5 @@ class MatmulNode final : public Node<T> {
   bool ta_, tb_;
   int64_t m_, n_, k_;
 };
-
-template <class T>
-Var<T> matmul(Var<T> a, Var<T> b, bool trans_a = false, bool trans_b = false) {
-  const Tensor<T>& A = a.value();
-  const Tensor<T>& B = b.value();
-  CBQ_CHECK(A.ndim() == 2 && B.ndim() == 2, "matmul: expected 2-D operands, got {} and {}",
-            A.shape(), B.shape());
-  check_contiguous("matmul", "A", A);
-  check_contiguous("matmul", "B", B);
-  check_same_device("matmul", A, B);
-  const int64_t m = trans_a ? A.size(1) : A.size(0);
-  const int64_t k = trans_a ? A.size(0) : A.size(1);
-  const int64_t kb = trans_b ? B.size(1) : B.size(0);
-  const int64_t n = trans_b ? B.size(0) : B.size(1);
-  CBQ_CHECK(k == kb, "matmul: inner dimensions differ: op(A) is ({}, {}), op(B) is ({}, {})", m, k,
-            kb, n);
-  Tape<T>& tape = a.tape();
-  const bool rg = tape.any_requires_grad({a, b});
-  Var<T> out = tape.output(Shape{m, n}, rg);
-  Tensor<T> C = out.value();
-  check_same_device("matmul", C, A);  // the tape allocates on its own device
-  gemm<T>(A.device(), trans_a, trans_b, m, n, k, T(1), A.data(), A.size(1), B.data(), B.size(1),
-          T(0), C.data(), n);
-  if (rg) tape.template record<MatmulNode<T>>(out, a, b, trans_a, trans_b, m, n, k);
-  return out;
-}
 
 }  // namespace cbq::ops

@@ -21,38 +21,25 @@ struct CudaSquaredError {
 };
 
 template <class T>
-class SquaredErrorNode final : public Node<T> {
- public:
-  SquaredErrorNode(Var<T> a, Var<T> b, T coefficient, const char* name)
-      : a_(a), b_(b), coefficient_(coefficient), name_(name) {}
-  const char* name() const override { return name_; }
-  void backward(Tape<T>& tape) override {
-    const Tensor<T>& grad = tape.grad(this->output);
-    const T* x = a_.value().data();
-    const T* y = b_.value().data();
-    const int64_t n = a_.value().numel();
-    auto accumulate_difference = [&](Var<T> dst, T sign) {
-      T* d = dst.grad().data();
-      if (grad.device() == Device::cuda) {
-        cuda_kernel(CudaSquaredError<T>::backward, name_)(d, grad.data(), x, y, coefficient_, sign,
-                                                          n);
-        return;
-      }
-      const T k = T(2) * coefficient_ * grad.data()[0];
-      const T ks = sign * k;
-      parallel_for(n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) d[i] += ks * (x[i] - y[i]);
-      });
-    };
-    if (a_.requires_grad()) accumulate_difference(a_, T(1));
-    if (b_.requires_grad()) accumulate_difference(b_, T(-1));
+struct CpuSquaredError {
+  static void forward(T* out, const T* a, const T* b, int64_t n, double divisor) {
+    const double total = detail::blocked_sum(n, [&](int64_t i) {
+      const double diff = static_cast<double>(a[i]) - static_cast<double>(b[i]);
+      return diff * diff;
+    });
+    out[0] = static_cast<T>(total / divisor);
   }
-
- private:
-  Var<T> a_, b_;
-  T coefficient_;
-  const char* name_;
+  static void backward(T* d, const T* g, const T* a, const T* b, T coefficient, T sign, int64_t n) {
+    const T k = T(2) * coefficient * g[0];
+    const T ks = sign * k;
+    parallel_for(n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) d[i] += ks * (a[i] - b[i]);
+    });
+  }
 };
+
+template <class T>
+class SquaredErrorNode;
 
 namespace detail {
 // c · Σ (a − b)² with c = 1/N (per_row = false) or 1/R (per_row = true).
@@ -67,30 +54,42 @@ Var<T> squared_error(const char* op, Var<T> a, Var<T> b, bool per_row) {
   if (per_row) CBQ_CHECK(va.ndim() >= 1, "{}: inputs must have at least one dimension", op);
   const int64_t count = per_row ? va.shape().rows() : va.numel();
   CBQ_CHECK(count > 0 && va.numel() > 0, "{}: inputs of shape {} are empty", op, va.shape());
-  const T* x = va.data();
-  const T* y = vb.data();
   Tape<T>& tape = a.tape();
   const bool rg = tape.any_requires_grad({a, b});
   Var<T> out = tape.output(Shape{1}, rg);
   Tensor<T> out_value = out.value();     // shares the output's storage
   check_same_device(op, out_value, va);  // the tape allocates on its own device
-  if (va.device() == Device::cuda) {
-    require_cuda(op);
-    cuda_kernel(CudaSquaredError<T>::forward, op)(out_value.data(), x, y, va.numel(),
-                                                  static_cast<double>(count));
-  } else {
-    const double total = blocked_sum(va.numel(), [&](int64_t i) {
-      const double diff = static_cast<double>(x[i]) - static_cast<double>(y[i]);
-      return diff * diff;
-    });
-    out_value.data()[0] = static_cast<T>(total / static_cast<double>(count));
-  }
+  kernel_for(va.device(), &CpuSquaredError<T>::forward, CudaSquaredError<T>::forward, op)(
+      out_value.data(), va.data(), vb.data(), va.numel(), static_cast<double>(count));
   if (rg)
     tape.template record<SquaredErrorNode<T>>(out, a, b,
                                               static_cast<T>(1.0 / static_cast<double>(count)), op);
   return out;
 }
 }  // namespace detail
+
+template <class T>
+class SquaredErrorNode final : public Node<T> {
+ public:
+  SquaredErrorNode(Var<T> a, Var<T> b, T coefficient, const char* name)
+      : a_(a), b_(b), coefficient_(coefficient), name_(name) {}
+  const char* name() const override { return name_; }
+  void backward(Tape<T>& tape) override {
+    const Tensor<T>& grad = tape.grad(this->output);
+    const auto kernel = kernel_for(grad.device(), &CpuSquaredError<T>::backward,
+                                   CudaSquaredError<T>::backward, name_);
+    const T* a = a_.value().data();
+    const T* b = b_.value().data();
+    const int64_t n = a_.value().numel();
+    if (a_.requires_grad()) kernel(a_.grad().data(), grad.data(), a, b, coefficient_, T(1), n);
+    if (b_.requires_grad()) kernel(b_.grad().data(), grad.data(), a, b, coefficient_, T(-1), n);
+  }
+
+ private:
+  Var<T> a_, b_;
+  T coefficient_;
+  const char* name_;
+};
 
 // Mean over all elements of (a − b)².
 template <class T>

@@ -1,6 +1,7 @@
 #pragma once
 // mul: out = a ⊙ b, elementwise, same shape.
 // Derivative: d a += d out ⊙ b, d b += d out ⊙ a.
+// CUDA: cuda/cbq/cuda/ops/mul.cuh.
 #include "cbq/ops/common.hpp"
 
 namespace cbq::ops {
@@ -14,33 +15,21 @@ struct CudaMul {
 };
 
 template <class T>
-class MulNode final : public Node<T> {
- public:
-  MulNode(Var<T> a, Var<T> b) : a_(a), b_(b) {}
-  const char* name() const override { return "mul"; }
-  void backward(Tape<T>& tape) override {
-    const Tensor<T>& grad = tape.grad(this->output);
-    const T* g = grad.data();
-    const int64_t n = a_.value().numel();
-    // d a += g ⊙ b, d b += g ⊙ a (a and b may be the same variable: both terms accumulate).
-    auto accumulate_product = [&](Var<T> dst, Var<T> other) {
-      T* d = dst.grad().data();
-      const T* o = other.value().data();
-      if (grad.device() == Device::cuda) {
-        cuda_kernel(CudaMul<T>::backward, "mul")(d, g, o, n);
-        return;
-      }
-      parallel_for(n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) d[i] += g[i] * o[i];
-      });
-    };
-    if (a_.requires_grad()) accumulate_product(a_, b_);
-    if (b_.requires_grad()) accumulate_product(b_, a_);
+struct CpuMul {
+  static void forward(T* out, const T* a, const T* b, int64_t n) {
+    parallel_for(n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) out[i] = a[i] * b[i];
+    });
   }
-
- private:
-  Var<T> a_, b_;
+  static void backward(T* d, const T* g, const T* other, int64_t n) {
+    parallel_for(n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) d[i] += g[i] * other[i];
+    });
+  }
 };
+
+template <class T>
+class MulNode;
 
 template <class T>
 Var<T> mul(Var<T> a, Var<T> b) {
@@ -55,19 +44,29 @@ Var<T> mul(Var<T> a, Var<T> b) {
   Var<T> out = tape.output(va.shape(), rg);
   Tensor<T> out_value = out.value();        // shares the output's storage
   check_same_device("mul", out_value, va);  // the tape allocates on its own device
-  T* o = out_value.data();
-  const T* x = va.data();
-  const T* y = vb.data();
-  if (va.device() == Device::cuda) {
-    require_cuda("mul");
-    cuda_kernel(CudaMul<T>::forward, "mul")(o, x, y, va.numel());
-  } else {
-    parallel_for(va.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) o[i] = x[i] * y[i];
-    });
-  }
+  kernel_for(va.device(), &CpuMul<T>::forward, CudaMul<T>::forward, "mul")(
+      out_value.data(), va.data(), vb.data(), va.numel());
   if (rg) tape.template record<MulNode<T>>(out, a, b);
   return out;
 }
+
+template <class T>
+class MulNode final : public Node<T> {
+ public:
+  MulNode(Var<T> a, Var<T> b) : a_(a), b_(b) {}
+  const char* name() const override { return "mul"; }
+  void backward(Tape<T>& tape) override {
+    const Tensor<T>& grad = tape.grad(this->output);
+    const auto kernel =
+        kernel_for(grad.device(), &CpuMul<T>::backward, CudaMul<T>::backward, "mul");
+    const int64_t n = a_.value().numel();
+    // d a += g ⊙ b, d b += g ⊙ a (a and b may be the same variable: both terms accumulate).
+    if (a_.requires_grad()) kernel(a_.grad().data(), grad.data(), b_.value().data(), n);
+    if (b_.requires_grad()) kernel(b_.grad().data(), grad.data(), a_.value().data(), n);
+  }
+
+ private:
+  Var<T> a_, b_;
+};
 
 }  // namespace cbq::ops

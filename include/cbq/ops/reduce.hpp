@@ -19,7 +19,6 @@ struct CudaReduce {
 };
 
 namespace detail {
-
 // Elements per block of the deterministic blocked sum.
 inline constexpr int64_t kSumBlock = 1 << 14;
 
@@ -47,33 +46,25 @@ double blocked_sum(int64_t n, F&& term) {
   return total;
 }
 
-// Shared node of sum and mean: d a[i] += coefficient · d out.
+}  // namespace detail
+
 template <class T>
-class SumNode final : public Node<T> {
- public:
-  SumNode(Var<T> a, T coefficient, const char* name)
-      : a_(a), coefficient_(coefficient), name_(name) {}
-  const char* name() const override { return name_; }
-  void backward(Tape<T>& tape) override {
-    if (!a_.requires_grad()) return;
-    const Tensor<T>& grad = tape.grad(this->output);
-    T* d = a_.grad().data();
-    if (grad.device() == Device::cuda) {
-      cuda_kernel(CudaReduce<T>::sum_backward, name_)(d, grad.data(), coefficient_,
-                                                      a_.value().numel());
-      return;
-    }
-    const T g = grad.data()[0] * coefficient_;
-    parallel_for(a_.value().numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) d[i] += g;
+struct CpuReduce {
+  static void sum(T* out, const T* x, int64_t n, double divisor) {
+    out[0] = static_cast<T>(detail::blocked_sum(n, [&](int64_t i) { return x[i]; }) / divisor);
+  }
+  static void sum_backward(T* d, const T* g, T coefficient, int64_t n) {
+    const T gc = g[0] * coefficient;
+    parallel_for(n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) d[i] += gc;
     });
   }
-
- private:
-  Var<T> a_;
-  T coefficient_;
-  const char* name_;
 };
+
+namespace detail {
+
+template <class T>
+class SumNode;
 
 template <class T>
 Var<T> reduce_all(const char* op, Var<T> a, bool divide_by_count) {
@@ -88,16 +79,31 @@ Var<T> reduce_all(const char* op, Var<T> a, bool divide_by_count) {
   Var<T> out = tape.output(Shape{1}, rg);
   Tensor<T> out_value = out.value();     // shares the output's storage
   check_same_device(op, out_value, va);  // the tape allocates on its own device
-  if (va.device() == Device::cuda) {
-    require_cuda(op);
-    cuda_kernel(CudaReduce<T>::sum, op)(out_value.data(), x, n, count);
-  } else {
-    const double total = blocked_sum(n, [&](int64_t i) { return x[i]; });
-    out_value.data()[0] = static_cast<T>(total / count);
-  }
+  kernel_for(va.device(), &CpuReduce<T>::sum, CudaReduce<T>::sum, op)(out_value.data(), x, n,
+                                                                      count);
   if (rg) tape.template record<SumNode<T>>(out, a, static_cast<T>(1.0 / count), op);
   return out;
 }
+
+// Shared node of sum and mean: d a[i] += coefficient · d out.
+template <class T>
+class SumNode final : public Node<T> {
+ public:
+  SumNode(Var<T> a, T coefficient, const char* name)
+      : a_(a), coefficient_(coefficient), name_(name) {}
+  const char* name() const override { return name_; }
+  void backward(Tape<T>& tape) override {
+    if (!a_.requires_grad()) return;
+    const Tensor<T>& grad = tape.grad(this->output);
+    kernel_for(grad.device(), &CpuReduce<T>::sum_backward, CudaReduce<T>::sum_backward, name_)(
+        a_.grad().data(), grad.data(), coefficient_, a_.value().numel());
+  }
+
+ private:
+  Var<T> a_;
+  T coefficient_;
+  const char* name_;
+};
 
 }  // namespace detail
 

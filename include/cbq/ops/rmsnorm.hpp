@@ -27,83 +27,59 @@ struct CudaRmsNorm {
                                    int64_t d) = nullptr;
 };
 
-namespace detail {
-// The CPU forward over `rows` rows of d: y = x · r ⊙ w with r = 1 / sqrt(mean(x²) + eps) per row,
-// written to inv_rms when it is not null (ops::rmsnorm and the inference path,
-// model/inference.hpp). y may alias x.
 template <class T>
-void rmsnorm_rows(T* y, T* inv_rms, const T* x, const T* w, int64_t rows, int64_t d, double eps) {
-  parallel_for(rows, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(d, 1)),
-               [&](int64_t r0, int64_t r1) {
-                 for (int64_t row = r0; row < r1; ++row) {
-                   const T* xr = x + row * d;
-                   double ss = 0;
-                   for (int64_t j = 0; j < d; ++j) ss += double(xr[j]) * xr[j];
-                   const T inv =
-                       static_cast<T>(1.0 / std::sqrt(ss / double(std::max<int64_t>(d, 1)) + eps));
-                   if (inv_rms) inv_rms[row] = inv;
-                   T* yr = y + row * d;
-                   for (int64_t j = 0; j < d; ++j) yr[j] = xr[j] * inv * w[j];
-                 }
-               });
-}
-}  // namespace detail
-
-template <class T>
-class RmsNormNode final : public Node<T> {
- public:
-  RmsNormNode(Var<T> x, Var<T> w, Tensor<T> inv_rms, int64_t rows, int64_t dim)
-      : x_(x), w_(w), inv_rms_(std::move(inv_rms)), rows_(rows), dim_(dim) {}
-  const char* name() const override { return "rmsnorm"; }
-  void backward(Tape<T>& tape) override {
-    const T* dy = tape.grad(this->output).data();  // (rows, d)
-    const T* x = x_.value().data();                // (rows, d)
-    const T* w = w_.value().data();                // (d,)
-    const T* r = inv_rms_.data();                  // (rows,)
-    const int64_t d = dim_;
-    if (inv_rms_.device() == Device::cuda) {
-      cuda_kernel(CudaRmsNorm<T>::backward_x, "rmsnorm");
-      cuda_kernel(CudaRmsNorm<T>::backward_w, "rmsnorm");
-      if (x_.requires_grad()) CudaRmsNorm<T>::backward_x(x_.grad().data(), dy, x, w, r, rows_, d);
-      if (w_.requires_grad()) CudaRmsNorm<T>::backward_w(w_.grad().data(), dy, x, r, rows_, d);
-      return;
-    }
-    if (x_.requires_grad()) {
-      T* dx = x_.grad().data();
-      parallel_for(rows_, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(d, 1)),
-                   [&](int64_t r0, int64_t r1) {
-                     for (int64_t row = r0; row < r1; ++row) {
-                       const T* xr = x + row * d;
-                       const T* gr = dy + row * d;
-                       double gx = 0;  // Σ_k g_k·x_k with g = dy ⊙ w
-                       for (int64_t j = 0; j < d; ++j) gx += double(gr[j]) * w[j] * xr[j];
-                       const double inv = r[row];
-                       const T a = static_cast<T>(inv);
-                       const T b = static_cast<T>(inv * inv * inv * gx / double(d));
-                       T* dxr = dx + row * d;
-                       for (int64_t j = 0; j < d; ++j) dxr[j] += a * gr[j] * w[j] - b * xr[j];
-                     }
-                   });
-    }
-    if (w_.requires_grad()) {
-      // Split over features so each dw_j has one writer (deterministic for any thread count).
-      T* dw = w_.grad().data();
-      parallel_for(d, 64, [&](int64_t j0, int64_t j1) {
-        for (int64_t row = 0; row < rows_; ++row) {
-          const T* xr = x + row * d;
-          const T* gr = dy + row * d;
-          const T inv = r[row];
-          for (int64_t j = j0; j < j1; ++j) dw[j] += gr[j] * xr[j] * inv;
-        }
-      });
-    }
+struct CpuRmsNorm {
+  // inv_rms is written when not null (the inference path, model/inference.hpp, passes null); y
+  // may alias x.
+  static void forward(T* y, T* inv_rms, const T* x, const T* w, int64_t rows, int64_t d,
+                      double eps) {
+    parallel_for(rows, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(d, 1)),
+                 [&](int64_t r0, int64_t r1) {
+                   for (int64_t row = r0; row < r1; ++row) {
+                     const T* xr = x + row * d;
+                     double ss = 0;
+                     for (int64_t j = 0; j < d; ++j) ss += double(xr[j]) * xr[j];
+                     const T inv = static_cast<T>(
+                         1.0 / std::sqrt(ss / double(std::max<int64_t>(d, 1)) + eps));
+                     if (inv_rms) inv_rms[row] = inv;
+                     T* yr = y + row * d;
+                     for (int64_t j = 0; j < d; ++j) yr[j] = xr[j] * inv * w[j];
+                   }
+                 });
   }
-
- private:
-  Var<T> x_, w_;
-  Tensor<T> inv_rms_;  // (rows,)
-  int64_t rows_, dim_;
+  static void backward_x(T* dx, const T* dy, const T* x, const T* w, const T* inv_rms, int64_t rows,
+                         int64_t d) {
+    parallel_for(rows, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(d, 1)),
+                 [&](int64_t r0, int64_t r1) {
+                   for (int64_t row = r0; row < r1; ++row) {
+                     const T* xr = x + row * d;
+                     const T* gr = dy + row * d;
+                     double gx = 0;  // Σ_k g_k·x_k with g = dy ⊙ w
+                     for (int64_t j = 0; j < d; ++j) gx += double(gr[j]) * w[j] * xr[j];
+                     const double inv = inv_rms[row];
+                     const T a = static_cast<T>(inv);
+                     const T b = static_cast<T>(inv * inv * inv * gx / double(d));
+                     T* dxr = dx + row * d;
+                     for (int64_t j = 0; j < d; ++j) dxr[j] += a * gr[j] * w[j] - b * xr[j];
+                   }
+                 });
+  }
+  // Split over features so each dw_j has one writer (deterministic for any thread count).
+  static void backward_w(T* dw, const T* dy, const T* x, const T* inv_rms, int64_t rows,
+                         int64_t d) {
+    parallel_for(d, 64, [&](int64_t j0, int64_t j1) {
+      for (int64_t row = 0; row < rows; ++row) {
+        const T* xr = x + row * d;
+        const T* gr = dy + row * d;
+        const T inv = inv_rms[row];
+        for (int64_t j = j0; j < j1; ++j) dw[j] += gr[j] * xr[j] * inv;
+      }
+    });
+  }
 };
+
+template <class T>
+class RmsNormNode;
 
 template <class T>
 Var<T> rmsnorm(Var<T> x, Var<T> weight, double eps) {
@@ -124,19 +100,35 @@ Var<T> rmsnorm(Var<T> x, Var<T> weight, double eps) {
   Tensor<T> inv_rms = tape.scratch(Shape{rows});  // (rows,)
   Tensor<T> Y = out.value();                      // shares the output's storage
   check_same_device("rmsnorm", Y, X);             // the tape allocates on its own device
-  T* y = Y.data();
-  const T* xp = X.data();
-  const T* w = W.data();
-  T* r = inv_rms.data();
-  if (X.device() == Device::cuda) {
-    require_cuda("rmsnorm");
-    cuda_kernel(CudaRmsNorm<T>::forward, "rmsnorm")(y, r, xp, w, rows, d, eps);
-    if (rg) tape.template record<RmsNormNode<T>>(out, x, weight, inv_rms, rows, d);
-    return out;
-  }
-  detail::rmsnorm_rows(y, r, xp, w, rows, d, eps);
+  kernel_for(X.device(), &CpuRmsNorm<T>::forward, CudaRmsNorm<T>::forward, "rmsnorm")(
+      Y.data(), inv_rms.data(), X.data(), W.data(), rows, d, eps);
   if (rg) tape.template record<RmsNormNode<T>>(out, x, weight, inv_rms, rows, d);
   return out;
 }
+
+template <class T>
+class RmsNormNode final : public Node<T> {
+ public:
+  RmsNormNode(Var<T> x, Var<T> w, Tensor<T> inv_rms, int64_t rows, int64_t dim)
+      : x_(x), w_(w), inv_rms_(std::move(inv_rms)), rows_(rows), dim_(dim) {}
+  const char* name() const override { return "rmsnorm"; }
+  void backward(Tape<T>& tape) override {
+    const T* dy = tape.grad(this->output).data();  // (rows, d)
+    const T* x = x_.value().data();                // (rows, d)
+    const T* r = inv_rms_.data();                  // (rows,)
+    const Device device = inv_rms_.device();
+    if (x_.requires_grad())
+      kernel_for(device, &CpuRmsNorm<T>::backward_x, CudaRmsNorm<T>::backward_x, "rmsnorm")(
+          x_.grad().data(), dy, x, w_.value().data(), r, rows_, dim_);
+    if (w_.requires_grad())
+      kernel_for(device, &CpuRmsNorm<T>::backward_w, CudaRmsNorm<T>::backward_w, "rmsnorm")(
+          w_.grad().data(), dy, x, r, rows_, dim_);
+  }
+
+ private:
+  Var<T> x_, w_;
+  Tensor<T> inv_rms_;  // (rows,)
+  int64_t rows_, dim_;
+};
 
 }  // namespace cbq::ops

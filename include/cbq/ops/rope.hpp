@@ -66,33 +66,52 @@ void rope_rotate_head(T* ya, T* yb, const T* xa, const T* xb, int64_t stride, co
   }
 }
 
-// Rotates every pair of every head by (cos, sin) tables of shape (T, hd/2); `sign` = −1 applies
-// the inverse rotation. out += rotate(in) when accumulate, else out = rotate(in).
+}  // namespace detail
+
 template <class T>
-void rope_apply(T* out, const T* in, const T* cos_table, const T* sin_table, int64_t seq_len,
-                int64_t n_heads, int64_t head_dim, RopeLayout layout, T sign, bool accumulate) {
-  const int64_t half = head_dim / 2, width = n_heads * head_dim;
-  int64_t a0, b0;
-  rope_pair(layout, head_dim, 0, a0, b0);
-  const int64_t stride = layout == RopeLayout::interleaved ? 2 : 1;  // of a pair's members
-  parallel_for(seq_len, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(width, 1)),
-               [&](int64_t t0, int64_t t1) {
-                 for (int64_t t = t0; t < t1; ++t) {
-                   const T* c = cos_table + t * half;
-                   const T* s = sin_table + t * half;
-                   for (int64_t h = 0; h < n_heads; ++h) {
-                     const T* xi = in + t * width + h * head_dim;
-                     T* yo = out + t * width + h * head_dim;
-                     if (accumulate)
-                       rope_rotate_head<T, true>(yo + a0, yo + b0, xi + a0, xi + b0, stride, c, s,
-                                                 half, sign);
-                     else
-                       rope_rotate_head<T, false>(yo + a0, yo + b0, xi + a0, xi + b0, stride, c, s,
-                                                  half, sign);
+struct CpuRope {
+  // In double, then cast to T (ops::rope caches the tables per shape: detail::rope_tables).
+  static void tables(T* cos_table, T* sin_table, int64_t seq_len, int64_t head_dim, double theta,
+                     int64_t pos0) {
+    const int64_t half = head_dim / 2;
+    for (int64_t i = 0; i < half; ++i) {
+      const double freq = std::pow(theta, -2.0 * double(i) / double(head_dim));
+      for (int64_t t = 0; t < seq_len; ++t) {
+        const double angle = double(pos0 + t) * freq;
+        cos_table[t * half + i] = static_cast<T>(std::cos(angle));
+        sin_table[t * half + i] = static_cast<T>(std::sin(angle));
+      }
+    }
+  }
+  // Rotates every pair of every head by (cos, sin) tables of shape (T, hd/2); `sign` = −1 applies
+  // the inverse rotation. out += rotate(in) when accumulate, else out = rotate(in).
+  static void apply(T* out, const T* in, const T* cos_table, const T* sin_table, int64_t seq_len,
+                    int64_t n_heads, int64_t head_dim, RopeLayout layout, T sign, bool accumulate) {
+    const int64_t half = head_dim / 2, width = n_heads * head_dim;
+    int64_t a0, b0;
+    detail::rope_pair(layout, head_dim, 0, a0, b0);
+    const int64_t stride = layout == RopeLayout::interleaved ? 2 : 1;  // of a pair's members
+    parallel_for(seq_len, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(width, 1)),
+                 [&](int64_t t0, int64_t t1) {
+                   for (int64_t t = t0; t < t1; ++t) {
+                     const T* c = cos_table + t * half;
+                     const T* s = sin_table + t * half;
+                     for (int64_t h = 0; h < n_heads; ++h) {
+                       const T* xi = in + t * width + h * head_dim;
+                       T* yo = out + t * width + h * head_dim;
+                       if (accumulate)
+                         detail::rope_rotate_head<T, true>(yo + a0, yo + b0, xi + a0, xi + b0,
+                                                           stride, c, s, half, sign);
+                       else
+                         detail::rope_rotate_head<T, false>(yo + a0, yo + b0, xi + a0, xi + b0,
+                                                            stride, c, s, half, sign);
+                     }
                    }
-                 }
-               });
-}
+                 });
+  }
+};
+
+namespace detail {
 
 // cos/sin tables (seq_len, hd/2) of φ(t, i) = (pos0 + t)·θ^(−2i/hd), computed in double and
 // cached: the most recent kRopeCacheSize distinct (seq_len, hd, θ, pos0) keys are kept (a tensor
@@ -122,14 +141,7 @@ std::pair<Tensor<T>, Tensor<T>> rope_tables(int64_t seq_len, int64_t head_dim, d
   const int64_t half = head_dim / 2;
   Tensor<T> cos_table = Tensor<T>::empty(Shape{seq_len, half});
   Tensor<T> sin_table = Tensor<T>::empty(Shape{seq_len, half});
-  for (int64_t i = 0; i < half; ++i) {
-    const double freq = std::pow(theta, -2.0 * double(i) / double(head_dim));
-    for (int64_t t = 0; t < seq_len; ++t) {
-      const double angle = double(pos0 + t) * freq;
-      cos_table[t * half + i] = static_cast<T>(std::cos(angle));
-      sin_table[t * half + i] = static_cast<T>(std::sin(angle));
-    }
-  }
+  CpuRope<T>::tables(cos_table.data(), sin_table.data(), seq_len, head_dim, theta, pos0);
   if (cache.size() >= kRopeCacheSize) cache.erase(cache.begin());
   cache.push_back(Entry{seq_len, head_dim, pos0, theta, cos_table, sin_table});
   return {cos_table, sin_table};
@@ -138,37 +150,7 @@ std::pair<Tensor<T>, Tensor<T>> rope_tables(int64_t seq_len, int64_t head_dim, d
 }  // namespace detail
 
 template <class T>
-class RopeNode final : public Node<T> {
- public:
-  RopeNode(Var<T> x, Tensor<T> cos_table, Tensor<T> sin_table, int64_t n_heads, int64_t head_dim,
-           RopeLayout layout)
-      : x_(x),
-        cos_(std::move(cos_table)),
-        sin_(std::move(sin_table)),
-        n_heads_(n_heads),
-        head_dim_(head_dim),
-        layout_(layout) {}
-  const char* name() const override { return "rope"; }
-  void backward(Tape<T>& tape) override {
-    if (!x_.requires_grad()) return;
-    const Tensor<T>& dy = tape.grad(this->output);  // (T, H·hd)
-    // dx += R(φ)ᵀ dy = R(−φ) dy
-    if (dy.device() == Device::cuda) {
-      cuda_kernel(CudaRope<T>::apply, "rope")(x_.grad().data(), dy.data(), cos_.data(), sin_.data(),
-                                              dy.size(0), n_heads_, head_dim_, layout_, T(-1),
-                                              true);
-      return;
-    }
-    detail::rope_apply(x_.grad().data(), dy.data(), cos_.data(), sin_.data(), dy.size(0), n_heads_,
-                       head_dim_, layout_, T(-1), true);
-  }
-
- private:
-  Var<T> x_;
-  Tensor<T> cos_, sin_;  // (T, hd/2) each
-  int64_t n_heads_, head_dim_;
-  RopeLayout layout_;
-};
+class RopeNode;
 
 template <class T>
 Var<T> rope(Var<T> x, int64_t n_heads, int64_t head_dim, RopeLayout layout, double theta,
@@ -189,28 +171,52 @@ Var<T> rope(Var<T> x, int64_t n_heads, int64_t head_dim, RopeLayout layout, doub
   Var<T> out = tape.output(X.shape(), rg);
   Tensor<T> Y = out.value();        // shares the output's storage
   check_same_device("rope", Y, X);  // the tape allocates on its own device
-  if (X.device() == Device::cuda) {
-    Tensor<T> cos_table = tape.scratch(Shape{seq_len, half});  // (T, hd/2)
-    Tensor<T> sin_table = tape.scratch(Shape{seq_len, half});  // (T, hd/2)
-    require_cuda("rope");
-    cuda_kernel(CudaRope<T>::apply, "rope");
-    cuda_kernel(CudaRope<T>::tables, "rope")(cos_table.data(), sin_table.data(), seq_len, head_dim,
-                                             theta, pos0);
-    CudaRope<T>::apply(Y.data(), X.data(), cos_table.data(), sin_table.data(), seq_len, n_heads,
-                       head_dim, layout, T(1), false);
-    if (rg)
-      tape.template record<RopeNode<T>>(out, x, cos_table, sin_table, n_heads, head_dim, layout);
-    return out;
+  // The tables depend only on (T, hd, θ, pos0): on the CPU computed once and shared (a training
+  // step would otherwise spend thousands of double sin/cos calls per call); on CUDA by a kernel
+  // into tape scratch.
+  std::pair<Tensor<T>, Tensor<T>> tables;
+  if (X.device() == Device::cpu) {
+    tables = detail::rope_tables<T>(seq_len, head_dim, theta, pos0);
+  } else {
+    tables = {tape.scratch(Shape{seq_len, half}), tape.scratch(Shape{seq_len, half})};
+    kernel_for(X.device(), &CpuRope<T>::tables, CudaRope<T>::tables, "rope")(
+        tables.first.data(), tables.second.data(), seq_len, head_dim, theta, pos0);
   }
-  // The tables depend only on (T, hd, θ, pos0): computed once and shared (a training step
-  // would otherwise spend thousands of double sin/cos calls per call).
-  const auto tables = detail::rope_tables<T>(seq_len, head_dim, theta, pos0);
-  detail::rope_apply(Y.data(), X.data(), tables.first.data(), tables.second.data(), seq_len,
-                     n_heads, head_dim, layout, T(1), false);
+  kernel_for(X.device(), &CpuRope<T>::apply, CudaRope<T>::apply, "rope")(
+      Y.data(), X.data(), tables.first.data(), tables.second.data(), seq_len, n_heads, head_dim,
+      layout, T(1), false);
   if (rg)
     tape.template record<RopeNode<T>>(out, x, tables.first, tables.second, n_heads, head_dim,
                                       layout);
   return out;
 }
+
+template <class T>
+class RopeNode final : public Node<T> {
+ public:
+  RopeNode(Var<T> x, Tensor<T> cos_table, Tensor<T> sin_table, int64_t n_heads, int64_t head_dim,
+           RopeLayout layout)
+      : x_(x),
+        cos_(std::move(cos_table)),
+        sin_(std::move(sin_table)),
+        n_heads_(n_heads),
+        head_dim_(head_dim),
+        layout_(layout) {}
+  const char* name() const override { return "rope"; }
+  void backward(Tape<T>& tape) override {
+    if (!x_.requires_grad()) return;
+    const Tensor<T>& dy = tape.grad(this->output);  // (T, H·hd)
+    // dx += R(φ)ᵀ dy = R(−φ) dy
+    kernel_for(dy.device(), &CpuRope<T>::apply, CudaRope<T>::apply, "rope")(
+        x_.grad().data(), dy.data(), cos_.data(), sin_.data(), dy.size(0), n_heads_, head_dim_,
+        layout_, T(-1), true);
+  }
+
+ private:
+  Var<T> x_;
+  Tensor<T> cos_, sin_;  // (T, hd/2) each
+  int64_t n_heads_, head_dim_;
+  RopeLayout layout_;
+};
 
 }  // namespace cbq::ops

@@ -1,6 +1,7 @@
 #pragma once
 // scale: out = alpha · a for a constant scalar alpha.
 // Derivative: d a += alpha · d out (ops::accumulate, so CUDA uses the axpy kernel).
+// CUDA: cuda/cbq/cuda/ops/scale.cuh.
 #include "cbq/ops/common.hpp"
 
 namespace cbq::ops {
@@ -10,6 +11,33 @@ struct CudaScale {
   // out[i] = alpha · x[i], i < n
   static inline void (*forward)(T* out, const T* x, T alpha, int64_t n) = nullptr;
 };
+
+template <class T>
+struct CpuScale {
+  static void forward(T* out, const T* x, T alpha, int64_t n) {
+    parallel_for(n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) out[i] = alpha * x[i];
+    });
+  }
+};
+
+template <class T>
+class ScaleNode;
+
+template <class T>
+Var<T> scale(Var<T> a, T alpha) {
+  const Tensor<T>& va = a.value();
+  check_contiguous("scale", "a", va);
+  Tape<T>& tape = a.tape();
+  const bool rg = tape.any_requires_grad({a});
+  Var<T> out = tape.output(va.shape(), rg);
+  Tensor<T> out_value = out.value();          // shares the output's storage
+  check_same_device("scale", out_value, va);  // the tape allocates on its own device
+  kernel_for(va.device(), &CpuScale<T>::forward, CudaScale<T>::forward, "scale")(
+      out_value.data(), va.data(), alpha, va.numel());
+  if (rg) tape.template record<ScaleNode<T>>(out, a, alpha);
+  return out;
+}
 
 template <class T>
 class ScaleNode final : public Node<T> {
@@ -24,28 +52,5 @@ class ScaleNode final : public Node<T> {
   Var<T> a_;
   T alpha_;
 };
-
-template <class T>
-Var<T> scale(Var<T> a, T alpha) {
-  const Tensor<T>& va = a.value();
-  check_contiguous("scale", "a", va);
-  Tape<T>& tape = a.tape();
-  const bool rg = tape.any_requires_grad({a});
-  Var<T> out = tape.output(va.shape(), rg);
-  Tensor<T> out_value = out.value();          // shares the output's storage
-  check_same_device("scale", out_value, va);  // the tape allocates on its own device
-  T* o = out_value.data();
-  const T* x = va.data();
-  if (va.device() == Device::cuda) {
-    require_cuda("scale");
-    cuda_kernel(CudaScale<T>::forward, "scale")(o, x, alpha, va.numel());
-  } else {
-    parallel_for(va.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) o[i] = alpha * x[i];
-    });
-  }
-  if (rg) tape.template record<ScaleNode<T>>(out, a, alpha);
-  return out;
-}
 
 }  // namespace cbq::ops

@@ -59,28 +59,29 @@ void check_rows_input(const char* op, const Tensor<T>& x) {
 }  // namespace detail
 
 template <class T>
-class SoftmaxNode final : public Node<T> {
- public:
-  SoftmaxNode(Var<T> x, bool log) : x_(x), log_(log) {}
-  const char* name() const override { return log_ ? "log_softmax" : "softmax"; }
-  void backward(Tape<T>& tape) override {
-    if (!x_.requires_grad()) return;
-    const Tensor<T>& y = tape.value(this->output);  // (R, n), the saved forward output
-    const T* yp = y.data();
-    const T* g = tape.grad(this->output).data();
-    T* dx = x_.grad().data();
-    const int64_t n = y.shape().cols(), rows = y.shape().rows();
-    if (y.device() == Device::cuda) {
-      cuda_kernel(CudaSoftmax<T>::backward, name())(dx, yp, g, rows, n, log_);
-      return;
-    }
+struct CpuSoftmax {
+  static void forward(T* y, const T* x, int64_t rows, int64_t n, bool log) {
+    if (n <= 0) return;
     parallel_for(rows, detail::row_grain(n), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        const T* yr = yp + r * n;
+        const T* xr = x + r * n;
+        T* yr = y + r * n;
+        const detail::RowShift rs = detail::row_shift(xr, n);
+        for (int64_t j = 0; j < n; ++j) {
+          const double logp = rs.log_prob(static_cast<double>(xr[j]));
+          yr[j] = static_cast<T>(log ? logp : std::exp(logp));
+        }
+      }
+    });
+  }
+  static void backward(T* dx, const T* y, const T* g, int64_t rows, int64_t n, bool log) {
+    parallel_for(rows, detail::row_grain(n), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* yr = y + r * n;
         const T* gr = g + r * n;
         T* dr = dx + r * n;
         double acc = 0;
-        if (log_) {
+        if (log) {
           for (int64_t j = 0; j < n; ++j) acc += gr[j];  // Σ_k g_k
           for (int64_t j = 0; j < n; ++j)
             dr[j] += gr[j] - static_cast<T>(std::exp(static_cast<double>(yr[j])) * acc);
@@ -91,11 +92,10 @@ class SoftmaxNode final : public Node<T> {
       }
     });
   }
-
- private:
-  Var<T> x_;
-  bool log_;
 };
+
+template <class T>
+class SoftmaxNode;
 
 namespace detail {
 template <class T>
@@ -109,28 +109,30 @@ Var<T> softmax_impl(Var<T> x, bool log) {
   Var<T> out = tape.output(vx.shape(), rg);
   Tensor<T> out_value = out.value();     // shares the output's storage
   check_same_device(op, out_value, vx);  // the tape allocates on its own device
-  T* y = out_value.data();
-  const T* xp = vx.data();
-  if (vx.device() == Device::cuda) {
-    require_cuda(op);
-    cuda_kernel(CudaSoftmax<T>::forward, op)(y, xp, rows, n, log);
-  } else if (n > 0) {
-    parallel_for(rows, row_grain(n), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* xr = xp + r * n;
-        T* yr = y + r * n;
-        const RowShift rs = row_shift(xr, n);
-        for (int64_t j = 0; j < n; ++j) {
-          const double logp = rs.log_prob(static_cast<double>(xr[j]));
-          yr[j] = static_cast<T>(log ? logp : std::exp(logp));
-        }
-      }
-    });
-  }
+  kernel_for(vx.device(), &CpuSoftmax<T>::forward, CudaSoftmax<T>::forward, op)(
+      out_value.data(), vx.data(), rows, n, log);
   if (rg) tape.template record<SoftmaxNode<T>>(out, x, log);
   return out;
 }
 }  // namespace detail
+
+template <class T>
+class SoftmaxNode final : public Node<T> {
+ public:
+  SoftmaxNode(Var<T> x, bool log) : x_(x), log_(log) {}
+  const char* name() const override { return log_ ? "log_softmax" : "softmax"; }
+  void backward(Tape<T>& tape) override {
+    if (!x_.requires_grad()) return;
+    const Tensor<T>& y = tape.value(this->output);  // (R, n), the saved forward output
+    const int64_t n = y.shape().cols(), rows = y.shape().rows();
+    kernel_for(y.device(), &CpuSoftmax<T>::backward, CudaSoftmax<T>::backward, name())(
+        x_.grad().data(), y.data(), tape.grad(this->output).data(), rows, n, log_);
+  }
+
+ private:
+  Var<T> x_;
+  bool log_;
+};
 
 template <class T>
 Var<T> softmax(Var<T> x) {

@@ -19,40 +19,24 @@ struct CudaSwiglu {
                                  int64_t n) = nullptr;
 };
 
-namespace detail {
-// The CPU forward y[i] = g[i]·σ(g[i])·u[i], i < n, over the pool (y may alias g or u).
 template <class T>
-void swiglu_cpu(T* y, const T* g, const T* u, int64_t n) {
-  parallel_for(n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
-    CBQ_SIMD_DISPATCH(simd::isa_for<T>(), swiglu_forward<T>(y, g, u, begin, end));
-  });
-}
-}  // namespace detail
-
-template <class T>
-class SwigluNode final : public Node<T> {
- public:
-  SwigluNode(Var<T> gate, Var<T> up) : gate_(gate), up_(up) {}
-  const char* name() const override { return "swiglu"; }
-  void backward(Tape<T>& tape) override {
-    const Tensor<T>& grad = tape.grad(this->output);
-    const T* dy = grad.data();
-    const T* g = gate_.value().data();
-    const T* u = up_.value().data();
-    T* dg = gate_.requires_grad() ? gate_.grad().data() : nullptr;
-    T* du = up_.requires_grad() ? up_.grad().data() : nullptr;
-    if (grad.device() == Device::cuda) {
-      cuda_kernel(CudaSwiglu<T>::backward, "swiglu")(dg, du, dy, g, u, gate_.value().numel());
-      return;
-    }
-    parallel_for(gate_.value().numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
-      CBQ_SIMD_DISPATCH(simd::isa_for<T>(), swiglu_backward<T>(dg, du, dy, g, u, begin, end));
+struct CpuSwiglu {
+  // y may alias gate or up (the inference path writes y over gate).
+  static void forward(T* y, const T* gate, const T* up, int64_t n) {
+    parallel_for(n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
+      CBQ_SIMD_DISPATCH(simd::isa_for<T>(), swiglu_forward<T>(y, gate, up, begin, end));
     });
   }
-
- private:
-  Var<T> gate_, up_;
+  static void backward(T* dgate, T* dup, const T* dy, const T* gate, const T* up, int64_t n) {
+    parallel_for(n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
+      CBQ_SIMD_DISPATCH(simd::isa_for<T>(),
+                        swiglu_backward<T>(dgate, dup, dy, gate, up, begin, end));
+    });
+  }
 };
+
+template <class T>
+class SwigluNode;
 
 template <class T>
 Var<T> swiglu(Var<T> gate, Var<T> up) {
@@ -67,17 +51,27 @@ Var<T> swiglu(Var<T> gate, Var<T> up) {
   Var<T> out = tape.output(G.shape(), rg);
   Tensor<T> Y = out.value();          // shares the output's storage
   check_same_device("swiglu", Y, G);  // the tape allocates on its own device
-  T* y = Y.data();
-  const T* g = G.data();
-  const T* u = U.data();
-  if (G.device() == Device::cuda) {
-    require_cuda("swiglu");
-    cuda_kernel(CudaSwiglu<T>::forward, "swiglu")(y, g, u, G.numel());
-  } else {
-    detail::swiglu_cpu(y, g, u, G.numel());
-  }
+  kernel_for(G.device(), &CpuSwiglu<T>::forward, CudaSwiglu<T>::forward, "swiglu")(
+      Y.data(), G.data(), U.data(), G.numel());
   if (rg) tape.template record<SwigluNode<T>>(out, gate, up);
   return out;
 }
+
+template <class T>
+class SwigluNode final : public Node<T> {
+ public:
+  SwigluNode(Var<T> gate, Var<T> up) : gate_(gate), up_(up) {}
+  const char* name() const override { return "swiglu"; }
+  void backward(Tape<T>& tape) override {
+    const Tensor<T>& grad = tape.grad(this->output);
+    T* dg = gate_.requires_grad() ? gate_.grad().data() : nullptr;
+    T* du = up_.requires_grad() ? up_.grad().data() : nullptr;
+    kernel_for(grad.device(), &CpuSwiglu<T>::backward, CudaSwiglu<T>::backward, "swiglu")(
+        dg, du, grad.data(), gate_.value().data(), up_.value().data(), gate_.value().numel());
+  }
+
+ private:
+  Var<T> gate_, up_;
+};
 
 }  // namespace cbq::ops
