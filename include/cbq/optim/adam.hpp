@@ -27,6 +27,22 @@ struct CudaAdam {
                              T bias_correction2) = nullptr;
 };
 
+template <class T>
+struct CpuAdam {
+  static void step(T* param, T* m, T* v, const T* grad, const T* lr_scale, int64_t n, T lr, T beta1,
+                   T beta2, T eps, T bias_correction1, T bias_correction2) {
+    parallel_for(n, 1 << 14, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        m[i] = beta1 * m[i] + (1 - beta1) * grad[i];
+        v[i] = beta2 * v[i] + (1 - beta2) * grad[i] * grad[i];
+        const T update =
+            lr * (m[i] / bias_correction1) / (std::sqrt(v[i] / bias_correction2) + eps);
+        param[i] -= lr_scale ? lr_scale[i] * update : update;
+      }
+    });
+  }
+};
+
 struct AdamOptions {
   double beta1 = 0.9;
   double beta2 = 0.999;
@@ -103,30 +119,13 @@ class Adam {
         Tensor<T>& p = s.param->value;
         const Tensor<T>& grad = s.param->grad;
         const int64_t n = p.numel();
-        if (p.device() == Device::cuda) {
-          require_cuda("Adam");
-          cuda_kernel(CudaAdam<T>::step, "Adam");
+        if (p.device() == Device::cuda)
           CBQ_CHECK(grad.device() == Device::cuda,
                     "Adam: parameter '{}' is on cuda but its gradient is on the cpu",
                     s.param->name);
-          CudaAdam<T>::step(p.data(), s.m.data(), s.v.data(), grad.data(),
-                            s.lr_scale.defined() ? s.lr_scale.data() : nullptr, n, lr, b1, b2, eps,
-                            bc1, bc2);
-          continue;
-        }
-        T* pp = p.data();
-        T* m = s.m.data();
-        T* v = s.v.data();
-        const T* gp = grad.data();
-        const T* ls = s.lr_scale.defined() ? s.lr_scale.data() : nullptr;
-        parallel_for(n, 1 << 14, [&](int64_t i0, int64_t i1) {
-          for (int64_t i = i0; i < i1; ++i) {
-            m[i] = b1 * m[i] + (1 - b1) * gp[i];
-            v[i] = b2 * v[i] + (1 - b2) * gp[i] * gp[i];
-            const T update = lr * (m[i] / bc1) / (std::sqrt(v[i] / bc2) + eps);
-            pp[i] -= ls ? ls[i] * update : update;
-          }
-        });
+        kernel_for(p.device(), &CpuAdam<T>::step, CudaAdam<T>::step, "Adam")(
+            p.data(), s.m.data(), s.v.data(), grad.data(),
+            s.lr_scale.defined() ? s.lr_scale.data() : nullptr, n, lr, b1, b2, eps, bc1, bc2);
       }
     }
   }

@@ -26,6 +26,22 @@ struct CudaPassKernels {
   static inline int64_t (*scan)(const T* x, int64_t n, T* lo, T* hi) = nullptr;
 };
 
+template <class T>
+struct CpuPassKernels {
+  static void clamp_min(T* x, const T* floor, T floor_value, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) x[i] = std::max(x[i], floor ? floor[i] : floor_value);
+  }
+  // Stops at the first non-finite element; *lo and *hi then hold the range before it.
+  static int64_t scan(const T* x, int64_t n, T* lo, T* hi) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (!std::isfinite(static_cast<double>(x[i]))) return i;
+      *lo = std::min(*lo, x[i]);
+      *hi = std::max(*hi, x[i]);
+    }
+    return -1;
+  }
+};
+
 namespace detail {
 
 // The first non-finite element of a contiguous tensor on any device and the tensor's range.
@@ -42,21 +58,8 @@ ValueScan<T> scan_values(const Tensor<T>& t, const char* what) {
   ValueScan<T> s;
   const int64_t n = t.numel();
   if (n == 0) return s;
-  if (t.device() == Device::cuda) {
-    require_cuda(what);
-    cuda_kernel(CudaPassKernels<T>::scan, what);
-    s.first_non_finite = CudaPassKernels<T>::scan(t.data(), n, &s.min, &s.max);
-    return s;
-  }
-  const T* p = t.data();
-  for (int64_t i = 0; i < n; ++i) {
-    if (!std::isfinite(static_cast<double>(p[i]))) {
-      s.first_non_finite = i;
-      return s;
-    }
-    s.min = std::min(s.min, p[i]);
-    s.max = std::max(s.max, p[i]);
-  }
+  s.first_non_finite = kernel_for(t.device(), &CpuPassKernels<T>::scan, CudaPassKernels<T>::scan,
+                                  what)(t.data(), n, &s.min, &s.max);
   return s;
 }
 
@@ -89,15 +92,8 @@ void clamp_min(Tensor<T>& x, const Tensor<T>& floor, T floor_value, const char* 
     CBQ_CHECK(floor.numel() == n && floor.device() == x.device(),
               "{}: floor of shape {} on {} does not match the tensor {} on {}", what, floor.shape(),
               device_name(floor.device()), x.shape(), device_name(x.device()));
-  if (x.device() == Device::cuda) {
-    require_cuda(what);
-    cuda_kernel(CudaPassKernels<T>::clamp_min, what)(
-        x.data(), floor.defined() ? floor.data() : nullptr, floor_value, n);
-    return;
-  }
-  T* p = x.data();
-  const T* f = floor.defined() ? floor.data() : nullptr;
-  for (int64_t i = 0; i < n; ++i) p[i] = std::max(p[i], f ? f[i] : floor_value);
+  kernel_for(x.device(), &CpuPassKernels<T>::clamp_min, CudaPassKernels<T>::clamp_min, what)(
+      x.data(), floor.defined() ? floor.data() : nullptr, floor_value, n);
 }
 
 // Free and total memory of the CUDA device (free counts the backend's cached blocks); false

@@ -245,74 +245,80 @@ TokenGrid<T> token_grid(const T* x, int64_t d, T alpha, const GridSpec& g) {
 // because d < 2^24 is checked by the forward).
 inline constexpr int64_t kTokenSaved = 8;
 
+}  // namespace detail
+
 template <class T>
-class PerTokenNode final : public Node<T> {
- public:
-  PerTokenNode(Var<T> x, Var<T> c, Tensor<T> pass, Tensor<T> coef, Tensor<T> rowsave,
-               Tensor<T> partial, int64_t rows, int64_t d, bool symmetric)
-      : x_(x),
-        c_(c),
-        pass_(pass),
-        coef_(coef),
-        rowsave_(rowsave),
-        partial_(partial),
-        rows_(rows),
-        d_(d),
-        symmetric_(symmetric) {}
-  const char* name() const override { return "quant::fake_quant_act_per_token"; }
-  void backward(Tape<T>& tape) override {
-    const Tensor<T>& grad_out = tape.grad(this->output);
-    const T* G = grad_out.data();
-    const T* pass = pass_.data();
-    const T* coef = coef_.data();
-    const T* rs = rowsave_.data();
-    T* dx = x_.requires_grad() ? x_.grad().data() : nullptr;
-    T* part = partial_.data();
-    const int64_t d = d_;
-    if (grad_out.device() == Device::cuda) {
-      require_cuda(name());
-      cuda_kernel(CudaActQuant<T>::per_token_backward, name());
-      T* dc = c_.requires_grad() ? c_.grad().data() : nullptr;
-      CudaActQuant<T>::per_token_backward(dx, dc, part, G, pass, coef, rs, rows_, d, symmetric_);
-      return;
-    }
-    parallel_for(rows_, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(d, 1)),
+struct CpuActQuant {
+  static void per_token_forward(T* y, T* pass, T* coef, T* rowsave, const T* x, int64_t rows,
+                                int64_t d, T alpha, const GridSpec& spec) {
+    const T qlo = static_cast<T>(spec.qmin()), qhi = static_cast<T>(spec.qmax());
+    parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(d, 1)),
                  [&](int64_t r0, int64_t r1) {
                    for (int64_t r = r0; r < r1; ++r) {
-                     const T* g = G + r * d;
+                     const T* xr = x + r * d;
+                     const detail::TokenGrid<T> t = detail::token_grid(xr, d, alpha, spec);
+                     for (int64_t i = 0; i < d; ++i) {
+                       const T v = xr[i] / t.s;
+                       const T rv = round_even(v);
+                       const T q = rv + t.z;
+                       const T qc = std::clamp(q, qlo, qhi);
+                       y[r * d + i] = t.s * (qc - t.z);
+                       if (pass) {
+                         const bool inside = q == qc;
+                         pass[r * d + i] = inside ? T(1) : T(0);
+                         coef[r * d + i] = inside ? rv - v : qc - t.z;
+                       }
+                     }
+                     if (rowsave) {
+                       T* sv = rowsave + r * detail::kTokenSaved;
+                       sv[0] = t.ds_dc;
+                       sv[1] = t.ds_dhi;
+                       sv[2] = t.ds_dlo;
+                       sv[3] = t.dz_dhi;
+                       sv[4] = t.dz_dlo;
+                       sv[5] = t.s;
+                       sv[6] = static_cast<T>(t.ihi);
+                       sv[7] = static_cast<T>(t.ilo);
+                     }
+                   }
+                 });
+  }
+  static void per_token_backward(T* dx, T* dc, T* partial, const T* g, const T* pass, const T* coef,
+                                 const T* rowsave, int64_t rows, int64_t d, bool symmetric) {
+    parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(d, 1)),
+                 [&](int64_t r0, int64_t r1) {
+                   for (int64_t r = r0; r < r1; ++r) {
+                     const T* gr = g + r * d;
                      const T* ps = pass + r * d;
                      const T* cf = coef + r * d;
-                     const T* sv = rs + r * kTokenSaved;
+                     const T* sv = rowsave + r * detail::kTokenSaved;
                      T A = 0, Z = 0;
                      for (int64_t i = 0; i < d; ++i) {
-                       A += g[i] * cf[i];           // Σ G·∂x̂/∂s
-                       Z += g[i] * (T(1) - ps[i]);  // Σ_{outside} G (times −s below)
+                       A += gr[i] * cf[i];           // Σ G·∂x̂/∂s
+                       Z += gr[i] * (T(1) - ps[i]);  // Σ_{outside} G (times −s below)
                      }
                      Z *= -sv[5];
-                     part[r] = A * sv[0];  // dc contribution of this row
+                     partial[r] = A * sv[0];  // dc contribution of this row
                      if (!dx) continue;
                      T* o = dx + r * d;
-                     for (int64_t i = 0; i < d; ++i) o[i] += g[i] * ps[i];
+                     for (int64_t i = 0; i < d; ++i) o[i] += gr[i] * ps[i];
                      const auto ihi = static_cast<int64_t>(sv[6]),
                                 ilo = static_cast<int64_t>(sv[7]);
-                     if (ihi >= 0) o[ihi] += A * sv[1] + (symmetric_ ? T(0) : Z * sv[3]);
+                     if (ihi >= 0) o[ihi] += A * sv[1] + (symmetric ? T(0) : Z * sv[3]);
                      if (ilo >= 0) o[ilo] += A * sv[2] + Z * sv[4];
                    }
                  });
-    if (c_.requires_grad()) {
+    if (dc) {
       T acc = 0;
-      for (int64_t r = 0; r < rows_; ++r) acc += part[r];
-      c_.grad().data()[0] += acc;
+      for (int64_t r = 0; r < rows; ++r) acc += partial[r];
+      dc[0] += acc;
     }
   }
-
- private:
-  Var<T> x_, c_;
-  Tensor<T> pass_, coef_, rowsave_, partial_;
-  int64_t rows_, d_;
-  bool symmetric_;
 };
 
+namespace detail {
+template <class T>
+class PerTokenNode;
 }  // namespace detail
 
 // x (..., d); clip_logit a (1,) Var (σ(c) is the clipping factor); spec.bits / spec.symmetric.
@@ -342,47 +348,10 @@ Var<T> fake_quant_act_per_token(Var<T> x, Var<T> clip_logit, const GridSpec& spe
     coef = tape.scratch(X.shape());
     rowsave = tape.scratch(Shape{std::max<int64_t>(rows, 1), detail::kTokenSaved});
   }
-  const T* xp = X.data();
   Tensor<T> yv = out.value();  // shares the output's storage
-  T* y = yv.data();
-  const T qlo = static_cast<T>(spec.qmin()), qhi = static_cast<T>(spec.qmax());
-  if (X.device() == Device::cuda) {
-    require_cuda(op);
-    cuda_kernel(CudaActQuant<T>::per_token_forward, op)(
-        y, rg ? pass.data() : nullptr, rg ? coef.data() : nullptr, rg ? rowsave.data() : nullptr,
-        xp, rows, d, alpha, spec);
-  } else {
-    parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(d, 1)),
-                 [&](int64_t r0, int64_t r1) {
-                   for (int64_t r = r0; r < r1; ++r) {
-                     const T* xr = xp + r * d;
-                     const detail::TokenGrid<T> t = detail::token_grid(xr, d, alpha, spec);
-                     for (int64_t i = 0; i < d; ++i) {
-                       const T v = xr[i] / t.s;
-                       const T rv = round_even(v);
-                       const T q = rv + t.z;
-                       const T qc = std::clamp(q, qlo, qhi);
-                       y[r * d + i] = t.s * (qc - t.z);
-                       if (rg) {
-                         const bool inside = q == qc;
-                         pass[r * d + i] = inside ? T(1) : T(0);
-                         coef[r * d + i] = inside ? rv - v : qc - t.z;
-                       }
-                     }
-                     if (rg) {
-                       T* sv = rowsave.data() + r * detail::kTokenSaved;
-                       sv[0] = t.ds_dc;
-                       sv[1] = t.ds_dhi;
-                       sv[2] = t.ds_dlo;
-                       sv[3] = t.dz_dhi;
-                       sv[4] = t.dz_dlo;
-                       sv[5] = t.s;
-                       sv[6] = static_cast<T>(t.ihi);
-                       sv[7] = static_cast<T>(t.ilo);
-                     }
-                   }
-                 });
-  }
+  kernel_for(X.device(), &CpuActQuant<T>::per_token_forward, CudaActQuant<T>::per_token_forward,
+             op)(yv.data(), rg ? pass.data() : nullptr, rg ? coef.data() : nullptr,
+                 rg ? rowsave.data() : nullptr, X.data(), rows, d, alpha, spec);
   if (rg) {
     Tensor<T> partial = tape.scratch(Shape{std::max<int64_t>(rows, 1)});
     tape.template record<detail::PerTokenNode<T>>(out, x, clip_logit, pass, coef, rowsave, partial,
@@ -390,5 +359,38 @@ Var<T> fake_quant_act_per_token(Var<T> x, Var<T> clip_logit, const GridSpec& spe
   }
   return out;
 }
+
+namespace detail {
+template <class T>
+class PerTokenNode final : public Node<T> {
+ public:
+  PerTokenNode(Var<T> x, Var<T> c, Tensor<T> pass, Tensor<T> coef, Tensor<T> rowsave,
+               Tensor<T> partial, int64_t rows, int64_t d, bool symmetric)
+      : x_(x),
+        c_(c),
+        pass_(pass),
+        coef_(coef),
+        rowsave_(rowsave),
+        partial_(partial),
+        rows_(rows),
+        d_(d),
+        symmetric_(symmetric) {}
+  const char* name() const override { return "quant::fake_quant_act_per_token"; }
+  void backward(Tape<T>& tape) override {
+    const Tensor<T>& grad_out = tape.grad(this->output);
+    kernel_for(grad_out.device(), &CpuActQuant<T>::per_token_backward,
+               CudaActQuant<T>::per_token_backward, name())(
+        x_.requires_grad() ? x_.grad().data() : nullptr,
+        c_.requires_grad() ? c_.grad().data() : nullptr, partial_.data(), grad_out.data(),
+        pass_.data(), coef_.data(), rowsave_.data(), rows_, d_, symmetric_);
+  }
+
+ private:
+  Var<T> x_, c_;
+  Tensor<T> pass_, coef_, rowsave_, partial_;
+  int64_t rows_, d_;
+  bool symmetric_;
+};
+}  // namespace detail
 
 }  // namespace cbq::quant

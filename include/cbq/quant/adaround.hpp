@@ -80,6 +80,73 @@ struct CudaLoraRounding {
                                         int64_t cols, const GridSpec& spec) = nullptr;
 };
 
+template <class T>
+struct CpuLoraRounding {
+  static void soft_forward(T* y, T* dvfac, T* coef, const T* w, const T* v, const T* scale,
+                           const T* zero, int64_t rows, int64_t cols, const GridSpec& spec,
+                           bool hard, bool v_grad) {
+    const T lo = static_cast<T>(spec.qmin()), hi = static_cast<T>(spec.qmax());
+    parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
+                 [&](int64_t r0, int64_t r1) {
+                   for (int64_t r = r0; r < r1; ++r)
+                     detail::for_each_group(
+                         spec, rows, cols, r, [&](int64_t, int64_t c0, int64_t c1, int64_t p) {
+                           const T sp = scale[p], zp = zero ? zero[p] : T(0);
+                           for (int64_t c = c0; c < c1; ++c) {
+                             const int64_t i = r * cols + c;
+                             const T u = w[i] / sp;
+                             const T f = std::floor(u);
+                             T h = rect_sigmoid(v[i]);
+                             if (hard) h = h >= T(0.5) ? T(1) : T(0);
+                             const T q = f + h + zp;
+                             const T qc = std::clamp(q, lo, hi);
+                             y[i] = sp * (qc - zp);
+                             if (dvfac) {
+                               const bool inside = q == qc;
+                               dvfac[i] = inside && v_grad ? sp * rect_sigmoid_grad(v[i]) : T(0);
+                               coef[i] = inside ? (f + h) - u : qc - zp;
+                             }
+                           }
+                         });
+                 });
+  }
+  // Terms in T, summed serially (deterministic whatever the thread count) in double: a float sum
+  // of a LLaMA-7B layer's 45M terms (each in [0, 1]) stops growing at 2^24. The total is then
+  // k · sum as lora_round_reg's reg_total (bits unchanged for double).
+  static void reg_forward(T* out, const T* v, int64_t n, T beta, T k) {
+    double acc = 0;
+    for (int64_t i = 0; i < n; ++i)
+      acc += static_cast<double>(T(1) - std::pow(std::abs(T(2) * rect_sigmoid(v[i]) - T(1)), beta));
+    out[0] = static_cast<T>(static_cast<double>(k) * acc);
+  }
+  static void reg_backward(T* dv, const T* g, const T* v, int64_t n, T beta, T k) {
+    const T kk = -T(2) * k * beta * g[0];
+    parallel_for(n, ops::kElementwiseGrain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const T hp = rect_sigmoid_grad(v[i]);
+        if (hp == T(0)) continue;
+        const T a = T(2) * rect_sigmoid(v[i]) - T(1);
+        const T sgn = a > T(0) ? T(1) : (a < T(0) ? T(-1) : T(0));
+        dv[i] += kk * std::pow(std::abs(a), beta - T(1)) * sgn * hp;
+      }
+    });
+  }
+  static void adaround_offset(T* v0, const T* w, const T* scale, int64_t rows, int64_t cols,
+                              const GridSpec& spec) {
+    parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
+                 [&](int64_t r0, int64_t r1) {
+                   for (int64_t r = r0; r < r1; ++r)
+                     detail::for_each_group(
+                         spec, rows, cols, r, [&](int64_t, int64_t c0, int64_t c1, int64_t q) {
+                           for (int64_t c = c0; c < c1; ++c) {
+                             const T u = w[r * cols + c] / scale[q];
+                             v0[r * cols + c] = rect_sigmoid_inverse(u - std::floor(u));
+                           }
+                         });
+                 });
+  }
+};
+
 // soft: h = h(V), differentiable in V. hard: h = [h(V) ≥ ½] ∈ {0, 1} (what harden() stores);
 // V gets no gradient, s keeps its straight-through gradient — for training steps on the grid.
 // hard_ste: the forward pass of `hard` with the gradient of `soft` (straight through the
@@ -119,46 +186,11 @@ Var<T> soft_round_weight(const Tensor<T>& W, Var<T> scale, const Tensor<T>& zero
     dvfac = tape.scratch(W.shape());
     coef = tape.scratch(W.shape());
   }
-  const T* w = W.data();
-  const T* vp = V.value().data();
-  const T* S = scale.value().data();
-  const T* Z = zero.defined() ? zero.data() : nullptr;
   Tensor<T> yv = out.value();  // shares the output's storage
-  T* y = yv.data();
-  const T lo = static_cast<T>(spec.qmin()), hi = static_cast<T>(spec.qmax());
-  const bool hard = mode != RoundingMode::soft;
-  const bool v_grad = mode != RoundingMode::hard;
-  if (W.device() == Device::cuda) {
-    require_cuda(op);
-    cuda_kernel(CudaLoraRounding<T>::soft_forward, op)(y, rg ? dvfac.data() : nullptr,
-                                                       rg ? coef.data() : nullptr, w, vp, S, Z,
-                                                       rows, cols, spec, hard, v_grad);
-  } else {
-    parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
-                 [&](int64_t r0, int64_t r1) {
-                   for (int64_t r = r0; r < r1; ++r)
-                     detail::for_each_group(
-                         spec, rows, cols, r, [&](int64_t, int64_t c0, int64_t c1, int64_t p) {
-                           const T sp = S[p], zp = Z ? Z[p] : T(0);
-                           for (int64_t c = c0; c < c1; ++c) {
-                             const int64_t i = r * cols + c;
-                             const T v = w[i] / sp;
-                             const T f = std::floor(v);
-                             T h = rect_sigmoid(vp[i]);
-                             if (hard) h = h >= T(0.5) ? T(1) : T(0);
-                             const T q = f + h + zp;
-                             const T qc = std::clamp(q, lo, hi);
-                             y[i] = sp * (qc - zp);
-                             if (rg) {
-                               const bool inside = q == qc;
-                               dvfac.data()[i] =
-                                   inside && v_grad ? sp * rect_sigmoid_grad(vp[i]) : T(0);
-                               coef.data()[i] = inside ? (f + h) - v : qc - zp;
-                             }
-                           }
-                         });
-                 });
-  }
+  kernel_for(W.device(), &CpuLoraRounding<T>::soft_forward, CudaLoraRounding<T>::soft_forward, op)(
+      yv.data(), rg ? dvfac.data() : nullptr, rg ? coef.data() : nullptr, W.data(),
+      V.value().data(), scale.value().data(), zero.defined() ? zero.data() : nullptr, rows, cols,
+      spec, mode != RoundingMode::soft, mode != RoundingMode::hard);
   if (rg) {
     Tensor<T> partial = tape.scratch(Shape{rows, spec.groups_per_row(cols)});
     tape.template record<detail::StepQuantNode<T>>(out, op, V, scale, dvfac, coef, partial, spec,
@@ -192,37 +224,7 @@ struct SoftWeight {
 
 namespace detail {
 template <class T>
-class RoundRegNode final : public Node<T> {
- public:
-  RoundRegNode(Var<T> v, T beta, T k) : v_(v), beta_(beta), k_(k) {}
-  const char* name() const override { return "quant::rounding_reg"; }
-  void backward(Tape<T>& tape) override {
-    const Tensor<T>& grad_out = tape.grad(this->output);
-    const T* v = v_.value().data();
-    T* dv = v_.grad().data();
-    if (grad_out.device() == Device::cuda) {
-      require_cuda(name());
-      cuda_kernel(CudaLoraRounding<T>::reg_backward, name())(dv, grad_out.data(), v,
-                                                             v_.value().numel(), beta_, k_);
-      return;
-    }
-    const T g = grad_out.data()[0];
-    const T kk = -T(2) * k_ * beta_ * g;
-    parallel_for(v_.value().numel(), ops::kElementwiseGrain, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const T hp = rect_sigmoid_grad(v[i]);
-        if (hp == T(0)) continue;
-        const T a = T(2) * rect_sigmoid(v[i]) - T(1);
-        const T sgn = a > T(0) ? T(1) : (a < T(0) ? T(-1) : T(0));
-        dv[i] += kk * std::pow(std::abs(a), beta_ - T(1)) * sgn * hp;
-      }
-    });
-  }
-
- private:
-  Var<T> v_;
-  T beta_, k_;
-};
+class RoundRegNode;
 }  // namespace detail
 
 // L_round = k·Σ (1 − |2h(V) − 1|^β), shape (1,); k = 1/numel (mean) or 1 (sum).
@@ -240,23 +242,31 @@ Var<T> rounding_reg(Var<T> V, T beta, Normalisation norm = Normalisation::mean) 
   Tape<T>& tape = V.tape();
   const bool rg = tape.any_requires_grad({V});
   Var<T> out = tape.output(Shape{1}, rg);
-  const T* v = X.data();
   Tensor<T> yv = out.value();
-  if (X.device() == Device::cuda) {
-    require_cuda(op);
-    cuda_kernel(CudaLoraRounding<T>::reg_forward, op)(yv.data(), v, n, beta, k);
-  } else {
-    // Terms in T, summed serially (deterministic whatever the thread count) in double: a float
-    // sum of a LLaMA-7B layer's 45M terms (each in [0, 1]) stops growing at 2^24. The total is
-    // then k · sum as lora_round_reg's reg_total (bits unchanged for double).
-    double acc = 0;
-    for (int64_t i = 0; i < n; ++i)
-      acc += static_cast<double>(T(1) - std::pow(std::abs(T(2) * rect_sigmoid(v[i]) - T(1)), beta));
-    yv.data()[0] = static_cast<T>(static_cast<double>(k) * acc);
-  }
+  kernel_for(X.device(), &CpuLoraRounding<T>::reg_forward, CudaLoraRounding<T>::reg_forward, op)(
+      yv.data(), X.data(), n, beta, k);
   if (rg) tape.template record<detail::RoundRegNode<T>>(out, V, beta, k);
   return out;
 }
+
+namespace detail {
+template <class T>
+class RoundRegNode final : public Node<T> {
+ public:
+  RoundRegNode(Var<T> v, T beta, T k) : v_(v), beta_(beta), k_(k) {}
+  const char* name() const override { return "quant::rounding_reg"; }
+  void backward(Tape<T>& tape) override {
+    const Tensor<T>& grad_out = tape.grad(this->output);
+    kernel_for(grad_out.device(), &CpuLoraRounding<T>::reg_backward,
+               CudaLoraRounding<T>::reg_backward, name())(
+        v_.grad().data(), grad_out.data(), v_.value().data(), v_.value().numel(), beta_, k_);
+  }
+
+ private:
+  Var<T> v_;
+  T beta_, k_;
+};
+}  // namespace detail
 
 // V0 with h(V0) = W/s − floor(W/s) (AdaRound's start: Ŵ = W inside the grid), written into V0.
 // Recomputing it after s changes keeps Ŵ's soft value tied to the current step (see PASS.md).
@@ -268,23 +278,8 @@ void adaround_offset(const Tensor<T>& W, const Tensor<T>& scale, const GridSpec&
   const int64_t rows = W.size(0), cols = W.size(1);
   ops::check_same_device("quant::adaround_offset", W, V0);
   ops::check_same_device("quant::adaround_offset", W, scale);
-  if (W.device() == Device::cuda) {
-    require_cuda("quant::adaround_offset");
-    cuda_kernel(CudaLoraRounding<T>::adaround_offset, "quant::adaround_offset")(
-        V0.data(), W.data(), scale.data(), rows, cols, spec);
-    return;
-  }
-  parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
-               [&](int64_t r0, int64_t r1) {
-                 for (int64_t r = r0; r < r1; ++r)
-                   detail::for_each_group(
-                       spec, rows, cols, r, [&](int64_t, int64_t c0, int64_t c1, int64_t q) {
-                         for (int64_t c = c0; c < c1; ++c) {
-                           const T v = W[r * cols + c] / scale[q];
-                           V0[r * cols + c] = rect_sigmoid_inverse(v - std::floor(v));
-                         }
-                       });
-               });
+  kernel_for(W.device(), &CpuLoraRounding<T>::adaround_offset, CudaLoraRounding<T>::adaround_offset,
+             "quant::adaround_offset")(V0.data(), W.data(), scale.data(), rows, cols, spec);
 }
 
 // Hard rounding: h := [h(V) ≥ ½]; code = clamp(floor(W/s) + h + z, qmin, qmax). The result's

@@ -35,7 +35,10 @@
 namespace cbq::quant {
 
 // CUDA kernels of the detector's statistics (registered by the CUDA backend). Every pointer is on
-// the device unless it says "host".
+// the device unless it says "host". The detector is an algorithm, not an op: its CPU path is the
+// reference on host values (nth_element, sort), and the CUDA path composes these primitives into
+// the same statistics, checked equal to the CPU's by tests/gpu/test_cfp.cu. So there is no
+// CpuCfp with these signatures.
 template <class T>
 struct CudaCfp {
   // The first index whose value is not finite or is negative, −1 if none.
@@ -196,9 +199,11 @@ OutlierSet detect_outliers(const Tensor<T>& x, std::string_view what = "values",
   CBQ_CHECK(n > 0, "cfp({}): outlier detection needs at least one value, got an empty set", what);
   require_cuda("cfp");
   using Hooks = CudaCfp<T>;
-  CBQ_CHECK(Hooks::first_invalid && Hooks::order_statistics && Hooks::count_at_most &&
-                Hooks::select_greater,
-            "cfp({}): CUDA kernels not registered", what);
+  const std::string op = fmt::format("cfp({})", what);
+  cuda_kernel(Hooks::first_invalid, op);
+  cuda_kernel(Hooks::order_statistics, op);
+  cuda_kernel(Hooks::count_at_most, op);
+  cuda_kernel(Hooks::select_greater, op);
   if (const int64_t bad = Hooks::first_invalid(x.data(), n); bad >= 0) {
     T value{};
     copy_bytes(&value, Device::cpu, x.data() + bad, Device::cuda, sizeof(T));
@@ -254,8 +259,8 @@ int64_t truncate_weight_outliers(Tensor<T>& w, std::string_view layer = "weight"
             layer, w.shape());
   if (w.device() == Device::cuda) {
     require_cuda("cfp");
-    CBQ_CHECK(CudaCfp<T>::abs && CudaCfp<T>::clamp_greater, "cfp({}): CUDA kernels not registered",
-              layer);
+    cuda_kernel(CudaCfp<T>::abs, fmt::format("cfp({})", layer));
+    cuda_kernel(CudaCfp<T>::clamp_greater, fmt::format("cfp({})", layer));
     Tensor<T> mag = Tensor<T>::empty(w.shape(), Device::cuda);
     CudaCfp<T>::abs(mag.data(), w.data(), w.numel());
     OutlierSet d = detect_outliers(mag, layer, opt);

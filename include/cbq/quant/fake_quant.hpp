@@ -151,6 +151,89 @@ void scatter_step_partials(const GridSpec& g, int64_t rows, int64_t cols, const 
   }
 }
 
+}  // namespace detail
+
+template <class T>
+struct CpuStepQuant {
+  static void forward(T* y, T* pass, T* coef, const T* x, const T* scale, const T* zero,
+                      int64_t rows, int64_t cols, const GridSpec& spec) {
+    const T lo = static_cast<T>(spec.qmin()), hi = static_cast<T>(spec.qmax());
+    parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
+                 [&](int64_t r0, int64_t r1) {
+                   for (int64_t r = r0; r < r1; ++r)
+                     detail::for_each_group(spec, rows, cols, r,
+                                            [&](int64_t, int64_t c0, int64_t c1, int64_t p) {
+                                              const T sp = scale[p], zp = zero ? zero[p] : T(0);
+                                              for (int64_t c = c0; c < c1; ++c) {
+                                                const int64_t i = r * cols + c;
+                                                const T v = x[i] / sp;
+                                                const T rv = round_even(v);
+                                                const T q = rv + zp;
+                                                const T qc = std::clamp(q, lo, hi);
+                                                y[i] = sp * (qc - zp);
+                                                if (pass) {
+                                                  const bool inside = q == qc;
+                                                  pass[i] = inside ? T(1) : T(0);
+                                                  coef[i] = inside ? rv - v : qc - zp;
+                                                }
+                                              }
+                                            });
+                 });
+  }
+  // Straight-through inside the clamp range.
+  static void backward_input(T* dx, const T* g, const T* pass, int64_t n) {
+    parallel_for(n, ops::kElementwiseGrain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) dx[i] += g[i] * pass[i];
+    });
+  }
+  // Per (row, group) partial sums Σ G·coef, then scatter (per-tensor: sum over rows).
+  static void backward_scale(T* ds, T* partial, const T* g, const T* coef, int64_t rows,
+                             int64_t cols, const GridSpec& spec, bool lsq, int64_t lsq_n) {
+    const int64_t ng = spec.groups_per_row(cols);
+    parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        detail::for_each_group(spec, rows, cols, r,
+                               [&](int64_t k, int64_t c0, int64_t c1, int64_t) {
+                                 T acc = 0;
+                                 for (int64_t c = c0; c < c1; ++c)
+                                   acc += g[r * cols + c] * coef[r * cols + c];
+                                 partial[r * ng + k] = acc;
+                               });
+    });
+    detail::scatter_step_partials(spec, rows, cols, partial, ds, lsq, lsq_n);
+  }
+};
+
+namespace detail {
+
+template <class T>
+class StepQuantNode;
+
+// Shared forward of fake_quant_weight and fake_quant_act_static on a (rows, cols) view.
+// lsq_n > 0 overrides N in the LSQ scale.
+template <class T>
+Var<T> step_quant(const char* op, Var<T> x, Var<T> s, const Tensor<T>& z, const GridSpec& g,
+                  int64_t rows, int64_t cols, const Shape& out_shape, bool lsq, int64_t lsq_n) {
+  Tape<T>& tape = x.tape();
+  const bool rg = tape.any_requires_grad({x, s});
+  Var<T> out = tape.output(out_shape, rg);
+  Tensor<T> yv = out.value();  // shares the output's storage
+  Tensor<T> pass, coef;
+  if (rg) {
+    pass = tape.scratch(out_shape);
+    coef = tape.scratch(out_shape);
+  }
+  kernel_for(x.value().device(), &CpuStepQuant<T>::forward, CudaStepQuant<T>::forward, op)(
+      yv.data(), rg ? pass.data() : nullptr, rg ? coef.data() : nullptr, x.value().data(),
+      s.value().data(), z.defined() ? z.data() : nullptr, rows, cols, g);
+  if (rg) {
+    Tensor<T> partial = tape.scratch(Shape{rows, g.groups_per_row(cols)});
+    tape.template record<StepQuantNode<T>>(out, op, x, s, pass, coef, partial, g, rows, cols, lsq,
+                                           lsq_n);
+  }
+  return out;
+}
+
 // The saved state and backward of every fake quantizer with a learnable step per group:
 //   dx += G ⊙ pass,   ds_p += g_p · Σ_{i ∈ p} G_i · coef_i
 // pass (1 inside, 0 clamped) and coef (r − v inside, B − z outside) are saved by the forward.
@@ -173,40 +256,14 @@ class StepQuantNode final : public Node<T> {
   const char* name() const override { return name_; }
   void backward(Tape<T>& tape) override {
     const Tensor<T>& grad_out = tape.grad(this->output);
-    const T* G = grad_out.data();
-    const T* pass = pass_.data();
-    const T* coef = coef_.data();
-    const int64_t cols = cols_;
-    if (grad_out.device() == Device::cuda) {
-      require_cuda(name_);
-      CBQ_CHECK(CudaStepQuant<T>::backward_input && CudaStepQuant<T>::backward_scale,
-                "{}: CUDA kernels not registered", name_);
-      if (x_.requires_grad())
-        CudaStepQuant<T>::backward_input(x_.grad().data(), G, pass, rows_ * cols);
-      if (s_.requires_grad())
-        CudaStepQuant<T>::backward_scale(s_.grad().data(), partial_.data(), G, coef, rows_, cols,
-                                         g_, lsq_, lsq_n_);
-      return;
-    }
-    if (x_.requires_grad()) {  // dx += G ⊙ pass (straight-through inside the clamp range)
-      T* dx = x_.grad().data();
-      parallel_for(rows_ * cols, ops::kElementwiseGrain, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) dx[i] += G[i] * pass[i];
-      });
-    }
-    if (!s_.requires_grad()) return;
-    // Per (row, group) partial sums Σ G·coef, then scatter (per-tensor: sum over rows).
-    const int64_t ng = g_.groups_per_row(cols);
-    T* part = partial_.data();
-    parallel_for(rows_, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        for_each_group(g_, rows_, cols, r, [&](int64_t k, int64_t c0, int64_t c1, int64_t) {
-          T acc = 0;
-          for (int64_t c = c0; c < c1; ++c) acc += G[r * cols + c] * coef[r * cols + c];
-          part[r * ng + k] = acc;
-        });
-    });
-    scatter_step_partials(g_, rows_, cols, part, s_.grad().data(), lsq_, lsq_n_);
+    const Device device = grad_out.device();
+    if (x_.requires_grad())
+      kernel_for(device, &CpuStepQuant<T>::backward_input, CudaStepQuant<T>::backward_input, name_)(
+          x_.grad().data(), grad_out.data(), pass_.data(), rows_ * cols_);
+    if (s_.requires_grad())
+      kernel_for(device, &CpuStepQuant<T>::backward_scale, CudaStepQuant<T>::backward_scale, name_)(
+          s_.grad().data(), partial_.data(), grad_out.data(), coef_.data(), rows_, cols_, g_, lsq_,
+          lsq_n_);
   }
 
  private:
@@ -218,61 +275,6 @@ class StepQuantNode final : public Node<T> {
   bool lsq_;
   int64_t lsq_n_;
 };
-
-// Shared forward of fake_quant_weight and fake_quant_act_static on a (rows, cols) view.
-// lsq_n > 0 overrides N in the LSQ scale.
-template <class T>
-Var<T> step_quant(const char* op, Var<T> x, Var<T> s, const Tensor<T>& z, const GridSpec& g,
-                  int64_t rows, int64_t cols, const Shape& out_shape, bool lsq, int64_t lsq_n) {
-  Tape<T>& tape = x.tape();
-  const bool rg = tape.any_requires_grad({x, s});
-  Var<T> out = tape.output(out_shape, rg);
-  const T* X = x.value().data();
-  const T* S = s.value().data();
-  const T* Z = z.defined() ? z.data() : nullptr;
-  Tensor<T> yv = out.value();  // shares the output's storage
-  T* Y = yv.data();
-  Tensor<T> pass, coef;
-  if (rg) {
-    pass = tape.scratch(out_shape);
-    coef = tape.scratch(out_shape);
-  }
-  T* P = rg ? pass.data() : nullptr;
-  T* C = rg ? coef.data() : nullptr;
-  const T lo = static_cast<T>(g.qmin()), hi = static_cast<T>(g.qmax());
-  if (x.value().device() == Device::cuda) {
-    require_cuda(op);
-    cuda_kernel(CudaStepQuant<T>::forward, op)(Y, P, C, X, S, Z, rows, cols, g);
-  } else {
-    parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
-                 [&](int64_t r0, int64_t r1) {
-                   for (int64_t r = r0; r < r1; ++r)
-                     for_each_group(g, rows, cols, r,
-                                    [&](int64_t, int64_t c0, int64_t c1, int64_t p) {
-                                      const T sp = S[p], zp = Z ? Z[p] : T(0);
-                                      for (int64_t c = c0; c < c1; ++c) {
-                                        const int64_t i = r * cols + c;
-                                        const T v = X[i] / sp;
-                                        const T rv = round_even(v);
-                                        const T q = rv + zp;
-                                        const T qc = std::clamp(q, lo, hi);
-                                        Y[i] = sp * (qc - zp);
-                                        if (P) {
-                                          const bool inside = q == qc;
-                                          P[i] = inside ? T(1) : T(0);
-                                          C[i] = inside ? rv - v : qc - zp;
-                                        }
-                                      }
-                                    });
-                 });
-  }
-  if (rg) {
-    Tensor<T> partial = tape.scratch(Shape{rows, g.groups_per_row(cols)});
-    tape.template record<StepQuantNode<T>>(out, op, x, s, pass, coef, partial, g, rows, cols, lsq,
-                                           lsq_n);
-  }
-  return out;
-}
 
 }  // namespace detail
 

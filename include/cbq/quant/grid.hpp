@@ -104,6 +104,26 @@ struct CudaGrid {
                                     const GridSpec& spec) = nullptr;
 };
 
+template <class T>
+struct CpuGrid {
+  static void init_minmax(T* scale, T* zero, const T* w, int64_t rows, int64_t cols,
+                          const GridSpec& spec) {
+    if (spec.granularity == Granularity::per_tensor) {
+      auto [lo, hi] = std::minmax_element(w, w + rows * cols);
+      minmax_params(*lo, *hi, spec, scale[0], zero[0]);
+      return;
+    }
+    const int64_t gc = spec.group_cols(cols), ng = spec.groups_per_row(cols);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < ng; ++k) {
+        const T* begin = w + r * cols + k * gc;
+        const T* end = w + r * cols + std::min(cols, (k + 1) * gc);
+        auto [lo, hi] = std::minmax_element(begin, end);
+        minmax_params(*lo, *hi, spec, scale[r * ng + k], zero[r * ng + k]);
+      }
+  }
+};
+
 // RTN initialisation of (scale, zero) for a (rows, cols) weight. Outputs have param_shape() and
 // live on w's device.
 template <class T>
@@ -118,26 +138,8 @@ void init_minmax(const Tensor<T>& w, const GridSpec& g, Tensor<T>& scale, Tensor
     scale = Tensor<T>(ps, dev);
   if (!(zero.defined() && zero.shape() == ps && zero.device() == dev && zero.is_contiguous()))
     zero = Tensor<T>(ps, dev);
-  if (dev == Device::cuda) {
-    require_cuda("init_minmax");
-    cuda_kernel(CudaGrid<T>::init_minmax, "init_minmax")(scale.data(), zero.data(), w.data(), rows,
-                                                         cols, g);
-    return;
-  }
-  const T* p = w.data();
-  if (g.granularity == Granularity::per_tensor) {
-    auto [lo, hi] = std::minmax_element(p, p + w.numel());
-    minmax_params(*lo, *hi, g, scale[0], zero[0]);
-    return;
-  }
-  const int64_t gc = g.group_cols(cols), ng = g.groups_per_row(cols);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t k = 0; k < ng; ++k) {
-      const T* begin = p + r * cols + k * gc;
-      const T* end = p + r * cols + std::min(cols, (k + 1) * gc);
-      auto [lo, hi] = std::minmax_element(begin, end);
-      minmax_params(*lo, *hi, g, scale[r * ng + k], zero[r * ng + k]);
-    }
+  kernel_for(dev, &CpuGrid<T>::init_minmax, CudaGrid<T>::init_minmax, "init_minmax")(
+      scale.data(), zero.data(), w.data(), rows, cols, g);
 }
 
 // Index into the (s, z) tensors for element (r, c) of a (rows, cols) weight.
