@@ -19,9 +19,9 @@
 // (else in host memory, one sample copied up per use), and the codes and scales of the result
 // are on the host. docs/CUDA.md, "The pass on the GPU".
 //
-// Here: the schedule-driven run (quantizers installed per block, targets, hardening, checkpoints
-// and resume). The window's loss is pass/window_loss.hpp, its training pass/window_trainer.hpp,
-// the window schedule pass/window_schedule.hpp.
+// Here: the schedule-driven run (quantizers installed per block, targets, hardening). The window's
+// loss is pass/window_loss.hpp, its training pass/window_trainer.hpp, the window schedule
+// pass/window_schedule.hpp, checkpoints and resume pass/resume.hpp.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -54,6 +54,7 @@
 #include "cbq/pass/device_support.hpp"
 #include "cbq/pass/preprocess.hpp"
 #include "cbq/pass/quant_linear.hpp"
+#include "cbq/pass/resume.hpp"
 #include "cbq/pass/window_loss.hpp"
 #include "cbq/pass/window_schedule.hpp"
 #include "cbq/pass/window_trainer.hpp"
@@ -281,11 +282,12 @@ class CbqPass {
       for (auto& [p, other] : fp_norms) std::swap(p->value, other);
     };
 
+    PassProgress<T> progress{x_fp, x_q, qlayers, fp_norms, initialised_, result};
     int64_t windows_done = 0;
     if (checkpointing && o.resume && std::filesystem::exists(checkpoint_path(o.checkpoint_dir))) {
       if constexpr (std::is_same_v<T, float>) {
-        windows_done = resume_from_checkpoint(model, windows, fingerprint, x_fp, x_q, qlayers,
-                                              result, fp_norms);
+        windows_done = resume_from_checkpoint(o, model, windows, fingerprint, progress,
+                                              [&](int64_t b) { return install(model, b); });
       }
     }
 
@@ -368,19 +370,8 @@ class CbqPass {
         for (auto& q : qlayers[b]) result.layers.push_back(layer_result(*q));
       }
       if (checkpointing) {
-        if constexpr (std::is_same_v<T, float>) {
-          PassCheckpoint<T> ck;
-          ck.windows_done = window_index;
-          ck.x_fp = detail::on_host(x_fp);
-          ck.x_q = detail::on_host(x_q);
-          ck.windows = result.windows;
-          ck.initialised.assign(initialised_.begin(), initialised_.end());
-          for (auto& [p, other] : fp_norms) ck.norms[p->name] = p->value.to(Device::cpu);
-          std::vector<const QuantLinear<T>*> installed;
-          for (int64_t b = 0; b <= w.last; ++b)
-            for (auto& q : qlayers[b]) installed.push_back(q.get());
-          save_pass_checkpoint(o.checkpoint_dir, fingerprint, ck, installed);
-        }
+        if constexpr (std::is_same_v<T, float>)
+          save_window_checkpoint(o.checkpoint_dir, fingerprint, window_index, w.last, progress);
       }
       if (o.verbose)
         fmt::print("CBQ: window {}/{} done in {}; blocks {}..{} frozen\n", window_index,
@@ -406,55 +397,6 @@ class CbqPass {
   }
 
  private:
-  // Restores the state after the checkpoint's last window; returns how many windows it covers.
-  template <class Model, class T>
-  int64_t resume_from_checkpoint(Model& model, const std::vector<Window>& windows,
-                                 const PassFingerprint& fingerprint, std::vector<Tensor<T>>& x_fp,
-                                 std::vector<Tensor<T>>& x_q,
-                                 std::vector<std::vector<std::shared_ptr<QuantLinear<T>>>>& qlayers,
-                                 QuantizationResult& result,
-                                 std::vector<std::pair<Parameter<T>*, Tensor<T>>>& fp_norms) {
-    PassCheckpoint<T> ck = load_pass_checkpoint<T>(options_.checkpoint_dir, fingerprint);
-    const std::string path = checkpoint_path(options_.checkpoint_dir);
-    CBQ_CHECK(ck.windows_done >= 1 && ck.windows_done <= static_cast<int64_t>(windows.size()),
-              "{}: {} windows done, but this pass has {}", path, ck.windows_done, windows.size());
-    CBQ_CHECK(ck.x_fp.size() == x_fp.size(), "{}: {} samples, expected {}", path, ck.x_fp.size(),
-              x_fp.size());
-    for (size_t n = 0; n < x_fp.size(); ++n) {
-      x_fp[n].copy_from(ck.x_fp[n]);
-      x_q[n].copy_from(ck.x_q[n]);
-    }
-    result.windows = ck.windows;
-    initialised_ = std::set<std::string>(ck.initialised.begin(), ck.initialised.end());
-    const Window& last = windows[static_cast<size_t>(ck.windows_done - 1)];
-    for (int64_t b = 0; b <= last.last; ++b) {
-      if (options_.learn_norms)
-        for (Parameter<T>* p : model.blocks[b].other_parameters()) {
-          auto it = ck.norms.find(p->name);
-          CBQ_CHECK(it != ck.norms.end() && it->second.shape() == p->value.shape(),
-                    "{}: no learned value of shape {} for the norm parameter {}", path,
-                    p->value.shape(), p->name);
-          fp_norms.emplace_back(p, p->value);
-          p->value = it->second.to(p->value.device()).clone();
-        }
-      qlayers[b] = install(model, b);
-      for (auto& q : qlayers[b]) {
-        auto it = ck.layers.find(q->name());
-        CBQ_CHECK(it != ck.layers.end(), "{}: no state for layer {}", path, q->name());
-        q->restore(it->second);
-        if (b < last.finalize) {
-          CBQ_CHECK(q->hardened(), "{}: layer {} should be frozen after window {}", path, q->name(),
-                    ck.windows_done);
-          result.layers.push_back(layer_result(*q));
-        }
-      }
-    }
-    if (options_.verbose)
-      fmt::print("CBQ: resumed from {} after window {}/{} (blocks 0..{} frozen)\n", path,
-                 ck.windows_done, windows.size(), last.finalize - 1);
-    return ck.windows_done;
-  }
-
   // Where the activation sets live: the host unless the model is on the GPU and they fit there
   // (see ActivationPlacement) beside a rough estimate of the window's working set: per block,
   // 10 weight-sized tensors (the layer's copy of W, V0, the soft weight, its saved factors and
@@ -492,15 +434,6 @@ class CbqPass {
           static_cast<double>(working) / (1 << 20), static_cast<double>(free_bytes) / (1 << 20),
           static_cast<double>(total_bytes) / (1 << 20));
     return fits ? model.device() : Device::cpu;
-  }
-
-  template <class T>
-  static LayerResult layer_result(const QuantLinear<T>& q) {
-    LayerResult r{q.name(),           q.result(),         q.act_scale(),
-                  q.act_zero(),       q.act_clip_logit(), q.step_change(),
-                  q.rounding_flips(), q.codes_changed(),  q.output_error_start(),
-                  q.output_error()};
-    return r;
   }
 
   // Each hardened layer's relative output error ‖x(Ŵ − W)ᵀ‖² / ‖xWᵀ‖² for its start's weight and
