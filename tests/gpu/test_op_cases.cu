@@ -4,7 +4,8 @@
 // devices): tests/gpu/test_<op>.cu.
 //
 // Tolerance (rel_error = max |gpu − cpu| / max |cpu|): tolerance<T>(), 1e-12 (double) and 1e-5
-// (float), for every case, as in the per-op files: elementwise ops round identically, reductions
+// (float), for every case but attention's (1e-4 in float, as tests/gpu/test_attention.cu
+// explains), as in the per-op files: elementwise ops round identically, reductions
 // and row statistics are double sums on both devices (only the order differs), exp/erf are
 // within a few ulp, and the GEMMs run in the default fp32 math mode.
 #include "gpu/parity.hpp"
@@ -18,7 +19,8 @@ TEST_CASE_TEMPLATE("op cases: CUDA matches CPU for every declared op", T, float,
   uint64_t seed = 1;
   for (const op_cases::OpCase& c : cases) {
     CAPTURE(c.name);
-    gpu_testing::check_parity<T>(c.make_inputs<T>(), c.graph<T>(), gpu_testing::tolerance<T>(),
-                                 seed++, c.differentiable());
+    const double tol =
+        gpu_testing::tolerance<T>() * (std::is_same_v<T, float> ? c.float_tolerance_factor : 1.0);
+    gpu_testing::check_parity<T>(c.make_inputs<T>(), c.graph<T>(), tol, seed++, c.differentiable());
   }
 }

@@ -13,6 +13,7 @@
 #include <cbq/core/tensor.hpp>
 #include <cbq/ops/activations.hpp>
 #include <cbq/ops/add.hpp>
+#include <cbq/ops/attention.hpp>
 #include <cbq/ops/cross_entropy.hpp>
 #include <cbq/ops/embedding.hpp>
 #include <cbq/ops/kl_softmax.hpp>
@@ -24,6 +25,7 @@
 #include <cbq/ops/reduce.hpp>
 #include <cbq/ops/reshape.hpp>
 #include <cbq/ops/rmsnorm.hpp>
+#include <cbq/ops/rope.hpp>
 #include <cbq/ops/scale.hpp>
 #include <cbq/ops/softmax.hpp>
 #include <cbq/ops/swiglu.hpp>
@@ -58,6 +60,9 @@ struct OpCase {
   std::vector<Input> inputs;
   Graph<float> graph_float;
   Graph<double> graph_double;
+  // The CUDA-vs-CPU check's float tolerance, as a multiple of gpu_testing::tolerance<float>()
+  // (double keeps its own): > 1 only where the op's own GPU file explains why (attention).
+  double float_tolerance_factor = 1.0;
 
   template <class T>
   const Graph<T>& graph() const {
@@ -163,6 +168,22 @@ inline const std::vector<OpCase>& op_cases() {
                           using V = std::remove_cvref_t<decltype(v[0])>;
                           return ops::layernorm(v[0], v[1], V{}, 1e-5);
                         }));
+    // ---- rope (both pair layouts, a later first position) and attention (grouped-query heads,
+    // causal and not; 5 rows so that a key tile is partly masked)
+    c.push_back(op_case("rope, interleaved", {{Shape{5, 2 * 6}, 46}}, [](auto& v) {
+      return ops::rope(v[0], 2, 6, RopeLayout::interleaved, 10000.0, 3);
+    }));
+    c.push_back(op_case("rope, rotate_half", {{Shape{5, 3 * 4}, 47}}, [](auto& v) {
+      return ops::rope(v[0], 3, 4, RopeLayout::rotate_half, 500.0);
+    }));
+    c.push_back(op_case("attention, causal, 4 query heads on 2 kv heads",
+                        {{Shape{5, 4 * 3}, 48}, {Shape{5, 2 * 3}, 49}, {Shape{5, 2 * 3}, 50}},
+                        [](auto& v) { return ops::attention(v[0], v[1], v[2], 4, 2, 3, true); }));
+    c.back().float_tolerance_factor = 10;  // 1e-4: dS = P ⊙ (dP − D) cancels (test_attention.cu)
+    c.push_back(op_case("attention, not causal",
+                        {{Shape{6, 2 * 4}, 51}, {Shape{6, 2 * 4}, 52}, {Shape{6, 2 * 4}, 53}},
+                        [](auto& v) { return ops::attention(v[0], v[1], v[2], 2, 2, 4, false); }));
+    c.back().float_tolerance_factor = 10;
     // ---- losses
     c.push_back(op_case("mse", {{Shape{3, 7}, 30}, {Shape{3, 7}, 31}},
                         [](auto& v) { return ops::mse(v[0], v[1]); }));
