@@ -1,7 +1,8 @@
 #pragma once
-// Helpers shared by the CUDA-vs-CPU tests of the quantizers (test_quant_ops.cu) and of
-// LoRA-Rounding (test_lora_rounding.cu): grid specs, the granularities under test, and the
-// comparison of reduced gradients at the size of their terms.
+// Helpers shared by the CUDA-vs-CPU tests of the quantizers (test_grid.cu, test_fake_quant.cu,
+// test_act_quant.cu, test_cfp.cu) and of LoRA-Rounding (test_lora_rounding.cu): grid specs, the
+// granularities under test, a step quantizer's results, and the comparison of reduced gradients
+// at the size of their terms.
 #include <cmath>
 #include <vector>
 
@@ -20,6 +21,13 @@ inline GridSpec make_spec(int bits, bool symmetric, Granularity granularity, int
   g.group_size = group;
   return g;
 }
+
+// A step quantizer's output, input gradient and step gradient (fake_quant_weight,
+// fake_quant_act_static), on the CPU.
+template <class T>
+struct StepResult {
+  Tensor<T> y, dx, ds;
+};
 
 template <class T>
 Tensor<T> scaled(Tensor<T> t, double factor) {

@@ -1,5 +1,6 @@
 // CUDA vs CPU: embedding forward (gather) and backward (scatter-add with repeated ids), float
-// and double, odd vocabulary and embedding sizes; plus the mixed-device error.
+// and double, odd vocabulary and embedding sizes; plus the mixed-device error. CPU tests:
+// tests/ops/test_embedding.cpp; the declared cases of tests/ops/op_cases.hpp: test_op_cases.cu.
 //
 // Tolerance: exact (rel_error == 0). The forward pass copies values; the backward pass adds each
 // id's token gradients in token order, the same additions in the same order as the CPU.

@@ -343,3 +343,12 @@ TEST_CASE("linear at a LLaMA-7B shape (2048 tokens, 4096 -> 11008): CPU vs CUDA,
     }
   }
 }
+
+TEST_CASE("matmul: CPU operands on a CUDA tape give a clear error") {
+  // matmul (the GEMM hook): CPU operands, CUDA tape.
+  Tape<float> tape(Device::cuda);
+  Var<float> m_cpu = tape.input(randn<float>(Shape{2, 2}, 2));
+  const std::string matmul = gpu_testing::error_message([&] { ops::matmul(m_cpu, m_cpu); });
+  CHECK(gpu_testing::contains(matmul, "matmul"));
+  CHECK(gpu_testing::contains(matmul, "different devices"));
+}

@@ -1,7 +1,8 @@
 // CUDA vs CPU: rmsnorm (ops/rmsnorm.hpp, cuda/cbq/cuda/ops/rmsnorm.cuh), forward and backward (dx,
-// dw), float and double, on row shapes with 1, 7, 64, 257 and 1031 columns and 300 rows; the
-// determinism of the weight gradient and the error for mixed devices. CPU tests:
-// tests/ops/test_rmsnorm.cpp.
+// dw), float and double, on row shapes with 1, 7, 64, 257 and 1031 columns, 300 rows and 2^20 + 3
+// rows (the rows loop); the determinism of the weight gradient and the error for mixed devices.
+// CPU tests: tests/ops/test_rmsnorm.cpp; the declared cases of tests/ops/op_cases.hpp:
+// test_op_cases.cu.
 //
 // Tolerances (rel_error = max |gpu − cpu| / max |cpu|): tolerance<T>(), i.e. 1e-12 (double) and
 // 1e-5 (float). The row statistics are double sums on both devices (only the order differs) and
@@ -57,4 +58,14 @@ TEST_CASE("rmsnorm: CPU and CUDA operands mixed give a clear error") {
   const std::string rms = error_message([&] { ops::rmsnorm(x, w_cpu, 1e-5); });
   CHECK(contains(rms, "rmsnorm"));
   CHECK(contains(rms, "different devices"));
+}
+
+TEST_CASE_TEMPLATE("rmsnorm: more rows than the row grid (the rows loop)", T, float, double) {
+  // 2^20 + 3 rows: the row kernels launch at most 2^20 blocks and loop over the rest.
+  const Shape shape{(int64_t(1) << 20) + 3, 2};
+  const std::vector<Tensor<T>> inputs{randn<T>(shape, 1), randn<T>(Shape{2}, 2)};
+  // Weight frozen: a float dw summed over 2^20 rows differs from the CPU's float sum by the
+  // CPU's own rounding (~2e-5 relative), which is not what this test is about.
+  check_parity<T>(inputs, [](std::vector<Var<T>>& v) { return ops::rmsnorm(v[0], v[1], 1e-5); },
+                  tolerance<T>(), 4, {true, false});
 }

@@ -1,5 +1,6 @@
 // cross_entropy and token_nll (ops/cross_entropy.hpp): against the naive log softmax, gradient
-// checks, huge logits, errors. CUDA parity: tests/gpu/test_softmax_losses.cu.
+// checks, huge logits, errors. CUDA parity: tests/gpu/test_cross_entropy.cu.
+// Declared case for both checks: tests/ops/op_cases.hpp.
 #include <cbq/ops/cross_entropy.hpp>
 
 #include "ops/loss_reference.hpp"

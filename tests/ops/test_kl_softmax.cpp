@@ -1,5 +1,6 @@
 // kl_softmax (ops/kl_softmax.hpp): against the naive KL of softmaxes at several temperatures,
 // gradient checks, huge logits, errors. CUDA parity: tests/gpu/test_kl_softmax.cu.
+// Declared case for both checks: tests/ops/op_cases.hpp.
 #include <cbq/ops/kl_softmax.hpp>
 
 #include "ops/loss_reference.hpp"

@@ -1,5 +1,5 @@
 // layernorm (ops/layernorm.hpp): forward against a naive loop, gradient checks, errors.
-// CUDA parity: tests/gpu/test_layernorm.cu.
+// CUDA parity: tests/gpu/test_layernorm.cu. Declared case for both checks: tests/ops/op_cases.hpp.
 #include <cbq/ops/layernorm.hpp>
 
 #include "support/gradcheck.hpp"

@@ -1,5 +1,5 @@
 // mse and row_sq_error (ops/mse.hpp): against naive sums, gradient checks, errors.
-// CUDA parity: tests/gpu/test_softmax_losses.cu.
+// CUDA parity: tests/gpu/test_mse.cu. Declared case for both checks: tests/ops/op_cases.hpp.
 #include <cbq/ops/mse.hpp>
 
 #include "ops/loss_reference.hpp"

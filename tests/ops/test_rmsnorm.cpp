@@ -1,5 +1,5 @@
 // rmsnorm (ops/rmsnorm.hpp): forward against a naive loop, gradient checks, errors.
-// CUDA parity: tests/gpu/test_rmsnorm.cu.
+// CUDA parity: tests/gpu/test_rmsnorm.cu. Declared case for both checks: tests/ops/op_cases.hpp.
 #include <cbq/ops/rmsnorm.hpp>
 
 #include "support/gradcheck.hpp"

@@ -5,7 +5,7 @@
 #include <cbq/quant/pack.hpp>
 #include <numbers>
 
-#include "test_quant_common.hpp"
+#include "quant/quant_common.hpp"
 
 using namespace cbq;
 using cbq::quant::Granularity;

@@ -9,8 +9,8 @@
 #include <cbq/cbq.hpp>
 #include <cmath>
 
+#include "quant/quant_common.hpp"
 #include "support/gradcheck.hpp"
-#include "test_quant_common.hpp"
 
 using namespace cbq;
 using cbq::testing::make_spec;

@@ -1,8 +1,10 @@
-// Quantizer configuration types, RTN round-trip error budgets, QuantizedWeight agreement.
+// The quantization grid (quant/grid.hpp): GridSpec and the compile-time Quantizer types
+// (pass/policies.hpp) that produce it, bad configurations, init_minmax's RTN round-trip error
+// budgets, the short last group, QuantizedWeight agreement. CUDA parity: tests/gpu/test_grid.cu.
 #include <cbq/pass/policies.hpp>
 #include <cbq/quant/fake_quant.hpp>
 
-#include "test_quant_common.hpp"
+#include "quant/quant_common.hpp"
 
 using namespace cbq;
 using cbq::quant::Granularity;

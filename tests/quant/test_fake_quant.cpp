@@ -1,7 +1,8 @@
-// quant::fake_quant_weight: forward, STE / LSQ gradients, the gradcheck rule near clamp edges.
+// quant::fake_quant_weight (quant/fake_quant.hpp): forward, STE / LSQ gradients, the gradcheck
+// rule near clamp edges. CUDA parity: tests/gpu/test_fake_quant.cu.
 #include <cbq/quant/fake_quant.hpp>
 
-#include "test_quant_common.hpp"
+#include "quant/quant_common.hpp"
 
 using namespace cbq;
 using cbq::quant::Granularity;

@@ -1,9 +1,9 @@
-// Integer packing: 32-bit GPTQ-style words (every width, AutoGPTQ's 3-bit layout), 4-bit bytes,
-// dequantization straight from the packed form.
+// Integer packing (quant/pack.hpp): 32-bit GPTQ-style words (every width, AutoGPTQ's 3-bit
+// layout), 4-bit bytes, dequantization straight from the packed form. CPU only (no CUDA kernel).
 #include <cbq/quant/fake_quant.hpp>
 #include <cbq/quant/pack.hpp>
 
-#include "test_quant_common.hpp"
+#include "quant/quant_common.hpp"
 
 using namespace cbq;
 using cbq::quant::GridSpec;

@@ -1,4 +1,5 @@
-// CFP outlier detector, weight truncation, activation channel scales and the channel-max observer.
+// CFP (quant/cfp.hpp): outlier detector, weight truncation, activation channel scales and the
+// channel-max observer. CUDA parity: tests/gpu/test_cfp.cu.
 #include <algorithm>
 #include <cbq/quant/cfp.hpp>
 #include <cmath>

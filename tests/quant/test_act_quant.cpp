@@ -1,8 +1,9 @@
-// Activation quantizers: static per-tensor (learnable step), dynamic per-token with a learnable
-// clipping logit, the bits ≥ 16 identity path, the calibration observer.
+// Activation quantizers (quant/act_quant.hpp): static per-tensor (learnable step), dynamic
+// per-token with a learnable clipping logit, the bits ≥ 16 identity path, the calibration
+// observer. CUDA parity: tests/gpu/test_act_quant.cu.
 #include <cbq/quant/act_quant.hpp>
 
-#include "test_quant_common.hpp"
+#include "quant/quant_common.hpp"
 
 using namespace cbq;
 using cbq::quant::GridSpec;
