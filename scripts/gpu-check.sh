@@ -43,9 +43,11 @@ mode=full
 skip_driver=0
 out_dir=${OUT:-$here/gpu-check-out}
 build_dir=$here/build-gpu-check
-# One more job than cores, and one: 17 compile units on 16 cores all start at once (each a few
-# minutes of one core), instead of the 17th waiting for the first to finish.
-jobs=$(( $(nproc 2>/dev/null || echo 2) + 2 ))
+# The GPU tests build as one program per core (CBQ_GPU_TEST_PROGRAMS, tests/CMakeLists.txt), so
+# that with the 3 benchmarks every compile unit (a few minutes of one core each: each holds the
+# whole backend) starts at once, however many test files there are.
+cores=$(nproc 2>/dev/null || echo 2)
+jobs=$((cores + 3))
 budget=  # seconds for everything (default 540: the device tool allows 10 minutes, one kept)
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -275,12 +277,14 @@ command -v ninja >/dev/null && generator=(-G Ninja)
 run_step configure "$(limit 90)" "$build_log" cmake -S "$here" -B "$build_dir" "${generator[@]}" \
   -DCMAKE_BUILD_TYPE=Release -DCBQ_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
   -DCMAKE_CUDA_COMPILER="$nvcc_bin" -DCBQ_BUILD_TESTS=ON -DCBQ_BUILD_BENCHMARKS=ON \
-  -DCBQ_BUILD_EXAMPLES=OFF -DCBQ_INSTALL=OFF -DCBQ_GPU_TESTS_ONE_PROGRAM=OFF "${cmake_flags[@]}"
+  -DCBQ_BUILD_EXAMPLES=OFF -DCBQ_INSTALL=OFF -DCBQ_GPU_TEST_PROGRAMS="$cores" "${cmake_flags[@]}"
 row configure "$(status_of $step_rc)" "$step_seconds" "$(cmake --version | head -1), ${generator[*]:-make}"
 [ "$step_rc" != 0 ] && finish 1
 
-targets=()
-for f in tests/gpu/test_*.cu; do targets+=("gpu_$(basename "${f%.cu}")"); done
+# Which program holds a GPU test file's cases (written by the configure step).
+program_map=$build_dir/tests/gpu_test_programs.txt
+program_of() { awk -v t="gpu_$1" '$1 == t { print $2 }' "$program_map"; }
+targets=($(awk '{ print $2 }' "$program_map" | sort -u))
 for f in bench/cuda/bench_*.cu; do targets+=("$(basename "${f%.cu}")"); done
 # A compile unit includes the whole backend (2-4 minutes of one core each), so the wall time is
 # about the slowest unit when there are as many cores as targets.
@@ -328,14 +332,15 @@ done
 sanitize_jobs=()
 if [ -n "$sanitizer" ]; then
   for tool in memcheck racecheck initcheck; do
-    for case in "attention:gpu_test_attention" "lora:gpu_test_lora_rounding"; do
+    for case in "attention:test_attention" "lora:test_lora_rounding"; do
       name=${case%%:*}
-      program=${case#*:}
+      file=${case#*:}
       (
         export CBQ_CUDA_NO_CACHE=1
         log=$logs/sanitize-$tool-$name.log
         run_step "sanitize-$tool-$name" "$(limit 200 140)" "$log" "$sanitizer" --tool "$tool" \
-          --error-exitcode 99 --print-limit 30 "$bin/$program" '-tc=*for compute-sanitizer*'
+          --error-exitcode 99 --print-limit 30 "$bin/$(program_of "$file")" \
+          "--source-file=*/gpu/$file.cu" '-tc=*for compute-sanitizer*'
         echo "$step_rc $step_seconds" >"$logs/sanitize-$tool-$name.rc"
       ) &
       sanitize_jobs+=($!)
@@ -344,7 +349,8 @@ if [ -n "$sanitizer" ]; then
 fi
 
 (
-  run_step stories260K "$(limit 240 140)" "$stories_log" "$bin/gpu_test_pass_gpu" '-tc=*stories260K*'
+  run_step stories260K "$(limit 240 140)" "$stories_log" "$bin/$(program_of test_pass_gpu)" \
+    '--source-file=*/gpu/test_pass_gpu.cu' '-tc=*stories260K*'
   echo "$step_rc $step_seconds" >"$logs/stories.rc"
 ) &
 stories_job=$!
