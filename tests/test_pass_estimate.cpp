@@ -17,6 +17,9 @@ StepCalibration fixed_calibration() {
   c.step_reg_seconds = 0.2;
   c.q_window_seconds = 0.02;  // a window of 2 blocks
   c.fp_block_seconds = 0.005;
+  c.hessian_sample_seconds = 0.003;
+  c.gptq_block_seconds = 0.05;
+  c.advance_sample_seconds = 0.012;
   c.arena_bytes = 1000;
   c.trainable_bytes = 24;
   c.window_blocks = 2;
@@ -26,26 +29,47 @@ StepCalibration fixed_calibration() {
 }
 }  // namespace
 
-TEST_CASE("pass estimate: time adds the steps and the forwards of every window") {
+TEST_CASE("pass estimate: time adds the steps, the forwards and the GPTQ start of every window") {
   const ModelConfig c = tiny_llama_config();  // 3 blocks: windows [0,1] and [1,2]
   Transformer<LlamaBlock<float>> m(c, random_weights(c, 1));
   PassSpec spec;
   spec.weight.group_size = 4;
-  PassOptions o;
+  PassOptions o;  // the GPTQ start, hard rounding with STE, keep-the-better
   o.epochs = 3;
-  const int64_t N = 5;
+  const int64_t N = 5, H = o.holdout_samples(N);
+  REQUIRE(H == 2);  // max(4, 10 % of 5), at most N / 2
   const PassEstimate e = estimate_pass(m, spec, o, N, 32, fixed_calibration());
   CHECK(e.windows == 2);
-  CHECK(e.steps == 2 * 3 * N);
+  CHECK(e.steps == 2 * 3 * (N - H));  // the held-out samples do not train
   // 80 % of the steps carry the regulariser (round_warmup 0.2).
   const double step = 0.2 * 0.1 + 0.8 * 0.2;
-  CHECK(e.train_seconds == doctest::Approx(30 * step));
-  // Per window: 2·N·2 FP block forwards, 2·N window forwards (4 block-equivalents of 0.01 s),
-  // and the blocks leaving: 1 after the first window, 2 after the last.
-  const double fwd = N * (4 * 0.005 + 4 * 0.01 + 1 * 0.01) + N * (4 * 0.005 + 4 * 0.01 + 2 * 0.01);
+  CHECK(e.train_seconds == doctest::Approx(18 * step));
+  // Per window: 2·N·2 FP block forwards, 2·N window evaluations (0.02 s each), and N samples
+  // through each block leaving (0.012 s each): 1 after the first window, 2 after the last.
+  const double fwd = (N * 4 * 0.005 + 2 * N * 0.02 + N * 1 * 0.012) +
+                     (N * 4 * 0.005 + 2 * N * 0.02 + N * 2 * 0.012);
   CHECK(e.forward_seconds == doctest::Approx(fwd));
-  CHECK(e.seconds == doctest::Approx(e.train_seconds + e.forward_seconds));
+  // The GPTQ start of blocks 0, 1 (window [0,1]) and 2 (window [1,2]): N samples of Hessians,
+  // after the window's earlier blocks on the quantized path (0.01 s a block), and the solves.
+  const double start =
+      (N * 0.003 + 0.05) + (N * (0.003 + 0.01) + 0.05) + (N * (0.003 + 0.01) + 0.05);
+  CHECK(e.start_seconds == doctest::Approx(start));
+  CHECK(e.seconds == doctest::Approx(e.train_seconds + e.forward_seconds + e.start_seconds));
   CHECK(e.summary().find("about") == 0);
+  CHECK(e.summary().find("GPTQ start") != std::string::npos);
+
+  // Soft rounding also evaluates the hard-rounded window: the held-out samples before, all after.
+  o.rounding_mode = quant::RoundingMode::soft;
+  const PassEstimate soft = estimate_pass(m, spec, o, N, 32, fixed_calibration());
+  CHECK(soft.forward_seconds == doctest::Approx(fwd + 2 * (N + H) * 0.02));
+
+  // The RTN start has no start cost; without keep-the-better every sample trains.
+  o.rounding_mode = quant::RoundingMode::hard_ste;
+  o.weight_init = WeightInit::rtn;
+  o.keep_better = false;
+  const PassEstimate rtn = estimate_pass(m, spec, o, N, 32, fixed_calibration());
+  CHECK(rtn.start_seconds == 0);
+  CHECK(rtn.steps == 2 * 3 * N);
 
   // max_steps caps the steps of every window; no regulariser with γ = 0.
   o.max_steps = 4;
@@ -83,7 +107,8 @@ TEST_CASE("pass estimate: memory counts the model, the quantizers, activations a
   CHECK(files.activations_in_files);
   CHECK(files.peak_bytes == e.peak_bytes - e.activation_bytes);
   // What is not modelled is said.
-  o.weight_init = WeightInit::gptq;
+  CHECK(e.notes.empty());
+  o.cfp_weights = true;
   CHECK(estimate_pass(m, spec, o, 7, 32, fixed_calibration()).notes.size() == 1);
 }
 
@@ -96,8 +121,10 @@ TEST_CASE("pass estimate: the calibration measures a real window step") {
   PassOptions o;
   const StepCalibration cal =
       calibrate_window_step<LlamaBlock<float>>(c, spec, o, 24, /*min_seconds=*/0.0);
+  REQUIRE(o.weight_init == WeightInit::gptq);  // the default: the GPTQ start is measured too
   for (double t :
-       {cal.step_seconds, cal.step_reg_seconds, cal.q_window_seconds, cal.fp_block_seconds}) {
+       {cal.step_seconds, cal.step_reg_seconds, cal.q_window_seconds, cal.fp_block_seconds,
+        cal.hessian_sample_seconds, cal.gptq_block_seconds, cal.advance_sample_seconds}) {
     CHECK(std::isfinite(t));
     CHECK(t > 0);
   }

@@ -7,19 +7,22 @@
 //   fmt::print("{}\n", e.summary());
 //
 // Time. Per window (window_schedule: W blocks; S of them leave the window when it is done, the
-// stride W − overlap, or all W for the last window) the pass runs
-//   E·N training steps                       t_step (measured, see below),
+// stride W − overlap, or all W for the last window; B of them enter it, new) the pass runs
+//   E·(N − H) training steps                 t_step (measured, see below; H held-out samples),
 //   2·N·W full-precision block forwards      t_fp_block (the targets T_fp(X_fp) and T_fp(X_q)),
-//   2·N quantized window forwards + losses   t_q_window (the reconstruction loss before / after),
-//   S·N quantized block forwards             t_q_window / W (the quantized path advancing),
+//   2·N quantized window forwards + losses   t_q_window (the reconstruction loss before / after;
+//                                            with soft rounding also the hard-rounded H + N),
+//   S·N hardened block forwards              t_advance (the quantized path advancing, each layer's
+//                                            output error measured on the way),
+//   with the GPTQ start, per new block b:    N·(t_hessian + (b − first)·t_q_window / W) and
+//                                            t_gptq_block (the Hessians, then the solves),
 // plus, with the output loss in every window, K·N full-precision block forwards once. The step
 // is measured with and without the rounding regulariser, which is on for the (1 − round_warmup)
 // share of steps. calibrate_window_step measures each of these on a scratch window of W blocks
 // with the model's shapes and random weights (the values do not change the work), at the pass's
 // sequence length, threads and device, for at least `min_seconds` each.
-// Not modelled: the GPTQ start's Hessians and GPTQ solve per block, CFP / SmoothQuant
-// pre-processing, the output loss's head and later blocks inside each step, checkpoint writes
-// (listed in `notes` when the configuration uses them).
+// Not modelled: CFP / SmoothQuant pre-processing, the output loss's head and later blocks inside
+// each step, checkpoint writes (listed in `notes` when the configuration uses them).
 //
 // Memory (peak RSS on the CPU): what the process holds before the pass (its resident memory when
 // the estimate is made: the model as loaded), and for every linear weight the
@@ -46,6 +49,7 @@
 #include "cbq/ops/mse.hpp"
 #include "cbq/ops/scale.hpp"
 #include "cbq/optim/adam.hpp"
+#include "cbq/pass/block_measurements.hpp"
 #include "cbq/pass/config.hpp"
 #include "cbq/pass/pass.hpp"
 #include "cbq/pass/quant_linear.hpp"
@@ -55,10 +59,16 @@ namespace cbq {
 
 // What one window costs on this machine (calibrate_window_step).
 struct StepCalibration {
-  double step_seconds = 0;          // one training step without the rounding regulariser
-  double step_reg_seconds = 0;      // ... with it
-  double q_window_seconds = 0;      // the window forward with its quantizers, no gradients
-  double fp_block_seconds = 0;      // one full-precision block forward, no gradients
+  double step_seconds = 0;      // one training step without the rounding regulariser
+  double step_reg_seconds = 0;  // ... with it
+  double q_window_seconds = 0;  // the window forward with its quantizers, no gradients
+  double fp_block_seconds = 0;  // one full-precision block forward, no gradients
+  // The GPTQ start (PassOptions::weight_init = gptq; else 0): one sample's full-precision block
+  // forward with the Hessians of its linear inputs accumulated, and the GPTQ solves of one
+  // block's layers.
+  double hessian_sample_seconds = 0, gptq_block_seconds = 0;
+  // One sample through a hardened block with each layer's output error measured (the advance).
+  double advance_sample_seconds = 0;
   std::size_t arena_bytes = 0;      // the training tape's arena after a step
   std::size_t trainable_bytes = 0;  // parameters, gradients and Adam moments of the window
   int64_t window_blocks = 0, seq_len = 0;
@@ -68,6 +78,7 @@ struct StepCalibration {
 struct PassEstimate {
   double seconds = 0;  // the whole pass
   double train_seconds = 0, forward_seconds = 0;
+  double start_seconds = 0;        // the GPTQ start: Hessians and solves of every block
   int64_t windows = 0, steps = 0;  // steps over all windows
   std::size_t peak_bytes = 0;      // peak resident memory of the process
   std::size_t model_bytes = 0, quantizer_bytes = 0, activation_bytes = 0, window_bytes = 0;
@@ -87,6 +98,7 @@ struct PassEstimate {
         windows > 0 ? steps / windows : 0, calibration.step_seconds, calibration.step_reg_seconds,
         calibration.seq_len, calibration.threads, calibration.threads == 1 ? "" : "s",
         human_duration(forward_seconds));
+    if (start_seconds > 0) s += fmt::format("; GPTQ start {}", human_duration(start_seconds));
     s += fmt::format(
         "; memory: now {:.0f} MiB (model {:.0f} MiB), quantizers {:.0f} MiB, activations {:.0f} "
         "MiB{}, window {:.0f} MiB)",
@@ -178,6 +190,25 @@ StepCalibration calibrate_window_step(const ModelConfig& config, const PassSpec&
       detail::time_per_call([&] { model.run_block(0, x, fp); }, min_seconds / 3, 1, 50);
   Tensor<T> target = x;
   for (int64_t b = 0; b < c.n_layers; ++b) target = model.run_block(b, target, fp);
+  if (options.weight_init == WeightInit::gptq) {
+    const Window first{0, 0, 1};
+    const std::vector<Tensor<T>> one{x};
+    std::vector<quant::HessianAccumulator> hessians = block_hessians(model, first, 0, one);
+    cal.hessian_sample_seconds = detail::time_per_call(
+        [&] { hessians = block_hessians(model, first, 0, one); }, min_seconds / 3, 1, 50);
+    quant::GptqOptions go;
+    go.percdamp = options.gptq_percdamp;
+    cal.gptq_block_seconds = detail::time_per_call(
+        [&] {
+          auto linears = model.blocks[0].linears();
+          for (size_t j = 0; j < linears.size(); ++j) {
+            const Tensor<T>& w = linears[j]->weight.value;
+            const Tensor<float> wf = (w.is_cpu() ? w : w.to(Device::cpu)).template cast<float>();
+            quant::gptq_quantize(wf, hessians[j], spec.layer_config(linears[j]->name).weight, go);
+          }
+        },
+        min_seconds / 3, 1, 20);
+  }
 
   // Quantizers as CbqPass::install sets them up.
   std::vector<std::shared_ptr<QuantLinear<T>>> layers;
@@ -264,6 +295,22 @@ StepCalibration calibrate_window_step(const ModelConfig& config, const PassSpec&
   };
   q_forward();
   cal.q_window_seconds = detail::time_per_call(q_forward, min_seconds / 3, 1, 50);
+
+  // The advance: block 0 hardened, one sample through it measuring its layers' output errors.
+  const std::size_t block0_layers = model.blocks[0].linears().size();
+  const std::vector<std::shared_ptr<QuantLinear<T>>> block0(
+      layers.begin(), layers.begin() + static_cast<std::ptrdiff_t>(block0_layers));
+  for (auto& q : block0) q->harden();
+  auto advance = [&] {
+    LayerOutputErrors<T> errors(model, 0, block0);
+    BlockContext<T> ctx;
+    ctx.on_linear_input = [&](const LinearLayer<T>& layer, const Tensor<T>& in) {
+      errors.add(layer, in);
+    };
+    model.run_block(0, x, ctx);
+  };
+  advance();
+  cal.advance_sample_seconds = detail::time_per_call(advance, min_seconds / 3, 1, 50);
   return cal;
 }
 
@@ -281,8 +328,17 @@ PassEstimate estimate_pass(Transformer<Block>& model, const PassSpec& spec,
   const int64_t K = model.num_blocks(), N = samples;
   const auto windows = window_schedule(K, spec.window_blocks, spec.window_overlap);
   e.windows = static_cast<int64_t>(windows.size());
-  int64_t per_window = options.epochs * N;
+  const int64_t heldout = options.holdout_samples(N);
+  int64_t per_window = options.epochs * (N - heldout);
   if (options.max_steps > 0) per_window = std::min(per_window, options.max_steps);
+  // Window-loss evaluations over all samples: before and after, and with soft rounding also the
+  // hard-rounded judging (the held-out samples at the start, all samples after).
+  const bool soft = options.rounding_mode == quant::RoundingMode::soft;
+  const double evaluations =
+      2.0 * static_cast<double>(N) +
+      (soft ? static_cast<double>(N + (options.keep_better ? heldout : 0)) : 0.0);
+  const bool gptq_start = options.weight_init == WeightInit::gptq;
+  std::vector<bool> installed(static_cast<std::size_t>(K), false);
   const double reg_share = options.gamma_round > 0 && spec.rounding != RoundingKind::nearest
                                ? std::clamp(1.0 - options.round_warmup, 0.0, 1.0)
                                : 0.0;
@@ -294,13 +350,22 @@ PassEstimate estimate_pass(Transformer<Block>& model, const PassSpec& spec,
     e.steps += per_window;
     e.train_seconds += static_cast<double>(per_window) * t_step;
     e.forward_seconds +=
-        static_cast<double>(N) *
-        (2.0 * static_cast<double>(blocks) * cal.fp_block_seconds +
-         2.0 * static_cast<double>(blocks) * q_block + static_cast<double>(leaving) * q_block);
+        static_cast<double>(N) * 2.0 * static_cast<double>(blocks) * cal.fp_block_seconds +
+        evaluations * cal.q_window_seconds * static_cast<double>(blocks) /
+            static_cast<double>(std::max<int64_t>(1, cal.window_blocks)) +
+        static_cast<double>(N * leaving) * cal.advance_sample_seconds;
+    for (int64_t b = w.first; b <= w.last; ++b) {
+      if (installed[static_cast<std::size_t>(b)]) continue;
+      installed[static_cast<std::size_t>(b)] = true;
+      if (gptq_start)
+        e.start_seconds += static_cast<double>(N) * (cal.hessian_sample_seconds +
+                                                     static_cast<double>(b - w.first) * q_block) +
+                           cal.gptq_block_seconds;
+    }
   }
   if (pass_activation_sets(options) == 5)
     e.forward_seconds += static_cast<double>(K * N) * cal.fp_block_seconds;
-  e.seconds = e.train_seconds + e.forward_seconds;
+  e.seconds = e.train_seconds + e.forward_seconds + e.start_seconds;
 
   // Memory.
   std::size_t linear_weights = 0, params = 0;
@@ -334,8 +399,6 @@ PassEstimate estimate_pass(Transformer<Block>& model, const PassSpec& spec,
   if (e.base_bytes == 0) e.base_bytes = kBaseBytes + e.model_bytes;
   e.peak_bytes = e.base_bytes + e.quantizer_bytes + e.window_bytes +
                  (e.activations_in_files ? 0 : e.activation_bytes);
-  if (options.weight_init == WeightInit::gptq)
-    e.notes.push_back("the GPTQ start (Hessians and GPTQ per block) is not included");
   if (options.activation_scaling != ActivationScaling::none || options.cfp_weights)
     e.notes.push_back("pre-processing (CFP / SmoothQuant) is not included");
   if (options.output_kld > 0)

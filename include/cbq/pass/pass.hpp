@@ -47,6 +47,7 @@
 #include "cbq/ops/mul.hpp"
 #include "cbq/ops/scale.hpp"
 #include "cbq/pass/activation_store.hpp"
+#include "cbq/pass/block_measurements.hpp"
 #include "cbq/pass/calibration.hpp"
 #include "cbq/pass/checkpoint.hpp"
 #include "cbq/pass/checks_and_timing.hpp"
@@ -296,6 +297,7 @@ class CbqPass {
       ++window_index;
       if (window_index <= windows_done) continue;  // restored from the checkpoint
       const auto wstart = std::chrono::steady_clock::now();
+      WindowTimes times;
       // 1. Quantizers for blocks entering their first window.
       for (int64_t b = w.first; b <= w.last; ++b)
         if (qlayers[b].empty()) {
@@ -312,6 +314,8 @@ class CbqPass {
           } else
             qlayers[b] = install(model, b);
         }
+      times.start = detail::seconds_since(wstart);
+      auto phase = std::chrono::steady_clock::now();
       // 2. Targets: T_fp(X_fp) with X_fp advanced to the next window start on the way, and the
       //    homologous T_fp(X_q), whose pass also calibrates static activation steps.
       std::vector<quant::MinMaxObserver<T>> ranges = observers<T>(model, w);
@@ -342,10 +346,12 @@ class CbqPass {
 
       // 3. Optimise the window (and keep the better of its start and its trained state).
       const LossScaling<T> scaling = measure_loss_scaling(o, t_fp, t_hom, model.device());
-      const WindowStats stats =
-          train_window(model, w, qlayers, x_q, t_fp, t_hom, t_out, scaling, o, window_index,
-                       static_cast<int64_t>(windows.size()), start);
-      result.windows.push_back(stats);
+      times.targets = detail::seconds_since(phase);
+      WindowStats stats = train_window(model, w, qlayers, x_q, t_fp, t_hom, t_out, scaling, o,
+                                       window_index, static_cast<int64_t>(windows.size()), start);
+      times.steps = stats.times.steps;
+      times.evaluations = stats.times.evaluations;
+      phase = std::chrono::steady_clock::now();
 
       // 4. Blocks leaving their last window: harden, freeze, advance the quantized path.
       for (int64_t b = w.first; b < w.finalize; ++b) {
@@ -355,7 +361,7 @@ class CbqPass {
         }
         for (auto& q : qlayers[b]) q->harden();
         // Advance the quantized path, measuring each layer's output error on its inputs.
-        OutputErrors<T> errors(model, b, qlayers[b]);
+        LayerOutputErrors<T> errors(model, b, qlayers[b]);
         BlockContext<T> ctx;
         ctx.on_linear_input = [&](const LinearLayer<T>& layer, const Tensor<T>& in) {
           errors.add(layer, in);
@@ -369,14 +375,22 @@ class CbqPass {
         errors.finish();
         for (auto& q : qlayers[b]) result.layers.push_back(layer_result(*q));
       }
+      times.advance = detail::seconds_since(phase);
+      stats.times = times;
+      result.windows.push_back(stats);
       if (checkpointing) {
         if constexpr (std::is_same_v<T, float>)
           save_window_checkpoint(o.checkpoint_dir, fingerprint, window_index, w.last, progress);
       }
       if (o.verbose)
-        fmt::print("CBQ: window {}/{} done in {}; blocks {}..{} frozen\n", window_index,
-                   windows.size(), detail::format_duration(detail::seconds_since(wstart)), w.first,
-                   w.finalize - 1);
+        fmt::print(
+            "CBQ: window {}/{} done in {} (start {}, targets {}, {} steps {}, evaluations {}, "
+            "advance {}); blocks {}..{} frozen\n",
+            window_index, windows.size(), detail::format_duration(detail::seconds_since(wstart)),
+            detail::format_duration(times.start), detail::format_duration(times.targets),
+            stats.steps, detail::format_duration(times.steps),
+            detail::format_duration(times.evaluations), detail::format_duration(times.advance),
+            w.first, w.finalize - 1);
     }
     result.seconds = detail::seconds_since(start);
     return result;
@@ -436,50 +450,6 @@ class CbqPass {
     return fits ? model.device() : Device::cpu;
   }
 
-  // Each hardened layer's relative output error ‖x(Ŵ − W)ᵀ‖² / ‖xWᵀ‖² for its start's weight and
-  // its final one, summed over the calibration inputs the quantized path gives it (W is the
-  // model's full-precision weight).
-  template <class T>
-  struct OutputErrors {
-    struct Layer {
-      const LinearLayer<T>* layer;
-      QuantLinear<T>* q;
-      Tensor<T> start, final_weight;
-      double err_start = 0, err_final = 0, energy = 0;
-    };
-    std::vector<Layer> layers;
-    template <class Model>
-    OutputErrors(Model& model, int64_t b,
-                 const std::vector<std::shared_ptr<QuantLinear<T>>>& qlayers) {
-      auto linears = model.blocks[b].linears();
-      for (size_t j = 0; j < linears.size() && j < qlayers.size(); ++j)
-        layers.push_back({linears[j], qlayers[j].get(), qlayers[j]->start_weight(),
-                          qlayers[j]->current_weight()});
-    }
-    void add(const LinearLayer<T>& layer, const Tensor<T>& in) {
-      for (Layer& l : layers) {
-        if (l.layer != &layer) continue;
-        Tape<T> tape(in.device());
-        NoGrad<T> off(tape);
-        Var<T> x = tape.constant(in);
-        Var<T> exact = ops::linear(x, tape.constant(layer.weight.value));
-        const Tensor<T> zero(exact.value().shape(), in.device());
-        auto error = [&](const Tensor<T>& w) {
-          return static_cast<double>(detail::element_at(
-              ops::row_sq_error(ops::linear(x, tape.constant(w)), exact).value(), 0));
-        };
-        l.err_start += error(l.start);
-        l.err_final += error(l.final_weight);
-        l.energy += static_cast<double>(
-            detail::element_at(ops::row_sq_error(exact, tape.constant(zero)).value(), 0));
-      }
-    }
-    void finish() {
-      for (Layer& l : layers)
-        if (l.energy > 0) l.q->set_output_errors(l.err_start / l.energy, l.err_final / l.energy);
-    }
-  };
-
   template <class T>
   static BlockContext<T> fp_context() {
     BlockContext<T> ctx;
@@ -529,30 +499,6 @@ class CbqPass {
       out.push_back(q);
     }
     return out;
-  }
-
-  // GPTQ Hessians of block b's linear inputs: the calibration samples on the quantized path
-  // (x_q enters window w; the window's earlier blocks compute with their current quantizers),
-  // then block b in full precision, every layer from the same block input (as the baseline).
-  template <class Model, class T>
-  static std::vector<quant::HessianAccumulator> block_hessians(Model& model, const Window& w,
-                                                               int64_t b,
-                                                               const std::vector<Tensor<T>>& x_q) {
-    auto linears = model.blocks[b].linears();
-    std::vector<quant::HessianAccumulator> acc;
-    for (auto* l : linears)
-      acc.emplace_back(l->in_features(), fmt::format("layers.{}.{}", b, l->name));
-    BlockContext<T> ctx = fp_context<T>();
-    ctx.on_linear_input = [&](const LinearLayer<T>& layer, const Tensor<T>& in) {
-      for (size_t j = 0; j < linears.size(); ++j)
-        if (linears[j] == &layer) acc[j].add_batch(in.is_cpu() ? in : in.to(Device::cpu));
-    };
-    for (const Tensor<T>& x : x_q) {
-      Tensor<T> h = x;
-      for (int64_t c = w.first; c < b; ++c) h = model.run_block(c, h);
-      model.run_block(b, h, ctx);
-    }
-    return acc;
   }
 
   template <class T, class Model>

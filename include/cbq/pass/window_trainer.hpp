@@ -135,6 +135,7 @@ WindowStats train_window(Model& model, const Window& w, Q& qlayers,
     for (Parameter<T>* p : norms) start.norms.push_back(p->value.clone());
   }
 
+  auto evaluations_start = std::chrono::steady_clock::now();
   const std::vector<LossTerms> before = window_loss.evaluate(0, N, std::nullopt);
   stats.loss_before = mean(before, 0, N);
   stats.loss_before.round = window_loss.regularizer_value(o.beta_start);
@@ -143,6 +144,8 @@ WindowStats train_window(Model& model, const Window& w, Q& qlayers,
         trains_hard ? mean(before, judge_begin, N)
                     : mean(window_loss.evaluate(judge_begin, N, quant::RoundingMode::hard), 0,
                            N - judge_begin);
+  stats.times.evaluations = detail::seconds_since(evaluations_start);
+  const auto steps_start = std::chrono::steady_clock::now();
   int64_t step = 0;
   LossTerms epoch_sum;
   for (int64_t epoch = 0; epoch < o.epochs && step < total_steps; ++epoch) {
@@ -202,6 +205,8 @@ WindowStats train_window(Model& model, const Window& w, Q& qlayers,
       std::fflush(stdout);
     }
   }
+  stats.times.steps = detail::seconds_since(steps_start);
+  evaluations_start = std::chrono::steady_clock::now();
   const std::vector<LossTerms> after = window_loss.evaluate(0, N, std::nullopt);
   stats.loss_after = mean(after, 0, N);
   stats.loss_after.round = window_loss.regularizer_value(o.beta_end);
@@ -220,6 +225,7 @@ WindowStats train_window(Model& model, const Window& w, Q& qlayers,
       for (size_t i = 0; i < norms.size(); ++i) norms[i]->value.copy_from(start.norms[i]);
     }
   }
+  stats.times.evaluations += detail::seconds_since(evaluations_start);
   stats.steps = step;
   stats.seconds = detail::seconds_since(wstart);
   if (o.verbose) print_window_balance(stats, window_index, num_windows);

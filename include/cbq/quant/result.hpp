@@ -31,9 +31,21 @@ struct LossTerms {
   double reconstruction() const { return l2_fp + kld_fp + l2_hom + kld_hom + output_kld; }
 };
 
+// Where a window's wall time went (not kept in checkpoints: 0 for windows a run resumed past).
+struct WindowTimes {
+  double start = 0;        // installing the window's new quantizers (with the GPTQ start: its
+                           // Hessians and solves)
+  double targets = 0;      // the full-precision targets, activation ranges, loss scaling
+  double steps = 0;        // the optimiser steps
+  double evaluations = 0;  // the window loss over all samples before and after (and the judging)
+  double advance = 0;      // hardening, the quantized path's advance and the layers' errors
+  double total() const { return start + targets + steps + evaluations + advance; }
+};
+
 struct WindowStats {
   int64_t first_block = 0, last_block = 0, steps = 0;
-  double seconds = 0;
+  double seconds = 0;  // train_window: the steps and the evaluations
+  WindowTimes times;
   // Means over all samples, in the pass's loss scale (PassOptions::loss_scale). `total` is the
   // reconstruction part; `round` holds γ_r·L_round at β_start (before) / β_end (after), not
   // added to `total`.

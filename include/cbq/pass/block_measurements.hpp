@@ -1,0 +1,90 @@
+#pragma once
+// Two measurements of a block that the pass takes on the calibration samples, also timed by the
+// pass estimate (pass/estimate.hpp): the GPTQ start's Hessians of a block's linear inputs, and
+// each hardened layer's output error before and after the window trained it.
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "cbq/model/block.hpp"
+#include "cbq/ops/linear.hpp"
+#include "cbq/ops/mse.hpp"
+#include "cbq/pass/device_support.hpp"
+#include "cbq/pass/quant_linear.hpp"
+#include "cbq/pass/window_schedule.hpp"
+#include "cbq/quant/gptq.hpp"
+
+namespace cbq {
+
+// GPTQ Hessians of block b's linear inputs: the calibration samples on the quantized path
+// (x_q enters window w; the window's earlier blocks compute with their current quantizers),
+// then block b in full precision, every layer from the same block input (as the baseline).
+template <class Model, class T>
+std::vector<quant::HessianAccumulator> block_hessians(Model& model, const Window& w, int64_t b,
+                                                      const std::vector<Tensor<T>>& x_q) {
+  auto linears = model.blocks[b].linears();
+  std::vector<quant::HessianAccumulator> acc;
+  for (auto* l : linears)
+    acc.emplace_back(l->in_features(), fmt::format("layers.{}.{}", b, l->name));
+  BlockContext<T> ctx;
+  ctx.full_precision = true;
+  ctx.on_linear_input = [&](const LinearLayer<T>& layer, const Tensor<T>& in) {
+    for (size_t j = 0; j < linears.size(); ++j)
+      if (linears[j] == &layer) acc[j].add_batch(in.is_cpu() ? in : in.to(Device::cpu));
+  };
+  for (const Tensor<T>& x : x_q) {
+    Tensor<T> h = x;
+    for (int64_t c = w.first; c < b; ++c) h = model.run_block(c, h);
+    model.run_block(b, h, ctx);
+  }
+  return acc;
+}
+
+// Each hardened layer's relative output error ‖x(Ŵ − W)ᵀ‖² / ‖xWᵀ‖² for its start's weight and
+// its final one, summed over the calibration inputs the quantized path gives it (W is the
+// model's full-precision weight).
+template <class T>
+struct LayerOutputErrors {
+  struct Layer {
+    const LinearLayer<T>* layer;
+    QuantLinear<T>* q;
+    Tensor<T> start, final_weight;
+    double err_start = 0, err_final = 0, energy = 0;
+  };
+  std::vector<Layer> layers;
+  template <class Model>
+  LayerOutputErrors(Model& model, int64_t b,
+                    const std::vector<std::shared_ptr<QuantLinear<T>>>& qlayers) {
+    auto linears = model.blocks[b].linears();
+    for (size_t j = 0; j < linears.size() && j < qlayers.size(); ++j)
+      layers.push_back(
+          {linears[j], qlayers[j].get(), qlayers[j]->start_weight(), qlayers[j]->current_weight()});
+  }
+  void add(const LinearLayer<T>& layer, const Tensor<T>& in) {
+    for (Layer& l : layers) {
+      if (l.layer != &layer) continue;
+      Tape<T> tape(in.device());
+      NoGrad<T> off(tape);
+      Var<T> x = tape.constant(in);
+      Var<T> exact = ops::linear(x, tape.constant(layer.weight.value));
+      const Tensor<T> zero(exact.value().shape(), in.device());
+      auto error = [&](const Tensor<T>& w) {
+        return static_cast<double>(detail::element_at(
+            ops::row_sq_error(ops::linear(x, tape.constant(w)), exact).value(), 0));
+      };
+      l.err_start += error(l.start);
+      l.err_final += error(l.final_weight);
+      l.energy += static_cast<double>(
+          detail::element_at(ops::row_sq_error(exact, tape.constant(zero)).value(), 0));
+    }
+  }
+  void finish() {
+    for (Layer& l : layers)
+      if (l.energy > 0) l.q->set_output_errors(l.err_start / l.energy, l.err_final / l.energy);
+  }
+};
+
+}  // namespace cbq
