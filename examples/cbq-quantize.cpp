@@ -187,6 +187,10 @@ void declare(cbq::cli::Options& o, Args& a) {
          "keep every window's trained state (default: the better of start and trained on "
          "held-out samples)",
          false);
+  o.flag("--keep-denormals", a.options.flush_denormals,
+         "compute with subnormal floats on the CPU (default: flushed to zero while the pass runs, "
+         "about 1.5x faster steps; docs/PASS.md)",
+         false);
   o.integer<int64_t>("--holdout", a.options.holdout_min,
                      "calibration samples held out to judge start vs trained (at least; 10 % of "
                      "the samples when more)",

@@ -86,7 +86,7 @@ inline std::string describe_options(const PassOptions& o) {
       "tau={:a} gamma={:a} beta={:a}/{:a} warmup={:a} start={} v0_tracks={} mode={} a1_std={:a} "
       "learn_w={} learn_x={} scaling={} cfp_w={} sq_alpha={:a} seed={} max_steps={} init={} "
       "damp={:a} norms={} lr_norm={:a} out_kld={:a} out_all={} scale={} keep={} hold={:a}/{} "
-      "grid={}",
+      "grid={} ftz={}",
       o.epochs, o.lr_weight_step, o.lr_act_step, o.lr_rounding, o.lr_min_fraction, o.lsq_grad_scale,
       o.loss_l2, o.loss_kld, o.loss_homologous, o.loss_full_precision, o.kld_temperature,
       o.gamma_round, o.beta_start, o.beta_end, o.round_warmup, static_cast<int>(o.lora_start),
@@ -94,7 +94,7 @@ inline std::string describe_options(const PassOptions& o) {
       o.learn_act_step, static_cast<int>(o.activation_scaling), o.cfp_weights, o.smoothquant_alpha,
       o.seed, o.max_steps, static_cast<int>(o.weight_init), o.gptq_percdamp, o.learn_norms,
       o.lr_norm, o.output_kld, o.output_kld_all, static_cast<int>(o.loss_scale), o.keep_better,
-      o.holdout_fraction, o.holdout_min, static_cast<int>(o.fixed_grid()));
+      o.holdout_fraction, o.holdout_min, static_cast<int>(o.fixed_grid()), o.flush_denormals);
 }
 
 template <TransformerBlock Block>

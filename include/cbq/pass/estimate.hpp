@@ -163,6 +163,7 @@ StepCalibration calibrate_window_step(const ModelConfig& config, const PassSpec&
                                       double min_seconds = 0.3) {
   using T = typename Block::scalar_type;
   CBQ_CHECK(seq_len >= 2, "calibrate_window_step: sequence length {} is below 2", seq_len);
+  const FlushDenormals flush(options.flush_denormals);  // as the pass computes
   StepCalibration cal;
   ModelConfig c = config;
   c.n_layers = std::max<int64_t>(1, std::min(spec.window_blocks, config.n_layers));

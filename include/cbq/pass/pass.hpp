@@ -38,6 +38,7 @@
 
 #include <fmt/format.h>
 
+#include "cbq/core/denormals.hpp"
 #include "cbq/model/transformer.hpp"
 #include "cbq/ops/add.hpp"
 #include "cbq/ops/kl_softmax.hpp"
@@ -187,6 +188,7 @@ class CbqPass {
     using T = typename Block::scalar_type;
     const auto start = std::chrono::steady_clock::now();
     const PassOptions& o = options_;
+    const FlushDenormals flush(o.flush_denormals);  // every CPU thread, until the pass returns
     const int64_t K = model.num_blocks(), N = static_cast<int64_t>(inputs.size());
     CBQ_CHECK(N >= 1, "CBQ: no calibration samples");
     CBQ_CHECK(o.epochs >= 1, "CBQ: epochs must be at least 1, got {}", o.epochs);
