@@ -184,6 +184,18 @@ struct ParallelRegion {
 };
 }  // namespace detail
 
+// The calling thread's scratch of at least n values of T, grown once and kept for the thread's
+// life (no allocation in the steady state). Each Tag names its own buffer, so that buffers in
+// use at once (a region's shared one on the calling thread, and each worker's own inside it,
+// the caller's included) never alias; pool workers may write into the caller's through the
+// pointer.
+template <class T, class Tag>
+T* thread_buffer(int64_t n) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(static_cast<std::size_t>(n));
+  return buffer.data();
+}
+
 inline int num_threads() { return detail::pool().size(); }
 // Sets the pool size (blas.hpp's set_num_threads calls this and keeps OpenBLAS at one thread).
 inline void set_pool_threads(int threads) { detail::pool().resize(threads); }

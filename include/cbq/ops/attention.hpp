@@ -99,22 +99,10 @@ struct AttentionDims {
   }
 };
 
-// A per-thread buffer of at least n values (grown once; no allocation in the steady state).
-template <class T>
-T* attention_buffer(int64_t n) {
-  thread_local std::vector<T> buffer;
-  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(static_cast<std::size_t>(n));
-  return buffer.data();
-}
-
-// The backward's dK/dV shares: the calling thread's buffer of at least n values, grown once (the
-// workers write into it through the pointer).
-template <class T>
-T* attention_share_buffer(int64_t n) {
-  thread_local std::vector<T> buffer;
-  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(static_cast<std::size_t>(n));
-  return buffer.data();
-}
+// Tags of the attention's per-thread buffers (thread_buffer): each worker's score tiles, and the
+// backward's dK/dV shares on the calling thread.
+struct AttentionTiles;
+struct AttentionShares;
 
 }  // namespace detail
 
@@ -141,7 +129,8 @@ struct CpuAttention {
       return detail::attention_tile_cost(w % n_tiles, n_tiles, causal);
     });
     parallel_for(runs, 1, [&](int64_t r0, int64_t r1) {
-      T* scores = detail::attention_buffer<T>(B * B + 2 * B);  // per thread, allocated once
+      T* scores =
+          thread_buffer<T, detail::AttentionTiles>(B * B + 2 * B);  // per thread, allocated once
       T* running_max = scores + B * B;
       T* running_sum = running_max + B;
       for (int64_t w = cuts[static_cast<std::size_t>(r0)]; w < cuts[static_cast<std::size_t>(r1)];
@@ -204,13 +193,13 @@ struct CpuAttention {
     const bool shared = group > 1 || parts > 1;
     const int64_t slots = a.n_heads * parts, ld_share = shared ? slots * hd : ldk;
     // The shares live in the calling thread's buffer, grown once (no allocation per step).
-    T* shares = shared ? detail::attention_share_buffer<T>(2 * n * ld_share) : nullptr;
+    T* shares = shared ? thread_buffer<T, detail::AttentionShares>(2 * n * ld_share) : nullptr;
     T* dk_share = dk && shared ? shares : dk;
     T* dv_share = dv && shared ? shares + n * ld_share : dv;
 
     const int64_t items = a.n_heads * parts;
     parallel_for(items, 1, [&](int64_t w0, int64_t w1) {
-      T* probs = detail::attention_buffer<T>(2 * B * B);  // per thread, allocated once
+      T* probs = thread_buffer<T, detail::AttentionTiles>(2 * B * B);  // per thread, allocated once
       T* dscores = probs + B * B;
       for (int64_t w = w0; w < w1; ++w) {
         const int64_t h = w / parts, p = w % parts, g = h / group;

@@ -32,11 +32,9 @@ double blocked_sum(int64_t n, F&& term) {
   };
   if (n <= kSumBlock) return block_sum(0, n);
   const int64_t blocks = (n + kSumBlock - 1) / kSumBlock;
-  // The calling thread's buffer, grown once (the workers write into it through the pointer; a
-  // thread_local named inside the lambda would be each worker's own).
-  thread_local std::vector<double> buffer;
-  if (static_cast<int64_t>(buffer.size()) < blocks) buffer.resize(static_cast<std::size_t>(blocks));
-  double* partial = buffer.data();
+  // The calling thread's buffer (the workers write into it through the pointer).
+  struct BlockedSumPartials;
+  double* partial = thread_buffer<double, BlockedSumPartials>(blocks);
   parallel_for(blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       partial[b] = block_sum(b * kSumBlock, std::min(n, (b + 1) * kSumBlock));
