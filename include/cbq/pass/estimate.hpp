@@ -339,7 +339,7 @@ PassEstimate estimate_pass(Transformer<Block>& model, const PassSpec& spec,
       2.0 * static_cast<double>(N) +
       (soft ? static_cast<double>(N + (options.keep_better ? heldout : 0)) : 0.0);
   const bool gptq_start = options.weight_init == WeightInit::gptq;
-  std::vector<bool> installed(static_cast<std::size_t>(K), false);
+  int64_t next_new = 0;  // the first block no window has held yet
   const double reg_share = options.gamma_round > 0 && spec.rounding != RoundingKind::nearest
                                ? std::clamp(1.0 - options.round_warmup, 0.0, 1.0)
                                : 0.0;
@@ -355,14 +355,14 @@ PassEstimate estimate_pass(Transformer<Block>& model, const PassSpec& spec,
         evaluations * cal.q_window_seconds * static_cast<double>(blocks) /
             static_cast<double>(std::max<int64_t>(1, cal.window_blocks)) +
         static_cast<double>(N * leaving) * cal.advance_sample_seconds;
-    for (int64_t b = w.first; b <= w.last; ++b) {
-      if (installed[static_cast<std::size_t>(b)]) continue;
-      installed[static_cast<std::size_t>(b)] = true;
-      if (gptq_start)
+    // With the GPTQ start, the blocks new to this window: those after the previous window's
+    // last (all of the first window's).
+    if (gptq_start)
+      for (int64_t b = std::max(w.first, next_new); b <= w.last; ++b)
         e.start_seconds += static_cast<double>(N) * (cal.hessian_sample_seconds +
                                                      static_cast<double>(b - w.first) * q_block) +
                            cal.gptq_block_seconds;
-    }
+    next_new = w.last + 1;
   }
   if (pass_activation_sets(options) == 5)
     e.forward_seconds += static_cast<double>(K * N) * cal.fp_block_seconds;

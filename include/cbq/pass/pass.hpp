@@ -299,7 +299,6 @@ class CbqPass {
       ++window_index;
       if (window_index <= windows_done) continue;  // restored from the checkpoint
       const auto wstart = std::chrono::steady_clock::now();
-      WindowTimes times;
       // 1. Quantizers for blocks entering their first window.
       for (int64_t b = w.first; b <= w.last; ++b)
         if (qlayers[b].empty()) {
@@ -316,7 +315,7 @@ class CbqPass {
           } else
             qlayers[b] = install(model, b);
         }
-      times.start = detail::seconds_since(wstart);
+      const double start_seconds = detail::seconds_since(wstart);
       auto phase = std::chrono::steady_clock::now();
       // 2. Targets: T_fp(X_fp) with X_fp advanced to the next window start on the way, and the
       //    homologous T_fp(X_q), whose pass also calibrates static activation steps.
@@ -348,11 +347,11 @@ class CbqPass {
 
       // 3. Optimise the window (and keep the better of its start and its trained state).
       const LossScaling<T> scaling = measure_loss_scaling(o, t_fp, t_hom, model.device());
-      times.targets = detail::seconds_since(phase);
+      const double targets_seconds = detail::seconds_since(phase);
       WindowStats stats = train_window(model, w, qlayers, x_q, t_fp, t_hom, t_out, scaling, o,
                                        window_index, static_cast<int64_t>(windows.size()), start);
-      times.steps = stats.times.steps;
-      times.evaluations = stats.times.evaluations;
+      stats.times.start = start_seconds;  // train_window timed its steps and evaluations
+      stats.times.targets = targets_seconds;
       phase = std::chrono::steady_clock::now();
 
       // 4. Blocks leaving their last window: harden, freeze, advance the quantized path.
@@ -377,8 +376,7 @@ class CbqPass {
         errors.finish();
         for (auto& q : qlayers[b]) result.layers.push_back(layer_result(*q));
       }
-      times.advance = detail::seconds_since(phase);
-      stats.times = times;
+      stats.times.advance = detail::seconds_since(phase);
       result.windows.push_back(stats);
       if (checkpointing) {
         if constexpr (std::is_same_v<T, float>)
@@ -389,10 +387,11 @@ class CbqPass {
             "CBQ: window {}/{} done in {} (start {}, targets {}, {} steps {}, evaluations {}, "
             "advance {}); blocks {}..{} frozen\n",
             window_index, windows.size(), detail::format_duration(detail::seconds_since(wstart)),
-            detail::format_duration(times.start), detail::format_duration(times.targets),
-            stats.steps, detail::format_duration(times.steps),
-            detail::format_duration(times.evaluations), detail::format_duration(times.advance),
-            w.first, w.finalize - 1);
+            detail::format_duration(stats.times.start),
+            detail::format_duration(stats.times.targets), stats.steps,
+            detail::format_duration(stats.times.steps),
+            detail::format_duration(stats.times.evaluations),
+            detail::format_duration(stats.times.advance), w.first, w.finalize - 1);
     }
     result.seconds = detail::seconds_since(start);
     return result;
