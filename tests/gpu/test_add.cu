@@ -2,9 +2,7 @@
 #include "gpu/gpu_main.hpp"
 
 using namespace cbq;
-using cbq::gpu_testing::randn;
-using cbq::gpu_testing::rel_error;
-using cbq::gpu_testing::tolerance;
+using namespace cbq::gpu_testing;
 
 namespace {
 

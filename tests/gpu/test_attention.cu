@@ -32,8 +32,7 @@
 #include "gpu/gpu_main.hpp"
 
 using namespace cbq;
-using cbq::gpu_testing::randn;
-using cbq::gpu_testing::rel_error;
+using namespace cbq::gpu_testing;
 
 namespace {
 

@@ -15,9 +15,7 @@
 #include "gpu/quant_parity.hpp"
 
 using namespace cbq;
-using cbq::gpu_testing::randn;
-using cbq::gpu_testing::same_bits;
-using cbq::gpu_testing::scaled;
+using namespace cbq::gpu_testing;
 
 namespace {
 

@@ -7,11 +7,7 @@
 #include "gpu/parity.hpp"
 
 using namespace cbq;
-using cbq::gpu_testing::check_parity;
-using cbq::gpu_testing::contains;
-using cbq::gpu_testing::error_message;
-using cbq::gpu_testing::GraphFn;
-using cbq::gpu_testing::randn;
+using namespace cbq::gpu_testing;
 
 namespace {
 // `tokens` ids in [0, vocab), each drawn from the first `distinct` ids so that most repeat.

@@ -16,12 +16,7 @@
 #include "gpu/quant_parity.hpp"
 
 using namespace cbq;
-using cbq::gpu_testing::kLayouts;
-using cbq::gpu_testing::Layout;
-using cbq::gpu_testing::make_spec;
-using cbq::gpu_testing::randn;
-using cbq::gpu_testing::same_bits;
-using cbq::gpu_testing::scaled;
+using namespace cbq::gpu_testing;
 using quant::Granularity;
 using quant::GridSpec;
 

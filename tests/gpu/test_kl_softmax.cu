@@ -10,15 +10,7 @@
 #include "gpu/parity.hpp"
 
 using namespace cbq;
-using cbq::gpu_testing::check_parity;
-using cbq::gpu_testing::contains;
-using cbq::gpu_testing::error_message;
-using cbq::gpu_testing::GraphFn;
-using cbq::gpu_testing::randn;
-using cbq::gpu_testing::randn_scaled;
-using cbq::gpu_testing::row_shapes;
-using cbq::gpu_testing::run_graph;
-using cbq::gpu_testing::tolerance;
+using namespace cbq::gpu_testing;
 
 TEST_CASE_TEMPLATE("kl_softmax: CUDA matches CPU, temperatures 1 and 2.5", T, float, double) {
   uint64_t seed = 200;

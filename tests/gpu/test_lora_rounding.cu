@@ -17,17 +17,7 @@
 #include "gpu/quant_parity.hpp"
 
 using namespace cbq;
-using cbq::gpu_testing::kLayouts;
-using cbq::gpu_testing::Layout;
-using cbq::gpu_testing::make_spec;
-using cbq::gpu_testing::on;
-using cbq::gpu_testing::randn;
-using cbq::gpu_testing::reduction_error;
-using cbq::gpu_testing::rel_error;
-using cbq::gpu_testing::same_bits;
-using cbq::gpu_testing::scaled;
-using cbq::gpu_testing::sum_floor;
-using cbq::gpu_testing::tolerance;
+using namespace cbq::gpu_testing;
 using quant::Granularity;
 using quant::GridSpec;
 

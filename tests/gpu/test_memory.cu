@@ -3,9 +3,7 @@
 #include "gpu/gpu_main.hpp"
 
 using namespace cbq;
-using cbq::gpu_testing::contains;
-using cbq::gpu_testing::error_message;
-using cbq::gpu_testing::randn;
+using namespace cbq::gpu_testing;
 
 namespace {
 __global__ void noop_kernel() {}

@@ -40,9 +40,7 @@
 #include "support/files.hpp"
 
 using namespace cbq;
-using cbq::gpu_testing::randn;
-using cbq::gpu_testing::rel_error;
-using cbq::gpu_testing::same_bits;
+using namespace cbq::gpu_testing;
 
 namespace {
 

@@ -9,12 +9,7 @@
 #include "gpu/parity.hpp"
 
 using namespace cbq;
-using cbq::gpu_testing::check_parity;
-using cbq::gpu_testing::contains;
-using cbq::gpu_testing::error_message;
-using cbq::gpu_testing::GraphFn;
-using cbq::gpu_testing::randn;
-using cbq::gpu_testing::tolerance;
+using namespace cbq::gpu_testing;
 
 TEST_CASE_TEMPLATE("rope: CUDA matches CPU, both layouts", T, float, double) {
   struct Case {
