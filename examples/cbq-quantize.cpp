@@ -69,8 +69,14 @@ struct Args {
   bool gptq_sampler = false, kl = true;
   cbq::quant::GptqOptions gptq;  // --method gptq: act-order, static groups, dampening
   // Raw values turned into the fields above after parsing.
-  std::string method_list = "cbq", act_layer_list, preset;
+  std::string method_list = "cbq", act_layer_list, preset, rotate_list;
   bool soft = false, hard = false, cfp = false, smoothquant = false;
+  // --rotate: nothing unless asked.
+  cbq::RotationOptions rotation = [] {
+    cbq::RotationOptions r;
+    r.r1 = r.r2 = r.r4 = false;
+    return r;
+  }();
 };
 
 std::vector<std::string> split(const std::string& s, char sep) {
@@ -99,6 +105,26 @@ std::vector<std::string> parse_methods(const std::string& v) {
   }
   if (out.empty()) usage_error("--method: no method given");
   return out;
+}
+
+// --rotate: a comma list of r1, r2, r4 (each once), or none.
+void parse_rotations(const std::string& v, cbq::RotationOptions& r) {
+  r.r1 = r.r2 = r.r4 = false;
+  if (v == "none") return;
+  for (const std::string& name : split(v, ',')) {
+    bool* flag = name == "r1" ? &r.r1 : name == "r2" ? &r.r2 : name == "r4" ? &r.r4 : nullptr;
+    if (name == "r3")
+      usage_error(fmt::format(
+          "--rotate: '{}' asks for r3 (q/k after RoPE), which only changes a quantized KV cache; "
+          "cbq has none (use r1, r2, r4)",
+          v));
+    if (!flag)
+      usage_error(
+          fmt::format("--rotate: unknown rotation '{}' in '{}' (r1, r2, r4 or none)", name, v));
+    if (*flag) usage_error(fmt::format("--rotate: '{}' is listed twice in '{}'", name, v));
+    *flag = true;
+  }
+  if (!r.any()) usage_error("--rotate: no rotation given");
 }
 
 // Every option, once: the declaration parses, checks and documents it (cli.hpp).
@@ -217,6 +243,16 @@ void declare(cbq::cli::Options& o, Args& a) {
   o.flag("--no-kld", a.options.loss_kld, "switch the KLD loss term off", false);
   o.flag("--no-hom", a.options.loss_homologous, "switch the homologous term off", false);
   o.flag("--no-fp", a.options.loss_full_precision, "switch the full-precision term off", false);
+  o.text("--rotate", a.rotate_list,
+         "Hadamard rotations before quantizing, LLaMA only (docs/ROTATION.md): comma list of r1 "
+         "(residual stream), r2 (value/output heads), r4 (online, before down_proj; no export), "
+         "or none",
+         "LIST", [&a](const std::string& v) { parse_rotations(v, a.rotation); })
+      ->default_str("none");
+  o.integer<uint64_t>("--rotate-seed", a.rotation.seed, "seed of the rotations' random signs", 0,
+                      UINT64_MAX);
+  o.flag("--rotate-fallback", a.rotation.allow_random_orthogonal,
+         "a seeded random orthogonal kernel for sizes without a Hadamard matrix (e.g. 172)");
   auto* cfp_flag = o.flag("--cfp", a.cfp, "CFP activation outlier scaling");
   auto* sq_flag = o.flag("--smoothquant", a.smoothquant, "SmoothQuant activation scaling");
   cfp_flag->excludes(sq_flag);
@@ -466,6 +502,33 @@ Plan preflight(Args& a) {
                         a.spec.rank, smallest, c.dim, c.hidden_dim, c.n_kv_heads * c.head_dim));
     }
   }
+  if (a.rotation.any()) {
+    if (c.family != cbq::Family::llama)
+      usage_error(
+          fmt::format("--rotate {}: rotations are built for LLaMA-family models, not {} "
+                      "({})",
+                      a.rotation.describe(), c.architecture, a.model));
+    const std::pair<bool, std::pair<int64_t, const char*>> sizes[] = {
+        {a.rotation.r1, {c.dim, "r1 (the model dimension)"}},
+        {a.rotation.r2, {c.head_dim, "r2 (the head dimension)"}},
+        {a.rotation.r4, {c.hidden_dim, "r4 (the MLP dimension)"}}};
+    for (const auto& [on, size] : sizes) {
+      if (!on) continue;
+      try {
+        cbq::ops::HadamardTransform::make(size.first, 0, false, a.rotation.allow_random_orthogonal);
+      } catch (const cbq::Error& e) {
+        usage_error(
+            fmt::format("--rotate {}: {}; --rotate-fallback uses a random orthogonal "
+                        "kernel instead",
+                        size.second, e.what()));
+      }
+    }
+    if (a.rotation.r4 && (!a.out.empty() || !a.export_format.empty()))
+      usage_error(fmt::format(
+          "--rotate {}: r4 is an op at run time that no file format here stores; --out and "
+          "--export need a model rotated with r1/r2 only",
+          a.rotation.describe()));
+  }
   const auto names = linear_names(c.family);
   for (const std::string& l : a.spec.act_layers)
     if (std::find(names.begin(), names.end(), l) == names.end())
@@ -560,7 +623,11 @@ Plan preflight(Args& a) {
   }
   // The KL divergence keeps the full-precision model beside the quantized one (--no-kl-eval).
   const uint64_t kl_bytes = a.kl ? P4 : 0;
-  const uint64_t steady = P4 + kl_bytes + method_bytes + eval_bytes;
+  // R1 unties a tied head: one more (V, d) matrix.
+  const uint64_t untied = a.rotation.r1 && c.tied_embeddings
+                              ? static_cast<uint64_t>(c.vocab_size) * d * sizeof(float)
+                              : 0;
+  const uint64_t steady = P4 + untied + kl_bytes + method_bytes + eval_bytes;
   plan.memory_needed = std::max(2 * P4 + kl_bytes, steady);
   plan.memory_breakdown =
       2 * P4 + kl_bytes >= steady
@@ -695,6 +762,20 @@ std::optional<cbq::eval::KlDivergenceResult> print_kl(const std::string& method,
   return r;
 }
 
+// The model the methods quantize: loaded, and rotated when --rotate asks (the rotated model
+// computes the same function; the KL divergence is still measured from the original).
+cbq::AnyModel load_for_quantizing(const Args& a, bool print) {
+  cbq::AnyModel m = cbq::load_model(a.model, a.tokenizer);
+  if (a.rotation.any()) {
+    const cbq::RotationReport r =
+        m.visit([&](auto& model) { return cbq::rotate_model(model, a.rotation); });
+    if (print)
+      std::printf("rotation: %s (seed %llu)\n", r.summary().c_str(),
+                  static_cast<unsigned long long>(a.rotation.seed));
+  }
+  return m;
+}
+
 int run(int argc, char** argv, std::string& phase) {
   Args args = parse(argc, argv);
   // A file-size limit (ulimit -f) makes writes fail with EFBIG instead of killing the process.
@@ -749,7 +830,7 @@ int run(int argc, char** argv, std::string& phase) {
   }
 #endif
   phase = "loading the model";
-  cbq::AnyModel any = cbq::load_model(args.model, args.tokenizer);
+  cbq::AnyModel any = load_for_quantizing(args, true);
   std::printf("%s\n", cbq::describe(any).c_str());
   CBQ_CHECK(any.tokenizer(), "{} has no tokenizer; pass --tokenizer", args.model);
   const cbq::Tokenizer& tok = *any.tokenizer();
@@ -822,12 +903,15 @@ int run(int argc, char** argv, std::string& phase) {
     // The first method quantizes the model already loaded (moved out of `any`, by position:
     // a moved-from model has no evaluation tape); the others load it afresh.
     phase = "loading the model for " + method;
-    cbq::AnyModel m = mi == 0 ? std::move(any) : cbq::load_model(args.model, args.tokenizer);
+    cbq::AnyModel m = mi == 0 ? std::move(any) : load_for_quantizing(args, false);
     Row row;
     row.method = method;
     phase = "quantizing with " + method;
     cbq::QuantizationResult result =
         cbq::quantize(m, *cbq::parse_method(method), args.spec, args.options, calib, args.gptq);
+    if (args.rotation.any())
+      result.config +=
+          fmt::format(", rotated {} (seed {})", args.rotation.describe(), args.rotation.seed);
     row.config = result.config;
     row.seconds = result.seconds;
     phase = "evaluating the " + method + " model";

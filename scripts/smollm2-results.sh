@@ -13,6 +13,8 @@
 #        SETTINGS (all: "w4g128 w4pc w3g128 w2g64 w4a8 w4a4")  METHODS (rtn,gptq,cbq)
 #        EVAL_BYTES (0 = the whole evaluation part)  GGUF (1 = also the Q4_0 exports)
 #        BUILD (build) — the folder with examples/cbq-quantize
+#        ROTATIONS ("none"; also r12 = --rotate r1,r2, r124 = --rotate r1,r2,r4: docs/ROTATION.md;
+#        the rotation seed is the run's seed; a rotated run's name ends in -r12 / -r124)
 # Each run is one cbq-quantize call (FP once, then each method), resumable: a finished run's log
 # is kept and not redone. A summary table goes to OUT_DIR/summary.md.
 set -euo pipefail
@@ -67,10 +69,23 @@ run() {  # NAME ARGS...
   mv "$log.tmp" "$log"
 }
 
+rotation_args() {
+  case $1 in
+    none) echo "" ;;
+    r12) echo "--rotate r1,r2 --rotate-seed $2" ;;
+    r124) echo "--rotate r1,r2,r4 --rotate-seed $2" ;;
+    *) echo "smollm2-results: unknown rotation $1" >&2; exit 1 ;;
+  esac
+}
+
 for seed in $seeds; do
   for s in $settings; do
-    # shellcheck disable=SC2046
-    run "$s-seed$seed" --method "$methods" --seed "$seed" $(setting_args "$s")
+    for r in ${ROTATIONS:-none}; do
+      suffix=$([ "$r" = none ] && echo "" || echo "-$r")
+      # shellcheck disable=SC2046
+      run "$s-seed$seed$suffix" --method "$methods" --seed "$seed" $(setting_args "$s") \
+        $(rotation_args "$r" "$seed")
+    done
   done
 done
 

@@ -1,8 +1,11 @@
 #include <cbq/core/mmap.hpp>
+#include <cbq/export/export.hpp>
 #include <cbq/formats/llama2c.hpp>
 #include <cbq/model/load.hpp>
+#include <cbq/model/opt_block.hpp>
 #include <cbq/model/random.hpp>
 #include <cbq/model/rotation.hpp>
+#include <cbq/pass/pass.hpp>
 #include <filesystem>
 #include <optional>
 #include <string>
@@ -13,6 +16,8 @@
 using namespace cbq;
 using cbq::testing::max_abs;
 using cbq::testing::max_abs_diff;
+using cbq::testing::quiet_options;
+using cbq::testing::random_hidden;
 using cbq::testing::random_tokens;
 
 namespace {
@@ -87,11 +92,9 @@ Change rotation_change(Transformer<LlamaBlock<T>>& model, const RotationOptions&
   return change;
 }
 
-}  // namespace
-
-TEST_CASE("rotation: a tiny GQA LLaMA computes the same logits after R1, R2 and both (double)") {
-  // tiny_llama_config: d 16, 4 query / 2 KV heads of 4; the second config has d 48 = 4·12
-  // (Paley I kernel), head_dim 8, biases on q/k/v and the MLP, a tied head.
+// Beside tiny_llama_config (d 16, 4 query / 2 KV heads of 4, MLP 28 = Paley I q = 27): d 48 = 4·12
+// (Paley I kernel), 6 / 2 heads of 8, MLP 40 = 2·20, biases on q/k/v and the MLP, a tied head.
+ModelConfig wide_gqa_config() {
   ModelConfig wide = tiny_llama_config();
   wide.dim = 48;
   wide.hidden_dim = 40;
@@ -101,7 +104,13 @@ TEST_CASE("rotation: a tiny GQA LLaMA computes the same logits after R1, R2 and 
   wide.attention_bias = true;
   wide.mlp_bias = true;
   wide.tied_embeddings = true;
-  for (ModelConfig cfg : {tiny_llama_config(), wide}) {
+  return wide;
+}
+
+}  // namespace
+
+TEST_CASE("rotation: a tiny GQA LLaMA computes the same logits after R1, R2 and both (double)") {
+  for (ModelConfig cfg : {tiny_llama_config(), wide_gqa_config()}) {
     for (RotationOptions opt :
          {RotationOptions{true, false}, RotationOptions{false, true}, RotationOptions{true, true},
           RotationOptions{true, true, false, 9}}) {
@@ -252,4 +261,144 @@ TEST_CASE("rotation: fold_rms_norms alone keeps the logits and unties a tied hea
   CHECK(max_abs_diff(model.logits(tokens), before) < 1e-13 * std::max(1.0, max_abs(before)));
   CHECK_FALSE(fold_rms_norms(model));  // untied now; folding unit norms again changes nothing
   CHECK(max_abs_diff(model.logits(tokens), before) < 1e-13 * std::max(1.0, max_abs(before)));
+}
+
+// R4: the MLP activation rotated online before down_proj (LlamaBlock::down_proj_rotation) with
+// Q₄ folded into down_proj. Both evaluation paths apply it: logits() (the tape, ops::hadamard) and
+// token_nll() (the tape-free infer(), HadamardTransform::apply).
+TEST_CASE("rotation: R4 alone and with R1 + R2 keeps the logits (double, both paths)") {
+  // hidden 28 = H_1 ⊗ Paley I (q = 27); the wide config's 40 = H_2 ⊗ Paley I (q = 19).
+  for (ModelConfig cfg : {tiny_llama_config(), wide_gqa_config()}) {
+    for (bool with_r12 : {false, true}) {
+      CAPTURE(cfg.hidden_dim);
+      CAPTURE(with_r12);
+      RotationOptions opt;
+      opt.r1 = opt.r2 = with_r12;
+      opt.r4 = true;
+      opt.seed = 5;
+      Transformer<LlamaBlock<double>> model(cfg, random_weights(cfg, 21));
+      const Tensor<double> down0 = model.blocks[1].down_proj.weight.value.clone();
+      const auto tokens = random_tokens(13, cfg.vocab_size, 4);
+      const double scale = max_abs(model.logits(tokens).clone());
+      RotationReport report;
+      const Change change = rotation_change(model, opt, tokens, &report);
+      MESSAGE("hidden " << cfg.hidden_dim << " R4 '" << report.r4 << "': max logit change "
+                        << change.logits << ", max NLL change " << change.nll);
+      CHECK(!report.r4.empty());
+      CHECK(report.r1.empty() != with_r12);
+      CHECK(max_abs_diff(model.blocks[1].down_proj.weight.value, down0) > 1e-3);
+      for (auto& b : model.blocks) {
+        REQUIRE(b.down_proj_rotation != nullptr);
+        CHECK(b.down_proj_rotation->size() == cfg.hidden_dim);
+      }
+      CHECK(change.logits < 1e-12 * std::max(1.0, scale));
+      CHECK(change.nll < 1e-12);
+      // The rotated activation is what down_proj reads: CFP/SmoothQuant have no site there.
+      for (const auto& site : model.blocks[0].activation_sites())
+        CHECK(site.name != "down_proj_in");
+      CHECK(online_rotations(model).find("R4") != std::string::npos);
+      // Once only.
+      CHECK_THROWS_WITH_AS(rotate_model(model, opt), doctest::Contains("already has an R4"), Error);
+    }
+  }
+}
+
+TEST_CASE("rotation: stories260K's MLP size 172 needs the random orthogonal kernel for R4") {
+  std::optional<StoriesProbe> stories = load_stories_probe();
+  if (!stories) return;
+  LlamaModel& m = stories->model.llama();
+  REQUIRE(m.config.hidden_dim == 172);
+  const Tensor<float> down0 = m.blocks[0].down_proj.weight.value.clone();
+  RotationOptions opt;
+  opt.r4 = true;
+  // Refused by default, naming the size, before any weight changes (R1 and R2 included).
+  const Tensor<float> embed0 = m.embed_tokens.value.clone();
+  CHECK_THROWS_WITH_AS(rotate_model(m, opt), doctest::Contains("size 172"), Error);
+  CHECK(max_abs_diff(m.embed_tokens.value, embed0) == 0);
+  CHECK(max_abs_diff(m.blocks[0].down_proj.weight.value, down0) == 0);
+  CHECK(m.blocks[0].down_proj_rotation == nullptr);
+  // Allowed: H_4 ⊗ a random orthogonal 43 × 43, and the same function in float.
+  opt.allow_random_orthogonal = true;
+  const double scale = max_abs(m.logits(stories->probe).clone().template cast<double>());
+  RotationReport report;
+  const Change f = rotation_change(m, opt, stories->probe, &report);
+  MESSAGE("stories260K R1 + R2 + R4 (" << report.r4 << "): max logit change " << f.logits
+                                       << " (logits up to " << scale << "), max NLL change "
+                                       << f.nll);
+  CHECK(report.r4.find("random orthogonal 43") != std::string::npos);
+  CHECK(f.logits < 1e-5 * std::max(1.0, scale));
+  CHECK(f.nll < 1e-5 * std::max(1.0, scale));
+}
+
+TEST_CASE("rotation: compile-time Rotation<...> and the OPT refusal") {
+  const RotationOptions a = Rotation<R1, R4>::options(7);
+  CHECK(a.r1);
+  CHECK_FALSE(a.r2);
+  CHECK(a.r4);
+  CHECK(a.seed == 7);
+  CHECK(a.describe() == "R1+R4");
+  CHECK(Rotation<R2>::options().describe() == "R2");
+  ModelConfig cfg = tiny_llama_config();
+  Transformer<LlamaBlock<double>> x(cfg, random_weights(cfg, 3)), y(cfg, random_weights(cfg, 3));
+  rotate_model(x, Rotation<R1, R2, R4>{}, 4);
+  RotationOptions o;
+  o.r4 = true;
+  o.seed = 4;
+  rotate_model(y, o);
+  const auto tokens = random_tokens(6, cfg.vocab_size, 2);
+  CHECK(max_abs_diff(x.logits(tokens).clone(), y.logits(tokens)) == 0);  // the same rotations
+  // OPT's LayerNorm: refused by name, the model untouched.
+  ModelConfig oc = tiny_opt_config();
+  Transformer<OptBlock<double>> opt_model(oc, random_weights(oc, 3));
+  const Tensor<double> w0 = opt_model.blocks[0].q_proj.weight.value.clone();
+  CHECK_THROWS_WITH_AS(rotate_model(opt_model, RotationOptions{}), doctest::Contains("LLaMA"),
+                       Error);
+  CHECK(max_abs_diff(opt_model.blocks[0].q_proj.weight.value, w0) == 0);
+}
+
+TEST_CASE("rotation: every export refuses a model with R4, writing nothing") {
+  namespace fs = std::filesystem;
+  ModelConfig cfg = tiny_llama_config();
+  cfg.dim = 32;  // GGUF needs rows of a multiple of 32
+  cfg.hidden_dim = 64;
+  cfg.head_dim = 8;
+  const fs::path dir = fs::temp_directory_path() / "cbq_test_rotation_export";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  for (ExportFormat f : {ExportFormat::native, ExportFormat::gguf, ExportFormat::gptq}) {
+    CAPTURE(export_format_name(f));
+    Transformer<LlamaBlock<float>> model(cfg, random_weights(cfg, 8));
+    RotationOptions opt;
+    opt.r4 = true;
+    rotate_model(model, opt);
+    QuantizationResult r;
+    const fs::path out = dir / (std::string("m.") + export_format_name(f));
+    CHECK_THROWS_WITH_AS(export_model(f, out.string(), model, r),
+                         doctest::Contains("R4 rotation of the MLP activation"), Error);
+    CHECK_FALSE(fs::exists(out));
+  }
+  fs::remove_all(dir);
+}
+
+TEST_CASE("rotation: the CBQ pass trains through R4 (ops::hadamard's backward) and RTN A4 runs") {
+  ModelConfig c = tiny_llama_config();
+  const auto x = random_hidden(4, 10, c.dim, 40);
+  Transformer<LlamaBlock<float>> model(c, random_weights(c, 17));
+  RotationOptions opt;
+  opt.r4 = true;
+  rotate_model(model, opt);
+  PassOptions o = quiet_options(2);
+  o.keep_better = false;
+  using APass = Pass<Quantizer<3, PerGroup<4>>, ActQuant<4>, SlidingWindow<2, 1>, LoraRounding<2>>;
+  const QuantizationResult r = APass(o).run_from_hidden(model, x);
+  REQUIRE(r.windows.size() == 2);
+  for (const auto& w : r.windows) {
+    CHECK(std::isfinite(w.loss_after.total));
+    CHECK(w.loss_after.total < w.loss_before.total);
+  }
+  // The rotation survives quantization: the block still applies it.
+  CHECK(model.blocks[0].down_proj_rotation != nullptr);
+  const auto tokens = random_tokens(8, c.vocab_size, 1);
+  const Tensor<float> l = model.logits(tokens);
+  CHECK(std::isfinite(max_abs(l.template cast<double>())));
 }

@@ -269,11 +269,14 @@ for v in $(values 0 nan 2); do bad_option --gptq-damp "$v" '--gptq-damp'; done
 for v in $(values -1 nan); do bad_option --group "$v" '--group'; bad_option --lr-step "$v" '--lr-step'; done
 for v in $(values rtn,rtn cbq,cbq gptq,gptq cbq,rtn,cbq foo); do bad_option --method "$v" "--method.*(twice|unknown)"; done
 bad_option --window 0 '--window'
+for v in $(values r3 r1,r1 foo r1,,r2); do bad_option --rotate "$v" "--rotate.*(twice|unknown|r3|no rotation)"; done
 bad_option --epochs 0 '--epochs'
 bad_option --max-steps -1 '--max-steps'
 run_case options "--window 9 (5 blocks)" refuse '--window.*5 blocks' 60 "$(qm "$M" --window 9)"
 run_case options "--overlap 2 --window 2" refuse '--overlap' 60 "$(qm "$M" --overlap 2)"
 run_case options "--rank 999" refuse '--rank.*999' 60 "$(qm "$M" --rank 999)"
+run_case options "--rotate r4 (MLP 172)" refuse '--rotate r4.*172.*--rotate-fallback' 60 "$(qm "$M" --method rtn --rotate r4)"
+run_case options "--rotate r4 --out" refuse 'r4.*(--out|export)' 60 "$(qm "$M" --method rtn --rotate r1,r4 --rotate-fallback --out "$S/out-r4.safetensors")"
 run_case options "--act-layers foo" refuse "act.layers.*foo|'foo'" 60 "$(qm "$M" --abits 8 --act-layers foo)"
 run_case options "unknown option" refuse 'bogus' 20 "$(qm "$M" --bogus)"
 run_case options "missing value" refuse '--out' 20 "$(qm "$M" --out)"
@@ -285,6 +288,9 @@ run_case options "--gptq-damp reaches gptq" ok 'DIFFER' 240 "$(qm "$M" --method 
 # the SIGSEGV of a repeated method): the rtn model of "cbq,rtn" is the one "rtn" alone saves.
 run_case options "--method cbq,rtn: rtn as alone" ok 'SAME' 240 "$(qm "$M" --method cbq,rtn --out "$S/out-a.safetensors") > /dev/null && $(qm "$M" --method rtn --out "$S/out-b.safetensors") > /dev/null && { cmp -s out-a-rtn.safetensors out-b.safetensors && echo SAME || echo DIFFER; }"
 run_case options "--seed 2^64-1 is not 0" ok 'DIFFER' 240 "$(qm "$M" --method rtn,gptq --seed 0 --out "$S/out-a.safetensors") > /dev/null && $(qm "$M" --method rtn,gptq --seed 18446744073709551615 --out "$S/out-b.safetensors") > /dev/null && { cmp -s out-a-gptq.safetensors out-b-gptq.safetensors && echo SAME || echo DIFFER; }"
+
+# The rotated full-precision model is the same function: the same FP perplexity to 4 digits.
+run_case options "--rotate r1,r2,r4 keeps FP" ok 'SAME' 240 "a=\$($(qm "$M" --method rtn --no-kl-eval) | grep '^FP perplexity' | cut -d' ' -f3) && b=\$($(qm "$M" --method rtn --no-kl-eval --rotate r1,r2,r4 --rotate-fallback) | grep '^FP perplexity' | cut -d' ' -f3) && { [ -n \"\$a\" ] && [ \"\$a\" = \"\$b\" ] && echo SAME || echo DIFFER \$a \$b; }"
 
 # ---- output paths ----
 out_case() {  # NAME PATTERN ARGS...

@@ -16,6 +16,7 @@
 #include <cbq/ops/attention.hpp>
 #include <cbq/ops/cross_entropy.hpp>
 #include <cbq/ops/embedding.hpp>
+#include <cbq/ops/hadamard.hpp>
 #include <cbq/ops/kl_softmax.hpp>
 #include <cbq/ops/layernorm.hpp>
 #include <cbq/ops/linear.hpp>
@@ -32,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -206,6 +208,14 @@ inline const std::vector<OpCase>& op_cases() {
                         [](auto& v) { return ops::matmul(v[0], v[1], false, true); }));
     c.push_back(op_case("linear", {{Shape{2, 3, 9}, 43}, {Shape{5, 9}, 44}, {Shape{5}, 45}},
                         [](auto& v) { return ops::linear(v[0], v[1], v[2]); }));
+    // ---- the Hadamard rotation: H_2 ⊗ Paley I (q = 11) with signs, two chunks per row, and its
+    // transpose after silu (so the gradient reaching it is not constant)
+    auto h24 =
+        std::make_shared<const ops::HadamardTransform>(ops::HadamardTransform::make(24, 5, true));
+    c.push_back(op_case("hadamard, 2 chunks of 24", {{Shape{3, 48}, 48}},
+                        [h24](auto& v) { return ops::hadamard(v[0], h24); }));
+    c.push_back(op_case("hadamard transposed after silu", {{Shape{2, 24}, 49}},
+                        [h24](auto& v) { return ops::hadamard(ops::silu(v[0]), h24, true); }));
     return c;
   }();
   return cases;

@@ -22,6 +22,7 @@
 #include "cbq/export/gptq.hpp"
 #include "cbq/export/native.hpp"
 #include "cbq/model/llama_block.hpp"
+#include "cbq/model/rotation.hpp"
 #include "cbq/model/transformer.hpp"
 #include "cbq/quant/result.hpp"
 
@@ -86,12 +87,19 @@ inline void check_exportable(ExportFormat format, const ModelConfig& config,
 //    `model` is unchanged: read the file back (io::load_gguf_llama) to evaluate what it holds.
 //  * gptq: scales rounded to the nearest fp16 in `result` and in the model's installed
 //    quantizers, so evaluating `model` afterwards measures exactly what the folder holds.
+// A model with an online rotation (R4, model/rotation.hpp) is refused in every format.
 template <TransformerBlock Block>
 ExportSummary export_model(ExportFormat format, const std::string& path, Transformer<Block>& model,
                            QuantizationResult& result, const ExportOptions& options = {}) {
   ExportSummary s;
   s.format = format;
   s.path = path;
+  // An online rotation is an op no format here stores: the file would compute another function.
+  if (const std::string online = online_rotations(model); !online.empty())
+    fail(
+        "{} export to {}: the model needs {} at run time, which the format cannot express (a "
+        "reader would compute a different function); export a model rotated with R1/R2 only",
+        export_format_name(format), path, online);
   if (format == ExportFormat::native) {
     io::save_native(path, model, result);
     s.lines.push_back(fmt::format("wrote {}", path));

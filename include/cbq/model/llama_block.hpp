@@ -2,6 +2,9 @@
 // The LLaMA block (also llama2.c, Mistral-style configs, and Qwen2-style q/k/v biases):
 //   h = x + o_proj(attn(rope(q_proj(n1)), rope(k_proj(n1)), v_proj(n1))),  n1 = rmsnorm(x)
 //   y = h + down_proj(silu(gate_proj(n2)) ⊙ up_proj(n2)),                   n2 = rmsnorm(h)
+// With an online R4 rotation (model/rotation.hpp) the MLP activation is rotated before down_proj,
+// whose weight then holds W·M: down_proj(g·M) = g·M·(W·M)ᵀ = g·Wᵀ.
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -10,6 +13,7 @@
 #include "cbq/model/weights.hpp"
 #include "cbq/ops/add.hpp"
 #include "cbq/ops/attention.hpp"
+#include "cbq/ops/hadamard.hpp"
 #include "cbq/ops/rmsnorm.hpp"
 #include "cbq/ops/rope.hpp"
 #include "cbq/ops/swiglu.hpp"
@@ -24,6 +28,9 @@ class LlamaBlock {
   Parameter<T> input_layernorm;           // (d,)
   Parameter<T> post_attention_layernorm;  // (d,)
   LinearLayer<T> q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj;
+  // R4: the MLP activation x ← x·M before down_proj (null: none). Set by rotate_model, which
+  // also folds M into down_proj; a run-time op, so formats without it refuse the model.
+  std::shared_ptr<const ops::HadamardTransform> down_proj_rotation;
 
   LlamaBlock(const ModelConfig& config, int64_t index, const WeightMap& weights)
       : config_(config), index_(index) {
@@ -67,6 +74,7 @@ class LlamaBlock {
     Var<T> n2 = ops::rmsnorm(h, tape.param(post_attention_layernorm), c.norm_eps);
     auto [gate, up] = run_linears<T, 2>(tape, {&gate_proj, &up_proj}, n2, ctx);
     Var<T> g = ops::swiglu(gate, up);
+    if (down_proj_rotation) g = ops::hadamard(g, down_proj_rotation);
     return ops::add(h, run_linear(tape, down_proj, g, ctx));
   }
 
@@ -104,6 +112,9 @@ class LlamaBlock {
     Tensor<T> gate = ws.matrix(W::kB, n, f), up = ws.matrix(W::kC, n, f);
     infer_linears<T, 2>(ws, {&gate_proj, &up_proj}, n2, {gate, up});
     ops::CpuSwiglu<T>::forward(gate.data(), gate.data(), up.data(), gate.numel());
+    if (down_proj_rotation)  // the same kernel as ops::hadamard's forward
+      down_proj_rotation->apply(gate.data(), gate.data(), n * f / down_proj_rotation->size(), false,
+                                false);
     Tensor<T> down = ws.matrix(W::kD, n, d);
     infer_linears<T, 1>(ws, {&down_proj}, gate, {down});
     infer_add(x, down);
@@ -138,10 +149,12 @@ class LlamaBlock {
                        divide_rows<T>(post_attention_layernorm.value, nullptr, s);
                      }});
     // silu(g) ⊙ (u / s) = (silu(g) ⊙ u) / s: scaling up_proj's rows scales down_proj's input.
-    sites.push_back(
-        {"down_proj_in", {&down_proj}, config_.hidden_dim, {}, [this](const std::vector<T>& s) {
-           divide_rows(up_proj.weight.value, &up_proj.bias.value, s);
-         }});
+    // Under R4, down_proj reads rotated channels, which no producer scale reaches: no site.
+    if (!down_proj_rotation)
+      sites.push_back(
+          {"down_proj_in", {&down_proj}, config_.hidden_dim, {}, [this](const std::vector<T>& s) {
+             divide_rows(up_proj.weight.value, &up_proj.bias.value, s);
+           }});
     return sites;
   }
 

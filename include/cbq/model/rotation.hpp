@@ -13,13 +13,21 @@
 //   R2 (head_dim)    every value head v_h ← v_h·Q₂: v_proj's rows of head h W ← Q₂ᵀ·W (b ← b·Q₂),
 //                    o_proj's columns of every query head W ← W·Q₂. One Q₂ for all heads, so
 //                    grouped-query heads sharing a value head stay consistent.
-// Q and Q₂ are randomised Hadamard transforms (ops::HadamardTransform with random signs); sizes
-// without a Hadamard construction are refused (cbq::Error naming the size).
-// Everything is folded into the weights: no run-time op, the block code is unchanged.
+//   R4 (hidden)      online: the MLP activation g ← g·Q₄ before down_proj, an op of the block at
+//                    run time (LlamaBlock::down_proj_rotation), with down_proj W ← W·Q₄ folded.
+// Q, Q₂ and Q₄ are randomised Hadamard transforms (ops::HadamardTransform with random signs);
+// sizes without a Hadamard construction are refused (cbq::Error naming the size) unless the
+// caller allows the seeded random orthogonal kernel.
+// R1 and R2 are folded into the weights (no run-time op; every format holds the result); R4
+// needs the op at run time, so exports refuse a model that has it.
+// R3 (q/k after RoPE) is not offered: it only changes what a quantized KV cache sees, and cbq
+// quantizes no KV cache (docs/ROTATION.md).
 #include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cbq/model/llama_block.hpp"
@@ -32,14 +40,67 @@ struct RotationOptions {
   bool r1 = true;            // residual stream (needs the norms folded: done whenever r1 is)
   bool r2 = true;            // value/output per head
   bool random_signs = true;  // QuaRot's randomised Hadamard D·H; false: the plain H
-  uint64_t seed = 0;         // R1 uses seed, R2 seed + 1
+  uint64_t seed = 0;         // R1 uses seed, R2 seed + 1, R4 seed + 2
+  bool r4 = false;           // online, before down_proj (a run-time op)
+  // Sizes without a Hadamard construction (e.g. 172 = 4·43) use a seeded random orthogonal
+  // kernel instead of being refused.
+  bool allow_random_orthogonal = false;
+
+  bool any() const { return r1 || r2 || r4; }
+  // "R1+R2+R4" ("none" when nothing is rotated).
+  std::string describe() const {
+    std::string s;
+    for (auto [on, name] : {std::pair{r1, "R1"}, std::pair{r2, "R2"}, std::pair{r4, "R4"}})
+      if (on) s += (s.empty() ? "" : "+") + std::string(name);
+    return s.empty() ? "none" : s;
+  }
+};
+
+// Compile-time selection of the rotations: rotate_model(model, Rotation<R1, R2, R4>{}, seed).
+struct R1 {};
+struct R2 {};
+struct R4 {};
+template <class... Rs>
+struct Rotation {
+  static_assert(((std::is_same_v<Rs, R1> || std::is_same_v<Rs, R2> || std::is_same_v<Rs, R4>)&&...),
+                "cbq::Rotation takes cbq::R1, cbq::R2 and cbq::R4 (R3 is not offered: cbq "
+                "quantizes no KV cache)");
+  static RotationOptions options(uint64_t seed = 0) {
+    RotationOptions o;
+    o.r1 = (std::is_same_v<Rs, R1> || ...);
+    o.r2 = (std::is_same_v<Rs, R2> || ...);
+    o.r4 = (std::is_same_v<Rs, R4> || ...);
+    o.seed = seed;
+    return o;
+  }
 };
 
 struct RotationReport {
   bool folded_norms = false;
   bool untied_head = false;
-  std::string r1, r2;  // the transforms' descriptions ("" when not applied)
+  std::string r1, r2, r4;  // the transforms' descriptions ("" when not applied)
+
+  std::string summary() const {
+    std::string s;
+    if (folded_norms) s += "RMSNorm weights folded";
+    if (untied_head) s += ", LM head untied";
+    for (auto [d, name] : {std::pair{&r1, "R1"}, std::pair{&r2, "R2"}, std::pair{&r4, "R4"}})
+      if (!d->empty()) s += fmt::format("{}{}: {}", s.empty() ? "" : "; ", name, *d);
+    return s.empty() ? "no rotation" : s;
+  }
 };
+
+// Which online rotations a model needs at run time ("" when none): exports refuse such a model.
+template <class Block>
+std::string online_rotations(Transformer<Block>& m) {
+  if constexpr (std::is_same_v<Block, LlamaBlock<typename Block::scalar_type>>) {
+    for (Block& b : m.blocks)
+      if (b.down_proj_rotation)
+        return fmt::format("an R4 rotation of the MLP activation before down_proj (block {}: {})",
+                           b.index(), b.down_proj_rotation->description());
+  }
+  return "";
+}
 
 namespace detail {
 
@@ -137,14 +198,24 @@ RotationReport rotate_model(Transformer<LlamaBlock<T>>& m, const RotationOptions
   detail::check_rotatable(m, "rotate_model");
   const ModelConfig& c = m.config;
   RotationReport report;
-  // Build both transforms first, so an unsupported size changes nothing.
+  if (opt.r4)
+    for (LlamaBlock<T>& b : m.blocks)
+      CBQ_CHECK(!b.down_proj_rotation,
+                "rotate_model: block {} already has an R4 rotation ({}); rotate a model once",
+                b.index(), b.down_proj_rotation->description());
+  // Build every transform first, so an unsupported size changes nothing.
   std::unique_ptr<ops::HadamardTransform> r1, r2;
+  std::shared_ptr<const ops::HadamardTransform> r4;
+  const bool fallback = opt.allow_random_orthogonal;
   if (opt.r1)
     r1 = std::make_unique<ops::HadamardTransform>(
-        ops::HadamardTransform::make(c.dim, opt.seed, opt.random_signs));
+        ops::HadamardTransform::make(c.dim, opt.seed, opt.random_signs, fallback));
   if (opt.r2)
     r2 = std::make_unique<ops::HadamardTransform>(
-        ops::HadamardTransform::make(c.head_dim, opt.seed + 1, opt.random_signs));
+        ops::HadamardTransform::make(c.head_dim, opt.seed + 1, opt.random_signs, fallback));
+  if (opt.r4)
+    r4 = std::make_shared<const ops::HadamardTransform>(
+        ops::HadamardTransform::make(c.hidden_dim, opt.seed + 2, opt.random_signs, fallback));
   if (r1) {
     report.untied_head = fold_rms_norms(m);
     report.folded_norms = true;
@@ -169,7 +240,30 @@ RotationReport rotate_model(Transformer<LlamaBlock<T>>& m, const RotationOptions
     }
     report.r2 = r2->description();
   }
+  if (r4) {
+    for (LlamaBlock<T>& b : m.blocks) {
+      detail::rotate_input_side(b.down_proj.weight.value, *r4);  // W ← W·Q₄
+      b.down_proj_rotation = r4;
+    }
+    report.r4 = r4->description();
+  }
   return report;
+}
+
+// The same for a loaded model of either family: OPT is refused (its LayerNorm subtracts the
+// mean, which R1 needs removed from the residual first; not built, docs/ROTATION.md).
+template <class Block>
+RotationReport rotate_model(Transformer<Block>& m, const RotationOptions& opt) {
+  fail(
+      "rotate_model: rotations ({}) are built for LLaMA-family models; {} blocks are not supported "
+      "(LayerNorm subtracts the mean, which the residual rotation needs removed first)",
+      opt.describe(), m.config.architecture);
+}
+
+// The rotations chosen at compile time: rotate_model(model, Rotation<R1, R2>{}, seed).
+template <class Block, class... Rs>
+RotationReport rotate_model(Transformer<Block>& m, Rotation<Rs...>, uint64_t seed = 0) {
+  return rotate_model(m, Rotation<Rs...>::options(seed));
 }
 
 }  // namespace cbq

@@ -17,10 +17,14 @@
 // The op (ops::hadamard) transforms x (..., C), C a multiple of n, chunk by chunk (heads side by
 // side: R3 on q/k with n = head_dim, R4 on the MLP activation with n = hidden_dim).
 // Derivative: M is constant, so dx += dy·Mᵀ (the same transform, transposed).
-// CPU only: the CUDA kernel is future work (docs/ROTATION.md).
+// Kernels: CpuHadamard (this file) and CudaHadamard (cuda/cbq/cuda/ops/hadamard.cuh: one thread
+// block per chunk, the FWHT in shared memory); K and D live on the tensor's device, copied there
+// once per transform (HadamardTransform::constants).
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -30,6 +34,60 @@
 #include "cbq/ops/common.hpp"
 
 namespace cbq::ops {
+
+// out (rows, n) = or += in (rows, n)·M, M = D·(H_P ⊗ K) with P = n/m (transpose: ·Mᵀ);
+// kernel K (m × m, row-major, orthonormal), signs D (n) or null; out may equal in.
+template <class T>
+struct CudaHadamard {
+  static inline void (*apply)(const T* in, T* out, int64_t rows, int64_t n, int64_t m,
+                              const T* kernel, const T* signs, bool transpose,
+                              bool accumulate) = nullptr;
+};
+
+template <class T>
+struct CpuHadamard {
+  // Unnormalised Walsh–Hadamard transform over z with stride m: butterflies on (i, i + h).
+  static void fwht_strided(T* z, int64_t n, int64_t m) {
+    for (int64_t h = m; h < n; h *= 2)
+      for (int64_t base = 0; base < n; base += 2 * h)
+        for (int64_t i = base; i < base + h; ++i) {
+          const T u = z[i], v = z[i + h];
+          z[i] = u + v;
+          z[i + h] = u - v;
+        }
+  }
+  static void apply(const T* in, T* out, int64_t rows, int64_t n, int64_t m, const T* K, const T* d,
+                    bool transpose, bool accumulate) {
+    const int64_t P = n / m;
+    const T norm = static_cast<T>(1.0 / std::sqrt(static_cast<double>(P)));
+    parallel_for(rows, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(n, 1)),
+                 [&](int64_t r0, int64_t r1) {
+                   std::vector<T> t(static_cast<size_t>(n)), z(static_cast<size_t>(n));
+                   for (int64_t r = r0; r < r1; ++r) {
+                     const T* x = in + r * n;
+                     for (int64_t i = 0; i < n; ++i) t[i] = (d && !transpose) ? x[i] * d[i] : x[i];
+                     if (m > 1) {  // z = t·(I_P ⊗ K) (or Kᵀ)
+                       for (int64_t a = 0; a < P; ++a)
+                         for (int64_t e = 0; e < m; ++e) {
+                           T s = 0;
+                           for (int64_t b = 0; b < m; ++b)
+                             s += t[a * m + b] * (transpose ? K[e * m + b] : K[b * m + e]);
+                           z[a * m + e] = s;
+                         }
+                     } else {
+                       z.swap(t);
+                     }
+                     fwht_strided(z.data(), n, m);
+                     T* y = out + r * n;
+                     for (int64_t i = 0; i < n; ++i) {
+                       T v = z[i] * norm;
+                       if (d && transpose) v *= d[i];
+                       y[i] = accumulate ? y[i] + v : v;
+                     }
+                   }
+                 });
+  }
+};
 
 class HadamardTransform {
  public:
@@ -111,36 +169,26 @@ class HadamardTransform {
   // out (rows, n) = or += in (rows, n)·M (transpose: ·Mᵀ), on the host; out may equal in.
   template <class T>
   void apply(const T* in, T* out, int64_t rows, bool transpose, bool accumulate) const {
-    const int64_t n = n_, m = m_, P = pow2_;
-    const T* K = kernel<T>().data();
-    const T* d = has_signs() ? signs<T>().data() : nullptr;
-    const T norm = static_cast<T>(1.0 / std::sqrt(static_cast<double>(P)));
-    parallel_for(rows, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(n, 1)),
-                 [&](int64_t r0, int64_t r1) {
-                   std::vector<T> t(static_cast<size_t>(n)), z(static_cast<size_t>(n));
-                   for (int64_t r = r0; r < r1; ++r) {
-                     const T* x = in + r * n;
-                     for (int64_t i = 0; i < n; ++i) t[i] = (d && !transpose) ? x[i] * d[i] : x[i];
-                     if (m > 1) {  // z = t·(I_P ⊗ K) (or Kᵀ)
-                       for (int64_t a = 0; a < P; ++a)
-                         for (int64_t e = 0; e < m; ++e) {
-                           T s = 0;
-                           for (int64_t b = 0; b < m; ++b)
-                             s += t[a * m + b] * (transpose ? K[e * m + b] : K[b * m + e]);
-                           z[a * m + e] = s;
-                         }
-                     } else {
-                       z.swap(t);
-                     }
-                     fwht_strided(z.data(), n, m);
-                     T* y = out + r * n;
-                     for (int64_t i = 0; i < n; ++i) {
-                       T v = z[i] * norm;
-                       if (d && transpose) v *= d[i];
-                       y[i] = accumulate ? y[i] + v : v;
-                     }
-                   }
-                 });
+    CpuHadamard<T>::apply(in, out, rows, n_, m_, kernel<T>().data(),
+                          has_signs() ? signs<T>().data() : nullptr, transpose, accumulate);
+  }
+
+  // K and D (null when there are no signs) on `device`, copied there on first use and kept
+  // (shared by copies of this transform; safe to call from several threads).
+  template <class T>
+  std::pair<const T*, const T*> constants(Device device) const {
+    if (device == Device::cpu)
+      return {kernel<T>().data(), has_signs() ? signs<T>().data() : nullptr};
+    DeviceConstants& c = *device_constants_;
+    std::lock_guard<std::mutex> lock(c.mutex);
+    auto& [k, d] = c.get<T>();
+    if (!k.defined()) {
+      k = Tensor<T>::from(kernel<T>(), Shape{m_, m_}).to(device);
+      if (has_signs()) d = Tensor<T>::from(signs<T>(), Shape{n_}).to(device);
+    }
+    CBQ_CHECK(k.device() == device, "hadamard: the transform's constants are on {}, not {}",
+              device_name(k.device()), device_name(device));
+    return {k.data(), d.defined() ? d.data() : nullptr};
   }
 
   // M as a dense row-major n × n matrix (tests).
@@ -151,24 +199,26 @@ class HadamardTransform {
     return out;
   }
 
-  // Unnormalised Walsh–Hadamard transform over a with stride m: butterflies on (i, i + len·m).
-  template <class T>
-  static void fwht_strided(T* z, int64_t n, int64_t m) {
-    for (int64_t h = m; h < n; h *= 2)
-      for (int64_t base = 0; base < n; base += 2 * h)
-        for (int64_t i = base; i < base + h; ++i) {
-          const T u = z[i], v = z[i + h];
-          z[i] = u + v;
-          z[i + h] = u - v;
-        }
-  }
-
  private:
   int64_t n_ = 0, m_ = 1, pow2_ = 1;
   KernelKind kind_ = KernelKind::none;
   std::vector<double> kernel_, signs_;  // K (m × m, orthonormal), D (n or empty)
   std::vector<float> kernel_f_, signs_f_;
   std::string description_;
+  // Device copies of K and D per scalar type (constants()).
+  struct DeviceConstants {
+    std::mutex mutex;
+    std::pair<Tensor<float>, Tensor<float>> f;
+    std::pair<Tensor<double>, Tensor<double>> d;
+    template <class T>
+    std::pair<Tensor<T>, Tensor<T>>& get() {
+      if constexpr (std::is_same_v<T, float>)
+        return f;
+      else
+        return d;
+    }
+  };
+  std::shared_ptr<DeviceConstants> device_constants_ = std::make_shared<DeviceConstants>();
 };
 
 template <class T>
@@ -181,7 +231,10 @@ class HadamardNode final : public Node<T> {
     if (!x_.requires_grad()) return;
     const Tensor<T>& dy = tape.grad(this->output);
     // dx += dy·Mᵀ (forward ·M), or dy·M (forward ·Mᵀ)
-    h_->apply(dy.data(), x_.grad().data(), dy.numel() / h_->size(), !transpose_, true);
+    const auto [k, d] = h_->constants<T>(dy.device());
+    kernel_for(dy.device(), &CpuHadamard<T>::apply, CudaHadamard<T>::apply, "hadamard")(
+        dy.data(), x_.grad().data(), dy.numel() / h_->size(), h_->size(), h_->kernel_size(), k, d,
+        !transpose_, true);
   }
 
  private:
@@ -191,7 +244,6 @@ class HadamardNode final : public Node<T> {
 };
 
 // y = x·M on every n-element chunk of x (..., C), C a multiple of n = h->size(); transpose: ·Mᵀ.
-// CPU only for now (no CUDA kernel yet: docs/ROTATION.md).
 template <class T>
 Var<T> hadamard(Var<T> x, std::shared_ptr<const HadamardTransform> h, bool transpose = false) {
   CBQ_CHECK(h != nullptr, "hadamard: no transform given");
@@ -199,16 +251,16 @@ Var<T> hadamard(Var<T> x, std::shared_ptr<const HadamardTransform> h, bool trans
   CBQ_CHECK(X.ndim() >= 1 && X.size(-1) % h->size() == 0,
             "hadamard: the last dimension of input {} is not a multiple of the transform size {}",
             X.shape(), h->size());
-  CBQ_CHECK(X.device() == Device::cpu,
-            "hadamard: input on {}; the op has no CUDA kernel yet (docs/ROTATION.md)",
-            device_name(X.device()));
   check_contiguous("hadamard", "input", X);
   Tape<T>& tape = x.tape();
   const bool rg = tape.any_requires_grad({x});
   Var<T> out = tape.output(X.shape(), rg);
   Tensor<T> Y = out.value();
   check_same_device("hadamard", Y, X);
-  h->apply(X.data(), Y.data(), X.numel() / h->size(), transpose, false);
+  const auto [k, d] = h->constants<T>(X.device());
+  kernel_for(X.device(), &CpuHadamard<T>::apply, CudaHadamard<T>::apply, "hadamard")(
+      X.data(), Y.data(), X.numel() / h->size(), h->size(), h->kernel_size(), k, d, transpose,
+      false);
   if (rg) tape.template record<HadamardNode<T>>(out, x, std::move(h), transpose);
   return out;
 }
