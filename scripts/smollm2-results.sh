@@ -15,6 +15,7 @@
 #        BUILD (build) — the folder with examples/cbq-quantize
 #        ROTATIONS ("none"; also r12 = --rotate r1,r2, r124 = --rotate r1,r2,r4: docs/ROTATION.md;
 #        the rotation seed is the run's seed; a rotated run's name ends in -r12 / -r124)
+#        GGUF_TYPES ("q4_0"; q4_1 too) GGUF_ROTATIONS ("none"; r12 too: R4 cannot be exported)
 # Each run is one cbq-quantize call (FP once, then each method), resumable: a finished run's log
 # is kept and not redone. A summary table goes to OUT_DIR/summary.md.
 set -euo pipefail
@@ -54,6 +55,7 @@ setting_args() {
     w4a8) echo "--wbits 4 --group 128 --abits 8" ;;
     w4a4) echo "--wbits 4 --group 128 --abits 4" ;;
     q4_0) echo "--wbits 4 --group 32 --sym" ;;
+    q4_1) echo "--wbits 4 --group 32" ;;
     *) echo "smollm2-results: unknown setting $1" >&2; exit 1 ;;
   esac
 }
@@ -92,13 +94,18 @@ done
 if [ "$gguf" = 1 ]; then
   bin=$("$root/scripts/llama-cpp.sh")
   seed=${seeds%% *}
-  # shellcheck disable=SC2046
-  run "q4_0-seed$seed" --method "$methods" --seed "$seed" $(setting_args q4_0) \
-    --export gguf "$out/smollm2-q4_0.gguf"
+  for t in ${GGUF_TYPES:-q4_0}; do
+    for r in ${GGUF_ROTATIONS:-none}; do
+      suffix=$([ "$r" = none ] && echo "" || echo "-$r")
+      # shellcheck disable=SC2046
+      run "$t-seed$seed$suffix" --method "$methods" --seed "$seed" $(setting_args "$t") \
+        $(rotation_args "$r" "$seed") --export gguf "$out/smollm2-$t$suffix.gguf"
+    done
+  done
   [ -f "$out/llama-quantize-q4_0.gguf" ] ||
     "$bin/llama-quantize" --allow-requantize "$model" "$out/llama-quantize-q4_0.gguf" Q4_0 \
       > "$out/llama-quantize.log" 2>&1
-  for f in "$out"/smollm2-q4_0*.gguf "$out/llama-quantize-q4_0.gguf" "$model"; do
+  for f in "$out"/smollm2-q4_*.gguf "$out/llama-quantize-q4_0.gguf" "$model"; do
     name=$(basename "$f" .gguf)
     [ -f "$out/lcpp-$name.log" ] && grep -q "Final estimate" "$out/lcpp-$name.log" && continue
     "$bin/llama-perplexity" -m "$f" -f "$eval" -c 2048 -t "$threads" > "$out/lcpp-$name.log" 2>&1

@@ -21,6 +21,7 @@
 #               (default: all of tinystories_valid_200k.txt)
 #   JOBS        runs at once (default 1)
 #   NICE        nice level (default 19)
+#   TABLES_ONLY 1: run nothing, only write OUT/tables.md from the logs already there
 #
 # Candidates (CBQ options; the baselines run once per model × setting × seed):
 #   classic        the defaults before issue 18 (unscaled loss, every window keeps its training)
@@ -31,6 +32,7 @@
 #   nokld          current defaults without the KL terms (L2 only)
 #   absolute       current defaults with the paper's unscaled loss terms
 #   full           full-matrix AdaRound rounding
+#   full-okld      full-matrix rounding and the output KL (weight 1) in the last window
 #   gptq           GPTQ start (fixed grid)
 #   gptq-full      GPTQ start, full-matrix rounding
 #   gptq-learned   GPTQ start with the learned grid (the behaviour before the fix)
@@ -92,6 +94,7 @@ candidate_args() {
     nokld) echo "--no-kld" ;;
     absolute) echo "--loss-scale absolute" ;;
     full) echo "--rounding full" ;;
+    full-okld) echo "--rounding full --output-kld 1" ;;
     gptq) echo "--init gptq" ;;
     gptq-full) echo "--init gptq --rounding full" ;;
     gptq-learned) echo "--init gptq --grid learned" ;;
@@ -151,6 +154,7 @@ for model in $MODELS; do
 done
 
 running=0
+[[ ${TABLES_ONLY:-0} == 1 ]] && jobs_list=()  # only rebuild OUT/tables.md from the logs there
 for job in "${jobs_list[@]}"; do
   IFS='|' read -r log methods args <<< "$job"
   # shellcheck disable=SC2086
