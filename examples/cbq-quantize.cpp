@@ -173,12 +173,16 @@ void declare(cbq::cli::Options& o, Args& a) {
   // those given explicitly override the preset wherever they stand on the command line.
   o.text("--preset", a.preset,
          "paper: the paper's learning rates and V = 0 start; classic: cbq's defaults before the "
-         "loss balance (unscaled terms, no held-out check, RTN start)",
-         "paper|classic", [&a](const std::string& v) {
-           if (v != "paper" && v != "classic")
-             usage_error(fmt::format("--preset: unknown preset '{}' (paper or classic)", v));
+         "loss balance (unscaled terms, no held-out check, RTN start); a4: full-matrix rounding "
+         "and the output KL, the better CBQ at 4-bit activations (docs/ROTATION.md)",
+         "paper|classic|a4", [&a](const std::string& v) {
+           if (v != "paper" && v != "classic" && v != "a4")
+             usage_error(fmt::format("--preset: unknown preset '{}' (paper, classic or a4)", v));
            const auto keep = a.options;
-           a.options = v == "paper" ? cbq::PassOptions::paper() : cbq::PassOptions::classic();
+           a.options = v == "paper"     ? cbq::PassOptions::paper()
+                       : v == "classic" ? cbq::PassOptions::classic()
+                                        : cbq::PassOptions::low_bit_activations();
+           if (v == "a4") a.spec.rounding = cbq::RoundingKind::full;
            a.options.epochs = keep.epochs;
            a.options.seed = keep.seed;
          });

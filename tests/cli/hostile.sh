@@ -269,6 +269,7 @@ for v in $(values 0 nan 2); do bad_option --gptq-damp "$v" '--gptq-damp'; done
 for v in $(values -1 nan); do bad_option --group "$v" '--group'; bad_option --lr-step "$v" '--lr-step'; done
 for v in $(values rtn,rtn cbq,cbq gptq,gptq cbq,rtn,cbq foo); do bad_option --method "$v" "--method.*(twice|unknown)"; done
 bad_option --window 0 '--window'
+bad_option --preset foo '--preset.*unknown'
 for v in $(values r3 r1,r1 foo r1,,r2); do bad_option --rotate "$v" "--rotate.*(twice|unknown|r3|no rotation)"; done
 bad_option --epochs 0 '--epochs'
 bad_option --max-steps -1 '--max-steps'
@@ -289,6 +290,8 @@ run_case options "--gptq-damp reaches gptq" ok 'DIFFER' 240 "$(qm "$M" --method 
 run_case options "--method cbq,rtn: rtn as alone" ok 'SAME' 240 "$(qm "$M" --method cbq,rtn --out "$S/out-a.safetensors") > /dev/null && $(qm "$M" --method rtn --out "$S/out-b.safetensors") > /dev/null && { cmp -s out-a-rtn.safetensors out-b.safetensors && echo SAME || echo DIFFER; }"
 run_case options "--seed 2^64-1 is not 0" ok 'DIFFER' 240 "$(qm "$M" --method rtn,gptq --seed 0 --out "$S/out-a.safetensors") > /dev/null && $(qm "$M" --method rtn,gptq --seed 18446744073709551615 --out "$S/out-b.safetensors") > /dev/null && { cmp -s out-a-gptq.safetensors out-b-gptq.safetensors && echo SAME || echo DIFFER; }"
 
+# --preset a4 sets full-matrix rounding and the output KL; an explicit --rounding after it wins.
+run_case options "--preset a4" ok '^PRESET 1 1$' 240 "echo PRESET \$($(qm "$M" --preset a4) | grep '^| cbq' | grep -c 'full AdaRound.*output KL x1') \$($(qm "$M" --preset a4 --rounding lora) | grep '^| cbq' | grep -c 'LoRA-Rounding.*output KL x1')"
 # The rotated full-precision model is the same function: the same FP perplexity to 4 digits.
 run_case options "--rotate r1,r2,r4 keeps FP" ok 'SAME' 240 "a=\$($(qm "$M" --method rtn --no-kl-eval) | grep '^FP perplexity' | cut -d' ' -f3) && b=\$($(qm "$M" --method rtn --no-kl-eval --rotate r1,r2,r4 --rotate-fallback) | grep '^FP perplexity' | cut -d' ' -f3) && { [ -n \"\$a\" ] && [ \"\$a\" = \"\$b\" ] && echo SAME || echo DIFFER \$a \$b; }"
 

@@ -153,6 +153,15 @@ struct PassOptions {
     o.weight_init = WeightInit::rtn;
     return o;
   }
+  // For 4-bit activations (W4A4), with full-matrix rounding in the PassSpec
+  // (cbq-quantize --preset a4): the output distribution's KL (weight 1) in the last window.
+  // Chosen on stories260K, confirmed on aidreams260K, with and without rotation
+  // (docs/ROTATION.md, "Variants of CBQ on the rotated model").
+  static PassOptions low_bit_activations() {
+    PassOptions o;
+    o.output_kld = 1.0;
+    return o;
+  }
   // Samples held out from training to judge start vs trained (see keep_better).
   int64_t holdout_samples(int64_t n) const {
     if (!keep_better || n < 2) return 0;

@@ -29,7 +29,7 @@ template <class T>
 __global__ void hadamard_kernel(const T* in, T* out, int64_t rows, int64_t n, int64_t m,
                                 const T* kernel, const T* signs, bool transpose, bool accumulate,
                                 T norm) {
-  extern __shared__ unsigned char hadamard_shared[];
+  extern __shared__ __align__(16) unsigned char hadamard_shared[];
   T* z = reinterpret_cast<T*>(hadamard_shared);
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const T* x = in + row * n;
