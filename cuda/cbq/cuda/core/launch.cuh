@@ -1,11 +1,13 @@
 #pragma once
-// Launch helpers shared by the elementwise kernels: one-dimensional grid-stride loops over
-// int64 indices, so any n works with a bounded grid.
+// Launch helpers shared by the kernels: one-dimensional grid-stride loops over int64 indices, so
+// any n works with a bounded grid; the device's shared-memory limit and the opt-in above 48 KiB.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 
+#include "cbq/cuda/core/check.cuh"
 #include "cbq/cuda/core/context.cuh"
 
 namespace cbq::cuda::detail {
@@ -25,5 +27,21 @@ __device__ inline int64_t global_index() {
 __device__ inline int64_t grid_stride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
 
 inline cudaStream_t current_stream() { return default_context().stream(); }
+
+// The most dynamic shared memory one block of the current device may opt into.
+inline int max_shared_bytes() {
+  int device = 0, bytes = 0;
+  CBQ_CUDA_CHECK(cudaGetDevice(&device));
+  CBQ_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return bytes;
+}
+
+// Allows `kernel` more than the default 48 KiB of dynamic shared memory when it needs it.
+template <class Kernel>
+void allow_shared(Kernel kernel, std::size_t bytes) {
+  if (bytes > 48 * 1024)
+    CBQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+}
 
 }  // namespace cbq::cuda::detail

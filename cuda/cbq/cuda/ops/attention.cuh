@@ -350,12 +350,8 @@ __global__ void attention_backward_dq_kernel(T* dq, const T* q, const T* k, cons
 
 namespace attention_detail {
 
-inline int max_shared_bytes() {
-  int device = 0, bytes = 0;
-  CBQ_CUDA_CHECK(cudaGetDevice(&device));
-  CBQ_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return bytes;
-}
+using detail::allow_shared;
+using detail::max_shared_bytes;
 
 // The largest tile whose shared memory (elements(tile, head_dim) values of T) fits the device.
 template <class T, class Elements>
@@ -367,14 +363,6 @@ int choose_tile(const char* kernel, int head_dim, Elements elements) {
       "attention ({}): head_dim {} needs {} bytes of shared memory even with {}-row tiles, the "
       "device allows {}",
       kernel, head_dim, sizeof(T) * elements(kTileSizes[2], head_dim), kTileSizes[2], limit);
-}
-
-// Allows `kernel` more than the default 48 KiB of dynamic shared memory when it needs it.
-template <class Kernel>
-void allow_shared(Kernel kernel, std::size_t bytes) {
-  if (bytes > 48 * 1024)
-    CBQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
 }
 
 inline Dims make_dims(int64_t seq_len, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,

@@ -429,12 +429,7 @@ __global__ void __launch_bounds__(kThreads)
 // ----------------------------------------------------------------------------
 // launchers
 
-template <class Kernel>
-void allow_shared(Kernel kernel, std::size_t bytes) {
-  if (bytes > 48 * 1024)
-    CBQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
-}
+using detail::allow_shared;
 
 inline unsigned tiles(int64_t n) { return static_cast<unsigned>((n + kRows - 1) / kRows); }
 

@@ -79,16 +79,13 @@ void hadamard_apply(const T* in, T* out, int64_t rows, int64_t n, int64_t m, con
   if (rows <= 0 || n <= 0) return;
   CBQ_CHECK(m >= 1 && n % m == 0, "hadamard (cuda): kernel order {} does not divide size {}", m, n);
   const std::size_t shared = static_cast<std::size_t>(n) * sizeof(T);
-  if (shared > 48 * 1024) {
-    int device = 0, limit = 0;
-    CBQ_CUDA_CHECK(cudaGetDevice(&device));
-    CBQ_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    CBQ_CHECK(shared <= static_cast<std::size_t>(limit),
+  if (shared > 48 * 1024) {  // above the default: within the device's opt-in limit
+    const auto limit = static_cast<std::size_t>(detail::max_shared_bytes());
+    CBQ_CHECK(shared <= limit,
               "hadamard (cuda): a chunk of {} values needs {} bytes of shared memory, the device "
               "allows {}",
               n, shared, limit);
-    CBQ_CUDA_CHECK(cudaFuncSetAttribute(
-        hadamard_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
+    detail::allow_shared(hadamard_kernel<T>, shared);
   }
   const T norm = static_cast<T>(1.0 / std::sqrt(static_cast<double>(n / m)));
   const auto blocks = static_cast<unsigned>(std::min(rows, hadamard_detail::kMaxBlocks));
