@@ -71,12 +71,7 @@ struct Args {
   // Raw values turned into the fields above after parsing.
   std::string method_list = "cbq", act_layer_list, preset, rotate_list;
   bool soft = false, hard = false, cfp = false, smoothquant = false;
-  // --rotate: nothing unless asked.
-  cbq::RotationOptions rotation = [] {
-    cbq::RotationOptions r;
-    r.r1 = r.r2 = r.r4 = false;
-    return r;
-  }();
+  cbq::RotationOptions rotation = cbq::Rotation<>::options();  // --rotate: none unless asked
 };
 
 std::vector<std::string> split(const std::string& s, char sep) {
@@ -507,25 +502,13 @@ Plan preflight(Args& a) {
     }
   }
   if (a.rotation.any()) {
-    if (c.family != cbq::Family::llama)
-      usage_error(
-          fmt::format("--rotate {}: rotations are built for LLaMA-family models, not {} "
-                      "({})",
-                      a.rotation.describe(), c.architecture, a.model));
-    const std::pair<bool, std::pair<int64_t, const char*>> sizes[] = {
-        {a.rotation.r1, {c.dim, "r1 (the model dimension)"}},
-        {a.rotation.r2, {c.head_dim, "r2 (the head dimension)"}},
-        {a.rotation.r4, {c.hidden_dim, "r4 (the MLP dimension)"}}};
-    for (const auto& [on, size] : sizes) {
-      if (!on) continue;
-      try {
-        cbq::ops::HadamardTransform::make(size.first, 0, false, a.rotation.allow_random_orthogonal);
-      } catch (const cbq::Error& e) {
-        usage_error(
-            fmt::format("--rotate {}: {}; --rotate-fallback uses a random orthogonal "
-                        "kernel instead",
-                        size.second, e.what()));
-      }
+    try {
+      cbq::check_rotation(c, a.rotation);
+    } catch (const cbq::Error& e) {
+      usage_error(fmt::format("--rotate {}: {}{}", a.rotation.describe(), e.what(),
+                              a.rotation.allow_random_orthogonal
+                                  ? ""
+                                  : "; --rotate-fallback uses a random orthogonal kernel instead"));
     }
     if (a.rotation.r4 && (!a.out.empty() || !a.export_format.empty()))
       usage_error(fmt::format(

@@ -17,6 +17,8 @@ out=$(mkdir -p "${1:-$root/results/rotation-gguf}" && cd "${1:-$root/results/rot
 seeds=${SEEDS:-"0 1"} types=${TYPES:-"q4_0 q4_1"} methods=${METHODS:-rtn,gptq,cbq}
 threads=${THREADS:-1} bytes=${TEXT_BYTES:-60000}
 quantize="$root/${BUILD:-build}/examples/cbq-quantize"
+# cbq-quantize names its exports NAME-METHOD.gguf when it runs several methods, NAME.gguf for one.
+file_of() { [ "${methods//,/}" = "$methods" ] && echo "$1.gguf" || echo "$1-$2.gguf"; }
 [ -x "$quantize" ] || { echo "rotation-gguf: $quantize not built" >&2; exit 1; }
 bin=$("$root/scripts/llama-cpp.sh")
 
@@ -41,8 +43,7 @@ for type in $types; do
         mv "$log.tmp" "$log"
       fi
       for m in ${methods//,/ }; do
-        f="$out/$name-$m.gguf"
-        [ "$(echo "$methods" | tr ',' '\n' | wc -l)" = 1 ] && f="$out/$name.gguf"
+        f="$out/$(file_of "$name" "$m")"
         l="$out/lcpp-$name-$m.log"
         [ -f "$l" ] && grep -q "Final estimate" "$l" && continue
         "$bin/llama-perplexity" -m "$f" -f "$text" -c 512 -b 512 -t "$threads" \
@@ -60,8 +61,7 @@ done
       for rot in none r12; do
         name="$type-seed$seed-$rot"
         for m in ${methods//,/ }; do
-          f="$name-$m.gguf"
-          [ "$(echo "$methods" | tr ',' '\n' | wc -l)" = 1 ] && f="$name.gguf"
+          f=$(file_of "$name" "$m")
           cbq=$(grep -o "perplexity of [^ ]*$f read back [0-9.]*" "$out/$name.log" | awk '{print $NF}')
           lcpp=$(grep -o 'Final estimate: PPL = [0-9.]* +/- [0-9.]*' "$out/lcpp-$name-$m.log" | sed 's/Final estimate: PPL = //')
           echo "| $type | $seed | $([ "$rot" = none ] && echo none || echo R1+R2) | $m | ${cbq:-–} | ${lcpp:-–} |"

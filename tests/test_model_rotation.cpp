@@ -313,7 +313,9 @@ TEST_CASE("rotation: stories260K's MLP size 172 needs the random orthogonal kern
   opt.r4 = true;
   // Refused by default, naming the size, before any weight changes (R1 and R2 included).
   const Tensor<float> embed0 = m.embed_tokens.value.clone();
-  CHECK_THROWS_WITH_AS(rotate_model(m, opt), doctest::Contains("size 172"), Error);
+  CHECK_THROWS_WITH_AS(rotate_model(m, opt), doctest::Contains("R4 (the MLP dimension, 172)"),
+                       Error);
+  CHECK_THROWS_WITH_AS(check_rotation(m.config, opt), doctest::Contains("size 172"), Error);
   CHECK(max_abs_diff(m.embed_tokens.value, embed0) == 0);
   CHECK(max_abs_diff(m.blocks[0].down_proj.weight.value, down0) == 0);
   CHECK(m.blocks[0].down_proj_rotation == nullptr);
@@ -353,6 +355,9 @@ TEST_CASE("rotation: compile-time Rotation<...> and the OPT refusal") {
   const Tensor<double> w0 = opt_model.blocks[0].q_proj.weight.value.clone();
   CHECK_THROWS_WITH_AS(rotate_model(opt_model, RotationOptions{}), doctest::Contains("LLaMA"),
                        Error);
+  CHECK_THROWS_WITH_AS(check_rotation(oc, RotationOptions{}), doctest::Contains("LLaMA"), Error);
+  CHECK_NOTHROW(check_rotation(oc, Rotation<>::options()));  // nothing asked: nothing to refuse
+  CHECK_NOTHROW(check_rotation(cfg, Rotation<R1, R2, R4>::options()));
   CHECK(max_abs_diff(opt_model.blocks[0].q_proj.weight.value, w0) == 0);
 }
 

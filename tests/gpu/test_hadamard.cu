@@ -52,9 +52,8 @@ TEST_CASE_TEMPLATE("hadamard: the in-place launch equals the out-of-place one", 
   const Tensor<T> x = randn<T>(Shape{7, 1536}, 77);
   Tensor<T> a = x.to(Device::cuda), b = x.to(Device::cuda),
             y = Tensor<T>::empty(x.shape(), Device::cuda);
-  const auto [k, d] = h.constants<T>(Device::cuda);
-  ops::CudaHadamard<T>::apply(a.data(), a.data(), 7, 1536, h.kernel_size(), k, d, false, false);
-  ops::CudaHadamard<T>::apply(b.data(), y.data(), 7, 1536, h.kernel_size(), k, d, false, false);
+  h.apply_on<T>(Device::cuda, a.data(), a.data(), 7, false, false);
+  h.apply_on<T>(Device::cuda, b.data(), y.data(), 7, false, false);
   CHECK(a.to(Device::cpu).to_vector() == y.to(Device::cpu).to_vector());
   // ...and the CPU's host transform within tolerance.
   std::vector<T> host = x.to_vector();

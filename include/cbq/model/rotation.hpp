@@ -104,6 +104,31 @@ std::string online_rotations(Transformer<Block>& m) {
 
 namespace detail {
 
+// The transforms `opt` asks for (null where not asked), built for the sizes of `c`; an
+// unsupported size is a cbq::Error naming the rotation, the dimension and the size.
+struct RotationTransforms {
+  std::unique_ptr<ops::HadamardTransform> r1, r2;
+  std::shared_ptr<const ops::HadamardTransform> r4;
+};
+inline RotationTransforms make_rotations(const ModelConfig& c, const RotationOptions& opt) {
+  auto make = [&](bool on, const char* name, const char* what, int64_t n, uint64_t seed) {
+    std::unique_ptr<ops::HadamardTransform> h;
+    if (!on) return h;
+    try {
+      h = std::make_unique<ops::HadamardTransform>(
+          ops::HadamardTransform::make(n, seed, opt.random_signs, opt.allow_random_orthogonal));
+    } catch (const Error& e) {
+      fail("rotation {} (the {}, {}): {}", name, what, n, e.what());
+    }
+    return h;
+  };
+  RotationTransforms t;
+  t.r1 = make(opt.r1, "R1", "model dimension", c.dim, opt.seed);
+  t.r2 = make(opt.r2, "R2", "head dimension", c.head_dim, opt.seed + 1);
+  t.r4 = make(opt.r4, "R4", "MLP dimension", c.hidden_dim, opt.seed + 2);
+  return t;
+}
+
 // data (rows, C), C a multiple of h.size(): every chunk x ← x·M (transpose: x·Mᵀ), computed in
 // double and rounded once.
 template <class T>
@@ -191,6 +216,19 @@ bool fold_rms_norms(Transformer<LlamaBlock<T>>& m) {
   return untie;
 }
 
+// Throws a cbq::Error, before any work, when `opt` cannot rotate a model of `c`: a family other
+// than LLaMA (OPT's LayerNorm subtracts the mean, which the residual rotation needs removed
+// first; not built), or a size without a transform (unless the random orthogonal fallback is on).
+inline void check_rotation(const ModelConfig& c, const RotationOptions& opt) {
+  if (!opt.any()) return;
+  CBQ_CHECK(c.family == Family::llama,
+            "rotate_model: rotations ({}) are built for LLaMA-family models; {} ({} blocks) is "
+            "not supported (LayerNorm subtracts the mean, which the residual rotation needs "
+            "removed first)",
+            opt.describe(), c.architecture, family_name(c.family));
+  detail::make_rotations(c, opt);
+}
+
 // Applies the rotations `opt` asks for, in place; the logits stay the same up to rounding
 // (tests/test_model_rotation.cpp gives the tolerances).
 template <class T>
@@ -203,19 +241,8 @@ RotationReport rotate_model(Transformer<LlamaBlock<T>>& m, const RotationOptions
       CBQ_CHECK(!b.down_proj_rotation,
                 "rotate_model: block {} already has an R4 rotation ({}); rotate a model once",
                 b.index(), b.down_proj_rotation->description());
-  // Build every transform first, so an unsupported size changes nothing.
-  std::unique_ptr<ops::HadamardTransform> r1, r2;
-  std::shared_ptr<const ops::HadamardTransform> r4;
-  const bool fallback = opt.allow_random_orthogonal;
-  if (opt.r1)
-    r1 = std::make_unique<ops::HadamardTransform>(
-        ops::HadamardTransform::make(c.dim, opt.seed, opt.random_signs, fallback));
-  if (opt.r2)
-    r2 = std::make_unique<ops::HadamardTransform>(
-        ops::HadamardTransform::make(c.head_dim, opt.seed + 1, opt.random_signs, fallback));
-  if (opt.r4)
-    r4 = std::make_shared<const ops::HadamardTransform>(
-        ops::HadamardTransform::make(c.hidden_dim, opt.seed + 2, opt.random_signs, fallback));
+  // Every transform first, so an unsupported size changes nothing.
+  auto [r1, r2, r4] = detail::make_rotations(c, opt);
   if (r1) {
     report.untied_head = fold_rms_norms(m);
     report.folded_norms = true;
@@ -254,10 +281,8 @@ RotationReport rotate_model(Transformer<LlamaBlock<T>>& m, const RotationOptions
 // mean, which R1 needs removed from the residual first; not built, docs/ROTATION.md).
 template <class Block>
 RotationReport rotate_model(Transformer<Block>& m, const RotationOptions& opt) {
-  fail(
-      "rotate_model: rotations ({}) are built for LLaMA-family models; {} blocks are not supported "
-      "(LayerNorm subtracts the mean, which the residual rotation needs removed first)",
-      opt.describe(), m.config.architecture);
+  check_rotation(m.config, opt);
+  fail("rotate_model: {} is not a LLaMA-family model", m.config.architecture);
 }
 
 // The rotations chosen at compile time: rotate_model(model, Rotation<R1, R2>{}, seed).

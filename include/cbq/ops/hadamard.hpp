@@ -19,15 +19,15 @@
 // Derivative: M is constant, so dx += dy·Mᵀ (the same transform, transposed).
 // Kernels: CpuHadamard (this file) and CudaHadamard (cuda/cbq/cuda/ops/hadamard.cuh: one thread
 // block per chunk, the FWHT in shared memory); K and D live on the tensor's device, copied there
-// once per transform (HadamardTransform::constants).
+// once per transform (HadamardTransform::apply_on).
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cbq/core/hadamard.hpp"
@@ -166,12 +166,35 @@ class HadamardTransform {
       return signs_;
   }
 
-  // out (rows, n) = or += in (rows, n)·M (transpose: ·Mᵀ), on the host; out may equal in.
+  // out (rows, n) = or += in (rows, n)·M (transpose: ·Mᵀ) with the kernel of `device`, where
+  // in and out live; out may equal in.
+  template <class T>
+  void apply_on(Device device, const T* in, T* out, int64_t rows, bool transpose,
+                bool accumulate) const {
+    const auto [k, d] = constants<T>(device);
+    kernel_for(device, &CpuHadamard<T>::apply, CudaHadamard<T>::apply, "hadamard")(
+        in, out, rows, n_, m_, k, d, transpose, accumulate);
+  }
+  // The same on the host.
   template <class T>
   void apply(const T* in, T* out, int64_t rows, bool transpose, bool accumulate) const {
-    CpuHadamard<T>::apply(in, out, rows, n_, m_, kernel<T>().data(),
-                          has_signs() ? signs<T>().data() : nullptr, transpose, accumulate);
+    apply_on<T>(Device::cpu, in, out, rows, transpose, accumulate);
   }
+
+  // M as a dense row-major n × n matrix (tests).
+  std::vector<double> dense() const {
+    std::vector<double> eye(static_cast<size_t>(n_ * n_), 0.0), out(eye.size());
+    for (int64_t i = 0; i < n_; ++i) eye[i * n_ + i] = 1.0;
+    apply<double>(eye.data(), out.data(), n_, false, false);  // row i of I·M is row i of M
+    return out;
+  }
+
+ private:
+  int64_t n_ = 0, m_ = 1, pow2_ = 1;
+  KernelKind kind_ = KernelKind::none;
+  std::vector<double> kernel_, signs_;  // K (m × m, orthonormal), D (n or empty)
+  std::vector<float> kernel_f_, signs_f_;
+  std::string description_;
 
   // K and D (null when there are no signs) on `device`, copied there on first use and kept
   // (shared by copies of this transform; safe to call from several threads).
@@ -190,21 +213,6 @@ class HadamardTransform {
               device_name(k.device()), device_name(device));
     return {k.data(), d.defined() ? d.data() : nullptr};
   }
-
-  // M as a dense row-major n × n matrix (tests).
-  std::vector<double> dense() const {
-    std::vector<double> eye(static_cast<size_t>(n_ * n_), 0.0), out(eye.size());
-    for (int64_t i = 0; i < n_; ++i) eye[i * n_ + i] = 1.0;
-    apply<double>(eye.data(), out.data(), n_, false, false);  // row i of I·M is row i of M
-    return out;
-  }
-
- private:
-  int64_t n_ = 0, m_ = 1, pow2_ = 1;
-  KernelKind kind_ = KernelKind::none;
-  std::vector<double> kernel_, signs_;  // K (m × m, orthonormal), D (n or empty)
-  std::vector<float> kernel_f_, signs_f_;
-  std::string description_;
   // Device copies of K and D per scalar type (constants()).
   struct DeviceConstants {
     std::mutex mutex;
@@ -231,10 +239,8 @@ class HadamardNode final : public Node<T> {
     if (!x_.requires_grad()) return;
     const Tensor<T>& dy = tape.grad(this->output);
     // dx += dy·Mᵀ (forward ·M), or dy·M (forward ·Mᵀ)
-    const auto [k, d] = h_->constants<T>(dy.device());
-    kernel_for(dy.device(), &CpuHadamard<T>::apply, CudaHadamard<T>::apply, "hadamard")(
-        dy.data(), x_.grad().data(), dy.numel() / h_->size(), h_->size(), h_->kernel_size(), k, d,
-        !transpose_, true);
+    h_->apply_on(dy.device(), dy.data(), x_.grad().data(), dy.numel() / h_->size(), !transpose_,
+                 true);
   }
 
  private:
@@ -257,10 +263,7 @@ Var<T> hadamard(Var<T> x, std::shared_ptr<const HadamardTransform> h, bool trans
   Var<T> out = tape.output(X.shape(), rg);
   Tensor<T> Y = out.value();
   check_same_device("hadamard", Y, X);
-  const auto [k, d] = h->constants<T>(X.device());
-  kernel_for(X.device(), &CpuHadamard<T>::apply, CudaHadamard<T>::apply, "hadamard")(
-      X.data(), Y.data(), X.numel() / h->size(), h->size(), h->kernel_size(), k, d, transpose,
-      false);
+  h->apply_on(X.device(), X.data(), Y.data(), X.numel() / h->size(), transpose, false);
   if (rg) tape.template record<HadamardNode<T>>(out, x, std::move(h), transpose);
   return out;
 }
