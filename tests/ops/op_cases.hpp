@@ -14,6 +14,7 @@
 #include <cbq/ops/activations.hpp>
 #include <cbq/ops/add.hpp>
 #include <cbq/ops/attention.hpp>
+#include <cbq/ops/attention_map_kl.hpp>
 #include <cbq/ops/cross_entropy.hpp>
 #include <cbq/ops/embedding.hpp>
 #include <cbq/ops/hadamard.hpp>
@@ -186,6 +187,22 @@ inline const std::vector<OpCase>& op_cases() {
                         {{Shape{6, 2 * 4}, 51}, {Shape{6, 2 * 4}, 52}, {Shape{6, 2 * 4}, 53}},
                         [](auto& v) { return ops::attention(v[0], v[1], v[2], 2, 2, 4, false); }));
     c.back().float_tolerance_factor = 10;
+    // ---- the attention-map KL (target q*, k*, then model q, k): grouped-query and causal with
+    // every input differentiable; multi-head without the mask, targets constant (ACBQ's use)
+    c.push_back(op_case(
+        "attention_map_kl, causal, 4 query heads on 2 kv heads",
+        {{Shape{5, 4 * 3}, 54, 1.5},
+         {Shape{5, 2 * 3}, 55, 1.5},
+         {Shape{5, 4 * 3}, 56, 1.5},
+         {Shape{5, 2 * 3}, 57, 1.5}},
+        [](auto& v) { return ops::attention_map_kl(v[0], v[1], v[2], v[3], 4, 2, 3, true); }));
+    c.push_back(op_case(
+        "attention_map_kl, not causal, targets constant",
+        {{Shape{6, 2 * 4}, 58, 1.0, 0.0, 0.0, /*differentiable=*/false},
+         {Shape{6, 2 * 4}, 59, 1.0, 0.0, 0.0, /*differentiable=*/false},
+         {Shape{6, 2 * 4}, 60},
+         {Shape{6, 2 * 4}, 61}},
+        [](auto& v) { return ops::attention_map_kl(v[0], v[1], v[2], v[3], 2, 2, 4, false); }));
     // ---- losses
     c.push_back(op_case("mse", {{Shape{3, 7}, 30}, {Shape{3, 7}, 31}},
                         [](auto& v) { return ops::mse(v[0], v[1]); }));

@@ -3,6 +3,7 @@
 #include "cbq/ops/activations.hpp"
 #include "cbq/ops/add.hpp"
 #include "cbq/ops/attention.hpp"
+#include "cbq/ops/attention_map_kl.hpp"
 #include "cbq/ops/common.hpp"
 #include "cbq/ops/cross_entropy.hpp"
 #include "cbq/ops/embedding.hpp"

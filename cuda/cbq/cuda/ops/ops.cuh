@@ -1,10 +1,11 @@
 #pragma once
 // Kernels of the tape's ops (include/cbq/ops/): elementwise, activations, norms, RoPE,
-// embedding, softmax, reductions, losses, linear, attention and the Hadamard transform. Each op
-// lives in its own file named as its host header, included here.
+// embedding, softmax, reductions, losses, linear, attention, the attention-map KL and the
+// Hadamard transform. Each op lives in its own file named as its host header, included here.
 #include "cbq/cuda/ops/activations.cuh"
 #include "cbq/cuda/ops/add.cuh"
 #include "cbq/cuda/ops/attention.cuh"
+#include "cbq/cuda/ops/attention_map_kl.cuh"
 #include "cbq/cuda/ops/common.cuh"
 #include "cbq/cuda/ops/cross_entropy.cuh"
 #include "cbq/cuda/ops/embedding.cuh"
