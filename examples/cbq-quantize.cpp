@@ -72,7 +72,32 @@ struct Args {
   std::string method_list = "cbq", act_layer_list, preset, rotate_list;
   bool soft = false, hard = false, cfp = false, smoothquant = false;
   cbq::RotationOptions rotation = cbq::Rotation<>::options();  // --rotate: none unless asked
+  // ACBQ and its ablations (docs/ACBQ.md): --max-group, --attention-kl (< 0: the method's
+  // default, 0 for cbq and PassOptions::acbq()'s for acbq).
+  int64_t max_group = 2, group_overlap = 1;
+  double attention_kl = -1;
 };
+
+bool is_pass_method(const std::string& m) { return m == "cbq" || m == "acbq"; }
+
+// The pass configuration of `method` (cbq or acbq): acbq is the CBQ pass over sub-block units in
+// adaptive groups of up to --max-group units, with the attention-map term.
+std::pair<cbq::PassSpec, cbq::PassOptions> pass_config(const Args& a, const std::string& method) {
+  cbq::PassSpec spec = a.spec;
+  cbq::PassOptions options = a.options;
+  if (method == "acbq") {
+    spec = cbq::acbq_spec(spec, a.max_group, a.group_overlap);
+    options.attention_kl =
+        a.attention_kl >= 0 ? a.attention_kl : cbq::PassOptions::acbq().attention_kl;
+  } else {
+    options.attention_kl = std::max(0.0, a.attention_kl);
+    if (spec.schedule == cbq::WindowKind::adaptive) {
+      spec.window_blocks = a.max_group;
+      spec.window_overlap = a.group_overlap;
+    }
+  }
+  return {spec, options};
+}
 
 std::vector<std::string> split(const std::string& s, char sep) {
   std::vector<std::string> out;
@@ -82,14 +107,14 @@ std::vector<std::string> split(const std::string& s, char sep) {
   return out;
 }
 
-// --method: a comma list of cbq, rtn, gptq (or all), each at most once.
+// --method: a comma list of cbq, acbq, rtn, gptq (or all: rtn, gptq, cbq), each at most once.
 std::vector<std::string> parse_methods(const std::string& v) {
   if (v == "all") return {"rtn", "gptq", "cbq"};
   std::vector<std::string> out;
   for (const std::string& m : split(v, ',')) {
-    if (m != "cbq" && m != "rtn" && m != "gptq")
+    if (m != "cbq" && m != "acbq" && m != "rtn" && m != "gptq")
       usage_error(
-          fmt::format("--method: unknown method '{}' in '{}' (cbq, rtn, gptq or all)", m, v));
+          fmt::format("--method: unknown method '{}' in '{}' (cbq, acbq, rtn, gptq or all)", m, v));
     for (const std::string& seen : out)
       if (seen == m)
         usage_error(fmt::format(
@@ -146,8 +171,10 @@ void declare(cbq::cli::Options& o, Args& a) {
                  {{"cbq", false}, {"gptq", true}});
 
   o.group("method");
-  o.text("--method", a.method_list, "comma list of cbq, rtn, gptq (each once), or all", "LIST",
-         [](const std::string& v) { parse_methods(v); })
+  o.text("--method", a.method_list,
+         "comma list of cbq, acbq (sub-block units in adaptive groups, docs/ACBQ.md), rtn, gptq "
+         "(each once), or all (rtn, gptq, cbq)",
+         "LIST", [](const std::string& v) { parse_methods(v); })
       ->default_str("cbq");
   o.integer<int>("--wbits", a.spec.weight.bits, "weight bits (GPTQ export: 2, 3, 4, 8; GGUF: 4, 8)",
                  2, 8);
@@ -238,6 +265,35 @@ void declare(cbq::cli::Options& o, Args& a) {
       o.flag("--soft", a.soft, "train on soft h(V) weights (default: hard, straight-through)");
   auto* hard = o.flag("--hard", a.hard, "train on the integer weights (straight-through)");
   soft->excludes(hard);
+  o.choice<cbq::UnitKind>(
+      "--units", a.spec.units,
+      "cbq's window units: whole blocks, or each block's attention and FFN "
+      "halves (acbq always uses halves)",
+      {{"block", cbq::UnitKind::blocks}, {"sub-block", cbq::UnitKind::sub_blocks}});
+  o.choice<cbq::WindowKind>(
+      "--schedule", a.spec.schedule,
+      "cbq's windows: sliding (--window/--overlap) or adaptive groups of "
+      "up to --max-group units (acbq always adaptive)",
+      {{"sliding", cbq::WindowKind::sliding}, {"adaptive", cbq::WindowKind::adaptive}});
+  o.integer<int64_t>("--max-group", a.max_group, "units per adaptive group, at most", 1, 1 << 20);
+  o.integer<int64_t>("--group-overlap", a.group_overlap,
+                     "adaptive groups: each window holds a group and the N groups after it", 0,
+                     1 << 20);
+  o.real("--attention-kl", a.attention_kl,
+         "weight λ of the KL between the FP and quantized attention maps (default 0; "
+         "docs/ACBQ.md)",
+         0, 1e6);
+  o.flag("--attention-kl-homologous", a.options.attention_kl_homologous,
+         "the attention maps to match: FP weights on the quantized path's input (default: the FP "
+         "path's maps)");
+  o.choice<cbq::DependencyMeasure>("--dependency", a.options.dependency,
+                                   "adaptive groups: the dependency of adjacent units",
+                                   {{"error-gain", cbq::DependencyMeasure::error_gain},
+                                    {"entropy", cbq::DependencyMeasure::entropy}});
+  o.real("--group-threshold", a.options.group_threshold,
+         "adaptive groups: a group grows while its mean dependency, relative to the model's "
+         "mean, is at least X",
+         -1e6, 1e6);
   o.flag("--no-l2", a.options.loss_l2, "switch the L2 loss term off", false);
   o.flag("--no-kld", a.options.loss_kld, "switch the KLD loss term off", false);
   o.flag("--no-hom", a.options.loss_homologous, "switch the homologous term off", false);
@@ -481,13 +537,23 @@ Plan preflight(Args& a) {
   // The options against the model.
   const bool has_cbq = [&] {
     for (const auto& m : a.methods)
-      if (m == "cbq") return true;
+      if (is_pass_method(m)) return true;
     return false;
   }();
+  for (const auto& m : a.methods) {
+    if (!is_pass_method(m)) continue;
+    const cbq::PassSpec spec = pass_config(a, m).first;
+    const int64_t units = spec.units == cbq::UnitKind::sub_blocks ? 2 * c.n_layers : c.n_layers;
+    if (spec.schedule == cbq::WindowKind::adaptive && spec.window_blocks > units)
+      usage_error(fmt::format("--max-group {}: the model has only {} {} units", spec.window_blocks,
+                              units, cbq::unit_kind_name(spec.units)));
+  }
+  const int64_t cbq_units = a.spec.units == cbq::UnitKind::sub_blocks ? 2 * c.n_layers : c.n_layers;
   if (has_cbq) {
-    if (a.spec.window_blocks > c.n_layers)
-      usage_error(fmt::format("--window {}: the model has only {} blocks", a.spec.window_blocks,
-                              c.n_layers));
+    if (a.spec.schedule == cbq::WindowKind::sliding && a.spec.window_blocks > cbq_units)
+      usage_error(
+          fmt::format("--window {}: the model has only {} {}", a.spec.window_blocks, cbq_units,
+                      a.spec.units == cbq::UnitKind::sub_blocks ? "sub-block units" : "blocks"));
     if (a.spec.window_overlap >= a.spec.window_blocks)
       usage_error(fmt::format("--overlap {} must be smaller than --window {}",
                               a.spec.window_overlap, a.spec.window_blocks));
@@ -574,11 +640,14 @@ Plan preflight(Args& a) {
   if (!a.options.activation_dir.empty())
     io::check_writable_folder(a.options.activation_dir, "--offload-dir");
   // A checkpoint to resume from: its configuration, every tensor's checksum and range, now.
-  if (a.options.resume && has_cbq &&
-      cbq::validate_pass_checkpoint(a.options.checkpoint_dir,
-                                    cbq::config_fingerprint(a.spec.describe(), a.options),
-                                    a.spec.weight.bits))
-    plan.notes.push_back("resuming from " + cbq::checkpoint_path(a.options.checkpoint_dir));
+  if (a.options.resume && has_cbq) {
+    const std::string first = *std::find_if(a.methods.begin(), a.methods.end(), is_pass_method);
+    const auto [spec, options] = pass_config(a, first);
+    if (cbq::validate_pass_checkpoint(a.options.checkpoint_dir,
+                                      cbq::config_fingerprint(spec.describe(), options),
+                                      a.spec.weight.bits))
+      plan.notes.push_back("resuming from " + cbq::checkpoint_path(a.options.checkpoint_dir));
+  }
 
   // Memory: the peak of loading (the weights read, then copied into the model), or the model
   // beside the largest method's data and an evaluation's logits.
@@ -592,7 +661,7 @@ Plan preflight(Args& a) {
   for (const std::string& m : a.methods) {
     uint64_t b = 0;
     std::string what;
-    if (m == "cbq") {
+    if (is_pass_method(m)) {
       const int sets = cbq::pass_activation_sets(a.options);
       const bool on_host = a.options.device == cbq::Device::cpu;
       b = a.options.activation_dir.empty() && on_host
@@ -845,11 +914,14 @@ int run(int argc, char** argv, std::string& phase) {
       "(%.1f MiB) beside the model\n",
       act_sets, static_cast<long long>(args.samples), static_cast<long long>(seq_len),
       static_cast<long long>(cfg.dim), act_mib);
-  if (std::find(args.methods.begin(), args.methods.end(), "cbq") != args.methods.end()) {
+  for (const std::string& method : args.methods) {
+    if (!is_pass_method(method)) continue;
     try {  // a few measured window steps at this run's shapes (pass/estimate.hpp)
+      const auto [spec, options] = pass_config(args, method);
       any.visit([&](auto& m) {
-        const auto e = cbq::estimate_pass(m, args.spec, args.options, args.samples, seq_len);
-        std::printf("estimate: CBQ pass %s\n", e.summary().c_str());
+        const auto e = cbq::estimate_pass(m, spec, options, args.samples, seq_len);
+        std::printf("estimate: %s pass %s\n", method == "acbq" ? "ACBQ" : "CBQ",
+                    e.summary().c_str());
       });
     } catch (const std::exception& e) {
       std::printf("estimate: unavailable (%s)\n", e.what());
@@ -894,8 +966,9 @@ int run(int argc, char** argv, std::string& phase) {
     Row row;
     row.method = method;
     phase = "quantizing with " + method;
+    const auto [spec, options] = pass_config(args, method);
     cbq::QuantizationResult result =
-        cbq::quantize(m, *cbq::parse_method(method), args.spec, args.options, calib, args.gptq);
+        cbq::quantize(m, *cbq::parse_method(method), spec, options, calib, args.gptq);
     if (args.rotation.any())
       result.config +=
           fmt::format(", rotated {} (seed {})", args.rotation.describe(), args.rotation.seed);
@@ -914,13 +987,13 @@ int run(int argc, char** argv, std::string& phase) {
       row.kl = kl->mean;
       if (report) report->set_kl(method, cbq::report::kl_json(*kl));
     }
-    if (method == "cbq") {
+    if (is_pass_method(method)) {
       const auto [change, flips] = result.learning_summary();
       std::printf(
-          "cbq: weight steps moved %.3f%% from RTN on average; %.3f%% of the codes differ "
+          "%s: weight steps moved %.3f%% from RTN on average; %.3f%% of the codes differ "
           "from round-to-nearest; %lld of %zu windows kept their start\n",
-          100 * change, 100 * flips, static_cast<long long>(result.windows_kept_start()),
-          result.windows.size());
+          method.c_str(), 100 * change, 100 * flips,
+          static_cast<long long>(result.windows_kept_start()), result.windows.size());
     }
     rows.push_back(row);
     if (!args.out.empty()) {

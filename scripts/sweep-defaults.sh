@@ -38,6 +38,16 @@
 #   gptq-learned   GPTQ start with the learned grid (the behaviour before the fix)
 #   gamma-X        --gamma X (e.g. gamma-0.1)
 #   lrstep-X, lrround-X, epochs-X, rank-X
+# ACBQ (docs/ACBQ.md) and its ablations; a candidate may join several with '+' (acbq+lam-10):
+#   acbq           cbq-quantize --method acbq (sub-block units, adaptive groups, λ = 1)
+#   lam-X          --attention-kl X (the attention-map weight; 0 = off)
+#   hom            --attention-kl-homologous (match FP weights' maps on the quantized input)
+#   ov-N           --group-overlap N (adaptive: each window a group and the N after it)
+#   dep-entropy    --dependency entropy (dep-error: error-gain)
+#   h-X, max-N     --group-threshold X, --max-group N
+#   sub            --units sub-block (cbq's sliding window over halves)
+#   adaptive       --schedule adaptive (cbq over whole blocks in adaptive groups)
+#   win-W-O        --window W --overlap O
 set -euo pipefail
 
 BUILD=${1:?usage: sweep-defaults.sh BUILD OUT}
@@ -85,7 +95,24 @@ setting_args() {
   echo "--wbits $bits --group $group --abits $abits"
 }
 candidate_args() {
+  if [[ $1 == *+* ]]; then
+    local part out=""
+    for part in ${1//+/ }; do out+=" $(candidate_args "$part")"; done
+    echo "$out"
+    return
+  fi
   case "$1" in
+    acbq) echo "" ;;
+    lam-*) echo "--attention-kl ${1#lam-}" ;;
+    hom) echo "--attention-kl-homologous" ;;
+    dep-entropy) echo "--dependency entropy" ;;
+    dep-error) echo "--dependency error-gain" ;;
+    h-*) echo "--group-threshold ${1#h-}" ;;
+    max-*) echo "--max-group ${1#max-}" ;;
+    ov-*) echo "--group-overlap ${1#ov-}" ;;
+    sub) echo "--units sub-block" ;;
+    adaptive) echo "--schedule adaptive" ;;
+    win-*-*) local wo=${1#win-}; echo "--window ${wo%-*} --overlap ${wo#*-}" ;;
     classic) echo "--preset classic" ;;
     default) echo "" ;;
     rtn) echo "--init rtn" ;;
@@ -115,6 +142,8 @@ rotation_args() {
     *) echo "sweep-defaults: unknown rotation $1" >&2; exit 2 ;;
   esac
 }
+# The method a candidate runs: acbq for acbq candidates, cbq otherwise.
+cand_method() { [[ $1 == acbq || $1 == acbq+* ]] && echo acbq || echo cbq; }
 # A run's name: the rotation appears only when there is one (older logs keep their names).
 run_name() { [[ $3 == none ]] && echo "$1.$2" || echo "$1.$2.$3"; }
 budget_args() {
@@ -146,7 +175,7 @@ for model in $MODELS; do
         base+=" $(rotation_args "$rot" "$seed")"
         jobs_list+=("$OUT/logs/$name.$seed.baselines.log|rtn,gptq|$base")
         for cand in $CANDIDATES; do
-          jobs_list+=("$OUT/logs/$name.$seed.$cand.log|cbq|$base $(candidate_args "$cand")")
+          jobs_list+=("$OUT/logs/$name.$seed.$cand.log|$(cand_method "$cand")|$base $(candidate_args "$cand")")
         done
       done
     done
@@ -198,7 +227,7 @@ mean() { awk '{ s += $1; n++ } END { if (n) printf "%.6f", s / n }'; }
       gmean=$(echo "$gptq_vals" | sed '/^$/d' | mean)
       row="| $label | ${fp:-—} | $rtn | $gptq |"
       for cand in $CANDIDATES; do
-        vals=$(for s in $SEEDS; do ppl "$OUT/logs/$name.$s.$cand.log" cbq; done | sed '/^$/d')
+        vals=$(for s in $SEEDS; do ppl "$OUT/logs/$name.$s.$cand.log" "$(cand_method "$cand")"; done | sed '/^$/d')
         cmean=$(echo "$vals" | mean)
         closer=$(awk -v f="$fp" -v g="$gmean" -v c="$cmean" 'BEGIN {
           if (f == "" || g == "" || c == "" || g == f) print "—"; else printf "%+.0f%%", 100 * (1 - (c - f) / (g - f)) }')
@@ -221,7 +250,7 @@ mean() { awk '{ s += $1; n++ } END { if (n) printf "%.6f", s / n }'; }
       gmean=$(echo "$gptq_vals" | mean)
       row="| $label | $rtn | $(echo "$gptq_vals" | stats %.5f) |"
       for cand in $CANDIDATES; do
-        vals=$(for s in $SEEDS; do kl "$OUT/logs/$name.$s.$cand.log" cbq; done | sed '/^$/d')
+        vals=$(for s in $SEEDS; do kl "$OUT/logs/$name.$s.$cand.log" "$(cand_method "$cand")"; done | sed '/^$/d')
         cmean=$(echo "$vals" | mean)
         closer=$(awk -v g="$gmean" -v c="$cmean" 'BEGIN {
           if (g == "" || c == "" || g == 0) print "—"; else printf "%+.0f%%", 100 * (1 - c / g) }')

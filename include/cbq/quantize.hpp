@@ -22,22 +22,43 @@
 
 namespace cbq {
 
-enum class Method { cbq, rtn, gptq };
+// acbq is the CBQ pass over sub-block units in adaptive groups (docs/ACBQ.md): its spec comes
+// from cbq::acbq_spec, its options from PassOptions::acbq().
+enum class Method { cbq, rtn, gptq, acbq };
 
 inline const char* method_name(Method m) {
-  return m == Method::cbq ? "cbq" : m == Method::rtn ? "rtn" : "gptq";
+  switch (m) {
+    case Method::cbq:
+      return "cbq";
+    case Method::rtn:
+      return "rtn";
+    case Method::acbq:
+      return "acbq";
+    default:
+      return "gptq";
+  }
 }
 
-// "cbq", "rtn" or "gptq"; nullopt for anything else.
+// "cbq", "rtn", "gptq" or "acbq"; nullopt for anything else.
 inline std::optional<Method> parse_method(std::string_view name) {
-  for (Method m : {Method::cbq, Method::rtn, Method::gptq})
+  for (Method m : {Method::cbq, Method::rtn, Method::gptq, Method::acbq})
     if (name == method_name(m)) return m;
   return std::nullopt;
 }
 
+namespace detail {
+// ACBQ needs sub-block units; a spec without them is a caller's mistake, not a silent CBQ.
+inline const PassSpec& spec_for(Method method, const PassSpec& spec) {
+  CBQ_CHECK(method != Method::acbq || spec.units == UnitKind::sub_blocks,
+            "acbq: the spec must use sub-block units (build it with cbq::acbq_spec)");
+  return spec;
+}
+}  // namespace detail
+
 // Quantizes `model` with `method` under `spec` (bits, grid, activation bits; for CBQ also the
 // window, rounding and rank), calibrated on `calibration`.
 //  * cbq: the CBQ pass (pass/pass.hpp) with `options`; it moves the model to options.device.
+//  * acbq: the same pass with an ACBQ spec (sub-block units: acbq_spec); the result says acbq.
 //  * rtn, gptq: the baselines (pass/baselines.hpp) on the CPU, block by block from the embedded
 //    calibration samples. GPTQ's dampening is options.gptq_percdamp, the same knob as the CBQ
 //    pass's GPTQ start (gptq.layer.percdamp is not read); the rest of `gptq` (act-order, static
@@ -53,9 +74,11 @@ template <TransformerBlock Block>
 QuantizationResult quantize(Transformer<Block>& model, Method method, const PassSpec& spec,
                             const PassOptions& options, const Calibration& calibration,
                             const GptqBaselineOptions& gptq = {}) {
-  if (method == Method::cbq) {
-    CbqPass pass(spec, options);
-    return pass.run(model, calibration);
+  if (method == Method::cbq || method == Method::acbq) {
+    CbqPass pass(detail::spec_for(method, spec), options);
+    QuantizationResult r = pass.run(model, calibration);
+    r.method = method_name(method);
+    return r;
   }
   model.to(Device::cpu);
   std::vector<Tensor<typename Block::scalar_type>> x;
@@ -72,9 +95,11 @@ QuantizationResult quantize(Transformer<Block>& model, Method method, const Pass
                             const PassOptions& options,
                             std::vector<Tensor<typename Block::scalar_type>> hidden,
                             const GptqBaselineOptions& gptq) {
-  if (method == Method::cbq) {
-    CbqPass pass(spec, options);
-    return pass.run_from_hidden(model, std::move(hidden));
+  if (method == Method::cbq || method == Method::acbq) {
+    CbqPass pass(detail::spec_for(method, spec), options);
+    QuantizationResult r = pass.run_from_hidden(model, std::move(hidden));
+    r.method = method_name(method);
+    return r;
   }
   model.to(Device::cpu);
   GptqBaselineOptions g = gptq;

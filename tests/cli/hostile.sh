@@ -274,6 +274,10 @@ for v in $(values r3 r1,r1 foo r1,,r2); do bad_option --rotate "$v" "--rotate.*(
 bad_option --epochs 0 '--epochs'
 bad_option --max-steps -1 '--max-steps'
 run_case options "--window 9 (5 blocks)" refuse '--window.*5 blocks' 60 "$(qm "$M" --window 9)"
+run_case options "--method acbq --max-group 11 (10 units)" refuse '--max-group 11.*10 sub-block' 60 "$(qm "$M" --method acbq --max-group 11)"
+run_case options "--units sub-block --window 11" refuse '--window 11.*10 sub-block units' 60 "$(qm "$M" --units sub-block --window 11)"
+bad_option --dependency foo '--dependency'
+bad_option --units foo '--units'
 run_case options "--overlap 2 --window 2" refuse '--overlap' 60 "$(qm "$M" --overlap 2)"
 run_case options "--rank 999" refuse '--rank.*999' 60 "$(qm "$M" --rank 999)"
 run_case options "--rotate r4 (MLP 172)" refuse '--rotate r4.*172.*--rotate-fallback' 60 "$(qm "$M" --method rtn --rotate r4)"

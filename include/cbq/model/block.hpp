@@ -51,6 +51,84 @@ concept TransformerBlock = requires(B& block, const B& cblock, Tape<typename B::
   { cblock.index() } -> std::convertible_to<int64_t>;
 };
 
+// A block whose forward is two halves, each with its residual (ACBQ's sub-block units):
+//   forward(x) = forward_ffn(forward_attention(x)),
+// attention_linears() ++ ffn_linears() = linears() and attention_parameters() ++
+// ffn_parameters() = other_parameters(), in order (tests/test_units.cpp checks both).
+template <class B>
+concept SplitTransformerBlock = TransformerBlock<B> &&
+    requires(B& block, Tape<typename B::scalar_type>& tape, Var<typename B::scalar_type> x,
+             const BlockContext<typename B::scalar_type>& ctx) {
+  { block.forward_attention(tape, x, ctx) } -> std::same_as<Var<typename B::scalar_type>>;
+  { block.forward_ffn(tape, x, ctx) } -> std::same_as<Var<typename B::scalar_type>>;
+  { block.attention_linears() } -> std::same_as<std::vector<LinearLayer<typename B::scalar_type>*>>;
+  { block.ffn_linears() } -> std::same_as<std::vector<LinearLayer<typename B::scalar_type>*>>;
+  {
+    block.attention_parameters()
+    } -> std::same_as<std::vector<Parameter<typename B::scalar_type>*>>;
+  { block.ffn_parameters() } -> std::same_as<std::vector<Parameter<typename B::scalar_type>*>>;
+};
+
+// A part of a block that the pass treats as one unit: the whole block (CBQ), or one half (ACBQ).
+enum class BlockPart { whole, attention, ffn };
+
+inline const char* block_part_name(BlockPart part) {
+  switch (part) {
+    case BlockPart::attention:
+      return "attention";
+    case BlockPart::ffn:
+      return "ffn";
+    default:
+      return "block";
+  }
+}
+
+namespace detail {
+template <class B>
+[[noreturn]] void fail_unsplit(BlockPart part) {
+  fail(
+      "{} unit: this block type does not expose its attention and FFN halves "
+      "(cbq::SplitTransformerBlock: forward_attention, forward_ffn, attention_linears, "
+      "ffn_linears, attention_parameters, ffn_parameters); use whole-block units",
+      block_part_name(part));
+}
+}  // namespace detail
+
+// The block's forward restricted to `part`.
+template <TransformerBlock B>
+Var<typename B::scalar_type> forward_part(B& block, BlockPart part,
+                                          Tape<typename B::scalar_type>& tape,
+                                          Var<typename B::scalar_type> x,
+                                          const BlockContext<typename B::scalar_type>& ctx) {
+  if (part == BlockPart::whole) return block.forward(tape, x, ctx);
+  if constexpr (SplitTransformerBlock<B>) {
+    return part == BlockPart::attention ? block.forward_attention(tape, x, ctx)
+                                        : block.forward_ffn(tape, x, ctx);
+  } else {
+    detail::fail_unsplit<B>(part);
+  }
+}
+// The linear layers of `part`, in the order of block.linears().
+template <TransformerBlock B>
+std::vector<LinearLayer<typename B::scalar_type>*> part_linears(B& block, BlockPart part) {
+  if (part == BlockPart::whole) return block.linears();
+  if constexpr (SplitTransformerBlock<B>) {
+    return part == BlockPart::attention ? block.attention_linears() : block.ffn_linears();
+  } else {
+    detail::fail_unsplit<B>(part);
+  }
+}
+// The other parameters (norms) of `part`, in the order of block.other_parameters().
+template <TransformerBlock B>
+std::vector<Parameter<typename B::scalar_type>*> part_parameters(B& block, BlockPart part) {
+  if (part == BlockPart::whole) return block.other_parameters();
+  if constexpr (SplitTransformerBlock<B>) {
+    return part == BlockPart::attention ? block.attention_parameters() : block.ffn_parameters();
+  } else {
+    detail::fail_unsplit<B>(part);
+  }
+}
+
 // Scales the activation at `site` by 1/s (per producer channel) while keeping the block's function
 // unchanged: the producer's output channel p is divided by s[p] and every consumer's input column
 // j is multiplied by s[producer_of(j)]. All s must be positive.

@@ -90,6 +90,9 @@ struct BlockContext {
   std::function<void(const LinearLayer<T>&, const Tensor<T>&)> on_linear_input;
   // Where the installed transforms put the loss terms a training loss asks for (null: none).
   TransformLosses<T>* losses = nullptr;
+  // Called with the attention's query and key (after RoPE), before the attention runs: ACBQ's
+  // attention-map loss compares the probability maps they make (pass/window_loss.hpp).
+  std::function<void(Var<T> q, Var<T> k)> on_attention;
 };
 
 template <class T>

@@ -61,16 +61,24 @@ class LlamaBlock {
   const ModelConfig& config() const { return config_; }
   int64_t index() const { return index_; }
 
-  // x (T, d) → (T, d)
+  // x (T, d) → (T, d): the attention half, then the FFN half.
   Var<T> forward(Tape<T>& tape, Var<T> x, const BlockContext<T>& ctx) {
+    return forward_ffn(tape, forward_attention(tape, x, ctx), ctx);
+  }
+  // The two halves (ACBQ's sub-block units): h = x + o_proj(attn(…)), and y = h + down_proj(…).
+  Var<T> forward_attention(Tape<T>& tape, Var<T> x, const BlockContext<T>& ctx) {
     const ModelConfig& c = config_;
     Var<T> n1 = ops::rmsnorm(x, tape.param(input_layernorm), c.norm_eps);
     // q (T, Hq·hd), k and v (T, Hkv·hd)
     auto [q, k, v] = run_linears<T, 3>(tape, {&q_proj, &k_proj, &v_proj}, n1, ctx);
     q = ops::rope(q, c.n_heads, c.head_dim, c.rope_layout, c.rope_theta, ctx.pos0);
     k = ops::rope(k, c.n_kv_heads, c.head_dim, c.rope_layout, c.rope_theta, ctx.pos0);
+    if (ctx.on_attention) ctx.on_attention(q, k);
     Var<T> a = ops::attention(q, k, v, c.n_heads, c.n_kv_heads, c.head_dim, true);
-    Var<T> h = ops::add(x, run_linear(tape, o_proj, a, ctx));
+    return ops::add(x, run_linear(tape, o_proj, a, ctx));
+  }
+  Var<T> forward_ffn(Tape<T>& tape, Var<T> h, const BlockContext<T>& ctx) {
+    const ModelConfig& c = config_;
     Var<T> n2 = ops::rmsnorm(h, tape.param(post_attention_layernorm), c.norm_eps);
     auto [gate, up] = run_linears<T, 2>(tape, {&gate_proj, &up_proj}, n2, ctx);
     Var<T> g = ops::swiglu(gate, up);
@@ -126,6 +134,11 @@ class LlamaBlock {
   std::vector<Parameter<T>*> other_parameters() {
     return {&input_layernorm, &post_attention_layernorm};
   }
+  // What each half holds (in the order of linears() and other_parameters()).
+  std::vector<LinearLayer<T>*> attention_linears() { return {&q_proj, &k_proj, &v_proj, &o_proj}; }
+  std::vector<LinearLayer<T>*> ffn_linears() { return {&gate_proj, &up_proj, &down_proj}; }
+  std::vector<Parameter<T>*> attention_parameters() { return {&input_layernorm}; }
+  std::vector<Parameter<T>*> ffn_parameters() { return {&post_attention_layernorm}; }
 
   std::vector<ActivationSite<T>> activation_sites() {
     const int64_t d = config_.dim, hd = config_.head_dim;
@@ -163,7 +176,7 @@ class LlamaBlock {
   int64_t index_ = 0;
 };
 
-static_assert(TransformerBlock<LlamaBlock<float>>);
-static_assert(TransformerBlock<LlamaBlock<double>>);
+static_assert(SplitTransformerBlock<LlamaBlock<float>>);
+static_assert(SplitTransformerBlock<LlamaBlock<double>>);
 
 }  // namespace cbq

@@ -57,14 +57,22 @@ class OptBlock {
   const ModelConfig& config() const { return config_; }
   int64_t index() const { return index_; }
 
-  // x (T, d) → (T, d)
+  // x (T, d) → (T, d): the attention half, then the FFN half.
   Var<T> forward(Tape<T>& tape, Var<T> x, const BlockContext<T>& ctx) {
+    return forward_ffn(tape, forward_attention(tape, x, ctx), ctx);
+  }
+  // The two halves (ACBQ's sub-block units): h = x + out_proj(attn(…)), and y = h + fc2(…).
+  Var<T> forward_attention(Tape<T>& tape, Var<T> x, const BlockContext<T>& ctx) {
     const ModelConfig& c = config_;
     Var<T> n1 = ops::layernorm(x, tape.param(self_attn_layer_norm_weight),
                                tape.param(self_attn_layer_norm_bias), c.norm_eps);
     auto [q, k, v] = run_linears<T, 3>(tape, {&q_proj, &k_proj, &v_proj}, n1, ctx);
+    if (ctx.on_attention) ctx.on_attention(q, k);
     Var<T> a = ops::attention(q, k, v, c.n_heads, c.n_heads, c.head_dim, true);
-    Var<T> h = ops::add(x, run_linear(tape, out_proj, a, ctx));
+    return ops::add(x, run_linear(tape, out_proj, a, ctx));
+  }
+  Var<T> forward_ffn(Tape<T>& tape, Var<T> h, const BlockContext<T>& ctx) {
+    const ModelConfig& c = config_;
     Var<T> n2 = ops::layernorm(h, tape.param(final_layer_norm_weight),
                                tape.param(final_layer_norm_bias), c.norm_eps);
     Var<T> r = ops::relu(run_linear(tape, fc1, n2, ctx));
@@ -115,6 +123,17 @@ class OptBlock {
     return {&self_attn_layer_norm_weight, &self_attn_layer_norm_bias, &final_layer_norm_weight,
             &final_layer_norm_bias};
   }
+  // What each half holds (in the order of linears() and other_parameters()).
+  std::vector<LinearLayer<T>*> attention_linears() {
+    return {&q_proj, &k_proj, &v_proj, &out_proj};
+  }
+  std::vector<LinearLayer<T>*> ffn_linears() { return {&fc1, &fc2}; }
+  std::vector<Parameter<T>*> attention_parameters() {
+    return {&self_attn_layer_norm_weight, &self_attn_layer_norm_bias};
+  }
+  std::vector<Parameter<T>*> ffn_parameters() {
+    return {&final_layer_norm_weight, &final_layer_norm_bias};
+  }
 
   std::vector<ActivationSite<T>> activation_sites() {
     const int64_t d = config_.dim;
@@ -141,6 +160,6 @@ class OptBlock {
   int64_t index_ = 0;
 };
 
-static_assert(TransformerBlock<OptBlock<float>>);
+static_assert(SplitTransformerBlock<OptBlock<float>>);
 
 }  // namespace cbq

@@ -165,6 +165,19 @@ class Transformer {
         .value()
         .clone();
   }
+  // One part of block i (model/block.hpp: the whole block, or its attention or FFN half)
+  // applied to x (T, d), as an owned tensor.
+  Tensor<T> run_block_part(int64_t i, BlockPart part, const Tensor<T>& x,
+                           const BlockContext<T>& ctx = {}) {
+    if (part == BlockPart::whole) return run_block(i, x, ctx);
+    Tape<T>& tape = *eval_tape_;
+    tape.clear();
+    NoGrad<T> no_grad(tape);
+    return forward_part(blocks.at(static_cast<size_t>(i)), part, tape, tape.constant(on_device(x)),
+                        ctx)
+        .value()
+        .clone();
+  }
   // Final norm and LM head applied to hidden states (T, d); valid until the next call.
   Tensor<T> head_logits(const Tensor<T>& hidden) {
     Tape<T>& tape = *eval_tape_;

@@ -1,7 +1,8 @@
 #pragma once
-// Two measurements of a block that the pass takes on the calibration samples, also timed by the
-// pass estimate (pass/estimate.hpp): the GPTQ start's Hessians of a block's linear inputs, and
-// each hardened layer's output error before and after the window trained it.
+// Two measurements of a unit (a block or a half of one: pass/units.hpp) that the pass takes on the
+// calibration samples, also timed by the pass estimate (pass/estimate.hpp): the GPTQ start's
+// Hessians of a block's linear inputs, and each hardened layer's output error before and after the
+// window trained it.
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -14,21 +15,22 @@
 #include "cbq/ops/mse.hpp"
 #include "cbq/pass/device_support.hpp"
 #include "cbq/pass/quant_linear.hpp"
+#include "cbq/pass/units.hpp"
 #include "cbq/pass/window_schedule.hpp"
 #include "cbq/quant/gptq.hpp"
 
 namespace cbq {
 
-// GPTQ Hessians of block b's linear inputs: the calibration samples on the quantized path
-// (x_q enters window w; the window's earlier blocks compute with their current quantizers),
-// then block b in full precision, every layer from the same block input (as the baseline).
+// GPTQ Hessians of unit u's linear inputs: the calibration samples on the quantized path
+// (x_q enters window w; the window's earlier units compute with their current quantizers),
+// then unit u in full precision, every layer from the same unit input (as the baseline).
 template <class Model, class T>
-std::vector<quant::HessianAccumulator> block_hessians(Model& model, const Window& w, int64_t b,
-                                                      const std::vector<Tensor<T>>& x_q) {
-  auto linears = model.blocks[b].linears();
+std::vector<quant::HessianAccumulator> unit_hessians(PassUnits<Model>& units, const Window& w,
+                                                     int64_t u, const std::vector<Tensor<T>>& x_q) {
+  auto linears = units.linears(u);
   std::vector<quant::HessianAccumulator> acc;
   for (auto* l : linears)
-    acc.emplace_back(l->in_features(), fmt::format("layers.{}.{}", b, l->name));
+    acc.emplace_back(l->in_features(), fmt::format("layers.{}.{}", units.block(u), l->name));
   BlockContext<T> ctx;
   ctx.full_precision = true;
   ctx.on_linear_input = [&](const LinearLayer<T>& layer, const Tensor<T>& in) {
@@ -37,8 +39,8 @@ std::vector<quant::HessianAccumulator> block_hessians(Model& model, const Window
   };
   for (const Tensor<T>& x : x_q) {
     Tensor<T> h = x;
-    for (int64_t c = w.first; c < b; ++c) h = model.run_block(c, h);
-    model.run_block(b, h, ctx);
+    for (int64_t c = w.first; c < u; ++c) h = units.run(c, h);
+    units.run(u, h, ctx);
   }
   return acc;
 }
@@ -55,10 +57,9 @@ struct LayerOutputErrors {
     double err_start = 0, err_final = 0, energy = 0;
   };
   std::vector<Layer> layers;
-  template <class Model>
-  LayerOutputErrors(Model& model, int64_t b,
+  // The layers of one unit (its linears() and their quantizers, in the same order).
+  LayerOutputErrors(const std::vector<LinearLayer<T>*>& linears,
                     const std::vector<std::shared_ptr<QuantLinear<T>>>& qlayers) {
-    auto linears = model.blocks[b].linears();
     for (size_t j = 0; j < linears.size() && j < qlayers.size(); ++j)
       layers.push_back(
           {linears[j], qlayers[j].get(), qlayers[j]->start_weight(), qlayers[j]->current_weight()});

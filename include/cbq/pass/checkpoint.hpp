@@ -86,7 +86,7 @@ inline std::string describe_options(const PassOptions& o) {
       "tau={:a} gamma={:a} beta={:a}/{:a} warmup={:a} start={} v0_tracks={} mode={} a1_std={:a} "
       "learn_w={} learn_x={} scaling={} cfp_w={} sq_alpha={:a} seed={} max_steps={} init={} "
       "damp={:a} norms={} lr_norm={:a} out_kld={:a} out_all={} scale={} keep={} hold={:a}/{} "
-      "grid={} ftz={}",
+      "grid={} ftz={} attn_kl={:a}/{} dep={} group_h={:a} dep_n={}",
       o.epochs, o.lr_weight_step, o.lr_act_step, o.lr_rounding, o.lr_min_fraction, o.lsq_grad_scale,
       o.loss_l2, o.loss_kld, o.loss_homologous, o.loss_full_precision, o.kld_temperature,
       o.gamma_round, o.beta_start, o.beta_end, o.round_warmup, static_cast<int>(o.lora_start),
@@ -94,7 +94,9 @@ inline std::string describe_options(const PassOptions& o) {
       o.learn_act_step, static_cast<int>(o.activation_scaling), o.cfp_weights, o.smoothquant_alpha,
       o.seed, o.max_steps, static_cast<int>(o.weight_init), o.gptq_percdamp, o.learn_norms,
       o.lr_norm, o.output_kld, o.output_kld_all, static_cast<int>(o.loss_scale), o.keep_better,
-      o.holdout_fraction, o.holdout_min, static_cast<int>(o.fixed_grid()), o.flush_denormals);
+      o.holdout_fraction, o.holdout_min, static_cast<int>(o.fixed_grid()), o.flush_denormals,
+      o.attention_kl, o.attention_kl_homologous, static_cast<int>(o.dependency), o.group_threshold,
+      o.dependency_samples);
 }
 
 template <TransformerBlock Block>
@@ -138,7 +140,7 @@ inline uint64_t config_fingerprint(const std::string& spec, const PassOptions& o
 namespace detail {
 
 inline nlohmann::json to_json(const LossTerms& l) {
-  return {l.total, l.l2_fp, l.kld_fp, l.l2_hom, l.kld_hom, l.round, l.output_kld};
+  return {l.total, l.l2_fp, l.kld_fp, l.l2_hom, l.kld_hom, l.round, l.output_kld, l.attention_kl};
 }
 inline LossTerms loss_from_json(const nlohmann::json& j) {
   return {j.at(0).get<double>(),
@@ -147,7 +149,8 @@ inline LossTerms loss_from_json(const nlohmann::json& j) {
           j.at(3).get<double>(),
           j.at(4).get<double>(),
           j.at(5).get<double>(),
-          j.size() > 6 ? j.at(6).get<double>() : 0.0};
+          j.size() > 6 ? j.at(6).get<double>() : 0.0,
+          j.size() > 7 ? j.at(7).get<double>() : 0.0};
 }
 
 inline std::vector<WindowStats> parse_window_stats(const std::string& text) {
@@ -156,6 +159,7 @@ inline std::vector<WindowStats> parse_window_stats(const std::string& text) {
     WindowStats s;
     s.first_block = w.at("first").get<int64_t>();
     s.last_block = w.at("last").get<int64_t>();
+    s.units = w.value("units", std::string());
     s.steps = w.at("steps").get<int64_t>();
     s.seconds = w.at("seconds").get<double>();
     s.loss_before = loss_from_json(w.at("before"));
@@ -315,6 +319,7 @@ void save_pass_checkpoint(const std::string& dir, const PassFingerprint& fp,
     for (const LossTerms& c : w.curve) curve.push_back(detail::to_json(c));
     windows.push_back({{"first", w.first_block},
                        {"last", w.last_block},
+                       {"units", w.units},
                        {"steps", w.steps},
                        {"seconds", w.seconds},
                        {"before", detail::to_json(w.loss_before)},

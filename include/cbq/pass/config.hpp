@@ -48,6 +48,17 @@ enum class LossScale { absolute, window, token };
 //            codes), learned for the RTN start.
 enum class GridMode { automatic, learned, fixed };
 
+// How ACBQ's adaptive groups measure the dependency D(u, u+1) of adjacent units (docs/ACBQ.md,
+// pass/adaptive_groups.hpp):
+//   entropy:    1 − the mean over tokens of the Jensen–Shannon divergence (in bits) between the
+//               two units' outputs as distributions over channels (softmax of the RMS-normalised
+//               token, the distribution the KL term compares): how much of unit u's output
+//               distribution unit u+1 passes on;
+//   error_gain: how much unit u+1 amplifies an error made in unit u: the relative output error
+//               after unit u+1 over the relative error after unit u, with unit u alone
+//               round-to-nearest quantized.
+enum class DependencyMeasure { entropy, error_gain };
+
 struct PassOptions {
   // Optimisation (per window): E epochs over the N calibration samples, batch 1.
   int64_t epochs = 3;
@@ -77,6 +88,21 @@ struct PassOptions {
   // (final norm and LM head in full precision) — what perplexity measures (docs/PASS.md).
   double output_kld = 0.0;
   bool output_kld_all = false;  // every window, through the later blocks in full precision
+  // ACBQ's attention-unit objective (docs/ACBQ.md): > 0 adds this weight λ times the mean over
+  // query rows and heads of KL(P_fp ‖ P_q) for every attention in the window, P_fp the full-
+  // precision path's attention probabilities, P_q the quantized path's (ops::attention_map_kl).
+  double attention_kl = 0.0;
+  // The maps it matches: the full-precision path's (false: FP blocks on FP inputs, as the L2
+  // term against T_fp(X_fp)) or the homologous ones (true: FP weights on the quantized path's
+  // input, as the term against T_fp(X_q)).
+  bool attention_kl_homologous = false;
+  // ACBQ's adaptive groups (PassSpec::schedule = adaptive): D(u, u+1) measured on the first
+  // dependency_samples calibration samples, normalised by its mean over the model; consecutive
+  // units join a group while the group's mean normalised dependency is at least group_threshold,
+  // up to PassSpec::window_blocks units.
+  DependencyMeasure dependency = DependencyMeasure::error_gain;
+  double group_threshold = 1.0;
+  int64_t dependency_samples = 16;
   // Rounding regulariser γ_r · L_round, L_round = mean over the window's rounding weights of
   // (1 − |2h − 1|^β); β anneals from beta_start to beta_end after the warm-up.
   double gamma_round = 0.01;
@@ -160,6 +186,15 @@ struct PassOptions {
   static PassOptions low_bit_activations() {
     PassOptions o;
     o.output_kld = 1.0;
+    return o;
+  }
+  // ACBQ (docs/ACBQ.md; cbq::Acbq, cbq-quantize --method acbq): the attention-map term at
+  // weight attention_kl and the error-gain dependency for the adaptive groups.
+  static PassOptions acbq() {
+    PassOptions o;
+    o.attention_kl = 0.0;  // measured: no gain, 4x the step time (docs/ACBQ.md)
+    o.dependency = DependencyMeasure::error_gain;
+    o.group_threshold = 1.0;
     return o;
   }
   // Samples held out from training to judge start vs trained (see keep_better).

@@ -166,7 +166,10 @@ StepCalibration calibrate_window_step(const ModelConfig& config, const PassSpec&
   const FlushDenormals flush(options.flush_denormals);  // as the pass computes
   StepCalibration cal;
   ModelConfig c = config;
-  c.n_layers = std::max<int64_t>(1, std::min(spec.window_blocks, config.n_layers));
+  // Sub-block units: a window of W halves is timed as ⌈W / 2⌉ whole blocks.
+  const int64_t window_blocks =
+      spec.units == UnitKind::sub_blocks ? (spec.window_blocks + 1) / 2 : spec.window_blocks;
+  c.n_layers = std::max<int64_t>(1, std::min(window_blocks, config.n_layers));
   c.vocab_size = 8;  // the embedding is not used
   c.max_seq_len = std::max(c.max_seq_len, seq_len);
   cal.window_blocks = c.n_layers;
@@ -194,9 +197,10 @@ StepCalibration calibrate_window_step(const ModelConfig& config, const PassSpec&
   if (options.weight_init == WeightInit::gptq) {
     const Window first{0, 0, 1};
     const std::vector<Tensor<T>> one{x};
-    std::vector<quant::HessianAccumulator> hessians = block_hessians(model, first, 0, one);
+    PassUnits<Transformer<Block>> units(model, UnitKind::blocks);
+    std::vector<quant::HessianAccumulator> hessians = unit_hessians(units, first, 0, one);
     cal.hessian_sample_seconds = detail::time_per_call(
-        [&] { hessians = block_hessians(model, first, 0, one); }, min_seconds / 3, 1, 50);
+        [&] { hessians = unit_hessians(units, first, 0, one); }, min_seconds / 3, 1, 50);
     quant::GptqOptions go;
     go.percdamp = options.gptq_percdamp;
     cal.gptq_block_seconds = detail::time_per_call(
@@ -303,7 +307,7 @@ StepCalibration calibrate_window_step(const ModelConfig& config, const PassSpec&
       layers.begin(), layers.begin() + static_cast<std::ptrdiff_t>(block0_layers));
   for (auto& q : block0) q->harden();
   auto advance = [&] {
-    LayerOutputErrors<T> errors(model, 0, block0);
+    LayerOutputErrors<T> errors(model.blocks[0].linears(), block0);
     BlockContext<T> ctx;
     ctx.on_linear_input = [&](const LinearLayer<T>& layer, const Tensor<T>& in) {
       errors.add(layer, in);
@@ -327,7 +331,19 @@ PassEstimate estimate_pass(Transformer<Block>& model, const PassSpec& spec,
   e.calibration = cal;
   e.base_bytes = base_bytes;
   const int64_t K = model.num_blocks(), N = samples;
-  const auto windows = window_schedule(K, spec.window_blocks, spec.window_overlap);
+  // With sub-block units each unit costs half a block (its share of the block's timings).
+  const bool halves = spec.units == UnitKind::sub_blocks;
+  const double unit_blocks = halves ? 0.5 : 1.0;
+  // Adaptive groups are not known before the pass measures them: timed as groups of the maximum
+  // size, each window a group and its overlap groups (a window's steps cost per unit, so the total
+  // barely depends on the group sizes; the number of windows does).
+  const int64_t U = halves ? 2 * K : K;
+  const bool adaptive = spec.schedule == WindowKind::adaptive;
+  const int64_t span =
+      adaptive ? std::min(U, (spec.window_overlap + 1) * spec.window_blocks) : spec.window_blocks;
+  const int64_t shared =
+      adaptive ? std::min(span - 1, spec.window_overlap * spec.window_blocks) : spec.window_overlap;
+  const auto windows = window_schedule(U, span, shared);
   e.windows = static_cast<int64_t>(windows.size());
   const int64_t heldout = options.holdout_samples(N);
   int64_t per_window = options.epochs * (N - heldout);
@@ -344,24 +360,32 @@ PassEstimate estimate_pass(Transformer<Block>& model, const PassSpec& spec,
                                ? std::clamp(1.0 - options.round_warmup, 0.0, 1.0)
                                : 0.0;
   const double t_step = (1 - reg_share) * cal.step_seconds + reg_share * cal.step_reg_seconds;
+  if (adaptive)
+    e.notes.push_back(
+        fmt::format("adaptive groups timed as groups of {} units", spec.window_blocks));
+  if (options.attention_kl > 0) e.notes.push_back("the attention-map term is not included");
   const double q_block =
       cal.q_window_seconds / static_cast<double>(std::max<int64_t>(1, cal.window_blocks));
+  const double cal_blocks = static_cast<double>(std::max<int64_t>(1, cal.window_blocks));
   for (const Window& w : windows) {
-    const int64_t blocks = w.last - w.first + 1, leaving = w.finalize - w.first;
+    const double blocks = static_cast<double>(w.last - w.first + 1) * unit_blocks;
+    const double leaving = static_cast<double>(w.finalize - w.first) * unit_blocks;
     e.steps += per_window;
-    e.train_seconds += static_cast<double>(per_window) * t_step;
-    e.forward_seconds +=
-        static_cast<double>(N) * 2.0 * static_cast<double>(blocks) * cal.fp_block_seconds +
-        evaluations * cal.q_window_seconds * static_cast<double>(blocks) /
-            static_cast<double>(std::max<int64_t>(1, cal.window_blocks)) +
-        static_cast<double>(N * leaving) * cal.advance_sample_seconds;
-    // With the GPTQ start, the blocks new to this window: those after the previous window's
+    // Whole-block windows are the calibrated window (ratio 1).
+    e.train_seconds +=
+        static_cast<double>(per_window) * t_step * (halves || adaptive ? blocks / cal_blocks : 1.0);
+    e.forward_seconds += static_cast<double>(N) * 2.0 * blocks * cal.fp_block_seconds +
+                         evaluations * cal.q_window_seconds * blocks / cal_blocks +
+                         static_cast<double>(N) * leaving * cal.advance_sample_seconds;
+    // With the GPTQ start, the units new to this window: those after the previous window's
     // last (all of the first window's).
     if (gptq_start)
-      for (int64_t b = std::max(w.first, next_new); b <= w.last; ++b)
-        e.start_seconds += static_cast<double>(N) * (cal.hessian_sample_seconds +
-                                                     static_cast<double>(b - w.first) * q_block) +
-                           cal.gptq_block_seconds;
+      for (int64_t u = std::max(w.first, next_new); u <= w.last; ++u)
+        e.start_seconds +=
+            unit_blocks *
+            (static_cast<double>(N) * (cal.hessian_sample_seconds +
+                                       static_cast<double>(u - w.first) * unit_blocks * q_block) +
+             cal.gptq_block_seconds);
     next_new = w.last + 1;
   }
   if (pass_activation_sets(options) == 5)

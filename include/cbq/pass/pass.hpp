@@ -26,6 +26,7 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <numeric>
 #include <optional>
@@ -48,6 +49,7 @@
 #include "cbq/ops/mul.hpp"
 #include "cbq/ops/scale.hpp"
 #include "cbq/pass/activation_store.hpp"
+#include "cbq/pass/adaptive_groups.hpp"
 #include "cbq/pass/block_measurements.hpp"
 #include "cbq/pass/calibration.hpp"
 #include "cbq/pass/checkpoint.hpp"
@@ -57,6 +59,7 @@
 #include "cbq/pass/preprocess.hpp"
 #include "cbq/pass/quant_linear.hpp"
 #include "cbq/pass/resume.hpp"
+#include "cbq/pass/units.hpp"
 #include "cbq/pass/window_loss.hpp"
 #include "cbq/pass/window_schedule.hpp"
 #include "cbq/pass/window_trainer.hpp"
@@ -71,6 +74,13 @@ struct PassSpec {
   quant::GridSpec weight;
   int act_bits = 16;
   bool act_per_token = false;  // dynamic per-token (else static per-tensor) below 16 bits
+  // Windows of whole blocks (CBQ) or of sub-block units (ACBQ: each block's attention and FFN
+  // halves, pass/units.hpp); window_blocks and window_overlap count units.
+  UnitKind units = UnitKind::blocks;
+  // sliding: windows of window_blocks units overlapping by window_overlap; adaptive: groups of
+  // at most window_blocks units from measured dependencies, each window a group and the
+  // window_overlap groups after it (pass/adaptive_groups.hpp).
+  WindowKind schedule = WindowKind::sliding;
   int64_t window_blocks = 2;
   int64_t window_overlap = 1;
   RoundingKind rounding = RoundingKind::lora;
@@ -138,8 +148,13 @@ struct PassSpec {
     std::string round = rounding == RoundingKind::lora
                             ? fmt::format("LoRA-Rounding r{}", rank)
                             : (rounding == RoundingKind::full ? "full AdaRound" : "nearest");
-    return fmt::format("{} window {}/{} {}", describe_quantizer(), window_blocks, window_overlap,
-                       round);
+    const std::string window =
+        schedule == WindowKind::adaptive
+            ? fmt::format("adaptive groups ≤ {}{}", window_blocks,
+                          window_overlap > 0 ? fmt::format(" overlap {}", window_overlap) : "")
+            : fmt::format("window {}/{}", window_blocks, window_overlap);
+    return fmt::format("{} {}{} {}", describe_quantizer(), window,
+                       units == UnitKind::sub_blocks ? " sub-block units" : "", round);
   }
 };
 
@@ -163,6 +178,11 @@ class CbqPass {
               "CBQ: {} activation bits is unsupported (2 to 8, or 16 for none)", spec_.act_bits);
     CBQ_CHECK(spec_.rounding != RoundingKind::lora || spec_.rank >= 1,
               "CBQ: LoRA-Rounding rank {} must be at least 1", spec_.rank);
+    CBQ_CHECK(spec_.window_overlap >= 0, "CBQ: window overlap {} must be ≥ 0",
+              spec_.window_overlap);
+    CBQ_CHECK(options_.attention_kl >= 0 && std::isfinite(options_.attention_kl),
+              "CBQ: the attention-map weight {} must be a finite number ≥ 0",
+              options_.attention_kl);
   }
   const PassOptions& options() const { return options_; }
   const PassSpec& spec() const { return spec_; }
@@ -195,7 +215,16 @@ class CbqPass {
     CBQ_CHECK(o.loss_full_precision || o.loss_homologous,
               "CBQ: both reconstruction terms are switched off; nothing to learn from");
     CBQ_CHECK(o.loss_l2 || o.loss_kld, "CBQ: both the L2 and the KLD terms are switched off");
-    const auto windows = window_schedule(K, spec_.window_blocks, spec_.window_overlap);
+    PassUnits<Transformer<Block>> units(model, spec_.units);
+    const int64_t U = units.count();
+    // Sliding windows now; adaptive groups after pre-processing, from the model it leaves.
+    std::vector<Window> windows;
+    if (spec_.schedule == WindowKind::sliding)
+      windows = window_schedule(U, spec_.window_blocks, spec_.window_overlap);
+    else
+      CBQ_CHECK(spec_.window_blocks >= 1 && spec_.window_blocks <= U,
+                "CBQ: adaptive groups of up to {} units, but the model has {} units",
+                spec_.window_blocks, U);
     if (K > 0) spec_.check_act_layers(model.blocks[0]);
     const int64_t L = inputs[0].ndim() == 2 ? inputs[0].size(0) : 0, d = model.config.dim;
     for (int64_t n = 0; n < N; ++n) {
@@ -225,9 +254,12 @@ class CbqPass {
     result.activation_bytes = pass_activation_bytes(N, L, d, sizeof(T), pass_activation_sets(o));
     if (o.verbose)
       fmt::print(
-          "CBQ: {} blocks, {} windows of {} (overlap {}), {} samples × {} tokens, {} "
+          "CBQ: {} blocks{}, {} windows of {} (overlap {}), {} samples × {} tokens, {} "
           "epochs; activations {:.1f} MiB\n",
-          K, windows.size(), spec_.window_blocks, spec_.window_overlap, N, L, o.epochs,
+          K, units.sub_blocks() ? fmt::format(" ({} sub-block units)", U) : std::string(),
+          spec_.schedule == WindowKind::adaptive ? std::string("adaptive")
+                                                 : fmt::format("{}", windows.size()),
+          spec_.window_blocks, spec_.window_overlap, N, L, o.epochs,
           static_cast<double>(result.activation_bytes) / (1 << 20));
     if (o.verbose && !o.activation_dir.empty())
       fmt::print("CBQ: activations live in file mappings in {} (paged to disk as needed)\n",
@@ -262,6 +294,15 @@ class CbqPass {
       result.preprocess = scale_activation_outliers(model, x_fp, o.activation_scaling,
                                                     o.smoothquant_alpha, o.verbose);
 
+    if (spec_.schedule == WindowKind::adaptive) {
+      result.dependencies =
+          unit_dependencies(units, x_fp, o.dependency, o.dependency_samples,
+                            [&](int64_t u, bool on) { quantize_unit_nearest(units, u, on); });
+      windows = adaptive_schedule(result.dependencies, o.group_threshold, spec_.window_blocks,
+                                  spec_.window_overlap);
+      if (o.verbose) print_groups(units, windows, result.dependencies);
+    }
+
     // Output loss in every window: the full-precision model's last hidden state of each sample,
     // the target all windows share, computed once here instead of in every step.
     ActivationSet<T> fp_output_set;
@@ -277,7 +318,8 @@ class CbqPass {
       }
     }
 
-    std::vector<std::vector<std::shared_ptr<QuantLinear<T>>>> qlayers(static_cast<size_t>(K));
+    // The installed quantizers per unit.
+    std::vector<std::vector<std::shared_ptr<QuantLinear<T>>>> qlayers(static_cast<size_t>(U));
     // Learned norms: (parameter, the value it does not hold now). Swapped around every full-
     // precision computation, so the full-precision path keeps the model's original values.
     std::vector<std::pair<Parameter<T>*, Tensor<T>>> fp_norms;
@@ -289,8 +331,8 @@ class CbqPass {
     int64_t windows_done = 0;
     if (checkpointing && o.resume && std::filesystem::exists(checkpoint_path(o.checkpoint_dir))) {
       if constexpr (std::is_same_v<T, float>) {
-        windows_done = resume_from_checkpoint(o, model, windows, fingerprint, progress,
-                                              [&](int64_t b) { return install(model, b); });
+        windows_done = resume_from_checkpoint(o, units, windows, fingerprint, progress,
+                                              [&](int64_t u) { return install(units, u); });
       }
     }
 
@@ -299,82 +341,105 @@ class CbqPass {
       ++window_index;
       if (window_index <= windows_done) continue;  // restored from the checkpoint
       const auto wstart = std::chrono::steady_clock::now();
-      // 1. Quantizers for blocks entering their first window.
-      for (int64_t b = w.first; b <= w.last; ++b)
-        if (qlayers[b].empty()) {
+      // 1. Quantizers for units entering their first window.
+      for (int64_t u = w.first; u <= w.last; ++u)
+        if (qlayers[u].empty()) {
           if (o.learn_norms)  // learn in a copy: the original may be a read-only mapping
-            for (Parameter<T>* p : model.blocks[b].other_parameters()) {
+            for (Parameter<T>* p : units.parameters(u)) {
               fp_norms.emplace_back(p, p->value);
               p->value = p->value.clone();
             }
           if (o.weight_init == WeightInit::gptq) {
             swap_norms();
-            auto hessians = block_hessians(model, w, b, x_q);
+            auto hessians = unit_hessians(units, w, u, x_q);
             swap_norms();
-            qlayers[b] = install(model, b, hessians);
+            qlayers[u] = install(units, u, hessians);
           } else
-            qlayers[b] = install(model, b);
+            qlayers[u] = install(units, u);
         }
       const double start_seconds = detail::seconds_since(wstart);
       auto phase = std::chrono::steady_clock::now();
       // 2. Targets: T_fp(X_fp) with X_fp advanced to the next window start on the way, and the
       //    homologous T_fp(X_q), whose pass also calibrates static activation steps.
-      std::vector<quant::MinMaxObserver<T>> ranges = observers<T>(model, w);
+      std::vector<quant::MinMaxObserver<T>> ranges = observers<T>(units, w);
+      // With the attention-map term, the q and k of every attention on the full-precision path
+      // (or, homologous, with full-precision weights on the quantized path).
+      AttentionTargets<T> attention;
+      BlockContext<T> fp_ctx = fp_context<T>();
+      size_t attention_index = 0;
+      int64_t sample = 0;
+      std::function<void(Var<T>, Var<T>)> capture;
+      if (o.attention_kl > 0)
+        capture = [&](Var<T> q, Var<T> k) {
+          if (attention.q.size() <= attention_index) {
+            attention.q.emplace_back(static_cast<size_t>(N));
+            attention.k.emplace_back(static_cast<size_t>(N));
+          }
+          attention.q[attention_index][static_cast<size_t>(sample)] = q.value().clone();
+          attention.k[attention_index][static_cast<size_t>(sample)] = k.value().clone();
+          ++attention_index;
+        };
+      if (!o.attention_kl_homologous) fp_ctx.on_attention = capture;
       swap_norms();  // the full-precision values
       for (int64_t n = 0; n < N; ++n) {
         Tensor<T> x = x_fp[n], next;
-        for (int64_t b = w.first; b <= w.last; ++b) {
-          x = model.run_block(b, x, fp_context<T>());
-          detail::check_finite(x, fmt::format("the full-precision path after block {} (window {}, "
+        attention_index = 0;
+        sample = n;
+        for (int64_t u = w.first; u <= w.last; ++u) {
+          x = units.run(u, x, fp_ctx);
+          detail::check_finite(x, fmt::format("the full-precision path after {} (window {}, "
                                               "calibration sample {})",
-                                              b, window_index, n));
-          if (b + 1 == w.finalize) next = x;
+                                              units.range(u, u), window_index, n));
+          if (u + 1 == w.finalize) next = x;
         }
         t_fp[n].copy_from(x);
-        x_fp[n].copy_from(next);  // the FP path enters the next window (at block w.finalize)
+        x_fp[n].copy_from(next);  // the FP path enters the next window (at unit w.finalize)
         Tensor<T> h = x_q[n];
-        for (int64_t b = w.first; b <= w.last; ++b) {
+        attention_index = 0;
+        for (int64_t u = w.first; u <= w.last; ++u) {
           BlockContext<T> ctx = fp_context<T>();
-          ctx.on_linear_input = [&, b](const LinearLayer<T>& layer, const Tensor<T>& in) {
-            detail::observe(ranges[observer_index(model, w, b, layer)], in);
+          if (o.attention_kl_homologous) ctx.on_attention = capture;
+          ctx.on_linear_input = [&, u](const LinearLayer<T>& layer, const Tensor<T>& in) {
+            detail::observe(ranges[observer_index(units, w, u, layer)], in);
           };
-          h = model.run_block(b, h, ctx);
+          h = units.run(u, h, ctx);
         }
         t_hom[n].copy_from(h);
       }
       swap_norms();  // the learned values
-      init_activation_steps(model, w, qlayers, ranges);
+      init_activation_steps(units, w, qlayers, ranges);
 
       // 3. Optimise the window (and keep the better of its start and its trained state).
       const LossScaling<T> scaling = measure_loss_scaling(o, t_fp, t_hom, model.device());
       const double targets_seconds = detail::seconds_since(phase);
-      WindowStats stats = train_window(model, w, qlayers, x_q, t_fp, t_hom, t_out, scaling, o,
-                                       window_index, static_cast<int64_t>(windows.size()), start);
+      WindowStats stats =
+          train_window(units, w, qlayers, x_q, t_fp, t_hom, t_out, scaling, o, window_index,
+                       static_cast<int64_t>(windows.size()), start, &attention);
       stats.times.start = start_seconds;  // train_window timed its steps and evaluations
       stats.times.targets = targets_seconds;
       phase = std::chrono::steady_clock::now();
 
-      // 4. Blocks leaving their last window: harden, freeze, advance the quantized path.
-      for (int64_t b = w.first; b < w.finalize; ++b) {
-        for (Parameter<T>* p : model.blocks[b].other_parameters()) {
+      // 4. Units leaving their last window: harden, freeze, advance the quantized path.
+      for (int64_t u = w.first; u < w.finalize; ++u) {
+        for (Parameter<T>* p : units.parameters(u)) {
           p->trainable = false;
           p->grad = Tensor<T>();
         }
-        for (auto& q : qlayers[b]) q->harden();
+        for (auto& q : qlayers[u]) q->harden();
         // Advance the quantized path, measuring each layer's output error on its inputs.
-        LayerOutputErrors<T> errors(model, b, qlayers[b]);
+        LayerOutputErrors<T> errors(units.linears(u), qlayers[u]);
         BlockContext<T> ctx;
         ctx.on_linear_input = [&](const LinearLayer<T>& layer, const Tensor<T>& in) {
           errors.add(layer, in);
         };
         for (int64_t n = 0; n < N; ++n) {
-          x_q[n].copy_from(model.run_block(b, x_q[n], ctx));
-          detail::check_finite(x_q[n], fmt::format("the quantized path after block {} (window {}, "
+          x_q[n].copy_from(units.run(u, x_q[n], ctx));
+          detail::check_finite(x_q[n], fmt::format("the quantized path after {} (window {}, "
                                                    "calibration sample {})",
-                                                   b, window_index, n));
+                                                   units.range(u, u), window_index, n));
         }
         errors.finish();
-        for (auto& q : qlayers[b]) result.layers.push_back(layer_result(*q));
+        for (auto& q : qlayers[u]) result.layers.push_back(layer_result(*q));
       }
       stats.times.advance = detail::seconds_since(phase);
       result.windows.push_back(stats);
@@ -385,13 +450,13 @@ class CbqPass {
       if (o.verbose)
         fmt::print(
             "CBQ: window {}/{} done in {} (start {}, targets {}, {} steps {}, evaluations {}, "
-            "advance {}); blocks {}..{} frozen\n",
+            "advance {}); {} frozen\n",
             window_index, windows.size(), detail::format_duration(detail::seconds_since(wstart)),
             detail::format_duration(stats.times.start),
             detail::format_duration(stats.times.targets), stats.steps,
             detail::format_duration(stats.times.steps),
             detail::format_duration(stats.times.evaluations),
-            detail::format_duration(stats.times.advance), w.first, w.finalize - 1);
+            detail::format_duration(stats.times.advance), units.range(w.first, w.finalize - 1));
     }
     result.seconds = detail::seconds_since(start);
     return result;
@@ -470,18 +535,20 @@ class CbqPass {
     return c;
   }
 
-  // Installs a QuantLinear on every linear layer of block b. With Hessians (the GPTQ start) each
+  // Installs a QuantLinear on every linear layer of unit u. With Hessians (the GPTQ start) each
   // layer starts from GPTQ's solution: the compensated weight it rounded, its steps and zeros.
   template <class Model>
-  auto install(Model& model, int64_t b, const std::vector<quant::HessianAccumulator>& gptq = {}) {
+  auto install(PassUnits<Model>& units, int64_t u,
+               const std::vector<quant::HessianAccumulator>& gptq = {}) {
     using T = typename Model::T;
     std::vector<std::shared_ptr<QuantLinear<T>>> out;
+    const int64_t b = units.block(u), offset = units.linear_offset(u);
     int64_t j = 0;
-    for (LinearLayer<T>* layer : model.blocks[b].linears()) {
+    for (LinearLayer<T>* layer : units.linears(u)) {
       const std::string name = fmt::format("layers.{}.{}", b, layer->name);
       Tensor<T> w = layer->weight.value.clone();
       if (options_.cfp_weights) quant::truncate_weight_outliers(w, name);
-      const QuantLinearConfig config = layer_config(b * 64 + j, layer->name);
+      const QuantLinearConfig config = layer_config(b * 64 + offset + j, layer->name);
       std::shared_ptr<QuantLinear<T>> q;
       if (!gptq.empty()) {
         quant::GptqOptions go;
@@ -502,33 +569,66 @@ class CbqPass {
     return out;
   }
 
+  // Installs (on) or removes round-to-nearest quantizers on unit u's layers (the error-gain
+  // dependency): weights at the spec's grid, activations per token when the spec quantizes
+  // them per token (static per-tensor activation steps are not calibrated yet: left off).
+  template <class Model>
+  void quantize_unit_nearest(PassUnits<Model>& units, int64_t u, bool on) {
+    using T = typename Model::T;
+    for (LinearLayer<T>* layer : units.linears(u)) {
+      if (!on) {
+        layer->transform = nullptr;
+        continue;
+      }
+      QuantLinearConfig c = spec_.layer_config(layer->name);
+      c.rounding = RoundingKind::nearest;
+      if (c.act_mode == ActMode::static_per_tensor) {
+        c.act_bits = 16;
+        c.act_mode = ActMode::none;
+      }
+      layer->transform = std::make_shared<QuantLinear<T>>(
+          fmt::format("layers.{}.{}", units.block(u), layer->name), layer->weight.value, c);
+    }
+  }
+
+  template <class Model>
+  static void print_groups(PassUnits<Model>& units, const std::vector<Window>& windows,
+                           const std::vector<double>& dep) {
+    std::string d, g;
+    for (size_t u = 0; u < dep.size(); ++u) d += fmt::format(" {:.3g}", dep[u]);
+    for (const Window& w : windows) g += fmt::format(" [{}]", units.range(w.first, w.last));
+    fmt::print("CBQ: dependencies D(u, u+1):{}\nCBQ: {} groups:{}\n", d, windows.size(), g);
+  }
+
   template <class T, class Model>
-  static std::vector<quant::MinMaxObserver<T>> observers(Model& model, const Window& w) {
+  static std::vector<quant::MinMaxObserver<T>> observers(PassUnits<Model>& units, const Window& w) {
     std::vector<quant::MinMaxObserver<T>> v;
-    for (int64_t b = w.first; b <= w.last; ++b)
-      for (auto* layer : model.blocks[b].linears())
-        v.push_back(quant::MinMaxObserver<T>{fmt::format("layers.{}.{} input", b, layer->name)});
+    for (int64_t u = w.first; u <= w.last; ++u)
+      for (auto* layer : units.linears(u))
+        v.push_back(quant::MinMaxObserver<T>{
+            fmt::format("layers.{}.{} input", units.block(u), layer->name)});
     return v;
   }
   template <class Model, class Layer>
-  static size_t observer_index(Model& model, const Window& w, int64_t b, const Layer& layer) {
+  static size_t observer_index(PassUnits<Model>& units, const Window& w, int64_t u,
+                               const Layer& layer) {
     size_t i = 0;
     for (int64_t c = w.first; c <= w.last; ++c)
-      for (auto* l : model.blocks[c].linears()) {
-        if (c == b && l == &layer) return i;
+      for (auto* l : units.linears(c)) {
+        if (c == u && l == &layer) return i;
         ++i;
       }
-    fail("CBQ: linear layer '{}' of block {} not found", layer.name, b);
+    fail("CBQ: linear layer '{}' of {} not found", layer.name, units.range(u, u));
   }
 
   template <class Model, class Q, class R>
-  void init_activation_steps(Model& model, const Window& w, Q& qlayers, R& ranges) {
+  void init_activation_steps(PassUnits<Model>& units, const Window& w, Q& qlayers, R& ranges) {
     if (spec_.act_bits >= 16 || spec_.act_per_token) return;
     size_t i = 0;
-    for (int64_t b = w.first; b <= w.last; ++b) {
-      auto linears = model.blocks[b].linears();
+    for (int64_t u = w.first; u <= w.last; ++u) {
+      auto linears = units.linears(u);
       for (size_t j = 0; j < linears.size(); ++j, ++i) {
-        auto& q = qlayers[b][j];
+        auto& q = qlayers[u][j];
         // Blocks carried over from the previous window keep their learned steps.
         if (q->hardened() || initialised_.count(q->name())) continue;
         q->init_activation_range(ranges[i].min, ranges[i].max);
@@ -545,7 +645,8 @@ class CbqPass {
 // The pass configured at compile time:
 //   cbq::Pass<cbq::Quantizer<4, cbq::PerGroup<32>>, cbq::ActQuant<16>, cbq::SlidingWindow<2, 1>,
 //             cbq::LoraRounding<5>> pass(options);
-template <class WeightQ, class ActQ, class WindowPolicy, class Rounding>
+template <class WeightQ, class ActQ, class WindowPolicy, class Rounding,
+          class UnitPolicy = BlockUnits>
 class Pass : public CbqPass {
   static_assert(is_quantizer<WeightQ>::value,
                 "cbq::Pass: the first argument must be a cbq::Quantizer<Bits, Granularity>");
@@ -558,8 +659,17 @@ class Pass : public CbqPass {
   using act_quantizer = ActQ;
   using window = WindowPolicy;
   using rounding = Rounding;
+  using units = UnitPolicy;
 
   explicit Pass(PassOptions options = {}) : CbqPass(make_spec(), options) {}
+
+  template <TransformerBlock Block>
+  QuantizationResult run(Transformer<Block>& model, const Calibration& calib) {
+    static_assert(!UnitPolicy::sub_blocks || SplitTransformerBlock<Block>,
+                  "cbq::Pass: SubBlockUnits need a block type that exposes its attention and FFN "
+                  "halves (cbq::SplitTransformerBlock)");
+    return CbqPass::run(model, calib);
+  }
 
   static PassSpec make_spec() {
     PassSpec s;
@@ -568,10 +678,29 @@ class Pass : public CbqPass {
     s.act_per_token = ActQ::per_token;
     s.window_blocks = WindowPolicy::blocks;
     s.window_overlap = WindowPolicy::overlap;
+    s.schedule = WindowPolicy::adaptive ? WindowKind::adaptive : WindowKind::sliding;
+    s.units = UnitPolicy::sub_blocks ? UnitKind::sub_blocks : UnitKind::blocks;
     s.rounding = rounding_traits<Rounding>::kind;
     s.rank = rounding_traits<Rounding>::rank;
     return s;
   }
 };
+
+// The ACBQ configuration of a run-time spec (its quantizers and rounding kept): sub-block units
+// in adaptive groups of up to max_units units.
+inline PassSpec acbq_spec(PassSpec spec, int64_t max_units = 2, int64_t overlap_groups = 1) {
+  spec.units = UnitKind::sub_blocks;
+  spec.schedule = WindowKind::adaptive;
+  spec.window_blocks = max_units;
+  spec.window_overlap = overlap_groups;
+  return spec;
+}
+
+// ACBQ (docs/ACBQ.md): sub-block units in adaptive groups of up to MaxUnits, run with
+// PassOptions::acbq() (the attention-map term and the dependency measure):
+//   cbq::Acbq<cbq::Quantizer<2, cbq::PerGroup<64>>> pass(cbq::PassOptions::acbq());
+template <class WeightQ, class ActQ = ActQuant<16>, class Rounding = LoraRounding<5>,
+          int MaxUnits = 2>
+using Acbq = Pass<WeightQ, ActQ, AdaptiveWindow<MaxUnits>, Rounding, SubBlockUnits>;
 
 }  // namespace cbq

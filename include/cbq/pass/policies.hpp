@@ -175,6 +175,8 @@ struct ActQuant {
   static constexpr bool per_token = std::is_same_v<Granularity, PerToken>;
 };
 
+// CBQ's sliding window: Blocks units per window (blocks, or sub-block units with SubBlockUnits),
+// consecutive windows sharing Overlap of them.
 template <int Blocks, int Overlap>
 struct SlidingWindow {
   static_assert(Blocks >= 1, "cbq::SlidingWindow: a window holds at least one block");
@@ -182,6 +184,28 @@ struct SlidingWindow {
                 "cbq::SlidingWindow: Overlap must be smaller than Blocks (windows must advance)");
   static constexpr int blocks = Blocks;
   static constexpr int overlap = Overlap;
+  static constexpr bool adaptive = false;
+};
+
+// ACBQ's adaptive groups: groups of at most MaxUnits units, cut where the measured dependency
+// of adjacent units is low, each window a group and the OverlapGroups groups after it
+// (pass/adaptive_groups.hpp; the measure and the threshold are PassOptions at run time).
+template <int MaxUnits, int OverlapGroups = 1>
+struct AdaptiveWindow {
+  static_assert(MaxUnits >= 1, "cbq::AdaptiveWindow: a group holds at least one unit");
+  static_assert(OverlapGroups >= 0, "cbq::AdaptiveWindow: OverlapGroups must be ≥ 0");
+  static constexpr int blocks = MaxUnits;
+  static constexpr int overlap = OverlapGroups;
+  static constexpr bool adaptive = true;
+};
+
+// What a window's units are (pass/units.hpp): whole transformer blocks (CBQ), or each block's
+// attention and FFN halves (ACBQ), which needs a cbq::SplitTransformerBlock.
+struct BlockUnits {
+  static constexpr bool sub_blocks = false;
+};
+struct SubBlockUnits {
+  static constexpr bool sub_blocks = true;
 };
 
 // Rounding ablations beside LoraRounding<Rank>: plain round-to-nearest with learned steps

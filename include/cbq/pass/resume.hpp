@@ -18,6 +18,7 @@
 #include "cbq/pass/checks_and_timing.hpp"
 #include "cbq/pass/config.hpp"
 #include "cbq/pass/quant_linear.hpp"
+#include "cbq/pass/units.hpp"
 #include "cbq/pass/window_schedule.hpp"
 #include "cbq/quant/result.hpp"
 
@@ -33,9 +34,9 @@ LayerResult layer_result(const QuantLinear<T>& q) {
   return r;
 }
 
-// What the run over the schedule carries from window to window: the block inputs of both paths,
-// the installed quantizers per block, the learned norms (parameter, the value it does not hold
-// now), the layers whose static activation steps were set, and the result so far.
+// What the run over the schedule carries from window to window: the unit inputs of both paths,
+// the installed quantizers per unit (pass/units.hpp), the learned norms (parameter, the value it
+// does not hold now), the layers whose static activation steps were set, and the result so far.
 template <class T>
 struct PassProgress {
   std::vector<Tensor<T>>& x_fp;
@@ -46,11 +47,11 @@ struct PassProgress {
   QuantizationResult& result;
 };
 
-// Writes the state after window `windows_done`, whose last block is `last_block` (atomic,
+// Writes the state after window `windows_done`, whose last unit is `last_unit` (atomic,
 // durable; float32 models only, as the checkpoint format).
 template <class T>
 void save_window_checkpoint(const std::string& dir, const PassFingerprint& fingerprint,
-                            int64_t windows_done, int64_t last_block,
+                            int64_t windows_done, int64_t last_unit,
                             const PassProgress<T>& progress) {
   static_assert(std::is_same_v<T, float>, "pass checkpoints hold float32 models");
   PassCheckpoint<T> ck;
@@ -61,15 +62,15 @@ void save_window_checkpoint(const std::string& dir, const PassFingerprint& finge
   ck.initialised.assign(progress.initialised.begin(), progress.initialised.end());
   for (auto& [p, other] : progress.fp_norms) ck.norms[p->name] = p->value.to(Device::cpu);
   std::vector<const QuantLinear<T>*> installed;
-  for (int64_t b = 0; b <= last_block; ++b)
-    for (auto& q : progress.qlayers[static_cast<std::size_t>(b)]) installed.push_back(q.get());
+  for (int64_t u = 0; u <= last_unit; ++u)
+    for (auto& q : progress.qlayers[static_cast<std::size_t>(u)]) installed.push_back(q.get());
   save_pass_checkpoint(dir, fingerprint, ck, installed);
 }
 
 // Restores the state after the checkpoint's last window into `progress`; returns how many windows
-// it covers. `install(b)` installs block b's quantizers (the pass's own install).
+// it covers. `install(u)` installs unit u's quantizers (the pass's own install).
 template <class Model, class T, class Install>
-int64_t resume_from_checkpoint(const PassOptions& o, Model& model,
+int64_t resume_from_checkpoint(const PassOptions& o, PassUnits<Model>& units,
                                const std::vector<Window>& windows,
                                const PassFingerprint& fingerprint, PassProgress<T>& progress,
                                Install&& install) {
@@ -86,9 +87,9 @@ int64_t resume_from_checkpoint(const PassOptions& o, Model& model,
   progress.result.windows = ck.windows;
   progress.initialised = std::set<std::string>(ck.initialised.begin(), ck.initialised.end());
   const Window& last = windows[static_cast<size_t>(ck.windows_done - 1)];
-  for (int64_t b = 0; b <= last.last; ++b) {
+  for (int64_t u = 0; u <= last.last; ++u) {
     if (o.learn_norms)
-      for (Parameter<T>* p : model.blocks[b].other_parameters()) {
+      for (Parameter<T>* p : units.parameters(u)) {
         auto it = ck.norms.find(p->name);
         CBQ_CHECK(it != ck.norms.end() && it->second.shape() == p->value.shape(),
                   "{}: no learned value of shape {} for the norm parameter {}", path,
@@ -96,13 +97,13 @@ int64_t resume_from_checkpoint(const PassOptions& o, Model& model,
         progress.fp_norms.emplace_back(p, p->value);
         p->value = it->second.to(p->value.device()).clone();
       }
-    auto& layers = progress.qlayers[static_cast<std::size_t>(b)];
-    layers = install(b);
+    auto& layers = progress.qlayers[static_cast<std::size_t>(u)];
+    layers = install(u);
     for (auto& q : layers) {
       auto it = ck.layers.find(q->name());
       CBQ_CHECK(it != ck.layers.end(), "{}: no state for layer {}", path, q->name());
       q->restore(it->second);
-      if (b < last.finalize) {
+      if (u < last.finalize) {
         CBQ_CHECK(q->hardened(), "{}: layer {} should be frozen after window {}", path, q->name(),
                   ck.windows_done);
         progress.result.layers.push_back(layer_result(*q));
@@ -110,8 +111,8 @@ int64_t resume_from_checkpoint(const PassOptions& o, Model& model,
     }
   }
   if (o.verbose)
-    fmt::print("CBQ: resumed from {} after window {}/{} (blocks 0..{} frozen)\n", path,
-               ck.windows_done, windows.size(), last.finalize - 1);
+    fmt::print("CBQ: resumed from {} after window {}/{} ({} frozen)\n", path, ck.windows_done,
+               windows.size(), units.range(0, last.finalize - 1));
   return ck.windows_done;
 }
 

@@ -14,6 +14,7 @@
 
 #include "cbq/model/linear_layer.hpp"
 #include "cbq/ops/add.hpp"
+#include "cbq/ops/attention_map_kl.hpp"
 #include "cbq/ops/kl_softmax.hpp"
 #include "cbq/ops/matmul.hpp"
 #include "cbq/ops/mse.hpp"
@@ -23,6 +24,7 @@
 #include "cbq/pass/config.hpp"
 #include "cbq/pass/device_support.hpp"
 #include "cbq/pass/quant_linear.hpp"
+#include "cbq/pass/units.hpp"
 #include "cbq/pass/window_schedule.hpp"
 #include "cbq/quant/result.hpp"
 
@@ -71,6 +73,15 @@ LossScaling<T> measure_loss_scaling(const PassOptions& options, const std::vecto
   return s;
 }
 
+// The full-precision path's attention inputs of a window (PassOptions::attention_kl): for the
+// a-th attention the window's forward meets, q[a][n] (L, Hq·hd) and k[a][n] (L, Hkv·hd) of
+// calibration sample n, after RoPE. Empty when the term is off.
+template <class T>
+struct AttentionTargets {
+  std::vector<std::vector<Tensor<T>>> q, k;
+  bool empty() const { return q.empty(); }
+};
+
 // The loss of window `w` on calibration sample n (operator()): the window's blocks on the
 // quantized path X_q against T_fp(X_fp) and T_fp(X_q), each term scaled per
 // PassOptions::loss_scale, the output KL when asked, and with reg_beta > 0 γ_r · the mean of the
@@ -80,11 +91,13 @@ LossScaling<T> measure_loss_scaling(const PassOptions& options, const std::vecto
 template <class Model, class T>
 class WindowLoss {
  public:
-  WindowLoss(Model& model, const Window& w, const PassOptions& options,
+  WindowLoss(PassUnits<Model>& units, const Window& w, const PassOptions& options,
              const std::vector<QuantLinear<T>*>& active, const std::vector<Tensor<T>>& x_q,
              const std::vector<Tensor<T>>& t_fp, const std::vector<Tensor<T>>& t_hom,
-             const std::vector<Tensor<T>>& t_out, const LossScaling<T>& scaling)
-      : model_(model),
+             const std::vector<Tensor<T>>& t_out, const LossScaling<T>& scaling,
+             const AttentionTargets<T>* attention = nullptr)
+      : units_(units),
+        model_(units.model()),
         w_(w),
         o_(options),
         active_(active),
@@ -93,11 +106,12 @@ class WindowLoss {
         t_hom_(t_hom),
         t_out_(t_out),
         scaling_(scaling),
-        device_(model.device()),
+        attention_(attention),
+        device_(units.model().device()),
         tau_(static_cast<T>(options.kld_temperature)),
         output_loss_(options.output_kld > 0 &&
-                     (options.output_kld_all || w.last + 1 == model.num_blocks())),
-        dim_(model.config.dim) {}
+                     (options.output_kld_all || w.last + 1 == units.count())),
+        dim_(units.model().config.dim) {}
 
   // Whether the output KL is one of the terms (PassOptions::output_kld).
   bool has_output_loss() const { return output_loss_; }
@@ -111,7 +125,10 @@ class WindowLoss {
     Var<T> y = tape.constant(staged(x_q_[n], staged_x_));
     BlockContext<T> ctx;
     if (reg_on) ctx.losses = &losses;
-    for (int64_t b = w_.first; b <= w_.last; ++b) y = model_.blocks[b].forward(tape, y, ctx);
+    std::vector<std::pair<Var<T>, Var<T>>> attention;  // the quantized path's q, k per attention
+    if (attention_ && !attention_->empty())
+      ctx.on_attention = [&](Var<T> q, Var<T> k) { attention.emplace_back(q, k); };
+    for (int64_t u = w_.first; u <= w_.last; ++u) y = units_.forward(tape, u, y, ctx);
     LossTerms terms;
     Var<T> loss;
     auto add_term = [&](Var<T> term, double& slot) {
@@ -125,19 +142,35 @@ class WindowLoss {
       reconstruction(tape, tape.constant(staged(t_hom_[n], staged_hom_)), y, scaling_.energy_hom,
                      scaling_.rows_hom, n, add_term, terms.l2_hom, terms.kld_hom);
     if (output_loss_) {
-      // Earlier windows reach the output through the later blocks in full precision; the
+      // Earlier windows reach the output through the later units in full precision; the
       // last window's T_fp(X_fp) is the model's last hidden state itself.
       BlockContext<T> fp;
       fp.full_precision = true;
       Var<T> q = y;
-      for (int64_t b = w_.last + 1; b < model_.num_blocks(); ++b)
-        q = model_.blocks[b].forward(tape, q, fp);
-      const bool last = w_.last + 1 == model_.num_blocks();
+      for (int64_t u = w_.last + 1; u < units_.count(); ++u) q = units_.forward(tape, u, q, fp);
+      const bool last = w_.last + 1 == units_.count();
       Var<T> target = model_.head(tape, tape.constant(last ? staged(t_fp_[n], staged_fp_)
                                                            : staged(t_out_[n], staged_out_)));
       Var<T> out = ops::scale(ops::kl_softmax(target, model_.head(tape, q), T(1)),
                               static_cast<T>(o_.output_kld));
       add_term(out, terms.output_kld);
+    }
+    if (!attention.empty()) {
+      CBQ_CHECK(attention.size() == attention_->q.size(),
+                "CBQ: the window's forward met {} attentions, its targets hold {}",
+                attention.size(), attention_->q.size());
+      const ModelConfig& c = model_.config;
+      Var<T> sum;
+      for (size_t a = 0; a < attention.size(); ++a) {
+        auto [q, k] = attention[a];
+        const Tensor<T>& qt = attention_->q[a][static_cast<size_t>(n)];
+        const Tensor<T>& kt = attention_->k[a][static_cast<size_t>(n)];
+        Var<T> kl =
+            ops::attention_map_kl(tape.constant(on_device(qt)), tape.constant(on_device(kt)), q, k,
+                                  c.n_heads, kt.size(1) / c.head_dim, c.head_dim, true);
+        sum = sum.valid() ? ops::add(sum, kl) : kl;
+      }
+      add_term(ops::scale(sum, static_cast<T>(o_.attention_kl)), terms.attention_kl);
     }
     if (reg_on) {
       Var<T> reg = regularizer([&](QuantLinear<T>* q) { return forward_reg(losses, q); });
@@ -172,6 +205,10 @@ class WindowLoss {
   }
 
  private:
+  // A target kept in host memory while the model is on the GPU, copied up per use.
+  Tensor<T> on_device(const Tensor<T>& t) const {
+    return t.device() == device_ ? t : t.to(device_);
+  }
   const Tensor<T>& staged(const Tensor<T>& t, Tensor<T>& buffer) {
     if (t.device() == device_) return t;
     if (!buffer.defined()) buffer = Tensor<T>::empty(t.shape(), device_);
@@ -237,12 +274,14 @@ class WindowLoss {
     return Var<T>{};
   }
 
+  PassUnits<Model>& units_;
   Model& model_;
   const Window& w_;
   const PassOptions& o_;
   const std::vector<QuantLinear<T>*>& active_;
   const std::vector<Tensor<T>>&x_q_, &t_fp_, &t_hom_, &t_out_;
   const LossScaling<T>& scaling_;
+  const AttentionTargets<T>* attention_;  // null: no attention-map term
   Device device_;
   T tau_;
   bool output_loss_;
@@ -253,8 +292,9 @@ class WindowLoss {
 // Where a non-finite loss comes from: a learned parameter, or the first linear input / block
 // output along the window's forward on this sample.
 template <class Model, class T>
-std::string locate_non_finite(Model& model, const Window& w, const Tensor<T>& x,
+std::string locate_non_finite(PassUnits<Model>& units, const Window& w, const Tensor<T>& x,
                               const std::vector<QuantLinear<T>*>& active) {
+  Model& model = units.model();
   for (QuantLinear<T>* q : active) {
     std::vector<Parameter<T>*> params = q->weight_step_params();
     for (auto* p : q->act_params()) params.push_back(p);
@@ -266,18 +306,19 @@ std::string locate_non_finite(Model& model, const Window& w, const Tensor<T>& x,
   Tape<T> tape(model.device());
   NoGrad<T> off(tape);
   std::string where;
-  int64_t block = w.first;
+  int64_t unit = w.first;
   BlockContext<T> ctx;
   ctx.on_linear_input = [&](const LinearLayer<T>& layer, const Tensor<T>& in) {
     if (where.empty() && !detail::all_finite(in))
-      where = fmt::format("the input of layer layers.{}.{} (block {})", block, layer.name, block);
+      where = fmt::format("the input of layer layers.{}.{} ({})", units.block(unit), layer.name,
+                          units.range(unit, unit));
   };
   if (!detail::all_finite(x)) return "the window's input (the quantized path)";
   Var<T> y = tape.constant(x.device() == model.device() ? x : x.to(model.device()));
-  for (; block <= w.last && where.empty(); ++block) {
-    y = model.blocks[block].forward(tape, y, ctx);
+  for (; unit <= w.last && where.empty(); ++unit) {
+    y = units.forward(tape, unit, y, ctx);
     if (where.empty() && !detail::all_finite(y.value()))
-      where = fmt::format("the output of block {}", block);
+      where = fmt::format("the output of {}", units.range(unit, unit));
   }
   return where.empty()
              ? std::string(

@@ -10,6 +10,10 @@
 
 namespace cbq {
 
+// How a pass cuts its units into windows: CBQ's sliding window (window_schedule below), or
+// ACBQ's adaptive groups from measured dependencies (pass/adaptive_groups.hpp).
+enum class WindowKind { sliding, adaptive };
+
 struct Window {
   int64_t first = 0;     // first block of the window
   int64_t last = 0;      // last block (inclusive)

@@ -22,6 +22,7 @@
 #include "cbq/pass/checks_and_timing.hpp"
 #include "cbq/pass/config.hpp"
 #include "cbq/pass/quant_linear.hpp"
+#include "cbq/pass/units.hpp"
 #include "cbq/pass/window_loss.hpp"
 #include "cbq/pass/window_schedule.hpp"
 #include "cbq/quant/beta_schedule.hpp"
@@ -32,7 +33,8 @@ namespace cbq {
 // The window's loss terms at its start and end, the effect of hard rounding, and the decision.
 inline void print_window_balance(const WindowStats& s, int64_t window_index, int64_t num_windows) {
   auto terms = [](const LossTerms& l) {
-    return fmt::format("l2 {:.4g} kld {:.4g}", l.l2_fp + l.l2_hom, l.kld_fp + l.kld_hom);
+    return fmt::format("l2 {:.4g} kld {:.4g}{}", l.l2_fp + l.l2_hom, l.kld_fp + l.kld_hom,
+                       l.attention_kl != 0 ? fmt::format(" attn {:.4g}", l.attention_kl) : "");
   };
   fmt::print(
       "  window {}/{} balance: start {} γ·round {:.4g} | end {} γ·round {:.4g} | hard rounding "
@@ -50,11 +52,12 @@ inline void print_window_balance(const WindowStats& s, int64_t window_index, int
 }
 
 template <class Model, class Q, class T>
-WindowStats train_window(Model& model, const Window& w, Q& qlayers,
+WindowStats train_window(PassUnits<Model>& units, const Window& w, Q& qlayers,
                          const std::vector<Tensor<T>>& x_q, const std::vector<Tensor<T>>& t_fp,
                          const std::vector<Tensor<T>>& t_hom, const std::vector<Tensor<T>>& t_out,
                          const LossScaling<T>& scaling, const PassOptions& o, int64_t window_index,
-                         int64_t num_windows, std::chrono::steady_clock::time_point pass_start) {
+                         int64_t num_windows, std::chrono::steady_clock::time_point pass_start,
+                         const AttentionTargets<T>* attention = nullptr) {
   const int64_t N = static_cast<int64_t>(x_q.size());
   // The last `heldout` samples judge start vs trained and do not train (calibration segments
   // start at random offsets, so they are a random subset).
@@ -66,8 +69,8 @@ WindowStats train_window(Model& model, const Window& w, Q& qlayers,
   std::vector<Parameter<T>*> steps, acts, rounds;
   std::vector<Tensor<T>> step_scales, act_scales;
   std::vector<QuantLinear<T>*> active;
-  for (int64_t b = w.first; b <= w.last; ++b)
-    for (auto& q : qlayers[b]) {
+  for (int64_t u = w.first; u <= w.last; ++u)
+    for (auto& q : qlayers[u]) {
       if (q->hardened()) continue;
       active.push_back(q.get());
       if (o.learn_weight_step) {
@@ -94,8 +97,8 @@ WindowStats train_window(Model& model, const Window& w, Q& qlayers,
   add_group("rounding", rounds, o.lr_rounding, {});
   std::vector<Parameter<T>*> norms;
   if (o.learn_norms)
-    for (int64_t b = w.first; b <= w.last; ++b)
-      for (Parameter<T>* p : model.blocks[b].other_parameters()) {
+    for (int64_t u = w.first; u <= w.last; ++u)
+      for (Parameter<T>* p : units.parameters(u)) {
         p->trainable = true;
         if (!p->grad.defined()) p->grad = Tensor<T>(p->value.shape(), p->value.device());
         norms.push_back(p);
@@ -107,15 +110,17 @@ WindowStats train_window(Model& model, const Window& w, Q& qlayers,
   WindowStats stats;
   stats.first_block = w.first;
   stats.last_block = w.last;
+  stats.units = units.range(w.first, w.last);
   stats.energy_fp = scaling.energy_fp;
   stats.energy_hom = scaling.energy_hom;
-  const Device device = model.device();
+  const Device device = units.model().device();
   Tape<T> tape(device);
   std::mt19937_64 rng(o.seed * 7919ULL + static_cast<uint64_t>(w.first));
   std::vector<int64_t> order(static_cast<size_t>(n_train));
   std::iota(order.begin(), order.end(), 0);
   const auto wstart = std::chrono::steady_clock::now();
-  WindowLoss<Model, T> window_loss(model, w, o, active, x_q, t_fp, t_hom, t_out, scaling);
+  WindowLoss<Model, T> window_loss(units, w, o, active, x_q, t_fp, t_hom, t_out, scaling,
+                                   attention);
   const bool output_loss = window_loss.has_output_loss();
   auto mean = [](const std::vector<LossTerms>& v, int64_t begin, int64_t end) {
     LossTerms sum;
@@ -164,19 +169,17 @@ WindowStats train_window(Model& model, const Window& w, Q& qlayers,
         std::tie(loss, terms) = window_loss(tape, n, reg_beta);
       } catch (const Error& e) {
         fail(
-            "{} (window {}, blocks {}..{}, epoch {}, step {}, calibration sample {}; first "
-            "non-finite value: {})",
-            e.what(), window_index, w.first, w.last, epoch + 1, step, n,
-            locate_non_finite(model, w, x_q[n], active));
+            "{} (window {}, {}, epoch {}, step {}, calibration sample {}; first non-finite "
+            "value: {})",
+            e.what(), window_index, stats.units, epoch + 1, step, n,
+            locate_non_finite(units, w, x_q[n], active));
       }
       if (!std::isfinite(terms.total))
         fail(
-            "CBQ: the loss is {} in window {} (blocks {}..{}), epoch {}, step {}, calibration "
-            "sample {} (l2 {}, kld {}, homologous l2 {}, kld {}, rounding {}); first non-finite "
-            "value: {}",
-            terms.total, window_index, w.first, w.last, epoch + 1, step, n, terms.l2_fp,
-            terms.kld_fp, terms.l2_hom, terms.kld_hom, terms.round,
-            locate_non_finite(model, w, x_q[n], active));
+            "CBQ: the loss is {} in window {} ({}), epoch {}, step {}, calibration sample {} (l2 "
+            "{}, kld {}, homologous l2 {}, kld {}, rounding {}); first non-finite value: {}",
+            terms.total, window_index, stats.units, epoch + 1, step, n, terms.l2_fp, terms.kld_fp,
+            terms.l2_hom, terms.kld_hom, terms.round, locate_non_finite(units, w, x_q[n], active));
       tape.backward(loss);
       adam.step();
       adam.zero_grad();
@@ -196,11 +199,13 @@ WindowStats train_window(Model& model, const Window& w, Q& qlayers,
       const double eta = pass_el / done_windows * (static_cast<double>(num_windows) - done_windows);
       const LossTerms& m = stats.final_loss;
       fmt::print(
-          "  window {}/{} [blocks {}..{}] epoch {}/{}: loss {:.5f} (l2 {:.5f} kld {:.5f} | hom "
+          "  window {}/{} [{}] epoch {}/{}: loss {:.5f} (l2 {:.5f} kld {:.5f} | hom "
           "l2 {:.5f} kld {:.5f} | round {:.5f}{})  {} elapsed, ETA {}\n",
-          window_index, num_windows, w.first, w.last, epoch + 1, o.epochs, m.total, m.l2_fp,
-          m.kld_fp, m.l2_hom, m.kld_hom, m.round,
-          output_loss ? fmt::format(" | output kld {:.5f}", m.output_kld) : std::string(),
+          window_index, num_windows, stats.units, epoch + 1, o.epochs, m.total, m.l2_fp, m.kld_fp,
+          m.l2_hom, m.kld_hom, m.round,
+          (output_loss ? fmt::format(" | output kld {:.5f}", m.output_kld) : std::string()) +
+              (o.attention_kl > 0 ? fmt::format(" | attn kld {:.5f}", m.attention_kl)
+                                  : std::string()),
           detail::format_duration(el), detail::format_duration(eta));
       std::fflush(stdout);
     }

@@ -14,6 +14,8 @@ namespace cbq {
 struct LossTerms {
   double total = 0, l2_fp = 0, kld_fp = 0, l2_hom = 0, kld_hom = 0, round = 0;
   double output_kld = 0;  // the last window's KL of the model's output distribution (option)
+  // λ · the attention-map KL of the window's attention units (ACBQ; PassOptions::attention_kl)
+  double attention_kl = 0;
   LossTerms& operator+=(const LossTerms& o) {
     total += o.total;
     l2_fp += o.l2_fp;
@@ -22,13 +24,17 @@ struct LossTerms {
     kld_hom += o.kld_hom;
     round += o.round;
     output_kld += o.output_kld;
+    attention_kl += o.attention_kl;
     return *this;
   }
   LossTerms operator/(double k) const {
-    return {total / k, l2_fp / k, kld_fp / k, l2_hom / k, kld_hom / k, round / k, output_kld / k};
+    return {total / k,   l2_fp / k, kld_fp / k,     l2_hom / k,
+            kld_hom / k, round / k, output_kld / k, attention_kl / k};
   }
   // The reconstruction part (what the window is meant to minimise, without the regulariser).
-  double reconstruction() const { return l2_fp + kld_fp + l2_hom + kld_hom + output_kld; }
+  double reconstruction() const {
+    return l2_fp + kld_fp + l2_hom + kld_hom + output_kld + attention_kl;
+  }
 };
 
 // Where a window's wall time went (not kept in checkpoints: 0 for windows a run resumed past).
@@ -43,7 +49,10 @@ struct WindowTimes {
 };
 
 struct WindowStats {
+  // The window's first and last unit (blocks, or sub-block units: pass/units.hpp) and its label
+  // ("blocks 0..1", "units 0.attention..0.ffn").
   int64_t first_block = 0, last_block = 0, steps = 0;
+  std::string units;
   double seconds = 0;  // train_window: the steps and the evaluations
   WindowTimes times;
   // Means over all samples, in the pass's loss scale (PassOptions::loss_scale). `total` is the
@@ -99,6 +108,8 @@ struct QuantizationResult {
   PreprocessStats preprocess;
   double seconds = 0;
   std::size_t activation_bytes = 0;  // calibration activations held by the pass
+  // Adaptive groups (ACBQ): the measured D(u, u+1) of adjacent units; empty for sliding windows.
+  std::vector<double> dependencies;
 
   // Means over layers of step_change and rounding_flips.
   // Windows that went back to their start (PassOptions::keep_better).

@@ -15,9 +15,9 @@
 // samples, seq_len}, fp {perplexity}, methods [{method, config, perplexity, seconds, kl (null
 // until the KL statistics are filled in with set_kl), block_error, block_error_energy, layers
 // [{name, step_change, rounding_flips, codes_changed, output_error_start, output_error}],
-// windows [{first, last, steps, seconds, energy [fp, hom], before, after, hard, judged, heldout,
-// heldout_start, heldout_trained, kept_start, curve {total, l2_fp, kld_fp, l2_hom, kld_hom,
-// round, output_kld}}]}]. Loss terms are objects with the keys of the curve.
+// windows [{first, last, units, steps, seconds, energy [fp, hom], before, after, hard, judged,
+// heldout, heldout_start, heldout_trained, kept_start, curve {total, l2_fp, kld_fp, l2_hom,
+// kld_hom, round, output_kld, attention_kl}}]}]. Loss terms are objects with the keys of the curve.
 #include <algorithm>
 #include <cctype>
 #include <cmath>
@@ -48,14 +48,16 @@ namespace cbq::report {
 inline constexpr const char* kReportFormat = "cbq-report-1";
 
 inline nlohmann::json loss_json(const LossTerms& l) {
-  return {{"total", l.total},          {"l2_fp", l.l2_fp},     {"kld_fp", l.kld_fp},
-          {"l2_hom", l.l2_hom},        {"kld_hom", l.kld_hom}, {"round", l.round},
-          {"output_kld", l.output_kld}};
+  return {{"total", l.total},           {"l2_fp", l.l2_fp},
+          {"kld_fp", l.kld_fp},         {"l2_hom", l.l2_hom},
+          {"kld_hom", l.kld_hom},       {"round", l.round},
+          {"output_kld", l.output_kld}, {"attention_kl", l.attention_kl}};
 }
 
 inline nlohmann::json window_json(const WindowStats& w) {
   nlohmann::json curve = nlohmann::json::object();
-  for (const char* key : {"total", "l2_fp", "kld_fp", "l2_hom", "kld_hom", "round", "output_kld"})
+  for (const char* key :
+       {"total", "l2_fp", "kld_fp", "l2_hom", "kld_hom", "round", "output_kld", "attention_kl"})
     curve[key] = nlohmann::json::array();
   for (const LossTerms& t : w.curve) {
     const nlohmann::json j = loss_json(t);
@@ -63,6 +65,7 @@ inline nlohmann::json window_json(const WindowStats& w) {
   }
   return {{"first", w.first_block},
           {"last", w.last_block},
+          {"units", w.units},
           {"steps", w.steps},
           {"seconds", w.seconds},
           {"energy", {w.energy_fp, w.energy_hom}},
@@ -208,6 +211,7 @@ inline nlohmann::json method_json(const std::string& method, const QuantizationR
   nlohmann::json windows = nlohmann::json::array();
   for (const WindowStats& w : r.windows) windows.push_back(window_json(w));
   m["windows"] = windows;
+  if (!r.dependencies.empty()) m["dependencies"] = r.dependencies;
   return m;
 }
 
@@ -228,7 +232,7 @@ inline std::string balance_table(const nlohmann::json& method) {
       const auto& l = w.at(when);
       return l.at("l2_fp").get<double>() + l.at("kld_fp").get<double>() +
              l.at("l2_hom").get<double>() + l.at("kld_hom").get<double>() +
-             l.at("output_kld").get<double>();
+             l.at("output_kld").get<double>() + l.value("attention_kl", 0.0);
     };
     const bool judged = w.at("judged").get<bool>();
     const int64_t heldout = w.at("heldout").get<int64_t>();
