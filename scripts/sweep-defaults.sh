@@ -102,7 +102,6 @@ candidate_args() {
     return
   fi
   case "$1" in
-    acbq) echo "" ;;
     lam-*) echo "--attention-kl ${1#lam-}" ;;
     hom) echo "--attention-kl-homologous" ;;
     dep-entropy) echo "--dependency entropy" ;;
@@ -114,7 +113,7 @@ candidate_args() {
     adaptive) echo "--schedule adaptive" ;;
     win-*-*) local wo=${1#win-}; echo "--window ${wo%-*} --overlap ${wo#*-}" ;;
     classic) echo "--preset classic" ;;
-    default) echo "" ;;
+    default|acbq) echo "" ;;
     rtn) echo "--init rtn" ;;
     window) echo "--loss-scale window" ;;
     nokeep) echo "--no-keep-better" ;;

@@ -133,6 +133,14 @@ double squared_distance(const Tensor<T>& a, const Tensor<T>& b) {
   return s;
 }
 
+template <class T>
+double squared_norm(const Tensor<T>& a) {
+  const Tensor<T> h = a.is_cpu() ? a : a.to(Device::cpu);
+  double s = 0;
+  for (int64_t i = 0; i < h.numel(); ++i) s += static_cast<double>(h[i]) * h[i];
+  return s;
+}
+
 }  // namespace detail
 
 // D(u, u+1) for u = 0 … U − 2, measured on the first `samples` of x0 (unit 0's inputs) along the
@@ -173,8 +181,8 @@ std::vector<double> unit_dependencies(PassUnits<Model>& units,
       energy_next(num.size(), 0);
   for (int64_t n = 0; n < S; ++n) {
     Tensor<T> x = x0[static_cast<size_t>(n)];
+    Tensor<T> y = units.run(0, x, fp);  // unit u's FP output; z becomes the next one
     for (int64_t u = 0; u + 1 < U; ++u) {
-      const Tensor<T> y = units.run(u, x, fp);
       quantize_unit(u, true);
       const Tensor<T> yq = units.run(u, x, BlockContext<T>{});
       quantize_unit(u, false);
@@ -182,10 +190,11 @@ std::vector<double> unit_dependencies(PassUnits<Model>& units,
       const Tensor<T> zq = units.run(u + 1, yq, fp);
       const size_t i = static_cast<size_t>(u);
       err_u[i] += detail::squared_distance(yq, y);
-      energy_u[i] += detail::squared_distance(y, Tensor<T>(y.shape(), y.device()));
+      energy_u[i] += detail::squared_norm(y);
       err_next[i] += detail::squared_distance(zq, z);
-      energy_next[i] += detail::squared_distance(z, Tensor<T>(z.shape(), z.device()));
+      energy_next[i] += detail::squared_norm(z);
       x = y;
+      y = z;
     }
   }
   std::vector<double> dep(num.size());
