@@ -77,6 +77,19 @@ TEST_CASE("pass estimate: time adds the steps, the forwards and the GPTQ start o
   const PassEstimate capped = estimate_pass(m, spec, o, N, 32, fixed_calibration());
   CHECK(capped.steps == 8);
   CHECK(capped.train_seconds == doctest::Approx(8 * 0.1));
+
+  // Adaptive groups add the dependency measurement: per sample (at most dependency_samples) and
+  // unit, 3 unit forwards for error-gain, 1 for entropy; the units are halves of a block here.
+  PassSpec acbq = acbq_spec(spec);
+  o.dependency_samples = 3;
+  o.dependency = DependencyMeasure::entropy;
+  const PassEstimate entropy = estimate_pass(m, acbq, o, N, 32, fixed_calibration());
+  o.dependency = DependencyMeasure::error_gain;
+  const PassEstimate gain = estimate_pass(m, acbq, o, N, 32, fixed_calibration());
+  const int64_t U = 2 * c.n_layers;
+  CHECK(gain.forward_seconds - entropy.forward_seconds ==
+        doctest::Approx(2.0 * 3 * U * 0.5 * 0.005));
+  CHECK(gain.train_seconds == doctest::Approx(entropy.train_seconds));
 }
 
 TEST_CASE("pass estimate: memory counts the model, the quantizers, activations and the window") {

@@ -164,3 +164,16 @@ TEST_CASE("report: JSON of RTN and CBQ runs, block errors, charts in the directo
   CHECK(kl_chart.find("fp32") == std::string::npos);
   CHECK(kl_chart.find("nan") == std::string::npos);
 }
+
+TEST_CASE("report: an adaptive-groups run records its dependencies and groups") {
+  QuantizationResult r;
+  CHECK_FALSE(report::method_json("cbq", r, 5.0).contains("groups"));
+  r.dependencies = {0.5, 1.25};
+  r.groups = {{0, 0, "unit 0.attention"}, {1, 2, "units 0.ffn..1.attention"}};
+  const nlohmann::json m = report::method_json("acbq", r, 5.0);
+  CHECK(m.at("dependencies").get<std::vector<double>>() == r.dependencies);
+  REQUIRE(m.at("groups").size() == 2);
+  CHECK(m.at("groups")[1].at("first") == 1);
+  CHECK(m.at("groups")[1].at("last") == 2);
+  CHECK(m.at("groups")[1].at("units") == "units 0.ffn..1.attention");
+}

@@ -239,6 +239,19 @@ TEST_CASE("adaptive groups: both dependency measures are finite, in range and de
     CHECK(r.windows[w].last_block == expected[w].last);
   }
   check_schedule(expected, units.count(), 4);
+  // The groups are recorded: consecutive, every unit once, ≤ 2 units, labelled.
+  const auto groups = adaptive_groups(r.dependencies, 1.0, 2);
+  REQUIRE(r.groups.size() == groups.size());
+  int64_t next = 0;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    CHECK(r.groups[g].first == next);
+    CHECK(r.groups[g].first == groups[g].first);
+    CHECK(r.groups[g].last == groups[g].last);
+    CHECK(r.groups[g].last - r.groups[g].first + 1 <= 2);
+    CHECK(r.groups[g].label == units.range(groups[g].first, groups[g].last));
+    next = r.groups[g].last + 1;
+  }
+  CHECK(next == units.count());
 }
 
 TEST_CASE("sub-block pass: every layer quantized once, each window's loss goes down") {
@@ -317,6 +330,9 @@ TEST_CASE("acbq: a run stopped mid-window resumes to bit-identical codes and ste
   const QuantizationResult resumed = run(dir.path.string(), false);
   REQUIRE(resumed.layers.size() == whole.layers.size());
   CHECK(resumed.dependencies == whole.dependencies);
+  REQUIRE(resumed.groups.size() == whole.groups.size());
+  for (size_t g = 0; g < whole.groups.size(); ++g)
+    CHECK(resumed.groups[g].label == whole.groups[g].label);
   for (size_t i = 0; i < whole.layers.size(); ++i) {
     const auto& a = whole.layers[i].weight;
     const auto& b = resumed.layers[i].weight;

@@ -390,6 +390,13 @@ PassEstimate estimate_pass(Transformer<Block>& model, const PassSpec& spec,
   }
   if (pass_activation_sets(options) == 5)
     e.forward_seconds += static_cast<double>(K * N) * cal.fp_block_seconds;
+  // Adaptive groups: the dependency measurement before the first window, per sample and unit
+  // one unit forward for entropy, three for error-gain (quantized, and the next unit on both).
+  if (adaptive)
+    e.forward_seconds +=
+        (options.dependency == DependencyMeasure::entropy ? 1.0 : 3.0) *
+        static_cast<double>(std::min(N, std::max<int64_t>(1, options.dependency_samples)) * U) *
+        unit_blocks * cal.fp_block_seconds;
   e.seconds = e.train_seconds + e.forward_seconds + e.start_seconds;
 
   // Memory.

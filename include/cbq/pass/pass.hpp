@@ -300,7 +300,10 @@ class CbqPass {
                             [&](int64_t u, bool on) { quantize_unit_nearest(units, u, on); });
       windows = adaptive_schedule(result.dependencies, o.group_threshold, spec_.window_blocks,
                                   spec_.window_overlap);
-      if (o.verbose) print_groups(units, windows, result.dependencies);
+      for (const Window& g :
+           adaptive_groups(result.dependencies, o.group_threshold, spec_.window_blocks))
+        result.groups.push_back({g.first, g.last, units.range(g.first, g.last)});
+      if (o.verbose) print_groups(result, windows.size());
     }
 
     // Output loss in every window: the full-precision model's last hidden state of each sample,
@@ -591,13 +594,12 @@ class CbqPass {
     }
   }
 
-  template <class Model>
-  static void print_groups(PassUnits<Model>& units, const std::vector<Window>& windows,
-                           const std::vector<double>& dep) {
+  static void print_groups(const QuantizationResult& r, size_t windows) {
     std::string d, g;
-    for (size_t u = 0; u < dep.size(); ++u) d += fmt::format(" {:.3g}", dep[u]);
-    for (const Window& w : windows) g += fmt::format(" [{}]", units.range(w.first, w.last));
-    fmt::print("CBQ: dependencies D(u, u+1):{}\nCBQ: {} groups:{}\n", d, windows.size(), g);
+    for (double x : r.dependencies) d += fmt::format(" {:.3g}", x);
+    for (const auto& group : r.groups) g += fmt::format(" [{}]", group.label);
+    fmt::print("CBQ: dependencies D(u, u+1):{}\nCBQ: {} groups, {} windows:{}\n", d,
+               r.groups.size(), windows, g);
   }
 
   template <class T, class Model>

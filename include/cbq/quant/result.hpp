@@ -108,8 +108,14 @@ struct QuantizationResult {
   PreprocessStats preprocess;
   double seconds = 0;
   std::size_t activation_bytes = 0;  // calibration activations held by the pass
-  // Adaptive groups (ACBQ): the measured D(u, u+1) of adjacent units; empty for sliding windows.
+  // Adaptive groups (ACBQ): the measured D(u, u+1) of adjacent units, and the groups chosen from
+  // them; both empty for sliding windows.
   std::vector<double> dependencies;
+  struct UnitGroup {
+    int64_t first = 0, last = 0;  // units [first, last]
+    std::string label;            // e.g. "units 3.attention..3.ffn"
+  };
+  std::vector<UnitGroup> groups;
 
   // Means over layers of step_change and rounding_flips.
   // Windows that went back to their start (PassOptions::keep_better).

@@ -212,6 +212,12 @@ inline nlohmann::json method_json(const std::string& method, const QuantizationR
   for (const WindowStats& w : r.windows) windows.push_back(window_json(w));
   m["windows"] = windows;
   if (!r.dependencies.empty()) m["dependencies"] = r.dependencies;
+  if (!r.groups.empty()) {
+    nlohmann::json groups = nlohmann::json::array();
+    for (const auto& g : r.groups)
+      groups.push_back({{"first", g.first}, {"last", g.last}, {"units", g.label}});
+    m["groups"] = groups;
+  }
   return m;
 }
 
