@@ -239,19 +239,14 @@ TEST_CASE("adaptive groups: both dependency measures are finite, in range and de
     CHECK(r.windows[w].last_block == expected[w].last);
   }
   check_schedule(expected, units.count(), 4);
-  // The groups are recorded: consecutive, every unit once, ≤ 2 units, labelled.
+  // The groups it recorded are those of its dependencies (a partition: the first test case).
   const auto groups = adaptive_groups(r.dependencies, 1.0, 2);
   REQUIRE(r.groups.size() == groups.size());
-  int64_t next = 0;
   for (size_t g = 0; g < groups.size(); ++g) {
-    CHECK(r.groups[g].first == next);
     CHECK(r.groups[g].first == groups[g].first);
     CHECK(r.groups[g].last == groups[g].last);
-    CHECK(r.groups[g].last - r.groups[g].first + 1 <= 2);
     CHECK(r.groups[g].label == units.range(groups[g].first, groups[g].last));
-    next = r.groups[g].last + 1;
   }
-  CHECK(next == units.count());
 }
 
 TEST_CASE("sub-block pass: every layer quantized once, each window's loss goes down") {

@@ -8,6 +8,7 @@
 //   adaptive_groups    the groups: D normalised by its mean over the model; a group grows by the
 //                      next unit while its mean normalised dependency stays ≥ the threshold and
 //                      it holds fewer than max_units units;
+//   group_windows,
 //   adaptive_schedule  the windows: group g with the `overlap` groups after it (CBQ's sliding
 //                      window with groups for blocks); group g's units leave after its window.
 // The abstract gives neither formula; both measures and the rule are our reading of secondary
@@ -66,13 +67,11 @@ inline std::vector<Window> adaptive_groups(const std::vector<double>& dep, doubl
   return groups;
 }
 
-// The pass's windows over those groups: window g holds group g and the `overlap` groups after it
-// and finalizes group g; the window that reaches the last unit finalizes everything left (as
-// window_schedule's last window). overlap 0: the groups themselves.
-inline std::vector<Window> adaptive_schedule(const std::vector<double>& dep, double threshold,
-                                             int64_t max_units, int64_t overlap = 0) {
+// The pass's windows over groups (adaptive_groups' output): window g holds group g and the
+// `overlap` groups after it and finalizes group g; the window that reaches the last unit
+// finalizes everything left (as window_schedule's last window). overlap 0: the groups themselves.
+inline std::vector<Window> group_windows(const std::vector<Window>& groups, int64_t overlap) {
   CBQ_CHECK(overlap >= 0, "adaptive groups: overlap {} must be ≥ 0 groups", overlap);
-  const std::vector<Window> groups = adaptive_groups(dep, threshold, max_units);
   const int64_t G = static_cast<int64_t>(groups.size());
   std::vector<Window> windows;
   for (int64_t g = 0; g < G; ++g) {
@@ -83,6 +82,12 @@ inline std::vector<Window> adaptive_schedule(const std::vector<double>& dep, dou
     if (last) break;
   }
   return windows;
+}
+
+// adaptive_groups, then group_windows.
+inline std::vector<Window> adaptive_schedule(const std::vector<double>& dep, double threshold,
+                                             int64_t max_units, int64_t overlap = 0) {
+  return group_windows(adaptive_groups(dep, threshold, max_units), overlap);
 }
 
 namespace detail {

@@ -298,10 +298,10 @@ class CbqPass {
       result.dependencies =
           unit_dependencies(units, x_fp, o.dependency, o.dependency_samples,
                             [&](int64_t u, bool on) { quantize_unit_nearest(units, u, on); });
-      windows = adaptive_schedule(result.dependencies, o.group_threshold, spec_.window_blocks,
-                                  spec_.window_overlap);
-      for (const Window& g :
-           adaptive_groups(result.dependencies, o.group_threshold, spec_.window_blocks))
+      const std::vector<Window> groups =
+          adaptive_groups(result.dependencies, o.group_threshold, spec_.window_blocks);
+      windows = group_windows(groups, spec_.window_overlap);
+      for (const Window& g : groups)
         result.groups.push_back({g.first, g.last, units.range(g.first, g.last)});
       if (o.verbose) print_groups(result, windows.size());
     }
