@@ -39,7 +39,7 @@
 #   gamma-X        --gamma X (e.g. gamma-0.1)
 #   lrstep-X, lrround-X, epochs-X, rank-X
 # ACBQ (docs/ACBQ.md) and its ablations; a candidate may join several with '+' (acbq+lam-10):
-#   acbq           cbq-quantize --method acbq (sub-block units, adaptive groups, λ = 1)
+#   acbq           cbq-quantize --method acbq (sub-block units, adaptive groups ≤ 2, overlap 1, λ = 0)
 #   lam-X          --attention-kl X (the attention-map weight; 0 = off)
 #   hom            --attention-kl-homologous (match FP weights' maps on the quantized input)
 #   ov-N           --group-overlap N (adaptive: each window a group and the N after it)
