@@ -299,8 +299,9 @@ void declare(cbq::cli::Options& o, Args& a) {
   o.flag("--no-hom", a.options.loss_homologous, "switch the homologous term off", false);
   o.flag("--no-fp", a.options.loss_full_precision, "switch the full-precision term off", false);
   o.text("--rotate", a.rotate_list,
-         "Hadamard rotations before quantizing, LLaMA only (docs/ROTATION.md): comma list of r1 "
-         "(residual stream), r2 (value/output heads), r4 (online, before down_proj; no export), "
+         "Hadamard rotations before quantizing (docs/ROTATION.md): comma list of r1 "
+         "(residual stream), r2 (value/output heads), r4 (online, before down_proj / fc2; no "
+         "export), "
          "or none",
          "LIST", [&a](const std::string& v) { parse_rotations(v, a.rotation); })
       ->default_str("none");

@@ -5,6 +5,7 @@
 // cbq_reference.safetensors each, for tests/reference/check_gptq.py.
 #include <cbq/core/mmap.hpp>
 #include <cbq/export/gptq.hpp>
+#include <cbq/model/rotation.hpp>
 #include <cbq/pass/baselines.hpp>
 #include <cbq/pass/calibration.hpp>
 #include <cstdlib>
@@ -174,8 +175,10 @@ struct Case {
 // every layer bit-equal, the reloaded logits and perplexity equal to the in-memory model's.
 template <class Block>
 io::GptqExportSummary round_trip(const ModelConfig& c, const Case& k, io::GptqCheckpointFormat fmt,
-                                 const std::string& keep_as = "") {
+                                 const std::string& keep_as = "",
+                                 const RotationOptions& rotation = Rotation<>::options()) {
   Transformer<Block> model(c, random_weights(c, 11 + static_cast<uint64_t>(k.bits)));
+  if (rotation.any()) rotate_model(model, rotation);  // folded: the export holds it all
   PassSpec spec;
   spec.weight.bits = k.bits;
   spec.weight.symmetric = k.symmetric;
@@ -467,6 +470,13 @@ TEST_CASE("gptq format: exports for the external check (widths multiple of 32)")
                                           {Baseline::gptq, 8, true, kGroup, 32, false},
                                           io::GptqCheckpointFormat::automatic, "llama-w8g32-sym");
   CHECK(s5.checkpoint_format == "gptq");
+  // Rotated (R1 + R2, folded; the tied heads come out untied): still plain checkpoints.
+  round_trip<LlamaBlock<float>>(
+      standard_llama_config(), {Baseline::gptq, 4, false, kGroup, 32, false},
+      io::GptqCheckpointFormat::automatic, "llama-w4g32-rotated", Rotation<R1, R2>::options(3));
+  round_trip<OptBlock<float>>(standard_opt_config(), {Baseline::gptq, 4, false, kGroup, 32, false},
+                              io::GptqCheckpointFormat::automatic, "opt-w4g32-rotated",
+                              Rotation<R1, R2>::options(3));
 }
 
 TEST_CASE("gptq format: a Hugging Face fixture keeps its config fields and tokenizer") {

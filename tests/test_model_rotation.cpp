@@ -332,7 +332,7 @@ TEST_CASE("rotation: stories260K's MLP size 172 needs the random orthogonal kern
   CHECK(f.nll < 1e-5 * std::max(1.0, scale));
 }
 
-TEST_CASE("rotation: compile-time Rotation<...> and the OPT refusal") {
+TEST_CASE("rotation: compile-time Rotation<...>") {
   const RotationOptions a = Rotation<R1, R4>::options(7);
   CHECK(a.r1);
   CHECK_FALSE(a.r2);
@@ -349,16 +349,9 @@ TEST_CASE("rotation: compile-time Rotation<...> and the OPT refusal") {
   rotate_model(y, o);
   const auto tokens = random_tokens(6, cfg.vocab_size, 2);
   CHECK(max_abs_diff(x.logits(tokens).clone(), y.logits(tokens)) == 0);  // the same rotations
-  // OPT's LayerNorm: refused by name, the model untouched.
-  ModelConfig oc = tiny_opt_config();
-  Transformer<OptBlock<double>> opt_model(oc, random_weights(oc, 3));
-  const Tensor<double> w0 = opt_model.blocks[0].q_proj.weight.value.clone();
-  CHECK_THROWS_WITH_AS(rotate_model(opt_model, RotationOptions{}), doctest::Contains("LLaMA"),
-                       Error);
-  CHECK_THROWS_WITH_AS(check_rotation(oc, RotationOptions{}), doctest::Contains("LLaMA"), Error);
-  CHECK_NOTHROW(check_rotation(oc, Rotation<>::options()));  // nothing asked: nothing to refuse
+  CHECK_NOTHROW(check_rotation(tiny_opt_config(), Rotation<R1, R2, R4>::options()));
+  CHECK_NOTHROW(check_rotation(cfg, Rotation<>::options()));  // nothing asked: nothing to refuse
   CHECK_NOTHROW(check_rotation(cfg, Rotation<R1, R2, R4>::options()));
-  CHECK(max_abs_diff(opt_model.blocks[0].q_proj.weight.value, w0) == 0);
 }
 
 TEST_CASE("rotation: every export refuses a model with R4, writing nothing") {
@@ -405,5 +398,218 @@ TEST_CASE("rotation: the CBQ pass trains through R4 (ops::hadamard's backward) a
   CHECK(model.blocks[0].down_proj_rotation != nullptr);
   const auto tokens = random_tokens(8, c.vocab_size, 1);
   const Tensor<float> l = model.logits(tokens);
+  CHECK(std::isfinite(max_abs(l.template cast<double>())));
+}
+
+// ---- OPT: LayerNorms folded (γ, β into the readers), R1 kept to the mean direction ----
+
+namespace {
+
+// Largest |logit change| and |NLL change| of rotating an OPT model, after checking that the
+// weights changed and, with R1, that every LayerNorm is left at γ = 1, β = 0 (the final one keeps
+// a bias) and the position embeddings rotated too.
+template <class T>
+Change opt_rotation_change(Transformer<OptBlock<T>>& model, const RotationOptions& opt,
+                           const std::vector<int32_t>& tokens, RotationReport* report) {
+  const int64_t last = static_cast<int64_t>(tokens.size()) - 2;
+  const std::vector<double> nll_before = model.token_nll(tokens, 0, last);
+  const Tensor<T> before = model.logits(tokens).clone();
+  const Tensor<T> embed0 = model.embed_tokens.value.clone(),
+                  pos0 = model.embed_positions.value.clone(),
+                  v0 = model.blocks[0].v_proj.weight.value.clone(),
+                  o0 = model.blocks[0].out_proj.weight.value.clone(),
+                  fc2 = model.blocks[1].fc2.weight.value.clone();
+  *report = rotate_model(model, opt);
+  CHECK((max_abs_diff(model.embed_tokens.value, embed0) > 1e-3) == opt.r1);
+  CHECK((max_abs_diff(model.embed_positions.value, pos0) > 1e-3) == opt.r1);
+  CHECK((max_abs_diff(model.blocks[1].fc2.weight.value, fc2) > 1e-3) == (opt.r1 || opt.r4));
+  if (opt.r1 || opt.r2) {
+    CHECK(max_abs_diff(model.blocks[0].v_proj.weight.value, v0) > 1e-3);
+    CHECK(max_abs_diff(model.blocks[0].out_proj.weight.value, o0) > 1e-3);
+  }
+  if (opt.r1) {
+    CHECK(report->folded_norms);
+    CHECK_FALSE(model.config.tied_embeddings);
+    int64_t left = 0;
+    for (auto& b : model.blocks)
+      for (int64_t i = 0; i < model.config.dim; ++i)
+        left += (b.self_attn_layer_norm_weight.value[i] != T(1)) +
+                (b.final_layer_norm_weight.value[i] != T(1)) +
+                (b.self_attn_layer_norm_bias.value[i] != T(0)) +
+                (b.final_layer_norm_bias.value[i] != T(0));
+    for (int64_t i = 0; i < model.config.dim; ++i) left += model.final_norm_weight.value[i] != T(1);
+    CHECK(left == 0);
+  }
+  const Tensor<T> after = model.logits(tokens);
+  Change change{max_abs_diff(after, before), 0};
+  const std::vector<double> nll_after = model.token_nll(tokens, 0, last);
+  REQUIRE(nll_after.size() == nll_before.size());
+  for (size_t i = 0; i < nll_after.size(); ++i) {
+    const double d = std::abs(nll_after[i] - nll_before[i]);
+    change.nll = std::isnan(d) ? d : std::max(change.nll, d);
+  }
+  return change;
+}
+
+// d 48 = 4·12 (Paley I), 6 heads of 8, FFN 40 = 2·20, an untied head.
+ModelConfig wide_opt_config() {
+  ModelConfig c = tiny_opt_config();
+  c.dim = 48;
+  c.hidden_dim = 40;
+  c.n_heads = c.n_kv_heads = 6;
+  c.head_dim = 8;
+  c.tied_embeddings = false;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "rotation: the mean-keeping R1 of OPT keeps the all-ones direction and commutes with "
+    "centring") {
+  for (int64_t n : {16, 48, 64}) {
+    CAPTURE(n);
+    const auto h = ops::HadamardTransform::make(n, 5, true);
+    const detail::RowRotation q = detail::mean_preserving(h);
+    REQUIRE_FALSE(q.householder.empty());  // a randomised Hadamard moves the ones direction
+    for (bool transpose : {false, true}) {
+      std::vector<double> ones(static_cast<size_t>(n), 1.0);
+      q.apply(ones.data(), 1, transpose);
+      double worst = 0;
+      for (double v : ones) worst = std::isnan(v) ? v : std::max(worst, std::abs(v - 1.0));
+      CHECK(worst < 1e-12);
+    }
+    // centre(x·Q) = centre(x)·Q and Q is orthogonal (‖x·Q‖ = ‖x‖).
+    std::vector<double> x(static_cast<size_t>(n)), c;
+    for (int64_t i = 0; i < n; ++i) x[i] = std::sin(1.7 * i) + 0.3;
+    auto centre = [](std::vector<double> v) {
+      double m = 0;
+      for (double e : v) m += e;
+      m /= v.size();
+      for (double& e : v) e -= m;
+      return v;
+    };
+    auto norm = [](const std::vector<double>& v) {
+      double s = 0;
+      for (double e : v) s += e * e;
+      return std::sqrt(s);
+    };
+    std::vector<double> xq = x;
+    q.apply(xq.data(), 1, false);
+    CHECK(std::abs(norm(xq) - norm(x)) < 1e-12);
+    std::vector<double> a = centre(xq), b = centre(x);
+    q.apply(b.data(), 1, false);
+    double worst = 0;
+    for (int64_t i = 0; i < n; ++i) worst = std::max(worst, std::abs(a[i] - b[i]));
+    CHECK(worst < 1e-12);
+  }
+}
+
+TEST_CASE(
+    "rotation: a tiny OPT computes the same logits after R1, R2, R4 and all (double, both "
+    "paths)") {
+  for (ModelConfig cfg : {tiny_opt_config(), wide_opt_config()}) {
+    for (RotationOptions opt :
+         {RotationOptions{true, false}, RotationOptions{false, true}, RotationOptions{true, true},
+          RotationOptions{true, true, false, 9}, RotationOptions{false, false, true, 2, true},
+          RotationOptions{true, true, true, 4, true}}) {
+      CAPTURE(cfg.dim);
+      CAPTURE(opt.describe());
+      CAPTURE(opt.random_signs);
+      Transformer<OptBlock<double>> model(cfg, random_weights(cfg, 42));
+      const auto tokens = random_tokens(11, cfg.vocab_size, 3);
+      const double scale = max_abs(model.logits(tokens).clone());
+      RotationReport report;
+      const Change change = opt_rotation_change(model, opt, tokens, &report);
+      MESSAGE("OPT d " << cfg.dim << " " << report.summary() << ": max logit change "
+                       << change.logits << " (logits up to " << scale << "), max NLL change "
+                       << change.nll);
+      CHECK(change.logits < 1e-12 * std::max(1.0, scale));
+      CHECK(change.nll < 1e-12);
+      CHECK(report.untied_head == (opt.r1 && cfg.tied_embeddings));
+      CHECK((report.r1.find("mean-keeping reflection") != std::string::npos) == opt.r1);
+      if (opt.r4) {
+        for (auto& b : model.blocks) REQUIRE(b.fc2_rotation != nullptr);
+        for (const auto& site : model.blocks[0].activation_sites()) CHECK(site.name != "fc2_in");
+        CHECK(online_rotations(model).find("before fc2") != std::string::npos);
+        CHECK_THROWS_WITH_AS(rotate_model(model, opt), doctest::Contains("already has an R4"),
+                             Error);
+      } else {
+        CHECK(online_rotations(model).empty());
+      }
+    }
+  }
+}
+
+TEST_CASE(
+    "rotation: fold_layer_norms alone keeps OPT's logits; a zero final γ with a bias is "
+    "refused, the model untouched") {
+  ModelConfig cfg = tiny_opt_config();
+  Transformer<OptBlock<double>> model(cfg, random_weights(cfg, 13));
+  const auto tokens = random_tokens(9, cfg.vocab_size, 8);
+  const Tensor<double> before = model.logits(tokens).clone();
+  const Tensor<double> fc1 = model.blocks[1].fc1.bias.value.clone();
+  CHECK(fold_layer_norms(model));
+  CHECK(max_abs_diff(model.blocks[1].fc1.bias.value, fc1) > 1e-3);  // β went into the bias
+  CHECK(max_abs_diff(model.logits(tokens), before) < 1e-13 * std::max(1.0, max_abs(before)));
+  CHECK_FALSE(fold_layer_norms(model));  // folding unit norms again changes nothing
+  CHECK(max_abs_diff(model.logits(tokens), before) < 1e-13 * std::max(1.0, max_abs(before)));
+
+  Transformer<OptBlock<double>> bad(cfg, random_weights(cfg, 13));
+  bad.final_norm_weight.value[3] = 0;
+  const Tensor<double> q0 = bad.blocks[0].q_proj.weight.value.clone();
+  CHECK_THROWS_WITH_AS(rotate_model(bad), doctest::Contains("final_layer_norm.weight[3] is 0"),
+                       Error);
+  CHECK(max_abs_diff(bad.blocks[0].q_proj.weight.value, q0) == 0);
+  CHECK(bad.config.tied_embeddings);
+  // A zero γ with a zero β is fine (that channel carries nothing to the head).
+  bad.final_norm_bias.value[3] = 0;
+  const Tensor<double> b0 = bad.logits(tokens).clone();
+  rotate_model(bad);
+  CHECK(max_abs_diff(bad.logits(tokens), b0) < 1e-12 * std::max(1.0, max_abs(b0)));
+}
+
+// The Hugging Face fixture (OPTForCausalLM, d 64, FFN 172, tied head) in float: R1 + R2, and R4
+// with the random orthogonal kernel for 172.
+TEST_CASE("rotation: the tiny-opt Hugging Face fixture keeps its logits in float") {
+  const std::filesystem::path dir =
+      std::filesystem::path(CBQ_SOURCE_DIR) / "tests" / "fixtures" / "tiny-opt";
+  for (bool r4 : {false, true}) {
+    CAPTURE(r4);
+    AnyModel any = load_model(dir.string());
+    REQUIRE(any.is_opt());
+    auto& m = any.opt();
+    const auto tokens =
+        m.tokenizer->encode("Once upon a time, a little dog ran home.", true, false);
+    REQUIRE(tokens.size() > 5);
+    const double scale = max_abs(m.logits(tokens).clone().template cast<double>());
+    RotationOptions opt;
+    opt.r4 = r4;
+    opt.allow_random_orthogonal = true;
+    RotationReport report;
+    const Change f = opt_rotation_change(m, opt, tokens, &report);
+    MESSAGE("tiny-opt float " << report.summary() << ": max logit change " << f.logits
+                              << " (logits up to " << scale << "), max NLL change " << f.nll);
+    CHECK(f.logits < 1e-5 * std::max(1.0, scale));
+    CHECK(f.nll < 1e-5 * std::max(1.0, scale));
+  }
+}
+
+TEST_CASE("rotation: the CBQ pass trains an OPT model through R4 and RTN A4 runs") {
+  ModelConfig c = tiny_opt_config();
+  const auto x = random_hidden(4, 10, c.dim, 40);
+  Transformer<OptBlock<float>> model(c, random_weights(c, 17));
+  rotate_model(model, Rotation<R1, R2, R4>{}, 1);
+  PassOptions o = quiet_options(2);
+  o.keep_better = false;
+  using APass = Pass<Quantizer<3, PerGroup<4>>, ActQuant<4>, SlidingWindow<2, 1>, LoraRounding<2>>;
+  const QuantizationResult r = APass(o).run_from_hidden(model, x);
+  REQUIRE(r.windows.size() == 2);
+  for (const auto& w : r.windows) {
+    CHECK(std::isfinite(w.loss_after.total));
+    CHECK(w.loss_after.total < w.loss_before.total);
+  }
+  CHECK(model.blocks[0].fc2_rotation != nullptr);
+  const Tensor<float> l = model.logits(random_tokens(8, c.vocab_size, 1));
   CHECK(std::isfinite(max_abs(l.template cast<double>())));
 }

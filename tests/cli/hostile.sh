@@ -298,6 +298,9 @@ run_case options "--seed 2^64-1 is not 0" ok 'DIFFER' 240 "$(qm "$M" --method rt
 run_case options "--preset a4" ok '^PRESET 1 1$' 240 "echo PRESET \$($(qm "$M" --preset a4) | grep '^| cbq' | grep -c 'full AdaRound.*output KL x1') \$($(qm "$M" --preset a4 --rounding lora) | grep '^| cbq' | grep -c 'LoRA-Rounding.*output KL x1')"
 # The rotated full-precision model is the same function: the same FP perplexity to 4 digits.
 run_case options "--rotate r1,r2,r4 keeps FP" ok 'SAME' 240 "a=\$($(qm "$M" --method rtn --no-kl-eval) | grep '^FP perplexity' | cut -d' ' -f3) && b=\$($(qm "$M" --method rtn --no-kl-eval --rotate r1,r2,r4 --rotate-fallback) | grep '^FP perplexity' | cut -d' ' -f3) && { [ -n \"\$a\" ] && [ \"\$a\" = \"\$b\" ] && echo SAME || echo DIFFER \$a \$b; }"
+# The same for OPT (LayerNorms folded, R1 keeping the mean direction), on the HF fixture.
+OPTQ=$(q "$FIXTURES/tiny-opt" --calib "$CAL" --eval "$EV" --samples 2 --epochs 1 --max-steps 2 --seq-len 32 --ctx 64 --threads 1 --quiet --no-kl-eval --method rtn)
+run_case options "--rotate r1,r2,r4 keeps FP (OPT)" ok 'SAME' 240 "a=\$($OPTQ | grep '^FP perplexity' | cut -d' ' -f3) && b=\$($OPTQ --rotate r1,r2,r4 --rotate-fallback | grep '^FP perplexity' | cut -d' ' -f3) && { [ -n \"\$a\" ] && [ \"\$a\" = \"\$b\" ] && echo SAME || echo DIFFER \$a \$b; }"
 
 # ---- output paths ----
 out_case() {  # NAME PATTERN ARGS...

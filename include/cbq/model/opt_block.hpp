@@ -3,6 +3,7 @@
 //   h = x + out_proj(attn(q_proj(n1), k_proj(n1), v_proj(n1))),  n1 = layernorm(x)
 //   y = h + fc2(relu(fc1(n2))),                                   n2 = layernorm(h)
 // Biases everywhere; OPT scales q by head_dim^−1/2 after q_proj, which equals scaling the scores.
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -12,6 +13,7 @@
 #include "cbq/ops/activations.hpp"
 #include "cbq/ops/add.hpp"
 #include "cbq/ops/attention.hpp"
+#include "cbq/ops/hadamard.hpp"
 #include "cbq/ops/layernorm.hpp"
 
 namespace cbq {
@@ -24,6 +26,9 @@ class OptBlock {
   Parameter<T> self_attn_layer_norm_weight, self_attn_layer_norm_bias;  // (d,)
   Parameter<T> final_layer_norm_weight, final_layer_norm_bias;          // (d,)
   LinearLayer<T> q_proj, k_proj, v_proj, out_proj, fc1, fc2;
+  // R4: the FFN activation r ← r·M before fc2 (null: none). Set by rotate_model, which folds M
+  // into fc2 (model/rotation.hpp).
+  std::shared_ptr<const ops::HadamardTransform> fc2_rotation;
 
   OptBlock(const ModelConfig& config, int64_t index, const WeightMap& weights)
       : config_(config), index_(index) {
@@ -76,6 +81,7 @@ class OptBlock {
     Var<T> n2 = ops::layernorm(h, tape.param(final_layer_norm_weight),
                                tape.param(final_layer_norm_bias), c.norm_eps);
     Var<T> r = ops::relu(run_linear(tape, fc1, n2, ctx));
+    if (fc2_rotation) r = ops::hadamard(r, fc2_rotation);
     return ops::add(h, run_linear(tape, fc2, r, ctx));
   }
 
@@ -111,6 +117,8 @@ class OptBlock {
     parallel_for(h1.numel(), ops::kElementwiseGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) hp[i] = ops::detail::Relu::value(hp[i]);
     });
+    if (fc2_rotation)  // the same kernel as ops::hadamard's forward
+      fc2_rotation->apply(hp, hp, n * f / fc2_rotation->size(), false, false);
     Tensor<T> o2 = ws.matrix(W::kC, n, d);
     infer_linears<T, 1>(ws, {&fc2}, h1, {o2});
     infer_add(x, o2);
@@ -149,9 +157,11 @@ class OptBlock {
                        divide_rows(final_layer_norm_weight.value, &final_layer_norm_bias.value, s);
                      }});
     // relu(z / s) = relu(z) / s for s > 0: scaling fc1's rows scales fc2's input.
-    sites.push_back({"fc2_in", {&fc2}, config_.hidden_dim, {}, [this](const std::vector<T>& s) {
-                       divide_rows(fc1.weight.value, &fc1.bias.value, s);
-                     }});
+    // Under R4, fc2 reads rotated channels, which no producer scale reaches: no site.
+    if (!fc2_rotation)
+      sites.push_back({"fc2_in", {&fc2}, config_.hidden_dim, {}, [this](const std::vector<T>& s) {
+                         divide_rows(fc1.weight.value, &fc1.bias.value, s);
+                       }});
     return sites;
   }
 

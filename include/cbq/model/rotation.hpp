@@ -1,5 +1,5 @@
 #pragma once
-// Offline rotation of a LLaMA model (QuaRot / SpinQuant R1 and R2; docs/ROTATION.md): the
+// Offline rotation of a LLaMA or OPT model (QuaRot / SpinQuant R1 and R2; docs/ROTATION.md): the
 // rotated model computes the same function in exact arithmetic, with weights and residual
 // activations whose outliers are spread over all channels.
 //
@@ -20,9 +20,22 @@
 // caller allows the seeded random orthogonal kernel.
 // R1 and R2 are folded into the weights (no run-time op; every format holds the result); R4
 // needs the op at run time, so exports refuse a model that has it.
+// OPT (LayerNorm: centre, scale, then weight and bias):
+//   fold_layer_norms every LayerNorm's weight γ and bias β into its readers (q/k/v, fc1:
+//                    b ← b + W·β, W ← W·diag(γ)); the final norm's γ into the head and its bias
+//                    kept as β/γ (the head has no bias), then rotated with the residual.
+//   R1               Q = H·G with G a Householder reflection that maps the image of the all-ones
+//                    direction back onto it, so Q keeps the mean direction. Centring then
+//                    commutes with Q (layernorm(x·Q) = layernorm(x)·Q for γ = 1, β = 0), and the
+//                    model keeps its LayerNorms: no graph change, exports unchanged. The
+//                    position embeddings rotate with the token embeddings. Q is H plus a rank-one
+//                    change, so it spreads outliers as H does.
+//   R2, R4           as for LLaMA (v_proj / out_proj per head; online before fc2,
+//                    OptBlock::fc2_rotation).
 // R3 (q/k after RoPE) is not offered: it only changes what a quantized KV cache sees, and cbq
 // quantizes no KV cache (docs/ROTATION.md).
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -31,6 +44,7 @@
 #include <vector>
 
 #include "cbq/model/llama_block.hpp"
+#include "cbq/model/opt_block.hpp"
 #include "cbq/model/transformer.hpp"
 #include "cbq/ops/hadamard.hpp"
 
@@ -82,7 +96,7 @@ struct RotationReport {
 
   std::string summary() const {
     std::string s;
-    if (folded_norms) s += "RMSNorm weights folded";
+    if (folded_norms) s += "norms folded into the linears";
     if (untied_head) s += ", LM head untied";
     for (auto [d, name] : {std::pair{&r1, "R1"}, std::pair{&r2, "R2"}, std::pair{&r4, "R4"}})
       if (!d->empty()) s += fmt::format("{}{}: {}", s.empty() ? "" : "; ", name, *d);
@@ -93,11 +107,16 @@ struct RotationReport {
 // Which online rotations a model needs at run time ("" when none): exports refuse such a model.
 template <class Block>
 std::string online_rotations(Transformer<Block>& m) {
-  if constexpr (std::is_same_v<Block, LlamaBlock<typename Block::scalar_type>>) {
-    for (Block& b : m.blocks)
+  for (Block& b : m.blocks) {
+    if constexpr (std::is_same_v<Block, LlamaBlock<typename Block::scalar_type>>) {
       if (b.down_proj_rotation)
         return fmt::format("an R4 rotation of the MLP activation before down_proj (block {}: {})",
                            b.index(), b.down_proj_rotation->description());
+    } else {
+      if (b.fc2_rotation)
+        return fmt::format("an R4 rotation of the MLP activation before fc2 (block {}: {})",
+                           b.index(), b.fc2_rotation->description());
+    }
   }
   return "";
 }
@@ -129,11 +148,54 @@ inline RotationTransforms make_rotations(const ModelConfig& c, const RotationOpt
   return t;
 }
 
+// M = H·G: a Hadamard transform H, then (when `householder` holds a unit w) the reflection
+// G = I − 2·w·wᵀ. G is empty for LLaMA; OPT's R1 uses it to keep the mean direction.
+struct RowRotation {
+  const ops::HadamardTransform* h = nullptr;
+  std::vector<double> householder;
+
+  RowRotation(const ops::HadamardTransform& transform,  // NOLINT: a plain H converts
+              std::vector<double> w = {})
+      : h(&transform), householder(std::move(w)) {}
+  int64_t size() const { return h->size(); }
+  // x (rows, n) ← x·M (transpose: x·Mᵀ = x·G·Hᵀ), in place.
+  void apply(double* x, int64_t rows, bool transpose) const {
+    if (!transpose) h->apply<double>(x, x, rows, false, false);
+    if (!householder.empty()) {
+      const int64_t n = size();
+      for (int64_t r = 0; r < rows; ++r) {
+        double* v = x + r * n;
+        double dot = 0;
+        for (int64_t i = 0; i < n; ++i) dot += v[i] * householder[static_cast<size_t>(i)];
+        for (int64_t i = 0; i < n; ++i) v[i] -= 2 * dot * householder[static_cast<size_t>(i)];
+      }
+    }
+    if (transpose) h->apply<double>(x, x, rows, true, false);
+  }
+};
+
+// H·G with a·H·G = a for a = 1/√n (the all-ones direction): G reflects b = a·H onto a
+// (w = (b − a)/‖b − a‖), so M and Mᵀ both keep a and M commutes with centring x ← x − mean(x).
+inline RowRotation mean_preserving(const ops::HadamardTransform& h) {
+  const int64_t n = h.size();
+  const double a = 1.0 / std::sqrt(static_cast<double>(n));
+  std::vector<double> w(static_cast<size_t>(n), a);
+  h.apply<double>(w.data(), w.data(), 1, false, false);  // b
+  double norm = 0;
+  for (double& v : w) {
+    v -= a;
+    norm += v * v;
+  }
+  norm = std::sqrt(norm);
+  if (norm < 1e-12) return RowRotation(h);  // H keeps a already
+  for (double& v : w) v /= norm;
+  return RowRotation(h, std::move(w));
+}
+
 // data (rows, C), C a multiple of h.size(): every chunk x ← x·M (transpose: x·Mᵀ), computed in
 // double and rounded once.
 template <class T>
-void rotate_rows(T* data, int64_t rows, int64_t cols, const ops::HadamardTransform& h,
-                 bool transpose) {
+void rotate_rows(T* data, int64_t rows, int64_t cols, const RowRotation& h, bool transpose) {
   CBQ_CHECK(cols % h.size() == 0, "rotate: rows of {} values are not chunks of {}", cols, h.size());
   const int64_t chunks_per_row = cols / h.size();
   const int64_t block = std::max<int64_t>(1, (int64_t{1} << 16) / cols);
@@ -141,7 +203,7 @@ void rotate_rows(T* data, int64_t rows, int64_t cols, const ops::HadamardTransfo
   for (int64_t r0 = 0; r0 < rows; r0 += block) {
     const int64_t nr = std::min(block, rows - r0);
     buf.assign(data + r0 * cols, data + (r0 + nr) * cols);
-    h.apply<double>(buf.data(), buf.data(), nr * chunks_per_row, transpose, false);
+    h.apply(buf.data(), nr * chunks_per_row, transpose);
     std::transform(buf.begin(), buf.end(), data + r0 * cols,
                    [](double v) { return static_cast<T>(v); });
   }
@@ -149,7 +211,7 @@ void rotate_rows(T* data, int64_t rows, int64_t cols, const ops::HadamardTransfo
 
 // W (out, in) ← Mᵀ·W chunk-wise along `out`: the transposed rows (columns of W) rotated.
 template <class T>
-void rotate_output_side(Tensor<T>& w, const ops::HadamardTransform& h) {
+void rotate_output_side(Tensor<T>& w, const RowRotation& h) {
   const int64_t out = w.size(0), in = w.size(1);
   std::vector<T> t(static_cast<size_t>(out * in));
   const T* p = w.data();
@@ -162,7 +224,7 @@ void rotate_output_side(Tensor<T>& w, const ops::HadamardTransform& h) {
 }
 
 template <class T>
-void rotate_input_side(Tensor<T>& w, const ops::HadamardTransform& h) {  // W ← W·M
+void rotate_input_side(Tensor<T>& w, const RowRotation& h) {  // W ← W·M
   rotate_rows(w.data(), w.size(0), w.size(1), h, false);
 }
 
@@ -179,16 +241,60 @@ void set_ones(Tensor<T>& w) {
   for (int64_t i = 0; i < w.numel(); ++i) w[i] = T(1);
 }
 
-template <class T>
-void check_rotatable(Transformer<LlamaBlock<T>>& m, const char* what) {
+template <class Block>
+void check_rotatable(Transformer<Block>& m, const char* what) {
+  using T = typename Block::scalar_type;
   CBQ_CHECK(m.device() == Device::cpu, "{}: the model is on {}; rotate it on the CPU, then move it",
             what, device_name(m.device()));
-  for (LlamaBlock<T>& b : m.blocks)
+  for (Block& b : m.blocks)
     for (LinearLayer<T>* l : b.linears())
       CBQ_CHECK(!l->transform,
                 "{}: layer {} of block {} has a quantization transform installed; rotate the "
                 "full-precision model before quantizing it",
                 what, l->name, b.index());
+}
+
+// A LayerNorm's weight γ and bias β into a linear that reads its output: b ← b + W·β (in double),
+// then W ← W·diag(γ).
+template <class T>
+void fold_layer_norm_into(LinearLayer<T>& l, const Tensor<T>& gamma, const Tensor<T>& beta) {
+  const int64_t out = l.weight.value.size(0), in = l.weight.value.size(1);
+  T* w = l.weight.value.data();
+  T* b = l.bias.value.data();
+  for (int64_t o = 0; o < out; ++o) {
+    double acc = b[o];
+    for (int64_t i = 0; i < in; ++i) {
+      acc += static_cast<double>(w[o * in + i]) * static_cast<double>(beta[i]);
+      w[o * in + i] *= gamma[i];
+    }
+    b[o] = static_cast<T>(acc);
+  }
+}
+
+// The head tied to the embedding becomes a copy of it (the rotation changes the two differently).
+template <class Block>
+bool untie_head(Transformer<Block>& m) {
+  if (!m.config.tied_embeddings) return false;
+  m.lm_head =
+      Parameter<typename Block::scalar_type>("lm_head.weight", m.embed_tokens.value.clone(), false);
+  m.config.tied_embeddings = false;
+  return true;
+}
+
+// R2 on one block: every value head v_h ← v_h·Q₂ (v's rows and bias), o's columns W ← W·Q₂.
+template <class T>
+void rotate_value_heads(LinearLayer<T>& v, LinearLayer<T>& o, int64_t kv_dim,
+                        const RowRotation& r2) {
+  rotate_output_side(v.weight.value, r2);
+  if (v.has_bias()) rotate_rows(v.bias.value.data(), 1, kv_dim, r2, false);
+  rotate_input_side(o.weight.value, r2);
+}
+
+// R1 on a writer of the residual stream: W ← Qᵀ·W, b ← b·Q.
+template <class T>
+void rotate_writer(LinearLayer<T>& l, int64_t d, const RowRotation& r1) {
+  rotate_output_side(l.weight.value, r1);
+  if (l.has_bias()) rotate_rows(l.bias.value.data(), 1, d, r1, false);
 }
 
 }  // namespace detail
@@ -206,26 +312,54 @@ bool fold_rms_norms(Transformer<LlamaBlock<T>>& m) {
       detail::scale_columns(l->weight.value, b.post_attention_layernorm.value);
     detail::set_ones(b.post_attention_layernorm.value);
   }
-  const bool untie = m.config.tied_embeddings;
-  if (untie) {
-    m.lm_head = Parameter<T>("lm_head.weight", m.embed_tokens.value.clone(), false);
-    m.config.tied_embeddings = false;
-  }
+  const bool untie = detail::untie_head(m);
   detail::scale_columns(m.lm_head.value, m.final_norm_weight.value);
   detail::set_ones(m.final_norm_weight.value);
   return untie;
 }
 
-// Throws a cbq::Error, before any work, when `opt` cannot rotate a model of `c`: a family other
-// than LLaMA (OPT's LayerNorm subtracts the mean, which the residual rotation needs removed
-// first; not built), or a size without a transform (unless the random orthogonal fallback is on).
+// Folds every LayerNorm's weight and bias of an OPT model into the linears that read it (q/k/v,
+// fc1: exact, the norms become γ = 1, β = 0) and the final norm's weight into the LM head
+// (untied when tied); the final norm keeps β/γ as its bias, since the head has no bias. Checks
+// everything before it changes anything. Returns whether it untied the head.
+template <class T>
+bool fold_layer_norms(Transformer<OptBlock<T>>& m) {
+  detail::check_rotatable(m, "fold_layer_norms");
+  Tensor<T>& gf = m.final_norm_weight.value;
+  Tensor<T>& bf = m.final_norm_bias.value;
+  for (int64_t i = 0; i < m.config.dim; ++i)
+    CBQ_CHECK(gf[i] != T(0) || bf[i] == T(0),
+              "fold_layer_norms: {}[{}] is 0 while {}[{}] is {}: that bias cannot move behind the "
+              "LM head (it has none)",
+              m.final_norm_weight.name, i, m.final_norm_bias.name, i, static_cast<double>(bf[i]));
+  for (OptBlock<T>& b : m.blocks)
+    for (LinearLayer<T>* l : {&b.q_proj, &b.k_proj, &b.v_proj, &b.fc1})
+      CBQ_CHECK(l->has_bias(),
+                "fold_layer_norms: {} of block {} has no bias to take its LayerNorm's bias "
+                "(enable_bias = false is not supported)",
+                l->name, b.index());
+  for (OptBlock<T>& b : m.blocks) {
+    for (LinearLayer<T>* l : {&b.q_proj, &b.k_proj, &b.v_proj})
+      detail::fold_layer_norm_into(*l, b.self_attn_layer_norm_weight.value,
+                                   b.self_attn_layer_norm_bias.value);
+    detail::fold_layer_norm_into(b.fc1, b.final_layer_norm_weight.value,
+                                 b.final_layer_norm_bias.value);
+    for (Parameter<T>* p : {&b.self_attn_layer_norm_weight, &b.final_layer_norm_weight})
+      detail::set_ones(p->value);
+    for (Parameter<T>* p : {&b.self_attn_layer_norm_bias, &b.final_layer_norm_bias})
+      p->value.zero();
+  }
+  const bool untied = detail::untie_head(m);
+  detail::scale_columns(m.lm_head.value, gf);
+  for (int64_t i = 0; i < m.config.dim; ++i) bf[i] = gf[i] == T(0) ? T(0) : bf[i] / gf[i];
+  detail::set_ones(gf);
+  return untied;
+}
+
+// Throws a cbq::Error, before any work, when `opt` cannot rotate a model of `c`: a size without
+// a transform (unless the random orthogonal fallback is on).
 inline void check_rotation(const ModelConfig& c, const RotationOptions& opt) {
   if (!opt.any()) return;
-  CBQ_CHECK(c.family == Family::llama,
-            "rotate_model: rotations ({}) are built for LLaMA-family models; {} ({} blocks) is "
-            "not supported (LayerNorm subtracts the mean, which the residual rotation needs "
-            "removed first)",
-            opt.describe(), c.architecture, family_name(c.family));
   detail::make_rotations(c, opt);
 }
 
@@ -250,21 +384,14 @@ RotationReport rotate_model(Transformer<LlamaBlock<T>>& m, const RotationOptions
     for (LlamaBlock<T>& b : m.blocks) {
       for (LinearLayer<T>* l : {&b.q_proj, &b.k_proj, &b.v_proj, &b.gate_proj, &b.up_proj})
         detail::rotate_input_side(l->weight.value, *r1);
-      for (LinearLayer<T>* l : {&b.o_proj, &b.down_proj}) {
-        detail::rotate_output_side(l->weight.value, *r1);
-        if (l->has_bias()) detail::rotate_rows(l->bias.value.data(), 1, c.dim, *r1, false);
-      }
+      for (LinearLayer<T>* l : {&b.o_proj, &b.down_proj}) detail::rotate_writer(*l, c.dim, *r1);
     }
     detail::rotate_input_side(m.lm_head.value, *r1);
     report.r1 = r1->description();
   }
   if (r2) {
-    for (LlamaBlock<T>& b : m.blocks) {
-      detail::rotate_output_side(b.v_proj.weight.value, *r2);
-      if (b.v_proj.has_bias())
-        detail::rotate_rows(b.v_proj.bias.value.data(), 1, c.n_kv_heads * c.head_dim, *r2, false);
-      detail::rotate_input_side(b.o_proj.weight.value, *r2);
-    }
+    for (LlamaBlock<T>& b : m.blocks)
+      detail::rotate_value_heads(b.v_proj, b.o_proj, c.n_kv_heads * c.head_dim, *r2);
     report.r2 = r2->description();
   }
   if (r4) {
@@ -277,12 +404,46 @@ RotationReport rotate_model(Transformer<LlamaBlock<T>>& m, const RotationOptions
   return report;
 }
 
-// The same for a loaded model of either family: OPT is refused (its LayerNorm subtracts the
-// mean, which R1 needs removed from the residual first; not built, docs/ROTATION.md).
-template <class Block>
-RotationReport rotate_model(Transformer<Block>& m, const RotationOptions& opt) {
-  check_rotation(m.config, opt);
-  fail("rotate_model: {} is not a LLaMA-family model", m.config.architecture);
+// The same for OPT: the LayerNorms folded, R1 kept to the mean direction (see the top).
+template <class T>
+RotationReport rotate_model(Transformer<OptBlock<T>>& m, const RotationOptions& opt = {}) {
+  detail::check_rotatable(m, "rotate_model");
+  const ModelConfig& c = m.config;
+  RotationReport report;
+  if (opt.r4)
+    for (OptBlock<T>& b : m.blocks)
+      CBQ_CHECK(!b.fc2_rotation,
+                "rotate_model: block {} already has an R4 rotation ({}); rotate a model once",
+                b.index(), b.fc2_rotation->description());
+  auto [r1, r2, r4] = detail::make_rotations(c, opt);
+  if (r1) {
+    const detail::RowRotation q = detail::mean_preserving(*r1);
+    report.untied_head = fold_layer_norms(m);
+    report.folded_norms = true;
+    detail::rotate_input_side(m.embed_tokens.value, q);
+    detail::rotate_input_side(m.embed_positions.value, q);
+    for (OptBlock<T>& b : m.blocks) {
+      for (LinearLayer<T>* l : {&b.q_proj, &b.k_proj, &b.v_proj, &b.fc1})
+        detail::rotate_input_side(l->weight.value, q);
+      for (LinearLayer<T>* l : {&b.out_proj, &b.fc2}) detail::rotate_writer(*l, c.dim, q);
+    }
+    detail::rotate_input_side(m.lm_head.value, q);
+    detail::rotate_rows(m.final_norm_bias.value.data(), 1, c.dim, q, false);
+    report.r1 = r1->description() + (q.householder.empty() ? "" : " · mean-keeping reflection");
+  }
+  if (r2) {
+    for (OptBlock<T>& b : m.blocks)
+      detail::rotate_value_heads(b.v_proj, b.out_proj, c.n_heads * c.head_dim, *r2);
+    report.r2 = r2->description();
+  }
+  if (r4) {
+    for (OptBlock<T>& b : m.blocks) {
+      detail::rotate_input_side(b.fc2.weight.value, *r4);
+      b.fc2_rotation = r4;
+    }
+    report.r4 = r4->description();
+  }
+  return report;
 }
 
 // The rotations chosen at compile time: rotate_model(model, Rotation<R1, R2>{}, seed).
