@@ -301,8 +301,7 @@ void declare(cbq::cli::Options& o, Args& a) {
   o.text("--rotate", a.rotate_list,
          "Hadamard rotations before quantizing (docs/ROTATION.md): comma list of r1 "
          "(residual stream), r2 (value/output heads), r4 (online, before down_proj / fc2; no "
-         "export), "
-         "or none",
+         "export), or none",
          "LIST", [&a](const std::string& v) { parse_rotations(v, a.rotation); })
       ->default_str("none");
   o.integer<uint64_t>("--rotate-seed", a.rotation.seed, "seed of the rotations' random signs", 0,

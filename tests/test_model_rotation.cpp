@@ -54,32 +54,57 @@ struct Change {
   double logits = 0, nll = 0;
 };
 
+// Norm parameters not at their folded value (weights 1; OPT's block biases 0) after R1.
 template <class T>
-Change rotation_change(Transformer<LlamaBlock<T>>& model, const RotationOptions& opt,
+int64_t unfolded_norm_entries(Transformer<LlamaBlock<T>>& model) {
+  int64_t left = 0;
+  for (auto& b : model.blocks)
+    for (int64_t i = 0; i < model.config.dim; ++i)
+      left += (b.input_layernorm.value[i] != T(1)) + (b.post_attention_layernorm.value[i] != T(1));
+  for (int64_t i = 0; i < model.config.dim; ++i) left += model.final_norm_weight.value[i] != T(1);
+  return left;
+}
+template <class T>
+int64_t unfolded_norm_entries(Transformer<OptBlock<T>>& model) {
+  int64_t left = 0;
+  for (auto& b : model.blocks)
+    for (int64_t i = 0; i < model.config.dim; ++i)
+      left += (b.self_attn_layer_norm_weight.value[i] != T(1)) +
+              (b.final_layer_norm_weight.value[i] != T(1)) +
+              (b.self_attn_layer_norm_bias.value[i] != T(0)) +
+              (b.final_layer_norm_bias.value[i] != T(0));
+  for (int64_t i = 0; i < model.config.dim; ++i) left += model.final_norm_weight.value[i] != T(1);
+  return left;  // the final norm keeps a bias (β/γ, rotated)
+}
+
+template <class Block>
+Change rotation_change(Transformer<Block>& model, const RotationOptions& opt,
                        const std::vector<int32_t>& tokens, RotationReport* report) {
+  using T = typename Block::scalar_type;
+  using Sites = detail::RotationSites<Block>;
   const int64_t last = static_cast<int64_t>(tokens.size()) - 2;
   const std::vector<double> nll_before = model.token_nll(tokens, 0, last);
   const Tensor<T> before = model.logits(tokens).clone();
   const Tensor<T> embed0 = model.embed_tokens.value.clone(),
                   v0 = model.blocks[0].v_proj.weight.value.clone(),
-                  o0 = model.blocks[0].o_proj.weight.value.clone();
+                  o0 = Sites::attention_out(model.blocks[0]).weight.value.clone(),
+                  mlp_out0 = Sites::mlp_out(model.blocks[1]).weight.value.clone();
+  Tensor<T> pos0;
+  if constexpr (Sites::layer_norm) pos0 = model.embed_positions.value.clone();
   *report = rotate_model(model, opt);
   CHECK((max_abs_diff(model.embed_tokens.value, embed0) > 1e-3) == opt.r1);
+  if constexpr (Sites::layer_norm)  // OPT's positions are residual vectors too
+    CHECK((max_abs_diff(model.embed_positions.value, pos0) > 1e-3) == opt.r1);
+  CHECK((max_abs_diff(Sites::mlp_out(model.blocks[1]).weight.value, mlp_out0) > 1e-3) ==
+        (opt.r1 || opt.r4));
   if (opt.r1 || opt.r2) {
     CHECK(max_abs_diff(model.blocks[0].v_proj.weight.value, v0) > 1e-3);
-    CHECK(max_abs_diff(model.blocks[0].o_proj.weight.value, o0) > 1e-3);
+    CHECK(max_abs_diff(Sites::attention_out(model.blocks[0]).weight.value, o0) > 1e-3);
   }
   if (opt.r1) {
     CHECK(report->folded_norms);
     CHECK_FALSE(model.config.tied_embeddings);
-    int64_t not_one = 0;  // norm weights left after folding
-    for (auto& b : model.blocks)
-      for (int64_t i = 0; i < model.config.dim; ++i)
-        not_one +=
-            (b.input_layernorm.value[i] != T(1)) + (b.post_attention_layernorm.value[i] != T(1));
-    for (int64_t i = 0; i < model.config.dim; ++i)
-      not_one += model.final_norm_weight.value[i] != T(1);
-    CHECK(not_one == 0);
+    CHECK(unfolded_norm_entries(model) == 0);
   }
   const Tensor<T> after = model.logits(tokens);
   Change change{max_abs_diff(after, before), 0};
@@ -378,13 +403,14 @@ TEST_CASE("rotation: every export refuses a model with R4, writing nothing") {
   fs::remove_all(dir);
 }
 
-TEST_CASE("rotation: the CBQ pass trains through R4 (ops::hadamard's backward) and RTN A4 runs") {
-  ModelConfig c = tiny_llama_config();
+namespace {
+// A W3A4 CBQ pass over a rotated model: every window's loss falls (ops::hadamard's backward
+// carries R4's gradient), the rotation stays in place, and the logits after are finite.
+template <class Block>
+void check_pass_through_rotation(const ModelConfig& c, const RotationOptions& rotation) {
   const auto x = random_hidden(4, 10, c.dim, 40);
-  Transformer<LlamaBlock<float>> model(c, random_weights(c, 17));
-  RotationOptions opt;
-  opt.r4 = true;
-  rotate_model(model, opt);
+  Transformer<Block> model(c, random_weights(c, 17));
+  rotate_model(model, rotation);
   PassOptions o = quiet_options(2);
   o.keep_better = false;
   using APass = Pass<Quantizer<3, PerGroup<4>>, ActQuant<4>, SlidingWindow<2, 1>, LoraRounding<2>>;
@@ -394,62 +420,20 @@ TEST_CASE("rotation: the CBQ pass trains through R4 (ops::hadamard's backward) a
     CHECK(std::isfinite(w.loss_after.total));
     CHECK(w.loss_after.total < w.loss_before.total);
   }
-  // The rotation survives quantization: the block still applies it.
-  CHECK(model.blocks[0].down_proj_rotation != nullptr);
-  const auto tokens = random_tokens(8, c.vocab_size, 1);
-  const Tensor<float> l = model.logits(tokens);
+  CHECK(online_rotations(model).empty() != rotation.r4);
+  const Tensor<float> l = model.logits(random_tokens(8, c.vocab_size, 1));
   CHECK(std::isfinite(max_abs(l.template cast<double>())));
+}
+}  // namespace
+
+TEST_CASE("rotation: the CBQ pass trains through R4 (ops::hadamard's backward), LLaMA and OPT") {
+  check_pass_through_rotation<LlamaBlock<float>>(tiny_llama_config(), Rotation<R4>::options());
+  check_pass_through_rotation<OptBlock<float>>(tiny_opt_config(), Rotation<R1, R2, R4>::options(1));
 }
 
 // ---- OPT: LayerNorms folded (γ, β into the readers), R1 kept to the mean direction ----
 
 namespace {
-
-// Largest |logit change| and |NLL change| of rotating an OPT model, after checking that the
-// weights changed and, with R1, that every LayerNorm is left at γ = 1, β = 0 (the final one keeps
-// a bias) and the position embeddings rotated too.
-template <class T>
-Change opt_rotation_change(Transformer<OptBlock<T>>& model, const RotationOptions& opt,
-                           const std::vector<int32_t>& tokens, RotationReport* report) {
-  const int64_t last = static_cast<int64_t>(tokens.size()) - 2;
-  const std::vector<double> nll_before = model.token_nll(tokens, 0, last);
-  const Tensor<T> before = model.logits(tokens).clone();
-  const Tensor<T> embed0 = model.embed_tokens.value.clone(),
-                  pos0 = model.embed_positions.value.clone(),
-                  v0 = model.blocks[0].v_proj.weight.value.clone(),
-                  o0 = model.blocks[0].out_proj.weight.value.clone(),
-                  fc2 = model.blocks[1].fc2.weight.value.clone();
-  *report = rotate_model(model, opt);
-  CHECK((max_abs_diff(model.embed_tokens.value, embed0) > 1e-3) == opt.r1);
-  CHECK((max_abs_diff(model.embed_positions.value, pos0) > 1e-3) == opt.r1);
-  CHECK((max_abs_diff(model.blocks[1].fc2.weight.value, fc2) > 1e-3) == (opt.r1 || opt.r4));
-  if (opt.r1 || opt.r2) {
-    CHECK(max_abs_diff(model.blocks[0].v_proj.weight.value, v0) > 1e-3);
-    CHECK(max_abs_diff(model.blocks[0].out_proj.weight.value, o0) > 1e-3);
-  }
-  if (opt.r1) {
-    CHECK(report->folded_norms);
-    CHECK_FALSE(model.config.tied_embeddings);
-    int64_t left = 0;
-    for (auto& b : model.blocks)
-      for (int64_t i = 0; i < model.config.dim; ++i)
-        left += (b.self_attn_layer_norm_weight.value[i] != T(1)) +
-                (b.final_layer_norm_weight.value[i] != T(1)) +
-                (b.self_attn_layer_norm_bias.value[i] != T(0)) +
-                (b.final_layer_norm_bias.value[i] != T(0));
-    for (int64_t i = 0; i < model.config.dim; ++i) left += model.final_norm_weight.value[i] != T(1);
-    CHECK(left == 0);
-  }
-  const Tensor<T> after = model.logits(tokens);
-  Change change{max_abs_diff(after, before), 0};
-  const std::vector<double> nll_after = model.token_nll(tokens, 0, last);
-  REQUIRE(nll_after.size() == nll_before.size());
-  for (size_t i = 0; i < nll_after.size(); ++i) {
-    const double d = std::abs(nll_after[i] - nll_before[i]);
-    change.nll = std::isnan(d) ? d : std::max(change.nll, d);
-  }
-  return change;
-}
 
 // d 48 = 4·12 (Paley I), 6 heads of 8, FFN 40 = 2·20, an untied head.
 ModelConfig wide_opt_config() {
@@ -480,7 +464,7 @@ TEST_CASE(
       CHECK(worst < 1e-12);
     }
     // centre(x·Q) = centre(x)·Q and Q is orthogonal (‖x·Q‖ = ‖x‖).
-    std::vector<double> x(static_cast<size_t>(n)), c;
+    std::vector<double> x(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) x[i] = std::sin(1.7 * i) + 0.3;
     auto centre = [](std::vector<double> v) {
       double m = 0;
@@ -520,7 +504,7 @@ TEST_CASE(
       const auto tokens = random_tokens(11, cfg.vocab_size, 3);
       const double scale = max_abs(model.logits(tokens).clone());
       RotationReport report;
-      const Change change = opt_rotation_change(model, opt, tokens, &report);
+      const Change change = rotation_change(model, opt, tokens, &report);
       MESSAGE("OPT d " << cfg.dim << " " << report.summary() << ": max logit change "
                        << change.logits << " (logits up to " << scale << "), max NLL change "
                        << change.nll);
@@ -587,29 +571,10 @@ TEST_CASE("rotation: the tiny-opt Hugging Face fixture keeps its logits in float
     opt.r4 = r4;
     opt.allow_random_orthogonal = true;
     RotationReport report;
-    const Change f = opt_rotation_change(m, opt, tokens, &report);
+    const Change f = rotation_change(m, opt, tokens, &report);
     MESSAGE("tiny-opt float " << report.summary() << ": max logit change " << f.logits
                               << " (logits up to " << scale << "), max NLL change " << f.nll);
     CHECK(f.logits < 1e-5 * std::max(1.0, scale));
     CHECK(f.nll < 1e-5 * std::max(1.0, scale));
   }
-}
-
-TEST_CASE("rotation: the CBQ pass trains an OPT model through R4 and RTN A4 runs") {
-  ModelConfig c = tiny_opt_config();
-  const auto x = random_hidden(4, 10, c.dim, 40);
-  Transformer<OptBlock<float>> model(c, random_weights(c, 17));
-  rotate_model(model, Rotation<R1, R2, R4>{}, 1);
-  PassOptions o = quiet_options(2);
-  o.keep_better = false;
-  using APass = Pass<Quantizer<3, PerGroup<4>>, ActQuant<4>, SlidingWindow<2, 1>, LoraRounding<2>>;
-  const QuantizationResult r = APass(o).run_from_hidden(model, x);
-  REQUIRE(r.windows.size() == 2);
-  for (const auto& w : r.windows) {
-    CHECK(std::isfinite(w.loss_after.total));
-    CHECK(w.loss_after.total < w.loss_before.total);
-  }
-  CHECK(model.blocks[0].fc2_rotation != nullptr);
-  const Tensor<float> l = model.logits(random_tokens(8, c.vocab_size, 1));
-  CHECK(std::isfinite(max_abs(l.template cast<double>())));
 }

@@ -104,20 +104,48 @@ struct RotationReport {
   }
 };
 
+namespace detail {
+
+// What the rotations touch in a block of each family: the readers of the residual stream (their
+// input side rotates with R1), its writers (output side), the projection after attention (R2's
+// other side), the MLP's last linear and the slot of its online R4.
+template <class Block>
+struct RotationSites;
+template <class T>
+struct RotationSites<LlamaBlock<T>> {
+  static constexpr bool layer_norm = false;  // RMSNorm: any orthogonal R1 commutes with it
+  static std::vector<LinearLayer<T>*> readers(LlamaBlock<T>& b) {
+    return {&b.q_proj, &b.k_proj, &b.v_proj, &b.gate_proj, &b.up_proj};
+  }
+  static std::vector<LinearLayer<T>*> writers(LlamaBlock<T>& b) {
+    return {&b.o_proj, &b.down_proj};
+  }
+  static LinearLayer<T>& attention_out(LlamaBlock<T>& b) { return b.o_proj; }
+  static LinearLayer<T>& mlp_out(LlamaBlock<T>& b) { return b.down_proj; }
+  static auto& mlp_rotation(LlamaBlock<T>& b) { return b.down_proj_rotation; }
+};
+template <class T>
+struct RotationSites<OptBlock<T>> {
+  static constexpr bool layer_norm = true;  // centring: R1 must keep the all-ones direction
+  static std::vector<LinearLayer<T>*> readers(OptBlock<T>& b) {
+    return {&b.q_proj, &b.k_proj, &b.v_proj, &b.fc1};
+  }
+  static std::vector<LinearLayer<T>*> writers(OptBlock<T>& b) { return {&b.out_proj, &b.fc2}; }
+  static LinearLayer<T>& attention_out(OptBlock<T>& b) { return b.out_proj; }
+  static LinearLayer<T>& mlp_out(OptBlock<T>& b) { return b.fc2; }
+  static auto& mlp_rotation(OptBlock<T>& b) { return b.fc2_rotation; }
+};
+
+}  // namespace detail
+
 // Which online rotations a model needs at run time ("" when none): exports refuse such a model.
 template <class Block>
 std::string online_rotations(Transformer<Block>& m) {
-  for (Block& b : m.blocks) {
-    if constexpr (std::is_same_v<Block, LlamaBlock<typename Block::scalar_type>>) {
-      if (b.down_proj_rotation)
-        return fmt::format("an R4 rotation of the MLP activation before down_proj (block {}: {})",
-                           b.index(), b.down_proj_rotation->description());
-    } else {
-      if (b.fc2_rotation)
-        return fmt::format("an R4 rotation of the MLP activation before fc2 (block {}: {})",
-                           b.index(), b.fc2_rotation->description());
-    }
-  }
+  using Sites = detail::RotationSites<Block>;
+  for (Block& b : m.blocks)
+    if (const auto& r4 = Sites::mlp_rotation(b))
+      return fmt::format("an R4 rotation of the MLP activation before {} (block {}: {})",
+                         Sites::mlp_out(b).name, b.index(), r4->description());
   return "";
 }
 
@@ -282,19 +310,11 @@ bool untie_head(Transformer<Block>& m) {
 }
 
 // R2 on one block: every value head v_h ← v_h·Q₂ (v's rows and bias), o's columns W ← W·Q₂.
+// R1 on a writer of the residual stream and R2 on v_proj: W ← Mᵀ·W, b ← b·M (chunk-wise).
 template <class T>
-void rotate_value_heads(LinearLayer<T>& v, LinearLayer<T>& o, int64_t kv_dim,
-                        const RowRotation& r2) {
-  rotate_output_side(v.weight.value, r2);
-  if (v.has_bias()) rotate_rows(v.bias.value.data(), 1, kv_dim, r2, false);
-  rotate_input_side(o.weight.value, r2);
-}
-
-// R1 on a writer of the residual stream: W ← Qᵀ·W, b ← b·Q.
-template <class T>
-void rotate_writer(LinearLayer<T>& l, int64_t d, const RowRotation& r1) {
-  rotate_output_side(l.weight.value, r1);
-  if (l.has_bias()) rotate_rows(l.bias.value.data(), 1, d, r1, false);
+void rotate_writer(LinearLayer<T>& l, const RowRotation& r) {
+  rotate_output_side(l.weight.value, r);
+  if (l.has_bias()) rotate_rows(l.bias.value.data(), 1, l.bias.value.numel(), r, false);
 }
 
 }  // namespace detail
@@ -365,81 +385,50 @@ inline void check_rotation(const ModelConfig& c, const RotationOptions& opt) {
 
 // Applies the rotations `opt` asks for, in place; the logits stay the same up to rounding
 // (tests/test_model_rotation.cpp gives the tolerances).
-template <class T>
-RotationReport rotate_model(Transformer<LlamaBlock<T>>& m, const RotationOptions& opt = {}) {
+template <class Block>
+RotationReport rotate_model(Transformer<Block>& m, const RotationOptions& opt = {}) {
+  using T = typename Block::scalar_type;
+  using Sites = detail::RotationSites<Block>;
   detail::check_rotatable(m, "rotate_model");
-  const ModelConfig& c = m.config;
   RotationReport report;
   if (opt.r4)
-    for (LlamaBlock<T>& b : m.blocks)
-      CBQ_CHECK(!b.down_proj_rotation,
+    for (Block& b : m.blocks)
+      CBQ_CHECK(!Sites::mlp_rotation(b),
                 "rotate_model: block {} already has an R4 rotation ({}); rotate a model once",
-                b.index(), b.down_proj_rotation->description());
+                b.index(), Sites::mlp_rotation(b)->description());
   // Every transform first, so an unsupported size changes nothing.
-  auto [r1, r2, r4] = detail::make_rotations(c, opt);
+  auto [r1, r2, r4] = detail::make_rotations(m.config, opt);
   if (r1) {
-    report.untied_head = fold_rms_norms(m);
+    const detail::RowRotation q =
+        Sites::layer_norm ? detail::mean_preserving(*r1) : detail::RowRotation(*r1);
+    if constexpr (Sites::layer_norm)
+      report.untied_head = fold_layer_norms(m);
+    else
+      report.untied_head = fold_rms_norms(m);
     report.folded_norms = true;
-    detail::rotate_input_side(m.embed_tokens.value, *r1);  // E ← E·Q: rows are residual vectors
-    for (LlamaBlock<T>& b : m.blocks) {
-      for (LinearLayer<T>* l : {&b.q_proj, &b.k_proj, &b.v_proj, &b.gate_proj, &b.up_proj})
-        detail::rotate_input_side(l->weight.value, *r1);
-      for (LinearLayer<T>* l : {&b.o_proj, &b.down_proj}) detail::rotate_writer(*l, c.dim, *r1);
-    }
-    detail::rotate_input_side(m.lm_head.value, *r1);
-    report.r1 = r1->description();
-  }
-  if (r2) {
-    for (LlamaBlock<T>& b : m.blocks)
-      detail::rotate_value_heads(b.v_proj, b.o_proj, c.n_kv_heads * c.head_dim, *r2);
-    report.r2 = r2->description();
-  }
-  if (r4) {
-    for (LlamaBlock<T>& b : m.blocks) {
-      detail::rotate_input_side(b.down_proj.weight.value, *r4);  // W ← W·Q₄
-      b.down_proj_rotation = r4;
-    }
-    report.r4 = r4->description();
-  }
-  return report;
-}
-
-// The same for OPT: the LayerNorms folded, R1 kept to the mean direction (see the top).
-template <class T>
-RotationReport rotate_model(Transformer<OptBlock<T>>& m, const RotationOptions& opt = {}) {
-  detail::check_rotatable(m, "rotate_model");
-  const ModelConfig& c = m.config;
-  RotationReport report;
-  if (opt.r4)
-    for (OptBlock<T>& b : m.blocks)
-      CBQ_CHECK(!b.fc2_rotation,
-                "rotate_model: block {} already has an R4 rotation ({}); rotate a model once",
-                b.index(), b.fc2_rotation->description());
-  auto [r1, r2, r4] = detail::make_rotations(c, opt);
-  if (r1) {
-    const detail::RowRotation q = detail::mean_preserving(*r1);
-    report.untied_head = fold_layer_norms(m);
-    report.folded_norms = true;
-    detail::rotate_input_side(m.embed_tokens.value, q);
-    detail::rotate_input_side(m.embed_positions.value, q);
-    for (OptBlock<T>& b : m.blocks) {
-      for (LinearLayer<T>* l : {&b.q_proj, &b.k_proj, &b.v_proj, &b.fc1})
-        detail::rotate_input_side(l->weight.value, q);
-      for (LinearLayer<T>* l : {&b.out_proj, &b.fc2}) detail::rotate_writer(*l, c.dim, q);
+    detail::rotate_input_side(m.embed_tokens.value, q);  // E ← E·Q: rows are residual vectors
+    if constexpr (Sites::layer_norm) detail::rotate_input_side(m.embed_positions.value, q);
+    for (Block& b : m.blocks) {
+      for (LinearLayer<T>* l : Sites::readers(b)) detail::rotate_input_side(l->weight.value, q);
+      for (LinearLayer<T>* l : Sites::writers(b)) detail::rotate_writer(*l, q);
     }
     detail::rotate_input_side(m.lm_head.value, q);
-    detail::rotate_rows(m.final_norm_bias.value.data(), 1, c.dim, q, false);
+    // OPT's final norm keeps a bias (fold_layer_norms): it lives in the residual's basis.
+    if constexpr (Sites::layer_norm)
+      detail::rotate_rows(m.final_norm_bias.value.data(), 1, m.config.dim, q, false);
     report.r1 = r1->description() + (q.householder.empty() ? "" : " · mean-keeping reflection");
   }
   if (r2) {
-    for (OptBlock<T>& b : m.blocks)
-      detail::rotate_value_heads(b.v_proj, b.out_proj, c.n_heads * c.head_dim, *r2);
+    for (Block& b : m.blocks) {
+      detail::rotate_writer(b.v_proj, *r2);  // v_h ← v_h·Q₂, every value head
+      detail::rotate_input_side(Sites::attention_out(b).weight.value, *r2);
+    }
     report.r2 = r2->description();
   }
   if (r4) {
-    for (OptBlock<T>& b : m.blocks) {
-      detail::rotate_input_side(b.fc2.weight.value, *r4);
-      b.fc2_rotation = r4;
+    for (Block& b : m.blocks) {
+      detail::rotate_input_side(Sites::mlp_out(b).weight.value, *r4);  // W ← W·Q₄
+      Sites::mlp_rotation(b) = r4;
     }
     report.r4 = r4->description();
   }
