@@ -231,6 +231,7 @@ int main(int argc, char** argv) {
   }
   if (model_path.empty() || (ids_path.empty() && text_path.empty()))
     usage("needs a model and --ids FILE or --text FILE");
+  o.balance_all_samples = true;  // this tool's purpose: the balance over every sample
   try {
     if (threads > 0) cbq::set_num_threads(static_cast<int>(threads));
     cbq::AnyModel any = cbq::load_model(model_path, tokenizer);

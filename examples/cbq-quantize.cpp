@@ -239,6 +239,10 @@ void declare(cbq::cli::Options& o, Args& a) {
          "keep every window's trained state (default: the better of start and trained on "
          "held-out samples)",
          false);
+  o.flag("--balance-all-samples", a.options.balance_all_samples,
+         "measure each window's loss balance (report, progress line) on every calibration sample "
+         "(default: on the held-out ones; slower)",
+         true);
   o.flag("--keep-denormals", a.options.flush_denormals,
          "compute with subnormal floats on the CPU (default: flushed to zero while the pass runs, "
          "about 1.5x faster steps; docs/PASS.md)",

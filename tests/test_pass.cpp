@@ -18,7 +18,9 @@ using W3 = Quantizer<3, PerGroup<8>>;
 TEST_CASE("cbq pass: every window's reconstruction loss goes down (tiny LLaMA, W3 g8, LoRA)") {
   ModelConfig c = tiny_llama_config();
   Transformer<LlamaBlock<float>> model(c, random_weights(c, 1));
-  Pass<W3, ActQuant<16>, SlidingWindow<2, 1>, LoraRounding<2>> pass(quiet_options(4));
+  PassOptions o = quiet_options(4);
+  o.balance_all_samples = true;  // training samples included (the held-out ones are 3 of 6)
+  Pass<W3, ActQuant<16>, SlidingWindow<2, 1>, LoraRounding<2>> pass(o);
   auto result = pass.run_from_hidden(model, random_hidden(6, 12, c.dim, 7));
   REQUIRE(result.windows.size() == 2);
   for (const auto& w : result.windows) {
@@ -105,6 +107,7 @@ TEST_CASE("cbq pass: window targets follow the full-precision path for every win
     o.lr_weight_step = 0;
     o.loss_kld = false;
     o.loss_scale = LossScale::absolute;  // (the other scales: test_pass_balance.cpp)
+    o.balance_all_samples = true;        // the expectation below is over every sample
     PassSpec spec;
     spec.weight = W3::spec();
     spec.window_blocks = B;

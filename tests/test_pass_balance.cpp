@@ -110,6 +110,7 @@ TEST_CASE("loss scale: each window's terms equal their definitions in every scal
     PassOptions o = quiet_options(1);
     o.lr_weight_step = 0;
     o.loss_scale = scale;
+    o.balance_all_samples = true;  // the expectation below is over every sample
     PassSpec spec;
     spec.weight = W3::spec();
     spec.rounding = RoundingKind::nearest;
@@ -204,6 +205,46 @@ TEST_CASE("loss balance: every window records its terms, the hard rounding and t
         CHECK(w.loss_hard.total != w.loss_after.total);
     }
   }
+}
+
+TEST_CASE("loss balance: measured on the held-out samples by default, on all when asked") {
+  // Only a measurement: the codes are the same bit for bit either way; by default the balance is
+  // the mean over the held-out samples, equal to the start-vs-trained losses in hard training.
+  ModelConfig c = tiny_llama_config();
+  const auto x = random_hidden(8, 10, c.dim, 4);
+  QuantizationResult by_sample[2];
+  for (bool all : {false, true}) {
+    CAPTURE(all);
+    Transformer<LlamaBlock<float>> model(c, random_weights(c, 23));
+    PassOptions o = quiet_options(2);
+    o.balance_all_samples = all;
+    by_sample[all] = TinyPass(o).run_from_hidden(model, x);
+    for (const WindowStats& w : by_sample[all].windows) {
+      REQUIRE(w.heldout == o.holdout_samples(8));
+      CHECK(w.balance_samples == (all ? 8 : w.heldout));
+      CHECK(std::isfinite(w.loss_before.total));
+      CHECK(std::isfinite(w.loss_after.total));
+      if (!all) {
+        CHECK(w.loss_before.reconstruction() == w.heldout_start.reconstruction());
+        CHECK(w.loss_hard.reconstruction() == w.heldout_trained.reconstruction());
+      }
+    }
+  }
+  const QuantizationResult &held_out = by_sample[0], &every = by_sample[1];
+  REQUIRE(held_out.layers.size() == every.layers.size());
+  for (size_t i = 0; i < every.layers.size(); ++i) {
+    CAPTURE(every.layers[i].name);
+    CHECK(same_codes(held_out.layers[i].weight, every.layers[i].weight));
+    CHECK(same_bits(held_out.layers[i].weight.scale, every.layers[i].weight.scale));
+  }
+  // Over all 8 samples the means differ from those over the 4 held out.
+  CHECK(held_out.windows[0].loss_before.total != every.windows[0].loss_before.total);
+  // Without held-out samples there is nothing else to measure on: all of them.
+  Transformer<LlamaBlock<float>> model(c, random_weights(c, 23));
+  PassOptions o = quiet_options(2);
+  o.keep_better = false;
+  for (const WindowStats& w : TinyPass(o).run_from_hidden(model, x).windows)
+    CHECK(w.balance_samples == 8);
 }
 
 TEST_CASE("keep better: the held-out count follows the documented rule") {

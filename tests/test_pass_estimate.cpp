@@ -44,11 +44,17 @@ TEST_CASE("pass estimate: time adds the steps, the forwards and the GPTQ start o
   // 80 % of the steps carry the regulariser (round_warmup 0.2).
   const double step = 0.2 * 0.1 + 0.8 * 0.2;
   CHECK(e.train_seconds == doctest::Approx(18 * step));
-  // Per window: 2·N·2 FP block forwards, 2·N window evaluations (0.02 s each), and N samples
-  // through each block leaving (0.012 s each): 1 after the first window, 2 after the last.
-  const double fwd = (N * 4 * 0.005 + 2 * N * 0.02 + N * 1 * 0.012) +
-                     (N * 4 * 0.005 + 2 * N * 0.02 + N * 2 * 0.012);
+  // Per window: 2·N·2 FP block forwards, 2·H window evaluations on the held-out samples (0.02 s
+  // each), and N samples through each block leaving (0.012 s each): 1 after the first window, 2
+  // after the last.
+  const double fwd = (N * 4 * 0.005 + 2 * H * 0.02 + N * 1 * 0.012) +
+                     (N * 4 * 0.005 + 2 * H * 0.02 + N * 2 * 0.012);
   CHECK(e.forward_seconds == doctest::Approx(fwd));
+  // The balance over every sample evaluates all N before and after.
+  PassOptions all = o;
+  all.balance_all_samples = true;
+  CHECK(estimate_pass(m, spec, all, N, 32, fixed_calibration()).forward_seconds ==
+        doctest::Approx(fwd + 2 * 2 * (N - H) * 0.02));
   // The GPTQ start of blocks 0, 1 (window [0,1]) and 2 (window [1,2]): N samples of Hessians,
   // after the window's earlier blocks on the quantized path (0.01 s a block), and the solves.
   const double start =
@@ -58,10 +64,11 @@ TEST_CASE("pass estimate: time adds the steps, the forwards and the GPTQ start o
   CHECK(e.summary().find("about") == 0);
   CHECK(e.summary().find("GPTQ start") != std::string::npos);
 
-  // Soft rounding also evaluates the hard-rounded window: the held-out samples before, all after.
+  // Soft rounding also evaluates the hard-rounded window on the held-out samples, before and
+  // after.
   o.rounding_mode = quant::RoundingMode::soft;
   const PassEstimate soft = estimate_pass(m, spec, o, N, 32, fixed_calibration());
-  CHECK(soft.forward_seconds == doctest::Approx(fwd + 2 * (N + H) * 0.02));
+  CHECK(soft.forward_seconds == doctest::Approx(fwd + 2 * (H + H) * 0.02));
 
   // The RTN start has no start cost; without keep-the-better every sample trains.
   o.rounding_mode = quant::RoundingMode::hard_ste;

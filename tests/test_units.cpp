@@ -254,8 +254,9 @@ TEST_CASE("sub-block pass: every layer quantized once, each window's loss goes d
     CAPTURE(opt);
     auto run = [&](auto& model) {
       // Sliding windows of two halves (overlap 1) and adaptive groups.
-      Pass<W3, ActQuant<16>, SlidingWindow<2, 1>, LoraRounding<2>, SubBlockUnits> sliding(
-          quiet_options(4));
+      PassOptions o = quiet_options(4);
+      o.balance_all_samples = true;  // the loss over every sample, the 3 it trains on included
+      Pass<W3, ActQuant<16>, SlidingWindow<2, 1>, LoraRounding<2>, SubBlockUnits> sliding(o);
       const QuantizationResult r =
           sliding.run_from_hidden(model, random_hidden(6, 12, model.config.dim, 7));
       CHECK(r.windows.size() == static_cast<size_t>(2 * model.num_blocks() - 1));

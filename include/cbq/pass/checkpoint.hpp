@@ -168,6 +168,7 @@ inline std::vector<WindowStats> parse_window_stats(const std::string& text) {
     s.final_loss = loss_from_json(w.at("final"));
     // Added with the loss balance and the start-vs-trained rule (absent in older checkpoints).
     if (w.contains("hard")) s.loss_hard = loss_from_json(w.at("hard"));
+    s.balance_samples = w.value("balance_samples", int64_t{0});
     if (w.contains("energy")) {
       s.energy_fp = w.at("energy").at(0).get<double>();
       s.energy_hom = w.at("energy").at(1).get<double>();
@@ -327,6 +328,7 @@ void save_pass_checkpoint(const std::string& dir, const PassFingerprint& fp,
                        {"first_epoch", detail::to_json(w.first_epoch_loss)},
                        {"final", detail::to_json(w.final_loss)},
                        {"hard", detail::to_json(w.loss_hard)},
+                       {"balance_samples", w.balance_samples},
                        {"energy", {w.energy_fp, w.energy_hom}},
                        {"judged", w.judged},
                        {"heldout", w.heldout},

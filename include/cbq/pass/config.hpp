@@ -82,6 +82,11 @@ struct PassOptions {
   bool keep_better = true;
   double holdout_fraction = 0.1;
   int64_t holdout_min = 4;
+  // The window's loss balance (WindowStats::loss_before/after/hard) is measured on the held-out
+  // samples only when there are any: the start-vs-trained decision needs no more, and forwards
+  // over every sample cost 15-60 % of a window (docs/PERFORMANCE.md). True: on every sample, as
+  // the balance tables of docs/RESULTS.md (cbq-balance, `--balance-all-samples`).
+  bool balance_all_samples = false;
   GridMode grid = GridMode::automatic;
   // > 0: the window that ends at the model's last block also minimises this weight times
   // KL(softmax(head(T_fp(X_fp))) ‖ softmax(head(T_q(X_q)))), the model's output distribution

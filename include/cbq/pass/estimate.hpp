@@ -348,12 +348,13 @@ PassEstimate estimate_pass(Transformer<Block>& model, const PassSpec& spec,
   const int64_t heldout = options.holdout_samples(N);
   int64_t per_window = options.epochs * (N - heldout);
   if (options.max_steps > 0) per_window = std::min(per_window, options.max_steps);
-  // Window-loss evaluations over all samples: before and after, and with soft rounding also the
-  // hard-rounded judging (the held-out samples at the start, all samples after).
+  // Window-loss evaluations before and after over the balance samples (the held-out ones, or all:
+  // PassOptions::balance_all_samples), and with soft rounding also the hard-rounded judging (the
+  // held-out samples at the start, the balance samples after).
   const bool soft = options.rounding_mode == quant::RoundingMode::soft;
-  const double evaluations =
-      2.0 * static_cast<double>(N) +
-      (soft ? static_cast<double>(N + (options.keep_better ? heldout : 0)) : 0.0);
+  const double balance =
+      static_cast<double>(heldout > 0 && !options.balance_all_samples ? heldout : N);
+  const double evaluations = 2.0 * balance + (soft ? balance + static_cast<double>(heldout) : 0.0);
   const bool gptq_start = options.weight_init == WeightInit::gptq;
   int64_t next_new = 0;  // the first block no window has held yet
   const double reg_share = options.gamma_round > 0 && spec.rounding != RoundingKind::nearest

@@ -37,10 +37,11 @@ inline void print_window_balance(const WindowStats& s, int64_t window_index, int
                        l.attention_kl != 0 ? fmt::format(" attn {:.4g}", l.attention_kl) : "");
   };
   fmt::print(
-      "  window {}/{} balance: start {} γ·round {:.4g} | end {} γ·round {:.4g} | hard rounding "
-      "{:+.4g}\n",
-      window_index, num_windows, terms(s.loss_before), s.loss_before.round, terms(s.loss_after),
-      s.loss_after.round, s.loss_hard.reconstruction() - s.loss_after.reconstruction());
+      "  window {}/{} balance ({} samples): start {} γ·round {:.4g} | end {} γ·round {:.4g} | hard "
+      "rounding {:+.4g}\n",
+      window_index, num_windows, s.balance_samples, terms(s.loss_before), s.loss_before.round,
+      terms(s.loss_after), s.loss_after.round,
+      s.loss_hard.reconstruction() - s.loss_after.reconstruction());
   if (s.judged)
     fmt::print(
         "  window {}/{} {} ({}): start {:.6g}, trained {:.6g} -> keeps the {}\n", window_index,
@@ -140,13 +141,17 @@ WindowStats train_window(PassUnits<Model>& units, const Window& w, Q& qlayers,
     for (Parameter<T>* p : norms) start.norms.push_back(p->value.clone());
   }
 
+  // The balance is measured on the samples [balance_begin, N): the held-out ones unless asked
+  // for all (PassOptions::balance_all_samples); judge_begin >= balance_begin.
+  const int64_t balance_begin = heldout > 0 && !o.balance_all_samples ? n_train : 0;
+  stats.balance_samples = N - balance_begin;
   auto evaluations_start = std::chrono::steady_clock::now();
-  const std::vector<LossTerms> before = window_loss.evaluate(0, N, std::nullopt);
-  stats.loss_before = mean(before, 0, N);
+  const std::vector<LossTerms> before = window_loss.evaluate(balance_begin, N, std::nullopt);
+  stats.loss_before = mean(before, 0, N - balance_begin);
   stats.loss_before.round = window_loss.regularizer_value(o.beta_start);
   if (o.keep_better)
     stats.heldout_start =
-        trains_hard ? mean(before, judge_begin, N)
+        trains_hard ? mean(before, judge_begin - balance_begin, N - balance_begin)
                     : mean(window_loss.evaluate(judge_begin, N, quant::RoundingMode::hard), 0,
                            N - judge_begin);
   stats.times.evaluations = detail::seconds_since(evaluations_start);
@@ -212,16 +217,16 @@ WindowStats train_window(PassUnits<Model>& units, const Window& w, Q& qlayers,
   }
   stats.times.steps = detail::seconds_since(steps_start);
   evaluations_start = std::chrono::steady_clock::now();
-  const std::vector<LossTerms> after = window_loss.evaluate(0, N, std::nullopt);
-  stats.loss_after = mean(after, 0, N);
+  const std::vector<LossTerms> after = window_loss.evaluate(balance_begin, N, std::nullopt);
+  stats.loss_after = mean(after, 0, N - balance_begin);
   stats.loss_after.round = window_loss.regularizer_value(o.beta_end);
   const std::vector<LossTerms> hard =
-      trains_hard ? after : window_loss.evaluate(0, N, quant::RoundingMode::hard);
-  stats.loss_hard = mean(hard, 0, N);
+      trains_hard ? after : window_loss.evaluate(balance_begin, N, quant::RoundingMode::hard);
+  stats.loss_hard = mean(hard, 0, N - balance_begin);
   if (o.keep_better) {
     stats.judged = true;
     stats.heldout = heldout;
-    stats.heldout_trained = mean(hard, judge_begin, N);
+    stats.heldout_trained = mean(hard, judge_begin - balance_begin, N - balance_begin);
     // Ties keep the trained state; only a strictly better start wins.
     stats.kept_start =
         stats.heldout_start.reconstruction() < stats.heldout_trained.reconstruction();

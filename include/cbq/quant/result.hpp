@@ -55,9 +55,11 @@ struct WindowStats {
   std::string units;
   double seconds = 0;  // train_window: the steps and the evaluations
   WindowTimes times;
-  // Means over all samples, in the pass's loss scale (PassOptions::loss_scale). `total` is the
-  // reconstruction part; `round` holds γ_r·L_round at β_start (before) / β_end (after), not
-  // added to `total`.
+  // Means over the last `balance_samples` calibration samples (the held-out ones, or all of them:
+  // PassOptions::balance_all_samples), in the pass's loss scale (PassOptions::loss_scale).
+  // `total` is the reconstruction part; `round` holds γ_r·L_round at β_start (before) / β_end
+  // (after), not added to `total`.
+  int64_t balance_samples = 0;   // 0 in checkpoints written before it was recorded (then: all)
   LossTerms loss_before;         // before the window trains, in the training forward
   LossTerms loss_after;          // after training, in the training forward
   LossTerms loss_hard;           // after training with hard rounding (what harden() deploys)

@@ -15,7 +15,8 @@
 // samples, seq_len}, fp {perplexity}, methods [{method, config, perplexity, seconds, kl (null
 // until the KL statistics are filled in with set_kl), block_error, block_error_energy, layers
 // [{name, step_change, rounding_flips, codes_changed, output_error_start, output_error}],
-// windows [{first, last, units, steps, seconds, energy [fp, hom], before, after, hard, judged,
+// windows [{first, last, units, steps, seconds, energy [fp, hom], before, after, hard,
+// balance_samples (how many samples before/after/hard are means over), judged,
 // heldout, heldout_start, heldout_trained, kept_start, curve {total, l2_fp, kld_fp, l2_hom,
 // kld_hom, round, output_kld, attention_kl}}]}]. Loss terms are objects with the keys of the curve.
 #include <algorithm>
@@ -72,6 +73,7 @@ inline nlohmann::json window_json(const WindowStats& w) {
           {"before", loss_json(w.loss_before)},
           {"after", loss_json(w.loss_after)},
           {"hard", loss_json(w.loss_hard)},
+          {"balance_samples", w.balance_samples},
           {"judged", w.judged},
           {"heldout", w.heldout},
           {"heldout_start", loss_json(w.heldout_start)},
