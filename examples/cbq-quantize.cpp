@@ -194,8 +194,9 @@ void declare(cbq::cli::Options& o, Args& a) {
   // Declared before the options it sets: CLI11 runs the callbacks in declaration order, so
   // those given explicitly override the preset wherever they stand on the command line.
   o.text("--preset", a.preset,
-         "paper: the paper's learning rates and V = 0 start; classic: cbq's defaults before the "
-         "loss balance (unscaled terms, no held-out check, RTN start); a4: full-matrix rounding "
+         "paper: the paper's learning rates, V = 0 start and LoRA-Rounding r5; classic: cbq's "
+         "defaults before the loss balance (unscaled terms, no held-out check, RTN start, "
+         "LoRA-Rounding r5); a4: full-matrix rounding "
          "and the output KL, the better CBQ at 4-bit activations (docs/ROTATION.md)",
          "paper|classic|a4", [&a](const std::string& v) {
            if (v != "paper" && v != "classic" && v != "a4")
@@ -204,7 +205,8 @@ void declare(cbq::cli::Options& o, Args& a) {
            a.options = v == "paper"     ? cbq::PassOptions::paper()
                        : v == "classic" ? cbq::PassOptions::classic()
                                         : cbq::PassOptions::low_bit_activations();
-           if (v == "a4") a.spec.rounding = cbq::RoundingKind::full;
+           // The paper's and the former defaults use LoRA-Rounding r5 (the default is full).
+           a.spec.rounding = v == "a4" ? cbq::RoundingKind::full : cbq::RoundingKind::lora;
            a.options.epochs = keep.epochs;
            a.options.seed = keep.seed;
          });
@@ -215,7 +217,8 @@ void declare(cbq::cli::Options& o, Args& a) {
                               {{"lora", cbq::RoundingKind::lora},
                                {"nearest", cbq::RoundingKind::nearest},
                                {"full", cbq::RoundingKind::full}});
-  o.integer<int64_t>("--rank", a.spec.rank, "LoRA-Rounding rank", 1, 1 << 20);
+  o.integer<int64_t>("--rank", a.spec.rank, "LoRA-Rounding rank (with --rounding lora)", 1,
+                     1 << 20);
   o.integer<int64_t>("--epochs", a.options.epochs, "epochs per window", 1, 1'000'000);
   o.real("--lr-step", a.options.lr_weight_step, "weight-step learning rate (relative)", 0, 10);
   o.real("--lr-act", a.options.lr_act_step, "activation-step learning rate", 0, 10);
@@ -561,6 +564,11 @@ Plan preflight(Args& a) {
     if (a.spec.window_overlap >= a.spec.window_blocks)
       usage_error(fmt::format("--overlap {} must be smaller than --window {}",
                               a.spec.window_overlap, a.spec.window_blocks));
+    if (a.spec.rounding != cbq::RoundingKind::lora && a.spec.rank != cbq::PassSpec{}.rank)
+      usage_error(
+          fmt::format("--rank {} applies to LoRA-Rounding: add --rounding lora (the default "
+                      "rounding is full-matrix)",
+                      a.spec.rank));
     if (a.spec.rounding == cbq::RoundingKind::lora) {
       const int64_t smallest =
           std::min({c.dim, c.hidden_dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim});

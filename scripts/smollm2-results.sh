@@ -10,7 +10,8 @@
 #
 # usage: scripts/smollm2-results.sh [OUT_DIR]      (default results/smollm2)
 # env:   SAMPLES (32) SEQ_LEN (2048) EPOCHS (1) SEEDS ("0 1") THREADS (2)
-#        SETTINGS (all: "w4g128 w4pc w3g128 w2g64 w4a8 w4a4")  METHODS (rtn,gptq,cbq)
+#        SETTINGS (all: "w4g128 w4pc w3g128 w2g64 w4a8 w4a4"; none: only the GGUF exports)
+#        METHODS (rtn,gptq,cbq; with several, each export's name ends in -METHOD)
 #        EVAL_BYTES (0 = the whole evaluation part)  GGUF (1 = also the Q4_0 exports)
 #        BUILD (build) — the folder with examples/cbq-quantize
 #        ROTATIONS ("none"; also r12 = --rotate r1,r2, r124 = --rotate r1,r2,r4: docs/ROTATION.md;
@@ -24,6 +25,7 @@ out=$(mkdir -p "${1:-$root/results/smollm2}" && cd "${1:-$root/results/smollm2}"
 samples=${SAMPLES:-32} seq_len=${SEQ_LEN:-2048} epochs=${EPOCHS:-1} threads=${THREADS:-2}
 seeds=${SEEDS:-"0 1"} methods=${METHODS:-rtn,gptq,cbq} gguf=${GGUF:-1}
 settings=${SETTINGS:-"w4g128 w4pc w3g128 w2g64 w4a8 w4a4"}
+[ "$settings" = none ] && settings=""  # SETTINGS=none: only the GGUF exports
 quantize="$root/${BUILD:-build}/examples/cbq-quantize"
 [ -x "$quantize" ] || { echo "smollm2-results: $quantize not built" >&2; exit 1; }
 

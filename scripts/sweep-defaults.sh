@@ -128,7 +128,7 @@ candidate_args() {
     lrstep-*) echo "--lr-step ${1#lrstep-}" ;;
     lrround-*) echo "--lr-round ${1#lrround-}" ;;
     epochs-*) echo "--epochs ${1#epochs-}" ;;
-    rank-*) echo "--rank ${1#rank-}" ;;
+    rank-*) echo "--rounding lora --rank ${1#rank-}" ;;
     *) echo "sweep-defaults: unknown candidate $1" >&2; exit 2 ;;
   esac
 }

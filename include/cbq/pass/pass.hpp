@@ -83,8 +83,11 @@ struct PassSpec {
   WindowKind schedule = WindowKind::sliding;
   int64_t window_blocks = 2;
   int64_t window_overlap = 1;
-  RoundingKind rounding = RoundingKind::lora;
-  int64_t rank = 5;
+  // Full-matrix (one variable per weight) since 2026-12-06: it was closer to FP than LoRA-Rounding
+  // r5 at every setting of the cross-model sweep (docs/RESULTS.md, "Rounding"); the paper's
+  // LoRA-Rounding (rank 5) holds a fraction of its state, for windows too large for that.
+  RoundingKind rounding = RoundingKind::full;
+  int64_t rank = 5;  // LoRA-Rounding's rank
   // Which linear layers' inputs are quantized below 16 bits, by the block's names (q_proj,
   // down_proj, fc1, ...); empty: all of them.
   std::vector<std::string> act_layers;
