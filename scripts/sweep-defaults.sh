@@ -25,13 +25,15 @@
 #
 # Candidates (CBQ options; the baselines run once per model × setting × seed):
 #   classic        the defaults before issue 18 (unscaled loss, every window keeps its training)
-#   default        the current defaults (cbq-quantize's: GPTQ start since the issue-18 sweep)
+#   default        the current defaults (cbq-quantize's: GPTQ start since the issue-18 sweep,
+#                  full-matrix rounding since 2026-12-06: logs made before that are LoRA r5)
 #   rtn            the current defaults with the RTN start (--init rtn; the default before)
 #   window         loss relative to the window's target energy
 #   nokeep         current defaults without the held-out start-vs-trained rule
 #   nokld          current defaults without the KL terms (L2 only)
 #   absolute       current defaults with the paper's unscaled loss terms
-#   full           full-matrix AdaRound rounding
+#   full           full-matrix AdaRound rounding (the default since 2026-12-06)
+#   lora           LoRA-Rounding r5 (the default before 2026-12-06)
 #   full-okld      full-matrix rounding and the output KL (weight 1) in the last window
 #   gptq           GPTQ start (fixed grid)
 #   gptq-full      GPTQ start, full-matrix rounding
@@ -120,6 +122,7 @@ candidate_args() {
     nokld) echo "--no-kld" ;;
     absolute) echo "--loss-scale absolute" ;;
     full) echo "--rounding full" ;;
+    lora) echo "--rounding lora" ;;
     full-okld) echo "--rounding full --output-kld 1" ;;
     gptq) echo "--init gptq" ;;
     gptq-full) echo "--init gptq --rounding full" ;;
