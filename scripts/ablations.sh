@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Ablations in the directions of the paper's Tables 3–6 on stories260K, each over several
 # calibration seeds (2-bit/3-bit results move by percents between seeds): window size and
-# overlap, rounding (LoRA vs none vs full AdaRound), loss terms, outlier pre-processing.
+# overlap, rounding (full AdaRound vs LoRA vs none), loss terms, outlier pre-processing.
 #   scripts/ablations.sh [BUILD_DIR] [SEEDS...]      (defaults: build, seeds 0 1 2)
 # Budget: 32 segments × 512 tokens, 2 epochs (override with SAMPLES / EPOCHS).
 set -euo pipefail
@@ -19,10 +19,10 @@ rows=(
   "window|B=1, O=0 (no cross-block)|${w3[*]} --window 1 --overlap 0"
   "window|B=2, O=0|${w3[*]} --window 2 --overlap 0"
   "window|B=3, O=1|${w3[*]} --window 3 --overlap 1"
-  "rounding|LoRA-Rounding r5 (default)|${w3[*]}"
+  "rounding|full-matrix AdaRound (default)|${w3[*]}"
+  "rounding|LoRA-Rounding r5 (the paper's)|${w3[*]} --rounding lora"
   "rounding|none (nearest, learned steps)|${w3[*]} --rounding nearest"
-  "rounding|full-matrix AdaRound|${w3[*]} --rounding full"
-  "rounding|LoRA r5, soft forward (paper)|${w3[*]} --soft"
+  "rounding|LoRA r5, soft forward (paper)|${w3[*]} --rounding lora --soft"
   "loss|L2 + KLD, both targets (default)|${w3[*]}"
   "loss|L2 only|${w3[*]} --no-kld"
   "loss|KLD only|${w3[*]} --no-l2"

@@ -1,25 +1,26 @@
 #!/usr/bin/env bash
 # The development sweep of docs/RESULTS.md ("What made CBQ work"): forward mode, V0, rounding and
 # step-size learning rates on stories260K W4A16 g32 with a reduced budget (32 segments × 512
-# tokens, 2 epochs, seed 0). One line per variant: options | perplexity.
+# tokens, 2 epochs, seed 0). One line per variant: options | perplexity. The rows name LoRA-Rounding
+# where they measured it (the default until 2026-12-06; the default is full-matrix now).
 #   scripts/dev-sweep.sh [BUILD_DIR]
 set -euo pipefail
 q="${1:-build}/examples/cbq-quantize"
 [ -x "$q" ] || { echo "build $q first"; exit 1; }
 variants=(
-  "--soft --frozen-v0"
-  "--soft"
+  "--rounding lora --soft --frozen-v0"
+  "--rounding lora --soft"
   "--soft --rounding full"
   "--rounding nearest"
-  "--frozen-v0"
-  ""
+  "--rounding lora --frozen-v0"
+  "--rounding lora"
   "--rounding full"
-  "--rank 16"
-  "--gamma 0"
-  "--lr-step 3e-3"
-  "--lr-step 3e-2"
-  "--lr-step 1e-1"
-  "--lr-round 1e-3"
+  "--rounding lora --rank 16"
+  "--rounding lora --gamma 0"
+  "--rounding lora --lr-step 3e-3"
+  "--rounding lora --lr-step 3e-2"
+  "--rounding lora --lr-step 1e-1"
+  "--rounding lora --lr-round 1e-3"
   "--preset paper"
 )
 echo "| options (besides the defaults) | perplexity |"
