@@ -210,6 +210,11 @@ TEST_CASE("loss balance: every window records its terms, the hard rounding and t
 TEST_CASE("loss balance: measured on the held-out samples by default, on all when asked") {
   // Only a measurement: the codes are the same bit for bit either way; by default the balance is
   // the mean over the held-out samples, equal to the start-vs-trained losses in hard training.
+  PassOptions rule;
+  CHECK(rule.balance_samples(128) == 13);  // the held-out ones
+  CHECK(rule.balance_samples(1) == 1);     // none held out: all
+  rule.balance_all_samples = true;
+  CHECK(rule.balance_samples(128) == 128);
   ModelConfig c = tiny_llama_config();
   const auto x = random_hidden(8, 10, c.dim, 4);
   QuantizationResult by_sample[2];

@@ -309,7 +309,6 @@ bool untie_head(Transformer<Block>& m) {
   return true;
 }
 
-// R2 on one block: every value head v_h ← v_h·Q₂ (v's rows and bias), o's columns W ← W·Q₂.
 // R1 on a writer of the residual stream and R2 on v_proj: W ← Mᵀ·W, b ← b·M (chunk-wise).
 template <class T>
 void rotate_writer(LinearLayer<T>& l, const RowRotation& r) {

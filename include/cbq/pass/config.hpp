@@ -84,8 +84,8 @@ struct PassOptions {
   int64_t holdout_min = 4;
   // The window's loss balance (WindowStats::loss_before/after/hard) is measured on the held-out
   // samples only when there are any: the start-vs-trained decision needs no more, and forwards
-  // over every sample cost 15-60 % of a window (docs/PERFORMANCE.md). True: on every sample, as
-  // the balance tables of docs/RESULTS.md (cbq-balance, `--balance-all-samples`).
+  // over every sample were about 15 % of a stories260K window (docs/PERFORMANCE.md). True: on
+  // every sample, as the balance tables of docs/RESULTS.md (cbq-balance, `--balance-all-samples`).
   bool balance_all_samples = false;
   GridMode grid = GridMode::automatic;
   // > 0: the window that ends at the model's last block also minimises this weight times
@@ -208,6 +208,11 @@ struct PassOptions {
     const auto by_fraction =
         static_cast<int64_t>(std::llround(holdout_fraction * static_cast<double>(n)));
     return std::min(std::max(holdout_min, by_fraction), n / 2);
+  }
+  // How many samples (the last ones) the balance is measured on: see balance_all_samples.
+  int64_t balance_samples(int64_t n) const {
+    const int64_t heldout = holdout_samples(n);
+    return heldout > 0 && !balance_all_samples ? heldout : n;
   }
   // Whether the grid stays at the start's steps (see GridMode).
   bool fixed_grid() const {

@@ -352,8 +352,7 @@ PassEstimate estimate_pass(Transformer<Block>& model, const PassSpec& spec,
   // PassOptions::balance_all_samples), and with soft rounding also the hard-rounded judging (the
   // held-out samples at the start, the balance samples after).
   const bool soft = options.rounding_mode == quant::RoundingMode::soft;
-  const double balance =
-      static_cast<double>(heldout > 0 && !options.balance_all_samples ? heldout : N);
+  const auto balance = static_cast<double>(options.balance_samples(N));
   const double evaluations = 2.0 * balance + (soft ? balance + static_cast<double>(heldout) : 0.0);
   const bool gptq_start = options.weight_init == WeightInit::gptq;
   int64_t next_new = 0;  // the first block no window has held yet

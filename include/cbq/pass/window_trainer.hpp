@@ -141,10 +141,9 @@ WindowStats train_window(PassUnits<Model>& units, const Window& w, Q& qlayers,
     for (Parameter<T>* p : norms) start.norms.push_back(p->value.clone());
   }
 
-  // The balance is measured on the samples [balance_begin, N): the held-out ones unless asked
-  // for all (PassOptions::balance_all_samples); judge_begin >= balance_begin.
-  const int64_t balance_begin = heldout > 0 && !o.balance_all_samples ? n_train : 0;
-  stats.balance_samples = N - balance_begin;
+  // The balance is measured on the samples [balance_begin, N); judge_begin >= balance_begin.
+  stats.balance_samples = o.balance_samples(N);
+  const int64_t balance_begin = N - stats.balance_samples;
   auto evaluations_start = std::chrono::steady_clock::now();
   const std::vector<LossTerms> before = window_loss.evaluate(balance_begin, N, std::nullopt);
   stats.loss_before = mean(before, 0, N - balance_begin);
