@@ -12,10 +12,11 @@
 // Arguments: threads (cbq's pool; OpenBLAS runs single-threaded under it, core/blas.hpp),
 // hard (1: hard_ste rounding in the forward, the pass's default; 0: soft), reg (1: with the
 // rounding regulariser, as every step after the warm-up, computed in the weights' kernels as the
-// pass does (TransformLosses); 0: without).
+// pass does (TransformLosses); 0: without), rank (5: LoRA-Rounding rank 5; 0: full-matrix
+// rounding, one logit per weight, the pass's default; both run the fused kernels).
 //
 // FLOPs counted from the shapes (multiply-add = 2), per block, T tokens, P = weights of the
-// block's linear layers (d·in·out summed), r the LoRA rank:
+// block's linear layers (d·in·out summed), r the LoRA rank (0 for full-matrix rounding):
 //   linear layers  fwd 2·T·P, bwd 4·T·P  (dx and dW)
 //   attention      fwd 2·T²·d, bwd 5·T²·d (causal half; recompute S, dV, dP, dQ, dK)
 //   LoRA V = A1·A2 fwd 2·P·r, bwd 4·P·r
@@ -103,17 +104,15 @@ ModelConfig smollm2_config(int64_t T) {
   return c;
 }
 
-constexpr int64_t kRank = 5;
-
 template <class Model>
-double step_flops(Model& model, int64_t T) {
+double step_flops(Model& model, int64_t T, int64_t rank) {
   const ModelConfig& c = model.config;
   double total = 0;
   for (auto& b : model.blocks) {
     double P = 0;
     for (auto* l : b.linears()) P += static_cast<double>(l->weight.value.numel());
     const double t = static_cast<double>(T), d = static_cast<double>(c.dim);
-    total += 6 * t * P + 7 * t * t * d + 6 * P * kRank;
+    total += 6 * t * P + 7 * t * t * d + 6 * P * static_cast<double>(rank);
   }
   return total;
 }
@@ -154,14 +153,15 @@ template <class Block>
 void run_window_step(benchmark::State& state, const ModelConfig& c) {
   const int threads = static_cast<int>(state.range(0));
   const bool hard = state.range(1) != 0, with_reg = state.range(2) != 0;
+  const int64_t rank = state.range(3);
   set_num_threads(threads);
   const int64_t T = c.max_seq_len;
   Transformer<Block> model(c, random_weights(c, 2));
   QuantLinearConfig qc;
   qc.weight.bits = 4;
   qc.weight.group_size = 32;
-  qc.rounding = RoundingKind::lora;
-  qc.rank = kRank;
+  qc.rounding = rank > 0 ? RoundingKind::lora : RoundingKind::full;
+  qc.rank = std::max<int64_t>(rank, 1);
   qc.lora_init.start = quant::LoraStart::adaround;
   qc.rounding_mode = hard ? quant::RoundingMode::hard_ste : quant::RoundingMode::soft;
   std::vector<std::shared_ptr<QuantLinear<float>>> layers;
@@ -216,7 +216,7 @@ void run_window_step(benchmark::State& state, const ModelConfig& c) {
     step();
     ++steps_run;
   }
-  const double flops = step_flops(model, T);
+  const double flops = step_flops(model, T, rank);
   state.counters["GFLOP/s"] =
       benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["GFLOP/step"] = flops / 1e9;
@@ -231,19 +231,19 @@ void BM_CbqWindowStep(benchmark::State& state) {
   run_window_step<LlamaBlock<float>>(state, llama_config());
 }
 BENCHMARK(BM_CbqWindowStep)
-    ->ArgNames({"threads", "hard", "reg"})
-    ->ArgsProduct({{1, 2}, {1, 0}, {0, 1}})
+    ->ArgNames({"threads", "hard", "reg", "rank"})
+    ->ArgsProduct({{1, 2}, {1, 0}, {0, 1}, {5, 0}})
     ->Unit(benchmark::kMillisecond)
     ->MeasureProcessCPUTime()
     ->UseRealTime();
 
 // Arguments as above, then seq: the sequence length (the pass's segment length).
 void BM_CbqWindowStepSmolLM2(benchmark::State& state) {
-  run_window_step<LlamaBlock<float>>(state, smollm2_config(state.range(3)));
+  run_window_step<LlamaBlock<float>>(state, smollm2_config(state.range(4)));
 }
 BENCHMARK(BM_CbqWindowStepSmolLM2)
-    ->ArgNames({"threads", "hard", "reg", "seq"})
-    ->ArgsProduct({{1, 2}, {1}, {0, 1}, {512, 2048}})
+    ->ArgNames({"threads", "hard", "reg", "rank", "seq"})
+    ->ArgsProduct({{1, 2}, {1}, {0, 1}, {5, 0}, {512, 2048}})
     ->Unit(benchmark::kMillisecond)
     ->MeasureProcessCPUTime()
     ->UseRealTime();
@@ -252,8 +252,8 @@ void BM_CbqWindowStepOpt(benchmark::State& state) {
   run_window_step<OptBlock<float>>(state, opt_config());
 }
 BENCHMARK(BM_CbqWindowStepOpt)
-    ->ArgNames({"threads", "hard", "reg"})
-    ->ArgsProduct({{1, 2}, {1}, {0, 1}})
+    ->ArgNames({"threads", "hard", "reg", "rank"})
+    ->ArgsProduct({{1, 2}, {1}, {0, 1}, {5, 0}})
     ->Unit(benchmark::kMillisecond)
     ->MeasureProcessCPUTime()
     ->UseRealTime();

@@ -194,7 +194,11 @@ class QuantLinear final : public LinearTransform<T> {
                                            tape.param(lora_.A2), beta);
     if (config_.rounding == RoundingKind::lora)
       return quant::lora_round_reg(tape.param(lora_.A1), tape.param(lora_.A2), lora_.v0(), beta);
-    if (config_.rounding == RoundingKind::full) return quant::rounding_reg(full_v(tape), beta);
+    if (config_.rounding == RoundingKind::full && full_tracks())
+      return quant::full_round_reg_tracked(W_, config_.fixed_grid ? w_scale_init_ : w_scale_.value,
+                                           config_.weight, tape.param(full_v_), beta);
+    if (config_.rounding == RoundingKind::full)
+      return quant::full_round_reg(tape.param(full_v_), full_v0(), beta);
     return Var<T>{};
   }
 
@@ -229,15 +233,10 @@ class QuantLinear final : public LinearTransform<T> {
       case RoundingKind::lora:
         result_ = quant::harden(W_, g, w_zero_, lora_, config_.weight, lora_tracks());
         break;
-      case RoundingKind::full: {
-        Tensor<T> v = full_v_.value.to(Device::cpu);
-        if (full_v0_.defined()) {
-          const Tensor<T> v0 = full_v0_.is_cpu() ? full_v0_ : full_v0_.to(Device::cpu);
-          for (int64_t i = 0; i < v.numel(); ++i) v[i] += v0[i];
-        }
-        result_ = quant::harden(W_, g, w_zero_, v, config_.weight);
+      case RoundingKind::full:
+        result_ = quant::harden_full(W_, g, w_zero_, full_v_.value, full_v0(), config_.weight,
+                                     full_tracks());
         break;
-      }
       case RoundingKind::nearest:
         result_ = quant::quantize_weight(W_, g, w_zero_, config_.weight);
         break;
@@ -454,9 +453,12 @@ class QuantLinear final : public LinearTransform<T> {
     }
   }
 
-  // LoRA with V0 following the steps: the kernels recompute V0 from s themselves.
+  // LoRA or full rounding with V0 following the steps: the kernels recompute V0 from s themselves.
   bool lora_tracks() const { return config_.v0_tracks_step && lora_.V0.defined(); }
-  // Keeps V0 = h⁻¹(W/s − floor(W/s)) in step with the current s (see v0_tracks_step).
+  bool full_tracks() const { return config_.v0_tracks_step && full_v0_.defined(); }
+  const Tensor<T>* full_v0() const { return full_v0_.defined() ? &full_v0_ : nullptr; }
+  // Keeps the stored V0 = h⁻¹(W/s − floor(W/s)) in step with the current s (see v0_tracks_step)
+  // for the checkpoint; the kernels that track the step do not read it.
   // (A fixed grid's V0 belongs to the starting steps and never moves.)
   void track_step() {
     if (!config_.v0_tracks_step || config_.fixed_grid) return;
@@ -491,11 +493,6 @@ class QuantLinear final : public LinearTransform<T> {
     if (tensor_rows_.defined()) ratio = ops::matmul(tape.constant(tensor_rows_), ratio);
     return ops::matmul(ratio, tape.constant(group_columns_));
   }
-  Var<T> full_v(Tape<T>& tape) {
-    Var<T> dv = tape.param(full_v_);
-    return full_v0_.defined() ? ops::add(tape.constant(full_v0_), dv) : dv;
-  }
-
   // Ŵ, and with reg_beta its rounding regulariser at that β (none for nearest rounding).
   quant::SoftWeight<T> soft_weight(Tape<T>& tape, std::optional<T> reg_beta) {
     quant::SoftWeight<T> sw = grid_weight(tape, reg_beta);
@@ -506,7 +503,6 @@ class QuantLinear final : public LinearTransform<T> {
   quant::SoftWeight<T> grid_weight(Tape<T>& tape, std::optional<T> reg_beta) {
     const Tensor<T>& zero = w_zero_;
     const quant::RoundingMode mode = forward_mode_.value_or(config_.rounding_mode);
-    if (config_.rounding == RoundingKind::full) track_step();  // LoRA's is fused in its kernel
     switch (config_.rounding) {
       case RoundingKind::lora: {
         if (reg_beta) {
@@ -529,13 +525,24 @@ class QuantLinear final : public LinearTransform<T> {
                                         config_.lsq_grad_scale),
                 Var<T>{}};
       }
-      case RoundingKind::full: {
-        quant::SoftWeight<T> sw{
-            quant::soft_round_weight(W_, grid_steps(tape), zero, full_v(tape), config_.weight, mode,
-                                     config_.lsq_grad_scale),
-            Var<T>{}};
-        if (reg_beta) sw.regularizer = quant::rounding_reg(full_v(tape), *reg_beta);
-        return sw;
+      case RoundingKind::full: {  // the LoRA kernels with a full ΔV (quant/lora_rounding.hpp)
+        if (reg_beta) {
+          const quant::RegularizerSpec<T> reg{*reg_beta, quant::Normalisation::mean};
+          if (full_tracks())
+            return quant::full_soft_weight_tracked_and_reg(W_, grid_steps(tape), zero,
+                                                           tape.param(full_v_), config_.weight, reg,
+                                                           mode, config_.lsq_grad_scale);
+          return quant::full_soft_weight_and_reg(W_, grid_steps(tape), zero, tape.param(full_v_),
+                                                 full_v0(), config_.weight, reg, mode,
+                                                 config_.lsq_grad_scale);
+        }
+        if (full_tracks())
+          return {quant::full_soft_weight_tracked(W_, grid_steps(tape), zero, tape.param(full_v_),
+                                                  config_.weight, mode, config_.lsq_grad_scale),
+                  Var<T>{}};
+        return {quant::full_soft_weight(W_, grid_steps(tape), zero, tape.param(full_v_), full_v0(),
+                                        config_.weight, mode, config_.lsq_grad_scale),
+                Var<T>{}};
       }
       case RoundingKind::nearest:
       default:
