@@ -76,10 +76,15 @@ void BM_AttentionForwardBackward(benchmark::State& state) {
 BENCHMARK(BM_AttentionForwardBackward)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // Causal attention at real models' shapes: args T, query heads, kv heads, head dim, backward
-// (0: forward only, as evaluation; 1: forward + backward, as a CBQ step). The FLOPs as above.
+// (0: forward only, as evaluation; 1: forward + backward, as a CBQ step), path (0: chosen by
+// head dimension; 1: the GEMM tiles; 2: the row kernels, hd ≤ 16). The FLOPs as above.
 void BM_AttentionShapes(benchmark::State& state) {
   const int64_t T = state.range(0), hq = state.range(1), hkv = state.range(2), hd = state.range(3);
   const bool backward = state.range(4) != 0;
+  const ops::detail::AttentionPath paths[] = {ops::detail::AttentionPath::automatic,
+                                              ops::detail::AttentionPath::tiles,
+                                              ops::detail::AttentionPath::rows};
+  ops::detail::attention_path = paths[state.range(5)];
   Tensor<float> q = random({T, hq * hd}, 6), k = random({T, hkv * hd}, 7),
                 v = random({T, hkv * hd}, 8);
   Tensor<float> seed = random({T, hq * hd}, 9);
@@ -94,13 +99,14 @@ void BM_AttentionShapes(benchmark::State& state) {
     }
     benchmark::DoNotOptimize(o.value().data());
   }
+  ops::detail::attention_path = ops::detail::AttentionPath::automatic;
   set_flops(state, (backward ? 7.0 : 2.0) * static_cast<double>(T * T * hq * hd));
 }
 BENCHMARK(BM_AttentionShapes)
-    ->ArgNames({"T", "hq", "hkv", "hd", "bwd"})
-    ->ArgsProduct({{512, 2048}, {9}, {3}, {64}, {0, 1}})  // SmolLM2-135M
-    ->Args({512, 8, 4, 8, 0})                             // stories260K
-    ->Args({512, 8, 4, 8, 1})
+    ->ArgNames({"T", "hq", "hkv", "hd", "bwd", "path"})
+    ->ArgsProduct({{512, 2048}, {9}, {3}, {64}, {0, 1}, {0}})  // SmolLM2-135M
+    ->ArgsProduct({{512}, {8}, {4}, {8}, {0, 1}, {1, 2}})      // stories260K, both paths
+    ->ArgsProduct({{512}, {8}, {4}, {16}, {0, 1}, {1, 2}})     // the row path's widest
     ->Unit(benchmark::kMillisecond)
     ->MeasureProcessCPUTime()
     ->UseRealTime();

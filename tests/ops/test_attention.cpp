@@ -49,6 +49,32 @@ struct AttnCase {
   bool causal;
 };
 
+// Forces one CPU path (tiles or rows) for a scope; both are tested on every case.
+struct UsePath {
+  explicit UsePath(ops::detail::AttentionPath p) { ops::detail::attention_path = p; }
+  ~UsePath() { ops::detail::attention_path = ops::detail::AttentionPath::automatic; }
+  UsePath(const UsePath&) = delete;
+  UsePath& operator=(const UsePath&) = delete;
+};
+constexpr ops::detail::AttentionPath kPaths[] = {ops::detail::AttentionPath::tiles,
+                                                 ops::detail::AttentionPath::rows};
+
+// check(case) for every case on both paths, the path and the case captured for a failure.
+template <std::size_t K, class F>
+void on_both_paths(const AttnCase (&cases)[K], F&& check) {
+  for (const auto path : kPaths)
+    for (const AttnCase& c : cases) {
+      const UsePath use(path);
+      CAPTURE(static_cast<int>(path));
+      CAPTURE(c.seq_len);
+      CAPTURE(c.hq);
+      CAPTURE(c.hkv);
+      CAPTURE(c.hd);
+      CAPTURE(c.causal);
+      check(c);
+    }
+}
+
 }  // namespace
 
 TEST_CASE("attention: forward matches the naive T×T softmax on odd sizes, float and double") {
@@ -63,13 +89,11 @@ TEST_CASE("attention: forward matches the naive T×T softmax on odd sizes, float
       {300, 6, 2, 5, true},   // groups of 3 query heads stacked; crosses a 256-key block
       {520, 3, 1, 4, true},   // three key blocks, the last one partial
       {290, 2, 2, 3, false},  // key blocks without mask
+      {75, 4, 2, 12, true},   // the row path's widest padding (12 → 16)
+      {40, 2, 1, 16, false},  // the row path's largest head dimension
+      {33, 2, 2, 7, true},    // a row chunk and one more row
   };
-  for (const AttnCase& c : cases) {
-    CAPTURE(c.seq_len);
-    CAPTURE(c.hq);
-    CAPTURE(c.hkv);
-    CAPTURE(c.hd);
-    CAPTURE(c.causal);
+  on_both_paths(cases, [](const AttnCase& c) {
     auto q = randn<double>(Shape{c.seq_len, c.hq * c.hd}, 41, 1.5);
     auto k = randn<double>(Shape{c.seq_len, c.hkv * c.hd}, 42, 1.5);
     auto v = randn<double>(Shape{c.seq_len, c.hkv * c.hd}, 43);
@@ -84,7 +108,7 @@ TEST_CASE("attention: forward matches the naive T×T softmax on odd sizes, float
     auto of = ops::attention(tape_f.constant(q.cast<float>()), tape_f.constant(k.cast<float>()),
                              tape_f.constant(v.cast<float>()), c.hq, c.hkv, c.hd, c.causal);
     CHECK(max_abs_diff(of.value(), ref) < 1e-5);
-  }
+  });
 }
 
 TEST_CASE("attention: an explicit scale and huge logits stay finite and match the reference") {
@@ -107,12 +131,9 @@ TEST_CASE("attention: gradient check in double for q, k and v") {
       {67, 2, 2, 3, false},                       // crosses a tile boundary without mask
       {140, 6, 2, 2, true},  // stacked groups of 3, two 128-row tiles in two backward chunks
       {150, 3, 3, 2, true},  // one kv head per query head, backward parts of tiles {0, 1}, {2}
+      {40, 2, 1, 12, true},  // the row path's padding to 16
   };
-  for (const AttnCase& c : cases) {
-    CAPTURE(c.seq_len);
-    CAPTURE(c.hq);
-    CAPTURE(c.hkv);
-    CAPTURE(c.causal);
+  on_both_paths(cases, [](const AttnCase& c) {
     auto q = randn<double>(Shape{c.seq_len, c.hq * c.hd}, 51);
     auto k = randn<double>(Shape{c.seq_len, c.hkv * c.hd}, 52);
     auto v = randn<double>(Shape{c.seq_len, c.hkv * c.hd}, 53);
@@ -124,39 +145,73 @@ TEST_CASE("attention: gradient check in double for q, k and v") {
     CHECK(gradcheck(build, {q, k, v}, {true, false, false}).max_rel_error < 1e-6);
     CHECK(gradcheck(build, {q, k, v}, {false, true, false}).max_rel_error < 1e-6);
     CHECK(gradcheck(build, {q, k, v}, {false, false, true}).max_rel_error < 1e-6);
-  }
+  });
 }
 
 TEST_CASE("attention: gradients do not depend on the thread count") {
-  for (const auto& [hq, hkv] : {std::pair<int64_t, int64_t>{6, 2}, {3, 3}, {9, 3}}) {
-    CAPTURE(hq);
-    const int64_t n = 300, hd = 8;
-    auto q = randn<double>(Shape{n, hq * hd}, 61);
-    auto k = randn<double>(Shape{n, hkv * hd}, 62);
-    auto v = randn<double>(Shape{n, hkv * hd}, 63);
-    auto dout = randn<double>(Shape{n, hq * hd}, 64);
-    auto run = [&]() {
-      Tape<double> tape;
-      auto vq = tape.input(q), vk = tape.input(k), vv = tape.input(v);
-      auto o = ops::attention(vq, vk, vv, hq, hkv, hd);
-      o.grad().copy_from(dout);
-      tape.backward_from_seeded();
-      return std::vector<Tensor<double>>{o.value().clone(), vq.grad().clone(), vk.grad().clone(),
-                                         vv.grad().clone()};
-    };
-    const int before = num_threads();
-    set_num_threads(1);
-    auto single = run();
-    set_num_threads(2);
-    auto two = run();
-    set_num_threads(3);
-    auto multi = run();
-    set_num_threads(before);
-    for (std::size_t i = 0; i < single.size(); ++i) {
-      CHECK(max_abs_diff(single[i], two[i]) == 0.0);
-      CHECK(max_abs_diff(single[i], multi[i]) == 0.0);
+  for (const auto path : kPaths)
+    for (const auto& [hq, hkv] : {std::pair<int64_t, int64_t>{6, 2}, {3, 3}, {9, 3}}) {
+      const UsePath use(path);
+      CAPTURE(static_cast<int>(path));
+      CAPTURE(hq);
+      const int64_t n = 300, hd = 8;
+      auto q = randn<double>(Shape{n, hq * hd}, 61);
+      auto k = randn<double>(Shape{n, hkv * hd}, 62);
+      auto v = randn<double>(Shape{n, hkv * hd}, 63);
+      auto dout = randn<double>(Shape{n, hq * hd}, 64);
+      auto run = [&]() {
+        Tape<double> tape;
+        auto vq = tape.input(q), vk = tape.input(k), vv = tape.input(v);
+        auto o = ops::attention(vq, vk, vv, hq, hkv, hd);
+        o.grad().copy_from(dout);
+        tape.backward_from_seeded();
+        return std::vector<Tensor<double>>{o.value().clone(), vq.grad().clone(), vk.grad().clone(),
+                                           vv.grad().clone()};
+      };
+      const int before = num_threads();
+      set_num_threads(1);
+      auto single = run();
+      set_num_threads(2);
+      auto two = run();
+      set_num_threads(3);
+      auto multi = run();
+      set_num_threads(before);
+      for (std::size_t i = 0; i < single.size(); ++i) {
+        CHECK(max_abs_diff(single[i], two[i]) == 0.0);
+        CHECK(max_abs_diff(single[i], multi[i]) == 0.0);
+      }
     }
+}
+
+TEST_CASE("attention: the row path equals the tiled path in float at the 260K models' shapes") {
+  // stories260K: T 512, 8 query heads on 4 kv heads, hd 8; values and gradients.
+  const int64_t n = 512, hq = 8, hkv = 4, hd = 8;
+  auto q = randn<float>(Shape{n, hq * hd}, 81, 2.0), k = randn<float>(Shape{n, hkv * hd}, 82, 2.0);
+  auto v = randn<float>(Shape{n, hkv * hd}, 83), dout = randn<float>(Shape{n, hq * hd}, 84);
+  auto run = [&](ops::detail::AttentionPath path) {
+    const UsePath use(path);
+    Tape<float> tape;
+    auto vq = tape.input(q), vk = tape.input(k), vv = tape.input(v);
+    auto o = ops::attention(vq, vk, vv, hq, hkv, hd);
+    o.grad().copy_from(dout);
+    tape.backward_from_seeded();
+    return std::vector<Tensor<float>>{o.value().clone(), vq.grad().clone(), vk.grad().clone(),
+                                      vv.grad().clone()};
+  };
+  const auto tiles = run(ops::detail::AttentionPath::tiles);
+  const auto rows = run(ops::detail::AttentionPath::rows);
+  REQUIRE(ops::detail::attention_uses_rows(hd));
+  for (std::size_t i = 0; i < tiles.size(); ++i) {
+    CAPTURE(i);
+    double scale = 0;
+    for (int64_t j = 0; j < tiles[i].numel(); ++j) {
+      REQUIRE(std::isfinite(rows[i][j]));
+      scale = std::max(scale, std::abs(double(tiles[i][j])));
+    }
+    CHECK(scale > 0);
+    CHECK(max_abs_diff(rows[i], tiles[i]) < 2e-5 * scale);
   }
+  CHECK_FALSE(ops::detail::attention_uses_rows(64));  // SmolLM2's hd 64 keeps the tiles
 }
 
 TEST_CASE("attention: work is cut into contiguous runs of about equal cost") {

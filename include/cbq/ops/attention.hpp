@@ -12,13 +12,17 @@
 //   D_i = Σ_c dO_ic · O_ic
 //   dV_g += Pᵀ dO,   dP = dO V_gᵀ,   dS = P ⊙ (dP − D)
 //   dQ_h += scale · dS K_g,   dK_g += scale · dSᵀ Q_h
-// Tiles of kBlock × kBlock scores go through GEMM. Forward work items are (query head, query
-// tile), dealt to the threads in contiguous runs of equal cost (a causal tile's cost grows with
-// its index). Backward work items are (query head, part): each head's query tiles cut into
-// kAttentionBackwardParts runs of equal cost (so 9 heads on 2 threads do not split 5 : 4), each
-// writing dQ of its own rows and its dK/dV contributions into a share of its own; the shares
-// are summed in a fixed order. The parts depend on the shapes only, so results do not depend on
-// the thread count.
+// Two CPU paths compute this. Small heads (hd ≤ 8, the llama2.c 260K models' hd 8) take the
+// row path: one query row at a time against keys and values transposed once per call, its
+// scores, exps and P·V in vector registers (attention_rows_kernels.inc); work items are (head,
+// 32 rows) in the forward and (head, part) in the backward as below, dK/dV through per-item
+// shares. Wider heads take the tiled path: tiles of kBlock × kBlock scores go through GEMM. Forward
+// work items are (query head, query tile), dealt to the threads in contiguous runs of equal cost (a
+// causal tile's cost grows with its index). Backward work items are (query head, part): each head's
+// query tiles cut into kAttentionBackwardParts runs of equal cost (so 9 heads on 2 threads do not
+// split 5 : 4), each writing dQ of its own rows and its dK/dV contributions into a share of its
+// own; the shares are summed in a fixed order. The parts depend on the shapes only, so results do
+// not depend on the thread count.
 //
 // CUDA (CudaAttention, cuda/cbq/cuda/ops/attention.cuh): the same algorithm as flash-attention
 // kernels in shared memory — forward: one block per (query tile, head) streaming key tiles with
@@ -57,6 +61,27 @@ namespace detail {
 inline constexpr int64_t kAttentionBlock = 64;
 // Runs of query tiles per head in the backward (at most; fewer when there are fewer tiles).
 inline constexpr int64_t kAttentionBackwardParts = 2;
+// Head dimensions up to this one take the row path (attention_rows_kernels.inc), faster than the
+// GEMM tiles there (docs/PERFORMANCE.md); it holds several vectors per head-dimension index in
+// registers, so wider heads take the tiles.
+inline constexpr int64_t kAttentionRowsMaxHeadDim = 8;
+// The widest head the row kernels take when forced (tests, benchmarks): at hd 16 their forward
+// is still faster than the tiles', their backward 1.8× slower (register spills).
+inline constexpr int64_t kAttentionRowsWidest = 16;
+// Query rows per work item of the row path.
+inline constexpr int64_t kAttentionRowsChunk = 32;
+// Which CPU path CpuAttention takes: by head dimension, or forced (tests and benchmarks compare
+// the two on the same inputs; set it only while no attention runs).
+enum class AttentionPath { automatic, tiles, rows };
+inline AttentionPath attention_path = AttentionPath::automatic;
+inline bool attention_uses_rows(int64_t head_dim) {
+  if (attention_path != AttentionPath::automatic) return attention_path == AttentionPath::rows;
+  return head_dim <= kAttentionRowsMaxHeadDim;
+}
+// The row kernels' padded head dimension (4, 8 or 16; the row path takes hd ≤ 16 only).
+inline int attention_rows_width(int64_t head_dim) {
+  return head_dim <= 4 ? 4 : head_dim <= 8 ? 8 : 16;
+}
 
 // Work of a query tile: the key tiles it reads (all of them without the causal mask).
 inline int64_t attention_tile_cost(int64_t tile, int64_t n_tiles, bool causal) {
@@ -103,8 +128,20 @@ struct AttentionDims {
 // backward's dK/dV shares on the calling thread.
 struct AttentionTiles;
 struct AttentionShares;
+// The row path's transposed keys and values, its row of scores per thread, its dK/dV shares.
+struct AttentionTransposed;
+struct AttentionRowScores;
+struct AttentionRowShares;
 
 }  // namespace detail
+
+}  // namespace cbq::ops
+
+// The per-ISA row kernels: attention_rows_forward, attention_rows_backward.
+#define CBQ_SIMD_KERNELS "cbq/ops/attention_rows_kernels.inc"
+#include "cbq/ops/simd_kernels.inc"
+
+namespace cbq::ops {
 
 template <class T>
 struct CpuAttention {
@@ -116,6 +153,145 @@ struct CpuAttention {
   // interleaved runs: with hd = 64 the GEMMs' inner dimension stays 64 either way.)
   static void forward(T* o, T* lse, const T* q, const T* k, const T* v, int64_t seq_len,
                       int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, bool causal, T scale) {
+    if (detail::attention_uses_rows(head_dim))
+      forward_rows(o, lse, q, k, v, seq_len, n_heads, n_kv_heads, head_dim, causal, scale);
+    else
+      forward_tiles(o, lse, q, k, v, seq_len, n_heads, n_kv_heads, head_dim, causal, scale);
+  }
+
+  // row_dot_all (T, Hq) receives D = rowsum(dO ⊙ O).
+  static void backward(T* dq, T* dk, T* dv, T* row_dot_all, const T* q, const T* k, const T* v,
+                       const T* o, const T* dout, const T* lse, int64_t seq_len, int64_t n_heads,
+                       int64_t n_kv_heads, int64_t head_dim, bool causal, T scale) {
+    if (detail::attention_uses_rows(head_dim))
+      backward_rows(dq, dk, dv, row_dot_all, q, k, v, o, dout, lse, seq_len, n_heads, n_kv_heads,
+                    head_dim, causal, scale);
+    else
+      backward_tiles(dq, dk, dv, row_dot_all, q, k, v, o, dout, lse, seq_len, n_heads, n_kv_heads,
+                     head_dim, causal, scale);
+  }
+
+  // The row path (hd ≤ 8 by default, ≤ 16 when forced). Work items are (query head, chunk of
+  // kAttentionRowsChunk rows), dealt to the threads in contiguous runs of equal cost; keys and
+  // values are transposed once per call.
+  static void forward_rows(T* o, T* lse, const T* q, const T* k, const T* v, int64_t seq_len,
+                           int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, bool causal,
+                           T scale) {
+    const RowLayout r(seq_len, n_heads, n_kv_heads, head_dim, causal);
+    const T* kt = r.transpose(k, 0);
+    const T* vt = r.transpose(v, 1);
+    const int64_t items = n_heads * r.chunks;
+    const int64_t runs = std::min<int64_t>(num_threads(), items);
+    const std::vector<int64_t> cuts =
+        detail::balanced_cuts(items, runs, [&](int64_t w) { return r.chunk_cost(w % r.chunks); });
+    parallel_for(runs, 1, [&](int64_t r0, int64_t r1) {
+      T* scores = thread_buffer<T, detail::AttentionRowScores>(r.ldt);
+      for (int64_t w = cuts[static_cast<std::size_t>(r0)]; w < cuts[static_cast<std::size_t>(r1)];
+           ++w) {
+        const int64_t h = w / r.chunks, g = h / r.group;
+        const int64_t i0 = (w % r.chunks) * detail::kAttentionRowsChunk;
+        const int64_t i1 = std::min(seq_len, i0 + detail::kAttentionRowsChunk);
+        T* oh = o + h * head_dim;
+        T* lh = lse ? lse + h : nullptr;
+        const T* qh = q + h * head_dim;
+        const T* kg = kt + g * r.stride;  // (T/16, HD, 16) per kv head
+        const T* vg = vt + g * r.stride;
+#define CBQ_ATTENTION_ROWS_FORWARD(HD)                                                         \
+  CBQ_SIMD_DISPATCH(simd::isa_for<T>(),                                                        \
+                    attention_rows_forward<T, HD>(oh, lh, n_heads, qh, r.ldq, kg, vg, seq_len, \
+                                                  head_dim, causal, scale, i0, i1, scores))
+        switch (r.width) {
+          case 4:
+            CBQ_ATTENTION_ROWS_FORWARD(4);
+            break;
+          case 8:
+            CBQ_ATTENTION_ROWS_FORWARD(8);
+            break;
+          default:
+            CBQ_ATTENTION_ROWS_FORWARD(16);
+            break;
+        }
+#undef CBQ_ATTENTION_ROWS_FORWARD
+      }
+    });
+  }
+
+  // Work items (query head h, part p): each head's row chunks cut into kAttentionBackwardParts
+  // runs of equal cost. An item writes dQ and D of its own rows, and its dK/dV contributions into
+  // shares of its own (blocked and transposed like the keys), summed into dK/dV below in a fixed
+  // order: the result does not depend on the thread count.
+  static void backward_rows(T* dq, T* dk, T* dv, T* row_dot_all, const T* q, const T* k, const T* v,
+                            const T* o, const T* dout, const T* lse, int64_t seq_len,
+                            int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, bool causal,
+                            T scale) {
+    const RowLayout r(seq_len, n_heads, n_kv_heads, head_dim, causal);
+    const T* kt = r.transpose(k, 0);
+    const T* vt = r.transpose(v, 1);
+    const int64_t parts = std::min(detail::kAttentionBackwardParts, r.chunks);
+    const std::vector<int64_t> chunk_cuts =
+        detail::balanced_cuts(r.chunks, parts, [&](int64_t c) { return r.chunk_cost(c); });
+    const int64_t items = n_heads * parts, share = r.stride;
+    T* shares = thread_buffer<T, detail::AttentionRowShares>(2 * items * share);
+    auto rows_of = [&](int64_t p, bool end) {
+      return std::min(seq_len, chunk_cuts[static_cast<std::size_t>(p + (end ? 1 : 0))] *
+                                   detail::kAttentionRowsChunk);
+    };
+    // Keys a part reaches: those of its last row (all of them without the mask).
+    auto keys_of = [&](int64_t p) { return causal ? rows_of(p, true) : seq_len; };
+    parallel_for(items, 1, [&](int64_t w0, int64_t w1) {
+      T* ds = thread_buffer<T, detail::AttentionRowScores>(r.ldt);
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t h = w / parts, p = w % parts, g = h / r.group;
+        T* dkt = dk ? shares + w * share : nullptr;
+        T* dvt = dv ? shares + (items + w) * share : nullptr;
+        for (T* sh : {dkt, dvt})
+          if (sh) std::fill_n(sh, share, T(0));
+        const int64_t i0 = rows_of(p, false), i1 = rows_of(p, true);
+        T* dqh = dq ? dq + h * head_dim : nullptr;
+        const int64_t off = h * head_dim;
+        const T* kg = kt + g * r.stride;
+        const T* vg = vt + g * r.stride;
+#define CBQ_ATTENTION_ROWS_BACKWARD(HD)                                                      \
+  CBQ_SIMD_DISPATCH(simd::isa_for<T>(),                                                      \
+                    attention_rows_backward<T, HD>(                                          \
+                        dqh, dkt, dvt, row_dot_all + h, q + off, o + off, dout + off, r.ldq, \
+                        lse + h, n_heads, kg, vg, seq_len, head_dim, causal, scale, i0, i1, ds))
+        switch (r.width) {
+          case 4:
+            CBQ_ATTENTION_ROWS_BACKWARD(4);
+            break;
+          case 8:
+            CBQ_ATTENTION_ROWS_BACKWARD(8);
+            break;
+          default:
+            CBQ_ATTENTION_ROWS_BACKWARD(16);
+            break;
+        }
+#undef CBQ_ATTENTION_ROWS_BACKWARD
+      }
+    });
+    // dK_g[j] += Σ over the query heads of group g and their parts, in order, of the shares.
+    auto reduce = [&](T* dst, const T* first_share) {
+      parallel_for(seq_len, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(items, 1)),
+                   [&](int64_t j0, int64_t j1) {
+                     for (int64_t w = 0; w < items; ++w) {
+                       const int64_t h = w / parts, p = w % parts, g = h / r.group;
+                       const T* sh = first_share + w * share;
+                       const int64_t j_end = std::min(j1, keys_of(p));
+                       for (int64_t j = j0; j < j_end; ++j)
+                         for (int64_t d = 0; d < head_dim; ++d)
+                           dst[j * r.ldk + g * head_dim + d] += sh[r.blocked(j, d)];
+                     }
+                   });
+    };
+    if (dk) reduce(dk, shares);
+    if (dv) reduce(dv, shares + items * share);
+  }
+
+  // The tiled path (hd > 8).
+  static void forward_tiles(T* o, T* lse, const T* q, const T* k, const T* v, int64_t seq_len,
+                            int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, bool causal,
+                            T scale) {
     const detail::AttentionDims a{seq_len,  n_heads, n_kv_heads,
                                   head_dim, causal,  static_cast<double>(scale)};
     const int64_t n = a.seq_len, hd = a.head_dim, group = a.group();
@@ -166,10 +342,10 @@ struct CpuAttention {
     });
   }
 
-  // row_dot_all (T, Hq) receives D = rowsum(dO ⊙ O).
-  static void backward(T* dq, T* dk, T* dv, T* row_dot_all, const T* q, const T* k, const T* v,
-                       const T* o, const T* dout, const T* lse, int64_t seq_len, int64_t n_heads,
-                       int64_t n_kv_heads, int64_t head_dim, bool causal, T scale) {
+  static void backward_tiles(T* dq, T* dk, T* dv, T* row_dot_all, const T* q, const T* k,
+                             const T* v, const T* o, const T* dout, const T* lse, int64_t seq_len,
+                             int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, bool causal,
+                             T scale) {
     const detail::AttentionDims a{seq_len,  n_heads, n_kv_heads,
                                   head_dim, causal,  static_cast<double>(scale)};
     const int64_t n = a.seq_len, hd = a.head_dim, group = a.group();
@@ -274,6 +450,47 @@ struct CpuAttention {
     if (dk) reduce(dk, dk_share);
     if (dv) reduce(dv, dv_share);
   }
+
+ private:
+  // The row path's shapes, and its keys and values transposed in blocks of 16 keys, (T/16, HD, 16)
+  // per kv head (zero past hd and past T), in the calling thread's buffer: slot 0 keys, 1 values.
+  struct RowLayout {
+    // Regions read or written side by side (kv heads, keys and values, shares) start kPad values
+    // apart beyond their size: at T 512, hd 8 a region is 16 KiB, and loads and stores 4 KiB apart
+    // stall on each other (4K aliasing).
+    static constexpr int64_t kPad = 48;
+    int64_t n, n_kv_heads, hd, group, ldq, ldk, width, ldt, stride, chunks;
+    bool causal;
+    RowLayout(int64_t seq_len, int64_t n_heads, int64_t kv_heads, int64_t head_dim, bool mask)
+        : n(seq_len),
+          n_kv_heads(kv_heads),
+          hd(head_dim),
+          group(n_heads / kv_heads),
+          ldq(n_heads * head_dim),
+          ldk(kv_heads * head_dim),
+          width(detail::attention_rows_width(head_dim)),
+          ldt((seq_len + 15) / 16 * 16),
+          stride(width * ldt + kPad),
+          chunks((seq_len + detail::kAttentionRowsChunk - 1) / detail::kAttentionRowsChunk),
+          causal(mask) {
+      CBQ_CHECK(head_dim <= detail::kAttentionRowsWidest,
+                "attention: the row kernels take head_dim <= {}, got {}",
+                detail::kAttentionRowsWidest, head_dim);
+    }
+    int64_t chunk_cost(int64_t c) const { return causal ? c + 1 : 1; }
+    // Key j, index d in the (T/16, HD, 16) blocked transpose of one kv head.
+    int64_t blocked(int64_t j, int64_t d) const { return (j / 16) * 16 * width + 16 * d + j % 16; }
+    const T* transpose(const T* x, int slot) const {
+      const int64_t size = n_kv_heads * stride + kPad;
+      T* out = thread_buffer<T, detail::AttentionTransposed>(2 * size) + slot * size;
+      std::fill_n(out, size, T(0));
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t g = 0; g < n_kv_heads; ++g)
+          for (int64_t d = 0; d < hd; ++d)
+            out[g * stride + blocked(j, d)] = x[j * ldk + g * hd + d];
+      return out;
+    }
+  };
 };
 
 template <class T>
