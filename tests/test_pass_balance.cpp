@@ -511,3 +511,34 @@ TEST_CASE("fixed grid: the GPTQ start uses it by default, and it keeps GPTQ's co
       CHECK(changed > 0);
   }
 }
+
+TEST_CASE("targets: the full-precision output carried from the last window equals the recomputed") {
+  // Windows 2/1 over 3 blocks: the second window's first block is the first window's last, whose
+  // full-precision output T_fp(X_fp) the targets pass starts from (reuse_fp_outputs). The same
+  // unit on the same input: every loss and every code is the same bit for bit.
+  ModelConfig c = tiny_llama_config();
+  const auto x = random_hidden(6, 10, c.dim, 8);
+  QuantizationResult runs[2];
+  for (bool reuse : {false, true}) {
+    CAPTURE(reuse);
+    Transformer<LlamaBlock<float>> model(c, random_weights(c, 29));
+    PassOptions o = quiet_options(2);
+    o.reuse_fp_outputs = reuse;
+    runs[reuse] = TinyPass(o).run_from_hidden(model, x);
+  }
+  const QuantizationResult &recomputed = runs[0], &carried = runs[1];
+  REQUIRE(recomputed.windows.size() == 2);
+  REQUIRE(carried.windows.size() == 2);
+  for (size_t k = 0; k < 2; ++k) {
+    CAPTURE(k);
+    REQUIRE(std::isfinite(carried.windows[k].loss_before.total));
+    CHECK(carried.windows[k].loss_before.total == recomputed.windows[k].loss_before.total);
+    CHECK(carried.windows[k].loss_after.total == recomputed.windows[k].loss_after.total);
+  }
+  REQUIRE(carried.layers.size() == recomputed.layers.size());
+  for (size_t i = 0; i < carried.layers.size(); ++i) {
+    CAPTURE(carried.layers[i].name);
+    CHECK(same_codes(carried.layers[i].weight, recomputed.layers[i].weight));
+    CHECK(same_bits(carried.layers[i].weight.scale, recomputed.layers[i].weight.scale));
+  }
+}

@@ -44,12 +44,17 @@ TEST_CASE("pass estimate: time adds the steps, the forwards and the GPTQ start o
   // 80 % of the steps carry the regulariser (round_warmup 0.2).
   const double step = 0.2 * 0.1 + 0.8 * 0.2;
   CHECK(e.train_seconds == doctest::Approx(18 * step));
-  // Per window: 2·N·2 FP block forwards, 2·H window evaluations on the held-out samples (0.02 s
-  // each), and N samples through each block leaving (0.012 s each): 1 after the first window, 2
-  // after the last.
+  // Per window: 2·N·2 FP block forwards (N fewer in the second, which starts from the first's
+  // T_fp(X_fp) at block 1: reuse_fp_outputs), 2·H window evaluations on the held-out samples
+  // (0.02 s each), and N samples through each block leaving (0.012 s each): 1 after the first
+  // window, 2 after the last.
   const double fwd = (N * 4 * 0.005 + 2 * H * 0.02 + N * 1 * 0.012) +
-                     (N * 4 * 0.005 + 2 * H * 0.02 + N * 2 * 0.012);
+                     (N * 3 * 0.005 + 2 * H * 0.02 + N * 2 * 0.012);
   CHECK(e.forward_seconds == doctest::Approx(fwd));
+  PassOptions recompute = o;
+  recompute.reuse_fp_outputs = false;
+  CHECK(estimate_pass(m, spec, recompute, N, 32, fixed_calibration()).forward_seconds ==
+        doctest::Approx(fwd + N * 0.005));
   // The balance over every sample evaluates all N before and after.
   PassOptions all = o;
   all.balance_all_samples = true;

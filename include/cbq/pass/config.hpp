@@ -87,6 +87,12 @@ struct PassOptions {
   // over every sample were about 15 % of a stories260K window (docs/PERFORMANCE.md). True: on
   // every sample, as the balance tables of docs/RESULTS.md (cbq-balance, `--balance-all-samples`).
   bool balance_all_samples = false;
+  // With windows that overlap by one unit (the default 2/1), the full-precision output of a
+  // window's first unit is the last window's T_fp(X_fp): the targets pass starts from it instead of
+  // recomputing it (bit for bit the same: the same unit on the same input; one of the four unit
+  // forwards of a window's targets). Off: recompute (tests compare the two). Not with the
+  // attention-map term on the full-precision path, which captures every unit's q and k.
+  bool reuse_fp_outputs = true;
   GridMode grid = GridMode::automatic;
   // > 0: the window that ends at the model's last block also minimises this weight times
   // KL(softmax(head(T_fp(X_fp))) ‖ softmax(head(T_q(X_q)))), the model's output distribution

@@ -9,7 +9,10 @@
 // Time. Per window (window_schedule: W blocks; S of them leave the window when it is done, the
 // stride W − overlap, or all W for the last window; B of them enter it, new) the pass runs
 //   E·(N − H) training steps                 t_step (measured, see below; H held-out samples),
-//   2·N·W full-precision block forwards      t_fp_block (the targets T_fp(X_fp) and T_fp(X_q)),
+//   2·N·W full-precision block forwards      t_fp_block (the targets T_fp(X_fp) and T_fp(X_q);
+//                                            one unit fewer per sample where the first unit's
+//                                            output is carried from the last window,
+//                                            PassOptions::reuse_fp_outputs),
 //   2·N quantized window forwards + losses   t_q_window (the reconstruction loss before / after;
 //                                            with soft rounding also the hard-rounded H + N),
 //   S·N hardened block forwards              t_advance (the quantized path advancing, each layer's
@@ -374,7 +377,11 @@ PassEstimate estimate_pass(Transformer<Block>& model, const PassSpec& spec,
     // Whole-block windows are the calibrated window (ratio 1).
     e.train_seconds +=
         static_cast<double>(per_window) * t_step * (halves || adaptive ? blocks / cal_blocks : 1.0);
-    e.forward_seconds += static_cast<double>(N) * 2.0 * blocks * cal.fp_block_seconds +
+    // The first unit's full-precision output carried from the last window (reuse_fp_outputs).
+    const bool reused = options.reuse_fp_outputs && w.first == next_new - 1 && w.first < w.last &&
+                        (options.attention_kl <= 0 || options.attention_kl_homologous);
+    const double fp_blocks = 2.0 * blocks - (reused ? unit_blocks : 0.0);
+    e.forward_seconds += static_cast<double>(N) * fp_blocks * cal.fp_block_seconds +
                          evaluations * cal.q_window_seconds * blocks / cal_blocks +
                          static_cast<double>(N) * leaving * cal.advance_sample_seconds;
     // With the GPTQ start, the units new to this window: those after the previous window's

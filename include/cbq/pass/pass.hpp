@@ -343,6 +343,9 @@ class CbqPass {
     }
 
     int64_t window_index = 0;
+    // The unit whose full-precision output t_fp holds (the last window's last unit; −1: none, as
+    // after a resume, which does not restore t_fp).
+    int64_t t_fp_unit = -1;
     for (const Window& w : windows) {
       ++window_index;
       if (window_index <= windows_done) continue;  // restored from the checkpoint
@@ -386,12 +389,16 @@ class CbqPass {
           ++attention_index;
         };
       if (!o.attention_kl_homologous) fp_ctx.on_attention = capture;
+      // The first unit's full-precision output carried from the last window (reuse_fp_outputs).
+      const bool reuse =
+          o.reuse_fp_outputs && t_fp_unit == w.first && w.first < w.last && !fp_ctx.on_attention;
       swap_norms();  // the full-precision values
       for (int64_t n = 0; n < N; ++n) {
-        Tensor<T> x = x_fp[n], next;
+        Tensor<T> x = reuse ? t_fp[n].clone() : x_fp[n], next;
         attention_index = 0;
         sample = n;
-        for (int64_t u = w.first; u <= w.last; ++u) {
+        if (reuse && w.first + 1 == w.finalize) next = x;
+        for (int64_t u = reuse ? w.first + 1 : w.first; u <= w.last; ++u) {
           x = units.run(u, x, fp_ctx);
           detail::check_finite(x, fmt::format("the full-precision path after {} (window {}, "
                                               "calibration sample {})",
@@ -413,6 +420,7 @@ class CbqPass {
         t_hom[n].copy_from(h);
       }
       swap_norms();  // the learned values
+      t_fp_unit = w.last;
       init_activation_steps(units, w, qlayers, ranges);
 
       // 3. Optimise the window (and keep the better of its start and its trained state).
