@@ -220,6 +220,12 @@ struct PassOptions {
     const int64_t heldout = holdout_samples(n);
     return heldout > 0 && !balance_all_samples ? heldout : n;
   }
+  // Whether a window of units [first, last] starts its full-precision pass from the last window's
+  // T_fp(X_fp), that window having ended at unit previous_last: see reuse_fp_outputs.
+  bool carries_fp_output(int64_t previous_last, int64_t first, int64_t last) const {
+    const bool captures_fp_attention = attention_kl > 0 && !attention_kl_homologous;
+    return reuse_fp_outputs && previous_last == first && first < last && !captures_fp_attention;
+  }
   // Whether the grid stays at the start's steps (see GridMode).
   bool fixed_grid() const {
     return grid == GridMode::fixed ||

@@ -378,8 +378,7 @@ PassEstimate estimate_pass(Transformer<Block>& model, const PassSpec& spec,
     e.train_seconds +=
         static_cast<double>(per_window) * t_step * (halves || adaptive ? blocks / cal_blocks : 1.0);
     // The first unit's full-precision output carried from the last window (reuse_fp_outputs).
-    const bool reused = options.reuse_fp_outputs && w.first == next_new - 1 && w.first < w.last &&
-                        (options.attention_kl <= 0 || options.attention_kl_homologous);
+    const bool reused = options.carries_fp_output(next_new - 1, w.first, w.last);
     const double fp_blocks = 2.0 * blocks - (reused ? unit_blocks : 0.0);
     e.forward_seconds += static_cast<double>(N) * fp_blocks * cal.fp_block_seconds +
                          evaluations * cal.q_window_seconds * blocks / cal_blocks +

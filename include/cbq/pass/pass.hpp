@@ -390,8 +390,7 @@ class CbqPass {
         };
       if (!o.attention_kl_homologous) fp_ctx.on_attention = capture;
       // The first unit's full-precision output carried from the last window (reuse_fp_outputs).
-      const bool reuse =
-          o.reuse_fp_outputs && t_fp_unit == w.first && w.first < w.last && !fp_ctx.on_attention;
+      const bool reuse = o.carries_fp_output(t_fp_unit, w.first, w.last);
       swap_norms();  // the full-precision values
       for (int64_t n = 0; n < N; ++n) {
         Tensor<T> x = reuse ? t_fp[n].clone() : x_fp[n], next;

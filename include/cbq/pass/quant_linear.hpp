@@ -457,8 +457,9 @@ class QuantLinear final : public LinearTransform<T> {
   bool lora_tracks() const { return config_.v0_tracks_step && lora_.V0.defined(); }
   bool full_tracks() const { return config_.v0_tracks_step && full_v0_.defined(); }
   const Tensor<T>* full_v0() const { return full_v0_.defined() ? &full_v0_ : nullptr; }
-  // Keeps the stored V0 = h⁻¹(W/s − floor(W/s)) in step with the current s (see v0_tracks_step)
-  // for the checkpoint; the kernels that track the step do not read it.
+  // Brings the stored V0 = h⁻¹(W/s − floor(W/s)) in step with the current s (see v0_tracks_step)
+  // before hardening; the kernels that track the step recompute V0 and never read the stored
+  // one, which between hardenings (and in checkpoints) holds the start's.
   // (A fixed grid's V0 belongs to the starting steps and never moves.)
   void track_step() {
     if (!config_.v0_tracks_step || config_.fixed_grid) return;

@@ -269,6 +269,19 @@ class LoraRegNode final : public Node<T> {
 
 // The factors' part of the kernel inputs: A1 (rows, r), A2 (r, cols), V0 (rows, cols) when
 // source == tensor.
+// The V0 source of the kernel inputs, and V0 (rows, cols) itself when source == tensor.
+template <class T>
+void set_v0_input(const char* op, LoraInputs<T>& in, const Tensor<T>* V0, V0Source source) {
+  in.source = source;
+  if (source != V0Source::tensor) return;
+  CBQ_CHECK(V0 && V0->defined() && V0->shape() == Shape({in.rows, in.cols}),
+            "{}: V0 {} does not match the rounding logits ({}, {})", op, V0 ? V0->shape() : Shape{},
+            in.rows, in.cols);
+  ops::check_contiguous(op, "V0", *V0);
+  ops::check_cpu(op, *V0);
+  in.v0 = V0->data();
+}
+
 template <class T>
 LoraInputs<T> lora_factor_inputs(const char* op, const Tensor<T>& A1, const Tensor<T>& A2,
                                  const Tensor<T>* V0, V0Source source) {
@@ -285,15 +298,7 @@ LoraInputs<T> lora_factor_inputs(const char* op, const Tensor<T>& A1, const Tens
   in.rows = A1.size(0);
   in.cols = A2.size(1);
   in.rank = A1.size(1);
-  in.source = source;
-  if (source == V0Source::tensor) {
-    CBQ_CHECK(V0 && V0->defined() && V0->shape() == Shape({in.rows, in.cols}),
-              "{}: V0 {} does not match A1·A2 ({}, {})", op, V0 ? V0->shape() : Shape{}, in.rows,
-              in.cols);
-    ops::check_contiguous(op, "V0", *V0);
-    ops::check_cpu(op, *V0);
-    in.v0 = V0->data();
-  }
+  set_v0_input(op, in, V0, source);
   return in;
 }
 
@@ -513,14 +518,7 @@ LoraInputs<T> full_logit_inputs(const char* op, const Tensor<T>& dV, const Tenso
   in.dv = dV.data();
   in.rows = dV.size(0);
   in.cols = dV.size(1);
-  in.source = source;
-  if (source == V0Source::tensor) {
-    CBQ_CHECK(V0 && V0->defined() && V0->shape() == dV.shape(), "{}: V0 {} does not match ΔV {}",
-              op, V0 ? V0->shape() : Shape{}, dV.shape());
-    ops::check_contiguous(op, "V0", *V0);
-    ops::check_cpu(op, *V0);
-    in.v0 = V0->data();
-  }
+  set_v0_input(op, in, V0, source);
   return in;
 }
 
