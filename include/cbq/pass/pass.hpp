@@ -411,9 +411,10 @@ class CbqPass {
         for (int64_t u = w.first; u <= w.last; ++u) {
           BlockContext<T> ctx = fp_context<T>();
           if (o.attention_kl_homologous) ctx.on_attention = capture;
-          ctx.on_linear_input = [&, u](const LinearLayer<T>& layer, const Tensor<T>& in) {
-            detail::observe(ranges[observer_index(units, w, u, layer)], in);
-          };
+          if (static_activation_steps())  // the ranges only initialise static steps
+            ctx.on_linear_input = [&, u](const LinearLayer<T>& layer, const Tensor<T>& in) {
+              detail::observe(ranges[observer_index(units, w, u, layer)], in);
+            };
           h = units.run(u, h, ctx);
         }
         t_hom[n].copy_from(h);
@@ -633,9 +634,12 @@ class CbqPass {
     fail("CBQ: linear layer '{}' of {} not found", layer.name, units.range(u, u));
   }
 
+  // Activation steps initialised from calibration ranges (quantized, per-tensor activations).
+  bool static_activation_steps() const { return spec_.act_bits < 16 && !spec_.act_per_token; }
+
   template <class Model, class Q, class R>
   void init_activation_steps(PassUnits<Model>& units, const Window& w, Q& qlayers, R& ranges) {
-    if (spec_.act_bits >= 16 || spec_.act_per_token) return;
+    if (!static_activation_steps()) return;
     size_t i = 0;
     for (int64_t u = w.first; u <= w.last; ++u) {
       auto linears = units.linears(u);
