@@ -179,6 +179,23 @@ CBQ_ALWAYS_INLINE inline float reduce_add(const vf16& v) {
                         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)));
 }
 
+// Largest lane by pairwise halving (lanes are ordered; no NaN).
+CBQ_ALWAYS_INLINE inline float reduce_max(const vf4& v) {
+  const vf4 t = __builtin_shufflevector(v, v, 2, 3, 0, 1);
+  const vf4 m = v < t ? t : v;
+  return m[0] < m[1] ? m[1] : m[0];
+}
+CBQ_ALWAYS_INLINE inline float reduce_max(const vf8& v) {
+  const vf4 a = __builtin_shufflevector(v, v, 0, 1, 2, 3),
+            b = __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return reduce_max(vf4(a < b ? b : a));
+}
+CBQ_ALWAYS_INLINE inline float reduce_max(const vf16& v) {
+  const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+            b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  return reduce_max(vf8(a < b ? b : a));
+}
+
 template <int N>
 struct Pack<float, N> {
   using V = typename VectorTypes<N>::F;
@@ -217,6 +234,14 @@ struct Pack<float, N> {
   }
   // Sum of the lanes in a fixed order (pairwise halving).
   CBQ_ALWAYS_INLINE static float sum(const V& v) { return reduce_add(v); }
+  // The largest lane (no NaN among them).
+  CBQ_ALWAYS_INLINE static float max(const V& v) { return reduce_max(v); }
+  // v with lanes `count` and above set to `fill` (a compare against the lane index, no memory).
+  CBQ_ALWAYS_INLINE static V first_lanes(const V& v, int64_t count, float fill = 0.0f) {
+    V index;
+    for (int i = 0; i < N; ++i) index[i] = static_cast<float>(i);
+    return index < splat(static_cast<float>(count)) ? v : splat(fill);
+  }
   CBQ_ALWAYS_INLINE static M lt(const V& a, const V& b) { return a < b; }
   CBQ_ALWAYS_INLINE static M le(const V& a, const V& b) { return a <= b; }
   CBQ_ALWAYS_INLINE static M eq(const V& a, const V& b) { return a == b; }
@@ -238,11 +263,14 @@ struct Pack<float, N> {
     return small ? f : x;
   }
   // e^x, x clamped to [−87, 88] (e^−87 ≈ 1.6e−38 stands in for the denormal range).
+  // n = round(x·log2 e) by adding 1.5·2^23 (the sum's low mantissa bits are n), two operations
+  // where a conversion floor takes four; each bound a max / min (NaN passes through).
   CBQ_ALWAYS_INLINE static V exp(const V& x_in) {
-    const V x = clamp(x_in, splat(-87.0f), splat(88.0f));
-    const V nt = x * splat(1.44269504088896341f) + splat(0.5f);  // |nt| < 2^7: floor by conversion
-    const V t = to_float(to_int(nt));
-    const V n = nt < t ? t - splat(1.0f) : t;
+    V x = x_in < splat(-87.0f) ? splat(-87.0f) : x_in;
+    x = splat(88.0f) < x ? splat(88.0f) : x;
+    const V shifter = splat(12582912.0f);
+    const V t = x * splat(1.44269504088896341f) + shifter;
+    const V n = t - shifter;
     V r = x - n * splat(0.693359375f);
     r = r - n * splat(-2.12194440e-4f);
     V p = splat(1.9875691500e-4f);
@@ -252,7 +280,7 @@ struct Pack<float, N> {
     p = p * r + splat(1.6666665459e-1f);
     p = p * r + splat(5.0000001201e-1f);
     p = p * (r * r) + r + splat(1.0f);
-    const M bits = (to_int(n) + splat_int(127)) << 23;
+    const M bits = (reinterpret_cast<M>(t) - reinterpret_cast<M>(shifter) + splat_int(127)) << 23;
     return p * reinterpret_cast<V>(bits);
   }
   // log x for normal positive x (callers handle 0, denormals, infinities and NaN).
@@ -294,6 +322,8 @@ struct ScalarPack {
   static void store(T* p, V v, int = 1) { *p = v; }
   static void store_u8(uint8_t* p, V v, int = 1) { *p = static_cast<uint8_t>(v); }
   static T sum(V v) { return v; }
+  static T max(V v) { return v; }
+  static V first_lanes(V v, int64_t count, T fill = T(0)) { return count > 0 ? v : fill; }
   static M lt(V a, V b) { return a < b; }
   static M le(V a, V b) { return a <= b; }
   static M eq(V a, V b) { return a == b; }
