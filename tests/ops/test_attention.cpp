@@ -238,6 +238,36 @@ TEST_CASE("attention: the row path equals the tiled path in float at the 260K mo
   CHECK_FALSE(ops::detail::attention_uses_rows(64));  // SmolLM2's hd 64 keeps the tiles
 }
 
+TEST_CASE("attention: the row forward gives a row the same bits alone and beside the next row") {
+  // Rows go through the row kernel two at a time; in a causal sequence cut after row i (even),
+  // row i is the last one and goes alone. Its output must not change by a bit.
+  const UsePath use(ops::detail::AttentionPath::rows);
+  for (int64_t hd : {4, 8, 13}) {
+    CAPTURE(hd);
+    const int64_t n = 70, hq = 4, hkv = 2;
+    auto q = randn<float>(Shape{n, hq * hd}, 91, 2.0),
+         k = randn<float>(Shape{n, hkv * hd}, 92, 2.0);
+    auto v = randn<float>(Shape{n, hkv * hd}, 93);
+    auto forward = [&](int64_t rows) {
+      Tape<float> tape;
+      NoGrad<float> off(tape);
+      auto o = ops::attention(tape.constant(q.slice(0, 0, rows).contiguous()),
+                              tape.constant(k.slice(0, 0, rows).contiguous()),
+                              tape.constant(v.slice(0, 0, rows).contiguous()), hq, hkv, hd);
+      return o.value().clone();
+    };
+    const Tensor<float> full = forward(n);
+    for (int64_t i : {0, 14, 16, 30, 32, 46, 68}) {
+      CAPTURE(i);
+      const Tensor<float> cut = forward(i + 1);
+      for (int64_t c = 0; c < hq * hd; ++c) {
+        REQUIRE(std::isfinite(full[i * hq * hd + c]));
+        CHECK(cut[i * hq * hd + c] == full[i * hq * hd + c]);
+      }
+    }
+  }
+}
+
 TEST_CASE("attention: work is cut into contiguous runs of about equal cost") {
   using ops::detail::attention_tile_cost;
   using ops::detail::balanced_cuts;

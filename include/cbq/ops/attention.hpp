@@ -185,7 +185,7 @@ struct CpuAttention {
     const std::vector<int64_t> cuts =
         detail::balanced_cuts(items, runs, [&](int64_t w) { return r.chunk_cost(w % r.chunks); });
     parallel_for(runs, 1, [&](int64_t r0, int64_t r1) {
-      T* scores = thread_buffer<T, detail::AttentionRowScores>(r.ldt);
+      T* scores = thread_buffer<T, detail::AttentionRowScores>(2 * r.ldt);  // two rows at a time
       for (int64_t w = cuts[static_cast<std::size_t>(r0)]; w < cuts[static_cast<std::size_t>(r1)];
            ++w) {
         const int64_t h = w / r.chunks, g = h / r.group;
