@@ -17,6 +17,7 @@
 #        ROTATIONS ("none"; also r12 = --rotate r1,r2, r124 = --rotate r1,r2,r4: docs/ROTATION.md;
 #        the rotation seed is the run's seed; a rotated run's name ends in -r12 / -r124)
 #        GGUF_TYPES ("q4_0"; q4_1 too) GGUF_ROTATIONS ("none"; r12 too: R4 cannot be exported)
+#        REPORT (1 = each run also writes its report with charts to OUT_DIR/NAME.report)
 # Each run is one cbq-quantize call (FP once, then each method), resumable: a finished run's log
 # is kept and not redone. A summary table goes to OUT_DIR/summary.md.
 set -euo pipefail
@@ -66,6 +67,7 @@ run() {  # NAME ARGS...
   local name=$1; shift
   local log="$out/$name.log"
   if [ -f "$log" ] && grep -q '^| ' "$log"; then echo "smollm2-results: $name done ($log)"; return; fi
+  [ "${REPORT:-0}" = 1 ] && set -- "$@" --report "$out/$name.report"
   echo "smollm2-results: $name: cbq-quantize $*"
   /usr/bin/time -v "$quantize" "$model" --calib "$calib" --eval "$eval" --ctx 2048 \
     --seq-len "$seq_len" --samples "$samples" --epochs "$epochs" --threads "$threads" "$@" \
