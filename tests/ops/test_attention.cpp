@@ -238,31 +238,36 @@ TEST_CASE("attention: the row path equals the tiled path in float at the 260K mo
   CHECK_FALSE(ops::detail::attention_uses_rows(64));  // SmolLM2's hd 64 keeps the tiles
 }
 
-TEST_CASE("attention: the row forward gives a row the same bits alone and beside the next row") {
-  // Rows go through the row kernel two at a time; in a causal sequence cut after row i (even),
-  // row i is the last one and goes alone. Its output must not change by a bit.
+TEST_CASE("attention: the row kernels give a row the same bits alone and beside the next row") {
+  // Rows go through the row kernels two at a time; in a causal sequence cut after row i (even),
+  // row i is the last one and goes alone. Its output and its dq (which depends on rows ≤ i only)
+  // must not change by a bit.
   const UsePath use(ops::detail::AttentionPath::rows);
   for (int64_t hd : {4, 8, 13}) {
     CAPTURE(hd);
     const int64_t n = 70, hq = 4, hkv = 2;
     auto q = randn<float>(Shape{n, hq * hd}, 91, 2.0),
          k = randn<float>(Shape{n, hkv * hd}, 92, 2.0);
-    auto v = randn<float>(Shape{n, hkv * hd}, 93);
-    auto forward = [&](int64_t rows) {
+    auto v = randn<float>(Shape{n, hkv * hd}, 93), dout = randn<float>(Shape{n, hq * hd}, 94);
+    auto run = [&](int64_t rows) {
       Tape<float> tape;
-      NoGrad<float> off(tape);
-      auto o = ops::attention(tape.constant(q.slice(0, 0, rows).contiguous()),
-                              tape.constant(k.slice(0, 0, rows).contiguous()),
-                              tape.constant(v.slice(0, 0, rows).contiguous()), hq, hkv, hd);
-      return o.value().clone();
+      auto vq = tape.input(q.slice(0, 0, rows).contiguous());
+      auto vk = tape.input(k.slice(0, 0, rows).contiguous());
+      auto vv = tape.input(v.slice(0, 0, rows).contiguous());
+      auto o = ops::attention(vq, vk, vv, hq, hkv, hd);
+      o.grad().copy_from(dout.slice(0, 0, rows).contiguous());
+      tape.backward_from_seeded();
+      return std::pair<Tensor<float>, Tensor<float>>{o.value().clone(), vq.grad().clone()};
     };
-    const Tensor<float> full = forward(n);
+    const auto [full, full_dq] = run(n);
     for (int64_t i : {0, 14, 16, 30, 32, 46, 68}) {
       CAPTURE(i);
-      const Tensor<float> cut = forward(i + 1);
+      const auto [cut, cut_dq] = run(i + 1);
       for (int64_t c = 0; c < hq * hd; ++c) {
         REQUIRE(std::isfinite(full[i * hq * hd + c]));
+        REQUIRE(std::isfinite(full_dq[i * hq * hd + c]));
         CHECK(cut[i * hq * hd + c] == full[i * hq * hd + c]);
+        CHECK(cut_dq[i * hq * hd + c] == full_dq[i * hq * hd + c]);
       }
     }
   }

@@ -239,7 +239,7 @@ struct CpuAttention {
     // Keys a part reaches: those of its last row (all of them without the mask).
     auto keys_of = [&](int64_t p) { return causal ? rows_of(p, true) : seq_len; };
     parallel_for(items, 1, [&](int64_t w0, int64_t w1) {
-      T* ds = thread_buffer<T, detail::AttentionRowScores>(r.ldt);
+      T* ds = thread_buffer<T, detail::AttentionRowScores>(4 * r.ldt);  // dS and P, two rows
       for (int64_t w = w0; w < w1; ++w) {
         const int64_t h = w / parts, p = w % parts, g = h / r.group;
         T* dkt = dk ? shares + w * share : nullptr;
