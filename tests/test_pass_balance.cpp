@@ -337,6 +337,66 @@ TEST_CASE("keep better: training forced to diverge returns the start's codes bit
   CHECK(any_different);
 }
 
+TEST_CASE("keep better: training that turns non-finite stops and the window keeps its start") {
+  ModelConfig c = tiny_llama_config();
+  const auto x = random_hidden(8, 10, c.dim, 5);
+  Transformer<LlamaBlock<float>> rtn_model(c, random_weights(c, 31));
+  const QuantizationResult rtn =
+      quantize_baseline(rtn_model, Baseline::rtn, TinyPass::make_spec(), x, {}, false);
+  // A NaN put into a learned parameter of block 0 after window 1's step `at` (mid-window: the next
+  // step's loss is NaN; the last step: the trained state's evaluation is).
+  auto run = [&](Transformer<LlamaBlock<float>>& model, int64_t at, bool keep_better) {
+    PassOptions o = quiet_options(2);
+    o.weight_init = WeightInit::rtn;
+    o.keep_better = keep_better;
+    o.verbose = true;
+    o.on_step = [&model, at](int64_t window, int64_t step) {
+      if (window != 1 || step != at) return;
+      auto q = std::dynamic_pointer_cast<QuantLinear<float>>(model.blocks[0].q_proj.transform);
+      REQUIRE(q);
+      q->rounding_params()[0]->value[0] = std::numeric_limits<float>::quiet_NaN();
+    };
+    QuantizationResult result;
+    const std::string printed =
+        captured_stdout([&] { result = TinyPass(o).run_from_hidden(model, x); });
+    return std::pair<QuantizationResult, std::string>{result, printed};
+  };
+  Transformer<LlamaBlock<float>> clean_model(c, random_weights(c, 31));
+  const int64_t steps = run(clean_model, -1, true).first.windows.at(0).steps;
+  REQUIRE(steps > 3);
+  for (const int64_t at : {int64_t{2}, steps - 1}) {
+    CAPTURE(at);
+    Transformer<LlamaBlock<float>> model(c, random_weights(c, 31));
+    const auto [result, printed] = run(model, at, true);
+    REQUIRE(result.windows.size() == 2);
+    const WindowStats& w = result.windows[0];
+    CHECK_FALSE(w.diverged.empty());
+    CHECK(w.kept_start);
+    CHECK(w.steps == at + 1);  // it stopped at the NaN
+    CHECK(w.diverged.find("became non-finite in window 1") != std::string::npos);
+    CHECK(std::isfinite(w.heldout_trained.reconstruction()));
+    CHECK(w.heldout_trained.reconstruction() == w.heldout_start.reconstruction());
+    for (const LossTerms& t : w.curve) CHECK(std::isfinite(t.total));
+    CHECK(result.windows[1].diverged.empty());  // the next window trains as usual
+    CHECK(printed.find("window 1/2: training diverged and stopped; the window keeps its start") !=
+          std::string::npos);
+    // Block 0 is RTN's, code for code.
+    const size_t block0 = model.blocks[0].linears().size();
+    REQUIRE(result.layers.size() == rtn.layers.size());
+    for (size_t i = 0; i < block0; ++i) {
+      CAPTURE(rtn.layers[i].name);
+      CHECK(same_codes(result.layers[i].weight, rtn.layers[i].weight));
+      CHECK(same_bits(result.layers[i].weight.scale, rtn.layers[i].weight.scale));
+    }
+    for (const LayerResult& l : result.layers) CHECK(std::isfinite(l.output_error));
+    const Tensor<float> logits = model.logits(std::vector<int32_t>{3, 1, 4, 1, 5});
+    for (int64_t i = 0; i < logits.numel(); ++i) REQUIRE(std::isfinite(logits[i]));
+  }
+  // Without the keep-better rule there is no start to go back to: an error naming the window.
+  Transformer<LlamaBlock<float>> unguarded(c, random_weights(c, 31));
+  CHECK_THROWS_WITH_AS(run(unguarded, 2, false), doctest::Contains("window 1"), Error);
+}
+
 TEST_CASE("keep better: ordinary training keeps its trained state when it is better") {
   ModelConfig c = tiny_llama_config();
   Transformer<LlamaBlock<float>> model(c, random_weights(c, 21));

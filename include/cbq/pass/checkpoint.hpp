@@ -179,6 +179,7 @@ inline std::vector<WindowStats> parse_window_stats(const std::string& text) {
       s.heldout_start = loss_from_json(w.at("heldout_start"));
       s.heldout_trained = loss_from_json(w.at("heldout_trained"));
       s.kept_start = w.at("kept_start").get<bool>();
+      s.diverged = w.value("diverged", std::string());
     }
     if (w.contains("curve"))
       for (const auto& c : w.at("curve")) s.curve.push_back(loss_from_json(c));
@@ -335,6 +336,7 @@ void save_pass_checkpoint(const std::string& dir, const PassFingerprint& fp,
                        {"heldout_start", detail::to_json(w.heldout_start)},
                        {"heldout_trained", detail::to_json(w.heldout_trained)},
                        {"kept_start", w.kept_start},
+                       {"diverged", w.diverged},
                        {"curve", curve}});
   }
   std::map<std::string, std::string> meta;

@@ -49,7 +49,33 @@ inline void print_window_balance(const WindowStats& s, int64_t window_index, int
         s.heldout > 0 ? fmt::format("{} samples", s.heldout) : std::string("no held-out samples"),
         s.heldout_start.reconstruction(), s.heldout_trained.reconstruction(),
         s.kept_start ? "start" : "trained state");
+  if (!s.diverged.empty())
+    fmt::print("  window {}/{}: training diverged and stopped; the window keeps its start ({})\n",
+               window_index, num_windows, s.diverged);
   std::fflush(stdout);
+}
+
+// The first learned value of the window that is not finite ("the learned parameter NAME of
+// layer LAYER"), or empty.
+template <class T>
+std::string first_non_finite_parameter(const std::vector<QuantLinear<T>*>& active,
+                                       const std::vector<Parameter<T>*>& norms) {
+  auto finite = [](const Parameter<T>* p) {
+    return p->value.is_cpu() && p->value.is_contiguous()
+               ? detail::all_finite_values(p->value.data(), p->value.numel())
+               : detail::all_finite(p->value);
+  };
+  for (QuantLinear<T>* q : active) {
+    std::vector<Parameter<T>*> params = q->weight_step_params();
+    for (Parameter<T>* p : q->act_params()) params.push_back(p);
+    for (Parameter<T>* p : q->rounding_params()) params.push_back(p);
+    for (const Parameter<T>* p : params)
+      if (!finite(p))
+        return fmt::format("the learned parameter {} of layer {}", p->name, q->name());
+  }
+  for (const Parameter<T>* p : norms)
+    if (!finite(p)) return fmt::format("the learned norm weight {}", p->name);
+  return {};
 }
 
 template <class Model, class Q, class T>
@@ -157,7 +183,15 @@ WindowStats train_window(PassUnits<Model>& units, const Window& w, Q& qlayers,
   const auto steps_start = std::chrono::steady_clock::now();
   int64_t step = 0;
   LossTerms epoch_sum;
-  for (int64_t epoch = 0; epoch < o.epochs && step < total_steps; ++epoch) {
+  // Training that turns non-finite stops there. With keep_better the window goes back to its
+  // start (the same rule as a trained state that is worse; its start was finite, measured above)
+  // and the reason is recorded; without it, or at the first step, it is an error.
+  std::string diverged;
+  auto stop = [&](const std::string& why) {
+    if (!o.keep_better || step == 0) fail("{}", why);
+    diverged = why;
+  };
+  for (int64_t epoch = 0; epoch < o.epochs && step < total_steps && diverged.empty(); ++epoch) {
     std::shuffle(order.begin(), order.end(), rng);
     epoch_sum = {};
     int64_t epoch_steps = 0;
@@ -172,23 +206,36 @@ WindowStats train_window(PassUnits<Model>& units, const Window& w, Q& qlayers,
       try {
         std::tie(loss, terms) = window_loss(tape, n, reg_beta);
       } catch (const Error& e) {
-        fail(
+        stop(fmt::format(
             "{} (window {}, {}, epoch {}, step {}, calibration sample {}; first non-finite "
             "value: {})",
             e.what(), window_index, stats.units, epoch + 1, step, n,
-            locate_non_finite(units, w, x_q[n], active));
+            locate_non_finite(units, w, x_q[n], active)));
+        break;
       }
-      if (!std::isfinite(terms.total))
-        fail(
+      if (!std::isfinite(terms.total)) {
+        stop(fmt::format(
             "CBQ: the loss is {} in window {} ({}), epoch {}, step {}, calibration sample {} (l2 "
             "{}, kld {}, homologous l2 {}, kld {}, rounding {}); first non-finite value: {}",
             terms.total, window_index, stats.units, epoch + 1, step, n, terms.l2_fp, terms.kld_fp,
-            terms.l2_hom, terms.kld_hom, terms.round, locate_non_finite(units, w, x_q[n], active));
+            terms.l2_hom, terms.kld_hom, terms.round, locate_non_finite(units, w, x_q[n], active)));
+        break;
+      }
       tape.backward(loss);
       adam.step();
       adam.zero_grad();
       for (QuantLinear<T>* q : active) q->project_steps();
       if (o.on_step) o.on_step(window_index, step);
+      // A learned value that turned non-finite need not show in the loss (hard rounding compares
+      // it), so the parameters are checked after every update.
+      if (const std::string bad = first_non_finite_parameter(active, norms); !bad.empty()) {
+        ++step;  // this step's update happened
+        diverged = fmt::format(
+            "CBQ: {} became non-finite in window {} ({}), epoch {}, step {}, calibration sample {}",
+            bad, window_index, stats.units, epoch + 1, step - 1, n);
+        if (!o.keep_better) fail("{}", diverged);
+        break;
+      }
       epoch_sum += terms;
       stats.curve.push_back(terms);
       ++epoch_steps;
@@ -216,23 +263,47 @@ WindowStats train_window(PassUnits<Model>& units, const Window& w, Q& qlayers,
   }
   stats.times.steps = detail::seconds_since(steps_start);
   evaluations_start = std::chrono::steady_clock::now();
-  const std::vector<LossTerms> after = window_loss.evaluate(balance_begin, N, std::nullopt);
+  auto restore_start = [&] {
+    for (size_t i = 0; i < active.size(); ++i) active[i]->restore(start.layers[i]);
+    for (size_t i = 0; i < norms.size(); ++i) norms[i]->value.copy_from(start.norms[i]);
+  };
+  // The trained state's terms; an evaluation that fails or is not finite (the last step's update
+  // diverged) is a divergence too.
+  std::vector<LossTerms> after, hard;
+  auto evaluate_end = [&] {
+    after = window_loss.evaluate(balance_begin, N, std::nullopt);
+    hard = trains_hard ? after : window_loss.evaluate(balance_begin, N, quant::RoundingMode::hard);
+  };
+  if (diverged.empty()) {
+    try {
+      evaluate_end();
+      for (const auto* v : {&after, &hard})
+        for (const LossTerms& t : *v)
+          if (!std::isfinite(t.total))
+            fail("CBQ: the trained state's loss is {} in window {} ({}) after {} steps", t.total,
+                 window_index, stats.units, step);
+    } catch (const Error& e) {
+      if (!o.keep_better) throw;
+      diverged = e.what();
+    }
+  }
+  if (!diverged.empty()) {  // back to the start, whose terms are what the window keeps
+    restore_start();
+    evaluate_end();
+  }
   stats.loss_after = mean(after, 0, N - balance_begin);
   stats.loss_after.round = window_loss.regularizer_value(o.beta_end);
-  const std::vector<LossTerms> hard =
-      trains_hard ? after : window_loss.evaluate(balance_begin, N, quant::RoundingMode::hard);
   stats.loss_hard = mean(hard, 0, N - balance_begin);
+  stats.diverged = diverged;
   if (o.keep_better) {
     stats.judged = true;
     stats.heldout = heldout;
     stats.heldout_trained = mean(hard, judge_begin - balance_begin, N - balance_begin);
-    // Ties keep the trained state; only a strictly better start wins.
-    stats.kept_start =
-        stats.heldout_start.reconstruction() < stats.heldout_trained.reconstruction();
-    if (stats.kept_start) {
-      for (size_t i = 0; i < active.size(); ++i) active[i]->restore(start.layers[i]);
-      for (size_t i = 0; i < norms.size(); ++i) norms[i]->value.copy_from(start.norms[i]);
-    }
+    // Ties keep the trained state; only a strictly better start wins (or any start, when the
+    // training diverged).
+    stats.kept_start = !diverged.empty() || stats.heldout_start.reconstruction() <
+                                                stats.heldout_trained.reconstruction();
+    if (stats.kept_start && diverged.empty()) restore_start();
   }
   stats.times.evaluations += detail::seconds_since(evaluations_start);
   stats.steps = step;

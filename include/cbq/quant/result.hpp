@@ -75,6 +75,9 @@ struct WindowStats {
   int64_t heldout = 0;
   LossTerms heldout_start, heldout_trained;
   bool kept_start = false;
+  // Why training stopped early, when it turned non-finite (the window then keeps its start and
+  // heldout_trained holds the start's terms); empty when it did not.
+  std::string diverged;
 };
 
 struct LayerResult {

@@ -17,7 +17,8 @@
 // [{name, step_change, rounding_flips, codes_changed, output_error_start, output_error}],
 // windows [{first, last, units, steps, seconds, energy [fp, hom], before, after, hard,
 // balance_samples (how many samples before/after/hard are means over), judged,
-// heldout, heldout_start, heldout_trained, kept_start, curve {total, l2_fp, kld_fp, l2_hom,
+// heldout, heldout_start, heldout_trained, kept_start, diverged (why training stopped, or
+// empty), curve {total, l2_fp, kld_fp, l2_hom,
 // kld_hom, round, output_kld, attention_kl}}]}]. Loss terms are objects with the keys of the curve.
 #include <algorithm>
 #include <cctype>
@@ -79,6 +80,7 @@ inline nlohmann::json window_json(const WindowStats& w) {
           {"heldout_start", loss_json(w.heldout_start)},
           {"heldout_trained", loss_json(w.heldout_trained)},
           {"kept_start", w.kept_start},
+          {"diverged", w.diverged},
           {"curve", curve}};
 }
 
@@ -258,7 +260,9 @@ inline std::string balance_table(const nlohmann::json& method) {
         judged ? fmt::format("{:.4g} → {:.4g}", reconstruction("heldout_start"),
                              reconstruction("heldout_trained"))
                : std::string("—"),
-        judged && w.at("kept_start").get<bool>() ? "start" : "trained");
+        judged && w.at("kept_start").get<bool>()
+            ? (w.value("diverged", std::string()).empty() ? "start" : "start (diverged)")
+            : "trained");
   }
   return s;
 }
