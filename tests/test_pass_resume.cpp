@@ -248,27 +248,37 @@ TEST_CASE("nan: a non-finite weight is reported with its layer before the pass s
 
 TEST_CASE("nan: a learned parameter that turns non-finite is named with the window and sample") {
   const ModelConfig c = resume_config();
-  Transformer<LlamaBlock<float>> model(c, random_weights(c, 11));
-  PassOptions o = resume_options("");
-  o.weight_init = WeightInit::rtn;  // the step poisoned below is an RTN-start step
-  o.on_step = [&](int64_t window, int64_t step) {
-    if (window != 2 || step != 1) return;
-    auto q = std::dynamic_pointer_cast<QuantLinear<float>>(model.blocks[2].v_proj.transform);
-    REQUIRE(q);
-    q->weight_step_params()[0]->value[3] = std::numeric_limits<float>::quiet_NaN();
-  };
-  ResumePass pass(o);
-  std::string m;
-  try {
-    pass.run_from_hidden(model, resume_inputs(c.dim));
-  } catch (const Error& e) {
-    m = e.what();
+  for (const bool keep_better : {false, true}) {
+    CAPTURE(keep_better);
+    Transformer<LlamaBlock<float>> model(c, random_weights(c, 11));
+    PassOptions o = resume_options("");
+    o.weight_init = WeightInit::rtn;  // the step poisoned below is an RTN-start step
+    o.keep_better = keep_better;
+    o.on_step = [&](int64_t window, int64_t step) {
+      if (window != 2 || step != 1) return;
+      auto q = std::dynamic_pointer_cast<QuantLinear<float>>(model.blocks[2].v_proj.transform);
+      REQUIRE(q);
+      q->weight_step_params()[0]->value[3] = std::numeric_limits<float>::quiet_NaN();
+    };
+    ResumePass pass(o);
+    std::string m;
+    try {
+      // With the keep-better rule the window keeps its start and records why (PASS.md).
+      const QuantizationResult r = pass.run_from_hidden(model, resume_inputs(c.dim));
+      CHECK(keep_better);
+      REQUIRE(r.windows.size() >= 2);
+      CHECK(r.windows[1].kept_start);
+      m = r.windows[1].diverged;
+    } catch (const Error& e) {
+      CHECK_FALSE(keep_better);
+      m = e.what();
+    }
+    CAPTURE(m);
+    CHECK(m.find("window 2, blocks 1..2") != std::string::npos);
+    CHECK(m.find("calibration sample") != std::string::npos);
+    CHECK(m.find("the learned parameter layers.2.v_proj.w_scale of layer layers.2.v_proj") !=
+          std::string::npos);
   }
-  CAPTURE(m);
-  CHECK(m.find("window 2, blocks 1..2") != std::string::npos);
-  CHECK(m.find("calibration sample") != std::string::npos);
-  CHECK(m.find("the learned parameter layers.2.v_proj.w_scale of layer layers.2.v_proj") !=
-        std::string::npos);
 }
 
 TEST_CASE("nan: an overflow in the full-precision path names the block, window and sample") {

@@ -231,7 +231,8 @@ WindowStats train_window(PassUnits<Model>& units, const Window& w, Q& qlayers,
       if (const std::string bad = first_non_finite_parameter(active, norms); !bad.empty()) {
         ++step;  // this step's update happened
         diverged = fmt::format(
-            "CBQ: {} became non-finite in window {} ({}), epoch {}, step {}, calibration sample {}",
+            "CBQ: {} is not finite after an update (window {}, {}, epoch {}, step {}, calibration "
+            "sample {})",
             bad, window_index, stats.units, epoch + 1, step - 1, n);
         if (!o.keep_better) fail("{}", diverged);
         break;
