@@ -373,6 +373,7 @@ TEST_CASE("keep better: training that turns non-finite stops and the window keep
     CHECK_FALSE(w.diverged.empty());
     CHECK(w.kept_start);
     CHECK(w.steps == at + 1);  // it stopped at the NaN
+    CHECK(static_cast<int64_t>(w.curve.size()) == w.steps);
     CHECK(w.diverged.find("is not finite after an update (window 1, blocks 0..1") !=
           std::string::npos);
     CHECK(std::isfinite(w.heldout_trained.reconstruction()));

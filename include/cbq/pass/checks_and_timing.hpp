@@ -28,10 +28,14 @@ inline std::string format_duration(double s) {
   return fmt::format("{}h{:02d}m", static_cast<int>(s) / 3600, (static_cast<int>(s) % 3600) / 60);
 }
 
-// Whether every element of a contiguous CPU array is finite: 0·x is 0 for a finite x and NaN
-// otherwise, summed in 16 independent lanes (no early exit, so it vectorizes).
+// Whether every element is finite. On the CPU: 0·x is 0 for a finite x and NaN otherwise, summed
+// in 16 independent lanes (no early exit, so it vectorizes; the pass checks every learned
+// parameter after each step, and every block output).
 template <class T>
-bool all_finite_values(const T* p, int64_t n) {
+bool all_finite(const Tensor<T>& t) {
+  if (!t.is_cpu()) return scan_values(t, "CBQ").first_non_finite < 0;
+  const T* p = t.data();
+  const int64_t n = t.numel();
   T lanes[16] = {};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
@@ -43,15 +47,6 @@ bool all_finite_values(const T* p, int64_t n) {
 }
 
 template <class T>
-bool all_finite(const Tensor<T>& t) {
-  if (!t.is_cpu()) return scan_values(t, "CBQ").first_non_finite < 0;
-  const T* p = t.data();
-  for (int64_t i = 0; i < t.numel(); ++i)
-    if (!std::isfinite(static_cast<double>(p[i]))) return false;
-  return true;
-}
-
-template <class T>
 void check_finite(const Tensor<T>& t, const std::string& what) {
   if (!t.is_cpu()) {  // a reduction on the device; only a bad element comes back
     const int64_t i = scan_values(t, "CBQ").first_non_finite;
@@ -60,7 +55,8 @@ void check_finite(const Tensor<T>& t, const std::string& what) {
            static_cast<double>(element_at(t, i)), i, i / t.shape().cols(), i % t.shape().cols());
     return;
   }
-  const T* p = t.data();
+  if (all_finite(t)) return;
+  const T* p = t.data();  // find the element for the message
   for (int64_t i = 0; i < t.numel(); ++i)
     CBQ_CHECK(std::isfinite(static_cast<double>(p[i])),
               "CBQ: {} holds a non-finite value ({}) at element {} (row {}, column {})", what,

@@ -370,7 +370,8 @@ class CbqPass {
       auto phase = std::chrono::steady_clock::now();
       // 2. Targets: T_fp(X_fp) with X_fp advanced to the next window start on the way, and the
       //    homologous T_fp(X_q), whose pass also calibrates static activation steps.
-      std::vector<quant::MinMaxObserver<T>> ranges = observers<T>(units, w);
+      std::vector<quant::MinMaxObserver<T>> ranges;  // only static activation steps use them
+      if (static_activation_steps()) ranges = observers<T>(units, w);
       // With the attention-map term, the q and k of every attention on the full-precision path
       // (or, homologous, with full-precision weights on the quantized path).
       AttentionTargets<T> attention;
@@ -411,7 +412,7 @@ class CbqPass {
         for (int64_t u = w.first; u <= w.last; ++u) {
           BlockContext<T> ctx = fp_context<T>();
           if (o.attention_kl_homologous) ctx.on_attention = capture;
-          if (static_activation_steps())  // the ranges only initialise static steps
+          if (!ranges.empty())
             ctx.on_linear_input = [&, u](const LinearLayer<T>& layer, const Tensor<T>& in) {
               detail::observe(ranges[observer_index(units, w, u, layer)], in);
             };

@@ -289,20 +289,35 @@ class WindowLoss {
   Tensor<T> staged_x_, staged_fp_, staged_hom_, staged_out_;
 };
 
+// The first learned value of the window that is not finite ("the learned parameter NAME of
+// layer LAYER", "the learned norm weight NAME"), or empty. The window trainer asks after every
+// step.
+template <class T>
+std::string first_non_finite_parameter(const std::vector<QuantLinear<T>*>& active,
+                                       const std::vector<Parameter<T>*>& norms = {}) {
+  auto first_bad = [](const std::vector<Parameter<T>*>& params) -> const Parameter<T>* {
+    for (const Parameter<T>* p : params)
+      if (!detail::all_finite(p->value)) return p;
+    return nullptr;
+  };
+  for (QuantLinear<T>* q : active) {
+    const Parameter<T>* p = first_bad(q->weight_step_params());
+    if (!p) p = first_bad(q->act_params());
+    if (!p) p = first_bad(q->rounding_params());
+    if (p) return fmt::format("the learned parameter {} of layer {}", p->name, q->name());
+  }
+  for (const Parameter<T>* p : norms)
+    if (!detail::all_finite(p->value)) return fmt::format("the learned norm weight {}", p->name);
+  return {};
+}
+
 // Where a non-finite loss comes from: a learned parameter, or the first linear input / block
 // output along the window's forward on this sample.
 template <class Model, class T>
 std::string locate_non_finite(PassUnits<Model>& units, const Window& w, const Tensor<T>& x,
                               const std::vector<QuantLinear<T>*>& active) {
   Model& model = units.model();
-  for (QuantLinear<T>* q : active) {
-    std::vector<Parameter<T>*> params = q->weight_step_params();
-    for (auto* p : q->act_params()) params.push_back(p);
-    for (auto* p : q->rounding_params()) params.push_back(p);
-    for (auto* p : params)
-      if (!detail::all_finite(p->value))
-        return fmt::format("the learned parameter {} of layer {}", p->name, q->name());
-  }
+  if (std::string bad = first_non_finite_parameter(active); !bad.empty()) return bad;
   Tape<T> tape(model.device());
   NoGrad<T> off(tape);
   std::string where;

@@ -55,29 +55,6 @@ inline void print_window_balance(const WindowStats& s, int64_t window_index, int
   std::fflush(stdout);
 }
 
-// The first learned value of the window that is not finite ("the learned parameter NAME of
-// layer LAYER"), or empty.
-template <class T>
-std::string first_non_finite_parameter(const std::vector<QuantLinear<T>*>& active,
-                                       const std::vector<Parameter<T>*>& norms) {
-  auto finite = [](const Parameter<T>* p) {
-    return p->value.is_cpu() && p->value.is_contiguous()
-               ? detail::all_finite_values(p->value.data(), p->value.numel())
-               : detail::all_finite(p->value);
-  };
-  for (QuantLinear<T>* q : active) {
-    std::vector<Parameter<T>*> params = q->weight_step_params();
-    for (Parameter<T>* p : q->act_params()) params.push_back(p);
-    for (Parameter<T>* p : q->rounding_params()) params.push_back(p);
-    for (const Parameter<T>* p : params)
-      if (!finite(p))
-        return fmt::format("the learned parameter {} of layer {}", p->name, q->name());
-  }
-  for (const Parameter<T>* p : norms)
-    if (!finite(p)) return fmt::format("the learned norm weight {}", p->name);
-  return {};
-}
-
 template <class Model, class Q, class T>
 WindowStats train_window(PassUnits<Model>& units, const Window& w, Q& qlayers,
                          const std::vector<Tensor<T>>& x_q, const std::vector<Tensor<T>>& t_fp,
@@ -186,10 +163,11 @@ WindowStats train_window(PassUnits<Model>& units, const Window& w, Q& qlayers,
   // Training that turns non-finite stops there. With keep_better the window goes back to its
   // start (the same rule as a trained state that is worse; its start was finite, measured above)
   // and the reason is recorded; without it, or at the first step, it is an error.
+  // `from_start`: the start itself gave it (the first step's loss), never a divergence.
   std::string diverged;
-  auto stop = [&](const std::string& why) {
-    if (!o.keep_better || step == 0) fail("{}", why);
-    diverged = why;
+  auto diverge = [&](std::string why, bool from_start) {
+    if (!o.keep_better || from_start) fail("{}", why);
+    diverged = std::move(why);
   };
   for (int64_t epoch = 0; epoch < o.epochs && step < total_steps && diverged.empty(); ++epoch) {
     std::shuffle(order.begin(), order.end(), rng);
@@ -206,19 +184,21 @@ WindowStats train_window(PassUnits<Model>& units, const Window& w, Q& qlayers,
       try {
         std::tie(loss, terms) = window_loss(tape, n, reg_beta);
       } catch (const Error& e) {
-        stop(fmt::format(
-            "{} (window {}, {}, epoch {}, step {}, calibration sample {}; first non-finite "
-            "value: {})",
-            e.what(), window_index, stats.units, epoch + 1, step, n,
-            locate_non_finite(units, w, x_q[n], active)));
+        diverge(fmt::format("{} (window {}, {}, epoch {}, step {}, calibration sample {}; first "
+                            "non-finite value: {})",
+                            e.what(), window_index, stats.units, epoch + 1, step, n,
+                            locate_non_finite(units, w, x_q[n], active)),
+                step == 0);
         break;
       }
       if (!std::isfinite(terms.total)) {
-        stop(fmt::format(
-            "CBQ: the loss is {} in window {} ({}), epoch {}, step {}, calibration sample {} (l2 "
-            "{}, kld {}, homologous l2 {}, kld {}, rounding {}); first non-finite value: {}",
-            terms.total, window_index, stats.units, epoch + 1, step, n, terms.l2_fp, terms.kld_fp,
-            terms.l2_hom, terms.kld_hom, terms.round, locate_non_finite(units, w, x_q[n], active)));
+        diverge(fmt::format("CBQ: the loss is {} in window {} ({}), epoch {}, step {}, calibration "
+                            "sample {} (l2 {}, kld {}, homologous l2 {}, kld {}, rounding {}); "
+                            "first non-finite value: {}",
+                            terms.total, window_index, stats.units, epoch + 1, step, n, terms.l2_fp,
+                            terms.kld_fp, terms.l2_hom, terms.kld_hom, terms.round,
+                            locate_non_finite(units, w, x_q[n], active)),
+                step == 0);
         break;
       }
       tape.backward(loss);
@@ -226,20 +206,19 @@ WindowStats train_window(PassUnits<Model>& units, const Window& w, Q& qlayers,
       adam.zero_grad();
       for (QuantLinear<T>* q : active) q->project_steps();
       if (o.on_step) o.on_step(window_index, step);
-      // A learned value that turned non-finite need not show in the loss (hard rounding compares
-      // it), so the parameters are checked after every update.
-      if (const std::string bad = first_non_finite_parameter(active, norms); !bad.empty()) {
-        ++step;  // this step's update happened
-        diverged = fmt::format(
-            "CBQ: {} is not finite after an update (window {}, {}, epoch {}, step {}, calibration "
-            "sample {})",
-            bad, window_index, stats.units, epoch + 1, step - 1, n);
-        if (!o.keep_better) fail("{}", diverged);
-        break;
-      }
       epoch_sum += terms;
       stats.curve.push_back(terms);
       ++epoch_steps;
+      // A learned value that turned non-finite need not show in the loss (hard rounding compares
+      // it), so the parameters are checked after every update.
+      if (std::string bad = first_non_finite_parameter(active, norms); !bad.empty()) {
+        diverge(fmt::format("CBQ: {} is not finite after an update (window {}, {}, epoch {}, step "
+                            "{}, calibration sample {})",
+                            bad, window_index, stats.units, epoch + 1, step, n),
+                false);
+        ++step;  // this step's update happened
+        break;
+      }
     }
     stats.final_loss = epoch_sum / static_cast<double>(std::max<int64_t>(epoch_steps, 1));
     if (epoch == 0) stats.first_epoch_loss = stats.final_loss;
@@ -278,15 +257,16 @@ WindowStats train_window(PassUnits<Model>& units, const Window& w, Q& qlayers,
   if (diverged.empty()) {
     try {
       evaluate_end();
-      for (const auto* v : {&after, &hard})
-        for (const LossTerms& t : *v)
-          if (!std::isfinite(t.total))
-            fail("CBQ: the trained state's loss is {} in window {} ({}) after {} steps", t.total,
-                 window_index, stats.units, step);
     } catch (const Error& e) {
-      if (!o.keep_better) throw;
-      diverged = e.what();
+      diverge(e.what(), false);
     }
+    for (const std::vector<LossTerms>* v : {&after, &hard})
+      for (const LossTerms& t : *v)
+        if (diverged.empty() && !std::isfinite(t.total))
+          diverge(fmt::format("CBQ: the trained state's loss is {} in window {} ({}) after {} "
+                              "steps",
+                              t.total, window_index, stats.units, step),
+                  false);
   }
   if (!diverged.empty()) {  // back to the start, whose terms are what the window keeps
     restore_start();
