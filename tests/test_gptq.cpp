@@ -253,6 +253,21 @@ TEST_CASE("gptq: HessianAccumulator is 2/n sum x xT over all rows, with running-
       CHECK(h(i, j) == doctest::Approx(2.0 * s / 13.0).epsilon(1e-13));
       CHECK(h(i, j) == h(j, i));
     }
+  // Merging accumulators of disjoint batches (a thread's share of the samples) gives the mean
+  // over all rows, as one accumulator of every batch does.
+  HessianAccumulator first(5, "fc1"), second(5, "fc1"), empty(5, "fc1");
+  first.add_batch(a);
+  second.add_batch(b);
+  first.merge(second);
+  first.merge(empty);
+  CHECK(first.rows() == 13);
+  CHECK(first.batches() == 2);
+  const Tensor<double> merged = first.hessian();
+  for (int64_t k = 0; k < merged.numel(); ++k)
+    CHECK(merged[k] == doctest::Approx(h[k]).epsilon(1e-14));
+  CHECK_THROWS_WITH_AS(first.merge(HessianAccumulator(4, "other")),
+                       doctest::Contains("cannot merge 4 features into 5"), cbq::Error);
+
   Tensor<float> bad = randn<float>(Shape{3, 5}, 3);
   bad(1, 4) = INFINITY;
   CHECK_THROWS_WITH_AS(acc.add_batch(bad),

@@ -327,6 +327,21 @@ TEST_CASE("LayerOutputErrors: the errors from the inputs' Gram matrix equal the 
   CHECK(q->output_error_start() == doctest::Approx(expected_start).epsilon(1e-6));
   CHECK(q->output_error() == doctest::Approx(expected_final).epsilon(1e-6));
 
+  // The same inputs split over two chunks (the samples side by side, pass/units.hpp): the same
+  // errors, the chunks' Gram matrices merged in order.
+  for (const int chunks : {2, 3}) {
+    CAPTURE(chunks);
+    LayerOutputErrors<float> split({&layer}, {q}, chunks);
+    for (size_t i = 0; i < inputs.size(); ++i)
+      split.add(layer, inputs[i],
+                static_cast<int>(i * static_cast<size_t>(chunks) / inputs.size()));
+    split.finish();
+    CHECK(q->output_error_start() == doctest::Approx(expected_start).epsilon(1e-6));
+    CHECK(q->output_error() == doctest::Approx(expected_final).epsilon(1e-6));
+    CHECK_THROWS_WITH_AS(split.add(layer, inputs[0], chunks), doctest::Contains("chunk"),
+                         std::exception);
+  }
+
   // A non-finite input names the layer.
   Tensor<float> bad = inputs[0].clone();
   bad[3] = std::numeric_limits<float>::quiet_NaN();

@@ -340,3 +340,46 @@ TEST_CASE("acbq: a run stopped mid-window resumes to bit-identical codes and ste
     for (int64_t k = 0; k < a.scale.numel(); ++k) REQUIRE(a.scale[k] == b.scale[k]);
   }
 }
+
+TEST_CASE(
+    "samples side by side: every sample once, in fixed contiguous chunks, on 1 or 2 threads") {
+  // The policy: two chunks for a narrow model on the CPU, one otherwise.
+  CHECK(sample_chunks(128, Device::cpu, 64) == kSampleChunks);
+  CHECK(sample_chunks(1, Device::cpu, 64) == 1);
+  CHECK(sample_chunks(128, Device::cpu, kSideBySideMaxDim) == 1);
+  CHECK(sample_chunks(128, Device::cuda, 64) == 1);
+  CHECK(sample_chunks(128, Device::cpu, 64, false) == 1);
+  const int before = num_threads();
+  for (const int threads : {1, 2, 3})
+    for (const int64_t samples : {2, 5, 128})
+      for (const int chunks : {1, 2}) {
+        CAPTURE(threads);
+        CAPTURE(samples);
+        CAPTURE(chunks);
+        set_num_threads(threads);
+        std::vector<int> seen(static_cast<size_t>(samples), 0), chunk_of(seen.size(), -1);
+        for_sample_chunks<float>(samples, chunks, Device::cpu,
+                                 [&](int chunk, int64_t begin, int64_t end, Tape<float>& tape) {
+                                   CHECK(tape.device() == Device::cpu);
+                                   for (int64_t n = begin; n < end; ++n) {
+                                     ++seen[static_cast<size_t>(n)];
+                                     chunk_of[static_cast<size_t>(n)] = chunk;
+                                   }
+                                 });
+        set_num_threads(before);
+        for (int64_t n = 0; n < samples; ++n) {
+          CHECK(seen[static_cast<size_t>(n)] == 1);
+          int expected = 0;  // chunk c holds [samples · c / chunks, samples · (c + 1) / chunks)
+          while (samples * (expected + 1) / chunks <= n) ++expected;
+          CHECK(chunk_of[static_cast<size_t>(n)] == expected);
+        }
+      }
+  // A chunk's exception reaches the caller.
+  set_num_threads(2);
+  CHECK_THROWS_WITH_AS(for_sample_chunks<float>(4, 2, Device::cpu,
+                                                [](int chunk, int64_t, int64_t, Tape<float>&) {
+                                                  CBQ_CHECK(chunk != 1, "chunk {} failed", chunk);
+                                                }),
+                       doctest::Contains("chunk 1 failed"), Error);
+  set_num_threads(before);
+}

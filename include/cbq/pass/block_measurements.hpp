@@ -3,6 +3,7 @@
 // calibration samples, also timed by the pass estimate (pass/estimate.hpp): the GPTQ start's
 // Hessians of a block's linear inputs, and each hardened layer's output error before and after the
 // window trained it.
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -23,26 +24,39 @@ namespace cbq {
 
 // GPTQ Hessians of unit u's linear inputs: the calibration samples on the quantized path
 // (x_q enters window w; the window's earlier units compute with their current quantizers),
-// then unit u in full precision, every layer from the same unit input (as the baseline).
+// then unit u in full precision, every layer from the same unit input (as the baseline). The
+// samples may run side by side (sample_chunks), each chunk into its own accumulators, merged in
+// chunk order.
 template <class Model, class T>
 std::vector<quant::HessianAccumulator> unit_hessians(PassUnits<Model>& units, const Window& w,
                                                      int64_t u, const std::vector<Tensor<T>>& x_q) {
   auto linears = units.linears(u);
-  std::vector<quant::HessianAccumulator> acc;
-  for (auto* l : linears)
-    acc.emplace_back(l->in_features(), fmt::format("layers.{}.{}", units.block(u), l->name));
-  BlockContext<T> ctx;
-  ctx.full_precision = true;
-  ctx.on_linear_input = [&](const LinearLayer<T>& layer, const Tensor<T>& in) {
-    for (size_t j = 0; j < linears.size(); ++j)
-      if (linears[j] == &layer) acc[j].add_batch(in.is_cpu() ? in : in.to(Device::cpu));
-  };
-  for (const Tensor<T>& x : x_q) {
-    Tensor<T> h = x;
-    for (int64_t c = w.first; c < u; ++c) h = units.run(c, h);
-    units.run(u, h, ctx);
-  }
-  return acc;
+  const int64_t samples = static_cast<int64_t>(x_q.size());
+  const int chunks = sample_chunks(samples, units.model().device(), units.model().config.dim);
+  std::vector<std::vector<quant::HessianAccumulator>> acc(static_cast<size_t>(chunks));
+  for (auto& a : acc)
+    for (auto* l : linears)
+      a.emplace_back(l->in_features(), fmt::format("layers.{}.{}", units.block(u), l->name));
+  for_sample_chunks<T>(samples, chunks, units.model().device(),
+                       [&](int chunk, int64_t begin, int64_t end, Tape<T>& tape) {
+                         auto& mine = acc[static_cast<size_t>(chunk)];
+                         BlockContext<T> ctx;
+                         ctx.full_precision = true;
+                         ctx.on_linear_input = [&](const LinearLayer<T>& layer,
+                                                   const Tensor<T>& in) {
+                           for (size_t j = 0; j < linears.size(); ++j)
+                             if (linears[j] == &layer)
+                               mine[j].add_batch(in.is_cpu() ? in : in.to(Device::cpu));
+                         };
+                         for (int64_t n = begin; n < end; ++n) {
+                           Tensor<T> h = x_q[static_cast<size_t>(n)];
+                           for (int64_t c = w.first; c < u; ++c) h = units.run(tape, c, h);
+                           units.run(tape, u, h, ctx);
+                         }
+                       });
+  for (size_t c = 1; c < acc.size(); ++c)
+    for (size_t j = 0; j < linears.size(); ++j) acc[0][j].merge(acc[c][j]);
+  return std::move(acc[0]);
 }
 
 // Each hardened layer's relative output error ‖x(Ŵ − W)ᵀ‖² / ‖xWᵀ‖² for its start's weight and
@@ -57,23 +71,36 @@ struct LayerOutputErrors {
     QuantLinear<T>* q;
     Tensor<T> start, final_weight;
     double err_start = 0, err_final = 0, energy = 0;
-    std::unique_ptr<quant::HessianAccumulator> gram;  // CPU inputs
+    std::vector<std::unique_ptr<quant::HessianAccumulator>> grams;  // CPU inputs, per chunk
   };
   std::vector<Layer> layers;
-  // The layers of one unit (its linears() and their quantizers, in the same order).
+  // The layers of one unit (its linears() and their quantizers, in the same order), with
+  // `chunks` accumulators per layer, one per chunk of samples (sample_chunks): add() names its
+  // chunk, finish() merges them in chunk order.
   LayerOutputErrors(const std::vector<LinearLayer<T>*>& linears,
-                    const std::vector<std::shared_ptr<QuantLinear<T>>>& qlayers) {
-    for (size_t j = 0; j < linears.size() && j < qlayers.size(); ++j)
-      layers.push_back({linears[j], qlayers[j].get(), qlayers[j]->start_weight(),
-                        qlayers[j]->current_weight(), 0, 0, 0, nullptr});
+                    const std::vector<std::shared_ptr<QuantLinear<T>>>& qlayers, int chunks = 1) {
+    for (size_t j = 0; j < linears.size() && j < qlayers.size(); ++j) {
+      layers.push_back({linears[j],
+                        qlayers[j].get(),
+                        qlayers[j]->start_weight(),
+                        qlayers[j]->current_weight(),
+                        0,
+                        0,
+                        0,
+                        {}});
+      layers.back().grams.resize(static_cast<size_t>(std::max(chunks, 1)));
+    }
   }
-  void add(const LinearLayer<T>& layer, const Tensor<T>& in) {
+  void add(const LinearLayer<T>& layer, const Tensor<T>& in, int chunk = 0) {
     for (Layer& l : layers) {
       if (l.layer != &layer) continue;
       if (in.is_cpu()) {
-        if (!l.gram)
-          l.gram = std::make_unique<quant::HessianAccumulator>(in.shape().cols(), layer.name);
-        l.gram->add_batch(in);
+        CBQ_CHECK(chunk >= 0 && static_cast<size_t>(chunk) < l.grams.size(),
+                  "LayerOutputErrors({}): chunk {} of {}", layer.name, chunk, l.grams.size());
+        auto& gram = l.grams[static_cast<size_t>(chunk)];
+        if (!gram)
+          gram = std::make_unique<quant::HessianAccumulator>(in.shape().cols(), layer.name);
+        gram->add_batch(in);
         continue;
       }
       Tape<T> tape(in.device());
@@ -93,8 +120,16 @@ struct LayerOutputErrors {
   }
   void finish() {
     for (Layer& l : layers) {
-      if (l.gram) {
-        const Tensor<double> h = l.gram->hessian();
+      std::unique_ptr<quant::HessianAccumulator> gram;
+      for (auto& g : l.grams) {
+        if (!g) continue;
+        if (gram)
+          gram->merge(*g);
+        else
+          gram = std::move(g);
+      }
+      if (gram) {
+        const Tensor<double> h = gram->hessian();
         const Tensor<T> w = host(l.layer->weight.value);
         l.err_start = gram_form(h, host(l.start), &w);
         l.err_final = gram_form(h, host(l.final_weight), &w);

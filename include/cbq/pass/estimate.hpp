@@ -189,21 +189,33 @@ StepCalibration calibrate_window_step(const ModelConfig& config, const PassSpec&
   Tensor<T> x = host_x.template cast<T>();
   if (device != Device::cpu) x = x.to(device);
 
-  // Full-precision forwards first, before any quantizer is installed.
+  // Full-precision forwards first, before any quantizer is installed. Where the pass runs the
+  // samples side by side (sample_chunks), so do the timed calls: one sample per chunk, the time
+  // per sample their wall time / the samples.
   BlockContext<T> fp;
   fp.full_precision = true;
-  model.run_block(0, x, fp);
+  PassUnits<Transformer<Block>> units(model, UnitKind::blocks);
+  const int64_t timed = sample_chunks(kSampleChunks, device, c.dim);
+  const std::vector<Tensor<T>> xs(static_cast<size_t>(timed), x);
+  auto fp_blocks = [&] {
+    for_sample_chunks<T>(timed, static_cast<int>(timed), device,
+                         [&](int, int64_t begin, int64_t end, Tape<T>& tp) {
+                           for (int64_t n = begin; n < end; ++n)
+                             units.run(tp, 0, xs[static_cast<size_t>(n)], fp);
+                         });
+  };
+  fp_blocks();
   cal.fp_block_seconds =
-      detail::time_per_call([&] { model.run_block(0, x, fp); }, min_seconds / 3, 1, 50);
+      detail::time_per_call(fp_blocks, min_seconds / 3, 1, 50) / static_cast<double>(timed);
   Tensor<T> target = x;
   for (int64_t b = 0; b < c.n_layers; ++b) target = model.run_block(b, target, fp);
   if (options.weight_init == WeightInit::gptq) {
     const Window first{0, 0, 1};
-    const std::vector<Tensor<T>> one{x};
-    PassUnits<Transformer<Block>> units(model, UnitKind::blocks);
-    std::vector<quant::HessianAccumulator> hessians = unit_hessians(units, first, 0, one);
-    cal.hessian_sample_seconds = detail::time_per_call(
-        [&] { hessians = unit_hessians(units, first, 0, one); }, min_seconds / 3, 1, 50);
+    std::vector<quant::HessianAccumulator> hessians = unit_hessians(units, first, 0, xs);
+    cal.hessian_sample_seconds =
+        detail::time_per_call([&] { hessians = unit_hessians(units, first, 0, xs); },
+                              min_seconds / 3, 1, 50) /
+        static_cast<double>(timed);
     quant::GptqOptions go;
     go.percdamp = options.gptq_percdamp;
     cal.gptq_block_seconds = detail::time_per_call(
@@ -310,15 +322,21 @@ StepCalibration calibrate_window_step(const ModelConfig& config, const PassSpec&
       layers.begin(), layers.begin() + static_cast<std::ptrdiff_t>(block0_layers));
   for (auto& q : block0) q->harden();
   auto advance = [&] {
-    LayerOutputErrors<T> errors(model.blocks[0].linears(), block0);
-    BlockContext<T> ctx;
-    ctx.on_linear_input = [&](const LinearLayer<T>& layer, const Tensor<T>& in) {
-      errors.add(layer, in);
-    };
-    model.run_block(0, x, ctx);
+    LayerOutputErrors<T> errors(model.blocks[0].linears(), block0, static_cast<int>(timed));
+    for_sample_chunks<T>(timed, static_cast<int>(timed), device,
+                         [&](int chunk, int64_t begin, int64_t end, Tape<T>& tp) {
+                           BlockContext<T> ctx;
+                           ctx.on_linear_input = [&](const LinearLayer<T>& layer,
+                                                     const Tensor<T>& in) {
+                             errors.add(layer, in, chunk);
+                           };
+                           for (int64_t n = begin; n < end; ++n)
+                             units.run(tp, 0, xs[static_cast<size_t>(n)], ctx);
+                         });
   };
   advance();
-  cal.advance_sample_seconds = detail::time_per_call(advance, min_seconds / 3, 1, 50);
+  cal.advance_sample_seconds =
+      detail::time_per_call(advance, min_seconds / 3, 1, 50) / static_cast<double>(timed);
   return cal;
 }
 

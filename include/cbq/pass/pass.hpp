@@ -393,33 +393,41 @@ class CbqPass {
       // The first unit's full-precision output carried from the last window (reuse_fp_outputs).
       const bool reuse = o.carries_fp_output(t_fp_unit, w.first, w.last);
       swap_norms();  // the full-precision values
-      for (int64_t n = 0; n < N; ++n) {
-        Tensor<T> x = reuse ? t_fp[n].clone() : x_fp[n], next;
-        attention_index = 0;
-        sample = n;
-        if (reuse && w.first + 1 == w.finalize) next = x;
-        for (int64_t u = reuse ? w.first + 1 : w.first; u <= w.last; ++u) {
-          x = units.run(u, x, fp_ctx);
-          detail::check_finite(x, fmt::format("the full-precision path after {} (window {}, "
-                                              "calibration sample {})",
-                                              units.range(u, u), window_index, n));
-          if (u + 1 == w.finalize) next = x;
-        }
-        t_fp[n].copy_from(x);
-        x_fp[n].copy_from(next);  // the FP path enters the next window (at unit w.finalize)
-        Tensor<T> h = x_q[n];
-        attention_index = 0;
-        for (int64_t u = w.first; u <= w.last; ++u) {
-          BlockContext<T> ctx = fp_context<T>();
-          if (o.attention_kl_homologous) ctx.on_attention = capture;
-          if (!ranges.empty())
-            ctx.on_linear_input = [&, u](const LinearLayer<T>& layer, const Tensor<T>& in) {
-              detail::observe(ranges[observer_index(units, w, u, layer)], in);
-            };
-          h = units.run(u, h, ctx);
-        }
-        t_hom[n].copy_from(h);
-      }
+      // The samples side by side unless a callback must see them in order.
+      const int target_chunks =
+          sample_chunks(N, model.device(), model.config.dim, !capture && ranges.empty());
+      for_sample_chunks<T>(
+          N, target_chunks, model.device(), [&](int, int64_t begin, int64_t end, Tape<T>& tape) {
+            for (int64_t n = begin; n < end; ++n) {
+              Tensor<T> x = reuse ? t_fp[n].clone() : x_fp[n], next;
+              if (capture) {
+                attention_index = 0;
+                sample = n;
+              }
+              if (reuse && w.first + 1 == w.finalize) next = x;
+              for (int64_t u = reuse ? w.first + 1 : w.first; u <= w.last; ++u) {
+                x = units.run(tape, u, x, fp_ctx);
+                detail::check_finite(x, fmt::format("the full-precision path after {} (window {}, "
+                                                    "calibration sample {})",
+                                                    units.range(u, u), window_index, n));
+                if (u + 1 == w.finalize) next = x;
+              }
+              t_fp[n].copy_from(x);
+              x_fp[n].copy_from(next);  // the FP path enters the next window (at unit w.finalize)
+              Tensor<T> h = x_q[n];
+              if (capture) attention_index = 0;
+              for (int64_t u = w.first; u <= w.last; ++u) {
+                BlockContext<T> ctx = fp_context<T>();
+                if (o.attention_kl_homologous) ctx.on_attention = capture;
+                if (!ranges.empty())
+                  ctx.on_linear_input = [&, u](const LinearLayer<T>& layer, const Tensor<T>& in) {
+                    detail::observe(ranges[observer_index(units, w, u, layer)], in);
+                  };
+                h = units.run(tape, u, h, ctx);
+              }
+              t_hom[n].copy_from(h);
+            }
+          });
       swap_norms();  // the learned values
       t_fp_unit = w.last;
       init_activation_steps(units, w, qlayers, ranges);
@@ -442,17 +450,22 @@ class CbqPass {
         }
         for (auto& q : qlayers[u]) q->harden();
         // Advance the quantized path, measuring each layer's output error on its inputs.
-        LayerOutputErrors<T> errors(units.linears(u), qlayers[u]);
-        BlockContext<T> ctx;
-        ctx.on_linear_input = [&](const LinearLayer<T>& layer, const Tensor<T>& in) {
-          errors.add(layer, in);
-        };
-        for (int64_t n = 0; n < N; ++n) {
-          x_q[n].copy_from(units.run(u, x_q[n], ctx));
-          detail::check_finite(x_q[n], fmt::format("the quantized path after {} (window {}, "
-                                                   "calibration sample {})",
-                                                   units.range(u, u), window_index, n));
-        }
+        const int advance_chunks = sample_chunks(N, model.device(), model.config.dim);
+        LayerOutputErrors<T> errors(units.linears(u), qlayers[u], advance_chunks);
+        for_sample_chunks<T>(
+            N, advance_chunks, model.device(),
+            [&](int chunk, int64_t begin, int64_t end, Tape<T>& tape) {
+              BlockContext<T> ctx;
+              ctx.on_linear_input = [&](const LinearLayer<T>& layer, const Tensor<T>& in) {
+                errors.add(layer, in, chunk);
+              };
+              for (int64_t n = begin; n < end; ++n) {
+                x_q[n].copy_from(units.run(tape, u, x_q[n], ctx));
+                detail::check_finite(x_q[n], fmt::format("the quantized path after {} (window {}, "
+                                                         "calibration sample {})",
+                                                         units.range(u, u), window_index, n));
+              }
+            });
         errors.finish();
         for (auto& q : qlayers[u]) result.layers.push_back(layer_result(*q));
       }

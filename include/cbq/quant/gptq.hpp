@@ -76,6 +76,20 @@ class HessianAccumulator {
     ++batches_;
   }
 
+  // Takes in another accumulator's batches of the same layer (a thread's share of the samples):
+  // H becomes the mean over both sets of rows, as if one had seen them all.
+  void merge(const HessianAccumulator& other) {
+    CBQ_CHECK(other.in_ == in_, "HessianAccumulator({}): cannot merge {} features into {}", layer_,
+              other.in_, in_);
+    if (other.rows_ == 0) return;
+    const double total = static_cast<double>(rows_ + other.rows_);
+    const double a = static_cast<double>(rows_) / total;
+    const double b = static_cast<double>(other.rows_) / total;
+    for (std::size_t k = 0; k < h_.size(); ++k) h_[k] = a * h_[k] + b * other.h_[k];
+    rows_ += other.rows_;
+    batches_ += other.batches_;
+  }
+
   // The full symmetric (in, in) Hessian.
   Tensor<double> hessian() const {
     Tensor<double> h = Tensor<double>::empty(Shape{in_, in_});
