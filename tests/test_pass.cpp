@@ -285,66 +285,71 @@ TEST_CASE(
 }
 
 TEST_CASE("LayerOutputErrors: the errors from the inputs' Gram matrix equal the direct ones") {
-  const int64_t rows = 12, cols = 20;
-  QuantLinearConfig cfg;
-  cfg.weight = quant::GridSpec{3, false, quant::Granularity::per_group, 10};
-  cfg.rounding = RoundingKind::full;
-  cfg.lora_init.start = quant::LoraStart::adaround;
-  const Tensor<float> w = cbq::testing::randn<float>(Shape{rows, cols}, 5, 0.3f);
-  LinearLayer<float> layer("fc", w);
-  auto q = std::make_shared<QuantLinear<float>>("fc", w, cfg);
-  for (Parameter<float>* p : q->rounding_params())  // a final weight away from the start
-    for (int64_t i = 0; i < p->value.numel(); ++i) p->value[i] += 2.0f * std::sin(1.0f + i);
-  q->harden();
-  const Tensor<float> start = q->start_weight(), final_weight = q->current_weight();
-  std::vector<Tensor<float>> inputs;
-  for (uint64_t seed : {6, 7, 8})
-    inputs.push_back(cbq::testing::randn<float>(Shape{9, cols}, seed));
-  // Σ over inputs and rows of ‖x (a − w)ᵀ‖², in double.
-  auto direct = [&](const Tensor<float>& a, bool minus_w) {
-    double total = 0;
-    for (const Tensor<float>& x : inputs)
-      for (int64_t r = 0; r < x.shape().rows(); ++r)
-        for (int64_t o = 0; o < rows; ++o) {
-          double y = 0;
-          for (int64_t i = 0; i < cols; ++i)
-            y += double(x[r * cols + i]) *
-                 (double(a[o * cols + i]) - (minus_w ? double(w[o * cols + i]) : 0.0));
-          total += y * y;
-        }
-    return total;
-  };
-  const double energy = direct(w, false);
-  const double expected_start = direct(start, true) / energy;
-  const double expected_final = direct(final_weight, true) / energy;
-  REQUIRE(expected_start > 0);
-  REQUIRE(std::abs(expected_final - expected_start) > 1e-3 * expected_start);
+  // 300 output rows: more than one block of the quadratic forms' products (kGramRows).
+  REQUIRE(LayerOutputErrors<float>::kGramRows < 300);
+  for (const int64_t rows : {int64_t{12}, int64_t{300}}) {
+    const int64_t cols = 20;
+    CAPTURE(rows);
+    QuantLinearConfig cfg;
+    cfg.weight = quant::GridSpec{3, false, quant::Granularity::per_group, 10};
+    cfg.rounding = RoundingKind::full;
+    cfg.lora_init.start = quant::LoraStart::adaround;
+    const Tensor<float> w = cbq::testing::randn<float>(Shape{rows, cols}, 5, 0.3f);
+    LinearLayer<float> layer("fc", w);
+    auto q = std::make_shared<QuantLinear<float>>("fc", w, cfg);
+    for (Parameter<float>* p : q->rounding_params())  // a final weight away from the start
+      for (int64_t i = 0; i < p->value.numel(); ++i) p->value[i] += 2.0f * std::sin(1.0f + i);
+    q->harden();
+    const Tensor<float> start = q->start_weight(), final_weight = q->current_weight();
+    std::vector<Tensor<float>> inputs;
+    for (uint64_t seed : {6, 7, 8})
+      inputs.push_back(cbq::testing::randn<float>(Shape{9, cols}, seed));
+    // Σ over inputs and rows of ‖x (a − w)ᵀ‖², in double.
+    auto direct = [&](const Tensor<float>& a, bool minus_w) {
+      double total = 0;
+      for (const Tensor<float>& x : inputs)
+        for (int64_t r = 0; r < x.shape().rows(); ++r)
+          for (int64_t o = 0; o < rows; ++o) {
+            double y = 0;
+            for (int64_t i = 0; i < cols; ++i)
+              y += double(x[r * cols + i]) *
+                   (double(a[o * cols + i]) - (minus_w ? double(w[o * cols + i]) : 0.0));
+            total += y * y;
+          }
+      return total;
+    };
+    const double energy = direct(w, false);
+    const double expected_start = direct(start, true) / energy;
+    const double expected_final = direct(final_weight, true) / energy;
+    REQUIRE(expected_start > 0);
+    REQUIRE(std::abs(expected_final - expected_start) > 1e-3 * expected_start);
 
-  LayerOutputErrors<float> errors({&layer}, {q});
-  for (const Tensor<float>& x : inputs) errors.add(layer, x);
-  errors.finish();
-  CHECK(std::isfinite(q->output_error_start()));
-  CHECK(q->output_error_start() == doctest::Approx(expected_start).epsilon(1e-6));
-  CHECK(q->output_error() == doctest::Approx(expected_final).epsilon(1e-6));
-
-  // The same inputs split over two chunks (the samples side by side, pass/units.hpp): the same
-  // errors, the chunks' Gram matrices merged in order.
-  for (const int chunks : {2, 3}) {
-    CAPTURE(chunks);
-    LayerOutputErrors<float> split({&layer}, {q}, chunks);
-    for (size_t i = 0; i < inputs.size(); ++i)
-      split.add(layer, inputs[i],
-                static_cast<int>(i * static_cast<size_t>(chunks) / inputs.size()));
-    split.finish();
+    LayerOutputErrors<float> errors({&layer}, {q});
+    for (const Tensor<float>& x : inputs) errors.add(layer, x);
+    errors.finish();
+    CHECK(std::isfinite(q->output_error_start()));
     CHECK(q->output_error_start() == doctest::Approx(expected_start).epsilon(1e-6));
     CHECK(q->output_error() == doctest::Approx(expected_final).epsilon(1e-6));
-    CHECK_THROWS_WITH_AS(split.add(layer, inputs[0], chunks), doctest::Contains("chunk"),
-                         std::exception);
-  }
 
-  // A non-finite input names the layer.
-  Tensor<float> bad = inputs[0].clone();
-  bad[3] = std::numeric_limits<float>::quiet_NaN();
-  LayerOutputErrors<float> broken({&layer}, {q});
-  CHECK_THROWS_WITH_AS(broken.add(layer, bad), doctest::Contains("fc"), std::exception);
+    // The same inputs split over two chunks (the samples side by side, pass/units.hpp): the same
+    // errors, the chunks' Gram matrices merged in order.
+    for (const int chunks : {2, 3}) {
+      CAPTURE(chunks);
+      LayerOutputErrors<float> split({&layer}, {q}, chunks);
+      for (size_t i = 0; i < inputs.size(); ++i)
+        split.add(layer, inputs[i],
+                  static_cast<int>(i * static_cast<size_t>(chunks) / inputs.size()));
+      split.finish();
+      CHECK(q->output_error_start() == doctest::Approx(expected_start).epsilon(1e-6));
+      CHECK(q->output_error() == doctest::Approx(expected_final).epsilon(1e-6));
+      CHECK_THROWS_WITH_AS(split.add(layer, inputs[0], chunks), doctest::Contains("chunk"),
+                           std::exception);
+    }
+
+    // A non-finite input names the layer.
+    Tensor<float> bad = inputs[0].clone();
+    bad[3] = std::numeric_limits<float>::quiet_NaN();
+    LayerOutputErrors<float> broken({&layer}, {q});
+    CHECK_THROWS_WITH_AS(broken.add(layer, bad), doctest::Contains("fc"), std::exception);
+  }
 }
