@@ -36,6 +36,7 @@
 
 #include <cstdlib>
 #include <new>
+#include <random>
 #include "bench_main.hpp"
 
 using namespace cbq;
@@ -290,6 +291,45 @@ void BM_CbqWindowStepOpt(benchmark::State& state) {
 BENCHMARK(BM_CbqWindowStepOpt)
     ->ArgNames({"threads", "hard", "reg", "rank"})
     ->ArgsProduct({{1, 2}, {1}, {0, 1}, {5, 0}})
+    ->Unit(benchmark::kMillisecond)
+    ->MeasureProcessCPUTime()
+    ->UseRealTime();
+
+// The advance's per-layer output errors (LayerOutputErrors::finish: three quadratic forms
+// tr(ΔW H ΔWᵀ) per layer) for the seven linears of one SmolLM2-135M block, each from one
+// 512-token input. Argument: threads.
+void BM_LayerErrorsSmolLM2Block(benchmark::State& state) {
+  set_num_threads(static_cast<int>(state.range(0)));
+  const int64_t shapes[7][2] = {{576, 576},  {192, 576},  {192, 576}, {576, 576},
+                                {1536, 576}, {1536, 576}, {576, 1536}};
+  std::vector<LinearLayer<float>> layers;
+  std::vector<std::shared_ptr<QuantLinear<float>>> quantizers;
+  std::vector<Tensor<float>> inputs;
+  layers.reserve(7);
+  std::mt19937_64 rng(10);
+  for (int j = 0; j < 7; ++j) {
+    const Tensor<float> w = detail::random_tensor(Shape{shapes[j][0], shapes[j][1]}, rng, 0.05);
+    layers.emplace_back(fmt::format("layer{}", j), w);
+    QuantLinearConfig cfg;
+    cfg.weight = quant::GridSpec{3, false, quant::Granularity::per_group, 64};
+    cfg.rounding = RoundingKind::full;
+    quantizers.push_back(std::make_shared<QuantLinear<float>>(layers.back().name, w, cfg));
+    quantizers.back()->harden();
+    inputs.push_back(detail::random_tensor(Shape{512, shapes[j][1]}, rng, 1.0));
+  }
+  for (auto _ : state) {
+    for (int j = 0; j < 7; ++j) {
+      LayerOutputErrors<float> errors({&layers[static_cast<size_t>(j)]},
+                                      {quantizers[static_cast<size_t>(j)]});
+      errors.add(layers[static_cast<size_t>(j)], inputs[static_cast<size_t>(j)]);
+      errors.finish();
+    }
+    benchmark::DoNotOptimize(quantizers[6]->output_error());
+  }
+}
+BENCHMARK(BM_LayerErrorsSmolLM2Block)
+    ->ArgNames({"threads"})
+    ->Arg(2)
     ->Unit(benchmark::kMillisecond)
     ->MeasureProcessCPUTime()
     ->UseRealTime();
