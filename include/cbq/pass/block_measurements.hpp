@@ -121,6 +121,7 @@ struct LayerOutputErrors {
     }
   }
   void finish() {
+    std::vector<double> scratch;  // gram_form's buffers, shared by every layer
     for (Layer& l : layers) {
       std::unique_ptr<quant::HessianAccumulator> gram;
       for (auto& g : l.grams) {
@@ -133,9 +134,9 @@ struct LayerOutputErrors {
       if (gram) {
         const Tensor<double> h = gram->hessian();
         const Tensor<T> w = host(l.layer->weight.value);
-        l.err_start = gram_form(h, host(l.start), &w);
-        l.err_final = gram_form(h, host(l.final_weight), &w);
-        l.energy = gram_form(h, w, nullptr);
+        l.err_start = gram_form(h, host(l.start), &w, scratch);
+        l.err_final = gram_form(h, host(l.final_weight), &w, scratch);
+        l.energy = gram_form(h, w, nullptr, scratch);
       }
       if (l.energy > 0) l.q->set_output_errors(l.err_start / l.energy, l.err_final / l.energy);
     }
@@ -148,25 +149,26 @@ struct LayerOutputErrors {
   // Σ_o (a_o − b_o) H (a_o − b_o)ᵀ over the rows of the (out, in) matrix a (b null: 0): the
   // differences of a block of rows times H by one dgemm, then their dot products with the
   // differences (a scalar triple loop took 8 s per SmolLM2 block).
-  static double gram_form(const Tensor<double>& h, const Tensor<T>& a, const Tensor<T>* b) {
+  // scratch: the row blocks' differences and products, reused across calls.
+  static double gram_form(const Tensor<double>& h, const Tensor<T>& a, const Tensor<T>* b,
+                          std::vector<double>& scratch) {
     const int64_t out = a.shape().rows(), in = a.shape().cols();
     CBQ_CHECK(h.shape().rows() == in && (!b || b->shape() == a.shape()),
               "LayerOutputErrors: a weight of shape {} does not match its inputs' {} features",
               a.shape(), h.shape().rows());
     const int64_t block = std::min<int64_t>(out, kGramRows);
-    std::vector<double> diff(static_cast<std::size_t>(block * in));
-    std::vector<double> product(diff.size());
-    const Tensor<double> hc = h.contiguous();
+    scratch.resize(static_cast<std::size_t>(2 * block * in));
+    double* diff = scratch.data();
+    double* product = diff + block * in;
     double total = 0;
     for (int64_t o0 = 0; o0 < out; o0 += block) {
       const int64_t rows = std::min(block, out - o0);
       for (int64_t k = 0; k < rows * in; ++k)
-        diff[static_cast<std::size_t>(k)] = static_cast<double>(a[o0 * in + k]) -
-                                            (b ? static_cast<double>((*b)[o0 * in + k]) : 0.0);
-      blas::gemm<double>(false, false, rows, in, in, 1.0, diff.data(), in, hc.data(), in, 0.0,
-                         product.data(), in);
-      for (int64_t k = 0; k < rows * in; ++k)
-        total += diff[static_cast<std::size_t>(k)] * product[static_cast<std::size_t>(k)];
+        diff[k] = static_cast<double>(a[o0 * in + k]) -
+                  (b ? static_cast<double>((*b)[o0 * in + k]) : 0.0);
+      blas::gemm<double>(false, false, rows, in, in, 1.0, diff, in, h.data(), in, 0.0, product,
+                         in);  // h: LayerOutputErrors' own contiguous hessian()
+      for (int64_t k = 0; k < rows * in; ++k) total += diff[k] * product[k];
     }
     return total;
   }
