@@ -1,7 +1,8 @@
 // Causal attention on the row path (hd ≤ 16) at stories260K's shapes: T 512, 8 query / 4 kv heads.
 // Prints the min, first quartile and median wall time of the forward and of forward + backward,
 // and a hash of the output and all three gradients, so that two builds can be compared for speed
-// and for bit-identical results (docs/PERFORMANCE.md, "An AVX2 host").
+// and for bit-identical results at the same optimisation level (the default build: -O3)
+// (docs/PERFORMANCE.md, "An AVX2 host").
 //
 //   attention_rows [HEAD_DIM=8] [CALLS=200] [THREADS=1]
 //
@@ -17,6 +18,7 @@
 #include <initializer_list>
 #include <random>
 #include <vector>
+#include "bench_tools.hpp"
 
 namespace {
 
@@ -61,19 +63,13 @@ int main(int argc, char** argv) {
     uint64_t hash = 0;
     for (int call = 0; call < calls; ++call) {
       const auto start = std::chrono::steady_clock::now();
-      tape.clear();
-      auto qv = tape.input(q, backward), kv = tape.input(k, backward), vv = tape.input(v, backward);
-      auto o = ops::attention(qv, kv, vv, hq, hkv, hd, true);
-      if (backward) {
-        o.grad().copy_from(seed);
-        tape.backward_from_seeded();
-      }
+      const auto c = bench::attention_call(tape, q, k, v, seed, hq, hkv, hd, backward);
       ms.push_back(
           std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
               .count());
       if (call == 0)
-        hash = backward ? hash_bits({&o.value(), &qv.grad(), &kv.grad(), &vv.grad()})
-                        : hash_bits({&o.value()});
+        hash = backward ? hash_bits({&c.o.value(), &c.q.grad(), &c.k.grad(), &c.v.grad()})
+                        : hash_bits({&c.o.value()});
     }
     std::sort(ms.begin(), ms.end());
     std::printf(

@@ -8,6 +8,7 @@
 
 #include <random>
 #include "bench_main.hpp"
+#include "bench_tools.hpp"
 
 using namespace cbq;
 
@@ -90,14 +91,8 @@ void BM_AttentionShapes(benchmark::State& state) {
   Tensor<float> seed = random({T, hq * hd}, 9);
   Tape<float> tape;
   for (auto _ : state) {
-    tape.clear();
-    auto qv = tape.input(q, backward), kv = tape.input(k, backward), vv = tape.input(v, backward);
-    auto o = ops::attention(qv, kv, vv, hq, hkv, hd, true);
-    if (backward) {
-      o.grad().copy_from(seed);
-      tape.backward_from_seeded();
-    }
-    benchmark::DoNotOptimize(o.value().data());
+    const auto call = bench::attention_call(tape, q, k, v, seed, hq, hkv, hd, backward);
+    benchmark::DoNotOptimize(call.o.value().data());
   }
   ops::detail::attention_path = ops::detail::AttentionPath::automatic;
   set_flops(state, (backward ? 7.0 : 2.0) * static_cast<double>(T * T * hq * hd));

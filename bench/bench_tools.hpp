@@ -1,8 +1,9 @@
 #pragma once
-// Helpers shared by the stand-alone benchmark programs (eval_throughput, pass_time): the token
-// ids that llama-tokenize wrote, and the process's peak resident memory.
+// Helpers shared by the benchmark programs: the token ids that llama-tokenize wrote, the process's
+// peak resident memory, and one timed causal attention call.
 #include <sys/resource.h>
 
+#include <cbq/cbq.hpp>
 #include <cbq/core/error.hpp>
 #include <charconv>
 #include <cstdint>
@@ -39,6 +40,25 @@ inline double peak_rss_mib() {
   rusage u{};
   getrusage(RUSAGE_SELF, &u);
   return static_cast<double>(u.ru_maxrss) / 1024.0;
+}
+
+// One causal attention on a cleared tape: its output, and with `backward` the gradients of q, k and
+// v seeded by `seed` (BM_AttentionShapes in bench_ops, attention_rows).
+struct AttentionCall {
+  Var<float> q, k, v, o;
+};
+inline AttentionCall attention_call(Tape<float>& tape, const Tensor<float>& q,
+                                    const Tensor<float>& k, const Tensor<float>& v,
+                                    const Tensor<float>& seed, int64_t hq, int64_t hkv, int64_t hd,
+                                    bool backward) {
+  tape.clear();
+  AttentionCall c{tape.input(q, backward), tape.input(k, backward), tape.input(v, backward), {}};
+  c.o = ops::attention(c.q, c.k, c.v, hq, hkv, hd, true);
+  if (backward) {
+    c.o.grad().copy_from(seed);
+    tape.backward_from_seeded();
+  }
+  return c;
 }
 
 }  // namespace cbq::bench
