@@ -234,7 +234,7 @@ class Tape {
   // Zero-fills t; large host buffers in parallel (gradients are zeroed on the step's critical
   // path, between parallel regions).
   static void zero_fill(Tensor<T>& t) {
-    constexpr int64_t kParallelBytes = 256 << 10;
+    constexpr int64_t kParallelBytes = 64 << 10;
     const int64_t n = t.numel();
     if (!t.is_cpu() || n * static_cast<int64_t>(sizeof(T)) < kParallelBytes) {
       t.zero();

@@ -27,7 +27,7 @@ struct CudaCommon {
 };
 
 // Elements per thread below which elementwise loops stay single-threaded.
-inline constexpr int64_t kElementwiseGrain = 1 << 15;
+inline constexpr int64_t kElementwiseGrain = 1 << 12;
 
 template <class T>
 struct CpuCommon {

@@ -68,6 +68,9 @@ enum class V0Source { none, tensor, tracks_step };
 
 // Rows per block of the dA2 partial sums (fixed, so results do not depend on the thread count).
 inline constexpr int64_t kLoraRowBlock = 32;
+// Elements per thread below which the row sweeps (forward, regulariser, export) stay on one thread:
+// smaller than the elementwise ops' grain, each element costing a sigmoid and a rounding.
+inline constexpr int64_t kLoraRowGrain = 1 << 10;
 // Rank entries kept in registers at once by the backward contraction.
 inline constexpr int64_t kLoraRankChunk = 8;
 
@@ -375,7 +378,7 @@ SoftWeight<T> fused_weight(const LoraInputs<T>& in, const Tensor<T>& W, Var<T> s
   T* sums = reg ? reg_sums.data() : nullptr;
   T* local = reg_rg ? reg_local.data() : nullptr;
   const T reg_beta = reg ? reg->beta : T(0);
-  parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
+  parallel_for(rows, std::max<int64_t>(1, kLoraRowGrain / std::max<int64_t>(cols, 1)),
                [&](int64_t r0, int64_t r1) {
                  LoraRowBuffers<T>& buf = lora_row_buffers<T>(cols);
                  CBQ_SIMD_DISPATCH(
@@ -427,7 +430,7 @@ Var<T> fused_reg(const LoraInputs<T>& in, LogitVars<T> vars, T beta, Normalisati
   T* lp = rg ? local.data() : nullptr;
   Tensor<T> row_sums = tape.scratch(Shape{rows});
   T* sums = row_sums.data();
-  parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
+  parallel_for(rows, std::max<int64_t>(1, kLoraRowGrain / std::max<int64_t>(cols, 1)),
                [&](int64_t r0, int64_t r1) {
                  LoraRowBuffers<T>& buf = lora_row_buffers<T>(cols);
                  CBQ_SIMD_DISPATCH(
@@ -581,7 +584,7 @@ QuantizedWeight harden_rows(const LoraInputs<T>& in, const Tensor<T>& scale, con
   qw.zero = zero.defined() ? zero.template cast<float>() : Tensor<float>(scale.shape());
   uint8_t* codes = qw.codes.data();
   const int64_t rows = in.rows, cols = in.cols;
-  parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
+  parallel_for(rows, std::max<int64_t>(1, kLoraRowGrain / std::max<int64_t>(cols, 1)),
                [&](int64_t r0, int64_t r1) {
                  LoraRowBuffers<T>& buf = lora_row_buffers<T>(cols);
                  CBQ_SIMD_DISPATCH(
