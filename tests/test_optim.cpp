@@ -75,3 +75,68 @@ TEST_CASE("adam: a per-element learning-rate scale makes updates relative") {
   CHECK_THROWS_WITH_AS(adam.add_group("bad", {&s}, 0.1, {Tensor<double>(Shape{2})}),
                        doctest::Contains("does not match parameter 's'"), cbq::Error);
 }
+
+TEST_CASE("adam: many parameters split over threads get the per-element update, bit for bit") {
+  // step() updates all CPU parameters in one split of their elements together; splits cut
+  // parameters at arbitrary points. Reference: one element at a time, the same float expressions.
+  const int before_threads = num_threads();
+  for (int threads : {1, 2, 3}) {
+    set_pool_threads(threads);
+    CAPTURE(threads);
+    std::mt19937 rng(7);
+    std::normal_distribution<float> normal;
+    const std::vector<int64_t> sizes = {1, 4097, 3, 12000, 64, 5000, 2};
+    std::vector<std::unique_ptr<Parameter<float>>> params;
+    std::vector<Tensor<float>> scales;
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      Tensor<float> v(Shape{sizes[i]});
+      for (int64_t j = 0; j < sizes[i]; ++j) v[j] = normal(rng);
+      params.push_back(std::make_unique<Parameter<float>>(fmt::format("p{}", i), v));
+      Tensor<float> s(Shape{sizes[i]});
+      for (int64_t j = 0; j < sizes[i]; ++j) s[j] = 0.5f + std::abs(normal(rng));
+      scales.push_back(s);
+    }
+    optim::Adam<float> adam;
+    adam.add_group("plain", {params[0].get(), params[1].get(), params[2].get()}, 1e-2);
+    adam.add_group("scaled", {params[3].get(), params[4].get()}, 3e-3, {scales[3], scales[4]});
+    adam.add_group("last", {params[5].get(), params[6].get()}, 0.1);
+    const double lrs[] = {1e-2, 1e-2, 1e-2, 3e-3, 3e-3, 0.1, 0.1};
+    std::vector<std::vector<float>> p_ref(sizes.size()), m_ref(sizes.size()), v_ref(sizes.size());
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      p_ref[i].assign(params[i]->value.data(), params[i]->value.data() + sizes[i]);
+      m_ref[i].assign(static_cast<size_t>(sizes[i]), 0.f);
+      v_ref[i].assign(static_cast<size_t>(sizes[i]), 0.f);
+    }
+    for (int t = 1; t <= 3; ++t) {
+      for (auto& p : params)
+        for (int64_t j = 0; j < p->grad.numel(); ++j) p->grad[j] = normal(rng);
+      adam.step();
+      const float b1 = 0.9f, b2 = 0.999f, eps = 1e-8f;
+      const auto bc1 = static_cast<float>(1 - std::pow(0.9, t));
+      const auto bc2 = static_cast<float>(1 - std::pow(0.999, t));
+      for (size_t i = 0; i < sizes.size(); ++i) {
+        const auto lr = static_cast<float>(lrs[i]);
+        const bool scaled = i == 3 || i == 4;
+        int64_t mismatches = 0;
+        for (int64_t j = 0; j < sizes[i]; ++j) {
+          const auto k = static_cast<size_t>(j);
+          const float g = params[i]->grad[j];
+          m_ref[i][k] = b1 * m_ref[i][k] + (1 - b1) * g;
+          v_ref[i][k] = b2 * v_ref[i][k] + (1 - b2) * g * g;
+          const float update = lr * (m_ref[i][k] / bc1) / (std::sqrt(v_ref[i][k] / bc2) + eps);
+          p_ref[i][k] -= scaled ? scales[i][j] * update : update;
+          // Bit equality; a NaN fails it too.
+          if (!(params[i]->value[j] == p_ref[i][k])) ++mismatches;
+        }
+        CAPTURE(i);
+        CHECK(mismatches == 0);
+      }
+    }
+    adam.zero_grad();  // also one split over all parameters
+    int64_t nonzero = 0;
+    for (auto& p : params)
+      for (int64_t j = 0; j < p->grad.numel(); ++j) nonzero += p->grad[j] == 0.f ? 0 : 1;
+    CHECK(nonzero == 0);
+  }
+  set_pool_threads(before_threads);
+}
