@@ -36,39 +36,36 @@ template <class T>
 struct CpuAdam {
   static void step(T* param, T* m, T* v, const T* grad, const T* lr_scale, int64_t n, T lr, T beta1,
                    T beta2, T eps, T bias_correction1, T bias_correction2) {
-    parallel_for(n, 1 << 14, [&](int64_t i0, int64_t i1) {
-      int64_t i = i0;
+    int64_t i = 0;
 #if defined(__SSE2__)
-      // Four floats at a time with the same IEEE operations in the same order (SSE2, x86-64's
-      // baseline: no FMA to contract into), so the bits equal the loop below. That loop alone
-      // stays scalar: with errno-setting sqrt GCC will not vectorise it.
-      if constexpr (std::is_same_v<T, float>) {
-        const __m128 b1 = _mm_set1_ps(beta1), c1 = _mm_set1_ps(1 - beta1);
-        const __m128 b2 = _mm_set1_ps(beta2), c2 = _mm_set1_ps(1 - beta2);
-        const __m128 vlr = _mm_set1_ps(lr), veps = _mm_set1_ps(eps);
-        const __m128 bc1 = _mm_set1_ps(bias_correction1), bc2 = _mm_set1_ps(bias_correction2);
-        for (; i + 4 <= i1; i += 4) {
-          const __m128 g = _mm_loadu_ps(grad + i);
-          const __m128 mi = _mm_add_ps(_mm_mul_ps(b1, _mm_loadu_ps(m + i)), _mm_mul_ps(c1, g));
-          const __m128 vi =
-              _mm_add_ps(_mm_mul_ps(b2, _mm_loadu_ps(v + i)), _mm_mul_ps(_mm_mul_ps(c2, g), g));
-          _mm_storeu_ps(m + i, mi);
-          _mm_storeu_ps(v + i, vi);
-          __m128 update = _mm_div_ps(_mm_mul_ps(vlr, _mm_div_ps(mi, bc1)),
-                                     _mm_add_ps(_mm_sqrt_ps(_mm_div_ps(vi, bc2)), veps));
-          if (lr_scale) update = _mm_mul_ps(_mm_loadu_ps(lr_scale + i), update);
-          _mm_storeu_ps(param + i, _mm_sub_ps(_mm_loadu_ps(param + i), update));
-        }
+    // Four floats at a time with the same IEEE operations in the same order (SSE2, x86-64's
+    // baseline: no FMA to contract into), so the bits equal the loop below. That loop alone
+    // stays scalar: with errno-setting sqrt GCC will not vectorise it.
+    if constexpr (std::is_same_v<T, float>) {
+      const __m128 b1 = _mm_set1_ps(beta1), c1 = _mm_set1_ps(1 - beta1);
+      const __m128 b2 = _mm_set1_ps(beta2), c2 = _mm_set1_ps(1 - beta2);
+      const __m128 vlr = _mm_set1_ps(lr), veps = _mm_set1_ps(eps);
+      const __m128 bc1 = _mm_set1_ps(bias_correction1), bc2 = _mm_set1_ps(bias_correction2);
+      for (; i + 4 <= n; i += 4) {
+        const __m128 g = _mm_loadu_ps(grad + i);
+        const __m128 mi = _mm_add_ps(_mm_mul_ps(b1, _mm_loadu_ps(m + i)), _mm_mul_ps(c1, g));
+        const __m128 vi =
+            _mm_add_ps(_mm_mul_ps(b2, _mm_loadu_ps(v + i)), _mm_mul_ps(_mm_mul_ps(c2, g), g));
+        _mm_storeu_ps(m + i, mi);
+        _mm_storeu_ps(v + i, vi);
+        __m128 update = _mm_div_ps(_mm_mul_ps(vlr, _mm_div_ps(mi, bc1)),
+                                   _mm_add_ps(_mm_sqrt_ps(_mm_div_ps(vi, bc2)), veps));
+        if (lr_scale) update = _mm_mul_ps(_mm_loadu_ps(lr_scale + i), update);
+        _mm_storeu_ps(param + i, _mm_sub_ps(_mm_loadu_ps(param + i), update));
       }
+    }
 #endif
-      for (; i < i1; ++i) {
-        m[i] = beta1 * m[i] + (1 - beta1) * grad[i];
-        v[i] = beta2 * v[i] + (1 - beta2) * grad[i] * grad[i];
-        const T update =
-            lr * (m[i] / bias_correction1) / (std::sqrt(v[i] / bias_correction2) + eps);
-        param[i] -= lr_scale ? lr_scale[i] * update : update;
-      }
-    });
+    for (; i < n; ++i) {
+      m[i] = beta1 * m[i] + (1 - beta1) * grad[i];
+      v[i] = beta2 * v[i] + (1 - beta2) * grad[i] * grad[i];
+      const T update = lr * (m[i] / bias_correction1) / (std::sqrt(v[i] / bias_correction2) + eps);
+      param[i] -= lr_scale ? lr_scale[i] * update : update;
+    }
   }
 };
 
@@ -84,7 +81,8 @@ class Adam {
   struct Slot {
     Parameter<T>* param;
     Tensor<T> m, v;
-    Tensor<T> lr_scale;  // optional per-element learning-rate factor (undefined: 1)
+    Tensor<T> lr_scale;       // optional per-element learning-rate factor (undefined: 1)
+    int64_t cpu_offset = -1;  // a CPU parameter's first element among all CPU parameters' ones
   };
   struct Group {
     std::string name;
@@ -120,7 +118,11 @@ class Adam {
                     : lr_scales[i].contiguous().to(p->value.device());
       }
       g.slots.push_back(Slot{p, Tensor<T>(p->value.shape(), p->value.device()),
-                             Tensor<T>(p->value.shape(), p->value.device()), scale});
+                             Tensor<T>(p->value.shape(), p->value.device()), scale, -1});
+      if (p->value.device() == Device::cpu) {
+        g.slots.back().cpu_offset = cpu_elements_;
+        cpu_elements_ += p->value.numel();
+      }
     }
     groups_.push_back(std::move(g));
     return static_cast<int>(groups_.size()) - 1;
@@ -142,79 +144,59 @@ class Adam {
     const T eps = static_cast<T>(options_.eps);
     const T bc1 = static_cast<T>(1 - std::pow(options_.beta1, static_cast<double>(t_)));
     const T bc2 = static_cast<T>(1 - std::pow(options_.beta2, static_cast<double>(t_)));
-    // CPU slots are updated together below: one split of all their elements over the threads
-    // (CBQ's parameters are many small tensors, each too small to split on its own).
-    cpu_slots_.clear();
-    int64_t cpu_total = 0;
     for (Group& g : groups_) {
       const T lr = static_cast<T>(g.lr);
       for (Slot& s : g.slots) {
-        Tensor<T>& p = s.param->value;
+        if (s.cpu_offset >= 0) continue;  // below, with the other CPU parameters
         const Tensor<T>& grad = s.param->grad;
-        const int64_t n = p.numel();
-        if (p.device() == Device::cpu) {
-          cpu_slots_.push_back({&s, lr, cpu_total});
-          cpu_total += n;
-          continue;
-        }
         CBQ_CHECK(grad.device() == Device::cuda,
                   "Adam: parameter '{}' is on cuda but its gradient is on the cpu", s.param->name);
-        kernel_for(p.device(), &CpuAdam<T>::step, CudaAdam<T>::step, "Adam")(
-            p.data(), s.m.data(), s.v.data(), grad.data(),
-            s.lr_scale.defined() ? s.lr_scale.data() : nullptr, n, lr, b1, b2, eps, bc1, bc2);
+        kernel_for(s.param->value.device(), &CpuAdam<T>::step, CudaAdam<T>::step, "Adam")(
+            s.param->value.data(), s.m.data(), s.v.data(), grad.data(),
+            s.lr_scale.defined() ? s.lr_scale.data() : nullptr, s.param->value.numel(), lr, b1, b2,
+            eps, bc1, bc2);
       }
     }
-    if (cpu_total == 0) return;
     // Elementwise: every element gets the same operations whatever the split.
-    parallel_for(cpu_total, kCpuGrain, [&](int64_t i0, int64_t i1) {
-      for (const CpuSlot& c : cpu_slots_) {
-        const int64_t n = c.slot->param->value.numel();
-        const int64_t b = std::max(i0, c.offset) - c.offset,
-                      e = std::min(i1, c.offset + n) - c.offset;
-        if (b >= e) continue;
-        Slot& s = *c.slot;
-        CpuAdam<T>::step(s.param->value.data() + b, s.m.data() + b, s.v.data() + b,
-                         s.param->grad.data() + b,
-                         s.lr_scale.defined() ? s.lr_scale.data() + b : nullptr, e - b, c.lr, b1,
-                         b2, eps, bc1, bc2);
-      }
+    for_cpu_pieces([&](const Group& g, Slot& s, int64_t b, int64_t e) {
+      CpuAdam<T>::step(s.param->value.data() + b, s.m.data() + b, s.v.data() + b,
+                       s.param->grad.data() + b,
+                       s.lr_scale.defined() ? s.lr_scale.data() + b : nullptr, e - b,
+                       static_cast<T>(g.lr), b1, b2, eps, bc1, bc2);
     });
   }
 
   // Zeroes every gradient; the CPU ones in one split of all their elements, as in step().
   void zero_grad() {
-    cpu_slots_.clear();
-    int64_t cpu_total = 0;
     for (Group& g : groups_)
-      for (Slot& s : g.slots) {
-        if (!s.param->grad.defined()) continue;
-        if (s.param->grad.device() != Device::cpu || !s.param->grad.is_contiguous()) {
-          s.param->zero_grad();
-          continue;
-        }
-        cpu_slots_.push_back({&s, T(0), cpu_total});
-        cpu_total += s.param->grad.numel();
-      }
-    if (cpu_total == 0) return;
-    parallel_for(cpu_total, kCpuGrain, [&](int64_t i0, int64_t i1) {
-      for (const CpuSlot& c : cpu_slots_) {
-        const int64_t n = c.slot->param->grad.numel();
-        const int64_t b = std::max(i0, c.offset), e = std::min(i1, c.offset + n);
-        if (b < e) std::fill_n(c.slot->param->grad.data() + (b - c.offset), e - b, T(0));
-      }
+      for (Slot& s : g.slots)
+        if (s.cpu_offset < 0) s.param->zero_grad();
+    for_cpu_pieces([](const Group&, Slot& s, int64_t b, int64_t e) {
+      if (s.param->grad.defined()) std::fill_n(s.param->grad.data() + b, e - b, T(0));
     });
   }
 
  private:
-  struct CpuSlot {
-    Slot* slot;
-    T lr;
-    int64_t offset;  // of its first element among all CPU slots' elements
-  };
   static constexpr int64_t kCpuGrain = 1 << 12;  // elements per thread, at least
+  // f(group, slot, begin, end) over pieces of the CPU slots, all their elements split over the
+  // threads as one range (CBQ's parameters are many small tensors, each too small to split).
+  template <class F>
+  void for_cpu_pieces(F&& f) {
+    if (cpu_elements_ == 0) return;
+    parallel_for(cpu_elements_, kCpuGrain, [&](int64_t i0, int64_t i1) {
+      for (Group& g : groups_)
+        for (Slot& s : g.slots) {
+          if (s.cpu_offset < 0) continue;
+          const int64_t n = s.param->value.numel();
+          const int64_t b = std::max(i0, s.cpu_offset), e = std::min(i1, s.cpu_offset + n);
+          if (b < e) f(g, s, b - s.cpu_offset, e - s.cpu_offset);
+        }
+    });
+  }
+
   AdamOptions options_;
   std::vector<Group> groups_;
-  std::vector<CpuSlot> cpu_slots_;  // step()'s list, kept to reuse its allocation
+  int64_t cpu_elements_ = 0;  // of all CPU parameters together
   int64_t t_ = 0;
 };
 
