@@ -304,7 +304,7 @@ class Transformer {
     const T* table = embed_tokens.value.data();
     const T* pos = config.family == Family::opt ? embed_positions.value.data() : nullptr;
     const int64_t offset = config.opt_position_offset;
-    parallel_for(n, std::max<int64_t>(1, ops::kElementwiseGrain / d), [&](int64_t t0, int64_t t1) {
+    parallel_for(n, ops::detail::row_grain(d), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         std::copy_n(table + tokens[t] * d, d, xp + t * d);
         if (pos)  // the learned position t + offset, added as ops::add does

@@ -272,17 +272,16 @@ struct CpuAttention {
     });
     // dK_g[j] += Σ over the query heads of group g and their parts, in order, of the shares.
     auto reduce = [&](T* dst, const T* first_share) {
-      parallel_for(seq_len, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(items, 1)),
-                   [&](int64_t j0, int64_t j1) {
-                     for (int64_t w = 0; w < items; ++w) {
-                       const int64_t h = w / parts, p = w % parts, g = h / r.group;
-                       const T* sh = first_share + w * share;
-                       const int64_t j_end = std::min(j1, keys_of(p));
-                       for (int64_t j = j0; j < j_end; ++j)
-                         for (int64_t d = 0; d < head_dim; ++d)
-                           dst[j * r.ldk + g * head_dim + d] += sh[r.blocked(j, d)];
-                     }
-                   });
+      parallel_for(seq_len, detail::row_grain(items), [&](int64_t j0, int64_t j1) {
+        for (int64_t w = 0; w < items; ++w) {
+          const int64_t h = w / parts, p = w % parts, g = h / r.group;
+          const T* sh = first_share + w * share;
+          const int64_t j_end = std::min(j1, keys_of(p));
+          for (int64_t j = j0; j < j_end; ++j)
+            for (int64_t d = 0; d < head_dim; ++d)
+              dst[j * r.ldk + g * head_dim + d] += sh[r.blocked(j, d)];
+        }
+      });
     };
     if (dk) reduce(dk, shares);
     if (dv) reduce(dv, shares + items * share);
@@ -436,16 +435,15 @@ struct CpuAttention {
     // dK_g += Σ over the query heads h of group g, and over their parts p in order, of the
     // shares (rows a part did not reach hold no share).
     auto reduce = [&](T* dst, const T* share) {
-      parallel_for(n, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(ld_share, 1)),
-                   [&](int64_t t0, int64_t t1) {
-                     for (int64_t t = t0; t < t1; ++t)
-                       for (int64_t w = 0; w < items; ++w) {
-                         if (t >= key_end[static_cast<std::size_t>(w % parts)]) continue;
-                         const T* src = share + t * ld_share + w * hd;
-                         T* out = dst + t * ldk + (w / parts / group) * hd;
-                         for (int64_t c = 0; c < hd; ++c) out[c] += src[c];
-                       }
-                   });
+      parallel_for(n, detail::row_grain(ld_share), [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t)
+          for (int64_t w = 0; w < items; ++w) {
+            if (t >= key_end[static_cast<std::size_t>(w % parts)]) continue;
+            const T* src = share + t * ld_share + w * hd;
+            T* out = dst + t * ldk + (w / parts / group) * hd;
+            for (int64_t c = 0; c < hd; ++c) out[c] += src[c];
+          }
+      });
     };
     if (dk) reduce(dk, dk_share);
     if (dv) reduce(dv, dv_share);

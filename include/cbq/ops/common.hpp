@@ -11,6 +11,7 @@
 // Both pass through one dispatch, kernel_for(device, &CpuOp<T>::forward, CudaOp<T>::forward,
 // "op"), which deduces both kernels as one type (a drifting signature does not compile) and
 // gives a clear error when a CUDA tensor meets a program built without the backend.
+#include <algorithm>
 #include <cstdint>
 
 #include "cbq/core/error.hpp"
@@ -28,6 +29,13 @@ struct CudaCommon {
 
 // Elements per thread below which elementwise loops stay single-threaded.
 inline constexpr int64_t kElementwiseGrain = 1 << 12;
+
+namespace detail {
+// Rows per parallel chunk, so that a chunk covers about `grain` elements of rows `cols` wide.
+inline int64_t row_grain(int64_t cols, int64_t grain = kElementwiseGrain) {
+  return std::max<int64_t>(1, grain / std::max<int64_t>(cols, 1));
+}
+}  // namespace detail
 
 template <class T>
 struct CpuCommon {

@@ -56,19 +56,17 @@ inline Tensor<int32_t> to_device(const std::vector<int32_t>& values, Device devi
 template <class T>
 struct CpuEmbedding {
   static void forward(T* out, const T* table, const int32_t* ids, int64_t tokens, int64_t d) {
-    parallel_for(tokens, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(d, 1)),
-                 [&](int64_t t0, int64_t t1) {
-                   for (int64_t t = t0; t < t1; ++t)
-                     std::copy(table + ids[t] * d, table + (ids[t] + 1) * d, out + t * d);
-                 });
+    parallel_for(tokens, detail::row_grain(d), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        std::copy(table + ids[t] * d, table + (ids[t] + 1) * d, out + t * d);
+    });
   }
   static void backward(T* dtable, const T* g, const int32_t* index, int64_t num_unique,
                        int64_t tokens, int64_t d) {
     const int32_t* unique = index;
     const int32_t* offsets = index + num_unique;
     const int32_t* positions = offsets + num_unique + 1;
-    const int64_t column_grain =
-        std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(tokens, 1));
+    const int64_t column_grain = detail::row_grain(tokens);
     parallel_for(d, column_grain, [&](int64_t j0, int64_t j1) {
       for (int64_t u = 0; u < num_unique; ++u) {
         T* dst = dtable + static_cast<int64_t>(unique[u]) * d;

@@ -60,32 +60,31 @@ struct CpuHadamard {
                     bool transpose, bool accumulate) {
     const int64_t P = n / m;
     const T norm = static_cast<T>(1.0 / std::sqrt(static_cast<double>(P)));
-    parallel_for(rows, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(n, 1)),
-                 [&](int64_t r0, int64_t r1) {
-                   std::vector<T> t(static_cast<size_t>(n)), z(static_cast<size_t>(n));
-                   for (int64_t r = r0; r < r1; ++r) {
-                     const T* x = in + r * n;
-                     for (int64_t i = 0; i < n; ++i) t[i] = (d && !transpose) ? x[i] * d[i] : x[i];
-                     if (m > 1) {  // z = t·(I_P ⊗ K) (or Kᵀ)
-                       for (int64_t a = 0; a < P; ++a)
-                         for (int64_t e = 0; e < m; ++e) {
-                           T s = 0;
-                           for (int64_t b = 0; b < m; ++b)
-                             s += t[a * m + b] * (transpose ? K[e * m + b] : K[b * m + e]);
-                           z[a * m + e] = s;
-                         }
-                     } else {
-                       z.swap(t);
-                     }
-                     fwht_strided(z.data(), n, m);
-                     T* y = out + r * n;
-                     for (int64_t i = 0; i < n; ++i) {
-                       T v = z[i] * norm;
-                       if (d && transpose) v *= d[i];
-                       y[i] = accumulate ? y[i] + v : v;
-                     }
-                   }
-                 });
+    parallel_for(rows, detail::row_grain(n), [&](int64_t r0, int64_t r1) {
+      std::vector<T> t(static_cast<size_t>(n)), z(static_cast<size_t>(n));
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* x = in + r * n;
+        for (int64_t i = 0; i < n; ++i) t[i] = (d && !transpose) ? x[i] * d[i] : x[i];
+        if (m > 1) {  // z = t·(I_P ⊗ K) (or Kᵀ)
+          for (int64_t a = 0; a < P; ++a)
+            for (int64_t e = 0; e < m; ++e) {
+              T s = 0;
+              for (int64_t b = 0; b < m; ++b)
+                s += t[a * m + b] * (transpose ? K[e * m + b] : K[b * m + e]);
+              z[a * m + e] = s;
+            }
+        } else {
+          z.swap(t);
+        }
+        fwht_strided(z.data(), n, m);
+        T* y = out + r * n;
+        for (int64_t i = 0; i < n; ++i) {
+          T v = z[i] * norm;
+          if (d && transpose) v *= d[i];
+          y[i] = accumulate ? y[i] + v : v;
+        }
+      }
+    });
   }
 };
 

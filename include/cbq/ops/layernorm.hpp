@@ -33,50 +33,48 @@ struct CpuLayerNorm {
   // inference path, model/inference.hpp, passes null). b may be null; y may alias x.
   static void forward(T* y, T* mean, T* inv_std, const T* x, const T* w, const T* b, int64_t rows,
                       int64_t d, double eps) {
-    parallel_for(rows, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(d, 1)),
-                 [&](int64_t r0, int64_t r1) {
-                   for (int64_t row = r0; row < r1; ++row) {
-                     const T* xr = x + row * d;
-                     double sum = 0;
-                     for (int64_t j = 0; j < d; ++j) sum += xr[j];
-                     const double m = sum / double(std::max<int64_t>(d, 1));
-                     double var = 0;  // two-pass: no cancellation for rows with a large mean
-                     for (int64_t j = 0; j < d; ++j) var += (xr[j] - m) * (xr[j] - m);
-                     var /= double(std::max<int64_t>(d, 1));
-                     const T mu = static_cast<T>(m);
-                     const T r = static_cast<T>(1.0 / std::sqrt(var + eps));
-                     if (mean) mean[row] = mu;
-                     if (inv_std) inv_std[row] = r;
-                     T* yr = y + row * d;
-                     for (int64_t j = 0; j < d; ++j) {
-                       const T xhat = (xr[j] - mu) * r;
-                       yr[j] = b ? xhat * w[j] + b[j] : xhat * w[j];
-                     }
-                   }
-                 });
+    parallel_for(rows, detail::row_grain(d), [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row) {
+        const T* xr = x + row * d;
+        double sum = 0;
+        for (int64_t j = 0; j < d; ++j) sum += xr[j];
+        const double m = sum / double(std::max<int64_t>(d, 1));
+        double var = 0;  // two-pass: no cancellation for rows with a large mean
+        for (int64_t j = 0; j < d; ++j) var += (xr[j] - m) * (xr[j] - m);
+        var /= double(std::max<int64_t>(d, 1));
+        const T mu = static_cast<T>(m);
+        const T r = static_cast<T>(1.0 / std::sqrt(var + eps));
+        if (mean) mean[row] = mu;
+        if (inv_std) inv_std[row] = r;
+        T* yr = y + row * d;
+        for (int64_t j = 0; j < d; ++j) {
+          const T xhat = (xr[j] - mu) * r;
+          yr[j] = b ? xhat * w[j] + b[j] : xhat * w[j];
+        }
+      }
+    });
   }
   static void backward_x(T* dx, const T* dy, const T* x, const T* w, const T* mu, const T* r,
                          int64_t rows, int64_t d) {
-    parallel_for(rows, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(d, 1)),
-                 [&](int64_t r0, int64_t r1) {
-                   for (int64_t row = r0; row < r1; ++row) {
-                     const T* xr = x + row * d;
-                     const T* gr = dy + row * d;
-                     double sum_g = 0, sum_gx = 0;  // Σ g, Σ g ⊙ x̂ with g = dy ⊙ w
-                     for (int64_t j = 0; j < d; ++j) {
-                       const double g = double(gr[j]) * w[j];
-                       sum_g += g;
-                       sum_gx += g * (double(xr[j]) - mu[row]) * r[row];
-                     }
-                     const T mean_g = static_cast<T>(sum_g / double(d));
-                     const T mean_gx = static_cast<T>(sum_gx / double(d));
-                     T* dxr = dx + row * d;
-                     for (int64_t j = 0; j < d; ++j) {
-                       const T xhat = (xr[j] - mu[row]) * r[row];
-                       dxr[j] += r[row] * (gr[j] * w[j] - mean_g - xhat * mean_gx);
-                     }
-                   }
-                 });
+    parallel_for(rows, detail::row_grain(d), [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row) {
+        const T* xr = x + row * d;
+        const T* gr = dy + row * d;
+        double sum_g = 0, sum_gx = 0;  // Σ g, Σ g ⊙ x̂ with g = dy ⊙ w
+        for (int64_t j = 0; j < d; ++j) {
+          const double g = double(gr[j]) * w[j];
+          sum_g += g;
+          sum_gx += g * (double(xr[j]) - mu[row]) * r[row];
+        }
+        const T mean_g = static_cast<T>(sum_g / double(d));
+        const T mean_gx = static_cast<T>(sum_gx / double(d));
+        T* dxr = dx + row * d;
+        for (int64_t j = 0; j < d; ++j) {
+          const T xhat = (xr[j] - mu[row]) * r[row];
+          dxr[j] += r[row] * (gr[j] * w[j] - mean_g - xhat * mean_gx);
+        }
+      }
+    });
   }
   // Split over features so each dw_j / db_j has one writer.
   static void backward_wb(T* dw, T* db, const T* dy, const T* x, const T* mu, const T* r,

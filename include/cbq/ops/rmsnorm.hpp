@@ -33,36 +33,33 @@ struct CpuRmsNorm {
   // may alias x.
   static void forward(T* y, T* inv_rms, const T* x, const T* w, int64_t rows, int64_t d,
                       double eps) {
-    parallel_for(rows, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(d, 1)),
-                 [&](int64_t r0, int64_t r1) {
-                   for (int64_t row = r0; row < r1; ++row) {
-                     const T* xr = x + row * d;
-                     double ss = 0;
-                     for (int64_t j = 0; j < d; ++j) ss += double(xr[j]) * xr[j];
-                     const T inv = static_cast<T>(
-                         1.0 / std::sqrt(ss / double(std::max<int64_t>(d, 1)) + eps));
-                     if (inv_rms) inv_rms[row] = inv;
-                     T* yr = y + row * d;
-                     for (int64_t j = 0; j < d; ++j) yr[j] = xr[j] * inv * w[j];
-                   }
-                 });
+    parallel_for(rows, detail::row_grain(d), [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row) {
+        const T* xr = x + row * d;
+        double ss = 0;
+        for (int64_t j = 0; j < d; ++j) ss += double(xr[j]) * xr[j];
+        const T inv = static_cast<T>(1.0 / std::sqrt(ss / double(std::max<int64_t>(d, 1)) + eps));
+        if (inv_rms) inv_rms[row] = inv;
+        T* yr = y + row * d;
+        for (int64_t j = 0; j < d; ++j) yr[j] = xr[j] * inv * w[j];
+      }
+    });
   }
   static void backward_x(T* dx, const T* dy, const T* x, const T* w, const T* inv_rms, int64_t rows,
                          int64_t d) {
-    parallel_for(rows, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(d, 1)),
-                 [&](int64_t r0, int64_t r1) {
-                   for (int64_t row = r0; row < r1; ++row) {
-                     const T* xr = x + row * d;
-                     const T* gr = dy + row * d;
-                     double gx = 0;  // Σ_k g_k·x_k with g = dy ⊙ w
-                     for (int64_t j = 0; j < d; ++j) gx += double(gr[j]) * w[j] * xr[j];
-                     const double inv = inv_rms[row];
-                     const T a = static_cast<T>(inv);
-                     const T b = static_cast<T>(inv * inv * inv * gx / double(d));
-                     T* dxr = dx + row * d;
-                     for (int64_t j = 0; j < d; ++j) dxr[j] += a * gr[j] * w[j] - b * xr[j];
-                   }
-                 });
+    parallel_for(rows, detail::row_grain(d), [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row) {
+        const T* xr = x + row * d;
+        const T* gr = dy + row * d;
+        double gx = 0;  // Σ_k g_k·x_k with g = dy ⊙ w
+        for (int64_t j = 0; j < d; ++j) gx += double(gr[j]) * w[j] * xr[j];
+        const double inv = inv_rms[row];
+        const T a = static_cast<T>(inv);
+        const T b = static_cast<T>(inv * inv * inv * gx / double(d));
+        T* dxr = dx + row * d;
+        for (int64_t j = 0; j < d; ++j) dxr[j] += a * gr[j] * w[j] - b * xr[j];
+      }
+    });
   }
   // Split over features so each dw_j has one writer (deterministic for any thread count).
   static void backward_w(T* dw, const T* dy, const T* x, const T* inv_rms, int64_t rows,

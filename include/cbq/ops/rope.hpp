@@ -91,23 +91,22 @@ struct CpuRope {
     int64_t a0, b0;
     detail::rope_pair(layout, head_dim, 0, a0, b0);
     const int64_t stride = layout == RopeLayout::interleaved ? 2 : 1;  // of a pair's members
-    parallel_for(seq_len, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(width, 1)),
-                 [&](int64_t t0, int64_t t1) {
-                   for (int64_t t = t0; t < t1; ++t) {
-                     const T* c = cos_table + t * half;
-                     const T* s = sin_table + t * half;
-                     for (int64_t h = 0; h < n_heads; ++h) {
-                       const T* xi = in + t * width + h * head_dim;
-                       T* yo = out + t * width + h * head_dim;
-                       if (accumulate)
-                         detail::rope_rotate_head<T, true>(yo + a0, yo + b0, xi + a0, xi + b0,
-                                                           stride, c, s, half, sign);
-                       else
-                         detail::rope_rotate_head<T, false>(yo + a0, yo + b0, xi + a0, xi + b0,
-                                                            stride, c, s, half, sign);
-                     }
-                   }
-                 });
+    parallel_for(seq_len, detail::row_grain(width), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const T* c = cos_table + t * half;
+        const T* s = sin_table + t * half;
+        for (int64_t h = 0; h < n_heads; ++h) {
+          const T* xi = in + t * width + h * head_dim;
+          T* yo = out + t * width + h * head_dim;
+          if (accumulate)
+            detail::rope_rotate_head<T, true>(yo + a0, yo + b0, xi + a0, xi + b0, stride, c, s,
+                                              half, sign);
+          else
+            detail::rope_rotate_head<T, false>(yo + a0, yo + b0, xi + a0, xi + b0, stride, c, s,
+                                               half, sign);
+        }
+      }
+    });
   }
 };
 

@@ -25,11 +25,6 @@ struct CudaSoftmax {
 
 namespace detail {
 
-// Rows per parallel chunk, so that a chunk covers about kElementwiseGrain elements.
-inline int64_t row_grain(int64_t cols) {
-  return std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(cols, 1));
-}
-
 // Row maximum and shift = log Σ_j exp((x_j − max) · scale) over a row of n > 0 elements, so that
 // log softmax(scale · x)_j = (x_j − max) · scale − shift (scale > 0). Keeping the large max out
 // of the sum keeps full precision for logits in the thousands: x_j − max is exact and the shift

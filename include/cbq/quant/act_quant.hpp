@@ -252,62 +252,59 @@ struct CpuActQuant {
   static void per_token_forward(T* y, T* pass, T* coef, T* rowsave, const T* x, int64_t rows,
                                 int64_t d, T alpha, const GridSpec& spec) {
     const T qlo = static_cast<T>(spec.qmin()), qhi = static_cast<T>(spec.qmax());
-    parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(d, 1)),
-                 [&](int64_t r0, int64_t r1) {
-                   for (int64_t r = r0; r < r1; ++r) {
-                     const T* xr = x + r * d;
-                     const detail::TokenGrid<T> t = detail::token_grid(xr, d, alpha, spec);
-                     for (int64_t i = 0; i < d; ++i) {
-                       const T v = xr[i] / t.s;
-                       const T rv = round_even(v);
-                       const T q = rv + t.z;
-                       const T qc = std::clamp(q, qlo, qhi);
-                       y[r * d + i] = t.s * (qc - t.z);
-                       if (pass) {
-                         const bool inside = q == qc;
-                         pass[r * d + i] = inside ? T(1) : T(0);
-                         coef[r * d + i] = inside ? rv - v : qc - t.z;
-                       }
-                     }
-                     if (rowsave) {
-                       T* sv = rowsave + r * detail::kTokenSaved;
-                       sv[0] = t.ds_dc;
-                       sv[1] = t.ds_dhi;
-                       sv[2] = t.ds_dlo;
-                       sv[3] = t.dz_dhi;
-                       sv[4] = t.dz_dlo;
-                       sv[5] = t.s;
-                       sv[6] = static_cast<T>(t.ihi);
-                       sv[7] = static_cast<T>(t.ilo);
-                     }
-                   }
-                 });
+    parallel_for(rows, ops::detail::row_grain(d), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* xr = x + r * d;
+        const detail::TokenGrid<T> t = detail::token_grid(xr, d, alpha, spec);
+        for (int64_t i = 0; i < d; ++i) {
+          const T v = xr[i] / t.s;
+          const T rv = round_even(v);
+          const T q = rv + t.z;
+          const T qc = std::clamp(q, qlo, qhi);
+          y[r * d + i] = t.s * (qc - t.z);
+          if (pass) {
+            const bool inside = q == qc;
+            pass[r * d + i] = inside ? T(1) : T(0);
+            coef[r * d + i] = inside ? rv - v : qc - t.z;
+          }
+        }
+        if (rowsave) {
+          T* sv = rowsave + r * detail::kTokenSaved;
+          sv[0] = t.ds_dc;
+          sv[1] = t.ds_dhi;
+          sv[2] = t.ds_dlo;
+          sv[3] = t.dz_dhi;
+          sv[4] = t.dz_dlo;
+          sv[5] = t.s;
+          sv[6] = static_cast<T>(t.ihi);
+          sv[7] = static_cast<T>(t.ilo);
+        }
+      }
+    });
   }
   static void per_token_backward(T* dx, T* dc, T* partial, const T* g, const T* pass, const T* coef,
                                  const T* rowsave, int64_t rows, int64_t d, bool symmetric) {
-    parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(d, 1)),
-                 [&](int64_t r0, int64_t r1) {
-                   for (int64_t r = r0; r < r1; ++r) {
-                     const T* gr = g + r * d;
-                     const T* ps = pass + r * d;
-                     const T* cf = coef + r * d;
-                     const T* sv = rowsave + r * detail::kTokenSaved;
-                     T A = 0, Z = 0;
-                     for (int64_t i = 0; i < d; ++i) {
-                       A += gr[i] * cf[i];           // Σ G·∂x̂/∂s
-                       Z += gr[i] * (T(1) - ps[i]);  // Σ_{outside} G (times −s below)
-                     }
-                     Z *= -sv[5];
-                     partial[r] = A * sv[0];  // dc contribution of this row
-                     if (!dx) continue;
-                     T* o = dx + r * d;
-                     for (int64_t i = 0; i < d; ++i) o[i] += gr[i] * ps[i];
-                     const auto ihi = static_cast<int64_t>(sv[6]),
-                                ilo = static_cast<int64_t>(sv[7]);
-                     if (ihi >= 0) o[ihi] += A * sv[1] + (symmetric ? T(0) : Z * sv[3]);
-                     if (ilo >= 0) o[ilo] += A * sv[2] + Z * sv[4];
-                   }
-                 });
+    parallel_for(rows, ops::detail::row_grain(d), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* gr = g + r * d;
+        const T* ps = pass + r * d;
+        const T* cf = coef + r * d;
+        const T* sv = rowsave + r * detail::kTokenSaved;
+        T A = 0, Z = 0;
+        for (int64_t i = 0; i < d; ++i) {
+          A += gr[i] * cf[i];           // Σ G·∂x̂/∂s
+          Z += gr[i] * (T(1) - ps[i]);  // Σ_{outside} G (times −s below)
+        }
+        Z *= -sv[5];
+        partial[r] = A * sv[0];  // dc contribution of this row
+        if (!dx) continue;
+        T* o = dx + r * d;
+        for (int64_t i = 0; i < d; ++i) o[i] += gr[i] * ps[i];
+        const auto ihi = static_cast<int64_t>(sv[6]), ilo = static_cast<int64_t>(sv[7]);
+        if (ihi >= 0) o[ihi] += A * sv[1] + (symmetric ? T(0) : Z * sv[3]);
+        if (ilo >= 0) o[ilo] += A * sv[2] + Z * sv[4];
+      }
+    });
     if (dc) {
       T acc = 0;
       for (int64_t r = 0; r < rows; ++r) acc += partial[r];

@@ -86,29 +86,28 @@ struct CpuLoraRounding {
                            const T* zero, int64_t rows, int64_t cols, const GridSpec& spec,
                            bool hard, bool v_grad) {
     const T lo = static_cast<T>(spec.qmin()), hi = static_cast<T>(spec.qmax());
-    parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
-                 [&](int64_t r0, int64_t r1) {
-                   for (int64_t r = r0; r < r1; ++r)
-                     detail::for_each_group(
-                         spec, rows, cols, r, [&](int64_t, int64_t c0, int64_t c1, int64_t p) {
-                           const T sp = scale[p], zp = zero ? zero[p] : T(0);
-                           for (int64_t c = c0; c < c1; ++c) {
-                             const int64_t i = r * cols + c;
-                             const T u = w[i] / sp;
-                             const T f = std::floor(u);
-                             T h = rect_sigmoid(v[i]);
-                             if (hard) h = h >= T(0.5) ? T(1) : T(0);
-                             const T q = f + h + zp;
-                             const T qc = std::clamp(q, lo, hi);
-                             y[i] = sp * (qc - zp);
-                             if (dvfac) {
-                               const bool inside = q == qc;
-                               dvfac[i] = inside && v_grad ? sp * rect_sigmoid_grad(v[i]) : T(0);
-                               coef[i] = inside ? (f + h) - u : qc - zp;
-                             }
-                           }
-                         });
-                 });
+    parallel_for(rows, ops::detail::row_grain(cols), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        detail::for_each_group(
+            spec, rows, cols, r, [&](int64_t, int64_t c0, int64_t c1, int64_t p) {
+              const T sp = scale[p], zp = zero ? zero[p] : T(0);
+              for (int64_t c = c0; c < c1; ++c) {
+                const int64_t i = r * cols + c;
+                const T u = w[i] / sp;
+                const T f = std::floor(u);
+                T h = rect_sigmoid(v[i]);
+                if (hard) h = h >= T(0.5) ? T(1) : T(0);
+                const T q = f + h + zp;
+                const T qc = std::clamp(q, lo, hi);
+                y[i] = sp * (qc - zp);
+                if (dvfac) {
+                  const bool inside = q == qc;
+                  dvfac[i] = inside && v_grad ? sp * rect_sigmoid_grad(v[i]) : T(0);
+                  coef[i] = inside ? (f + h) - u : qc - zp;
+                }
+              }
+            });
+    });
   }
   // Terms in T, summed serially (deterministic whatever the thread count) in double: a float sum
   // of a LLaMA-7B layer's 45M terms (each in [0, 1]) stops growing at 2^24. The total is then
@@ -133,17 +132,16 @@ struct CpuLoraRounding {
   }
   static void adaround_offset(T* v0, const T* w, const T* scale, int64_t rows, int64_t cols,
                               const GridSpec& spec) {
-    parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
-                 [&](int64_t r0, int64_t r1) {
-                   for (int64_t r = r0; r < r1; ++r)
-                     detail::for_each_group(
-                         spec, rows, cols, r, [&](int64_t, int64_t c0, int64_t c1, int64_t q) {
-                           for (int64_t c = c0; c < c1; ++c) {
-                             const T u = w[r * cols + c] / scale[q];
-                             v0[r * cols + c] = rect_sigmoid_inverse(u - std::floor(u));
-                           }
-                         });
-                 });
+    parallel_for(rows, ops::detail::row_grain(cols), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        detail::for_each_group(spec, rows, cols, r,
+                               [&](int64_t, int64_t c0, int64_t c1, int64_t q) {
+                                 for (int64_t c = c0; c < c1; ++c) {
+                                   const T u = w[r * cols + c] / scale[q];
+                                   v0[r * cols + c] = rect_sigmoid_inverse(u - std::floor(u));
+                                 }
+                               });
+    });
   }
 };
 

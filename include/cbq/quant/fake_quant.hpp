@@ -158,27 +158,26 @@ struct CpuStepQuant {
   static void forward(T* y, T* pass, T* coef, const T* x, const T* scale, const T* zero,
                       int64_t rows, int64_t cols, const GridSpec& spec) {
     const T lo = static_cast<T>(spec.qmin()), hi = static_cast<T>(spec.qmax());
-    parallel_for(rows, std::max<int64_t>(1, ops::kElementwiseGrain / std::max<int64_t>(cols, 1)),
-                 [&](int64_t r0, int64_t r1) {
-                   for (int64_t r = r0; r < r1; ++r)
-                     detail::for_each_group(spec, rows, cols, r,
-                                            [&](int64_t, int64_t c0, int64_t c1, int64_t p) {
-                                              const T sp = scale[p], zp = zero ? zero[p] : T(0);
-                                              for (int64_t c = c0; c < c1; ++c) {
-                                                const int64_t i = r * cols + c;
-                                                const T v = x[i] / sp;
-                                                const T rv = round_even(v);
-                                                const T q = rv + zp;
-                                                const T qc = std::clamp(q, lo, hi);
-                                                y[i] = sp * (qc - zp);
-                                                if (pass) {
-                                                  const bool inside = q == qc;
-                                                  pass[i] = inside ? T(1) : T(0);
-                                                  coef[i] = inside ? rv - v : qc - zp;
-                                                }
-                                              }
-                                            });
-                 });
+    parallel_for(rows, ops::detail::row_grain(cols), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        detail::for_each_group(spec, rows, cols, r,
+                               [&](int64_t, int64_t c0, int64_t c1, int64_t p) {
+                                 const T sp = scale[p], zp = zero ? zero[p] : T(0);
+                                 for (int64_t c = c0; c < c1; ++c) {
+                                   const int64_t i = r * cols + c;
+                                   const T v = x[i] / sp;
+                                   const T rv = round_even(v);
+                                   const T q = rv + zp;
+                                   const T qc = std::clamp(q, lo, hi);
+                                   y[i] = sp * (qc - zp);
+                                   if (pass) {
+                                     const bool inside = q == qc;
+                                     pass[i] = inside ? T(1) : T(0);
+                                     coef[i] = inside ? rv - v : qc - zp;
+                                   }
+                                 }
+                               });
+    });
   }
   // Straight-through inside the clamp range.
   static void backward_input(T* dx, const T* g, const T* pass, int64_t n) {

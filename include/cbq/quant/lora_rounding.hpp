@@ -378,15 +378,13 @@ SoftWeight<T> fused_weight(const LoraInputs<T>& in, const Tensor<T>& W, Var<T> s
   T* sums = reg ? reg_sums.data() : nullptr;
   T* local = reg_rg ? reg_local.data() : nullptr;
   const T reg_beta = reg ? reg->beta : T(0);
-  parallel_for(rows, std::max<int64_t>(1, kLoraRowGrain / std::max<int64_t>(cols, 1)),
-               [&](int64_t r0, int64_t r1) {
-                 LoraRowBuffers<T>& buf = lora_row_buffers<T>(cols);
-                 CBQ_SIMD_DISPATCH(
-                     simd::isa_for<T>(),
-                     lora_forward_rows<T>(in, r0, r1, hard, v_grad, y, fac, cf,
-                                          static_cast<uint8_t*>(nullptr), buf.s.data(),
-                                          buf.z.data(), reg_beta, local, sums));
-               });
+  parallel_for(rows, ops::detail::row_grain(cols, kLoraRowGrain), [&](int64_t r0, int64_t r1) {
+    LoraRowBuffers<T>& buf = lora_row_buffers<T>(cols);
+    CBQ_SIMD_DISPATCH(
+        simd::isa_for<T>(),
+        lora_forward_rows<T>(in, r0, r1, hard, v_grad, y, fac, cf, static_cast<uint8_t*>(nullptr),
+                             buf.s.data(), buf.z.data(), reg_beta, local, sums));
+  });
   const int64_t blocks = (rows + kLoraRowBlock - 1) / kLoraRowBlock;
   Tensor<T> da2_blocks;  // LoRA only: dA2's partial sums per block of rows
   if ((rg || reg_rg) && in.rank > 0) da2_blocks = tape.scratch(Shape{blocks * in.rank, cols});
@@ -430,13 +428,11 @@ Var<T> fused_reg(const LoraInputs<T>& in, LogitVars<T> vars, T beta, Normalisati
   T* lp = rg ? local.data() : nullptr;
   Tensor<T> row_sums = tape.scratch(Shape{rows});
   T* sums = row_sums.data();
-  parallel_for(rows, std::max<int64_t>(1, kLoraRowGrain / std::max<int64_t>(cols, 1)),
-               [&](int64_t r0, int64_t r1) {
-                 LoraRowBuffers<T>& buf = lora_row_buffers<T>(cols);
-                 CBQ_SIMD_DISPATCH(
-                     simd::isa_for<T>(),
-                     lora_reg_rows<T>(in, r0, r1, beta, lp, sums, buf.s.data(), buf.z.data()));
-               });
+  parallel_for(rows, ops::detail::row_grain(cols, kLoraRowGrain), [&](int64_t r0, int64_t r1) {
+    LoraRowBuffers<T>& buf = lora_row_buffers<T>(cols);
+    CBQ_SIMD_DISPATCH(simd::isa_for<T>(),
+                      lora_reg_rows<T>(in, r0, r1, beta, lp, sums, buf.s.data(), buf.z.data()));
+  });
   Tensor<T> yv = out.value();
   yv.data()[0] = reg_total(sums, rows, k);
   if (rg) {
@@ -584,16 +580,14 @@ QuantizedWeight harden_rows(const LoraInputs<T>& in, const Tensor<T>& scale, con
   qw.zero = zero.defined() ? zero.template cast<float>() : Tensor<float>(scale.shape());
   uint8_t* codes = qw.codes.data();
   const int64_t rows = in.rows, cols = in.cols;
-  parallel_for(rows, std::max<int64_t>(1, kLoraRowGrain / std::max<int64_t>(cols, 1)),
-               [&](int64_t r0, int64_t r1) {
-                 LoraRowBuffers<T>& buf = lora_row_buffers<T>(cols);
-                 CBQ_SIMD_DISPATCH(
-                     simd::isa_for<T>(),
-                     lora_forward_rows<T>(in, r0, r1, true, false, static_cast<T*>(nullptr),
-                                          static_cast<T*>(nullptr), static_cast<T*>(nullptr), codes,
-                                          buf.s.data(), buf.z.data(), T(0),
-                                          static_cast<T*>(nullptr), static_cast<T*>(nullptr)));
-               });
+  parallel_for(rows, ops::detail::row_grain(cols, kLoraRowGrain), [&](int64_t r0, int64_t r1) {
+    LoraRowBuffers<T>& buf = lora_row_buffers<T>(cols);
+    CBQ_SIMD_DISPATCH(simd::isa_for<T>(),
+                      lora_forward_rows<T>(in, r0, r1, true, false, static_cast<T*>(nullptr),
+                                           static_cast<T*>(nullptr), static_cast<T*>(nullptr),
+                                           codes, buf.s.data(), buf.z.data(), T(0),
+                                           static_cast<T*>(nullptr), static_cast<T*>(nullptr)));
+  });
   return qw;
 }
 
