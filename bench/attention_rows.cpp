@@ -16,19 +16,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
-#include <random>
 #include <vector>
 #include "bench_tools.hpp"
 
 namespace {
-
-cbq::Tensor<float> random_tensor(cbq::Shape shape, unsigned seed) {
-  cbq::Tensor<float> t(shape);
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> normal;
-  for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = normal(gen);
-  return t;
-}
 
 // FNV-1a over the float bits.
 uint64_t hash_bits(std::initializer_list<const cbq::Tensor<float>*> tensors) {
@@ -55,8 +46,10 @@ int main(int argc, char** argv) {
     return 2;
   }
   ops::detail::attention_path = ops::detail::AttentionPath::rows;
-  const Tensor<float> q = random_tensor({T, hq * hd}, 6), k = random_tensor({T, hkv * hd}, 7),
-                      v = random_tensor({T, hkv * hd}, 8), seed = random_tensor({T, hq * hd}, 9);
+  const Tensor<float> q = bench::random_normal({T, hq * hd}, 6),
+                      k = bench::random_normal({T, hkv * hd}, 7),
+                      v = bench::random_normal({T, hkv * hd}, 8),
+                      seed = bench::random_normal({T, hq * hd}, 9);
   Tape<float> tape;
   for (const bool backward : {false, true}) {
     std::vector<double> ms;

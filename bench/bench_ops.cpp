@@ -6,7 +6,6 @@
 
 #include <cbq/cbq.hpp>
 
-#include <random>
 #include "bench_main.hpp"
 #include "bench_tools.hpp"
 
@@ -15,13 +14,7 @@ using namespace cbq;
 namespace {
 constexpr int64_t kT = 256, kD = 288, kHeads = 6, kHeadDim = kD / kHeads;
 
-Tensor<float> random(const Shape& s, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> n(0.f, 1.f);
-  Tensor<float> t = Tensor<float>::empty(s);
-  for (int64_t i = 0; i < t.numel(); ++i) t[i] = n(rng);
-  return t;
-}
+using bench::random_normal;
 
 void set_flops(benchmark::State& state, double flops_per_iteration) {
   state.counters["GFLOP/s"] =
@@ -31,7 +24,7 @@ void set_flops(benchmark::State& state, double flops_per_iteration) {
 // The machine's single-precision GEMM rate: square SGEMM, C = A·B.
 void BM_SgemmPeak(benchmark::State& state) {
   const int64_t n = state.range(0);
-  auto a = random({n, n}, 1), b = random({n, n}, 2);
+  auto a = random_normal({n, n}, 1), b = random_normal({n, n}, 2);
   Tensor<float> c(Shape{n, n});
   for (auto _ : state) {
     blas::gemm<float>(false, false, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(), n);
@@ -43,8 +36,8 @@ BENCHMARK(BM_SgemmPeak)->Arg(288)->Arg(1024)->Unit(benchmark::kMillisecond)->Use
 
 // linear (T, d) × (d, d)ᵀ forward + backward (dx and dW): 3 GEMMs of 2·T·d² each.
 void BM_LinearForwardBackward(benchmark::State& state) {
-  Parameter<float> w("w", random({kD, kD}, 3));
-  Tensor<float> x = random({kT, kD}, 4), seed = random({kT, kD}, 5);
+  Parameter<float> w("w", random_normal({kD, kD}, 3));
+  Tensor<float> x = random_normal({kT, kD}, 4), seed = random_normal({kT, kD}, 5);
   Tape<float> tape;
   for (auto _ : state) {
     tape.clear();
@@ -61,8 +54,9 @@ BENCHMARK(BM_LinearForwardBackward)->Unit(benchmark::kMillisecond)->UseRealTime(
 // Causal attention forward (QKᵀ and PV over the causal half: 2·T²·d) + backward (recompute S,
 // dV, dP, dQ, dK: 5·T²·d), counted on the causal half.
 void BM_AttentionForwardBackward(benchmark::State& state) {
-  Tensor<float> q = random({kT, kD}, 6), k = random({kT, kD}, 7), v = random({kT, kD}, 8);
-  Tensor<float> seed = random({kT, kD}, 9);
+  Tensor<float> q = random_normal({kT, kD}, 6), k = random_normal({kT, kD}, 7),
+                v = random_normal({kT, kD}, 8);
+  Tensor<float> seed = random_normal({kT, kD}, 9);
   Tape<float> tape;
   for (auto _ : state) {
     tape.clear();
@@ -86,9 +80,9 @@ void BM_AttentionShapes(benchmark::State& state) {
                                               ops::detail::AttentionPath::tiles,
                                               ops::detail::AttentionPath::rows};
   ops::detail::attention_path = paths[state.range(5)];
-  Tensor<float> q = random({T, hq * hd}, 6), k = random({T, hkv * hd}, 7),
-                v = random({T, hkv * hd}, 8);
-  Tensor<float> seed = random({T, hq * hd}, 9);
+  Tensor<float> q = random_normal({T, hq * hd}, 6), k = random_normal({T, hkv * hd}, 7),
+                v = random_normal({T, hkv * hd}, 8);
+  Tensor<float> seed = random_normal({T, hq * hd}, 9);
   Tape<float> tape;
   for (auto _ : state) {
     const auto call = bench::attention_call(tape, q, k, v, seed, hq, hkv, hd, backward);
@@ -108,8 +102,8 @@ BENCHMARK(BM_AttentionShapes)
 
 // RMSNorm is memory-bound: forward reads x and writes y; backward reads x, dy and writes dx.
 void BM_RmsNormForwardBackward(benchmark::State& state) {
-  Parameter<float> w("w", random({kD}, 10));
-  Tensor<float> x = random({kT, kD}, 11), seed = random({kT, kD}, 12);
+  Parameter<float> w("w", random_normal({kD}, 10));
+  Tensor<float> x = random_normal({kT, kD}, 11), seed = random_normal({kT, kD}, 12);
   Tape<float> tape;
   for (auto _ : state) {
     tape.clear();
@@ -133,7 +127,8 @@ void BM_LinearBackwardGemms(benchmark::State& state) {
   const bool batched = state.range(2) != 0;
   const int saved = num_threads();
   set_num_threads(static_cast<int>(state.range(3)));
-  Tensor<float> x = random({kT, in}, 13), w = random({out, in}, 14), g = random({kT, out}, 15);
+  Tensor<float> x = random_normal({kT, in}, 13), w = random_normal({out, in}, 14),
+                g = random_normal({kT, out}, 15);
   Tensor<float> dx(Shape{kT, in}), dw(Shape{out, in});
   const blas::GemmArgs<float> gemms[2] = {blas::gemm_args(false, false, kT, in, out, 1.f, g.data(),
                                                           out, w.data(), in, 0.f, dx.data(), in),
@@ -166,14 +161,14 @@ void BM_LoraWeightKernels(benchmark::State& state) {
   set_num_threads(static_cast<int>(state.range(1)));
   const int64_t rows = 2048, cols = 1024, rank = 5;
   const quant::GridSpec spec{4, false, quant::Granularity::per_group, 32};
-  Tensor<float> W = random({rows, cols}, 16);
+  Tensor<float> W = random_normal({rows, cols}, 16);
   for (int64_t i = 0; i < W.numel(); ++i) W[i] *= 0.05f;
   Tensor<float> s, z;
   quant::init_minmax(W, spec, s, z);
-  Parameter<float> ps("s", s), a1("a1", random({rows, rank}, 17)),
-      a2("a2", random({rank, cols}, 18));
+  Parameter<float> ps("s", s), a1("a1", random_normal({rows, rank}, 17)),
+      a2("a2", random_normal({rank, cols}, 18));
   for (int64_t i = 0; i < a2.value.numel(); ++i) a2.value[i] *= 0.1f;
-  Tensor<float> seed = random({rows, cols}, 19);
+  Tensor<float> seed = random_normal({rows, cols}, 19);
   Tape<float> tape;
   for (auto _ : state) {
     tape.clear();

@@ -1,6 +1,6 @@
 #pragma once
 // Helpers shared by the benchmark programs: the token ids that llama-tokenize wrote, the process's
-// peak resident memory, and one timed causal attention call.
+// peak resident memory, seeded random inputs, and one timed causal attention call.
 #include <sys/resource.h>
 
 #include <cbq/cbq.hpp>
@@ -8,6 +8,7 @@
 #include <charconv>
 #include <cstdint>
 #include <fstream>
+#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -40,6 +41,15 @@ inline double peak_rss_mib() {
   rusage u{};
   getrusage(RUSAGE_SELF, &u);
   return static_cast<double>(u.ru_maxrss) / 1024.0;
+}
+
+// A tensor of standard normal values from `seed`.
+inline Tensor<float> random_normal(const Shape& shape, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  Tensor<float> t = Tensor<float>::empty(shape);
+  for (int64_t i = 0; i < t.numel(); ++i) t[i] = normal(rng);
+  return t;
 }
 
 // One causal attention on a cleared tape: its output, and with `backward` the gradients of q, k and
