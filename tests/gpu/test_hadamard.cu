@@ -47,6 +47,26 @@ TEST_CASE_TEMPLATE("hadamard: CUDA matches CPU, forward and backward, every kind
   }
 }
 
+TEST_CASE_TEMPLATE("hadamard: a dense (fitted) transform on CUDA matches the CPU's GEMM", T, float,
+                   double) {
+  uint64_t seed = 950;
+  for (int64_t n : {172, 576}) {
+    for (bool transpose : {false, true}) {
+      CAPTURE(n);
+      CAPTURE(transpose);
+      const Tensor<double> m = randn<double>(Shape{n, n}, seed++);
+      auto h = std::make_shared<const ops::HadamardTransform>(ops::HadamardTransform::dense(
+          n, std::vector<double>(m.data(), m.data() + n * n), "random dense"));
+      const std::vector<Tensor<T>> inputs{randn<T>(Shape{5, 2 * n}, seed++)};
+      const GraphFn<T> f = [h, transpose](std::vector<Var<T>>& v) {
+        return ops::hadamard(v[0], h, transpose);
+      };
+      MESSAGE("dense " << n << ": worst rel error "
+                       << check_parity<T>(inputs, f, tolerance<T>(), seed++));
+    }
+  }
+}
+
 TEST_CASE_TEMPLATE("hadamard: the in-place launch equals the out-of-place one", T, float, double) {
   const auto h = ops::HadamardTransform::make(1536, 3, true);
   const Tensor<T> x = randn<T>(Shape{7, 1536}, 77);

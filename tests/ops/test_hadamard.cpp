@@ -1,3 +1,4 @@
+#include <cbq/core/linalg.hpp>
 #include <cbq/ops/hadamard.hpp>
 #include <cmath>
 #include <string>
@@ -204,4 +205,64 @@ TEST_CASE("ops::hadamard: chunk-wise forward, gradient check in double, shape er
   Tape<double> tape;
   CHECK_THROWS_AS(ops::hadamard(tape.constant(randn<double>(Shape{2, 18}, 1)), h), Error);
   CHECK_THROWS_AS(ops::hadamard<double>(tape.constant(x), nullptr), Error);
+}
+
+TEST_CASE("hadamard transform: a dense (non-orthogonal) M by GEMM, forward, transpose, in place") {
+  const int64_t n = 10;
+  const Tensor<double> m = randn<double>(Shape{n, n}, 31);
+  const std::vector<double> M(m.data(), m.data() + n * n);
+  const auto h = std::make_shared<const ops::HadamardTransform>(
+      ops::HadamardTransform::dense(n, M, "a random 10 × 10 matrix"));
+  CHECK(h->kernel_kind() == ops::HadamardTransform::KernelKind::dense);
+  CHECK(h->description() == "a random 10 × 10 matrix");
+  CHECK(max_abs_diff(Tensor<double>::from(h->dense(), Shape{n, n}), m) < 1e-12);
+  const Tensor<double> x = randn<double>(Shape{7, n}, 32);
+  for (bool transpose : {false, true}) {
+    CAPTURE(transpose);
+    const Tensor<double> want = naive_apply(x, M, n, transpose);
+    Tensor<double> y(x.shape());
+    h->apply<double>(x.data(), y.data(), 7, transpose, false);
+    CHECK(max_abs_diff(y, want) < 1e-12);
+    Tensor<double> acc = x.clone();  // accumulate: acc = x + x·M
+    h->apply<double>(x.data(), acc.data(), 7, transpose, true);
+    Tensor<double> sum(x.shape());
+    for (int64_t i = 0; i < x.numel(); ++i) sum[i] = x[i] + want[i];
+    CHECK(max_abs_diff(acc, sum) < 1e-12);
+    Tensor<double> inplace = x.clone();  // out = in: the GEMM reads a copy
+    h->apply<double>(inplace.data(), inplace.data(), 7, transpose, false);
+    CHECK(max_abs_diff(inplace, want) < 1e-12);
+    // The op's derivative dy·Mᵀ holds for any M, not only orthogonal ones.
+    auto r =
+        gradcheck([&](Tape<double>&,
+                      std::vector<Var<double>>& v) { return ops::hadamard(v[0], h, transpose); },
+                  {randn<double>(Shape{3, 2 * n}, 33)});
+    CHECK(r.max_rel_error < 1e-7);
+  }
+  std::vector<double> bad = M;
+  bad[5] = std::nan("");
+  CHECK_THROWS_WITH_AS(ops::HadamardTransform::dense(n, bad, "bad"),
+                       doctest::Contains("non-finite"), Error);
+  CHECK_THROWS_WITH_AS(ops::HadamardTransform::dense(n, std::vector<double>(99), "short"),
+                       doctest::Contains("needs 100 entries, got 99"), Error);
+}
+
+TEST_CASE("linalg::symmetric_eigen: A = V·diag(w)·Vᵀ, V orthonormal, w ascending") {
+  const int64_t n = 9;
+  const Tensor<double> b = randn<double>(Shape{n, n}, 41);
+  std::vector<double> a(static_cast<size_t>(n * n));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) a[i * n + j] = b[i * n + j] + b[j * n + i];
+  std::vector<double> w, v;
+  REQUIRE(linalg::symmetric_eigen(a.data(), n, w, v) == 0);
+  REQUIRE(w.size() == static_cast<size_t>(n));
+  double recon = 0;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double s = 0;
+      for (int64_t k = 0; k < n; ++k) s += v[i * n + k] * w[k] * v[j * n + k];
+      recon = std::max(recon, std::abs(s - a[i * n + j]));
+    }
+  CHECK(recon < 1e-12 * n);
+  CHECK(orthogonality_error(v, n) < 1e-12);
+  for (int64_t k = 1; k < n; ++k) CHECK(w[k - 1] <= w[k]);
 }

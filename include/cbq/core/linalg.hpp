@@ -1,14 +1,20 @@
 #pragma once
 // Dense symmetric positive-definite helpers in double on top of CBLAS: a blocked right-looking
-// Cholesky factorisation (dtrsm + dsyrk), the inverse of a lower-triangular factor, and the
-// "upper Cholesky factor of the inverse" GPTQ needs. Matrices are row-major with a leading
-// dimension; only the lower triangle of a symmetric input is read.
+// Cholesky factorisation (dtrsm + dsyrk), the inverse of a lower-triangular factor, the
+// "upper Cholesky factor of the inverse" GPTQ needs, and the symmetric eigendecomposition
+// (LAPACK's dsyevd, which OpenBLAS ships) behind the fitted R4's matrix square root. Matrices are
+// row-major with a leading dimension; only the lower triangle of a symmetric input is read.
 #include <cblas.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
+
+// LAPACK (Fortran calling convention), as exported by OpenBLAS.
+extern "C" void dsyevd_(const char* jobz, const char* uplo, const int* n, double* a, const int* lda,
+                        double* w, double* work, const int* lwork, int* iwork, const int* liwork,
+                        int* info);
 
 namespace cbq::linalg {
 
@@ -100,6 +106,32 @@ inline InverseCholeskyStatus inverse_cholesky_upper(double* h, int64_t n, std::v
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j <= i; ++j) u[static_cast<std::size_t>(j * n + i)] = h[i * n + j];
   return {};
+}
+
+// Eigendecomposition of a symmetric n×n A (row-major; read whole, as LAPACK reads one triangle of
+// a symmetric matrix): A = V·diag(w)·Vᵀ, eigenvalues ascending, V row-major with eigenvector j
+// in column j. Returns LAPACK's info (0: converged).
+inline int symmetric_eigen(const double* a, int64_t n, std::vector<double>& w,
+                           std::vector<double>& v) {
+  w.assign(static_cast<std::size_t>(n), 0.0);
+  v.assign(a, a + n * n);  // symmetric: row- and column-major agree
+  if (n == 0) return 0;
+  const int nn = static_cast<int>(n);
+  int info = 0, lwork = -1, liwork = -1, iwork_query = 0;
+  double work_query = 0;
+  dsyevd_("V", "L", &nn, v.data(), &nn, w.data(), &work_query, &lwork, &iwork_query, &liwork,
+          &info);
+  if (info != 0) return info;
+  lwork = static_cast<int>(work_query);
+  liwork = iwork_query;
+  std::vector<double> work(static_cast<std::size_t>(std::max(lwork, 1)));
+  std::vector<int> iwork(static_cast<std::size_t>(std::max(liwork, 1)));
+  dsyevd_("V", "L", &nn, v.data(), &nn, w.data(), work.data(), &lwork, iwork.data(), &liwork,
+          &info);
+  // LAPACK's column-major V: column j is eigenvector j, i.e. row j of the row-major array.
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = i + 1; j < n; ++j) std::swap(v[i * n + j], v[j * n + i]);
+  return info;
 }
 
 }  // namespace cbq::linalg

@@ -9,6 +9,8 @@
 //        (core/hadamard.hpp: Paley I/II); when n's odd part has no such matrix within n, make()
 //        refuses, or on request uses a seeded random orthogonal matrix of the odd part,
 //   D    diag(±1) random signs (QuaRot's randomised Hadamard), or the identity.
+// HadamardTransform::dense holds a general n × n M = K instead (P = 1, no signs, not orthogonal:
+// the fitted R4 of model/rotation.hpp); the host applies it with one GEMM.
 //
 // Index i = a·m + b (a < P, b < m): (H_P ⊗ K)_{(a,b),(c,e)} = H_P[a][c]·K[b][e], so y = x·M is
 //   t = x ⊙ d;  z_(a,e) = Σ_b t_(a,b)·K[b][e];  y_(c,e) = Σ_a H_P[a][c]·z_(a,e)
@@ -30,6 +32,7 @@
 #include <utility>
 #include <vector>
 
+#include "cbq/core/blas.hpp"
 #include "cbq/core/hadamard.hpp"
 #include "cbq/ops/common.hpp"
 
@@ -90,7 +93,7 @@ struct CpuHadamard {
 
 class HadamardTransform {
  public:
-  enum class KernelKind { none, hadamard, random_orthogonal };
+  enum class KernelKind { none, hadamard, random_orthogonal, dense };
 
   // The transform of size n: K from the smallest m = odd(n)·2^j (j ≥ 0, m | n) that has a
   // Hadamard matrix (core/hadamard.hpp). When none does (e.g. n = 172 = 4·43), a cbq::Error
@@ -144,6 +147,24 @@ class HadamardTransform {
     return h;
   }
 
+  // A general n × n M (row-major `m`), e.g. a rotation times a fitted scaling; described as given.
+  static HadamardTransform dense(int64_t n, std::vector<double> m, std::string description) {
+    CBQ_CHECK(n >= 1 && static_cast<int64_t>(m.size()) == n * n,
+              "hadamard: a dense transform of size {} needs {} entries, got {}", n, n * n,
+              m.size());
+    for (double v : m)
+      CBQ_CHECK(std::isfinite(v), "hadamard: the dense transform '{}' has a non-finite entry",
+                description);
+    HadamardTransform h;
+    h.n_ = h.m_ = n;
+    h.pow2_ = 1;
+    h.kind_ = KernelKind::dense;
+    h.kernel_ = std::move(m);
+    h.kernel_f_.assign(h.kernel_.begin(), h.kernel_.end());
+    h.description_ = std::move(description);
+    return h;
+  }
+
   int64_t size() const { return n_; }
   int64_t pow2() const { return pow2_; }      // P
   int64_t kernel_size() const { return m_; }  // m
@@ -171,6 +192,17 @@ class HadamardTransform {
   void apply_on(Device device, const T* in, T* out, int64_t rows, bool transpose,
                 bool accumulate) const {
     const auto [k, d] = constants<T>(device);
+    if (kind_ == KernelKind::dense && device == Device::cpu) {  // out = in·K: one GEMM
+      std::vector<T> copy;
+      const T* src = in;
+      if (in == out) {
+        copy.assign(in, in + rows * n_);
+        src = copy.data();
+      }
+      blas::gemm<T>(false, transpose, rows, n_, n_, T(1), src, n_, k, n_, accumulate ? T(1) : T(0),
+                    out, n_);
+      return;
+    }
     kernel_for(device, &CpuHadamard<T>::apply, CudaHadamard<T>::apply, "hadamard")(
         in, out, rows, n_, m_, k, d, transpose, accumulate);
   }
@@ -191,7 +223,7 @@ class HadamardTransform {
  private:
   int64_t n_ = 0, m_ = 1, pow2_ = 1;
   KernelKind kind_ = KernelKind::none;
-  std::vector<double> kernel_, signs_;  // K (m × m, orthonormal), D (n or empty)
+  std::vector<double> kernel_, signs_;  // K (m × m; orthonormal unless dense), D (n or empty)
   std::vector<float> kernel_f_, signs_f_;
   std::string description_;
 
