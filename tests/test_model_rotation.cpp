@@ -27,7 +27,8 @@ namespace {
 struct StoriesProbe {
   AnyModel model;
   std::vector<int32_t> probe;
-  std::string path;  // the llama2.c file
+  std::string path;            // the llama2.c file
+  std::vector<int32_t> after;  // the tokens after the probe (calibration text for fits)
 };
 std::optional<StoriesProbe> load_stories_probe() {
   namespace fs = std::filesystem;
@@ -44,6 +45,7 @@ std::optional<StoriesProbe> load_stories_probe() {
   const auto all = s.model.llama().tokenizer->encode(text, true, false);
   REQUIRE(all.size() > 400);
   s.probe.assign(all.begin(), all.begin() + 256);
+  s.after.assign(all.begin() + 256, all.end());
   return s;
 }
 
@@ -577,4 +579,207 @@ TEST_CASE("rotation: the tiny-opt Hugging Face fixture keeps its logits in float
     CHECK(f.logits < 1e-5 * std::max(1.0, scale));
     CHECK(f.nll < 1e-5 * std::max(1.0, scale));
   }
+}
+
+// ---- Fitted online transforms (fit_online_transforms; docs/ROTATION.md) ----
+
+namespace {
+
+// Fits `fit` on a few random sequences and returns the largest logit and NLL change on `tokens`.
+template <class Model>
+Change fit_change(Model& model, const FitOptions& fit, const std::vector<int32_t>& tokens,
+                  FittedTransformReport* report) {
+  const auto before = model.logits(tokens).clone();
+  const int64_t last = static_cast<int64_t>(tokens.size()) - 2;
+  const std::vector<double> nll_before = model.token_nll(tokens, 0, last);
+  std::vector<std::vector<int32_t>> samples;
+  for (uint64_t s = 0; s < 3; ++s)
+    samples.push_back(random_tokens(9, model.config.vocab_size, 60 + s));
+  *report = fit_online_transforms(model, samples, fit);
+  Change change{max_abs_diff(model.logits(tokens), before), 0};
+  const std::vector<double> nll_after = model.token_nll(tokens, 0, last);
+  REQUIRE(nll_after.size() == nll_before.size());
+  for (size_t i = 0; i < nll_after.size(); ++i) {
+    const double d = std::abs(nll_after[i] - nll_before[i]);
+    change.nll = std::isnan(d) ? d : std::max(change.nll, d);
+  }
+  return change;
+}
+
+// The checks shared by LLaMA and OPT: same function, gains in (0, 1], the slots set, refusals.
+template <class Block>
+void check_fitted(const ModelConfig& cfg) {
+  using Sites = detail::RotationSites<Block>;
+  const auto tokens = random_tokens(12, cfg.vocab_size, 5);
+  for (auto [down, mlp] : {std::pair{true, false}, std::pair{false, true}, std::pair{true, true}}) {
+    CAPTURE(cfg.dim);
+    CAPTURE(down);
+    CAPTURE(mlp);
+    Transformer<Block> model(cfg, random_weights(cfg, 77));
+    RotationOptions rot;
+    rot.r4 = true;
+    rot.allow_random_orthogonal = true;
+    rotate_model(model, rot);
+    const double scale = max_abs(model.logits(tokens).clone());
+    FitOptions fit{.down = down, .mlp_in = mlp, .seed = 3, .allow_random_orthogonal = true};
+    FittedTransformReport report;
+    const Change change = fit_change(model, fit, tokens, &report);
+    MESSAGE("d " << cfg.dim << " " << report.summary() << ": max logit change " << change.logits
+                 << ", max NLL change " << change.nll);
+    CHECK(change.logits < 1e-9 * std::max(1.0, scale));
+    CHECK(change.nll < 1e-9);
+    CHECK(report.down_gain.size() == (down ? cfg.n_layers : 0u));
+    CHECK(report.mlp_in_gain.size() == (mlp ? cfg.n_layers : 0u));
+    for (const auto* gains : {&report.down_gain, &report.mlp_in_gain})
+      for (double g : *gains) {
+        CHECK(g > 0);
+        CHECK(g <= 1 + 1e-12);  // Cauchy–Schwarz: never worse than the plain transform
+      }
+    for (Block& b : model.blocks) {
+      REQUIRE(Sites::mlp_rotation(b) != nullptr);
+      CHECK((Sites::mlp_rotation(b)->kernel_kind() == ops::HadamardTransform::KernelKind::dense) ==
+            down);
+      CHECK((Sites::mlp_input_transform(b) != nullptr) == mlp);
+      bool mlp_site = false;  // CFP/SmoothQuant cannot scale through a fitted transform
+      for (const auto& site : b.activation_sites())
+        mlp_site = mlp_site || site.name == "mlp_in" || site.name == "fc1_in";
+      CHECK(mlp_site != mlp);
+    }
+    CHECK_FALSE(online_rotations(model).empty());
+    std::vector<std::vector<int32_t>> one{random_tokens(5, cfg.vocab_size, 1)};
+    CHECK_THROWS_WITH_AS(fit_online_transforms(model, one, fit),
+                         doctest::Contains("already has a fitted transform"), Error);
+    if (mlp)
+      CHECK_THROWS_WITH_AS(rotate_model(model, RotationOptions{}),
+                           doctest::Contains("rotate before fitting"), Error);
+  }
+  // Fitting R4 needs R4; no samples is an error; neither changes the model.
+  Transformer<Block> plain(cfg, random_weights(cfg, 78));
+  const auto w0 = Sites::mlp_out(plain.blocks[0]).weight.value.clone();
+  std::vector<std::vector<int32_t>> one{random_tokens(5, cfg.vocab_size, 1)};
+  CHECK_THROWS_WITH_AS(fit_online_transforms(plain, one, FitOptions{.mlp_in = false}),
+                       doctest::Contains("has no R4"), Error);
+  CHECK_THROWS_WITH_AS(fit_online_transforms(plain, {}, FitOptions{}),
+                       doctest::Contains("no calibration samples"), Error);
+  CHECK(max_abs_diff(Sites::mlp_out(plain.blocks[0]).weight.value, w0) == 0);
+  CHECK(Sites::mlp_input_transform(plain.blocks[0]) == nullptr);
+}
+
+}  // namespace
+
+TEST_CASE(
+    "fitted online transforms: LLaMA and OPT keep their logits, down, mlp and both (double)") {
+  for (const ModelConfig& cfg : {tiny_llama_config(), wide_gqa_config()})
+    check_fitted<LlamaBlock<double>>(cfg);
+  for (const ModelConfig& cfg : {tiny_opt_config(), wide_opt_config()})
+    check_fitted<OptBlock<double>>(cfg);
+}
+
+TEST_CASE("fitted online transforms: P·Pᵀ is the geometric mean of C⁻¹ and G (M·C·M = G)") {
+  const int64_t n = 7;
+  auto spd = [n](uint64_t seed) {  // A·Aᵀ + 0.1·I, far from isotropic
+    const Tensor<double> a = cbq::testing::randn<double>(Shape{n, n}, seed);
+    std::vector<double> s(static_cast<size_t>(n * n));
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        double v = i == j ? 0.1 : 0.0;
+        for (int64_t k = 0; k < n; ++k) v += a[i * n + k] * a[j * n + k] * (1 + 3 * k);
+        s[i * n + j] = v;
+      }
+    return s;
+  };
+  const std::vector<double> c = spd(11), g = spd(12);
+  auto [p, ratio] = detail::fit_noise_shaping(c, g, n, 0.0, "test");
+  auto mul = [n](const std::vector<double>& a, const std::vector<double>& b, bool tb) {
+    std::vector<double> o(static_cast<size_t>(n * n), 0.0);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t k = 0; k < n; ++k)
+          o[i * n + j] += a[i * n + k] * (tb ? b[j * n + k] : b[k * n + j]);
+    return o;
+  };
+  const std::vector<double> m = mul(p, p, true);  // M = P·Pᵀ
+  const std::vector<double> mcm = mul(mul(m, c, false), m, false);
+  double err = 0, scale = 0, tr_c = 0, tr_g = 0, tr_cm = 0;
+  for (int64_t i = 0; i < n * n; ++i) {
+    err = std::max(err, std::abs(mcm[i] - g[i]));
+    scale = std::max(scale, std::abs(g[i]));
+  }
+  CHECK(err < 1e-9 * scale);
+  for (int64_t i = 0; i < n; ++i) tr_c += c[i * n + i], tr_g += g[i * n + i];
+  const std::vector<double> cm = mul(c, m, false);
+  for (int64_t i = 0; i < n; ++i) tr_cm += cm[i * n + i];
+  // At the optimum tr(C·M) = tr(G·M⁻¹), so the ratio is tr(C·M)² / (tr C · tr G).
+  CHECK(ratio == doctest::Approx(tr_cm * tr_cm / (tr_c * tr_g)).epsilon(1e-9));
+  CHECK(ratio < 0.99);
+  // Isotropic C and G: nothing to gain, P = I up to scale.
+  std::vector<double> eye(static_cast<size_t>(n * n), 0.0);
+  for (int64_t i = 0; i < n; ++i) eye[i * n + i] = 1.0;
+  auto [pi, ri] = detail::fit_noise_shaping(eye, eye, n, 0.0, "identity");
+  CHECK(ri == doctest::Approx(1.0).epsilon(1e-12));
+  CHECK(max_abs_diff(Tensor<double>::from(pi, Shape{n, n}),
+                     Tensor<double>::from(eye, Shape{n, n})) < 1e-12);
+  // Not positive definite: a clear error naming the site.
+  std::vector<double> zero(static_cast<size_t>(n * n), 0.0);
+  CHECK_THROWS_WITH_AS(detail::fit_noise_shaping(zero, g, n, 0.0, "block 3 (down_proj input)"),
+                       doctest::Contains("block 3 (down_proj input)"), Error);
+}
+
+TEST_CASE(
+    "fitted online transforms: stories260K W8A4 RTN — the fitted sites lower the KL from FP") {
+  std::optional<StoriesProbe> stories = load_stories_probe();
+  if (!stories) return;
+  LlamaModel& m = stories->model.llama();
+  RotationOptions rot;
+  rot.r4 = true;
+  rot.allow_random_orthogonal = true;
+  rotate_model(m, rot);
+  // The fitted transforms' output error of per-token 4-bit quantization of their inputs, on
+  // text the fit did not see, against the plain R4 model's, block by block (FP weights).
+  REQUIRE(stories->after.size() >= 512);
+  std::vector<std::vector<int32_t>> samples;
+  for (int64_t s = 0; s < 4; ++s)
+    samples.emplace_back(stories->after.begin() + s * 128, stories->after.begin() + (s + 1) * 128);
+  auto output_error = [&](LlamaModel& model) {
+    double err = 0, ref = 0;
+    Tensor<float> x = model.embed_tensor(stories->probe);
+    for (int64_t b = 0; b < model.num_blocks(); ++b) {
+      BlockContext<float> ctx;
+      ctx.full_precision = true;
+      auto& blk = model.blocks[static_cast<size_t>(b)];
+      ctx.on_linear_input = [&](const LinearLayer<float>& layer, const Tensor<float>& in) {
+        if (&layer != &blk.down_proj && &layer != &blk.gate_proj) return;
+        const int64_t d = in.size(-1), rows = in.numel() / d;
+        std::vector<float> q(in.data(), in.data() + in.numel());
+        for (int64_t r = 0; r < rows; ++r) {  // asymmetric per-token 4 bits, no clipping
+          float lo = 0, hi = 0;
+          for (int64_t i = 0; i < d; ++i)
+            lo = std::min(lo, q[r * d + i]), hi = std::max(hi, q[r * d + i]);
+          const float s = std::max(hi - lo, 1e-12f) / 15, z = std::nearbyint(-lo / s);
+          for (int64_t i = 0; i < d; ++i)
+            q[r * d + i] = s * (std::clamp(std::nearbyint(q[r * d + i] / s) + z, 0.f, 15.f) - z);
+        }
+        const Tensor<float>& w = layer.weight.value;  // (out, d)
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t o = 0; o < w.size(0); ++o) {
+            double y = 0, yq = 0;
+            for (int64_t i = 0; i < d; ++i) {
+              y += double(in[r * d + i]) * w[o * d + i];
+              yq += double(q[r * d + i]) * w[o * d + i];
+            }
+            err += (yq - y) * (yq - y);
+            ref += y * y;
+          }
+      };
+      x = model.run_block(b, x, ctx);
+    }
+    return err / ref;
+  };
+  const double before = output_error(m);
+  const FittedTransformReport r =
+      fit_online_transforms(m, samples, FitOptions{.seed = 0, .allow_random_orthogonal = true});
+  const double after = output_error(m);
+  MESSAGE("stories260K: " << r.summary() << "; relative output error of A4 at gate/down " << before
+                          << " -> " << after);
+  CHECK(after < 0.6 * before);
 }

@@ -31,6 +31,9 @@ class LlamaBlock {
   // R4: the MLP activation x ← x·M before down_proj (null: none). Set by rotate_model, which
   // also folds M into down_proj; a run-time op, so formats without it refuse the model.
   std::shared_ptr<const ops::HadamardTransform> down_proj_rotation;
+  // The fitted transform of the MLP input n2 ← n2·M before gate/up (null: none), set by
+  // fit_online_transforms, which folds M⁻ᵀ into gate/up; a run-time op like R4.
+  std::shared_ptr<const ops::HadamardTransform> mlp_input_transform;
 
   LlamaBlock(const ModelConfig& config, int64_t index, const WeightMap& weights)
       : config_(config), index_(index) {
@@ -80,6 +83,7 @@ class LlamaBlock {
   Var<T> forward_ffn(Tape<T>& tape, Var<T> h, const BlockContext<T>& ctx) {
     const ModelConfig& c = config_;
     Var<T> n2 = ops::rmsnorm(h, tape.param(post_attention_layernorm), c.norm_eps);
+    if (mlp_input_transform) n2 = ops::hadamard(n2, mlp_input_transform);
     auto [gate, up] = run_linears<T, 2>(tape, {&gate_proj, &up_proj}, n2, ctx);
     Var<T> g = ops::swiglu(gate, up);
     if (down_proj_rotation) g = ops::hadamard(g, down_proj_rotation);
@@ -117,6 +121,7 @@ class LlamaBlock {
     Tensor<T> n2 = ws.matrix(W::kA, n, d);
     ops::CpuRmsNorm<T>::forward(n2.data(), nullptr, x.data(), post_attention_layernorm.value.data(),
                                 n, d, c.norm_eps);
+    if (mlp_input_transform) mlp_input_transform->apply(n2.data(), n2.data(), n, false, false);
     Tensor<T> gate = ws.matrix(W::kB, n, f), up = ws.matrix(W::kC, n, f);
     infer_linears<T, 2>(ws, {&gate_proj, &up_proj}, n2, {gate, up});
     ops::CpuSwiglu<T>::forward(gate.data(), gate.data(), up.data(), gate.numel());
@@ -158,9 +163,10 @@ class LlamaBlock {
                      [this](const std::vector<T>& s) {
                        divide_rows(v_proj.weight.value, &v_proj.bias.value, s);
                      }});
-    sites.push_back({"mlp_in", {&gate_proj, &up_proj}, d, {}, [this](const std::vector<T>& s) {
-                       divide_rows<T>(post_attention_layernorm.value, nullptr, s);
-                     }});
+    if (!mlp_input_transform)  // a fitted transform mixes the norm's channels: no site
+      sites.push_back({"mlp_in", {&gate_proj, &up_proj}, d, {}, [this](const std::vector<T>& s) {
+                         divide_rows<T>(post_attention_layernorm.value, nullptr, s);
+                       }});
     // silu(g) ⊙ (u / s) = (silu(g) ⊙ u) / s: scaling up_proj's rows scales down_proj's input.
     // Under R4, down_proj reads rotated channels, which no producer scale reaches: no site.
     if (!down_proj_rotation)

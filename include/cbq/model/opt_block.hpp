@@ -29,6 +29,9 @@ class OptBlock {
   // R4: the FFN activation r ← r·M before fc2 (null: none). Set by rotate_model, which folds M
   // into fc2 (model/rotation.hpp).
   std::shared_ptr<const ops::HadamardTransform> fc2_rotation;
+  // The fitted transform of fc1's input n2 ← n2·M (null: none), set by fit_online_transforms,
+  // which folds M⁻ᵀ into fc1; a run-time op like R4.
+  std::shared_ptr<const ops::HadamardTransform> fc1_input_transform;
 
   OptBlock(const ModelConfig& config, int64_t index, const WeightMap& weights)
       : config_(config), index_(index) {
@@ -80,6 +83,7 @@ class OptBlock {
     const ModelConfig& c = config_;
     Var<T> n2 = ops::layernorm(h, tape.param(final_layer_norm_weight),
                                tape.param(final_layer_norm_bias), c.norm_eps);
+    if (fc1_input_transform) n2 = ops::hadamard(n2, fc1_input_transform);
     Var<T> r = ops::relu(run_linear(tape, fc1, n2, ctx));
     if (fc2_rotation) r = ops::hadamard(r, fc2_rotation);
     return ops::add(h, run_linear(tape, fc2, r, ctx));
@@ -111,6 +115,7 @@ class OptBlock {
     ops::CpuLayerNorm<T>::forward(n2.data(), nullptr, nullptr, x.data(),
                                   final_layer_norm_weight.value.data(),
                                   final_layer_norm_bias.value.data(), n, d, c.norm_eps);
+    if (fc1_input_transform) fc1_input_transform->apply(n2.data(), n2.data(), n, false, false);
     Tensor<T> h1 = ws.matrix(W::kB, n, f);
     infer_linears<T, 1>(ws, {&fc1}, n2, {h1});
     T* hp = h1.data();
@@ -153,9 +158,11 @@ class OptBlock {
     sites.push_back({"out_proj_in", {&out_proj}, d, {}, [this](const std::vector<T>& s) {
                        divide_rows(v_proj.weight.value, &v_proj.bias.value, s);
                      }});
-    sites.push_back({"fc1_in", {&fc1}, d, {}, [this](const std::vector<T>& s) {
-                       divide_rows(final_layer_norm_weight.value, &final_layer_norm_bias.value, s);
-                     }});
+    if (!fc1_input_transform)  // a fitted transform mixes the norm's channels: no site
+      sites.push_back({"fc1_in", {&fc1}, d, {}, [this](const std::vector<T>& s) {
+                         divide_rows(final_layer_norm_weight.value, &final_layer_norm_bias.value,
+                                     s);
+                       }});
     // relu(z / s) = relu(z) / s for s > 0: scaling fc1's rows scales fc2's input.
     // Under R4, fc2 reads rotated channels, which no producer scale reaches: no site.
     if (!fc2_rotation)

@@ -32,6 +32,14 @@
 //                    change, so it spreads outliers as H does.
 //   R2, R4           as for LLaMA (v_proj / out_proj per head; online before fc2,
 //                    OptBlock::fc2_rotation).
+// Fitted online transforms (fit_online_transforms, after rotate_model; docs/ROTATION.md,
+// "Fitted online transforms"): where an input u is quantized at run time, u ← u·P·Q with the
+// readers' W ← W·P⁻ᵀ·Q folded (Q orthogonal), P fitted to calibration data so that per-token
+// quantization noise of the input (about isotropic after Q, its power ∝ ‖u‖²) costs the least
+// output error: P·Pᵀ = C⁻¹ # G, the geometric mean of the inverse input covariance C and
+// G = Σ WᵀW over the readers.
+//   down   R4's site: g·Q₄ ← g·Q₄·P·Q₄ before down_proj / fc2 (needs R4).
+//   mlp    new online op: n2 ← n2·P·Q before gate/up (fc1), Q a randomised Hadamard of size d.
 // R3 (q/k after RoPE) is not offered: it only changes what a quantized KV cache sees, and cbq
 // quantizes no KV cache (docs/ROTATION.md).
 #include <algorithm>
@@ -43,6 +51,7 @@
 #include <utility>
 #include <vector>
 
+#include "cbq/core/linalg.hpp"
 #include "cbq/model/llama_block.hpp"
 #include "cbq/model/opt_block.hpp"
 #include "cbq/model/transformer.hpp"
@@ -123,6 +132,10 @@ struct RotationSites<LlamaBlock<T>> {
   static LinearLayer<T>& attention_out(LlamaBlock<T>& b) { return b.o_proj; }
   static LinearLayer<T>& mlp_out(LlamaBlock<T>& b) { return b.down_proj; }
   static auto& mlp_rotation(LlamaBlock<T>& b) { return b.down_proj_rotation; }
+  static std::vector<LinearLayer<T>*> mlp_in(LlamaBlock<T>& b) {
+    return {&b.gate_proj, &b.up_proj};
+  }
+  static auto& mlp_input_transform(LlamaBlock<T>& b) { return b.mlp_input_transform; }
 };
 template <class T>
 struct RotationSites<OptBlock<T>> {
@@ -134,6 +147,8 @@ struct RotationSites<OptBlock<T>> {
   static LinearLayer<T>& attention_out(OptBlock<T>& b) { return b.out_proj; }
   static LinearLayer<T>& mlp_out(OptBlock<T>& b) { return b.fc2; }
   static auto& mlp_rotation(OptBlock<T>& b) { return b.fc2_rotation; }
+  static std::vector<LinearLayer<T>*> mlp_in(OptBlock<T>& b) { return {&b.fc1}; }
+  static auto& mlp_input_transform(OptBlock<T>& b) { return b.fc1_input_transform; }
 };
 
 }  // namespace detail
@@ -142,10 +157,14 @@ struct RotationSites<OptBlock<T>> {
 template <class Block>
 std::string online_rotations(Transformer<Block>& m) {
   using Sites = detail::RotationSites<Block>;
-  for (Block& b : m.blocks)
+  for (Block& b : m.blocks) {
     if (const auto& r4 = Sites::mlp_rotation(b))
       return fmt::format("an R4 rotation of the MLP activation before {} (block {}: {})",
                          Sites::mlp_out(b).name, b.index(), r4->description());
+    if (const auto& t = Sites::mlp_input_transform(b))
+      return fmt::format("a fitted transform of the MLP input before {} (block {}: {})",
+                         Sites::mlp_in(b).front()->name, b.index(), t->description());
+  }
   return "";
 }
 
@@ -390,6 +409,10 @@ RotationReport rotate_model(Transformer<Block>& m, const RotationOptions& opt = 
   using Sites = detail::RotationSites<Block>;
   detail::check_rotatable(m, "rotate_model");
   RotationReport report;
+  for (Block& b : m.blocks)
+    CBQ_CHECK(!Sites::mlp_input_transform(b),
+              "rotate_model: block {} has a fitted MLP input transform; rotate before fitting",
+              b.index());
   if (opt.r4)
     for (Block& b : m.blocks)
       CBQ_CHECK(!Sites::mlp_rotation(b),
@@ -438,6 +461,229 @@ RotationReport rotate_model(Transformer<Block>& m, const RotationOptions& opt = 
 template <class Block, class... Rs>
 RotationReport rotate_model(Transformer<Block>& m, Rotation<Rs...>, uint64_t seed = 0) {
   return rotate_model(m, Rotation<Rs...>::options(seed));
+}
+// ---- Fitted online transforms ----
+
+struct FitOptions {
+  bool down = true;                      // fit R4 before down_proj / fc2 (the model must have R4)
+  bool mlp_in = true;                    // add a fitted transform before gate/up (fc1)
+  uint64_t seed = 0;                     // the mlp_in transform's randomised Hadamard: seed + 3
+  bool allow_random_orthogonal = false;  // for d without a Hadamard construction
+  double damp = 1e-4;  // added to both fitted matrices' diagonals, relative to their mean
+  bool any() const { return down || mlp_in; }
+};
+
+struct FittedTransformReport {
+  // Per block: the predicted output-noise power of the input's quantization, fitted / before.
+  std::vector<double> down_gain, mlp_in_gain;
+  std::string mlp_in_rotation;  // Q of the mlp_in transform
+  std::string summary() const {
+    std::string s;
+    for (auto [gains, name] :
+         {std::pair{&down_gain, "R4 (down)"}, std::pair{&mlp_in_gain, "MLP input"}}) {
+      if (gains->empty()) continue;
+      const auto [lo, hi] = std::minmax_element(gains->begin(), gains->end());
+      s += fmt::format("{}{} fitted in {} blocks (predicted output noise ×{:.2f}–{:.2f})",
+                       s.empty() ? "" : "; ", name, gains->size(), *lo, *hi);
+    }
+    return s.empty() ? std::string("nothing fitted") : s;
+  }
+};
+
+namespace detail {
+
+// P (lower triangular, n × n) with P·Pᵀ = C⁻¹ # G = L⁻ᵀ·(Lᵀ·G·L)^½·L⁻¹ (C = L·Lᵀ), both damped by
+// damp · their mean diagonal; and the predicted noise ratio (tr (LᵀGL)^½)² / (tr C · tr G), the
+// ratio of tr(C·M)·tr(G·M⁻¹) at M = P·Pᵀ to its value at M = I.
+inline std::pair<std::vector<double>, double> fit_noise_shaping(std::vector<double> c,
+                                                                std::vector<double> g, int64_t n,
+                                                                double damp,
+                                                                const std::string& where) {
+  const auto at = [n](std::vector<double>& a, int64_t i, int64_t j) -> double& {
+    return a[static_cast<size_t>(i * n + j)];
+  };
+  double tr_c = 0, tr_g = 0;
+  for (int64_t i = 0; i < n; ++i) tr_c += at(c, i, i), tr_g += at(g, i, i);
+  CBQ_CHECK(tr_c > 0 && tr_g > 0 && std::isfinite(tr_c) && std::isfinite(tr_g),
+            "fit_online_transforms: {}: the input covariance (trace {}) or the readers' Gram "
+            "matrix (trace {}) is not positive and finite",
+            where, tr_c, tr_g);
+  for (int64_t i = 0; i < n; ++i) at(c, i, i) += damp * tr_c / n, at(g, i, i) += damp * tr_g / n;
+  tr_c *= 1 + damp, tr_g *= 1 + damp;
+  const linalg::PivotFailure fc = linalg::cholesky_lower(c.data(), n, n);  // c ← L
+  CBQ_CHECK(!fc.failed(),
+            "fit_online_transforms: {}: the input covariance is not positive definite (pivot {} "
+            "at column {})",
+            where, fc.pivot, fc.column);
+  std::vector<double> tmp(static_cast<size_t>(n * n)), s(tmp.size());
+  const int ni = static_cast<int>(n);
+  const auto mul = [ni](bool ta, bool tb, const std::vector<double>& a,
+                        const std::vector<double>& b, std::vector<double>& out) {
+    cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, ni,
+                ni, ni, 1.0, a.data(), ni, b.data(), ni, 0.0, out.data(), ni);
+  };
+  mul(false, false, g, c, tmp);  // G·L
+  mul(true, false, c, tmp, s);   // S = Lᵀ·G·L
+  std::vector<double> w, v;
+  const int info = linalg::symmetric_eigen(s.data(), n, w, v);
+  CBQ_CHECK(info == 0, "fit_online_transforms: {}: the eigendecomposition failed (LAPACK info {})",
+            where, info);
+  double tr_root = 0;
+  for (int64_t j = 0; j < n; ++j) {  // tmp = V·diag(√w)
+    const double r = std::sqrt(std::max(w[static_cast<size_t>(j)], 0.0));
+    tr_root += r;
+    for (int64_t i = 0; i < n; ++i) at(tmp, i, j) = at(v, i, j) * r;
+  }
+  mul(false, true, tmp, v, s);  // S^½
+  std::vector<double> linv;
+  linalg::invert_lower(c.data(), n, linv);
+  mul(false, false, s, linv, tmp);  // S^½·L⁻¹
+  mul(true, false, linv, tmp, s);   // M = L⁻ᵀ·S^½·L⁻¹
+  for (int64_t i = 0; i < n; ++i)   // exact symmetry for the factorisation
+    for (int64_t j = 0; j < i; ++j) at(s, i, j) = at(s, j, i) = 0.5 * (at(s, i, j) + at(s, j, i));
+  const linalg::PivotFailure fm = linalg::cholesky_lower(s.data(), n, n);  // s ← P
+  CBQ_CHECK(!fm.failed(),
+            "fit_online_transforms: {}: the fitted scaling is not positive definite (pivot {} at "
+            "column {})",
+            where, fm.pivot, fm.column);
+  return {std::move(s), tr_root * tr_root / (tr_c * tr_g)};
+}
+
+// Σ uᵀu over the rows of `in` (n columns) into the lower triangle of c.
+template <class T>
+void add_gram_rows(std::vector<double>& c, const Tensor<T>& in, int64_t n, int64_t& count) {
+  const Tensor<T> host = in.to(Device::cpu);
+  const int64_t r = host.numel() / n;
+  const std::vector<double> rows(host.data(), host.data() + r * n);
+  cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, static_cast<int>(n), static_cast<int>(r), 1.0,
+              rows.data(), static_cast<int>(n), 1.0, c.data(), static_cast<int>(n));
+  count += r;
+}
+
+// Fits the transform of one input site: `base` (n × n, or empty for I) is what the readers'
+// input already went through; the new online op is base·P·Q and every reader W ← W·P⁻ᵀ·Q.
+// Returns the op and the predicted noise ratio.
+template <class T>
+std::pair<std::shared_ptr<const ops::HadamardTransform>, double> fit_site(
+    std::vector<double> c, int64_t count, const std::vector<LinearLayer<T>*>& readers,
+    const std::vector<double>& base, const std::vector<double>& q, double damp,
+    const std::string& where, std::string description) {
+  const int64_t n = readers.front()->in_features();
+  const int ni = static_cast<int>(n);
+  CBQ_CHECK(count > 0, "fit_online_transforms: {} saw no input", where);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j <= i; ++j) c[i * n + j] = c[j * n + i] = c[i * n + j] / count;
+  std::vector<double> g(static_cast<size_t>(n * n), 0.0);
+  std::vector<std::vector<double>> weights;
+  for (LinearLayer<T>* l : readers) {
+    const Tensor<T> wt = l->weight.value.to(Device::cpu);  // (out, n)
+    weights.emplace_back(wt.data(), wt.data() + wt.numel());
+    cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, ni, ni,
+                static_cast<int>(l->out_features()), 1.0, weights.back().data(), ni,
+                weights.back().data(), ni, 1.0, g.data(), ni);
+  }
+  auto [p, gain] = fit_noise_shaping(std::move(c), std::move(g), n, damp, where);
+  std::vector<double> pq(static_cast<size_t>(n * n)), k(pq.size()), pinv, piq(pq.size());
+  cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, ni, ni, ni, 1.0, p.data(), ni, q.data(),
+              ni, 0.0, pq.data(), ni);  // P·Q
+  if (base.empty())
+    k = pq;
+  else
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, ni, ni, ni, 1.0, base.data(), ni,
+                pq.data(), ni, 0.0, k.data(), ni);  // base·P·Q
+  linalg::invert_lower(p.data(), n, pinv);
+  cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, ni, ni, ni, 1.0, pinv.data(), ni, q.data(),
+              ni, 0.0, piq.data(), ni);  // P⁻ᵀ·Q
+  for (size_t li = 0; li < readers.size(); ++li) {
+    LinearLayer<T>& l = *readers[li];
+    const int64_t out = l.out_features();
+    std::vector<double> folded(static_cast<size_t>(out * n));
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(out), ni, ni, 1.0,
+                weights[li].data(), ni, piq.data(), ni, 0.0, folded.data(), ni);
+    Tensor<T> w(Shape{out, n});
+    for (int64_t i = 0; i < out * n; ++i) w[i] = static_cast<T>(folded[static_cast<size_t>(i)]);
+    l.weight.value.copy_from(w);
+  }
+  return {std::make_shared<const ops::HadamardTransform>(
+              ops::HadamardTransform::dense(n, std::move(k), std::move(description))),
+          gain};
+}
+
+}  // namespace detail
+
+// Fits the online transforms `opt` asks for (see the top of this file) to the inputs of the
+// full-precision model on `samples` (token ids, each a sequence from position 0), in place; the
+// model computes the same function up to rounding. `down` needs R4 on every block; each site is
+// fitted once.
+template <class Block>
+FittedTransformReport fit_online_transforms(Transformer<Block>& m,
+                                            const std::vector<std::vector<int32_t>>& samples,
+                                            const FitOptions& opt = {}) {
+  using T = typename Block::scalar_type;
+  using Sites = detail::RotationSites<Block>;
+  CBQ_CHECK(!samples.empty(), "fit_online_transforms: no calibration samples");
+  CBQ_CHECK(opt.damp >= 0 && std::isfinite(opt.damp),
+            "fit_online_transforms: damping {} must be ≥ 0", opt.damp);
+  for (Block& b : m.blocks) {
+    if (opt.down)
+      CBQ_CHECK(Sites::mlp_rotation(b) && Sites::mlp_rotation(b)->kernel_kind() !=
+                                              ops::HadamardTransform::KernelKind::dense,
+                "fit_online_transforms: block {} {} before {}; fitting R4 needs a model rotated "
+                "with R4, fitted once",
+                b.index(), Sites::mlp_rotation(b) ? "already has a fitted transform" : "has no R4",
+                Sites::mlp_out(b).name);
+    if (opt.mlp_in)
+      CBQ_CHECK(!Sites::mlp_input_transform(b),
+                "fit_online_transforms: block {} already has a fitted transform before {}",
+                b.index(), Sites::mlp_in(b).front()->name);
+  }
+  FittedTransformReport report;
+  if (!opt.any()) return report;
+  const int64_t d = m.config.dim;
+  std::vector<double> q_in;
+  if (opt.mlp_in) {  // made first: an unsupported size changes nothing
+    const ops::HadamardTransform h =
+        ops::HadamardTransform::make(d, opt.seed + 3, true, opt.allow_random_orthogonal);
+    q_in = h.dense();
+    report.mlp_in_rotation = h.description();
+  }
+  std::vector<Tensor<T>> x;
+  for (const auto& s : samples) x.push_back(m.embed_tensor(s));
+  for (int64_t bi = 0; bi < m.num_blocks(); ++bi) {
+    Block& b = m.blocks[static_cast<size_t>(bi)];
+    LinearLayer<T>& down = Sites::mlp_out(b);
+    const std::vector<LinearLayer<T>*> in_readers = Sites::mlp_in(b);
+    const int64_t f = down.in_features();
+    std::vector<double> c_down(opt.down ? static_cast<size_t>(f * f) : 0, 0.0),
+        c_in(opt.mlp_in ? static_cast<size_t>(d * d) : 0, 0.0);
+    int64_t n_down = 0, n_in = 0;
+    BlockContext<T> ctx;
+    ctx.full_precision = true;
+    ctx.on_linear_input = [&](const LinearLayer<T>& layer, const Tensor<T>& in) {
+      if (opt.down && &layer == &down) detail::add_gram_rows(c_down, in, f, n_down);
+      if (opt.mlp_in && &layer == in_readers.front()) detail::add_gram_rows(c_in, in, d, n_in);
+    };
+    for (Tensor<T>& xs : x) xs = m.run_block(bi, xs, ctx);
+    if (opt.down) {
+      auto& r4 = Sites::mlp_rotation(b);
+      const std::vector<double> r = r4->dense();
+      auto [t, gain] =
+          detail::fit_site<T>(std::move(c_down), n_down, {&down}, r, r, opt.damp,
+                              fmt::format("block {} ({} input)", bi, down.name),
+                              fmt::format("{} · fitted scaling · the same", r4->description()));
+      r4 = std::move(t);
+      report.down_gain.push_back(gain);
+    }
+    if (opt.mlp_in) {
+      auto [t, gain] =
+          detail::fit_site<T>(std::move(c_in), n_in, in_readers, {}, q_in, opt.damp,
+                              fmt::format("block {} ({} input)", bi, in_readers.front()->name),
+                              fmt::format("fitted scaling · {}", report.mlp_in_rotation));
+      Sites::mlp_input_transform(b) = std::move(t);
+      report.mlp_in_gain.push_back(gain);
+    }
+  }
+  return report;
 }
 
 }  // namespace cbq
