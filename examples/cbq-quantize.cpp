@@ -69,8 +69,9 @@ struct Args {
   bool gptq_sampler = false, kl = true;
   cbq::quant::GptqOptions gptq;  // --method gptq: act-order, static groups, dampening
   // Raw values turned into the fields above after parsing.
-  std::string method_list = "cbq", act_layer_list, preset, rotate_list;
+  std::string method_list = "cbq", act_layer_list, preset, rotate_list, fit_list;
   bool soft = false, hard = false, cfp = false, smoothquant = false;
+  cbq::FitOptions fit{.down = false, .mlp_in = false};         // --fit-online: nothing unless asked
   cbq::RotationOptions rotation = cbq::Rotation<>::options();  // --rotate: none unless asked
   // ACBQ and its ablations (docs/ACBQ.md): --max-group, --attention-kl (< 0: the method's
   // default, 0 for cbq and PassOptions::acbq()'s for acbq).
@@ -145,6 +146,19 @@ void parse_rotations(const std::string& v, cbq::RotationOptions& r) {
     *flag = true;
   }
   if (!r.any()) usage_error("--rotate: no rotation given");
+}
+
+// --fit-online: a comma list of down and mlp (each once).
+void parse_fit(const std::string& v, cbq::FitOptions& f) {
+  f.down = f.mlp_in = false;
+  for (const std::string& name : split(v, ',')) {
+    bool* flag = name == "down" ? &f.down : name == "mlp" ? &f.mlp_in : nullptr;
+    if (!flag)
+      usage_error(fmt::format("--fit-online: unknown site '{}' in '{}' (down, mlp)", name, v));
+    if (*flag) usage_error(fmt::format("--fit-online: '{}' is listed twice in '{}'", name, v));
+    *flag = true;
+  }
+  if (!f.any()) usage_error("--fit-online: no site given");
 }
 
 // Every option, once: the declaration parses, checks and documents it (cli.hpp).
@@ -315,6 +329,11 @@ void declare(cbq::cli::Options& o, Args& a) {
                       UINT64_MAX);
   o.flag("--rotate-fallback", a.rotation.allow_random_orthogonal,
          "a seeded random orthogonal kernel for sizes without a Hadamard matrix (e.g. 172)");
+  o.text("--fit-online", a.fit_list,
+         "online transforms fitted to the calibration data so that the inputs' activation "
+         "quantization costs the least output error (docs/ROTATION.md): comma list of down (R4 "
+         "refitted: needs --rotate with r4) and mlp (a new op before gate/up / fc1); no export",
+         "LIST", [&a](const std::string& v) { parse_fit(v, a.fit); });
   auto* cfp_flag = o.flag("--cfp", a.cfp, "CFP activation outlier scaling");
   auto* sq_flag = o.flag("--smoothquant", a.smoothquant, "SmoothQuant activation scaling");
   cfp_flag->excludes(sq_flag);
@@ -579,6 +598,16 @@ Plan preflight(Args& a) {
                         a.spec.rank, smallest, c.dim, c.hidden_dim, c.n_kv_heads * c.head_dim));
     }
   }
+  if (a.fit.down && !a.rotation.r4)
+    usage_error(
+        fmt::format("--fit-online down refits the R4 rotation, but --rotate is '{}'; add r4",
+                    a.rotation.describe()));
+  if (a.fit.any() && (!a.out.empty() || !a.export_format.empty()))
+    usage_error(
+        "--fit-online adds ops at run time that no file format here stores; --out and "
+        "--export need a model without them");
+  a.fit.seed = a.rotation.seed;
+  a.fit.allow_random_orthogonal = a.rotation.allow_random_orthogonal;
   if (a.rotation.any()) {
     try {
       cbq::check_rotation(c, a.rotation);
@@ -844,6 +873,19 @@ cbq::AnyModel load_for_quantizing(const Args& a, bool print) {
   return m;
 }
 
+std::string fit_label(const cbq::FitOptions& f) {
+  return std::string(" + fitted ") + (f.down && f.mlp_in ? "down, mlp" : f.down ? "down" : "mlp");
+}
+
+// --fit-online: transforms fitted to the calibration samples (the same for every method).
+void fit_for_quantizing(cbq::AnyModel& m, const Args& a, const cbq::Calibration& calib,
+                        bool print) {
+  if (!a.fit.any()) return;
+  const cbq::FittedTransformReport r =
+      m.visit([&](auto& model) { return cbq::fit_online_transforms(model, calib.samples, a.fit); });
+  if (print) std::printf("fitted: %s\n", r.summary().c_str());
+}
+
 int run(int argc, char** argv, std::string& phase) {
   Args args = parse(argc, argv);
   // A file-size limit (ulimit -f) makes writes fail with EFBIG instead of killing the process.
@@ -917,6 +959,8 @@ int run(int argc, char** argv, std::string& phase) {
       "ctx %lld)\n",
       static_cast<long long>(args.samples), static_cast<long long>(seq_len), args.calib.c_str(),
       calib_tokens.size(), args.eval.c_str(), eval_tokens.size(), static_cast<long long>(ctx));
+  phase = "fitting the online transforms";
+  fit_for_quantizing(any, args, calib, true);
   const int act_sets = cbq::pass_activation_sets(args.options);
   const double act_mib = static_cast<double>(cbq::pass_activation_bytes(
                              args.samples, seq_len, cfg.dim, sizeof(float), act_sets)) /
@@ -975,6 +1019,7 @@ int run(int argc, char** argv, std::string& phase) {
     // a moved-from model has no evaluation tape); the others load it afresh.
     phase = "loading the model for " + method;
     cbq::AnyModel m = mi == 0 ? std::move(any) : load_for_quantizing(args, false);
+    if (mi > 0) fit_for_quantizing(m, args, calib, false);
     Row row;
     row.method = method;
     phase = "quantizing with " + method;
@@ -982,8 +1027,8 @@ int run(int argc, char** argv, std::string& phase) {
     cbq::QuantizationResult result =
         cbq::quantize(m, *cbq::parse_method(method), spec, options, calib, args.gptq);
     if (args.rotation.any())
-      result.config +=
-          fmt::format(", rotated {} (seed {})", args.rotation.describe(), args.rotation.seed);
+      result.config += fmt::format(", rotated {}{} (seed {})", args.rotation.describe(),
+                                   args.fit.any() ? fit_label(args.fit) : "", args.rotation.seed);
     row.config = result.config;
     row.seconds = result.seconds;
     phase = "evaluating the " + method + " model";

@@ -282,6 +282,9 @@ run_case options "--overlap 2 --window 2" refuse '--overlap' 60 "$(qm "$M" --ove
 run_case options "--rank 999" refuse '--rank.*999' 60 "$(qm "$M" --rank 999)"
 run_case options "--rotate r4 (MLP 172)" refuse '--rotate r4.*172.*--rotate-fallback' 60 "$(qm "$M" --method rtn --rotate r4)"
 run_case options "--rotate r4 --out" refuse 'r4.*(--out|export)' 60 "$(qm "$M" --method rtn --rotate r1,r4 --rotate-fallback --out "$S/out-r4.safetensors")"
+for v in $(values foo down,down r4); do bad_option --fit-online "$v" "--fit-online.*(twice|unknown)"; done
+run_case options "--fit-online down without r4" refuse '--fit-online down.*add r4' 60 "$(qm "$M" --method rtn --fit-online down --rotate r1)"
+run_case options "--fit-online mlp --out" refuse 'fit-online.*(--out|export)' 60 "$(qm "$M" --method rtn --fit-online mlp --out "$S/out-fit.safetensors")"
 run_case options "--act-layers foo" refuse "act.layers.*foo|'foo'" 60 "$(qm "$M" --abits 8 --act-layers foo)"
 run_case options "unknown option" refuse 'bogus' 20 "$(qm "$M" --bogus)"
 run_case options "missing value" refuse '--out' 20 "$(qm "$M" --out)"
@@ -300,6 +303,8 @@ run_case options "--preset a4" ok '^PRESET 1 1$' 240 "echo PRESET \$($(qm "$M" -
 run_case options "--rotate r1,r2,r4 keeps FP" ok 'SAME' 240 "a=\$($(qm "$M" --method rtn --no-kl-eval) | grep '^FP perplexity' | cut -d' ' -f3) && b=\$($(qm "$M" --method rtn --no-kl-eval --rotate r1,r2,r4 --rotate-fallback) | grep '^FP perplexity' | cut -d' ' -f3) && { [ -n \"\$a\" ] && [ \"\$a\" = \"\$b\" ] && echo SAME || echo DIFFER \$a \$b; }"
 # The same for OPT (LayerNorms folded, R1 keeping the mean direction), on the HF fixture.
 OPTQ=$(q "$FIXTURES/tiny-opt" --calib "$CAL" --eval "$EV" --samples 2 --epochs 1 --max-steps 2 --seq-len 32 --ctx 64 --threads 1 --quiet --no-kl-eval --method rtn)
+# The fitted transforms keep the function too: the same FP perplexity to 4 digits.
+run_case options "--fit-online down,mlp keeps FP" ok 'SAME' 240 "a=\$($(qm "$M" --method rtn --no-kl-eval --rotate r4 --rotate-fallback) | grep '^FP perplexity' | cut -d' ' -f3) && b=\$($(qm "$M" --method rtn --no-kl-eval --rotate r4 --rotate-fallback --fit-online down,mlp) | grep '^FP perplexity' | cut -d' ' -f3) && { [ -n \"\$a\" ] && [ \"\$a\" = \"\$b\" ] && echo SAME || echo DIFFER \$a \$b; }"
 run_case options "--rotate r1,r2,r4 keeps FP (OPT)" ok 'SAME' 240 "a=\$($OPTQ | grep '^FP perplexity' | cut -d' ' -f3) && b=\$($OPTQ --rotate r1,r2,r4 --rotate-fallback | grep '^FP perplexity' | cut -d' ' -f3) && { [ -n \"\$a\" ] && [ \"\$a\" = \"\$b\" ] && echo SAME || echo DIFFER \$a \$b; }"
 
 # ---- output paths ----
