@@ -13,8 +13,8 @@
 #   SEEDS       0 1
 #   CANDIDATES  classic default                     (names in the table below)
 #   ROTATIONS   none                                (none, r12 = R1+R2, r124 = R1+R2+R4 with the
-#               random orthogonal kernel where a size has no Hadamard matrix; rotation seed =
-#               the run's seed; docs/ROTATION.md)
+#               random orthogonal kernel where a size has no Hadamard matrix, r124fit = r124 with
+#               the fitted online transforms; rotation seed = the run's seed; docs/ROTATION.md)
 #   SAMPLES     calibration segments (default: cbq-quantize's 128)
 #   EPOCHS      epochs per window (default: cbq-quantize's 3)
 #   EVAL_BYTES  evaluate on the first N bytes of the evaluation text, cut at a line break
@@ -141,6 +141,7 @@ rotation_args() {
     r12) echo "--rotate r1,r2 --rotate-seed $2" ;;
     r124) echo "--rotate r1,r2,r4 --rotate-fallback --rotate-seed $2" ;;
     r4) echo "--rotate r4 --rotate-fallback --rotate-seed $2" ;;
+    r124fit) echo "--rotate r1,r2,r4 --rotate-fallback --fit-online down,mlp --rotate-seed $2" ;;
     *) echo "sweep-defaults: unknown rotation $1" >&2; exit 2 ;;
   esac
 }
