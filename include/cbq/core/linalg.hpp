@@ -108,25 +108,25 @@ inline InverseCholeskyStatus inverse_cholesky_upper(double* h, int64_t n, std::v
   return {};
 }
 
-// Eigendecomposition of a symmetric n×n A (row-major; read whole, as LAPACK reads one triangle of
-// a symmetric matrix): A = V·diag(w)·Vᵀ, eigenvalues ascending, V row-major with eigenvector j
+// Eigendecomposition of a symmetric n×n A (row-major; only its lower triangle is read):
+// A = V·diag(w)·Vᵀ, eigenvalues ascending, V row-major with eigenvector j
 // in column j. Returns LAPACK's info (0: converged).
 inline int symmetric_eigen(const double* a, int64_t n, std::vector<double>& w,
                            std::vector<double>& v) {
   w.assign(static_cast<std::size_t>(n), 0.0);
-  v.assign(a, a + n * n);  // symmetric: row- and column-major agree
+  v.assign(a, a + n * n);  // LAPACK's upper triangle in column-major order is our lower one
   if (n == 0) return 0;
   const int nn = static_cast<int>(n);
   int info = 0, lwork = -1, liwork = -1, iwork_query = 0;
   double work_query = 0;
-  dsyevd_("V", "L", &nn, v.data(), &nn, w.data(), &work_query, &lwork, &iwork_query, &liwork,
+  dsyevd_("V", "U", &nn, v.data(), &nn, w.data(), &work_query, &lwork, &iwork_query, &liwork,
           &info);
   if (info != 0) return info;
   lwork = static_cast<int>(work_query);
   liwork = iwork_query;
   std::vector<double> work(static_cast<std::size_t>(std::max(lwork, 1)));
   std::vector<int> iwork(static_cast<std::size_t>(std::max(liwork, 1)));
-  dsyevd_("V", "L", &nn, v.data(), &nn, w.data(), work.data(), &lwork, iwork.data(), &liwork,
+  dsyevd_("V", "U", &nn, v.data(), &nn, w.data(), work.data(), &lwork, iwork.data(), &liwork,
           &info);
   // LAPACK's column-major V: column j is eigenvector j, i.e. row j of the row-major array.
   for (int64_t i = 0; i < n; ++i)

@@ -121,15 +121,24 @@ class LlamaBlock {
     Tensor<T> n2 = ws.matrix(W::kA, n, d);
     ops::CpuRmsNorm<T>::forward(n2.data(), nullptr, x.data(), post_attention_layernorm.value.data(),
                                 n, d, c.norm_eps);
-    if (mlp_input_transform) mlp_input_transform->apply(n2.data(), n2.data(), n, false, false);
+    // The online transforms write into a buffer that is free at that point (kE: the attention
+    // output; kC: up after SwiGLU), not in place: a dense transform's GEMM cannot run in place.
+    if (mlp_input_transform) {
+      Tensor<T> t = ws.matrix(W::kE, n, d);
+      mlp_input_transform->apply(n2.data(), t.data(), n, false, false);
+      n2 = t;
+    }
     Tensor<T> gate = ws.matrix(W::kB, n, f), up = ws.matrix(W::kC, n, f);
     infer_linears<T, 2>(ws, {&gate_proj, &up_proj}, n2, {gate, up});
     ops::CpuSwiglu<T>::forward(gate.data(), gate.data(), up.data(), gate.numel());
-    if (down_proj_rotation)  // the same kernel as ops::hadamard's forward
-      down_proj_rotation->apply(gate.data(), gate.data(), n * f / down_proj_rotation->size(), false,
+    Tensor<T> g = gate;
+    if (down_proj_rotation) {  // the same kernel as ops::hadamard's forward
+      down_proj_rotation->apply(gate.data(), up.data(), n * f / down_proj_rotation->size(), false,
                                 false);
+      g = up;
+    }
     Tensor<T> down = ws.matrix(W::kD, n, d);
-    infer_linears<T, 1>(ws, {&down_proj}, gate, {down});
+    infer_linears<T, 1>(ws, {&down_proj}, g, {down});
     infer_add(x, down);
   }
 

@@ -115,7 +115,11 @@ class OptBlock {
     ops::CpuLayerNorm<T>::forward(n2.data(), nullptr, nullptr, x.data(),
                                   final_layer_norm_weight.value.data(),
                                   final_layer_norm_bias.value.data(), n, d, c.norm_eps);
-    if (fc1_input_transform) fc1_input_transform->apply(n2.data(), n2.data(), n, false, false);
+    if (fc1_input_transform) {  // into the attention output's free buffer: a GEMM, not in place
+      Tensor<T> t = ws.matrix(W::kE, n, d);
+      fc1_input_transform->apply(n2.data(), t.data(), n, false, false);
+      n2 = t;
+    }
     Tensor<T> h1 = ws.matrix(W::kB, n, f);
     infer_linears<T, 1>(ws, {&fc1}, n2, {h1});
     T* hp = h1.data();

@@ -51,6 +51,7 @@
 #include <utility>
 #include <vector>
 
+#include "cbq/core/blas.hpp"
 #include "cbq/core/linalg.hpp"
 #include "cbq/model/llama_block.hpp"
 #include "cbq/model/opt_block.hpp"
@@ -492,6 +493,21 @@ struct FittedTransformReport {
 
 namespace detail {
 
+// A host tensor's values in double.
+template <class T>
+std::vector<double> to_double(const Tensor<T>& t) {
+  return std::vector<double>(t.data(), t.data() + t.numel());
+}
+
+// out (rows × n) = op(a)·op(b) in double, op(b) n × n, row-major (rows = a's row count).
+inline void multiply(bool trans_a, bool trans_b, int64_t n, const std::vector<double>& a,
+                     const std::vector<double>& b, std::vector<double>& out) {
+  const int64_t rows = static_cast<int64_t>(a.size()) / n;
+  out.resize(a.size());
+  blas::gemm<double>(trans_a, trans_b, rows, n, n, 1.0, a.data(), n, b.data(), n, 0.0, out.data(),
+                     n);
+}
+
 // P (lower triangular, n × n) with P·Pᵀ = C⁻¹ # G = L⁻ᵀ·(Lᵀ·G·L)^½·L⁻¹ (C = L·Lᵀ), both damped by
 // damp · their mean diagonal; and the predicted noise ratio (tr (LᵀGL)^½)² / (tr C · tr G), the
 // ratio of tr(C·M)·tr(G·M⁻¹) at M = P·Pᵀ to its value at M = I.
@@ -516,14 +532,8 @@ inline std::pair<std::vector<double>, double> fit_noise_shaping(std::vector<doub
             "at column {})",
             where, fc.pivot, fc.column);
   std::vector<double> tmp(static_cast<size_t>(n * n)), s(tmp.size());
-  const int ni = static_cast<int>(n);
-  const auto mul = [ni](bool ta, bool tb, const std::vector<double>& a,
-                        const std::vector<double>& b, std::vector<double>& out) {
-    cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, ni,
-                ni, ni, 1.0, a.data(), ni, b.data(), ni, 0.0, out.data(), ni);
-  };
-  mul(false, false, g, c, tmp);  // G·L
-  mul(true, false, c, tmp, s);   // S = Lᵀ·G·L
+  multiply(false, false, n, g, c, tmp);  // G·L
+  multiply(true, false, n, c, tmp, s);   // S = Lᵀ·G·L
   std::vector<double> w, v;
   const int info = linalg::symmetric_eigen(s.data(), n, w, v);
   CBQ_CHECK(info == 0, "fit_online_transforms: {}: the eigendecomposition failed (LAPACK info {})",
@@ -534,12 +544,12 @@ inline std::pair<std::vector<double>, double> fit_noise_shaping(std::vector<doub
     tr_root += r;
     for (int64_t i = 0; i < n; ++i) at(tmp, i, j) = at(v, i, j) * r;
   }
-  mul(false, true, tmp, v, s);  // S^½
+  multiply(false, true, n, tmp, v, s);  // S^½
   std::vector<double> linv;
   linalg::invert_lower(c.data(), n, linv);
-  mul(false, false, s, linv, tmp);  // S^½·L⁻¹
-  mul(true, false, linv, tmp, s);   // M = L⁻ᵀ·S^½·L⁻¹
-  for (int64_t i = 0; i < n; ++i)   // exact symmetry for the factorisation
+  multiply(false, false, n, s, linv, tmp);  // S^½·L⁻¹
+  multiply(true, false, n, linv, tmp, s);   // M = L⁻ᵀ·S^½·L⁻¹
+  for (int64_t i = 0; i < n; ++i)           // exact symmetry for the factorisation
     for (int64_t j = 0; j < i; ++j) at(s, i, j) = at(s, j, i) = 0.5 * (at(s, i, j) + at(s, j, i));
   const linalg::PivotFailure fm = linalg::cholesky_lower(s.data(), n, n);  // s ← P
   CBQ_CHECK(!fm.failed(),
@@ -552,9 +562,8 @@ inline std::pair<std::vector<double>, double> fit_noise_shaping(std::vector<doub
 // Σ uᵀu over the rows of `in` (n columns) into the lower triangle of c.
 template <class T>
 void add_gram_rows(std::vector<double>& c, const Tensor<T>& in, int64_t n, int64_t& count) {
-  const Tensor<T> host = in.to(Device::cpu);
-  const int64_t r = host.numel() / n;
-  const std::vector<double> rows(host.data(), host.data() + r * n);
+  const std::vector<double> rows = to_double(in.device() == Device::cpu ? in : in.to(Device::cpu));
+  const int64_t r = static_cast<int64_t>(rows.size()) / n;
   cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, static_cast<int>(n), static_cast<int>(r), 1.0,
               rows.data(), static_cast<int>(n), 1.0, c.data(), static_cast<int>(n));
   count += r;
@@ -569,40 +578,29 @@ std::pair<std::shared_ptr<const ops::HadamardTransform>, double> fit_site(
     const std::vector<double>& base, const std::vector<double>& q, double damp,
     const std::string& where, std::string description) {
   const int64_t n = readers.front()->in_features();
-  const int ni = static_cast<int>(n);
   CBQ_CHECK(count > 0, "fit_online_transforms: {} saw no input", where);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j <= i; ++j) c[i * n + j] = c[j * n + i] = c[i * n + j] / count;
   std::vector<double> g(static_cast<size_t>(n * n), 0.0);
-  std::vector<std::vector<double>> weights;
+  std::vector<std::vector<double>> weights;  // (out, n) each
   for (LinearLayer<T>* l : readers) {
-    const Tensor<T> wt = l->weight.value.to(Device::cpu);  // (out, n)
-    weights.emplace_back(wt.data(), wt.data() + wt.numel());
-    cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, ni, ni,
-                static_cast<int>(l->out_features()), 1.0, weights.back().data(), ni,
-                weights.back().data(), ni, 1.0, g.data(), ni);
+    weights.push_back(to_double(l->weight.value.to(Device::cpu)));
+    blas::gemm<double>(true, false, n, n, l->out_features(), 1.0, weights.back().data(), n,
+                       weights.back().data(), n, 1.0, g.data(), n);  // G += WᵀW
   }
   auto [p, gain] = fit_noise_shaping(std::move(c), std::move(g), n, damp, where);
-  std::vector<double> pq(static_cast<size_t>(n * n)), k(pq.size()), pinv, piq(pq.size());
-  cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, ni, ni, ni, 1.0, p.data(), ni, q.data(),
-              ni, 0.0, pq.data(), ni);  // P·Q
+  std::vector<double> pq, k, pinv, piq, folded;
+  multiply(false, false, n, p, q, pq);  // P·Q
   if (base.empty())
     k = pq;
   else
-    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, ni, ni, ni, 1.0, base.data(), ni,
-                pq.data(), ni, 0.0, k.data(), ni);  // base·P·Q
+    multiply(false, false, n, base, pq, k);  // base·P·Q
   linalg::invert_lower(p.data(), n, pinv);
-  cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, ni, ni, ni, 1.0, pinv.data(), ni, q.data(),
-              ni, 0.0, piq.data(), ni);  // P⁻ᵀ·Q
+  multiply(true, false, n, pinv, q, piq);  // P⁻ᵀ·Q
   for (size_t li = 0; li < readers.size(); ++li) {
-    LinearLayer<T>& l = *readers[li];
-    const int64_t out = l.out_features();
-    std::vector<double> folded(static_cast<size_t>(out * n));
-    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(out), ni, ni, 1.0,
-                weights[li].data(), ni, piq.data(), ni, 0.0, folded.data(), ni);
-    Tensor<T> w(Shape{out, n});
-    for (int64_t i = 0; i < out * n; ++i) w[i] = static_cast<T>(folded[static_cast<size_t>(i)]);
-    l.weight.value.copy_from(w);
+    multiply(false, false, n, weights[li], piq, folded);  // W·P⁻ᵀ·Q
+    Tensor<T>& w = readers[li]->weight.value;
+    w.copy_from(Tensor<double>::from(folded, w.shape()).template cast<T>());
   }
   return {std::make_shared<const ops::HadamardTransform>(
               ops::HadamardTransform::dense(n, std::move(k), std::move(description))),
