@@ -873,8 +873,12 @@ cbq::AnyModel load_for_quantizing(const Args& a, bool print) {
   return m;
 }
 
-std::string fit_label(const cbq::FitOptions& f) {
-  return std::string(" + fitted ") + (f.down && f.mlp_in ? "down, mlp" : f.down ? "down" : "mlp");
+// " + fitted down, mlp" after a rotation, "fitted mlp" alone, "" without --fit-online.
+std::string fit_label(const cbq::FitOptions& f, bool after_rotation) {
+  if (!f.any()) return "";
+  return std::string(after_rotation ? " + fitted " : "fitted ") + (f.down && f.mlp_in ? "down, mlp"
+                                                                   : f.down           ? "down"
+                                                                                      : "mlp");
 }
 
 // --fit-online: transforms fitted to the calibration samples (the same for every method).
@@ -1026,9 +1030,10 @@ int run(int argc, char** argv, std::string& phase) {
     const auto [spec, options] = pass_config(args, method);
     cbq::QuantizationResult result =
         cbq::quantize(m, *cbq::parse_method(method), spec, options, calib, args.gptq);
-    if (args.rotation.any())
-      result.config += fmt::format(", rotated {}{} (seed {})", args.rotation.describe(),
-                                   args.fit.any() ? fit_label(args.fit) : "", args.rotation.seed);
+    if (args.rotation.any() || args.fit.any())  // the seed also seeds the fitted mlp site's Q
+      result.config += fmt::format(", {}{} (seed {})",
+                                   args.rotation.any() ? "rotated " + args.rotation.describe() : "",
+                                   fit_label(args.fit, args.rotation.any()), args.rotation.seed);
     row.config = result.config;
     row.seconds = result.seconds;
     phase = "evaluating the " + method + " model";
