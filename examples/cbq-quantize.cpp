@@ -77,6 +77,10 @@ struct Args {
   // default, 0 for cbq and PassOptions::acbq()'s for acbq).
   int64_t max_group = 2, group_overlap = 1;
   double attention_kl = -1;
+  double boundary_loss = -1;  // --boundary-loss (< 0: the method's default, as attention_kl)
+  // --min-window, --half-block-steps (< 0: the method's default, PassOptions::acbq()'s for acbq)
+  int64_t min_window = -1;
+  double half_block_steps = -1;
 };
 
 bool is_pass_method(const std::string& m) { return m == "cbq" || m == "acbq"; }
@@ -90,8 +94,17 @@ std::pair<cbq::PassSpec, cbq::PassOptions> pass_config(const Args& a, const std:
     spec = cbq::acbq_spec(spec, a.max_group, a.group_overlap);
     options.attention_kl =
         a.attention_kl >= 0 ? a.attention_kl : cbq::PassOptions::acbq().attention_kl;
+    options.boundary_loss =
+        a.boundary_loss >= 0 ? a.boundary_loss : cbq::PassOptions::acbq().boundary_loss;
+    options.min_window_units =
+        a.min_window >= 0 ? a.min_window : cbq::PassOptions::acbq().min_window_units;
+    options.half_block_steps =
+        a.half_block_steps > 0 ? a.half_block_steps : cbq::PassOptions::acbq().half_block_steps;
   } else {
     options.attention_kl = std::max(0.0, a.attention_kl);
+    options.boundary_loss = std::max(0.0, a.boundary_loss);
+    options.min_window_units = std::max<int64_t>(0, a.min_window);
+    if (a.half_block_steps > 0) options.half_block_steps = a.half_block_steps;
     if (spec.schedule == cbq::WindowKind::adaptive) {
       spec.window_blocks = a.max_group;
       spec.window_overlap = a.group_overlap;
@@ -303,7 +316,21 @@ void declare(cbq::cli::Options& o, Args& a) {
   o.real("--attention-kl", a.attention_kl,
          "weight λ of the KL between the FP and quantized attention maps (default 0; "
          "docs/ACBQ.md)",
-         0, 1e6);
+         0, 1e6)
+      ->default_str("0");
+  o.integer<int64_t>("--min-window", a.min_window,
+                     "adaptive groups: extend each window to at least N units (0: its groups only)",
+                     0, 1 << 20,
+                     fmt::format("cbq 0, acbq {}", cbq::PassOptions::acbq().min_window_units));
+  o.real("--half-block-steps", a.half_block_steps,
+         "sub-block units: a window that freezes half a block trains this fraction of the steps", 0,
+         1, true)
+      ->default_str(fmt::format("cbq 1, acbq {:g}", cbq::PassOptions::acbq().half_block_steps));
+  o.real("--boundary-loss", a.boundary_loss,
+         "weight of the L2 + KL of the units a window freezes, at their output (measured: no "
+         "gain; docs/ACBQ.md)",
+         0, 1e6)
+      ->default_str("0");
   o.flag("--attention-kl-homologous", a.options.attention_kl_homologous,
          "the attention maps to match: FP weights on the quantized path's input (default: the FP "
          "path's maps)");

@@ -41,9 +41,13 @@
 #   gamma-X        --gamma X (e.g. gamma-0.1)
 #   lrstep-X, lrround-X, epochs-X, rank-X
 # ACBQ (docs/ACBQ.md) and its ablations; a candidate may join several with '+' (acbq+lam-10):
-#   acbq           cbq-quantize --method acbq (sub-block units, adaptive groups ≤ 2, overlap 1, λ = 0)
+#   acbq           cbq-quantize --method acbq (sub-block units, adaptive groups ≤ 2, overlap 1,
+#                  windows ≥ 4 units, half-block windows ¾ of the steps, λ = 0)
 #   lam-X          --attention-kl X (the attention-map weight; 0 = off)
 #   hom            --attention-kl-homologous (match FP weights' maps on the quantized input)
+#   bnd-X          --boundary-loss X (the frozen units' output in the window's loss; 0 = off)
+#   span-N         --min-window N (adaptive windows extended to at least N units)
+#   hsteps-F       --half-block-steps F (a window freezing half a block trains F of the steps)
 #   ov-N           --group-overlap N (adaptive: each window a group and the N after it)
 #   dep-entropy    --dependency entropy (dep-error: error-gain)
 #   h-X, max-N     --group-threshold X, --max-group N
@@ -106,6 +110,9 @@ candidate_args() {
   case "$1" in
     lam-*) echo "--attention-kl ${1#lam-}" ;;
     hom) echo "--attention-kl-homologous" ;;
+    bnd-*) echo "--boundary-loss ${1#bnd-}" ;;
+    span-*) echo "--min-window ${1#span-}" ;;
+    hsteps-*) echo "--half-block-steps ${1#hsteps-}" ;;
     dep-entropy) echo "--dependency entropy" ;;
     dep-error) echo "--dependency error-gain" ;;
     h-*) echo "--group-threshold ${1#h-}" ;;

@@ -226,3 +226,40 @@ TEST_CASE("output loss and learned norms run on OPT blocks (LayerNorm weights an
   CHECK(g.layers.size() == static_cast<size_t>(c.n_layers) * 6);
   for (const auto& w : g.windows) CHECK(std::isfinite(w.loss_after.total));
 }
+
+TEST_CASE(
+    "boundary loss: the frozen units' output is scored, weighted, in every window but the last") {
+  ModelConfig c = tiny_llama_config();
+  const auto x = random_hidden(6, 10, c.dim, 31);
+  auto run = [&](double weight, int64_t epochs) {
+    Transformer<LlamaBlock<float>> model(c, random_weights(c, 17));
+    PassOptions o = quiet_options(epochs);
+    o.boundary_loss = weight;
+    o.balance_all_samples = true;
+    return TinyPass(o).run_from_hidden(model, x);
+  };
+  const QuantizationResult off = run(0, 2), one = run(1, 2), two = run(2, 2);
+  REQUIRE(one.windows.size() == 2);  // 3 blocks, windows [0, 1] and [1, 2]
+  CHECK(one.config.find("+ boundary loss x1") != std::string::npos);
+  CHECK(off.config.find("boundary") == std::string::npos);
+  for (const auto& w : off.windows) CHECK(w.loss_before.boundary == 0);
+  // Window 1 freezes block 0 and trains block 1 too: its start is scored at block 0's output.
+  const WindowStats& first = one.windows[0];
+  CHECK(first.loss_before.boundary > 0);
+  CHECK(std::isfinite(first.loss_after.boundary));
+  CHECK(first.loss_after.reconstruction() < first.loss_before.reconstruction());
+  // The weight multiplies the term (same start: nothing has trained before window 1).
+  CHECK(two.windows[0].loss_before.boundary ==
+        doctest::Approx(2 * first.loss_before.boundary).epsilon(1e-5));
+  // The other terms of that start do not depend on it.
+  CHECK(one.windows[0].loss_before.l2_fp == off.windows[0].loss_before.l2_fp);
+  // The last window freezes everything it trains: no boundary.
+  CHECK(one.windows[1].loss_before.boundary == 0);
+  CHECK(one.windows[1].loss_after.boundary == 0);
+  // A weight that cannot work is a clear error.
+  PassOptions bad = quiet_options(1);
+  bad.boundary_loss = -1;
+  CHECK_THROWS_WITH_AS(TinyPass{bad}, doctest::Contains("boundary-loss weight -1"), Error);
+  bad.boundary_loss = NAN;
+  CHECK_THROWS_WITH_AS(TinyPass{bad}, doctest::Contains("boundary-loss weight nan"), Error);
+}

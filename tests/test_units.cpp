@@ -23,6 +23,7 @@ using cbq::testing::random_hidden;
 namespace {
 
 using W3 = Quantizer<3, PerGroup<8>>;
+using TinyPass = Pass<W3, ActQuant<16>, SlidingWindow<2, 1>, LoraRounding<2>>;
 
 // A user's block that satisfies TransformerBlock but does not expose its halves.
 template <class T>
@@ -173,6 +174,28 @@ TEST_CASE("adaptive groups: a partition for any dependencies, threshold and size
           CHECK(windows[w].finalize == groups[w].last + 1);
         }
         if (overlap == 0) CHECK(windows.size() == groups.size());
+        // Extended to a minimum span: the same groups finalized, every window but the last of at
+        // least min_units units (the last may end at the model's end) and no longer than needed.
+        for (int64_t min_units : {2, 4}) {
+          CAPTURE(min_units);
+          const auto spans = adaptive_schedule(dep, threshold, max_units, overlap, min_units);
+          check_schedule(spans, units, std::max((overlap + 1) * max_units, min_units));
+          for (size_t w = 0; w < spans.size(); ++w) {
+            CHECK(spans[w].first == groups[w].first);
+            if (w + 1 < spans.size()) {
+              CHECK(spans[w].finalize == groups[w].last + 1);
+              CHECK(spans[w].size() >= min_units);
+            }
+            CHECK(spans[w].last >= windows[std::min(w, windows.size() - 1)].last);
+            CHECK(
+                spans[w].last ==
+                std::min(
+                    units - 1,
+                    std::max(
+                        groups[std::min(w + static_cast<size_t>(overlap), groups.size() - 1)].last,
+                        groups[w].first + min_units - 1)));
+          }
+        }
       }
     }
   }
@@ -208,6 +231,8 @@ TEST_CASE("adaptive groups: configurations that cannot work are clear errors") {
   spec.window_overlap = -1;
   CHECK_THROWS_WITH_AS(CbqPass(spec, quiet_options(1)), doctest::Contains("must be ≥ 0"), Error);
   CHECK_THROWS_WITH_AS(adaptive_schedule(dep, 1.0, 2, -1), doctest::Contains("must be ≥ 0"), Error);
+  CHECK_THROWS_WITH_AS(adaptive_schedule(dep, 1.0, 2, 1, -1),
+                       doctest::Contains("at least -1 units (must be ≥ 0)"), Error);
 }
 
 TEST_CASE("adaptive groups: both dependency measures are finite, in range and deterministic") {
@@ -305,11 +330,67 @@ TEST_CASE("attention-map term: in the loss of attention units only, and it train
   }
 }
 
+TEST_CASE("acbq: windows extended to a minimum span still finalize one group each") {
+  ModelConfig c = tiny_llama_config();  // 3 blocks: 6 sub-block units
+  Transformer<LlamaBlock<float>> model(c, random_weights(c, 14));
+  PassOptions o = quiet_options(1);
+  o.min_window_units = 4;
+  Acbq<W3, ActQuant<16>, LoraRounding<2>> pass(o);
+  const QuantizationResult r = pass.run_from_hidden(model, random_hidden(6, 12, c.dim, 3));
+  REQUIRE(r.windows.size() >= 2);
+  REQUIRE(r.windows.size() <= r.groups.size());
+  for (size_t w = 0; w < r.windows.size(); ++w) {
+    const WindowStats& s = r.windows[w];
+    CAPTURE(s.units);
+    CHECK(s.first_block == r.groups[w].first);
+    CHECK(s.last_block - s.first_block + 1 >= (w + 1 < r.windows.size() ? 4 : 1));
+  }
+  CHECK(r.windows.back().last_block == 5);
+  CHECK(r.layers.size() == static_cast<size_t>(c.n_layers) * model.blocks[0].linears().size());
+}
+
+TEST_CASE("half-block steps: a window that freezes half a block trains that fraction") {
+  ModelConfig c = tiny_llama_config();
+  const int64_t N = 8;
+  for (bool sub_blocks : {true, false}) {
+    CAPTURE(sub_blocks);
+    Transformer<LlamaBlock<float>> model(c, random_weights(c, 9));
+    PassOptions o = quiet_options(2);
+    o.half_block_steps = 0.75;
+    const int64_t full = o.epochs * (N - o.holdout_samples(N));
+    QuantizationResult r;
+    if (sub_blocks) {
+      Pass<W3, ActQuant<16>, SlidingWindow<2, 1>, LoraRounding<2>, SubBlockUnits> pass(o);
+      r = pass.run_from_hidden(model, random_hidden(N, 8, c.dim, 4));
+      CHECK(r.config.find("+ half-block windows x0.75 steps") != std::string::npos);
+    } else {
+      TinyPass pass(o);
+      r = pass.run_from_hidden(model, random_hidden(N, 8, c.dim, 4));
+      CHECK(r.config.find("half-block") == std::string::npos);
+    }
+    REQUIRE(r.windows.size() >= 2);
+    for (size_t w = 0; w < r.windows.size(); ++w) {
+      CAPTURE(w);
+      // Sub-block windows of 2 units with overlap 1 freeze one half, the last one both of its
+      // halves; block windows always freeze a whole block.
+      const bool half = sub_blocks && w + 1 < r.windows.size();
+      CHECK(r.windows[w].steps == (half ? (3 * full + 2) / 4 : full));
+    }
+  }
+  PassOptions bad = quiet_options(1);
+  for (double f : {0.0, 1.5}) {
+    bad.half_block_steps = f;
+    CHECK_THROWS_WITH_AS(TinyPass{bad}, doctest::Contains("must be in (0, 1]"), Error);
+  }
+}
+
 TEST_CASE("acbq: a run stopped mid-window resumes to bit-identical codes and steps") {
   const ModelConfig c = tiny_llama_config();
   auto run = [&](const std::string& dir, bool crash) {
     Transformer<LlamaBlock<float>> model(c, random_weights(c, 21));
-    PassOptions o = quiet_options(2);
+    PassOptions o = PassOptions::acbq();  // ACBQ's defaults: windows ≥ 4 units, 3/4 steps
+    o.verbose = false;
+    o.epochs = 2;
     o.checkpoint_dir = dir;
     o.resume = !dir.empty() && !crash;
     if (crash)

@@ -277,6 +277,8 @@ run_case options "--window 9 (5 blocks)" refuse '--window.*5 blocks' 60 "$(qm "$
 run_case options "--method acbq --max-group 11 (10 units)" refuse '--max-group 11.*10 sub-block' 60 "$(qm "$M" --method acbq --max-group 11)"
 run_case options "--units sub-block --window 11" refuse '--window 11.*10 sub-block units' 60 "$(qm "$M" --units sub-block --window 11)"
 bad_option --dependency foo '--dependency'
+for v in $(values 0 1.5 nan); do bad_option --half-block-steps "$v" '--half-block-steps'; done
+for v in $(values -1 nan); do bad_option --min-window "$v" '--min-window'; bad_option --boundary-loss "$v" '--boundary-loss'; done
 bad_option --units foo '--units'
 run_case options "--overlap 2 --window 2" refuse '--overlap' 60 "$(qm "$M" --overlap 2)"
 run_case options "--rank 999" refuse '--rank.*999' 60 "$(qm "$M" --rank 999)"

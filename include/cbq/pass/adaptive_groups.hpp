@@ -68,17 +68,26 @@ inline std::vector<Window> adaptive_groups(const std::vector<double>& dep, doubl
 }
 
 // The pass's windows over groups (adaptive_groups' output): window g holds group g and the
-// `overlap` groups after it and finalizes group g; the window that reaches the last unit
-// finalizes everything left (as window_schedule's last window). overlap 0: the groups themselves.
-inline std::vector<Window> group_windows(const std::vector<Window>& groups, int64_t overlap) {
+// `overlap` groups after it, extended unit by unit to at least `min_units` units, and finalizes
+// group g; the window that reaches the last unit finalizes everything left (as
+// window_schedule's last window). overlap 0, min_units ≤ 1: the groups themselves.
+inline std::vector<Window> group_windows(const std::vector<Window>& groups, int64_t overlap,
+                                         int64_t min_units = 0) {
   CBQ_CHECK(overlap >= 0, "adaptive groups: overlap {} must be ≥ 0 groups", overlap);
+  CBQ_CHECK(min_units >= 0, "adaptive groups: windows of at least {} units (must be ≥ 0)",
+            min_units);
   const int64_t G = static_cast<int64_t>(groups.size());
+  if (G == 0) return {};
+  const int64_t last_unit = groups.back().last;
   std::vector<Window> windows;
   for (int64_t g = 0; g < G; ++g) {
-    const Window& end = groups[static_cast<size_t>(std::min(g + overlap, G - 1))];
-    const bool last = g + overlap >= G - 1;
-    windows.push_back({groups[static_cast<size_t>(g)].first, end.last,
-                       last ? end.last + 1 : groups[static_cast<size_t>(g)].last + 1});
+    const Window& group = groups[static_cast<size_t>(g)];
+    const int64_t end =
+        std::min(std::max(groups[static_cast<size_t>(std::min(g + overlap, G - 1))].last,
+                          group.first + min_units - 1),
+                 last_unit);
+    const bool last = end == last_unit;
+    windows.push_back({group.first, end, last ? end + 1 : group.last + 1});
     if (last) break;
   }
   return windows;
@@ -86,8 +95,9 @@ inline std::vector<Window> group_windows(const std::vector<Window>& groups, int6
 
 // adaptive_groups, then group_windows.
 inline std::vector<Window> adaptive_schedule(const std::vector<double>& dep, double threshold,
-                                             int64_t max_units, int64_t overlap = 0) {
-  return group_windows(adaptive_groups(dep, threshold, max_units), overlap);
+                                             int64_t max_units, int64_t overlap = 0,
+                                             int64_t min_units = 0) {
+  return group_windows(adaptive_groups(dep, threshold, max_units), overlap, min_units);
 }
 
 namespace detail {

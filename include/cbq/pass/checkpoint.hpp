@@ -81,12 +81,17 @@ struct PassFingerprint {
 // Every run-time option that changes the result, as text (verbose, checkpoint paths and the
 // test hook do not). Keep in step with PassOptions.
 inline std::string describe_options(const PassOptions& o) {
+  // Options added later appear only when set, so that older checkpoints keep their fingerprint.
+  const std::string later =
+      (o.boundary_loss != 0 ? fmt::format(" boundary={:a}", o.boundary_loss) : std::string()) +
+      (o.min_window_units != 0 ? fmt::format(" min_window={}", o.min_window_units) : "") +
+      (o.half_block_steps != 1.0 ? fmt::format(" half_block_steps={:a}", o.half_block_steps) : "");
   return fmt::format(
       "epochs={} lr_w={:a} lr_x={:a} lr_r={:a} lr_min={:a} lsq={} l2={} kld={} hom={} fp={} "
       "tau={:a} gamma={:a} beta={:a}/{:a} warmup={:a} start={} v0_tracks={} mode={} a1_std={:a} "
       "learn_w={} learn_x={} scaling={} cfp_w={} sq_alpha={:a} seed={} max_steps={} init={} "
       "damp={:a} norms={} lr_norm={:a} out_kld={:a} out_all={} scale={} keep={} hold={:a}/{} "
-      "grid={} ftz={} attn_kl={:a}/{} dep={} group_h={:a} dep_n={}",
+      "grid={} ftz={} attn_kl={:a}/{} dep={} group_h={:a} dep_n={}{}",
       o.epochs, o.lr_weight_step, o.lr_act_step, o.lr_rounding, o.lr_min_fraction, o.lsq_grad_scale,
       o.loss_l2, o.loss_kld, o.loss_homologous, o.loss_full_precision, o.kld_temperature,
       o.gamma_round, o.beta_start, o.beta_end, o.round_warmup, static_cast<int>(o.lora_start),
@@ -96,7 +101,7 @@ inline std::string describe_options(const PassOptions& o) {
       o.lr_norm, o.output_kld, o.output_kld_all, static_cast<int>(o.loss_scale), o.keep_better,
       o.holdout_fraction, o.holdout_min, static_cast<int>(o.fixed_grid()), o.flush_denormals,
       o.attention_kl, o.attention_kl_homologous, static_cast<int>(o.dependency), o.group_threshold,
-      o.dependency_samples);
+      o.dependency_samples, later);
 }
 
 template <TransformerBlock Block>
@@ -140,7 +145,8 @@ inline uint64_t config_fingerprint(const std::string& spec, const PassOptions& o
 namespace detail {
 
 inline nlohmann::json to_json(const LossTerms& l) {
-  return {l.total, l.l2_fp, l.kld_fp, l.l2_hom, l.kld_hom, l.round, l.output_kld, l.attention_kl};
+  return {l.total, l.l2_fp,      l.kld_fp,       l.l2_hom,  l.kld_hom,
+          l.round, l.output_kld, l.attention_kl, l.boundary};
 }
 inline LossTerms loss_from_json(const nlohmann::json& j) {
   return {j.at(0).get<double>(),
@@ -150,7 +156,8 @@ inline LossTerms loss_from_json(const nlohmann::json& j) {
           j.at(4).get<double>(),
           j.at(5).get<double>(),
           j.size() > 6 ? j.at(6).get<double>() : 0.0,
-          j.size() > 7 ? j.at(7).get<double>() : 0.0};
+          j.size() > 7 ? j.at(7).get<double>() : 0.0,
+          j.size() > 8 ? j.at(8).get<double>() : 0.0};
 }
 
 inline std::vector<WindowStats> parse_window_stats(const std::string& text) {

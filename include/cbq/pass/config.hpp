@@ -99,6 +99,12 @@ struct PassOptions {
   // (final norm and LM head in full precision) — what perplexity measures (docs/PASS.md).
   double output_kld = 0.0;
   bool output_kld_all = false;  // every window, through the later blocks in full precision
+  // > 0: a window whose last unit is not among those it freezes also scores the frozen units'
+  // output (the next window's input) against both targets there, T_fp(X_fp) and T_fp(X_q) at
+  // unit finalize − 1, with this weight times the same L2 + KL terms (ours; docs/ACBQ.md
+  // "Boundary loss"). Without it the frozen units are trained only through the later units,
+  // which the next window trains again.
+  double boundary_loss = 0.0;
   // ACBQ's attention-unit objective (docs/ACBQ.md): > 0 adds this weight λ times the mean over
   // query rows and heads of KL(P_fp ‖ P_q) for every attention in the window, P_fp the full-
   // precision path's attention probabilities, P_q the quantized path's (ops::attention_map_kl).
@@ -114,6 +120,13 @@ struct PassOptions {
   DependencyMeasure dependency = DependencyMeasure::error_gain;
   double group_threshold = 1.0;
   int64_t dependency_samples = 16;
+  // Adaptive groups: each window is extended unit by unit to at least this many units (0: its
+  // group and the overlap groups after it, however short; ours, docs/ACBQ.md "Window span").
+  int64_t min_window_units = 0;
+  // A window that freezes only half a block (sub-block units) trains this fraction of the
+  // epochs × samples steps (1: all of them). 0.5 gives every block CBQ's steps however finely the
+  // windows advance (ours, docs/ACBQ.md "Window span"). No effect on whole-block units.
+  double half_block_steps = 1.0;
   // Rounding regulariser γ_r · L_round, L_round = mean over the window's rounding weights of
   // (1 − |2h − 1|^β); β anneals from beta_start to beta_end after the warm-up.
   double gamma_round = 0.01;
@@ -200,12 +213,15 @@ struct PassOptions {
     return o;
   }
   // ACBQ (docs/ACBQ.md; cbq::Acbq, cbq-quantize --method acbq): the attention-map term at
-  // weight attention_kl and the error-gain dependency for the adaptive groups.
+  // weight attention_kl, the error-gain dependency for the adaptive groups, windows of at least
+  // two blocks' units (CBQ's span) and 3/4 of the steps in windows that freeze half a block.
   static PassOptions acbq() {
     PassOptions o;
     o.attention_kl = 0.0;  // measured: no gain, 4x the step time (docs/ACBQ.md)
     o.dependency = DependencyMeasure::error_gain;
     o.group_threshold = 1.0;
+    o.min_window_units = 4;     // measured on stories260K (docs/ACBQ.md "Window span")
+    o.half_block_steps = 0.75;  // the same: 1.2–1.3× CBQ's time instead of 1.3–1.5×
     return o;
   }
   // Samples held out from training to judge start vs trained (see keep_better).

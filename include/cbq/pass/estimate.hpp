@@ -360,10 +360,14 @@ PassEstimate estimate_pass(Transformer<Block>& model, const PassSpec& spec,
   // barely depends on the group sizes; the number of windows does).
   const int64_t U = halves ? 2 * K : K;
   const bool adaptive = spec.schedule == WindowKind::adaptive;
-  const int64_t span =
-      adaptive ? std::min(U, (spec.window_overlap + 1) * spec.window_blocks) : spec.window_blocks;
-  const int64_t shared =
-      adaptive ? std::min(span - 1, spec.window_overlap * spec.window_blocks) : spec.window_overlap;
+  // (PassOptions::min_window_units lengthens each window, not the stride of one group.)
+  const int64_t span = adaptive
+                           ? std::min(U, std::max((spec.window_overlap + 1) * spec.window_blocks,
+                                                  options.min_window_units))
+                           : spec.window_blocks;
+  const int64_t shared = adaptive
+                             ? std::max<int64_t>(0, std::min(span - 1, span - spec.window_blocks))
+                             : spec.window_overlap;
   const auto windows = window_schedule(U, span, shared);
   e.windows = static_cast<int64_t>(windows.size());
   const int64_t heldout = options.holdout_samples(N);
@@ -391,10 +395,18 @@ PassEstimate estimate_pass(Transformer<Block>& model, const PassSpec& spec,
   for (const Window& w : windows) {
     const double blocks = static_cast<double>(w.last - w.first + 1) * unit_blocks;
     const double leaving = static_cast<double>(w.finalize - w.first) * unit_blocks;
-    e.steps += per_window;
+    // PassOptions::half_block_steps, as train_window applies it.
+    int64_t steps = per_window;
+    if (halves && w.finalize - w.first == 1 && options.half_block_steps != 1.0) {
+      steps =
+          std::max<int64_t>(1, std::llround(static_cast<double>(options.epochs * (N - heldout)) *
+                                            options.half_block_steps));
+      if (options.max_steps > 0) steps = std::min(steps, options.max_steps);
+    }
+    e.steps += steps;
     // Whole-block windows are the calibrated window (ratio 1).
     e.train_seconds +=
-        static_cast<double>(per_window) * t_step * (halves || adaptive ? blocks / cal_blocks : 1.0);
+        static_cast<double>(steps) * t_step * (halves || adaptive ? blocks / cal_blocks : 1.0);
     // The first unit's full-precision output carried from the last window (reuse_fp_outputs).
     const bool reused = options.carries_fp_output(next_new - 1, w.first, w.last);
     const double fp_blocks = 2.0 * blocks - (reused ? unit_blocks : 0.0);
@@ -412,7 +424,7 @@ PassEstimate estimate_pass(Transformer<Block>& model, const PassSpec& spec,
              cal.gptq_block_seconds);
     next_new = w.last + 1;
   }
-  if (pass_activation_sets(options) == 5)
+  if (pass_holds_fp_outputs(options))
     e.forward_seconds += static_cast<double>(K * N) * cal.fp_block_seconds;
   // Adaptive groups: the dependency measurement before the first window, per sample and unit
   // one unit forward for entropy, three for error-gain (quantized, and the next unit on both).

@@ -161,10 +161,16 @@ struct PassSpec {
   }
 };
 
-// How many N × L × d activation sets the pass holds: X_fp, X_q and the two targets, and with the
-// output loss in every window the full-precision model's last hidden states.
+// Whether the pass holds the full-precision model's last hidden states (output loss in every
+// window).
+inline bool pass_holds_fp_outputs(const PassOptions& o) {
+  return o.output_kld > 0 && o.output_kld_all;
+}
+// How many N × L × d activation sets the pass holds: X_fp, X_q and the two targets, with the
+// output loss in every window the full-precision model's last hidden states, and with the
+// boundary loss the homologous target at the frozen units' output (X_fp is its other target).
 inline int pass_activation_sets(const PassOptions& o) {
-  return o.output_kld > 0 && o.output_kld_all ? 5 : 4;
+  return 4 + (pass_holds_fp_outputs(o) ? 1 : 0) + (o.boundary_loss > 0 ? 1 : 0);
 }
 // Bytes of those sets.
 inline std::size_t pass_activation_bytes(int64_t samples, int64_t seq_len, int64_t dim,
@@ -186,6 +192,12 @@ class CbqPass {
     CBQ_CHECK(options_.attention_kl >= 0 && std::isfinite(options_.attention_kl),
               "CBQ: the attention-map weight {} must be a finite number ≥ 0",
               options_.attention_kl);
+    CBQ_CHECK(options_.half_block_steps > 0 && options_.half_block_steps <= 1,
+              "CBQ: the step fraction {} of half-block windows must be in (0, 1]",
+              options_.half_block_steps);
+    CBQ_CHECK(options_.boundary_loss >= 0 && std::isfinite(options_.boundary_loss),
+              "CBQ: the boundary-loss weight {} must be a finite number ≥ 0",
+              options_.boundary_loss);
   }
   const PassOptions& options() const { return options_; }
   const PassSpec& spec() const { return spec_; }
@@ -253,7 +265,7 @@ class CbqPass {
 
     QuantizationResult result;
     result.method = "cbq";
-    result.config = describe() + describe_extensions(o);
+    result.config = describe() + describe_extensions(o, spec_);
     result.activation_bytes = pass_activation_bytes(N, L, d, sizeof(T), pass_activation_sets(o));
     if (o.verbose)
       fmt::print(
@@ -303,7 +315,7 @@ class CbqPass {
                             [&](int64_t u, bool on) { quantize_unit_nearest(units, u, on); });
       const std::vector<Window> groups =
           adaptive_groups(result.dependencies, o.group_threshold, spec_.window_blocks);
-      windows = group_windows(groups, spec_.window_overlap);
+      windows = group_windows(groups, spec_.window_overlap, o.min_window_units);
       for (const Window& g : groups)
         result.groups.push_back({g.first, g.last, units.range(g.first, g.last)});
       if (o.verbose) print_groups(result, windows.size());
@@ -313,7 +325,7 @@ class CbqPass {
     // the target all windows share, computed once here instead of in every step.
     ActivationSet<T> fp_output_set;
     std::vector<Tensor<T>> t_out;
-    if (pass_activation_sets(o) == 5) {
+    if (pass_holds_fp_outputs(o)) {
       fp_output_set =
           ActivationSet<T>(N, L, d, o.activation_dir, "T_fp(X) at the last block", act_device);
       t_out = fp_output_set.tensors();
@@ -322,6 +334,16 @@ class CbqPass {
         for (int64_t b = 0; b < K; ++b) x = model.run_block(b, x, fp_context<T>());
         t_out[n].copy_from(x);
       }
+    }
+
+    // Boundary loss: T_fp(X_q) at the output of the units a window freezes (their T_fp(X_fp) is
+    // X_fp once the window's targets have advanced it).
+    ActivationSet<T> boundary_set;
+    std::vector<Tensor<T>> t_boundary_hom;
+    if (o.boundary_loss > 0) {
+      boundary_set = ActivationSet<T>(N, L, d, o.activation_dir,
+                                      "T_fp(X_q) at the frozen units' output", act_device);
+      t_boundary_hom = boundary_set.tensors();
     }
 
     // The installed quantizers per unit.
@@ -390,6 +412,13 @@ class CbqPass {
           ++attention_index;
         };
       if (!o.attention_kl_homologous) fp_ctx.on_attention = capture;
+      // The boundary loss's targets, where the window trains units beyond those it freezes.
+      BoundaryTargets<T> boundary;
+      if (o.boundary_loss > 0 && w.finalize <= w.last) {
+        boundary.unit = w.finalize - 1;
+        boundary.fp = &x_fp;
+        boundary.hom = &t_boundary_hom;
+      }
       // The first unit's full-precision output carried from the last window (reuse_fp_outputs).
       const bool reuse = o.carries_fp_output(t_fp_unit, w.first, w.last);
       swap_norms();  // the full-precision values
@@ -424,6 +453,7 @@ class CbqPass {
                     detail::observe(ranges[observer_index(units, w, u, layer)], in);
                   };
                 h = units.run(tape, u, h, ctx);
+                if (boundary.unit == u) t_boundary_hom[n].copy_from(h);
               }
               t_hom[n].copy_from(h);
             }
@@ -434,10 +464,12 @@ class CbqPass {
 
       // 3. Optimise the window (and keep the better of its start and its trained state).
       const LossScaling<T> scaling = measure_loss_scaling(o, t_fp, t_hom, model.device());
+      if (boundary.unit >= 0)
+        boundary.scaling = measure_loss_scaling(o, x_fp, t_boundary_hom, model.device());
       const double targets_seconds = detail::seconds_since(phase);
       WindowStats stats =
           train_window(units, w, qlayers, x_q, t_fp, t_hom, t_out, scaling, o, window_index,
-                       static_cast<int64_t>(windows.size()), start, &attention);
+                       static_cast<int64_t>(windows.size()), start, &attention, &boundary);
       stats.times.start = start_seconds;  // train_window timed its steps and evaluations
       stats.times.targets = targets_seconds;
       phase = std::chrono::steady_clock::now();
@@ -492,8 +524,13 @@ class CbqPass {
 
   std::string describe() const { return spec_.describe(); }
   // The options beyond the paper that are on (PASS.md), for result labels: "" when none.
-  static std::string describe_extensions(const PassOptions& o) {
+  static std::string describe_extensions(const PassOptions& o, const PassSpec& spec = {}) {
     std::string s;
+    if (spec.schedule == WindowKind::adaptive && o.min_window_units > 0)
+      s += fmt::format(" + windows ≥ {} units", o.min_window_units);
+    if (o.half_block_steps != 1.0 && spec.units == UnitKind::sub_blocks)
+      s += fmt::format(" + half-block windows x{:g} steps", o.half_block_steps);
+    if (o.boundary_loss > 0) s += fmt::format(" + boundary loss x{:g}", o.boundary_loss);
     if (o.weight_init == WeightInit::gptq) s += " + GPTQ start";
     if (o.fixed_grid() != (o.weight_init == WeightInit::gptq))
       s += o.fixed_grid() ? " + fixed grid" : " + learned grid";

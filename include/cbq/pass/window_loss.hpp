@@ -82,6 +82,16 @@ struct AttentionTargets {
   bool empty() const { return q.empty(); }
 };
 
+// The targets of PassOptions::boundary_loss in a window that freezes units [first, unit] and
+// trains later ones too: T_fp(X_fp) and T_fp(X_q) at the output of `unit`, and their scaling.
+template <class T>
+struct BoundaryTargets {
+  int64_t unit = -1;
+  const std::vector<Tensor<T>>* fp = nullptr;
+  const std::vector<Tensor<T>>* hom = nullptr;
+  LossScaling<T> scaling;
+};
+
 // The loss of window `w` on calibration sample n (operator()): the window's blocks on the
 // quantized path X_q against T_fp(X_fp) and T_fp(X_q), each term scaled per
 // PassOptions::loss_scale, the output KL when asked, and with reg_beta > 0 γ_r · the mean of the
@@ -95,7 +105,8 @@ class WindowLoss {
              const std::vector<QuantLinear<T>*>& active, const std::vector<Tensor<T>>& x_q,
              const std::vector<Tensor<T>>& t_fp, const std::vector<Tensor<T>>& t_hom,
              const std::vector<Tensor<T>>& t_out, const LossScaling<T>& scaling,
-             const AttentionTargets<T>* attention = nullptr)
+             const AttentionTargets<T>* attention = nullptr,
+             const BoundaryTargets<T>* boundary = nullptr)
       : units_(units),
         model_(units.model()),
         w_(w),
@@ -107,6 +118,10 @@ class WindowLoss {
         t_out_(t_out),
         scaling_(scaling),
         attention_(attention),
+        boundary_(boundary && boundary->unit >= w.first && boundary->unit < w.last &&
+                          options.boundary_loss > 0
+                      ? boundary
+                      : nullptr),
         device_(units.model().device()),
         tau_(static_cast<T>(options.kld_temperature)),
         output_loss_(options.output_kld > 0 &&
@@ -128,13 +143,16 @@ class WindowLoss {
     std::vector<std::pair<Var<T>, Var<T>>> attention;  // the quantized path's q, k per attention
     if (attention_ && !attention_->empty())
       ctx.on_attention = [&](Var<T> q, Var<T> k) { attention.emplace_back(q, k); };
-    for (int64_t u = w_.first; u <= w_.last; ++u) y = units_.forward(tape, u, y, ctx);
     LossTerms terms;
     Var<T> loss;
     auto add_term = [&](Var<T> term, double& slot) {
       slot = static_cast<double>(detail::element_at(term.value(), 0));
       loss = loss.valid() ? ops::add(loss, term) : term;
     };
+    for (int64_t u = w_.first; u <= w_.last; ++u) {
+      y = units_.forward(tape, u, y, ctx);
+      if (boundary_ && u == boundary_->unit) add_boundary(tape, y, n, loss, terms.boundary);
+    }
     if (o_.loss_full_precision)
       reconstruction(tape, tape.constant(staged(t_fp_[n], staged_fp_)), y, scaling_.energy_fp,
                      scaling_.rows_fp, n, add_term, terms.l2_fp, terms.kld_fp);
@@ -216,6 +234,23 @@ class WindowLoss {
     return buffer;
   }
 
+  // boundary_loss · (E(T_fp(X_fp), y) + E(T_fp(X_q), y)) at the frozen units' output y, added to
+  // `loss` and summed into `slot`.
+  void add_boundary(Tape<T>& tape, Var<T> y, int64_t n, Var<T>& loss, double& slot) {
+    const BoundaryTargets<T>& b = *boundary_;
+    auto add_weighted = [&](Var<T> term, double& sum) {
+      term = ops::scale(term, static_cast<T>(o_.boundary_loss));
+      sum += static_cast<double>(detail::element_at(term.value(), 0));
+      loss = loss.valid() ? ops::add(loss, term) : term;
+    };
+    if (o_.loss_full_precision)
+      reconstruction(tape, tape.constant(staged((*b.fp)[n], staged_boundary_fp_)), y,
+                     b.scaling.energy_fp, b.scaling.rows_fp, n, add_weighted, slot, slot);
+    if (o_.loss_homologous)
+      reconstruction(tape, tape.constant(staged((*b.hom)[n], staged_boundary_hom_)), y,
+                     b.scaling.energy_hom, b.scaling.rows_hom, n, add_weighted, slot, slot);
+  }
+
   // E(target, y) in the pass's loss scale, into the l2 / kld slots.
   template <class AddTerm>
   void reconstruction(Tape<T>& tape, Var<T> target, Var<T> y, double energy,
@@ -282,11 +317,13 @@ class WindowLoss {
   const std::vector<Tensor<T>>&x_q_, &t_fp_, &t_hom_, &t_out_;
   const LossScaling<T>& scaling_;
   const AttentionTargets<T>* attention_;  // null: no attention-map term
+  const BoundaryTargets<T>* boundary_;    // null: no boundary term in this window
   Device device_;
   T tau_;
   bool output_loss_;
   int64_t dim_;
-  Tensor<T> staged_x_, staged_fp_, staged_hom_, staged_out_;
+  Tensor<T> staged_x_, staged_fp_, staged_hom_, staged_out_, staged_boundary_fp_,
+      staged_boundary_hom_;
 };
 
 // The first learned value of the window that is not finite ("the learned parameter NAME of

@@ -33,8 +33,9 @@ namespace cbq {
 // The window's loss terms at its start and end, the effect of hard rounding, and the decision.
 inline void print_window_balance(const WindowStats& s, int64_t window_index, int64_t num_windows) {
   auto terms = [](const LossTerms& l) {
-    return fmt::format("l2 {:.4g} kld {:.4g}{}", l.l2_fp + l.l2_hom, l.kld_fp + l.kld_hom,
-                       l.attention_kl != 0 ? fmt::format(" attn {:.4g}", l.attention_kl) : "");
+    return fmt::format("l2 {:.4g} kld {:.4g}{}{}", l.l2_fp + l.l2_hom, l.kld_fp + l.kld_hom,
+                       l.attention_kl != 0 ? fmt::format(" attn {:.4g}", l.attention_kl) : "",
+                       l.boundary != 0 ? fmt::format(" boundary {:.4g}", l.boundary) : "");
   };
   fmt::print(
       "  window {}/{} balance ({} samples): start {} γ·round {:.4g} | end {} γ·round {:.4g} | hard "
@@ -61,12 +62,16 @@ WindowStats train_window(PassUnits<Model>& units, const Window& w, Q& qlayers,
                          const std::vector<Tensor<T>>& t_hom, const std::vector<Tensor<T>>& t_out,
                          const LossScaling<T>& scaling, const PassOptions& o, int64_t window_index,
                          int64_t num_windows, std::chrono::steady_clock::time_point pass_start,
-                         const AttentionTargets<T>* attention = nullptr) {
+                         const AttentionTargets<T>* attention = nullptr,
+                         const BoundaryTargets<T>* boundary = nullptr) {
   const int64_t N = static_cast<int64_t>(x_q.size());
   // The last `heldout` samples judge start vs trained and do not train (calibration segments
   // start at random offsets, so they are a random subset).
   const int64_t heldout = o.holdout_samples(N), n_train = N - heldout;
   int64_t total_steps = o.epochs * n_train;
+  if (units.sub_blocks() && w.finalize - w.first == 1 && o.half_block_steps != 1.0)
+    total_steps =
+        std::max<int64_t>(1, std::llround(static_cast<double>(total_steps) * o.half_block_steps));
   if (o.max_steps > 0) total_steps = std::min(total_steps, o.max_steps);
 
   // Parameter groups over the window's (not yet frozen) layers.
@@ -123,8 +128,8 @@ WindowStats train_window(PassUnits<Model>& units, const Window& w, Q& qlayers,
   std::vector<int64_t> order(static_cast<size_t>(n_train));
   std::iota(order.begin(), order.end(), 0);
   const auto wstart = std::chrono::steady_clock::now();
-  WindowLoss<Model, T> window_loss(units, w, o, active, x_q, t_fp, t_hom, t_out, scaling,
-                                   attention);
+  WindowLoss<Model, T> window_loss(units, w, o, active, x_q, t_fp, t_hom, t_out, scaling, attention,
+                                   boundary);
   const bool output_loss = window_loss.has_output_loss();
   auto mean = [](const std::vector<LossTerms>& v, int64_t begin, int64_t end) {
     LossTerms sum;
@@ -236,7 +241,8 @@ WindowStats train_window(PassUnits<Model>& units, const Window& w, Q& qlayers,
           m.l2_hom, m.kld_hom, m.round,
           (output_loss ? fmt::format(" | output kld {:.5f}", m.output_kld) : std::string()) +
               (o.attention_kl > 0 ? fmt::format(" | attn kld {:.5f}", m.attention_kl)
-                                  : std::string()),
+                                  : std::string()) +
+              (m.boundary != 0 ? fmt::format(" | boundary {:.5f}", m.boundary) : std::string()),
           detail::format_duration(el), detail::format_duration(eta));
       std::fflush(stdout);
     }

@@ -16,6 +16,8 @@ struct LossTerms {
   double output_kld = 0;  // the last window's KL of the model's output distribution (option)
   // λ · the attention-map KL of the window's attention units (ACBQ; PassOptions::attention_kl)
   double attention_kl = 0;
+  // the weighted L2 + KL of the frozen units' output (PassOptions::boundary_loss)
+  double boundary = 0;
   LossTerms& operator+=(const LossTerms& o) {
     total += o.total;
     l2_fp += o.l2_fp;
@@ -25,15 +27,16 @@ struct LossTerms {
     round += o.round;
     output_kld += o.output_kld;
     attention_kl += o.attention_kl;
+    boundary += o.boundary;
     return *this;
   }
   LossTerms operator/(double k) const {
-    return {total / k,   l2_fp / k, kld_fp / k,     l2_hom / k,
-            kld_hom / k, round / k, output_kld / k, attention_kl / k};
+    return {total / k, l2_fp / k,      kld_fp / k,       l2_hom / k,  kld_hom / k,
+            round / k, output_kld / k, attention_kl / k, boundary / k};
   }
   // The reconstruction part (what the window is meant to minimise, without the regulariser).
   double reconstruction() const {
-    return l2_fp + kld_fp + l2_hom + kld_hom + output_kld + attention_kl;
+    return l2_fp + kld_fp + l2_hom + kld_hom + output_kld + attention_kl + boundary;
   }
 };
 

@@ -19,7 +19,8 @@
 // balance_samples (how many samples before/after/hard are means over), judged,
 // heldout, heldout_start, heldout_trained, kept_start, diverged (why training stopped, or
 // empty), curve {total, l2_fp, kld_fp, l2_hom,
-// kld_hom, round, output_kld, attention_kl}}]}]. Loss terms are objects with the keys of the curve.
+// kld_hom, round, output_kld, attention_kl, boundary}}]}]. Loss terms are objects with the keys of
+// the curve.
 #include <algorithm>
 #include <cctype>
 #include <cmath>
@@ -53,13 +54,14 @@ inline nlohmann::json loss_json(const LossTerms& l) {
   return {{"total", l.total},           {"l2_fp", l.l2_fp},
           {"kld_fp", l.kld_fp},         {"l2_hom", l.l2_hom},
           {"kld_hom", l.kld_hom},       {"round", l.round},
-          {"output_kld", l.output_kld}, {"attention_kl", l.attention_kl}};
+          {"output_kld", l.output_kld}, {"attention_kl", l.attention_kl},
+          {"boundary", l.boundary}};
 }
 
 inline nlohmann::json window_json(const WindowStats& w) {
   nlohmann::json curve = nlohmann::json::object();
-  for (const char* key :
-       {"total", "l2_fp", "kld_fp", "l2_hom", "kld_hom", "round", "output_kld", "attention_kl"})
+  for (const char* key : {"total", "l2_fp", "kld_fp", "l2_hom", "kld_hom", "round", "output_kld",
+                          "attention_kl", "boundary"})
     curve[key] = nlohmann::json::array();
   for (const LossTerms& t : w.curve) {
     const nlohmann::json j = loss_json(t);
@@ -242,7 +244,8 @@ inline std::string balance_table(const nlohmann::json& method) {
       const auto& l = w.at(when);
       return l.at("l2_fp").get<double>() + l.at("kld_fp").get<double>() +
              l.at("l2_hom").get<double>() + l.at("kld_hom").get<double>() +
-             l.at("output_kld").get<double>() + l.value("attention_kl", 0.0);
+             l.at("output_kld").get<double>() + l.value("attention_kl", 0.0) +
+             l.value("boundary", 0.0);
     };
     const bool judged = w.at("judged").get<bool>();
     const int64_t heldout = w.at("heldout").get<int64_t>();
