@@ -224,6 +224,14 @@ struct PassOptions {
     o.half_block_steps = 0.75;  // the same: 1.2–1.3× CBQ's time instead of 1.3–1.5×
     return o;
   }
+  // The optimiser steps of a window that trains on n_train samples and freezes only half a
+  // block (half_block) or more: epochs × n_train, scaled by half_block_steps, at most max_steps.
+  int64_t window_steps(int64_t n_train, bool half_block) const {
+    int64_t steps = epochs * n_train;
+    if (half_block && half_block_steps != 1.0)
+      steps = std::max<int64_t>(1, std::llround(static_cast<double>(steps) * half_block_steps));
+    return max_steps > 0 ? std::min(steps, max_steps) : steps;
+  }
   // Samples held out from training to judge start vs trained (see keep_better).
   int64_t holdout_samples(int64_t n) const {
     if (!keep_better || n < 2) return 0;

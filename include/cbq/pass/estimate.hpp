@@ -371,8 +371,6 @@ PassEstimate estimate_pass(Transformer<Block>& model, const PassSpec& spec,
   const auto windows = window_schedule(U, span, shared);
   e.windows = static_cast<int64_t>(windows.size());
   const int64_t heldout = options.holdout_samples(N);
-  int64_t per_window = options.epochs * (N - heldout);
-  if (options.max_steps > 0) per_window = std::min(per_window, options.max_steps);
   // Window-loss evaluations before and after over the balance samples (the held-out ones, or all:
   // PassOptions::balance_all_samples), and with soft rounding also the hard-rounded judging (the
   // held-out samples at the start, the balance samples after).
@@ -395,14 +393,7 @@ PassEstimate estimate_pass(Transformer<Block>& model, const PassSpec& spec,
   for (const Window& w : windows) {
     const double blocks = static_cast<double>(w.last - w.first + 1) * unit_blocks;
     const double leaving = static_cast<double>(w.finalize - w.first) * unit_blocks;
-    // PassOptions::half_block_steps, as train_window applies it.
-    int64_t steps = per_window;
-    if (halves && w.finalize - w.first == 1 && options.half_block_steps != 1.0) {
-      steps =
-          std::max<int64_t>(1, std::llround(static_cast<double>(options.epochs * (N - heldout)) *
-                                            options.half_block_steps));
-      if (options.max_steps > 0) steps = std::min(steps, options.max_steps);
-    }
+    const int64_t steps = options.window_steps(N - heldout, halves && w.finalize - w.first == 1);
     e.steps += steps;
     // Whole-block windows are the calibrated window (ratio 1).
     e.train_seconds +=

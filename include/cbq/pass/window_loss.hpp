@@ -86,7 +86,7 @@ struct AttentionTargets {
 // trains later ones too: T_fp(X_fp) and T_fp(X_q) at the output of `unit`, and their scaling.
 template <class T>
 struct BoundaryTargets {
-  int64_t unit = -1;
+  int64_t unit = -1;  // −1: no boundary term in this window
   const std::vector<Tensor<T>>* fp = nullptr;
   const std::vector<Tensor<T>>* hom = nullptr;
   LossScaling<T> scaling;
@@ -118,10 +118,7 @@ class WindowLoss {
         t_out_(t_out),
         scaling_(scaling),
         attention_(attention),
-        boundary_(boundary && boundary->unit >= w.first && boundary->unit < w.last &&
-                          options.boundary_loss > 0
-                      ? boundary
-                      : nullptr),
+        boundary_(boundary && boundary->unit >= 0 ? boundary : nullptr),
         device_(units.model().device()),
         tau_(static_cast<T>(options.kld_temperature)),
         output_loss_(options.output_kld > 0 &&

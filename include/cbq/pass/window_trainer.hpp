@@ -68,11 +68,8 @@ WindowStats train_window(PassUnits<Model>& units, const Window& w, Q& qlayers,
   // The last `heldout` samples judge start vs trained and do not train (calibration segments
   // start at random offsets, so they are a random subset).
   const int64_t heldout = o.holdout_samples(N), n_train = N - heldout;
-  int64_t total_steps = o.epochs * n_train;
-  if (units.sub_blocks() && w.finalize - w.first == 1 && o.half_block_steps != 1.0)
-    total_steps =
-        std::max<int64_t>(1, std::llround(static_cast<double>(total_steps) * o.half_block_steps));
-  if (o.max_steps > 0) total_steps = std::min(total_steps, o.max_steps);
+  const int64_t total_steps =
+      o.window_steps(n_train, units.sub_blocks() && w.finalize - w.first == 1);
 
   // Parameter groups over the window's (not yet frozen) layers.
   std::vector<Parameter<T>*> steps, acts, rounds;
